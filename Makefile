@@ -1,0 +1,44 @@
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.dev-stamp
+
+.PHONY: demo test lint typecheck layers pytest bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[train,sr]'
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[train,sr,dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/anomscan demo
+
+test: $(DEV_STAMP) lint typecheck layers pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff format --check core tools agent tests bench
+	$(BIN)/ruff check core tools agent tests bench
+
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy
+
+layers: $(DEV_STAMP)
+	$(BIN)/lint-imports
+
+pytest: $(DEV_STAMP)
+	$(BIN)/pytest -q
+
+bench: $(DEV_STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV)

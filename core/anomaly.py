@@ -1,0 +1,242 @@
+"""Anomaly regions: the events of a stream above an autoencoder-score cut set by a cross-section.
+
+An anomaly region (AR) at effective cross-section sigma (pb) keeps the N = round(sigma * L)
+highest-scoring events of a stream, L the integrated luminosity in pb^-1 (PHYSICS.md sec. 4).
+Exactly N events pass: events tied with the cut score are taken in increasing event id (or
+position when no ids are given), so the selection is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from core.errors import InvalidInputError
+
+XSEC_MIN_PB: Final = 0.001
+"""Lowest effective cross-section of the AR sweep, pb."""
+
+XSEC_MAX_PB: Final = 100.0
+"""Highest effective cross-section of the AR sweep, pb."""
+
+ATLAS_XSEC_POINTS_PB: Final = (10.0, 1.0, 0.1)
+"""The three ARs of the ATLAS search (PRL 132 081801), pb."""
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class AnomalyRegion:
+    """The events of one stream that pass the score cut of an effective cross-section.
+
+    `cut` is the lowest passing score: every event with a score above it passes, and of the
+    events exactly at it only the first ones in event-id order, so that `n_pass` is exact.
+    It is +inf when no event passes. `whole_stream` says the requested count reached the
+    stream size, so the AR is the whole stream.
+    """
+
+    xsec_pb: float
+    lumi_pb: float
+    n_requested: int
+    n_stream: int
+    n_pass: int
+    cut: float
+    whole_stream: bool
+    n_tied_at_cut: int
+    selected: BoolArray = field(repr=False, compare=False)
+
+    @property
+    def effective_xsec_pb(self) -> float:
+        """Cross-section actually selected, n_pass / L in pb (below `xsec_pb` if whole stream)."""
+        return self.n_pass / self.lumi_pb
+
+
+def requested_count(xsec_pb: float, lumi_pb: float) -> int:
+    """N = round(sigma * L), halves rounded up; sigma in pb, L in pb^-1."""
+    _check_positive("xsec_pb", xsec_pb, "pb")
+    _check_positive("lumi_pb", lumi_pb, "pb^-1")
+    return math.floor(xsec_pb * lumi_pb + 0.5)
+
+
+def anomaly_region(
+    scores: npt.ArrayLike,
+    xsec_pb: float,
+    lumi_pb: float,
+    *,
+    in_stream: npt.ArrayLike | None = None,
+    event_ids: npt.ArrayLike | None = None,
+) -> AnomalyRegion:
+    """Select exactly N = round(xsec_pb * lumi_pb) highest-score events of a stream.
+
+    Parameters
+    ----------
+    scores
+        Anomaly score per event, ln(MSE); must be finite.
+    xsec_pb, lumi_pb
+        Effective cross-section in pb and integrated luminosity in pb^-1.
+    in_stream
+        Boolean mask of the events in the stream; all events when omitted.
+    event_ids
+        Event ids for the tie-break (increasing id wins); position when omitted.
+
+    Returns
+    -------
+    AnomalyRegion
+        The cut, the counts and the boolean mask `selected` over all events.
+    """
+    values = _finite_scores(scores)
+    stream = _stream_mask(in_stream, len(values))
+    ids = _tie_break_keys(event_ids, len(values))
+    n_requested = requested_count(xsec_pb, lumi_pb)
+
+    positions = np.flatnonzero(stream)
+    stream_scores = values[positions]
+    n_stream = len(positions)
+    selected = np.zeros(len(values), dtype=np.bool_)
+    n_pass = min(n_requested, n_stream)
+    if n_pass == 0:
+        cut = math.inf
+        n_tied = 0
+    elif n_pass == n_stream:
+        selected[positions] = True
+        cut = float(stream_scores.min())
+        n_tied = int(np.count_nonzero(stream_scores == cut))
+    else:
+        cut = float(np.partition(stream_scores, n_stream - n_pass)[n_stream - n_pass])
+        above = stream_scores > cut
+        tied = np.flatnonzero(stream_scores == cut)
+        n_missing = n_pass - int(np.count_nonzero(above))
+        tie_order = np.lexsort((positions[tied], ids[positions[tied]]))
+        selected[positions[above]] = True
+        selected[positions[tied[tie_order[:n_missing]]]] = True
+        n_tied = len(tied)
+    return AnomalyRegion(
+        xsec_pb=float(xsec_pb),
+        lumi_pb=float(lumi_pb),
+        n_requested=n_requested,
+        n_stream=n_stream,
+        n_pass=n_pass,
+        cut=cut,
+        whole_stream=n_requested >= n_stream,
+        n_tied_at_cut=n_tied,
+        selected=selected,
+    )
+
+
+def cut_for_xsec(
+    scores: npt.ArrayLike,
+    xsec_pb: float,
+    lumi_pb: float,
+    *,
+    in_stream: npt.ArrayLike | None = None,
+) -> float:
+    """Return the score cut of the AR at `xsec_pb` (pb) for `lumi_pb` (pb^-1)."""
+    return anomaly_region(scores, xsec_pb, lumi_pb, in_stream=in_stream).cut
+
+
+def xsec_for_cut(
+    scores: npt.ArrayLike,
+    cut: float,
+    lumi_pb: float,
+    *,
+    in_stream: npt.ArrayLike | None = None,
+) -> float:
+    """Return the cross-section (pb) of the stream's events with score >= `cut`: n / L."""
+    values = _finite_scores(scores)
+    stream = _stream_mask(in_stream, len(values))
+    _check_positive("lumi_pb", lumi_pb, "pb^-1")
+    if math.isnan(cut):
+        raise InvalidInputError("the score cut is NaN; expected a number (or +-inf)")
+    return int(np.count_nonzero(stream & (values >= cut))) / lumi_pb
+
+
+def anomaly_regions_per_stream(
+    scores: npt.ArrayLike,
+    streams: Mapping[str, npt.ArrayLike],
+    xsec_pb: float,
+    lumi_pb: float,
+    *,
+    event_ids: npt.ArrayLike | None = None,
+) -> dict[str, AnomalyRegion]:
+    """Return the AR of each stream (name -> boolean mask) at one cross-section (pb)."""
+    return {
+        name: anomaly_region(scores, xsec_pb, lumi_pb, in_stream=mask, event_ids=event_ids)
+        for name, mask in streams.items()
+    }
+
+
+def log_uniform_xsec_grid(
+    points_per_decade: int = 2,
+    low_pb: float = XSEC_MIN_PB,
+    high_pb: float = XSEC_MAX_PB,
+) -> FloatArray:
+    """Cross-sections (pb) spaced uniformly in log10 from `low_pb` to `high_pb`, both included.
+
+    With the defaults the grid holds 0.001, 0.00316, ..., 100 pb, including the ATLAS points
+    0.1, 1 and 10 pb exactly.
+    """
+    if points_per_decade < 1:
+        raise InvalidInputError(
+            f"points_per_decade must be >= 1, got {points_per_decade}; use e.g. 2 or 5"
+        )
+    _check_positive("low_pb", low_pb, "pb")
+    _check_positive("high_pb", high_pb, "pb")
+    if high_pb <= low_pb:
+        raise InvalidInputError(
+            f"the grid needs low_pb < high_pb, got {low_pb} pb and {high_pb} pb; swap them"
+        )
+    lo, hi = math.log10(low_pb), math.log10(high_pb)
+    n_steps = max(1, math.ceil(round((hi - lo) * points_per_decade, 9)))
+    exponents = np.round(np.linspace(lo, hi, n_steps + 1), 12)
+    return np.asarray(np.power(10.0, exponents), dtype=np.float64)
+
+
+def _check_positive(name: str, value: float, unit: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{name} must be a positive finite number in {unit}, got {value}")
+
+
+def _finite_scores(scores: npt.ArrayLike) -> FloatArray:
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1:
+        raise InvalidInputError(
+            f"scores must be a 1-d array (one per event), got shape {values.shape}"
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InvalidInputError(
+            f"{int(bad.sum())} anomaly scores are not finite (first at index {first}: "
+            f"{values[first]}); rescore those events or drop them before building an AR"
+        )
+    return values
+
+
+def _stream_mask(in_stream: npt.ArrayLike | None, n_events: int) -> BoolArray:
+    if in_stream is None:
+        return np.ones(n_events, dtype=np.bool_)
+    mask = np.asarray(in_stream)
+    if mask.dtype != np.bool_ or mask.shape != (n_events,):
+        raise InvalidInputError(
+            f"in_stream must be a boolean mask of shape ({n_events},) like the scores, "
+            f"got dtype {mask.dtype} and shape {mask.shape}"
+        )
+    return mask
+
+
+def _tie_break_keys(event_ids: npt.ArrayLike | None, n_events: int) -> npt.NDArray[np.int64]:
+    if event_ids is None:
+        return np.arange(n_events, dtype=np.int64)
+    ids = np.asarray(event_ids)
+    if ids.shape != (n_events,) or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInputError(
+            f"event_ids must be integers of shape ({n_events},) like the scores, "
+            f"got dtype {ids.dtype} and shape {ids.shape}"
+        )
+    return ids.astype(np.int64, copy=False)

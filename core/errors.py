@@ -1,0 +1,38 @@
+"""One exception hierarchy for anomscan: every failure a user can cause has a class here.
+
+Messages say what was expected, what was found and what to do.
+"""
+
+from __future__ import annotations
+
+
+class AnomscanError(Exception):
+    """Base class of every error anomscan raises on purpose."""
+
+
+class InvalidInputError(AnomscanError, ValueError):
+    """An argument, configuration or array is outside what the function accepts."""
+
+
+class InputFileError(AnomscanError):
+    """A data file is missing, unreadable, truncated or not a ROOT file."""
+
+
+class SchemaError(AnomscanError):
+    """The branches of an input do not match the requested or detected event schema."""
+
+
+class FitError(AnomscanError):
+    """A background or signal fit could not be performed."""
+
+
+class FitDidNotConvergeError(FitError):
+    """Minuit did not reach a valid minimum with accurate covariance from any start."""
+
+
+class ModelError(AnomscanError):
+    """An autoencoder model, its ONNX file or its model card is missing or inconsistent."""
+
+
+class ToolError(AnomscanError):
+    """A tool was asked for that does not exist, or its input could not be read."""

@@ -1,0 +1,917 @@
+"""Read events from ROOT files into selected physics objects (PHYSICS.md section 1).
+
+Every input goes through `uproot` (TTree or RNTuple), chunk by chunk, so local paths,
+`https://` URLs (fsspec + aiohttp) and `root://` URLs (with `fsspec-xrootd` installed)
+work the same way. A schema maps the branches of one file format onto raw objects; the
+`Selection` then applies the kinematic cuts, the identification flags, the b-tag split,
+the overlap removal and the MET threshold, and returns an `EventChunk`.
+
+Schemas: ``nanoaod`` (CMS NanoAOD), ``atlas_opendata`` (ATLAS 13 TeV open-data ntuples,
+MeV), ``cartesian`` (Px/Py/Pz/E branches as in uproot-HZZ.root), and ``mapping`` (a user
+TOML that maps any flat or jagged ntuple, see `ColumnMapping`). ``auto`` picks the first
+schema whose identifying branches are all present, including the built-in mappings in
+``core/mappings/``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import awkward as ak
+import numpy as np
+import numpy.typing as npt
+import uproot
+
+from core.errors import InputFileError, InvalidInputError, SchemaError
+from core.objects import OBJECT_TYPES, EventChunk, make_collection
+
+SchemaName = Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"]
+SCHEMA_NAMES: Final = ("auto", "nanoaod", "atlas_opendata", "cartesian", "mapping")
+LEPTON_TYPES: Final = ("muons", "electrons", "photons")
+MAPPINGS_DIR: Final = Path(__file__).with_name("mappings")
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Object selection and overlap removal (PHYSICS.md section 1); recorded with every result.
+
+    Momenta in GeV. `btag_branch` / `btag_working_point` override the schema's tagger;
+    ``"auto"`` takes the schema's first tagger that is filled in the file.
+    """
+
+    jet_pt_min: float = 30.0
+    jet_abs_eta_max: float = 2.4
+    muon_pt_min: float = 30.0
+    electron_pt_min: float = 30.0
+    photon_pt_min: float = 30.0
+    lepton_abs_eta_max: float = 2.4
+    photon_abs_eta_max: float = 2.4
+    overlap_delta_r: float = 0.4
+    met_min: float = 30.0
+    use_identification: bool = True
+    btag_branch: str = "auto"
+    btag_working_point: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The selection as plain data, for run records and tool outputs."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RawEvents:
+    """Objects of a chunk before selection: jagged records with pt, eta, phi, mass, passes_id.
+
+    `jets` also carries `btag`, the discriminant of the chosen tagger. GeV throughout.
+    """
+
+    collections: Mapping[str, ak.Array]
+    met_pt: FloatArray
+    met_phi: FloatArray
+    run: npt.NDArray[np.int64]
+    event: npt.NDArray[np.int64]
+    weight: FloatArray
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How one file is read: the tree, the branches, the schema and the chosen b-tagger."""
+
+    path: str
+    tree: str
+    schema: str
+    branches: tuple[str, ...]
+    btag_branch: str | None
+    btag_working_point: float
+    num_entries: int
+    notes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _jagged(arrays: ak.Array, name: str) -> ak.Array:
+    return ak.values_astype(arrays[name], np.float64)
+
+
+def _numpy(values: Any, dtype: type[np.generic] = np.float64) -> npt.NDArray[Any]:
+    return np.asarray(ak.to_numpy(values), dtype=dtype)
+
+
+def _signed_mass_from_cartesian(px: ak.Array, py: ak.Array, pz: ak.Array, energy: ak.Array) -> Four:
+    """(pt, eta, phi, signed mass) from (px, py, pz, E); mass < 0 encodes m^2 < 0."""
+    pt = np.hypot(px, py)
+    p = np.sqrt(pt**2 + pz**2)
+    safe_pt = ak.where(pt > 0, pt, 1.0)
+    eta = np.arcsinh(pz / safe_pt)
+    phi = np.arctan2(py, px)
+    mass2 = (energy - p) * (energy + p)
+    mass = np.sign(mass2) * np.sqrt(np.abs(mass2))
+    return pt, eta, phi, mass
+
+
+def _signed_mass_from_energy(pt: ak.Array, eta: ak.Array, energy: ak.Array) -> ak.Array:
+    p = pt * np.cosh(eta)
+    mass2 = (energy - p) * (energy + p)
+    return np.sign(mass2) * np.sqrt(np.abs(mass2))
+
+
+Four = tuple[ak.Array, ak.Array, ak.Array, ak.Array]
+
+
+def _records(
+    four: Four,
+    passes_id: ak.Array | None = None,
+    btag: ak.Array | None = None,
+) -> ak.Array:
+    pt, eta, phi, mass = four
+    fields: dict[str, ak.Array] = {"pt": pt, "eta": eta, "phi": phi, "mass": mass}
+    fields["passes_id"] = ak.values_astype(
+        ak.ones_like(pt, dtype=bool) if passes_id is None else passes_id, bool
+    )
+    if btag is not None:
+        fields["btag"] = ak.values_astype(btag, np.float64)
+    return ak.zip(fields)
+
+
+def _ids(arrays: ak.Array, entry_start: int, run: str | None, event: str | None) -> Any:
+    n = len(arrays)
+    run_numbers = _numpy(arrays[run], np.int64) if run is not None else np.zeros(n, dtype=np.int64)
+    event_numbers = (
+        _numpy(arrays[event], np.int64)
+        if event is not None
+        else np.arange(entry_start, entry_start + n, dtype=np.int64)
+    )
+    return run_numbers, event_numbers
+
+
+def _empty_collection(n: int) -> ak.Array:
+    values = ak.unflatten(np.zeros(0, dtype=np.float64), np.zeros(n, dtype=np.int64))
+    return _records((values, values, values, values))
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class Schema:
+    """Base of the event schemas: which branches identify it and how to convert them."""
+
+    name: str = ""
+    identifying: tuple[str, ...] = ()
+    taggers: tuple[tuple[str, float], ...] = ()
+    flags: tuple[str, ...] = ()
+    """Identification flags: skipped with a note when unfilled (never true) in a file."""
+
+    def matches(self, available: set[str]) -> bool:
+        """True when every identifying branch is present."""
+        return all(branch in available for branch in self.identifying)
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Branches to read (all must exist)."""
+        raise NotImplementedError
+
+    def optional_branches(self) -> tuple[str, ...]:
+        """Branches read only when present (identification flags, weights, ids)."""
+        return ()
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw objects in GeV from one chunk of branches."""
+        raise NotImplementedError
+
+
+class NanoAODSchema(Schema):
+    """CMS NanoAOD: Jet_/Muon_/Electron_/Photon_ pt, eta, phi, mass; MET_pt, MET_phi.
+
+    Identification, when present: jets tight (``Jet_jetId & 2``), muons ``Muon_tightId`` with
+    ``Muon_pfRelIso04_all < 0.15``, electrons ``Electron_cutBased >= 3`` (medium), photons
+    ``Photon_cutBased >= 2`` (medium). Taggers in order of preference, medium working
+    points: DeepJet 0.2783, DeepCSV 0.4184, CSVv2 0.8484 (CMS BTV recommendations).
+    """
+
+    name = "nanoaod"
+    identifying = ("nJet", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_mass", "MET_pt", "MET_phi")
+    taggers = (("Jet_btagDeepFlavB", 0.2783), ("Jet_btagDeepB", 0.4184), ("Jet_btagCSVV2", 0.8484))
+    flags = ("Jet_jetId", "Muon_tightId", "Electron_cutBased", "Photon_cutBased")
+    prefixes: Final = {"jets": "Jet", "muons": "Muon", "electrons": "Electron", "photons": "Photon"}
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Four-vector branches of every collection plus MET."""
+        names = ["MET_pt", "MET_phi"]
+        for prefix in self.prefixes.values():
+            names += [f"{prefix}_{v}" for v in ("pt", "eta", "phi", "mass")]
+        return names
+
+    def optional_branches(self) -> tuple[str, ...]:
+        """ID flags, isolation, event ids and the generator weight."""
+        return (
+            "run",
+            "event",
+            "genWeight",
+            "Jet_jetId",
+            "Muon_tightId",
+            "Muon_pfRelIso04_all",
+            "Electron_cutBased",
+            "Photon_cutBased",
+        )
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw NanoAOD objects (already in GeV)."""
+        fields = set(arrays.fields)
+        identification: dict[str, ak.Array | None] = {
+            "jets": (arrays.Jet_jetId & 2) > 0 if "Jet_jetId" in fields else None,
+            "muons": None,
+            "electrons": arrays.Electron_cutBased >= 3 if "Electron_cutBased" in fields else None,
+            "photons": arrays.Photon_cutBased >= 2 if "Photon_cutBased" in fields else None,
+        }
+        if "Muon_tightId" in fields:
+            identification["muons"] = ak.values_astype(arrays.Muon_tightId, bool)
+        if "Muon_pfRelIso04_all" in fields:
+            isolated = arrays.Muon_pfRelIso04_all < 0.15
+            tight = identification["muons"]
+            identification["muons"] = isolated if tight is None else tight & isolated
+        collections = {}
+        for name, prefix in self.prefixes.items():
+            pt, eta, phi, mass = (
+                _jagged(arrays, f"{prefix}_{v}") for v in ("pt", "eta", "phi", "mass")
+            )
+            btag = None
+            if name == "jets":
+                btag = _jagged(arrays, btag_branch) if btag_branch else ak.zeros_like(pt) - 1.0
+            collections[name] = _records(
+                (pt, eta, phi, mass), passes_id=identification[name], btag=btag
+            )
+        run, event = _ids(
+            arrays,
+            entry_start,
+            "run" if "run" in fields else None,
+            "event" if "event" in fields else None,
+        )
+        weight = _numpy(arrays.genWeight) if "genWeight" in fields else np.ones(len(arrays))
+        return RawEvents(
+            collections, _numpy(arrays.MET_pt), _numpy(arrays.MET_phi), run, event, weight
+        )
+
+
+class AtlasOpenDataSchema(Schema):
+    """ATLAS 13 TeV open-data ntuples: lep_*, jet_*, photon_*, met_et/met_phi, in MeV.
+
+    Leptons are split by ``lep_type`` (11 electron, 13 muon); identification uses
+    ``lep_isTightID`` and ``photon_isTightID`` when present. b-tag: ``jet_MV2c10`` at the 70 %
+    working point 0.8244273 (ATLAS open-data documentation, 2020 release).
+    """
+
+    name = "atlas_opendata"
+    identifying = ("lep_pt", "lep_type", "jet_pt", "met_et", "met_phi")
+    taggers = (("jet_MV2c10", 0.8244273),)
+    flags = ("lep_isTightID", "photon_isTightID")
+    mev: Final = 1e-3
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Four-vectors of leptons, jets and photons (pt, eta, phi, E) plus MET."""
+        names = ["lep_type", "met_et", "met_phi"]
+        for prefix in ("lep", "jet", "photon"):
+            names += [f"{prefix}_{v}" for v in ("pt", "eta", "phi", "E")]
+        return names
+
+    def optional_branches(self) -> tuple[str, ...]:
+        """Tight-ID flags, event ids and the MC weight."""
+        return ("lep_isTightID", "photon_isTightID", "runNumber", "eventNumber", "mcWeight")
+
+    def _four(self, arrays: ak.Array, prefix: str) -> Four:
+        pt = _jagged(arrays, f"{prefix}_pt") * self.mev
+        eta = _jagged(arrays, f"{prefix}_eta")
+        phi = _jagged(arrays, f"{prefix}_phi")
+        energy = _jagged(arrays, f"{prefix}_E") * self.mev
+        return pt, eta, phi, _signed_mass_from_energy(pt, eta, energy)
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw objects in GeV from the MeV ntuple."""
+        fields = set(arrays.fields)
+        lepton = self._four(arrays, "lep")
+        lepton_id = arrays.lep_isTightID if "lep_isTightID" in fields else None
+        collections = {
+            "jets": _records(
+                self._four(arrays, "jet"),
+                btag=_jagged(arrays, btag_branch) if btag_branch else None,
+            ),
+            "photons": _records(
+                self._four(arrays, "photon"),
+                passes_id=arrays.photon_isTightID if "photon_isTightID" in fields else None,
+            ),
+        }
+        if not btag_branch:
+            collections["jets"] = ak.with_field(
+                collections["jets"], ak.zeros_like(collections["jets"].pt) - 1.0, "btag"
+            )
+        for name, pdg in (("muons", 13), ("electrons", 11)):
+            keep = abs(arrays.lep_type) == pdg
+            passes = None if lepton_id is None else ak.values_astype(lepton_id, bool)[keep]
+            collections[name] = _records(
+                (lepton[0][keep], lepton[1][keep], lepton[2][keep], lepton[3][keep]),
+                passes_id=passes,
+            )
+        run, event = _ids(
+            arrays,
+            entry_start,
+            "runNumber" if "runNumber" in fields else None,
+            "eventNumber" if "eventNumber" in fields else None,
+        )
+        weight = _numpy(arrays.mcWeight) if "mcWeight" in fields else np.ones(len(arrays))
+        return RawEvents(
+            collections,
+            _numpy(arrays.met_et) * self.mev,
+            _numpy(arrays.met_phi),
+            run,
+            event,
+            weight,
+        )
+
+
+class CartesianSchema(Schema):
+    """Px/Py/Pz/E collections (Jet_, Muon_, Electron_, Photon_) and MET_px/MET_py, in GeV.
+
+    As in uproot-HZZ.root: ``Jet_btag`` is -1 for untagged jets and a positive discriminant
+    for tagged ones, so the working point is 0. ``EventWeight`` is the weight when present.
+    """
+
+    name = "cartesian"
+    identifying = ("Jet_Px", "Jet_Py", "Jet_Pz", "Jet_E", "MET_px", "MET_py")
+    taggers = (("Jet_btag", 0.0),)
+    flags = ("Jet_ID",)
+    prefixes: Final = {"jets": "Jet", "muons": "Muon", "electrons": "Electron", "photons": "Photon"}
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Cartesian four-vectors of every collection plus MET components."""
+        names = ["MET_px", "MET_py"]
+        for prefix in self.prefixes.values():
+            names += [f"{prefix}_{v}" for v in ("Px", "Py", "Pz", "E")]
+        return names
+
+    def optional_branches(self) -> tuple[str, ...]:
+        """Jet ID flag and event weight."""
+        return ("Jet_ID", "EventWeight")
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw objects from cartesian components."""
+        fields = set(arrays.fields)
+        collections = {}
+        for name, prefix in self.prefixes.items():
+            four = _signed_mass_from_cartesian(
+                *(_jagged(arrays, f"{prefix}_{v}") for v in ("Px", "Py", "Pz", "E"))
+            )
+            passes = arrays.Jet_ID if name == "jets" and "Jet_ID" in fields else None
+            btag = None
+            if name == "jets":
+                btag = _jagged(arrays, btag_branch) if btag_branch else ak.zeros_like(four[0]) - 1
+            collections[name] = _records(four, passes_id=passes, btag=btag)
+        met_px, met_py = _numpy(arrays.MET_px), _numpy(arrays.MET_py)
+        run, event = _ids(arrays, entry_start, None, None)
+        weight = _numpy(arrays.EventWeight) if "EventWeight" in fields else np.ones(len(arrays))
+        return RawEvents(
+            collections, np.hypot(met_px, met_py), np.arctan2(met_py, met_px), run, event, weight
+        )
+
+
+@dataclass(frozen=True)
+class CollectionMapping:
+    """Branches of one collection: per-slot scalar branches (flat) or one jagged branch each.
+
+    Either ``pt``/``eta``/``phi`` with ``mass`` (a branch or a constant in GeV), or
+    ``px``/``py``/``pz``/``energy``. Each value is a branch name (jagged) or a list of branch
+    names (one per object slot of a flat ntuple).
+    """
+
+    components: Mapping[str, str | float | list[str]]
+    btag: str | None = None
+    btag_working_point: float = 0.5
+
+    def branch_names(self) -> list[str]:
+        """Every branch this collection reads."""
+        names: list[str] = []
+        for value in self.components.values():
+            if isinstance(value, str):
+                names.append(value)
+            elif isinstance(value, list):
+                names += value
+        if self.btag:
+            names.append(self.btag)
+        return names
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """A user mapping from any ntuple onto the object collections (loaded from TOML).
+
+    Example for uproot-Zmumu.root (``core/mappings/cms_dimuon_flat.toml``)::
+
+        name = "cms_dimuon_flat"
+        tree = "events"
+        energy_unit = "GeV"      # or "MeV"
+        [ids]
+        run = "Run"
+        event = "Event"
+        [muons]
+        px = ["px1", "px2"]
+        py = ["py1", "py2"]
+        pz = ["pz1", "pz2"]
+        energy = ["E1", "E2"]
+        [met]                  # optional: pt/phi or px/py branches
+    """
+
+    mapping_name: str = "mapping"
+    tree: str | None = None
+    energy_scale: float = 1.0
+    collections_map: Mapping[str, CollectionMapping] = field(default_factory=dict)
+    met: Mapping[str, str] = field(default_factory=dict)
+    ids: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""
+
+
+class MappingSchema(Schema):
+    """The schema a `ColumnMapping` defines: named ``mapping:<name>``."""
+
+    def __init__(self, mapping: ColumnMapping) -> None:
+        self.mapping = mapping
+        self.tree = mapping.tree
+        self.name = f"mapping:{mapping.mapping_name}"
+        self.identifying = tuple(self._all_branches())
+        jets = mapping.collections_map.get("jets")
+        self.taggers = (
+            () if jets is None or jets.btag is None else ((jets.btag, jets.btag_working_point),)
+        )
+
+    def _all_branches(self) -> list[str]:
+        names: list[str] = []
+        for collection in self.mapping.collections_map.values():
+            names += [b for b in collection.branch_names() if b != collection.btag]
+        names += list(self.mapping.met.values()) + list(self.mapping.ids.values())
+        return names
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Every mapped branch."""
+        return self._all_branches()
+
+    def _component(self, arrays: ak.Array, value: str | float | list[str]) -> ak.Array:
+        if isinstance(value, str):
+            return _jagged(arrays, value)
+        if isinstance(value, list):
+            slots = np.stack([_numpy(arrays[b]) for b in value], axis=1)
+            return ak.Array(slots.tolist()) if len(slots) == 0 else ak.from_regular(ak.Array(slots))
+        raise TypeError(f"constant {value!r} has no shape; combine it with another component")
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw objects from the mapped branches, scaled to GeV."""
+        n = len(arrays)
+        mapping = self.mapping
+        scale = mapping.energy_scale
+        collections = {}
+        for name in ("jets", *LEPTON_TYPES):
+            spec = mapping.collections_map.get(name)
+            if spec is None:
+                records = _empty_collection(n)
+            else:
+                comps = spec.components
+                if "px" in comps:
+                    pt, eta, phi, mass = _signed_mass_from_cartesian(
+                        *(
+                            self._component(arrays, comps[k]) * scale
+                            for k in ("px", "py", "pz", "energy")
+                        )
+                    )
+                else:
+                    pt = self._component(arrays, comps["pt"]) * scale
+                    eta = self._component(arrays, comps["eta"])
+                    phi = self._component(arrays, comps["phi"])
+                    raw_mass = comps.get("mass", 0.0)
+                    if isinstance(raw_mass, int | float):
+                        mass = ak.zeros_like(pt) + float(raw_mass)
+                    else:
+                        mass = self._component(arrays, raw_mass) * scale
+                btag = None
+                if name == "jets" and spec.btag:
+                    btag = self._component(arrays, spec.btag)
+                records = _records((pt, eta, phi, mass), btag=btag)
+            if name == "jets" and "btag" not in records.fields:
+                records = ak.with_field(records, ak.zeros_like(records.pt) - 1.0, "btag")
+            collections[name] = records
+        met = mapping.met
+        if "pt" in met:
+            met_pt = _numpy(arrays[met["pt"]]) * scale
+            met_phi = _numpy(arrays[met["phi"]])
+        elif "px" in met:
+            px, py = _numpy(arrays[met["px"]]) * scale, _numpy(arrays[met["py"]]) * scale
+            met_pt, met_phi = np.hypot(px, py), np.arctan2(py, px)
+        else:
+            met_pt, met_phi = np.zeros(n), np.zeros(n)
+        ids = mapping.ids
+        run, event = _ids(arrays, entry_start, ids.get("run"), ids.get("event"))
+        weight = _numpy(arrays[ids["weight"]]) if "weight" in ids else np.ones(n)
+        return RawEvents(collections, met_pt, met_phi, run, event, weight)
+
+
+def load_mapping(path: str | Path) -> ColumnMapping:
+    """Read a column mapping from a TOML file (see `ColumnMapping` for the format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"column mapping {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidInputError(f"column mapping {path} is not valid TOML: {error}") from error
+    units = {"GeV": 1.0, "MeV": 1e-3, "TeV": 1e3}
+    unit = data.get("energy_unit", "GeV")
+    if unit not in units:
+        raise InvalidInputError(f"column mapping {path}: energy_unit {unit!r} not in {list(units)}")
+    collections: dict[str, CollectionMapping] = {}
+    for name in ("jets", *LEPTON_TYPES):
+        if name not in data:
+            continue
+        spec = dict(data[name])
+        btag = spec.pop("btag", None)
+        working_point = float(spec.pop("btag_working_point", 0.5))
+        keys = set(spec)
+        if not ({"px", "py", "pz", "energy"} <= keys or {"pt", "eta", "phi"} <= keys):
+            raise InvalidInputError(
+                f"column mapping {path}: [{name}] needs px, py, pz, energy or pt, eta, phi "
+                f"(and mass); found {sorted(keys)}"
+            )
+        collections[name] = CollectionMapping(spec, btag, working_point)
+    if not collections:
+        raise InvalidInputError(
+            f"column mapping {path} maps no collection; add a [jets], [muons], [electrons] "
+            "or [photons] table"
+        )
+    return ColumnMapping(
+        mapping_name=str(data.get("name", path.stem)),
+        tree=data.get("tree"),
+        energy_scale=units[unit],
+        collections_map=collections,
+        met=dict(data.get("met", {})),
+        ids=dict(data.get("ids", {})),
+        source=str(path),
+    )
+
+
+BUILTIN_SCHEMAS: Final[tuple[Schema, ...]] = (
+    NanoAODSchema(),
+    AtlasOpenDataSchema(),
+    CartesianSchema(),
+)
+
+
+def builtin_mappings() -> list[MappingSchema]:
+    """The column mappings shipped with anomscan (tried last by ``auto``)."""
+    return [MappingSchema(load_mapping(p)) for p in sorted(MAPPINGS_DIR.glob("*.toml"))]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open_tree(path: str, tree_name: str | None) -> Any:
+    """Open `path` and return its event tree, with one clear error per failure."""
+    is_remote = "://" in path
+    if not is_remote and not Path(path).exists():
+        raise InputFileError(f"input file {path} does not exist")
+    try:
+        file = uproot.open(path)
+    except Exception as error:
+        raise InputFileError(
+            f"cannot open {path} as a ROOT file ({type(error).__name__}: {error}); "
+            "check that it is a complete ROOT file"
+        ) from error
+    try:
+        if tree_name is not None:
+            if tree_name not in file:
+                raise SchemaError(
+                    f"{path} has no tree {tree_name!r}; it holds {sorted(file.keys(cycle=False))}"
+                )
+            return file[tree_name]
+        trees = [
+            k
+            for k, cls in file.classnames(cycle=False).items()
+            if cls in ("TTree", "ROOT::RNTuple", "ROOT::Experimental::RNTuple")
+        ]
+    except (SchemaError, InputFileError):
+        raise
+    except Exception as error:
+        raise InputFileError(
+            f"{path} is damaged: its directory cannot be read ({type(error).__name__}: {error})"
+        ) from error
+    if not trees:
+        raise SchemaError(f"{path} holds no TTree or RNTuple; it holds {file.keys(cycle=False)}")
+    try:
+        return file[trees[0]]
+    except Exception as error:
+        raise InputFileError(
+            f"{path} is damaged: tree {trees[0]!r} cannot be read ({type(error).__name__})"
+        ) from error
+
+
+def _available_branches(tree: Any) -> set[str]:
+    keys = tree.keys(recursive=True) if hasattr(tree, "keys") else []
+    return set(keys)
+
+
+def resolve_schema(
+    name: str, available: set[str], path: str, mapping: str | Path | None = None
+) -> Schema:
+    """The schema called `name` (or detected from `available` for ``auto``)."""
+    if name not in SCHEMA_NAMES:
+        raise SchemaError(f"unknown schema {name!r}; choose one of {', '.join(SCHEMA_NAMES)}")
+    if name == "mapping" or mapping is not None:
+        if mapping is None:
+            raise SchemaError("schema 'mapping' needs a column mapping TOML (mapping=...)")
+        return MappingSchema(load_mapping(mapping))
+    if name != "auto":
+        return next(s for s in BUILTIN_SCHEMAS if s.name == name)
+    for schema in (*BUILTIN_SCHEMAS, *builtin_mappings()):
+        if schema.matches(available):
+            return schema
+    sample = ", ".join(sorted(available)[:12])
+    raise SchemaError(
+        f"cannot detect the schema of {path}: its branches ({sample}, ...) match none of "
+        f"{[s.name for s in BUILTIN_SCHEMAS]} nor a built-in mapping; "
+        "write a column mapping TOML and pass schema='mapping'"
+    )
+
+
+def _tagger_is_filled(tree: Any, branch: str, path: str) -> bool:
+    """A tagger is filled when some jet of the first entries has a score in [0, 1]."""
+    try:
+        values = tree[branch].array(entry_stop=min(tree.num_entries, 10_000), library="ak")
+    except Exception as error:
+        raise InputFileError(f"cannot read branch {branch} of {path}: {error}") from error
+    flat = ak.to_numpy(ak.flatten(values, axis=None))
+    return bool(np.any((flat >= 0.0) & (flat <= 1.0))) if flat.size else True
+
+
+def _flag_is_filled(tree: Any, branch: str, path: str) -> bool:
+    """A flag is filled when some object of the first entries has it set (non-zero)."""
+    try:
+        values = tree[branch].array(entry_stop=min(tree.num_entries, 10_000), library="ak")
+    except Exception as error:
+        raise InputFileError(f"cannot read branch {branch} of {path}: {error}") from error
+    flat = ak.to_numpy(ak.flatten(values, axis=None))
+    return bool(np.any(flat != 0)) if flat.size else True
+
+
+def _choose_tagger(
+    tree: Any, schema: Schema, available: set[str], selection: Selection, path: str
+) -> tuple[str | None, float, list[str]]:
+    notes: list[str] = []
+    if not schema.taggers and selection.btag_branch == "auto":
+        return None, float("inf"), notes
+    if selection.btag_branch != "auto":
+        branch = selection.btag_branch
+        if branch not in available:
+            raise SchemaError(f"b-tag branch {branch!r} is not in {path} (schema {schema.name})")
+        wp = selection.btag_working_point
+        if wp is None:
+            known = dict(schema.taggers)
+            if branch not in known:
+                raise InvalidInputError(
+                    f"b-tag branch {branch!r} has no default working point; set btag_working_point"
+                )
+            wp = known[branch]
+        if schema.name == "nanoaod" and not _tagger_is_filled(tree, branch, path):
+            raise SchemaError(
+                f"b-tag branch {branch} of {path} is not filled (no jet has a score in [0, 1]); "
+                "choose another tagger"
+            )
+        return branch, float(wp), notes
+    for branch, wp in schema.taggers:
+        if branch not in available:
+            continue
+        if schema.name == "nanoaod" and not _tagger_is_filled(tree, branch, path):
+            notes.append(f"tagger {branch} is not filled in {path}; skipped")
+            continue
+        chosen_wp = selection.btag_working_point if selection.btag_working_point is not None else wp
+        return branch, float(chosen_wp), notes
+    notes.append(f"no filled b-tagger found in {path}: every jet is a light jet")
+    return None, float("inf"), notes
+
+
+def _plan(
+    path: str,
+    schema: str,
+    selection: Selection,
+    tree: str | None,
+    mapping: str | Path | None,
+) -> tuple[ReadPlan, Schema, Any]:
+    mapped = MappingSchema(load_mapping(mapping)) if mapping is not None else None
+    tree_name = tree or (mapped.tree if mapped is not None else None)
+    event_tree = _open_tree(path, tree_name)
+    available = _available_branches(event_tree)
+    chosen = mapped if mapped is not None else resolve_schema(schema, available, path)
+    if tree_name is None and isinstance(chosen, MappingSchema) and chosen.tree:
+        event_tree = _open_tree(path, chosen.tree)
+        available = _available_branches(event_tree)
+    needed = chosen.branches(available, selection)
+    missing = [b for b in needed if b not in available]
+    if missing:
+        raise SchemaError(
+            f"{path} (tree {event_tree.name}) lacks branches {missing} needed by schema "
+            f"{chosen.name!r} (asked for {schema!r})"
+        )
+    if event_tree.num_entries == 0:
+        raise InvalidInputError(f"tree {event_tree.name} of {path} has no entries")
+    btag_branch, working_point, notes = _choose_tagger(
+        event_tree, chosen, available, selection, path
+    )
+    optional = [b for b in chosen.optional_branches() if b in available]
+    if not selection.use_identification:
+        optional = [b for b in optional if b in _BOOKKEEPING_BRANCHES]
+    for flag in [b for b in optional if b in chosen.flags]:
+        if not _flag_is_filled(event_tree, flag, path):
+            optional.remove(flag)
+            notes.append(f"identification flag {flag} is never set in {path}; not applied")
+    branches = [*needed, *optional]
+    if btag_branch:
+        branches.append(btag_branch)
+    plan = ReadPlan(
+        path=path,
+        tree=event_tree.name,
+        schema=chosen.name,
+        branches=tuple(dict.fromkeys(branches)),
+        btag_branch=btag_branch,
+        btag_working_point=working_point,
+        num_entries=int(event_tree.num_entries),
+        notes=tuple(notes),
+    )
+    return plan, chosen, event_tree
+
+
+_BOOKKEEPING_BRANCHES: Final = frozenset(
+    {"run", "event", "genWeight", "runNumber", "eventNumber", "mcWeight", "EventWeight"}
+)
+
+
+def plan_read(
+    path: str | Path,
+    schema: str = "auto",
+    selection: Selection | None = None,
+    *,
+    tree: str | None = None,
+    mapping: str | Path | None = None,
+) -> ReadPlan:
+    """Open one file, detect its schema and b-tagger, and check every needed branch exists."""
+    return _plan(str(path), schema, selection or Selection(), tree, mapping)[0]
+
+
+def _delta_phi(a: ak.Array, b: ak.Array) -> ak.Array:
+    return (a - b + np.pi) % (2 * np.pi) - np.pi
+
+
+def select_objects(
+    raw: RawEvents,
+    selection: Selection,
+    btag_working_point: float,
+    *,
+    source: str = "",
+    entry_start: int = 0,
+) -> EventChunk:
+    """Apply the selection of PHYSICS.md section 1 to raw objects and split jets into j and b."""
+    cuts = {
+        "jets": (selection.jet_pt_min, selection.jet_abs_eta_max),
+        "muons": (selection.muon_pt_min, selection.lepton_abs_eta_max),
+        "electrons": (selection.electron_pt_min, selection.lepton_abs_eta_max),
+        "photons": (selection.photon_pt_min, selection.photon_abs_eta_max),
+    }
+    selected = {}
+    for name, (pt_min, eta_max) in cuts.items():
+        objects = raw.collections[name]
+        keep = (objects.pt > pt_min) & (abs(objects.eta) < eta_max)
+        if selection.use_identification:
+            keep = keep & objects.passes_id
+        selected[name] = objects[keep]
+    jets = selected["jets"]
+    others = ak.concatenate([selected[n][["eta", "phi"]] for n in LEPTON_TYPES], axis=1)
+    pairs = ak.cartesian({"jet": jets[["eta", "phi"]], "other": others}, nested=True)
+    delta_r2 = (pairs.jet.eta - pairs.other.eta) ** 2 + _delta_phi(
+        pairs.jet.phi, pairs.other.phi
+    ) ** 2
+    isolated = ak.all(delta_r2 >= selection.overlap_delta_r**2, axis=2)
+    jets = jets[isolated]
+    is_b = jets.btag > btag_working_point
+    collections = {"jets": jets[~is_b], "bjets": jets[is_b]}
+    collections.update({n: selected[n] for n in LEPTON_TYPES})
+    built = {n: make_collection(c.pt, c.eta, c.phi, c.mass) for n, c in collections.items()}
+    met_pt = np.where(raw.met_pt < selection.met_min, 0.0, raw.met_pt)
+    return EventChunk(
+        **built,
+        met_pt=met_pt,
+        met_phi=raw.met_phi,
+        run=raw.run,
+        event=raw.event,
+        weight=raw.weight,
+        source=source,
+        entry_start=entry_start,
+    )
+
+
+def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    if isinstance(paths, str | Path):
+        return [str(paths)]
+    listed = [str(p) for p in paths]
+    if not listed:
+        raise InvalidInputError("no input files given")
+    return listed
+
+
+def iterate_events(
+    paths: str | Path | Iterable[str | Path],
+    schema: str = "auto",
+    step_size: int = 100_000,
+    max_events: int | None = None,
+    selection: Selection | None = None,
+    *,
+    tree: str | None = None,
+    mapping: str | Path | None = None,
+) -> Iterator[EventChunk]:
+    """Yield chunks of selected objects, at most `step_size` events each, file after file.
+
+    Every file is checked (schema, branches, entries) before its first chunk is read.
+    A read failure raises InputFileError naming the file and the entry range.
+    """
+    if step_size <= 0:
+        raise InvalidInputError(f"step_size must be positive, got {step_size}")
+    if max_events is not None and max_events <= 0:
+        raise InvalidInputError(f"max_events must be positive or None, got {max_events}")
+    selection = selection or Selection()
+    remaining = max_events
+    for path in _as_paths(paths):
+        if remaining is not None and remaining <= 0:
+            return
+        plan, chosen, event_tree = _plan(path, schema, selection, tree, mapping)
+        stop = plan.num_entries if remaining is None else min(plan.num_entries, remaining)
+        start = 0
+        while start < stop:
+            end = min(start + step_size, stop)
+            try:
+                arrays = event_tree.arrays(
+                    list(plan.branches), entry_start=start, entry_stop=end, library="ak"
+                )
+            except Exception as error:
+                raise InputFileError(
+                    f"reading entries {start}..{end} of {path} failed "
+                    f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
+                ) from error
+            raw = chosen.convert(arrays, start, plan.btag_branch)
+            yield select_objects(
+                raw, selection, plan.btag_working_point, source=path, entry_start=start
+            )
+            start = end
+        if remaining is not None:
+            remaining -= stop
+
+
+def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
+    """Join chunks into one (for small inputs)."""
+    if not chunks:
+        raise InvalidInputError("no events were read")
+    if len(chunks) == 1:
+        return chunks[0]
+    collections = {n: ak.concatenate([getattr(c, n) for c in chunks]) for n in OBJECT_TYPES}
+
+    def joined(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([getattr(c, name) for c in chunks])
+
+    return replace(
+        chunks[0],
+        **collections,
+        met_pt=joined("met_pt"),
+        met_phi=joined("met_phi"),
+        run=joined("run"),
+        event=joined("event"),
+        weight=joined("weight"),
+    )
+
+
+def load_events(
+    paths: str | Path | Iterable[str | Path],
+    schema: str = "auto",
+    max_events: int | None = None,
+    selection: Selection | None = None,
+    *,
+    tree: str | None = None,
+    mapping: str | Path | None = None,
+) -> EventChunk:
+    """All selected events of small inputs as one chunk."""
+    return concatenate_chunks(
+        list(
+            iterate_events(
+                paths,
+                schema,
+                step_size=1_000_000,
+                max_events=max_events,
+                selection=selection,
+                tree=tree,
+                mapping=mapping,
+            )
+        )
+    )

@@ -1,0 +1,639 @@
+"""Extended binned Poisson likelihood fits of a background function to a mass spectrum.
+
+The likelihood is that of iminuit's ExtendedBinnedNLL: bin counts n_i are Poisson with
+mean mu_i = integral of f over bin i (PHYSICS.md section 5). Writing mu_i = N P_i(theta)
+with P_i the shape's bin fractions over the bins in the fit, the normalisation separates
+exactly (N_hat = sum n_i, var N = N, no correlation with theta), so Minuit minimises the
+multinomial NLL in the shape parameters theta only, in coordinates whitened with the
+covariance of the weighted least-squares start. p1 and its covariance follow from
+N_hat and the integral of the shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import numpy.typing as npt
+from iminuit import Minuit
+from scipy import optimize, special, stats
+
+from core.errors import FitDidNotConvergeError, FitError, InvalidInputError
+from core.fitfunctions import (
+    BackgroundFunction,
+    FloatArray,
+    gauss_legendre_nodes,
+    get_function,
+    nested_start,
+)
+
+BoolArray = npt.NDArray[np.bool_]
+
+_EDGE_TOLERANCE = 1e-9
+_BAD_NLL = 1e300
+
+
+@dataclass(frozen=True, eq=False)
+class SpectrumFitProblem:
+    """A validated histogram restricted to its fit range, ready for repeated fits.
+
+    Bins `first_bin` .. `stop_bin - 1` form the fit range; `used` marks the bins of the range
+    that enter the likelihood (False inside an excluded window). Masses in GeV.
+    """
+
+    edges: FloatArray
+    counts: FloatArray
+    first_bin: int
+    stop_bin: int
+    used: BoolArray
+    sqrt_s: float
+    nodes: FloatArray
+    weights: FloatArray
+    excluded_window: tuple[float, float] | None = None
+
+    @property
+    def fit_range(self) -> tuple[float, float]:
+        """Lower and upper edge (GeV) of the fit range."""
+        return float(self.edges[self.first_bin]), float(self.edges[self.stop_bin])
+
+    @property
+    def range_edges(self) -> FloatArray:
+        """Bin edges (GeV) of the fit range."""
+        return self.edges[self.first_bin : self.stop_bin + 1]
+
+    @property
+    def range_counts(self) -> FloatArray:
+        """Counts of the bins in the fit range."""
+        return self.counts[self.first_bin : self.stop_bin]
+
+    @property
+    def n_used(self) -> int:
+        """Number of bins that enter the likelihood."""
+        return int(np.count_nonzero(self.used))
+
+    def with_range_counts(self, range_counts: npt.ArrayLike) -> SpectrumFitProblem:
+        """The same problem with new counts in the fit range (for pseudo-experiments)."""
+        values = np.asarray(range_counts, dtype=np.float64)
+        expected_shape = (self.stop_bin - self.first_bin,)
+        if values.shape != expected_shape:
+            raise InvalidInputError(
+                f"expected {expected_shape[0]} counts for the fit range, got shape {values.shape}"
+            )
+        _check_counts(values)
+        if not np.any(values[self.used] > 0):
+            raise InvalidInputError(
+                "all counts in the fit range are zero; a pseudo-experiment needs events"
+            )
+        counts = self.counts.copy()
+        counts[self.first_bin : self.stop_bin] = values
+        return replace(self, counts=counts)
+
+
+def _check_counts(counts: FloatArray) -> None:
+    if not np.all(np.isfinite(counts)):
+        raise InvalidInputError(
+            f"counts contain {np.count_nonzero(~np.isfinite(counts))} NaN or infinite values; "
+            "fill empty bins with 0"
+        )
+    if np.any(counts < 0):
+        raise InvalidInputError(
+            f"counts must be non-negative; found {np.count_nonzero(counts < 0)} negative bins, "
+            f"the smallest {counts.min()}"
+        )
+
+
+def last_non_empty_edge(edges: npt.ArrayLike, counts: npt.ArrayLike) -> float:
+    """Upper edge (GeV) of the last bin with a positive count."""
+    counts_array = np.asarray(counts, dtype=np.float64)
+    filled = np.flatnonzero(counts_array > 0)
+    if filled.size == 0:
+        raise InvalidInputError("the spectrum is empty: every bin has zero counts")
+    return float(np.asarray(edges, dtype=np.float64)[filled[-1] + 1])
+
+
+def prepare_spectrum(
+    edges: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    fit_range: tuple[float, float | None] | None = None,
+    *,
+    sqrt_s: float = 13000.0,
+    exclude: tuple[float, float] | None = None,
+    n_points: int = 6,
+) -> SpectrumFitProblem:
+    """Validate a histogram and select its fit range [lo, hi] GeV.
+
+    The range holds the bins whose edges lie inside [lo, hi]; hi None (or no range) means the
+    upper edge of the last non-empty bin, and no range starts at the first edge. Bins
+    overlapping the `exclude` window [lo, hi] GeV are left out of the likelihood.
+    """
+    edge_values = np.asarray(edges, dtype=np.float64)
+    count_values = np.asarray(counts, dtype=np.float64)
+    if edge_values.ndim != 1 or count_values.ndim != 1:
+        raise InvalidInputError(
+            f"edges and counts must be 1-D arrays, got shapes {edge_values.shape} and "
+            f"{count_values.shape}"
+        )
+    if count_values.size == 0:
+        raise InvalidInputError("the spectrum is empty: it has no bins")
+    if edge_values.size != count_values.size + 1:
+        raise InvalidInputError(
+            f"a histogram with {count_values.size} bins needs {count_values.size + 1} edges, "
+            f"got {edge_values.size}"
+        )
+    if not (np.all(np.isfinite(edge_values)) and edge_values[0] > 0):
+        raise InvalidInputError("bin edges must be finite and positive masses in GeV")
+    if np.any(np.diff(edge_values) <= 0):
+        raise InvalidInputError("bin edges must increase strictly")
+    if not (np.isfinite(sqrt_s) and sqrt_s > edge_values[0]):
+        raise InvalidInputError(
+            f"sqrt_s = {sqrt_s} GeV must be finite and above the first bin edge "
+            f"{edge_values[0]} GeV"
+        )
+    _check_counts(count_values)
+    if not np.any(count_values > 0):
+        raise InvalidInputError("the spectrum is empty: every bin has zero counts")
+
+    low, high = (float(edge_values[0]), None) if fit_range is None else fit_range
+    if high is None:
+        high = last_non_empty_edge(edge_values, count_values)
+    tolerance = _EDGE_TOLERANCE * float(edge_values[-1])
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise InvalidInputError(f"fit range must be finite with lo < hi, got [{low}, {high}] GeV")
+    if low < edge_values[0] - tolerance or high > edge_values[-1] + tolerance:
+        raise InvalidInputError(
+            f"fit range [{low}, {high}] GeV lies outside the histogram, which covers "
+            f"[{edge_values[0]}, {edge_values[-1]}] GeV; give a range inside it"
+        )
+    first_bin = int(np.searchsorted(edge_values, low - tolerance, side="left"))
+    stop_bin = int(np.searchsorted(edge_values, high + tolerance, side="right")) - 1
+    below_limit = int(np.searchsorted(edge_values, sqrt_s, side="left"))
+    if np.any(count_values[below_limit:stop_bin] > 0):
+        raise InvalidInputError(
+            f"the fit range has counts in bins starting above sqrt_s = {sqrt_s} GeV, beyond "
+            "the kinematic limit; check sqrt_s or end the range below it"
+        )
+    stop_bin = min(stop_bin, below_limit)
+    if stop_bin <= first_bin:
+        raise InvalidInputError(
+            f"fit range [{low}, {high}] GeV contains no complete bin below sqrt_s; the edges "
+            f"near it are {edge_values[max(first_bin - 1, 0) : first_bin + 2]}"
+        )
+
+    range_edges = edge_values[first_bin : stop_bin + 1]
+    used = np.ones(stop_bin - first_bin, dtype=bool)
+    if exclude is not None:
+        window_low, window_high = exclude
+        if not (np.isfinite(window_low) and np.isfinite(window_high) and window_low < window_high):
+            raise InvalidInputError(
+                f"excluded window must be finite with lo < hi, got {exclude} GeV"
+            )
+        used = ~(
+            (range_edges[1:] > window_low + tolerance)
+            & (range_edges[:-1] < window_high - tolerance)
+        )
+        if used.all():
+            raise InvalidInputError(
+                f"excluded window {exclude} GeV does not overlap the fit range "
+                f"[{range_edges[0]}, {range_edges[-1]}] GeV"
+            )
+    if not np.any(count_values[first_bin:stop_bin][used] > 0):
+        raise InvalidInputError(
+            f"all counts in the fit range [{range_edges[0]}, {range_edges[-1]}] GeV are zero; "
+            "choose a range that contains events"
+        )
+    nodes, weights = gauss_legendre_nodes(range_edges, sqrt_s, n_points)
+    return SpectrumFitProblem(
+        edges=edge_values,
+        counts=count_values,
+        first_bin=first_bin,
+        stop_bin=stop_bin,
+        used=used,
+        sqrt_s=float(sqrt_s),
+        nodes=nodes,
+        weights=weights,
+        excluded_window=None if exclude is None else (float(exclude[0]), float(exclude[1])),
+    )
+
+
+class BinnedShape:
+    """ln of the integral of the shape g(x; theta) over each bin of a fit range (GeV).
+
+    The log-linear families get exact gradients; other shapes use finite differences.
+    """
+
+    def __init__(self, problem: SpectrumFitProblem, function: BackgroundFunction) -> None:
+        self.problem = problem
+        self.function = function
+        self.log_weights = np.log(problem.weights)
+        self.features = function.log_features(problem.nodes) if function.is_log_linear else None
+
+    @property
+    def n_shape(self) -> int:
+        """Number of shape parameters theta."""
+        return self.function.n_params - 1
+
+    def _log_g(self, theta: FloatArray) -> FloatArray:
+        if self.features is not None:
+            return self.features @ theta
+        return self.function.log_shape(self.problem.nodes, theta)
+
+    def log_integrals(self, theta: FloatArray) -> FloatArray:
+        """ln integral_bin g dm for every bin of the fit range."""
+        terms = self._log_g(theta) + self.log_weights
+        return np.asarray(special.logsumexp(terms, axis=1), dtype=np.float64)
+
+    def log_integrals_and_gradient(self, theta: FloatArray) -> tuple[FloatArray, FloatArray]:
+        """ln integrals per bin and their derivatives by theta, shape (n_bins, n_shape)."""
+        if self.features is None:
+            values = self.log_integrals(theta)
+            gradient = np.empty((values.size, self.n_shape))
+            for k in range(self.n_shape):
+                step = 1e-6 * max(1.0, abs(float(theta[k])))
+                up, down = theta.copy(), theta.copy()
+                up[k] += step
+                down[k] -= step
+                gradient[:, k] = (self.log_integrals(up) - self.log_integrals(down)) / (2 * step)
+            return values, gradient
+        terms = self.features @ theta + self.log_weights
+        values = np.asarray(special.logsumexp(terms, axis=1), dtype=np.float64)
+        node_fractions = np.exp(terms - values[:, None])
+        gradient = np.einsum("ij,ijk->ik", node_fractions, self.features)
+        return values, gradient
+
+
+class _ProfiledNLL:
+    """Multinomial NLL of the shape, the extended NLL with N profiled exactly."""
+
+    def __init__(self, shape: BinnedShape, origin: FloatArray, whitening: FloatArray) -> None:
+        problem = shape.problem
+        self.shape = shape
+        self.origin = origin
+        self.whitening = whitening
+        self.used = problem.used
+        self.counts = problem.range_counts[problem.used]
+        self.total = float(self.counts.sum())
+
+    def theta(self, phi: FloatArray) -> FloatArray:
+        return self.origin + self.whitening @ phi
+
+    def __call__(self, phi: FloatArray) -> float:
+        log_integrals = self.shape.log_integrals(self.theta(np.asarray(phi)))[self.used]
+        value = float(
+            -np.dot(self.counts, log_integrals) + self.total * special.logsumexp(log_integrals)
+        )
+        return value if np.isfinite(value) else _BAD_NLL
+
+    def gradient(self, phi: FloatArray) -> FloatArray:
+        log_integrals, gradient = self.shape.log_integrals_and_gradient(self.theta(np.asarray(phi)))
+        log_integrals, gradient = log_integrals[self.used], gradient[self.used]
+        fractions = np.exp(log_integrals - special.logsumexp(log_integrals))
+        d_theta = -self.counts @ gradient + self.total * (fractions @ gradient)
+        result = self.whitening.T @ d_theta
+        return np.asarray(np.where(np.isfinite(result), result, 0.0), dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class FitResult:
+    """A converged background fit: parameters (p1 first), covariance and fit quality.
+
+    `nll` is the full extended Poisson -ln L over the bins in the likelihood; `deviance` is
+    the Baker-Cousins likelihood chi2, 2 sum(mu - n + n ln(n/mu)); `chi2` is Pearson's
+    sum (n - mu)^2 / mu; `p_value` is the asymptotic chi2 probability of the deviance
+    with `ndf` = bins in the likelihood - parameters. `expected` holds mu for every bin of
+    the fit range (GeV bins `fit_range`), excluded-window bins included.
+    """
+
+    function: BackgroundFunction
+    parameters: tuple[float, ...]
+    errors: tuple[float, ...]
+    covariance: FloatArray
+    nll: float
+    chi2: float
+    deviance: float
+    ndf: int
+    p_value: float
+    valid: bool
+    accurate_covariance: bool
+    expected: FloatArray
+    first_bin: int
+    stop_bin: int
+    fit_range: tuple[float, float]
+    used: BoolArray
+    sqrt_s: float
+    edm: float
+    n_calls: int
+    start: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """Name of the fitted function."""
+        return self.function.name
+
+    @property
+    def theta(self) -> FloatArray:
+        """Shape parameters (all but p1)."""
+        return np.asarray(self.parameters[1:], dtype=np.float64)
+
+    @property
+    def n_used(self) -> int:
+        """Number of bins in the likelihood."""
+        return int(np.count_nonzero(self.used))
+
+
+def fit_quality(
+    counts: FloatArray, expected: FloatArray, n_params: int
+) -> tuple[float, float, float, int, float]:
+    """(nll, Pearson chi2, deviance, ndf, deviance p-value) of counts against expected."""
+    ndf = counts.size - n_params
+    nll = float(np.sum(expected - special.xlogy(counts, expected) + special.gammaln(counts + 1)))
+    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    deviance = float(
+        2
+        * np.sum(
+            expected - counts + special.xlogy(counts, counts) - special.xlogy(counts, expected)
+        )
+    )
+    deviance = max(deviance, 0.0)
+    p_value = float(stats.chi2.sf(deviance, ndf)) if ndf > 0 else float("nan")
+    return nll, chi2, deviance, ndf, p_value
+
+
+def _least_squares_start(
+    problem: SpectrumFitProblem, function: BackgroundFunction
+) -> tuple[FloatArray, FloatArray] | None:
+    """Weighted least squares of ln(n / width) at bin centres: (theta, covariance) or None."""
+    range_edges = problem.range_edges
+    lower = range_edges[:-1]
+    upper = np.minimum(range_edges[1:], problem.sqrt_s)
+    counts = problem.range_counts
+    filled = problem.used & (counts > 0)
+    n_shape = function.n_params - 1
+    if np.count_nonzero(filled) < function.n_params + 1:
+        return None
+    x_centre = ((lower + upper) / 2)[filled] / problem.sqrt_s
+    target = np.log(counts[filled] / (upper - lower)[filled])
+    sqrt_weights = np.sqrt(counts[filled])
+    if function.is_log_linear:
+        design = np.column_stack([np.ones(x_centre.size), function.log_features(x_centre)])
+        weighted = design * sqrt_weights[:, None]
+        solution, _, rank, _ = np.linalg.lstsq(weighted, target * sqrt_weights, rcond=None)
+        if rank < function.n_params:
+            return None
+        covariance = np.linalg.inv(weighted.T @ weighted)
+        return solution[1:], covariance[1:, 1:]
+    start = np.asarray(function.start, dtype=np.float64)
+
+    def residuals(beta: FloatArray) -> FloatArray:
+        model = beta[0] + function.log_shape(x_centre, beta[1:])
+        return np.asarray((target - model) * sqrt_weights, dtype=np.float64)
+
+    offset = float(np.mean(target - function.log_shape(x_centre, start)))
+    initial = np.concatenate([[offset], start])
+    if not np.all(np.isfinite(residuals(initial))):
+        return None
+    solution = optimize.least_squares(residuals, initial, method="lm")
+    jacobian = solution.jac
+    if not (solution.success and np.all(np.isfinite(solution.x)) and np.all(np.isfinite(jacobian))):
+        return None
+    information = jacobian.T @ jacobian
+    if np.linalg.matrix_rank(information) < n_shape + 1:
+        return None
+    covariance = np.linalg.inv(information)
+    return solution.x[1:], covariance[1:, 1:]
+
+
+def _whitening(covariance: FloatArray | None, theta: FloatArray) -> FloatArray:
+    if covariance is not None:
+        try:
+            return np.asarray(np.linalg.cholesky(covariance), dtype=np.float64)
+        except np.linalg.LinAlgError:
+            pass
+    return np.diag(np.maximum(0.1 * np.abs(theta), 0.1))
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    label: str
+    theta: FloatArray
+    covariance: FloatArray
+    nll: float
+    valid: bool
+    accurate: bool
+    edm: float
+    n_calls: int
+    reason: str
+
+
+def _minimise(
+    shape: BinnedShape, origin: FloatArray, whitening: FloatArray, label: str, strategy: int
+) -> _Attempt:
+    objective = _ProfiledNLL(shape, origin, whitening)
+    grad = objective.gradient if shape.features is not None else None
+    minuit = Minuit(objective, np.zeros(shape.n_shape), grad=grad)
+    minuit.errordef = Minuit.LIKELIHOOD
+    minuit.strategy = strategy
+    minuit.migrad()
+    if minuit.fmin is not None and minuit.fmin.is_valid:
+        minuit.hesse()
+    fmin = minuit.fmin
+    assert fmin is not None
+    phi = np.asarray(minuit.values, dtype=np.float64)
+    theta = objective.theta(phi)
+    covariance = (
+        whitening @ np.asarray(minuit.covariance, dtype=np.float64) @ whitening.T
+        if minuit.covariance is not None
+        else np.full((shape.n_shape, shape.n_shape), np.nan)
+    )
+    finite = bool(np.all(np.isfinite(theta)) and np.all(np.isfinite(covariance)))
+    accurate = bool(fmin.has_accurate_covar and not fmin.hesse_failed and finite)
+    reasons = [
+        text
+        for text, flag in (
+            ("EDM above maximum", fmin.is_above_max_edm),
+            ("call limit reached", fmin.has_reached_call_limit),
+            ("Hesse failed", fmin.hesse_failed),
+            ("covariance not accurate", not fmin.has_accurate_covar),
+            ("covariance forced positive-definite", fmin.has_made_posdef_covar),
+            ("non-finite parameters or covariance", not finite),
+            ("likelihood not finite near the minimum", fmin.fval >= _BAD_NLL),
+        )
+        if flag
+    ]
+    valid = bool(fmin.is_valid and finite and fmin.fval < _BAD_NLL)
+    return _Attempt(
+        label=f"{label} (strategy {strategy})",
+        theta=theta,
+        covariance=covariance,
+        nll=float(fmin.fval),
+        valid=valid,
+        accurate=accurate,
+        edm=float(fmin.edm),
+        n_calls=int(fmin.nfcn),
+        reason="; ".join(reasons) or "valid",
+    )
+
+
+def _full_result(
+    problem: SpectrumFitProblem,
+    shape: BinnedShape,
+    attempt: _Attempt,
+    notes: tuple[str, ...],
+) -> FitResult:
+    function = shape.function
+    theta = attempt.theta
+    log_integrals, gradient = shape.log_integrals_and_gradient(theta)
+    used = problem.used
+    total = float(problem.range_counts[used].sum())
+    log_norm = float(special.logsumexp(log_integrals[used]))
+    fractions = np.exp(log_integrals[used] - log_norm)
+    d_log_norm = fractions @ gradient[used]
+    log_p1 = np.log(total) - log_norm
+    p1 = float(np.exp(log_p1))
+    if not (np.isfinite(p1) and p1 > 0):
+        raise FitError(
+            f"{function.name}: the normalisation p1 = exp({log_p1:.1f}) is not representable; "
+            "the shape parameters are unphysical for this spectrum"
+        )
+    n_params = function.n_params
+    covariance = np.zeros((n_params, n_params))
+    covariance[1:, 1:] = attempt.covariance
+    shape_part = attempt.covariance @ d_log_norm
+    covariance[0, 0] = p1**2 * (1.0 / total + float(d_log_norm @ shape_part))
+    covariance[0, 1:] = covariance[1:, 0] = -p1 * shape_part
+    expected = np.exp(log_p1 + log_integrals)
+    nll, chi2, deviance, ndf, p_value = fit_quality(
+        problem.range_counts[used], expected[used], n_params
+    )
+    parameters = (p1, *(float(value) for value in theta))
+    errors = tuple(float(np.sqrt(max(value, 0.0))) for value in np.diag(covariance))
+    return FitResult(
+        function=function,
+        parameters=parameters,
+        errors=errors,
+        covariance=covariance,
+        nll=nll,
+        chi2=chi2,
+        deviance=deviance,
+        ndf=ndf,
+        p_value=p_value,
+        valid=attempt.valid,
+        accurate_covariance=attempt.accurate,
+        expected=expected,
+        first_bin=problem.first_bin,
+        stop_bin=problem.stop_bin,
+        fit_range=problem.fit_range,
+        used=used.copy(),
+        sqrt_s=problem.sqrt_s,
+        edm=attempt.edm,
+        n_calls=attempt.n_calls,
+        start=attempt.label,
+        notes=notes,
+    )
+
+
+def fit_spectrum(
+    problem: SpectrumFitProblem,
+    function: BackgroundFunction | str,
+    *,
+    starts: Sequence[Sequence[float]] | None = None,
+    lower: FitResult | None = None,
+    seed: int | np.random.Generator = 0,
+    max_attempts: int = 6,
+) -> FitResult:
+    """Fit `function` to a prepared spectrum by the extended binned Poisson likelihood.
+
+    Starts, in order: `starts` (full parameter vectors, p1 ignored because the normalisation
+    is profiled), the embedding of the `lower` fitted function, the weighted least-squares
+    fit of ln(n / width), the function's defaults; the best valid minimum among them is
+    kept, and random restarts follow while none is valid. Raises FitDidNotConvergeError
+    when no start gives a valid minimum with an accurate covariance.
+    """
+    background = get_function(function) if isinstance(function, str) else function
+    n_params = background.n_params
+    if problem.n_used <= n_params:
+        raise InvalidInputError(
+            f"{background.name} has {n_params} parameters but the fit uses only "
+            f"{problem.n_used} bins; need more bins than parameters (widen the fit range)"
+        )
+    if max_attempts < 1:
+        raise InvalidInputError(f"max_attempts must be at least 1, got {max_attempts}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    shape = BinnedShape(problem, background)
+
+    candidates: list[tuple[str, FloatArray]] = []
+    for index, start in enumerate(starts or ()):
+        values = np.asarray(start, dtype=np.float64)
+        if values.shape != (n_params,) or not np.all(np.isfinite(values)):
+            raise InvalidInputError(
+                f"start {index} for {background.name} must be {n_params} finite values "
+                f"{background.parameter_names}, got {list(values)}"
+            )
+        candidates.append((f"user start {index}", values[1:]))
+    if lower is not None:
+        embedded = nested_start(lower.function, lower.theta, background)
+        if embedded is not None:
+            candidates.append((f"from {lower.name}", embedded))
+    least_squares = _least_squares_start(problem, background)
+    covariance = None
+    if least_squares is not None:
+        candidates.append(("least squares", least_squares[0]))
+        covariance = least_squares[1]
+    candidates.append(("defaults", np.asarray(background.start, dtype=np.float64)))
+
+    attempts: list[_Attempt] = []
+    best: _Attempt | None = None
+    for label, origin in candidates:
+        if best is not None and label == "defaults":
+            break
+        whitening = _whitening(covariance, origin)
+        attempt = _minimise(shape, origin, whitening, label, strategy=1)
+        if not (attempt.valid and attempt.accurate):
+            attempts.append(attempt)
+            attempt = _minimise(shape, origin, whitening, label, strategy=2)
+        attempts.append(attempt)
+        if attempt.valid and attempt.accurate and (best is None or attempt.nll < best.nll):
+            best = attempt
+    retries = 0
+    while best is None and retries < max_attempts:
+        retries += 1
+        centre = min(attempts, key=lambda item: item.nll).theta
+        whitening = _whitening(covariance, centre)
+        origin = centre + whitening @ rng.normal(scale=2.0, size=shape.n_shape)
+        attempt = _minimise(shape, origin, whitening, f"random restart {retries}", strategy=2)
+        attempts.append(attempt)
+        if attempt.valid and attempt.accurate:
+            best = attempt
+    if best is None:
+        trail = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
+        raise FitDidNotConvergeError(
+            f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
+            f"after {len(attempts)} attempts ({trail}); try another function, a different "
+            "fit range or explicit start values"
+        )
+    notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
+    return _full_result(problem, shape, best, notes)
+
+
+def fit_background(
+    edges: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    function: BackgroundFunction | str,
+    fit_range: tuple[float, float | None] | None = None,
+    *,
+    sqrt_s: float = 13000.0,
+    starts: Sequence[Sequence[float]] | None = None,
+    lower: FitResult | None = None,
+    exclude: tuple[float, float] | None = None,
+    seed: int | np.random.Generator = 0,
+    max_attempts: int = 6,
+) -> FitResult:
+    """Fit a background function to a mass spectrum (edges in GeV) over [lo, hi] GeV.
+
+    See `prepare_spectrum` for the fit range and `fit_spectrum` for the fit itself.
+    """
+    problem = prepare_spectrum(edges, counts, fit_range, sqrt_s=sqrt_s, exclude=exclude)
+    return fit_spectrum(
+        problem, function, starts=starts, lower=lower, seed=seed, max_attempts=max_attempts
+    )

@@ -1,0 +1,110 @@
+"""The selected physics objects of a chunk of events, the common currency of the core.
+
+Every reader (NanoAOD, ATLAS open data, PHYSLITE, cartesian, user mapping) produces an
+`EventChunk`; the RMM, the masses and the event table consume it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import awkward as ak
+import numpy as np
+import numpy.typing as npt
+
+OBJECT_TYPES: Final = ("jets", "bjets", "muons", "electrons", "photons")
+"""Object collections in RMM block order (after MET)."""
+
+OBJECT_FIELDS: Final = ("pt", "eta", "phi", "mass")
+"""Fields of every object record: pt and mass in GeV, eta and phi dimensionless.
+
+A mass may be negative: it then stands for m^2 = -mass^2 (a four-vector whose m^2 < 0
+from rounding), so that E^2 = p^2 + sign(mass) mass^2 is exact.
+"""
+
+
+@dataclass(frozen=True)
+class EventChunk:
+    """Selected objects of a block of events.
+
+    Each collection is a jagged awkward array of records with fields `OBJECT_FIELDS`,
+    sorted by decreasing pt within each event. `met_pt` is already set to 0 below the
+    selection's MET threshold. Energies and momenta in GeV.
+    """
+
+    jets: ak.Array
+    bjets: ak.Array
+    muons: ak.Array
+    electrons: ak.Array
+    photons: ak.Array
+    met_pt: npt.NDArray[np.float64]
+    met_phi: npt.NDArray[np.float64]
+    run: npt.NDArray[np.int64]
+    event: npt.NDArray[np.int64]
+    weight: npt.NDArray[np.float64]
+    source: str = ""
+    entry_start: int = 0
+
+    def __len__(self) -> int:
+        return len(self.met_pt)
+
+    def collection(self, name: str) -> ak.Array:
+        """Return the collection called `name` (one of `OBJECT_TYPES`)."""
+        if name not in OBJECT_TYPES:
+            raise KeyError(f"unknown object collection {name!r}; expected one of {OBJECT_TYPES}")
+        value: ak.Array = getattr(self, name)
+        return value
+
+
+def make_collection(
+    pt: ak.Array | npt.ArrayLike,
+    eta: ak.Array | npt.ArrayLike,
+    phi: ak.Array | npt.ArrayLike,
+    mass: ak.Array | npt.ArrayLike,
+) -> ak.Array:
+    """Zip jagged pt/eta/phi/mass into records sorted by decreasing pt in each event."""
+    records = ak.zip(
+        {
+            "pt": ak.values_astype(ak.Array(pt), np.float64),
+            "eta": ak.values_astype(ak.Array(eta), np.float64),
+            "phi": ak.values_astype(ak.Array(phi), np.float64),
+            "mass": ak.values_astype(ak.Array(mass), np.float64),
+        }
+    )
+    order = ak.argsort(records.pt, axis=1, ascending=False, stable=True)
+    return records[order]
+
+
+def chunk_from_lists(
+    objects: dict[str, list[list[tuple[float, float, float, float]]]],
+    met_pt: npt.ArrayLike,
+    met_phi: npt.ArrayLike,
+    *,
+    event: npt.ArrayLike | None = None,
+) -> EventChunk:
+    """Build an `EventChunk` from Python lists of (pt, eta, phi, mass) per event.
+
+    Meant for tests and hand-made events: missing collections are empty.
+    """
+    met = np.asarray(met_pt, dtype=np.float64)
+    n = len(met)
+    collections = {}
+    for name in OBJECT_TYPES:
+        per_event = objects.get(name, [[] for _ in range(n)])
+        if len(per_event) != n:
+            raise ValueError(f"collection {name!r} has {len(per_event)} events, expected {n}")
+        fields = [
+            ak.Array([[obj[i] for obj in ev] for ev in per_event], with_name=None) for i in range(4)
+        ]
+        fields = [ak.values_astype(ak.fill_none(f, 0.0), np.float64) for f in fields]
+        collections[name] = make_collection(*fields)
+    ids = np.arange(n, dtype=np.int64) if event is None else np.asarray(event, dtype=np.int64)
+    return EventChunk(
+        **collections,
+        met_pt=met,
+        met_phi=np.asarray(met_phi, dtype=np.float64),
+        run=np.ones(n, dtype=np.int64),
+        event=ids,
+        weight=np.ones(n, dtype=np.float64),
+    )
