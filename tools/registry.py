@@ -41,7 +41,7 @@ class Tool:
                 f"tool {self.name!r} returned {type(result).__name__}, "
                 f"expected {self.output_model.__name__}"
             )
-        return result.model_dump(mode="json")
+        return result.model_dump(mode="json", by_alias=True)
 
 
 _REGISTRY: dict[str, Tool] = {}

@@ -1,0 +1,71 @@
+"""Tools `read_events` and `generate_sample` through the registry, and the registry itself."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from core.errors import ToolError
+from tools.registry import all_tools, get_tool
+
+
+def test_read_events_summarises_nanoaod(shared_data):
+    out = get_tool("read_events").call(
+        {"inputs": [str(shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root")]}
+    )
+    assert out["n_events"] == 200
+    assert out["files"][0]["schema"] == "nanoaod"
+    assert out["files"][0]["btag_branch"] == "Jet_btagCSVV2"
+    assert out["objects"]["bjets"] > 0
+    assert out["selection"]["jet_pt_min"] == 30.0
+    assert out["events_with"]["electrons"] <= out["objects"]["electrons"]
+
+
+def test_read_events_selection_override_changes_counts(shared_data):
+    path = str(shared_data / "uproot-HZZ.root")
+    loose = get_tool("read_events").call({"inputs": [path]})
+    tight = get_tool("read_events").call({"inputs": [path], "selection": {"muon_pt_min": 60.0}})
+    assert tight["objects"]["muons"] < loose["objects"]["muons"]
+    assert tight["selection"]["muon_pt_min"] == 60.0
+
+
+def test_generate_sample_tool(tmp_path):
+    out = get_tool("generate_sample").call(
+        {
+            "output_dir": str(tmp_path),
+            "n_events": 2000,
+            "seed": 3,
+            "signals": [{"pair": "bb", "mass": 900.0, "width": 20.0, "xsec_pb": 0.1}],
+            "lumi_pb": 1000.0,
+        }
+    )
+    assert out["n_signal"] == [100]
+    assert len(out["files"]) == 1
+    summary = get_tool("read_events").call({"inputs": out["files"]})
+    assert summary["n_events"] == 2100
+
+
+@pytest.mark.parametrize(
+    ("name", "payload"),
+    [
+        ("read_events", {"inputs": []}),
+        ("read_events", {"inputs": ["a.root"], "unknown": 1}),
+        ("read_events", {"inputs": ["a.root"], "schema": "cms"}),
+        (
+            "generate_sample",
+            {"output_dir": "x", "signals": [{"pair": "zz", "mass": 1, "width": 1}]},
+        ),
+        ("generate_sample", {"output_dir": "x", "n_events": -3}),
+    ],
+)
+def test_invalid_inputs_are_rejected(name, payload):
+    with pytest.raises(ValidationError):
+        get_tool(name).call(payload)
+
+
+def test_registry_lists_and_rejects_unknown_names():
+    names = [tool.name for tool in all_tools()]
+    assert {"read_events", "generate_sample"} <= set(names)
+    assert names == sorted(names)
+    with pytest.raises(ToolError, match="no tool called 'nope'"):
+        get_tool("nope")
