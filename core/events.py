@@ -29,10 +29,12 @@ import uproot
 from core.errors import InputFileError, InvalidInputError, SchemaError
 from core.objects import OBJECT_TYPES, EventChunk, make_collection
 
-SchemaName = Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"]
-SCHEMA_NAMES: Final = ("auto", "nanoaod", "atlas_opendata", "cartesian", "mapping")
+SchemaName = Literal["auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping"]
+SCHEMA_NAMES: Final = ("auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping")
 LEPTON_TYPES: Final = ("muons", "electrons", "photons")
 MAPPINGS_DIR: Final = Path(__file__).with_name("mappings")
+EVENT_TREE_NAMES: Final = ("Events", "events", "EventData", "CollectionTree", "mini", "nominal")
+"""Tree names taken first when a file holds several trees (NanoAOD, PHYSLITE, open data)."""
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -57,6 +59,8 @@ class Selection:
     use_identification: bool = True
     btag_branch: str = "auto"
     btag_working_point: float | None = None
+    met_branches: tuple[str, str] | None = None
+    """(px, py) branches, in the file's energy unit, that replace the schema's MET."""
 
     def as_dict(self) -> dict[str, Any]:
         """The selection as plain data, for run records and tool outputs."""
@@ -76,6 +80,8 @@ class RawEvents:
     run: npt.NDArray[np.int64]
     event: npt.NDArray[np.int64]
     weight: FloatArray
+    soft_met: tuple[FloatArray, FloatArray] | None = None
+    """When set, MET is rebuilt from the selected objects plus this soft term (px, py)."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,17 @@ def _jagged(arrays: ak.Array, name: str) -> ak.Array:
 
 def _numpy(values: Any, dtype: type[np.generic] = np.float64) -> npt.NDArray[Any]:
     return np.asarray(ak.to_numpy(values), dtype=dtype)
+
+
+def _per_event(arrays: ak.Array, branch: str, path: str) -> FloatArray:
+    """One float per event from `branch`; SchemaError when it holds lists."""
+    values = arrays[branch]
+    if values.ndim != 1:
+        raise SchemaError(
+            f"branch {branch} of {path} holds {values.type}, not one value per event; "
+            "a MET branch must be a scalar per event"
+        )
+    return _numpy(values)
 
 
 def _signed_mass_from_cartesian(px: ak.Array, py: ak.Array, pz: ak.Array, energy: ak.Array) -> Four:
@@ -166,6 +183,8 @@ class Schema:
     taggers: tuple[tuple[str, float], ...] = ()
     flags: tuple[str, ...] = ()
     """Identification flags: skipped with a note when unfilled (never true) in a file."""
+    energy_scale: float = 1.0
+    """GeV per unit of the file's energies."""
 
     def matches(self, available: set[str]) -> bool:
         """True when every identifying branch is present."""
@@ -268,6 +287,7 @@ class AtlasOpenDataSchema(Schema):
     name = "atlas_opendata"
     identifying = ("lep_pt", "lep_type", "jet_pt", "met_et", "met_phi")
     taggers = (("jet_MV2c10", 0.8244273),)
+    energy_scale = 1e-3
     flags = ("lep_isTightID", "photon_isTightID")
     mev: Final = 1e-3
 
@@ -330,6 +350,128 @@ class AtlasOpenDataSchema(Schema):
             event,
             weight,
         )
+
+
+class PhysliteSchema(Schema):
+    """ATLAS DAOD_PHYSLITE (TTree or RNTuple): the Analysis* containers, in MeV.
+
+    b-tagging follows ``AnalysisJetsAuxDyn:btaggingLink`` into the BTagging container and
+    forms the GN2v01 discriminant D_b = ln(p_b / (f_c p_c + f_tau p_tau + (1 - f_c - f_tau)
+    p_u)) with f_c = 0.2, f_tau = 0.01; the default cut 2.669 is the 77 % b-efficiency
+    working point as we read the ATLAS flavour-tagging recommendations for GN2v01 on
+    AntiKt4EMPFlow jets: check it against the CDI file of your release and override it with
+    `Selection.btag_working_point`. Identification: electrons ``DFCommonElectronsLHMedium``,
+    photons ``DFCommonPhotonsIsEMTight``; muons carry no simple flag and are not filtered.
+
+    MET: PHYSLITE keeps only the MET core (soft) terms, so MET is rebuilt as minus the vector
+    sum of the selected objects plus the ``PVSoftTrkCore`` soft term. This is an
+    approximation of the ATLAS MET (no calibrated, JVT-selected jet term below 30 GeV) and
+    every run records it; `Selection.met_branches` supplies a MET of your own instead.
+    """
+
+    name = "physlite"
+    identifying = (
+        "AnalysisJetsAuxDyn:pt",
+        "AnalysisElectronsAuxDyn:pt",
+        "AnalysisMuonsAuxDyn:pt",
+        "AnalysisPhotonsAuxDyn:pt",
+    )
+    taggers = (("BTagging_AntiKt4EMPFlowAuxDyn:GN2v01_pb", 2.669),)
+    flags = (
+        "AnalysisElectronsAuxDyn:DFCommonElectronsLHMedium",
+        "AnalysisPhotonsAuxDyn:DFCommonPhotonsIsEMTight",
+    )
+    containers: Final = {
+        "jets": "AnalysisJetsAuxDyn",
+        "muons": "AnalysisMuonsAuxDyn",
+        "electrons": "AnalysisElectronsAuxDyn",
+        "photons": "AnalysisPhotonsAuxDyn",
+    }
+    btagging: Final = "BTagging_AntiKt4EMPFlowAuxDyn"
+    soft_term: Final = "PVSoftTrkCore"
+    energy_scale = 1e-3
+    charm_fraction: Final = 0.2
+    tau_fraction: Final = 0.01
+    muon_mass: Final = 105.658
+    mev: Final = 1e-3
+
+    def branches(self, available: set[str], selection: Selection) -> list[str]:
+        """Kinematics of the four containers and the MET core terms."""
+        names = []
+        for name, container in self.containers.items():
+            names += [f"{container}:{v}" for v in ("pt", "eta", "phi")]
+            if name != "muons":
+                names.append(f"{container}:m")
+        return [*names, *(f"MET_Core_AnalysisMETAuxDyn:{v}" for v in ("mpx", "mpy", "name"))]
+
+    def optional_branches(self) -> tuple[str, ...]:
+        """Event ids, MC weights, ID flags and the b-tagging link and probabilities."""
+        return (
+            "EventInfoAuxDyn:runNumber",
+            "EventInfoAuxDyn:eventNumber",
+            "EventInfoAuxDyn:mcEventWeights",
+            *self.flags,
+            "AnalysisJetsAuxDyn:btaggingLink",
+            *(f"{self.btagging}:GN2v01_{p}" for p in ("pc", "pu", "ptau")),
+        )
+
+    def _discriminant(self, arrays: ak.Array) -> ak.Array:
+        fields = set(arrays.fields)
+        jets_pt = arrays["AnalysisJetsAuxDyn:pt"]
+        needed = [f"{self.btagging}:GN2v01_{p}" for p in ("pb", "pc", "pu", "ptau")]
+        if "AnalysisJetsAuxDyn:btaggingLink" not in fields or any(n not in fields for n in needed):
+            return ak.zeros_like(jets_pt, dtype=np.float64) - np.inf
+        pb, pc, pu, ptau = (ak.values_astype(arrays[n], np.float64) for n in needed)
+        light = 1.0 - self.charm_fraction - self.tau_fraction
+        denominator = self.charm_fraction * pc + self.tau_fraction * ptau + light * pu
+        tiny = 1e-12
+        score = np.log(np.maximum(pb, tiny) / np.maximum(denominator, tiny))
+        link = arrays["AnalysisJetsAuxDyn:btaggingLink"].m_persIndex
+        valid = link < ak.num(score)
+        padded = ak.fill_none(ak.pad_none(score, 1, axis=1), -np.inf)
+        return ak.where(valid, padded[ak.where(valid, link, 0)], -np.inf)
+
+    def convert(self, arrays: ak.Array, entry_start: int, btag_branch: str | None) -> RawEvents:
+        """Raw objects in GeV, jets with their GN2v01 discriminant, and the MET soft term."""
+        fields = set(arrays.fields)
+        collections = {}
+        for name, container in self.containers.items():
+            pt = _jagged(arrays, f"{container}:pt") * self.mev
+            mass = (
+                ak.zeros_like(pt) + self.muon_mass * self.mev
+                if name == "muons"
+                else _jagged(arrays, f"{container}:m") * self.mev
+            )
+            flag = next((f for f in self.flags if f.startswith(container)), None)
+            passes = arrays[flag] != 0 if flag in fields else None
+            btag = self._discriminant(arrays) if name == "jets" else None
+            four = (
+                pt,
+                _jagged(arrays, f"{container}:eta"),
+                _jagged(arrays, f"{container}:phi"),
+                mass,
+            )
+            collections[name] = _records(four, passes_id=passes, btag=btag)
+        run, event = _ids(
+            arrays,
+            entry_start,
+            "EventInfoAuxDyn:runNumber" if "EventInfoAuxDyn:runNumber" in fields else None,
+            "EventInfoAuxDyn:eventNumber" if "EventInfoAuxDyn:eventNumber" in fields else None,
+        )
+        weight = (
+            _numpy(ak.firsts(arrays["EventInfoAuxDyn:mcEventWeights"]))
+            if "EventInfoAuxDyn:mcEventWeights" in fields
+            else np.ones(len(arrays))
+        )
+        zeros = np.zeros(len(arrays))
+        if "MET_Core_AnalysisMETAuxDyn:mpx" not in fields:
+            return RawEvents(collections, zeros, zeros, run, event, weight)
+        is_soft = arrays["MET_Core_AnalysisMETAuxDyn:name"] == self.soft_term
+        soft = tuple(
+            _numpy(ak.sum(arrays[f"MET_Core_AnalysisMETAuxDyn:{c}"][is_soft], axis=1)) * self.mev
+            for c in ("mpx", "mpy")
+        )
+        return RawEvents(collections, zeros, zeros, run, event, weight, soft_met=soft)
 
 
 class CartesianSchema(Schema):
@@ -439,6 +581,7 @@ class MappingSchema(Schema):
         self.mapping = mapping
         self.tree = mapping.tree
         self.name = f"mapping:{mapping.mapping_name}"
+        self.energy_scale = mapping.energy_scale
         self.identifying = tuple(self._all_branches())
         jets = mapping.collections_map.get("jets")
         self.taggers = (
@@ -560,6 +703,7 @@ def load_mapping(path: str | Path) -> ColumnMapping:
 BUILTIN_SCHEMAS: Final[tuple[Schema, ...]] = (
     NanoAODSchema(),
     AtlasOpenDataSchema(),
+    PhysliteSchema(),
     CartesianSchema(),
 )
 
@@ -604,16 +748,18 @@ def _open_tree(path: str, tree_name: str | None) -> Any:
         ) from error
     if not trees:
         raise SchemaError(f"{path} holds no TTree or RNTuple; it holds {file.keys(cycle=False)}")
+    preferred = [t for t in EVENT_TREE_NAMES if t in trees]
+    chosen = preferred[0] if preferred else trees[0]
     try:
-        return file[trees[0]]
+        return file[chosen]
     except Exception as error:
         raise InputFileError(
-            f"{path} is damaged: tree {trees[0]!r} cannot be read ({type(error).__name__})"
+            f"{path} is damaged: tree {chosen!r} cannot be read ({type(error).__name__})"
         ) from error
 
 
 def _available_branches(tree: Any) -> set[str]:
-    keys = tree.keys(recursive=True) if hasattr(tree, "keys") else []
+    keys = tree.keys(recursive=False)
     return set(keys)
 
 
@@ -711,7 +857,7 @@ def _plan(
     if tree_name is None and isinstance(chosen, MappingSchema) and chosen.tree:
         event_tree = _open_tree(path, chosen.tree)
         available = _available_branches(event_tree)
-    needed = chosen.branches(available, selection)
+    needed = chosen.branches(available, selection) + list(selection.met_branches or ())
     missing = [b for b in needed if b not in available]
     if missing:
         raise SchemaError(
@@ -723,6 +869,11 @@ def _plan(
     btag_branch, working_point, notes = _choose_tagger(
         event_tree, chosen, available, selection, path
     )
+    if isinstance(chosen, PhysliteSchema) and selection.met_branches is None:
+        notes.append(
+            "MET is rebuilt from the selected objects plus the PVSoftTrkCore soft term: "
+            "an approximation of the ATLAS MET (set met_branches to use your own)"
+        )
     optional = [b for b in chosen.optional_branches() if b in available]
     if not selection.use_identification:
         optional = [b for b in optional if b in _BOOKKEEPING_BRANCHES]
@@ -801,11 +952,18 @@ def select_objects(
     collections = {"jets": jets[~is_b], "bjets": jets[is_b]}
     collections.update({n: selected[n] for n in LEPTON_TYPES})
     built = {n: make_collection(c.pt, c.eta, c.phi, c.mass) for n, c in collections.items()}
-    met_pt = np.where(raw.met_pt < selection.met_min, 0.0, raw.met_pt)
+    met_pt, met_phi = raw.met_pt, raw.met_phi
+    if raw.soft_met is not None:
+        px, py = raw.soft_met
+        for collection in built.values():
+            px = px - _numpy(ak.sum(collection.pt * np.cos(collection.phi), axis=1))
+            py = py - _numpy(ak.sum(collection.pt * np.sin(collection.phi), axis=1))
+        met_pt, met_phi = np.hypot(px, py), np.arctan2(py, px)
+    met_pt = np.where(met_pt < selection.met_min, 0.0, met_pt)
     return EventChunk(
         **built,
         met_pt=met_pt,
-        met_phi=raw.met_phi,
+        met_phi=met_phi,
         run=raw.run,
         event=raw.event,
         weight=raw.weight,
@@ -862,6 +1020,14 @@ def iterate_events(
                     f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
                 ) from error
             raw = chosen.convert(arrays, start, plan.btag_branch)
+            if selection.met_branches is not None:
+                px, py = (
+                    _per_event(arrays, b, path) * chosen.energy_scale
+                    for b in selection.met_branches
+                )
+                raw = replace(
+                    raw, met_pt=np.hypot(px, py), met_phi=np.arctan2(py, px), soft_met=None
+                )
             yield select_objects(
                 raw, selection, plan.btag_working_point, source=path, entry_start=start
             )
