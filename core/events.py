@@ -467,11 +467,11 @@ class PhysliteSchema(Schema):
         if "MET_Core_AnalysisMETAuxDyn:mpx" not in fields:
             return RawEvents(collections, zeros, zeros, run, event, weight)
         is_soft = arrays["MET_Core_AnalysisMETAuxDyn:name"] == self.soft_term
-        soft = tuple(
+        soft_px, soft_py = (
             _numpy(ak.sum(arrays[f"MET_Core_AnalysisMETAuxDyn:{c}"][is_soft], axis=1)) * self.mev
             for c in ("mpx", "mpy")
         )
-        return RawEvents(collections, zeros, zeros, run, event, weight, soft_met=soft)
+        return RawEvents(collections, zeros, zeros, run, event, weight, (soft_px, soft_py))
 
 
 class CartesianSchema(Schema):
