@@ -27,6 +27,7 @@ import numpy.typing as npt
 import uproot
 
 from core.errors import InputFileError, InvalidInputError, SchemaError
+from core.goodruns import GoodRunList
 from core.objects import OBJECT_TYPES, EventChunk, make_collection
 
 SchemaName = Literal["auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping"]
@@ -82,6 +83,7 @@ class RawEvents:
     weight: FloatArray
     soft_met: tuple[FloatArray, FloatArray] | None = None
     """When set, MET is rebuilt from the selected objects plus this soft term (px, py)."""
+    lumi_block: npt.NDArray[np.int64] | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,10 @@ class Schema:
     """Identification flags: skipped with a note when unfilled (never true) in a file."""
     energy_scale: float = 1.0
     """GeV per unit of the file's energies."""
+    lumi_block_branch: str | None = None
+    """Branch of the luminosity block, needed to apply a good-run list."""
+    run_branch: str | None = None
+    """Branch of the run number."""
 
     def matches(self, available: set[str]) -> bool:
         """True when every identifying branch is present."""
@@ -216,6 +222,8 @@ class NanoAODSchema(Schema):
     identifying = ("nJet", "Jet_pt", "Jet_eta", "Jet_phi", "Jet_mass", "MET_pt", "MET_phi")
     taggers = (("Jet_btagDeepFlavB", 0.2783), ("Jet_btagDeepB", 0.4184), ("Jet_btagCSVV2", 0.8484))
     flags = ("Jet_jetId", "Muon_tightId", "Electron_cutBased", "Photon_cutBased")
+    lumi_block_branch = "luminosityBlock"
+    run_branch = "run"
     prefixes: Final = {"jets": "Jet", "muons": "Muon", "electrons": "Electron", "photons": "Photon"}
 
     def branches(self, available: set[str], selection: Selection) -> list[str]:
@@ -288,6 +296,7 @@ class AtlasOpenDataSchema(Schema):
     identifying = ("lep_pt", "lep_type", "jet_pt", "met_et", "met_phi")
     taggers = (("jet_MV2c10", 0.8244273),)
     energy_scale = 1e-3
+    run_branch = "runNumber"
     flags = ("lep_isTightID", "photon_isTightID")
     mev: Final = 1e-3
 
@@ -390,6 +399,8 @@ class PhysliteSchema(Schema):
     btagging: Final = "BTagging_AntiKt4EMPFlowAuxDyn"
     soft_term: Final = "PVSoftTrkCore"
     energy_scale = 1e-3
+    lumi_block_branch = "EventInfoAuxDyn:lumiBlock"
+    run_branch = "EventInfoAuxDyn:runNumber"
     charm_fraction: Final = 0.2
     tau_fraction: Final = 0.01
     muon_mass: Final = 105.658
@@ -582,6 +593,8 @@ class MappingSchema(Schema):
         self.tree = mapping.tree
         self.name = f"mapping:{mapping.mapping_name}"
         self.energy_scale = mapping.energy_scale
+        self.lumi_block_branch = mapping.ids.get("lumi_block")
+        self.run_branch = mapping.ids.get("run")
         self.identifying = tuple(self._all_branches())
         jets = mapping.collections_map.get("jets")
         self.taggers = (
@@ -848,6 +861,7 @@ def _plan(
     selection: Selection,
     tree: str | None,
     mapping: str | Path | None,
+    good_runs: GoodRunList | None = None,
 ) -> tuple[ReadPlan, Schema, Any]:
     mapped = MappingSchema(load_mapping(mapping)) if mapping is not None else None
     tree_name = tree or (mapped.tree if mapped is not None else None)
@@ -884,6 +898,20 @@ def _plan(
     branches = [*needed, *optional]
     if btag_branch:
         branches.append(btag_branch)
+    lumi_branch = chosen.lumi_block_branch
+    if lumi_branch is not None and lumi_branch in available:
+        branches.append(lumi_branch)
+    if good_runs is not None:
+        absent = [
+            what
+            for what, branch in (("run", chosen.run_branch), ("luminosity-block", lumi_branch))
+            if branch is None or branch not in available
+        ]
+        if absent:
+            raise SchemaError(
+                f"a good-run list needs the run and luminosity block of every event, but {path} "
+                f"(schema {chosen.name!r}) has no {' or '.join(absent)} branch"
+            )
     plan = ReadPlan(
         path=path,
         tree=event_tree.name,
@@ -981,6 +1009,79 @@ def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[str]:
     return listed
 
 
+def _read_range(
+    plan: ReadPlan,
+    schema: Schema,
+    event_tree: Any,
+    start: int,
+    stop: int,
+    selection: Selection,
+    good_runs: GoodRunList | None,
+) -> EventChunk:
+    path = plan.path
+    try:
+        arrays = event_tree.arrays(
+            list(plan.branches), entry_start=start, entry_stop=stop, library="ak"
+        )
+    except Exception as error:
+        raise InputFileError(
+            f"reading entries {start}..{stop} of {path} failed "
+            f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
+        ) from error
+    raw = schema.convert(arrays, start, plan.btag_branch)
+    if selection.met_branches is not None:
+        px, py = (_per_event(arrays, b, path) * schema.energy_scale for b in selection.met_branches)
+        raw = replace(raw, met_pt=np.hypot(px, py), met_phi=np.arctan2(py, px), soft_met=None)
+    if schema.lumi_block_branch is not None and schema.lumi_block_branch in arrays.fields:
+        raw = replace(
+            raw, lumi_block=_per_event(arrays, schema.lumi_block_branch, path).astype(np.int64)
+        )
+    n_outside = 0
+    if good_runs is not None:
+        assert raw.lumi_block is not None
+        certified = good_runs.contains(raw.run, raw.lumi_block)
+        n_outside = int(np.count_nonzero(~certified))
+        raw = _mask_raw(raw, certified)
+    chunk = select_objects(raw, selection, plan.btag_working_point, source=path, entry_start=start)
+    return replace(chunk, n_outside_good_runs=n_outside, lumi_block=raw.lumi_block)
+
+
+def _mask_raw(raw: RawEvents, keep: npt.NDArray[np.bool_]) -> RawEvents:
+    soft = None if raw.soft_met is None else (raw.soft_met[0][keep], raw.soft_met[1][keep])
+    return RawEvents(
+        {name: objects[keep] for name, objects in raw.collections.items()},
+        raw.met_pt[keep],
+        raw.met_phi[keep],
+        raw.run[keep],
+        raw.event[keep],
+        raw.weight[keep],
+        soft,
+        None if raw.lumi_block is None else raw.lumi_block[keep],
+    )
+
+
+def read_entry_range(
+    path: str | Path,
+    entry_start: int,
+    entry_stop: int,
+    schema: str = "auto",
+    selection: Selection | None = None,
+    *,
+    tree: str | None = None,
+    mapping: str | Path | None = None,
+    good_runs: GoodRunList | None = None,
+) -> EventChunk:
+    """Selected objects of entries [entry_start, entry_stop) of one file (a unit of work)."""
+    selection = selection or Selection()
+    plan, chosen, event_tree = _plan(str(path), schema, selection, tree, mapping, good_runs)
+    stop = min(entry_stop, plan.num_entries)
+    if not 0 <= entry_start < stop:
+        raise InvalidInputError(
+            f"entry range {entry_start}..{entry_stop} is outside {path} (0..{plan.num_entries})"
+        )
+    return _read_range(plan, chosen, event_tree, entry_start, stop, selection, good_runs)
+
+
 def iterate_events(
     paths: str | Path | Iterable[str | Path],
     schema: str = "auto",
@@ -990,11 +1091,14 @@ def iterate_events(
     *,
     tree: str | None = None,
     mapping: str | Path | None = None,
+    good_runs: GoodRunList | None = None,
 ) -> Iterator[EventChunk]:
-    """Yield chunks of selected objects, at most `step_size` events each, file after file.
+    """Yield chunks of selected objects, at most `step_size` entries each, file after file.
 
     Every file is checked (schema, branches, entries) before its first chunk is read.
-    A read failure raises InputFileError naming the file and the entry range.
+    A read failure raises InputFileError naming the file and the entry range. With a
+    good-run list, events outside it are dropped and counted in `n_outside_good_runs`;
+    `max_events` counts entries read, before that filter.
     """
     if step_size <= 0:
         raise InvalidInputError(f"step_size must be positive, got {step_size}")
@@ -1005,35 +1109,53 @@ def iterate_events(
     for path in _as_paths(paths):
         if remaining is not None and remaining <= 0:
             return
-        plan, chosen, event_tree = _plan(path, schema, selection, tree, mapping)
+        plan, chosen, event_tree = _plan(path, schema, selection, tree, mapping, good_runs)
         stop = plan.num_entries if remaining is None else min(plan.num_entries, remaining)
-        start = 0
-        while start < stop:
+        for start in range(0, stop, step_size):
             end = min(start + step_size, stop)
-            try:
-                arrays = event_tree.arrays(
-                    list(plan.branches), entry_start=start, entry_stop=end, library="ak"
-                )
-            except Exception as error:
-                raise InputFileError(
-                    f"reading entries {start}..{end} of {path} failed "
-                    f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
-                ) from error
-            raw = chosen.convert(arrays, start, plan.btag_branch)
-            if selection.met_branches is not None:
-                px, py = (
-                    _per_event(arrays, b, path) * chosen.energy_scale
-                    for b in selection.met_branches
-                )
-                raw = replace(
-                    raw, met_pt=np.hypot(px, py), met_phi=np.arctan2(py, px), soft_met=None
-                )
-            yield select_objects(
-                raw, selection, plan.btag_working_point, source=path, entry_start=start
-            )
-            start = end
+            yield _read_range(plan, chosen, event_tree, start, end, selection, good_runs)
         if remaining is not None:
             remaining -= stop
+
+
+def count_certified(
+    path: str | Path,
+    good_runs: GoodRunList,
+    schema: str = "auto",
+    selection: Selection | None = None,
+    *,
+    tree: str | None = None,
+    mapping: str | Path | None = None,
+) -> tuple[int, int]:
+    """(events in the good-run list, entries) of one file, reading only run and lumi block."""
+    plan, chosen, event_tree = _plan(
+        str(path), schema, selection or Selection(), tree, mapping, good_runs
+    )
+    assert chosen.run_branch is not None
+    assert chosen.lumi_block_branch is not None
+    certified = 0
+    for start in range(0, plan.num_entries, 1_000_000):
+        stop = min(start + 1_000_000, plan.num_entries)
+        try:
+            ids = event_tree.arrays(
+                [chosen.run_branch, chosen.lumi_block_branch],
+                entry_start=start,
+                entry_stop=stop,
+                library="ak",
+            )
+        except Exception as error:
+            raise InputFileError(
+                f"reading run numbers of entries {start}..{stop} of {path} failed: {error}"
+            ) from error
+        certified += int(
+            np.count_nonzero(
+                good_runs.contains(
+                    _numpy(ids[chosen.run_branch], np.int64),
+                    _numpy(ids[chosen.lumi_block_branch], np.int64),
+                )
+            )
+        )
+    return certified, plan.num_entries
 
 
 def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
@@ -1047,9 +1169,12 @@ def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
     def joined(name: str) -> npt.NDArray[Any]:
         return np.concatenate([getattr(c, name) for c in chunks])
 
+    lumi_blocks = [c.lumi_block for c in chunks]
     return replace(
         chunks[0],
         **collections,
+        lumi_block=None if any(b is None for b in lumi_blocks) else joined("lumi_block"),
+        n_outside_good_runs=sum(c.n_outside_good_runs for c in chunks),
         met_pt=joined("met_pt"),
         met_phi=joined("met_phi"),
         run=joined("run"),
@@ -1066,18 +1191,17 @@ def load_events(
     *,
     tree: str | None = None,
     mapping: str | Path | None = None,
+    good_runs: GoodRunList | None = None,
 ) -> EventChunk:
     """All selected events of small inputs as one chunk."""
-    return concatenate_chunks(
-        list(
-            iterate_events(
-                paths,
-                schema,
-                step_size=1_000_000,
-                max_events=max_events,
-                selection=selection,
-                tree=tree,
-                mapping=mapping,
-            )
-        )
+    chunks = iterate_events(
+        paths,
+        schema,
+        step_size=1_000_000,
+        max_events=max_events,
+        selection=selection,
+        tree=tree,
+        mapping=mapping,
+        good_runs=good_runs,
     )
+    return concatenate_chunks(list(chunks))

@@ -45,6 +45,9 @@ class EventChunk:
     weight: npt.NDArray[np.float64]
     source: str = ""
     entry_start: int = 0
+    lumi_block: npt.NDArray[np.int64] | None = None
+    n_outside_good_runs: int = 0
+    """Events of this chunk's entry range dropped by the good-run list."""
 
     def __len__(self) -> int:
         return len(self.met_pt)

@@ -390,7 +390,7 @@ def generate_events(
         start += count
     branches: dict[str, ak.Array | npt.NDArray[np.generic]] = {
         "run": np.ones(n_total, dtype=np.uint32),
-        "luminosityBlock": (np.arange(n_total) // 10_000 + 1).astype(np.uint32),
+        "luminosityBlock": ((first_event + np.arange(n_total)) // 10_000 + 1).astype(np.uint32),
         "event": np.arange(first_event, first_event + n_total, dtype=np.uint64) + 1,
         "genWeight": np.ones(n_total, dtype=np.float32),
         "MET_pt": met_pt.astype(np.float32),
