@@ -98,6 +98,36 @@ def _command_tool(arguments: argparse.Namespace) -> int:
     return _run_tool(tool.name, payload)
 
 
+def _command_datasets(arguments: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.datasets import load_manifest, validate_dataset
+
+    datasets = load_manifest(arguments.manifest)
+    console = Console()
+    for dataset in datasets.values():
+        reports = validate_dataset(dataset)
+        table = Table(
+            title=f"{dataset.name}: {dataset.kind}, {dataset.lumi_pb:g} pb^-1, "
+            f"sqrt(s) = {dataset.sqrt_s:g} GeV"
+        )
+        for column in ("file", "schema", "events", "MB", "in good runs", "notes"):
+            table.add_column(column)
+        for report in reports:
+            table.add_row(
+                report.path,
+                report.schema,
+                str(report.entries),
+                "-" if report.size_bytes is None else f"{report.size_bytes / 1e6:.1f}",
+                "-" if report.in_good_runs is None else str(report.in_good_runs),
+                "; ".join(report.notes),
+            )
+        console.print(table)
+    console.print(f"[green]{len(datasets)} dataset(s) valid[/green]")
+    return 0
+
+
 def _command_demo(arguments: argparse.Namespace) -> int:
     from agent.pipeline import run_demo
 
@@ -134,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     tool.add_argument("--input", help="input from a JSON file")
     tool.add_argument("--schema", action="store_true", help="print input/output JSON Schema")
     tool.set_defaults(handler=_command_tool)
+
+    datasets = commands.add_parser("datasets", help="dataset manifests: validate")
+    datasets.add_argument("action", choices=["validate"])
+    datasets.add_argument("manifest", type=Path, help="manifest TOML")
+    datasets.set_defaults(handler=_command_datasets)
 
     demo = commands.add_parser("demo", help="generate a sample and run the deepest pipeline")
     demo.add_argument("-o", "--output", default="runs/demo", help="run folder")

@@ -89,3 +89,16 @@ def test_console_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "generate_sample" in result.stdout
+
+
+def test_datasets_validate(shared_data, tmp_path, capsys):
+    manifest = tmp_path / "m.toml"
+    nano = shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
+    manifest.write_text(f'[datasets.cms]\nfiles = ["{nano}"]\nlumi_pb = 2.5\nschema = "nanoaod"\n')
+    assert main(["datasets", "validate", str(manifest)]) == 0
+    out = capsys.readouterr().out
+    assert "nanoaod" in out
+    assert "200" in out
+    manifest.write_text(f'[datasets.cms]\nfiles = ["{nano}"]\nlumi_pb = 0\n')
+    assert main(["datasets", "validate", str(manifest)]) == 1
+    assert "lumi_pb must be > 0" in capsys.readouterr().err
