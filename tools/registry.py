@@ -15,7 +15,14 @@ from pydantic import BaseModel
 
 from core.errors import ToolError
 
-TOOL_MODULES = ("tools.events", "tools.rmm", "tools.fits", "tools.bumps", "tools.autoencoder")
+TOOL_MODULES = (
+    "tools.events",
+    "tools.rmm",
+    "tools.fits",
+    "tools.symbolic",
+    "tools.bumps",
+    "tools.autoencoder",
+)
 """Modules that define tools; a module that does not exist yet is skipped."""
 
 InT = TypeVar("InT", bound=BaseModel)

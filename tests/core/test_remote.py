@@ -19,12 +19,14 @@ def test_http_file_reads_like_the_local_file(shared_data):
         remote = load_events(server.url(name))
     assert remote.event.tolist() == local.event.tolist()
     for collection in ("jets", "bjets", "muons", "electrons", "photons"):
-        assert ak.to_list(remote.collection(collection).pt) == ak.to_list(local.collection(collection).pt)
+        assert ak.to_list(remote.collection(collection).pt) == ak.to_list(
+            local.collection(collection).pt
+        )
     np.testing.assert_array_equal(remote.met_pt, local.met_pt)
 
 
 def test_missing_remote_file_is_a_clear_error(shared_data):
-    with RangeServer(shared_data) as server, pytest.raises(InputFileError, match="nope.root"):
+    with RangeServer(shared_data) as server, pytest.raises(InputFileError, match=r"nope\.root"):
         load_events(server.url("nope.root"))
 
 
