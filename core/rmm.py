@@ -36,7 +36,11 @@ BLINDED_PAIRS: Final = (
     ("jets", "photons"),
     ("bjets", "photons"),
 )
-"""The leading-object pairs whose masses are searched (jj, jb, bb, jm, bm, je, be, jg, bg)."""
+"""The leading-object pairs whose masses are searched, in PHYSICS.md section 2 order."""
+
+BLINDED_PAIR_NAMES: Final = ("jj", "jb", "bb", "jm", "bm", "je", "be", "jg", "bg")
+"""Short names of `BLINDED_PAIRS`; note that `core.masses.PAIRS` (section 3) orders them
+jj, jb, bb, je, be, jm, bm, jg, bg: map by name, not by position."""
 
 
 @dataclass(frozen=True)
@@ -109,36 +113,61 @@ class RMMLayout:
         return self.size * self.size - len(self.blinded_cells)
 
     @functools.cached_property
-    def feature_columns(self) -> IntArray:
-        """Row-major flat indices of the matrix cells kept as autoencoder features."""
-        blinded = {row * self.size + column for row, column in self.blinded_cells}
-        return np.array(
-            [index for index in range(self.size * self.size) if index not in blinded],
-            dtype=np.int64,
-        )
+    def feature_runs(self) -> tuple[tuple[int, int], ...]:
+        """Row-major [start, stop) ranges of flat matrix cells kept as autoencoder features."""
+        blinded = sorted(row * self.size + column for row, column in self.blinded_cells)
+        starts = [0, *(index + 1 for index in blinded)]
+        stops = [*blinded, self.size * self.size]
+        return tuple((a, b) for a, b in zip(starts, stops, strict=True) if b > a)
 
 
 DEFAULT_LAYOUT: Final = RMMLayout()
 """The RMM of PHYSICS.md: 36x36 at sqrt(s) = 13 TeV with C = 0.15."""
 
 BLINDED_CELLS: Final = DEFAULT_LAYOUT.blinded_cells
-"""The 9 blinded cells of the default 36x36 RMM, (row, column) 0-based, in PHYSICS.md order."""
+"""The 9 blinded cells of the default 36x36 RMM, (row, column) 0-based, in the order of
+`BLINDED_PAIR_NAMES` (PHYSICS.md section 2): [1,2] jj ... [11,31] bg."""
 
 MAX_ABS_RAPIDITY: Final = 20.0
 """Objects beyond this |rapidity| are rejected as unphysical (cosh must stay finite)."""
 
 
 @dataclass(frozen=True)
-class _Objects:
-    """The objects that enter the matrices, flattened event-major in matrix-slot order."""
+class _Kinematics:
+    """Four-momenta of a flat list of objects in GeV, with cosh(y) and e^(y/2) of the rapidity.
 
-    event: IntArray
-    slot: IntArray
-    pt: FloatArray
-    eta: FloatArray
-    phi: FloatArray
-    mass: FloatArray
-    per_event: IntArray
+    With m_T^2 = pt^2 + sign(m) m^2: E = m_T cosh(y) and E + pz = m_T e^y, so the RMM needs
+    no logarithm; cosh((y_i - y_k)/2) = (r + 1/r)/2 with r = e^(y_i/2) / e^(y_k/2).
+    """
+
+    px: FloatArray
+    py: FloatArray
+    pz: FloatArray
+    energy: FloatArray
+    transverse_energy: FloatArray
+    cosh_rapidity: FloatArray
+    exp_half_rapidity: FloatArray
+
+
+_KINEMATIC_FIELDS: Final = (
+    "px",
+    "py",
+    "pz",
+    "energy",
+    "transverse_energy",
+    "cosh_rapidity",
+    "exp_half_rapidity",
+)
+
+
+@dataclass(frozen=True)
+class _Collection:
+    """One collection flattened over events, validated, with its kinematics."""
+
+    name: str
+    counts: IntArray
+    local: IntArray
+    kinematics: _Kinematics
 
 
 def _describe_event(chunk: EventChunk, index: int) -> str:
@@ -152,95 +181,7 @@ def _flat_field(collection: ak.Array, field: str) -> FloatArray:
     return np.asarray(ak.to_numpy(ak.flatten(collection[field], axis=1)), dtype=np.float64)
 
 
-def _kinematics(
-    pt: FloatArray, eta: FloatArray, phi: FloatArray, mass: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """(px, py, pz, E, E_T, y) in GeV of valid objects; y in the cancellation-free form.
-
-    y = 0.5 ln((E+pz)/(E-pz)) = sign(pz) ln((E+|pz|)/m_T), m_T^2 = pt^2 + sign(m) m^2.
-    """
-    px = pt * np.cos(phi)
-    py = pt * np.sin(phi)
-    pz = pt * np.sinh(eta)
-    signed_m_squared = np.sign(mass) * mass * mass
-    p_squared = pt * pt + pz * pz
-    energy = np.sqrt(p_squared + signed_m_squared)
-    transverse_energy = energy * pt / np.sqrt(p_squared)
-    transverse_mass = np.sqrt(pt * pt + signed_m_squared)
-    rapidity = np.sign(pz) * np.log((energy + np.abs(pz)) / transverse_mass)
-    return px, py, pz, energy, transverse_energy, rapidity
-
-
-def _check_objects(
-    chunk: EventChunk, name: str, owner: IntArray, fields: dict[str, FloatArray]
-) -> None:
-    for field, values in fields.items():
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            raise InvalidInputError(
-                f"{_describe_event(chunk, int(owner[bad[0]]))}: {name}.{field} = "
-                f"{values[bad[0]]}; expected finite kinematics; drop or repair the event"
-            )
-    pt, eta, mass = fields["pt"], fields["eta"], fields["mass"]
-    bad = np.flatnonzero(pt <= 0)
-    if bad.size:
-        raise InvalidInputError(
-            f"{_describe_event(chunk, int(owner[bad[0]]))}: {name}.pt = {pt[bad[0]]} GeV; "
-            "expected pt > 0 (an object with pt = 0 has no direction); drop the object"
-        )
-    with np.errstate(over="ignore"):
-        pz = pt * np.sinh(eta)
-        four_e_squared = 4.0 * (pt * pt + pz * pz + np.sign(mass) * mass * mass)
-    transverse_m_squared = pt * pt + np.sign(mass) * mass * mass
-    problems = (
-        (
-            ~np.isfinite(four_e_squared),
-            "eta",
-            "the momentum overflows; expected a physical |eta| and pt",
-        ),
-        (
-            four_e_squared < 0,
-            "mass",
-            "E^2 = p^2 - mass^2 < 0 (negative energy); expected |mass| < p when mass < 0",
-        ),
-        (
-            transverse_m_squared <= 0,
-            "mass",
-            "E <= |pz| so the rapidity is undefined; expected pt^2 + sign(m) m^2 > 0",
-        ),
-    )
-    for is_bad, field, why in problems:
-        bad = np.flatnonzero(is_bad)
-        if bad.size:
-            first = int(bad[0])
-            raise InvalidInputError(
-                f"{_describe_event(chunk, int(owner[first]))}: {name}.{field} = "
-                f"{fields[field][first]} (pt = {pt[first]} GeV): {why}; drop or repair the object"
-            )
-    rapidity = _kinematics(pt, eta, fields["phi"], mass)[5]
-    bad = np.flatnonzero(np.abs(rapidity) > MAX_ABS_RAPIDITY)
-    if bad.size:
-        first = int(bad[0])
-        raise InvalidInputError(
-            f"{_describe_event(chunk, int(owner[first]))}: {name} object with rapidity "
-            f"{rapidity[first]:.4g} (eta = {eta[first]}, mass = {mass[first]} GeV); expected "
-            f"|y| <= {MAX_ABS_RAPIDITY}; drop or repair the object"
-        )
-    rising = np.flatnonzero((pt[1:] > pt[:-1]) & (owner[1:] == owner[:-1]))
-    if rising.size:
-        raise InvalidInputError(
-            f"{_describe_event(chunk, int(owner[rising[0]]))}: {name}.pt is not sorted by "
-            "decreasing pt; build collections with core.objects.make_collection"
-        )
-
-
-def check_kinematics(chunk: EventChunk) -> None:
-    """Raise InvalidInputError naming the event and field of any object the RMM can not use.
-
-    Rejected: NaN or infinite pt, eta, phi, mass, MET or MET phi; pt <= 0 GeV; negative MET;
-    E^2 = p^2 + sign(m) m^2 < 0 (negative energy); E <= |pz| (rapidity undefined);
-    |y| > `MAX_ABS_RAPIDITY`; a collection not sorted by decreasing pt.
-    """
+def _check_event_fields(chunk: EventChunk) -> None:
     n = len(chunk)
     for name, values in (("met_pt", chunk.met_pt), ("met_phi", chunk.met_phi)):
         if len(values) != n:
@@ -260,47 +201,187 @@ def check_kinematics(chunk: EventChunk) -> None:
             f"{_describe_event(chunk, int(negative[0]))}: met_pt = {chunk.met_pt[negative[0]]} "
             "GeV; expected MET >= 0; check the reader's MET branch"
         )
-    for name in OBJECT_TYPES:
-        collection = chunk.collection(name)
-        counts = np.asarray(ak.to_numpy(ak.num(collection, axis=1)), dtype=np.int64)
-        if len(counts) != n:
-            raise InvalidInputError(
-                f"collection {name!r} has {len(counts)} events but the chunk has {n}"
-            )
-        owner = np.repeat(np.arange(n, dtype=np.int64), counts)
-        fields = {field: _flat_field(collection, field) for field in OBJECT_FIELDS}
-        _check_objects(chunk, name, owner, fields)
 
 
-def _selected_objects(chunk: EventChunk, layout: RMMLayout) -> _Objects:
-    """Flatten the first block-size objects of each type into one event-major list."""
+def _check(
+    chunk: EventChunk,
+    owner: IntArray,
+    is_bad: npt.NDArray[np.bool_],
+    what: str,
+    values: FloatArray,
+    pt: FloatArray,
+    why: str,
+) -> None:
+    """Raise InvalidInputError for the first object flagged in `is_bad`, naming its event."""
+    bad = np.flatnonzero(is_bad)
+    if bad.size:
+        first = int(bad[0])
+        raise InvalidInputError(
+            f"{_describe_event(chunk, int(owner[first]))}: {what} = {values[first]} "
+            f"(pt = {pt[first]} GeV): {why}"
+        )
+
+
+def _validated_collection(chunk: EventChunk, name: str) -> _Collection:
+    """Flatten collection `name`, check every object and compute its kinematics.
+
+    E_T = E pt / |p| = E / cosh(eta); the true rapidity y = 0.5 ln((E+pz)/(E-pz)) enters
+    through cosh(y) = E / m_T and e^|y| = (E + |pz|) / m_T, m_T^2 = pt^2 + sign(m) m^2.
+    """
     n = len(chunk)
-    blocks = []
-    kept_per_event = np.zeros(n, dtype=np.int64)
-    for name, size in zip(OBJECT_TYPES, layout.block_sizes, strict=True):
-        collection = chunk.collection(name)
-        counts = np.asarray(ak.to_numpy(ak.num(collection, axis=1)), dtype=np.int64)
-        starts = np.cumsum(counts) - counts
-        local = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
-        keep = local < size
-        kept = np.minimum(counts, size)
-        fields = [_flat_field(collection, field)[keep] for field in OBJECT_FIELDS]
-        blocks.append((name, kept, local[keep], fields))
-        kept_per_event += kept
-    event_start = np.cumsum(kept_per_event) - kept_per_event
-    total = int(kept_per_event.sum())
-    event = np.repeat(np.arange(n, dtype=np.int64), kept_per_event)
+    collection = chunk.collection(name)
+    counts = np.asarray(ak.to_numpy(ak.num(collection, axis=1)), dtype=np.int64)
+    if len(counts) != n:
+        raise InvalidInputError(
+            f"collection {name!r} has {len(counts)} events but the chunk has {n}"
+        )
+    owner = np.repeat(np.arange(n, dtype=np.int64), counts)
+    pt, eta, phi, mass = (_flat_field(collection, field) for field in OBJECT_FIELDS)
+    for field, values in zip(OBJECT_FIELDS, (pt, eta, phi, mass), strict=True):
+        finite = np.isfinite(values)
+        _check(
+            chunk,
+            owner,
+            ~finite,
+            f"{name}.{field}",
+            values,
+            pt,
+            "expected finite kinematics; drop or repair the event",
+        )
+    _check(
+        chunk,
+        owner,
+        pt <= 0,
+        f"{name}.pt",
+        pt,
+        pt,
+        "expected pt > 0 GeV (an object with pt = 0 has no direction); drop the object",
+    )
+    with np.errstate(over="ignore", divide="ignore"):
+        exp_eta = np.exp(eta)
+        cosh_eta = 0.5 * (exp_eta + 1.0 / exp_eta)
+        pz = 0.5 * pt * (exp_eta - 1.0 / exp_eta)
+        signed_m_squared = np.sign(mass) * mass * mass
+        p = pt * cosh_eta
+        e_squared = p * p + signed_m_squared
+        overflow = ~np.isfinite(4.0 * e_squared)
+    _check(
+        chunk,
+        owner,
+        overflow,
+        f"{name}.eta",
+        eta,
+        pt,
+        "the momentum overflows; expected a physical |eta| and pt",
+    )
+    _check(
+        chunk,
+        owner,
+        e_squared < 0,
+        f"{name}.mass",
+        mass,
+        pt,
+        "E^2 = p^2 - mass^2 < 0 (negative energy); expected |mass| < p when mass < 0",
+    )
+    mt_squared = pt * pt + signed_m_squared
+    _check(
+        chunk,
+        owner,
+        mt_squared <= 0,
+        f"{name}.mass",
+        mass,
+        pt,
+        "E <= |pz| so the rapidity is undefined; expected pt^2 + sign(m) m^2 > 0",
+    )
+    energy = np.sqrt(e_squared)
+    transverse_mass = np.sqrt(mt_squared)
+    cosh_rapidity = energy / transverse_mass
+    _check(
+        chunk,
+        owner,
+        cosh_rapidity > math.cosh(MAX_ABS_RAPIDITY),
+        f"{name}.eta",
+        eta,
+        pt,
+        f"the object's rapidity exceeds |y| = {MAX_ABS_RAPIDITY}; drop or repair the object",
+    )
+    # e^|y| = (E + |pz|) / m_T has no cancellation; e^(y/2) follows from the sign of pz
+    exp_half_abs_rapidity = np.sqrt((energy + np.abs(pz)) / transverse_mass)
+    exp_half_rapidity = np.where(pz >= 0, exp_half_abs_rapidity, 1.0 / exp_half_abs_rapidity)
+    local = np.arange(len(pt), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    rising = np.zeros(len(pt), dtype=np.bool_)
+    rising[1:] = (pt[1:] > pt[:-1]) & (local[1:] > 0)
+    _check(
+        chunk,
+        owner,
+        rising,
+        f"{name}.pt",
+        pt,
+        pt,
+        "the collection is not sorted by decreasing pt; build it with core.objects.make_collection",
+    )
+    kinematics = _Kinematics(
+        px=pt * np.cos(phi),
+        py=pt * np.sin(phi),
+        pz=pz,
+        energy=energy,
+        transverse_energy=energy / cosh_eta,
+        cosh_rapidity=cosh_rapidity,
+        exp_half_rapidity=exp_half_rapidity,
+    )
+    return _Collection(name, counts, local, kinematics)
+
+
+def _validated_collections(chunk: EventChunk) -> list[_Collection]:
+    _check_event_fields(chunk)
+    return [_validated_collection(chunk, name) for name in OBJECT_TYPES]
+
+
+def check_kinematics(chunk: EventChunk) -> None:
+    """Raise InvalidInputError naming the event and field of any object the RMM can not use.
+
+    Rejected: NaN or infinite pt, eta, phi, mass, MET or MET phi; pt <= 0 GeV; negative MET;
+    E^2 = p^2 + sign(m) m^2 < 0 (negative energy); E <= |pz| (rapidity undefined);
+    |y| > `MAX_ABS_RAPIDITY`; a collection not sorted by decreasing pt.
+    """
+    _validated_collections(chunk)
+
+
+@dataclass(frozen=True)
+class _Objects:
+    """The objects that enter the matrices, flattened event-major in matrix-slot order."""
+
+    event: IntArray
+    slot: IntArray
+    kinematics: _Kinematics
+    per_event: IntArray
+
+
+def _selected_objects(n: int, collections: list[_Collection], layout: RMMLayout) -> _Objects:
+    """Merge the first block-size objects of each type into one event-major list."""
+    kept = [
+        np.minimum(c.counts, size) for c, size in zip(collections, layout.block_sizes, strict=True)
+    ]
+    per_event = np.zeros(n, dtype=np.int64)
+    for kept_here in kept:
+        per_event += kept_here
+    event_start = np.cumsum(per_event) - per_event
+    total = int(per_event.sum())
     slot = np.empty(total, dtype=np.int64)
-    values = np.empty((len(OBJECT_FIELDS), total), dtype=np.float64)
+    merged = np.empty((len(_KINEMATIC_FIELDS), total), dtype=np.float64)
     before = np.zeros(n, dtype=np.int64)
-    for name, kept, local, fields in blocks:
-        position = np.repeat(event_start + before, kept) + local
-        slot[position] = layout.block_starts[name] + local
-        for row, field in enumerate(fields):
-            values[row, position] = field
-        before += kept
-    pt, eta, phi, mass = values
-    return _Objects(event, slot, pt, eta, phi, mass, per_event=kept_per_event)
+    starts = layout.block_starts
+    for collection, size, kept_here in zip(collections, layout.block_sizes, kept, strict=True):
+        truncated = len(collection.local) > 0 and int(collection.counts.max()) > size
+        keep = collection.local < size if truncated else slice(None)
+        local = collection.local[keep]
+        position = np.repeat(event_start + before, kept_here) + local
+        slot[position] = starts[collection.name] + local
+        for row, field in enumerate(_KINEMATIC_FIELDS):
+            merged[row, position] = getattr(collection.kinematics, field)[keep]
+        before += kept_here
+    event = np.repeat(np.arange(n, dtype=np.int64), per_event)
+    return _Objects(event, slot, _Kinematics(*merged), per_event)
 
 
 @functools.cache
@@ -309,6 +390,65 @@ def _pair_table(max_objects: int) -> tuple[IntArray, IntArray]:
     second = np.concatenate([np.full(b, b, dtype=np.int64) for b in range(1, max_objects)])
     first = np.concatenate([np.arange(b, dtype=np.int64) for b in range(1, max_objects)])
     return first, second
+
+
+def _fill_object_cells(
+    flat: npt.NDArray[np.float32],
+    objects: _Objects,
+    met: FloatArray,
+    met_phi: FloatArray,
+    layout: RMMLayout,
+) -> None:
+    """Row 0 (m_T with MET), column 0 (C (cosh y - 1)) and the diagonal (E_T) of each object."""
+    size, sqrt_s = layout.size, layout.sqrt_s
+    kin = objects.kinematics
+    event_met = np.take(met, objects.event)
+    et = kin.transverse_energy
+    mt_squared = (
+        (et + event_met) ** 2
+        - (kin.px + np.take(met * np.cos(met_phi), objects.event)) ** 2
+        - (kin.py + np.take(met * np.sin(met_phi), objects.event)) ** 2
+    )
+    has_mt = (mt_squared > 0) & (event_met > 0)
+    base = objects.event * (size * size)
+    flat[base + objects.slot] = np.sqrt(np.where(has_mt, mt_squared, 0.0)) / sqrt_s
+    flat[base + objects.slot * size] = layout.rapidity_scale * (kin.cosh_rapidity - 1.0)
+    is_block_start = np.zeros(size, dtype=np.bool_)
+    is_block_start[list(layout.block_starts.values())] = True
+    previous_et = np.roll(et, 1)  # the previous object of the same type unless first of type
+    flat[base + objects.slot * (size + 1)] = np.where(
+        is_block_start[objects.slot], et / sqrt_s, (previous_et - et) / (previous_et + et)
+    )
+
+
+def _fill_pair_cells(flat: npt.NDArray[np.float32], objects: _Objects, layout: RMMLayout) -> None:
+    """Upper triangle m(i,k) / sqrt(s) and lower triangle C (cosh((y_i - y_k)/2) - 1)."""
+    per_event = objects.per_event
+    pairs_per_event = per_event * (per_event - 1) // 2
+    n_pairs = int(pairs_per_event.sum())
+    if not n_pairs:
+        return
+    size = layout.size
+    table_first, table_second = _pair_table(size - 1)
+    first_object = np.repeat(np.cumsum(per_event) - per_event, pairs_per_event)
+    local = np.arange(n_pairs, dtype=np.int64) - np.repeat(
+        np.cumsum(pairs_per_event) - pairs_per_event, pairs_per_event
+    )
+    a = first_object + np.take(table_first, local)
+    b = first_object + np.take(table_second, local)
+    kin = objects.kinematics
+    four_momenta = np.stack([kin.energy, kin.px, kin.py, kin.pz], axis=1)
+    total = np.take(four_momenta, a, axis=0) + np.take(four_momenta, b, axis=0)
+    total *= total
+    m_squared = total[:, 0] - total[:, 1] - total[:, 2] - total[:, 3]
+    row_start = objects.event * (size * size) + objects.slot * size
+    flat[np.take(row_start, a) + np.take(objects.slot, b)] = (
+        np.sign(m_squared) * np.sqrt(np.abs(m_squared)) / layout.sqrt_s
+    )
+    ratio = np.take(kin.exp_half_rapidity, a) / np.take(kin.exp_half_rapidity, b)
+    flat[np.take(row_start, b) + np.take(objects.slot, a)] = layout.rapidity_scale * (
+        0.5 * (ratio + 1.0 / ratio) - 1.0
+    )
 
 
 def rmm_matrices(
@@ -321,68 +461,15 @@ def rmm_matrices(
     """
     if sqrt_s is not None:
         layout = replace(layout, sqrt_s=float(sqrt_s))
-    check_kinematics(chunk)
+    collections = _validated_collections(chunk)
     n, size = len(chunk), layout.size
-    cells = size * size
     matrices = np.zeros((n, size, size), dtype=np.float32)
     flat = matrices.reshape(-1)
-    sqrt_s_gev, scale = layout.sqrt_s, layout.rapidity_scale
-
     met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
-    met_x, met_y = met * np.cos(chunk.met_phi), met * np.sin(chunk.met_phi)
-    matrices[:, 0, 0] = met / sqrt_s_gev
-
-    objects = _selected_objects(chunk, layout)
-    px, py, pz, energy, transverse_energy, rapidity = _kinematics(
-        objects.pt, objects.eta, objects.phi, objects.mass
-    )
-    base = objects.event * cells
-
-    object_met = objects.event
-    mt_squared = (
-        (transverse_energy + met[object_met]) ** 2
-        - (px + met_x[object_met]) ** 2
-        - (py + met_y[object_met]) ** 2
-    )
-    has_mt = (mt_squared > 0) & (met[object_met] > 0)
-    flat[base + objects.slot] = np.sqrt(np.where(has_mt, mt_squared, 0.0)) / sqrt_s_gev
-    flat[base + objects.slot * size] = scale * (np.cosh(rapidity) - 1.0)
-
-    is_block_start = np.zeros(size, dtype=bool)
-    is_block_start[list(layout.block_starts.values())] = True
-    leading = is_block_start[objects.slot]
-    previous_et = np.roll(transverse_energy, 1)
-    diagonal = np.where(
-        leading,
-        transverse_energy / sqrt_s_gev,
-        (previous_et - transverse_energy) / (previous_et + transverse_energy),
-    )
-    flat[base + objects.slot * (size + 1)] = diagonal
-
-    pairs_per_event = objects.per_event * (objects.per_event - 1) // 2
-    n_pairs = int(pairs_per_event.sum())
-    if n_pairs:
-        table_first, table_second = _pair_table(size - 1)
-        pair_event = np.repeat(np.arange(n, dtype=np.int64), pairs_per_event)
-        local = np.arange(n_pairs, dtype=np.int64) - np.repeat(
-            np.cumsum(pairs_per_event) - pairs_per_event, pairs_per_event
-        )
-        first_object = np.cumsum(objects.per_event) - objects.per_event
-        a = first_object[pair_event] + table_first[local]
-        b = first_object[pair_event] + table_second[local]
-        m_squared = (
-            (energy[a] + energy[b]) ** 2
-            - (px[a] + px[b]) ** 2
-            - (py[a] + py[b]) ** 2
-            - (pz[a] + pz[b]) ** 2
-        )
-        signed_mass = np.sign(m_squared) * np.sqrt(np.abs(m_squared))
-        pair_base = pair_event * cells
-        slot_a, slot_b = objects.slot[a], objects.slot[b]
-        flat[pair_base + slot_a * size + slot_b] = signed_mass / sqrt_s_gev
-        flat[pair_base + slot_b * size + slot_a] = scale * (
-            np.cosh(0.5 * (rapidity[a] - rapidity[b])) - 1.0
-        )
+    matrices[:, 0, 0] = met / layout.sqrt_s
+    objects = _selected_objects(n, collections, layout)
+    _fill_object_cells(flat, objects, met, chunk.met_phi, layout)
+    _fill_pair_cells(flat, objects, layout)
     return matrices
 
 
@@ -397,8 +484,13 @@ def rmm_features(
             f"rmm_features expects matrices of shape (n, {layout.size}, {layout.size}), "
             f"found {array.shape}; pass the output of rmm_matrices"
         )
-    flat = array.reshape(len(array), -1)
-    return np.ascontiguousarray(flat[:, layout.feature_columns], dtype=np.float32)
+    flat = array.reshape(len(array), layout.size * layout.size)
+    features = np.empty((len(array), layout.n_features), dtype=np.float32)
+    position = 0
+    for start, stop in layout.feature_runs:
+        features[:, position : position + stop - start] = flat[:, start:stop]
+        position += stop - start
+    return features
 
 
 ObjectTuple = tuple[float, float, float, float]

@@ -20,7 +20,6 @@ Julia runtime is on PATH (importing PySR without Julia would try to download one
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import logging
 import math
@@ -33,9 +32,11 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 from iminuit import Minuit
-from scipy import linalg, stats
+from scipy import optimize, stats
 
 from core.errors import FitDidNotConvergeError, FitError, InvalidInputError
+from core.fit import FitResult, SpectrumFitProblem, fit_quality, prepare_spectrum
+from core.fitfunctions import BackgroundFunction
 
 FloatArray = npt.NDArray[np.float64]
 SymbolicBackend = Literal["auto", "pyoperon", "pysr"]
@@ -62,9 +63,11 @@ EXPRESSION_FUNCTIONS: Final[Mapping[str, Callable[[FloatArray], FloatArray]]] = 
 _PARAMETER_NAME: Final = re.compile(r"c(0|[1-9][0-9]{0,3})")
 _MAX_EXPRESSION_CHARACTERS: Final = 20_000
 _MAX_EXPRESSION_NODES: Final = 2_000
-_GAUSS_LEGENDRE_ORDER: Final = 6
-_RANK_TOLERANCE: Final = 1e-6
-_MIN_NONEMPTY_BINS: Final = 8
+_RANK_TOLERANCE: Final = 1e-13
+_MIN_FILLED_BINS: Final = 8
+_BAD_NLL: Final = 1e30
+_NORMALISATION_TOLERANCE: Final = 1e-8
+_BAD_RESIDUAL: Final = 1e15
 _PYOPERON_SYMBOLS: Final = "add,sub,mul,div,exp,log,constant,variable"
 
 _Evaluator = Callable[[Mapping[str, FloatArray]], FloatArray]
@@ -86,7 +89,7 @@ class SymbolicExpression:
     _evaluate: _Evaluator = field(repr=False, compare=False)
 
     def log_density(self, x: npt.ArrayLike, parameters: npt.ArrayLike) -> FloatArray:
-        """Return g(x) = ln f, f in GeV^-1, at x = m / sqrt_s in (0, 1); may hold non-finite values."""
+        """Return g = ln f (f in GeV^-1) at x = m / sqrt_s in (0, 1); may be non-finite."""
         x_values = np.asarray(x, dtype=np.float64)
         values = np.asarray(parameters, dtype=np.float64).reshape(-1)
         if values.size != len(self.parameter_names):
@@ -100,9 +103,8 @@ class SymbolicExpression:
                 "lnx": np.log(x_values),
                 "ln1mx": np.log1p(-x_values),
             }
-            environment.update(
-                {name: np.float64(value) for name, value in zip(self.parameter_names, values)}  # type: ignore[misc]
-            )
+            for name, value in zip(self.parameter_names, values, strict=True):
+                environment[name] = np.asarray(value, dtype=np.float64)
             result = np.broadcast_to(self._evaluate(environment), x_values.shape)
         return np.asarray(result, dtype=np.float64)
 
@@ -283,231 +285,146 @@ def lift_constants(text: str) -> tuple[SymbolicExpression, FloatArray]:
     return expression, np.asarray(lifter.values, dtype=np.float64)
 
 
-# --------------------------------------------------------------------------- histogram input
-
-
-@dataclass(frozen=True)
-class _Spectrum:
-    lower: FloatArray
-    upper: FloatArray
-    counts: FloatArray
-    first_bin: int
-    stop_bin: int
-    included: npt.NDArray[np.bool_]
-
-
-def _select_bins(
-    edges: npt.ArrayLike,
-    counts: npt.ArrayLike,
-    fit_range: tuple[float, float] | None,
-    sqrt_s: float,
-    excluded_window: tuple[float, float] | None,
-) -> _Spectrum:
-    """Check a histogram and return the bins of [fit start, last non-empty bin] (GeV)."""
-    edge_values = np.asarray(edges, dtype=np.float64)
-    count_values = np.asarray(counts, dtype=np.float64)
-    if not (np.isfinite(sqrt_s) and sqrt_s > 0):
-        raise InvalidInputError(f"sqrt_s must be a positive energy in GeV, found {sqrt_s}")
-    if edge_values.ndim != 1 or count_values.ndim != 1:
-        raise InvalidInputError(
-            f"edges and counts must be one-dimensional, found shapes {edge_values.shape} "
-            f"and {count_values.shape}"
-        )
-    if count_values.size == 0:
-        raise InvalidInputError("the spectrum is empty: it has no bins; give at least one bin")
-    if edge_values.size != count_values.size + 1:
-        raise InvalidInputError(
-            f"a histogram of {count_values.size} bins needs {count_values.size + 1} edges, "
-            f"found {edge_values.size}"
-        )
-    if not np.all(np.isfinite(edge_values)) or np.any(np.diff(edge_values) <= 0):
-        raise InvalidInputError("bin edges must be finite and strictly increasing (GeV)")
-    if not np.all(np.isfinite(count_values)):
-        raise InvalidInputError(
-            f"counts hold {int(np.sum(~np.isfinite(count_values)))} NaN or infinite values; "
-            "fix the histogram before fitting"
-        )
-    if np.any(count_values < 0):
-        raise InvalidInputError(
-            f"counts must be non-negative event counts, found minimum {count_values.min()}"
-        )
-    low, high = (edge_values[0], edge_values[-1]) if fit_range is None else fit_range
-    if not (np.isfinite(low) and np.isfinite(high) and low < high):
-        raise InvalidInputError(
-            f"fit range must be [low, high] GeV with low < high, found {fit_range}"
-        )
-    tolerance = 1e-9 * max(abs(high), 1.0)
-    inside = (edge_values[:-1] >= low - tolerance) & (edge_values[1:] <= high + tolerance)
-    if not np.any(inside):
-        raise InvalidInputError(
-            f"fit range [{low}, {high}] GeV holds no whole bin of the histogram, whose edges "
-            f"span [{edge_values[0]}, {edge_values[-1]}] GeV; choose a range inside it"
-        )
-    positions = np.flatnonzero(inside)
-    nonempty = positions[count_values[positions] > 0]
-    if nonempty.size == 0:
-        raise InvalidInputError(
-            f"all counts are zero in the fit range [{low}, {high}] GeV; nothing to fit"
-        )
-    first, stop = int(positions[0]), int(nonempty[-1]) + 1
-    lower, upper = edge_values[first:stop], edge_values[first + 1 : stop + 1]
-    if lower[0] <= 0 or upper[-1] >= sqrt_s:
-        raise InvalidInputError(
-            f"fitted bins span [{lower[0]}, {upper[-1]}] GeV, which must lie inside "
-            f"(0, sqrt_s = {sqrt_s}) GeV so that ln x and ln(1 - x) exist; shorten the range"
-        )
-    included = np.ones(stop - first, dtype=np.bool_)
-    if excluded_window is not None:
-        w_low, w_high = excluded_window
-        if not w_low < w_high:
-            raise InvalidInputError(
-                f"excluded window must be [low, high] GeV, found {excluded_window}"
-            )
-        included = ~((lower >= w_low - tolerance) & (upper <= w_high + tolerance))
-    n_nonempty = int(np.sum(count_values[first:stop][included] > 0))
-    if n_nonempty < _MIN_NONEMPTY_BINS:
-        raise InvalidInputError(
-            f"the fit range has {n_nonempty} non-empty bins; a symbolic fit needs at least "
-            f"{_MIN_NONEMPTY_BINS}; widen the range or use an analytic function"
-        )
-    return _Spectrum(lower, upper, count_values[first:stop], first, stop, included)
-
-
 # --------------------------------------------------------------------------- Poisson refit
 
 
-def _gauss_legendre_nodes(
-    lower: FloatArray, upper: FloatArray, sqrt_s: float
-) -> tuple[FloatArray, FloatArray]:
-    """Return x = m / sqrt_s at the Gauss-Legendre nodes of each bin and weights in GeV."""
-    nodes, weights = np.polynomial.legendre.leggauss(_GAUSS_LEGENDRE_ORDER)
-    half = 0.5 * (upper - lower)
-    middle = 0.5 * (upper + lower)
-    masses = middle[:, None] + half[:, None] * nodes[None, :]
-    return masses / sqrt_s, half[:, None] * weights[None, :]
-
-
-def expected_counts(
-    expression: SymbolicExpression | str,
-    parameters: npt.ArrayLike,
-    edges: npt.ArrayLike,
-    sqrt_s: float,
+def _bin_integrals(
+    model: SymbolicExpression, constants: FloatArray, nodes: FloatArray, weights: FloatArray
 ) -> FloatArray:
-    """Return the expected events per bin: the integral of f over each bin (Gauss-Legendre).
-
-    Raises FitError when f is not finite and positive on some bin.
-    """
-    model = parse_expression(expression) if isinstance(expression, str) else expression
-    edge_values = np.asarray(edges, dtype=np.float64)
-    x_nodes, weights = _gauss_legendre_nodes(edge_values[:-1], edge_values[1:], sqrt_s)
-    expected = _integrate(model, np.asarray(parameters, dtype=np.float64), x_nodes, weights)
-    if not (np.all(np.isfinite(expected)) and np.all(expected > 0)):
-        raise FitError(
-            f"expression {model.text!r} gives non-finite or non-positive expected counts on "
-            f"{int(np.sum(~(np.isfinite(expected) & (expected > 0))))} bins; check the "
-            "parameters and that the bins lie inside (0, sqrt_s)"
-        )
-    return expected
-
-
-def _integrate(
-    model: SymbolicExpression, parameters: FloatArray, x_nodes: FloatArray, weights: FloatArray
-) -> FloatArray:
+    """Integral of exp(g) over each bin (events), from Gauss-Legendre nodes x and weights in GeV."""
     with np.errstate(all="ignore"):
-        density = np.exp(model.log_density(x_nodes, parameters))
+        density = np.exp(model.log_density(nodes, constants))
         return np.asarray(np.sum(density * weights, axis=1), dtype=np.float64)
 
 
-def _deviance(counts: FloatArray, expected: FloatArray) -> float:
-    """Poisson deviance 2 sum(mu - n + n ln(n / mu)), the n = 0 terms being 2 mu."""
-    positive = counts > 0
-    log_ratio = np.zeros_like(counts)
-    log_ratio[positive] = np.log(counts[positive] / expected[positive])
-    return float(2.0 * np.sum(expected - counts + counts * log_ratio))
+def _usable(expected: FloatArray) -> bool:
+    return bool(np.all(np.isfinite(expected)) and np.all(expected > 0))
 
 
-def _identifiable_parameters(
-    model: SymbolicExpression, values: FloatArray, x_centres: FloatArray, counts: FloatArray
-) -> npt.NDArray[np.bool_]:
-    """Flag the constants that the data can determine independently of the others.
+def _jacobian(
+    function: Callable[[FloatArray], FloatArray], constants: FloatArray, step: float | None = None
+) -> FloatArray | None:
+    """Central-difference derivatives of `function` (a vector) by each constant, or None.
 
-    Search results often carry redundant constants (a global scale times coefficients); the
-    Poisson-weighted Jacobian of ln f is column-pivoted QR-decomposed and constants outside
-    its numerical rank stay fixed at their search values.
+    Steps are `step`, or 1e-5 relative (at least 1e-7) when None.
     """
-    if values.size == 0:
-        return np.zeros(0, dtype=np.bool_)
-    weight = np.sqrt(np.maximum(counts, 1.0))
     columns = []
-    for index in range(values.size):
-        step = 1e-6 * max(abs(values[index]), 1e-3)
-        up, down = values.copy(), values.copy()
-        up[index] += step
-        down[index] -= step
-        derivative = (model.log_density(x_centres, up) - model.log_density(x_centres, down)) / (
-            2 * step
-        )
-        columns.append(derivative * weight)
+    for index in range(constants.size):
+        delta = step if step is not None else 1e-5 * max(abs(constants[index]), 1e-2)
+        up, down = constants.copy(), constants.copy()
+        up[index] += delta
+        down[index] -= delta
+        columns.append((function(up) - function(down)) / (2 * delta))
     jacobian = np.column_stack(columns)
-    free = np.zeros(values.size, dtype=np.bool_)
-    if not np.all(np.isfinite(jacobian)):
-        return free
-    norms = np.linalg.norm(jacobian, axis=0)
-    usable = norms > 0
+    return jacobian if np.all(np.isfinite(jacobian)) else None
+
+
+def _whitened_directions(information: FloatArray) -> FloatArray:
+    """Return T (constants x k) with T^T I T = 1 on the k directions that the data determine.
+
+    Directions whose information, relative to the diagonal, is below `_RANK_TOLERANCE` are
+    exact redundancies of the form (a global scale times coefficients, log(c x) = log c +
+    log x, or the normalisation in a multinomial fit) and are left out.
+    """
+    scale = np.sqrt(np.clip(np.diag(information), 0.0, None))
+    usable = scale > _RANK_TOLERANCE * scale.max(initial=0.0)
+    directions = np.zeros((information.shape[0], 0))
     if not np.any(usable):
-        return free
-    scaled = jacobian[:, usable] / norms[usable]
-    _, r_matrix, pivots = linalg.qr(scaled, mode="economic", pivoting=True)
-    diagonal = np.abs(np.diag(r_matrix))
-    rank = int(np.sum(diagonal > _RANK_TOLERANCE * diagonal[0]))
-    free[np.flatnonzero(usable)[pivots[:rank]]] = True
-    return free
+        return directions
+    correlation = information[np.ix_(usable, usable)] / np.outer(scale[usable], scale[usable])
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
+    keep = eigenvalues > _RANK_TOLERANCE * eigenvalues.max()
+    directions = np.zeros((information.shape[0], int(np.sum(keep))))
+    directions[usable] = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep]) / scale[usable, None]
+    return directions
+
+
+def _poisson_directions(
+    model: SymbolicExpression, constants: FloatArray, nodes: FloatArray, weights: FloatArray
+) -> FloatArray:
+    """Whitened identifiable directions of the extended Poisson likelihood at `constants`."""
+    expected = _bin_integrals(model, constants, nodes, weights)
+    jacobian = _jacobian(lambda values: _bin_integrals(model, values, nodes, weights), constants)
+    if not _usable(expected) or jacobian is None:
+        raise FitError(
+            f"expression {model.text!r} gives non-finite or non-positive expected counts "
+            "near its start values; it can not be fitted"
+        )
+    return _whitened_directions(jacobian.T @ (jacobian / expected[:, None]))
 
 
 @dataclass(frozen=True)
-class SymbolicFitResult:
-    """An expression for ln f (f in events per GeV) with constants fitted by Poisson likelihood.
+class _PoissonObjective:
+    """Half the Poisson deviance as a function of a shift u: constants = centre + T u."""
 
-    `parameters` holds every constant; those not in `free_parameters` are fixed at the
-    search's values (redundant in the search's form). `p_value` is the deviance p-value with
-    `ndf` = fitted bins - free constants; `expected` the events per fitted bin.
+    model: SymbolicExpression
+    nodes: FloatArray
+    weights: FloatArray
+    counts: FloatArray
+    centre: FloatArray
+    directions: FloatArray
+
+    def expected(self, shift: FloatArray) -> FloatArray | None:
+        """Expected events per bin at constants centre + T shift, or None where unusable."""
+        expected = _bin_integrals(
+            self.model, self.centre + self.directions @ shift, self.nodes, self.weights
+        )
+        return expected if _usable(expected) else None
+
+    def half_deviance_terms(self, expected: FloatArray) -> FloatArray:
+        """Per-bin mu - n - n ln(mu / n) (mu for n = 0): the NLL minus its saturated value."""
+        positive = self.counts > 0
+        terms = expected - self.counts
+        terms[positive] -= self.counts[positive] * np.log(
+            expected[positive] / self.counts[positive]
+        )
+        return terms
+
+    def residuals(self, shift: FloatArray) -> FloatArray:
+        """Signed square roots of the per-bin deviance, whose sum of squares is D."""
+        expected = self.expected(shift)
+        if expected is None:
+            return np.full(self.counts.size, _BAD_RESIDUAL)
+        terms = np.clip(self.half_deviance_terms(expected), 0.0, None)
+        return np.asarray(np.sign(self.counts - expected) * np.sqrt(2 * terms), dtype=np.float64)
+
+    def __call__(self, shift: FloatArray) -> float:
+        """Half the deviance, summed bin by bin so that millions of events keep precision."""
+        expected = self.expected(shift)
+        return _BAD_NLL if expected is None else float(np.sum(self.half_deviance_terms(expected)))
+
+
+@dataclass(frozen=True)
+class ExpressionFit:
+    """Constants of an expression for ln f fitted by the extended binned Poisson likelihood.
+
+    `n_free` independent combinations of the constants were fitted (exact redundancies of
+    the form stay at their start values); `deviance` is 2 sum(mu - n + n ln(n / mu)) over the
+    bins in the likelihood and `p_value` its chi2 probability with `ndf` = bins - n_free.
     """
 
     expression: str
-    parameter_names: tuple[str, ...]
-    parameters: tuple[float, ...]
-    errors: tuple[float, ...]
-    free_parameters: tuple[str, ...]
-    covariance: FloatArray
-    nll: float
+    constant_names: tuple[str, ...]
+    constants: tuple[float, ...]
+    n_free: int
     deviance: float
-    chi2: float
     ndf: int
     p_value: float
-    valid: bool
-    expected: FloatArray
-    fit_range: tuple[float, float]
-    bins: tuple[int, int]
-    sqrt_s: float
+    edm: float = 0.0
+    n_calls: int = 0
 
 
-def fit_expression(
+def refit_expression(
+    problem: SpectrumFitProblem,
     expression: SymbolicExpression | str,
     start_values: npt.ArrayLike,
-    edges: npt.ArrayLike,
-    counts: npt.ArrayLike,
-    *,
-    fit_range: tuple[float, float] | None = None,
-    sqrt_s: float = 13000.0,
-    free_parameters: tuple[str, ...] | None = None,
-    excluded_window: tuple[float, float] | None = None,
-) -> SymbolicFitResult:
-    """Fit the constants of an expression for ln f to a spectrum by extended binned Poisson NLL.
+) -> ExpressionFit:
+    """Fit the constants of ln f = `expression` to a prepared spectrum (Poisson likelihood).
 
-    Bins from the fit start (GeV) to the last non-empty bin are fitted; `excluded_window`
-    (GeV) drops whole bins from the likelihood. `free_parameters` None frees the constants the
-    data can identify. Raises FitDidNotConvergeError when Minuit finds no valid minimum with an
-    accurate covariance.
+    Levenberg-Marquardt on the deviance residuals, in coordinates whitened with the expected
+    information, brings the start values near the minimum; Migrad polishes and Hesse must
+    report an accurate covariance, in up to three rounds re-whitened at the last point.
+    Raises FitDidNotConvergeError otherwise.
     """
     model = parse_expression(expression) if isinstance(expression, str) else expression
     starts = np.asarray(start_values, dtype=np.float64).reshape(-1)
@@ -516,109 +433,178 @@ def fit_expression(
             f"expression {model.text!r} needs {len(model.parameter_names)} finite start values "
             f"for {model.parameter_names}, found {starts.tolist()}"
         )
-    spectrum = _select_bins(edges, counts, fit_range, sqrt_s, excluded_window)
-    x_nodes, weights = _gauss_legendre_nodes(spectrum.lower, spectrum.upper, sqrt_s)
-    x_centres = 0.5 * (spectrum.lower + spectrum.upper) / sqrt_s
-    used = spectrum.included
-    if free_parameters is None:
-        free = _identifiable_parameters(model, starts, x_centres[used], spectrum.counts[used])
-    else:
-        unknown = sorted(set(free_parameters) - set(model.parameter_names))
-        if unknown:
+    used = problem.used
+    nodes, weights = problem.nodes[used], problem.weights[used]
+    counts = problem.range_counts[used]
+    origin = starts.copy()
+    for _ in range(3):
+        directions = _poisson_directions(model, origin, nodes, weights)
+        n_free = directions.shape[1]
+        if n_free >= counts.size:
             raise InvalidInputError(
-                f"free parameters {unknown} are not constants of {model.text!r}, whose "
-                f"constants are {model.parameter_names}"
+                f"the fit has {counts.size} bins but {n_free} independent constants in "
+                f"{model.text!r}; it needs more bins than constants; widen the fit range or "
+                "simplify the expression"
             )
-        free = np.array([name in free_parameters for name in model.parameter_names], dtype=bool)
-    n_free = int(np.sum(free))
-    n_used = int(np.sum(used))
-    if n_free >= n_used:
-        raise InvalidInputError(
-            f"the fit has {n_used} bins but {n_free} free constants; it needs more bins than "
-            "constants; widen the range or simplify the expression"
+        if n_free == 0:
+            raise FitError(f"no constant of {model.text!r} changes the expected counts")
+        objective = _PoissonObjective(model, nodes, weights, counts, origin, directions)
+        zero = np.zeros(n_free)
+        prefit = optimize.least_squares(
+            objective.residuals, zero, method="lm", max_nfev=100 * (n_free + 1)
         )
-    result = _minimise(model, starts, free, x_nodes[used], weights[used], spectrum.counts[used])
-    values, errors, covariance, nll, converged = result
-    if not converged:
-        raise FitDidNotConvergeError(
-            f"Minuit found no valid minimum with accurate covariance for {model.text!r} on "
-            f"[{spectrum.lower[0]}, {spectrum.upper[-1]}] GeV from the search values and two "
-            "retries; try another seed or a simpler expression"
-        )
-    expected_all = _integrate(model, values, x_nodes, weights)
-    expected = expected_all[used]
-    observed = spectrum.counts[used]
-    deviance = _deviance(observed, expected)
-    chi2 = float(np.sum((observed - expected) ** 2 / expected))
-    ndf = n_used - n_free
-    return SymbolicFitResult(
-        expression=model.text,
-        parameter_names=model.parameter_names,
-        parameters=tuple(float(value) for value in values),
-        errors=tuple(float(error) for error in errors),
-        free_parameters=tuple(
-            name for name, is_free in zip(model.parameter_names, free) if is_free
-        ),
-        covariance=covariance,
-        nll=nll,
-        deviance=deviance,
-        chi2=chi2,
-        ndf=ndf,
-        p_value=float(stats.chi2.sf(deviance, ndf)),
-        valid=True,
-        expected=expected_all,
-        fit_range=(float(spectrum.lower[0]), float(spectrum.upper[-1])),
-        bins=(spectrum.first_bin, spectrum.stop_bin),
-        sqrt_s=float(sqrt_s),
+        start = prefit.x if np.all(np.isfinite(prefit.x)) else zero
+        if objective(start) > objective(zero):
+            start = zero
+        minuit = Minuit(objective, start, name=[f"u{index}" for index in range(n_free)])
+        minuit.errordef = Minuit.LIKELIHOOD
+        minuit.errors = np.ones(n_free)
+        minuit.migrad(ncall=20_000)
+        origin = origin + directions @ np.asarray(minuit.values, dtype=np.float64)
+        if minuit.valid and minuit.fval < _BAD_NLL:
+            minuit.hesse()
+            if minuit.valid and minuit.accurate:
+                deviance = 2.0 * float(minuit.fval)
+                ndf = counts.size - n_free
+                return ExpressionFit(
+                    expression=model.text,
+                    constant_names=model.parameter_names,
+                    constants=tuple(float(value) for value in origin),
+                    n_free=n_free,
+                    deviance=deviance,
+                    ndf=ndf,
+                    p_value=float(stats.chi2.sf(deviance, ndf)),
+                    edm=float(minuit.fmin.edm) if minuit.fmin is not None else 0.0,
+                    n_calls=int(minuit.nfcn),
+                )
+    raise FitDidNotConvergeError(
+        f"Minuit found no valid minimum with accurate covariance for {model.text!r} in three "
+        "rounds of Migrad from the search values; try another seed or a simpler expression"
     )
 
 
-def _minimise(
-    model: SymbolicExpression,
-    starts: FloatArray,
-    free: npt.NDArray[np.bool_],
-    x_nodes: FloatArray,
-    weights: FloatArray,
-    counts: FloatArray,
-) -> tuple[FloatArray, FloatArray, FloatArray, float, bool]:
-    """Minimise sum(mu - n ln mu) over the free constants; return values, errors, cov, nll, ok."""
-    free_index = np.flatnonzero(free)
-    fixed_values = starts.copy()
-    # Constant term of the Poisson NLL so that `nll` is comparable across expressions.
-    offset = float(np.sum(counts[counts > 0] * np.log(counts[counts > 0]) - counts[counts > 0]))
-    bad_value = 1e30
+def symbolic_background(
+    problem: SpectrumFitProblem,
+    expression: SymbolicExpression | str,
+    constants: npt.ArrayLike,
+) -> BackgroundFunction:
+    """Wrap ln f = ln p1 + g(x; c) as a BackgroundFunction for core.fit and the robustness checks.
 
-    def negative_log_likelihood(free_values: FloatArray) -> float:
-        values = fixed_values.copy()
-        values[free_index] = free_values
-        expected = _integrate(model, values, x_nodes, weights)
-        if not (np.all(np.isfinite(expected)) and np.all(expected > 0)):
-            return bad_value
-        return float(np.sum(expected - counts * np.log(expected))) + offset
+    Its shape parameters u1..uk move the constants along the k directions that the profiled
+    (multinomial) likelihood of `problem` determines at `constants`: c = constants + T u,
+    whitened so that the fit is well conditioned. u = 0 reproduces `constants`.
+    """
+    model = parse_expression(expression) if isinstance(expression, str) else expression
+    return _wrap(problem, model, constants)[0]
 
-    minuit = Minuit(negative_log_likelihood, starts[free_index])
-    minuit.errordef = Minuit.LIKELIHOOD
-    minuit.errors = 0.01 * np.maximum(np.abs(starts[free_index]), 1e-2)
-    minuit.strategy = 1
-    converged = False
-    for attempt in range(3):
-        if attempt == 2:
-            minuit.strategy = 2
-            minuit.simplex()
-        minuit.migrad(ncall=20_000)
-        if minuit.valid:
-            minuit.hesse()
-            if minuit.valid and minuit.accurate and minuit.fval < bad_value:
-                converged = True
-                break
-    values = fixed_values.copy()
-    values[free_index] = np.asarray(minuit.values, dtype=np.float64)
-    errors = np.zeros_like(values)
-    covariance = np.zeros((free_index.size, free_index.size))
-    if converged and minuit.covariance is not None:
-        covariance = np.asarray(minuit.covariance, dtype=np.float64)
-        errors[free_index] = np.asarray(minuit.errors, dtype=np.float64)
-    return values, errors, covariance, float(minuit.fval), converged
+
+def _fit_result(
+    problem: SpectrumFitProblem, model: SymbolicExpression, fit: ExpressionFit, notes: list[str]
+) -> FitResult:
+    """The core.fit FitResult of a converged refit, for the selection and robustness code.
+
+    The wrapped function's parameters are p1 = 1 and u = 0 at the refit's constants; their
+    covariance is the inverse expected information of the profiled likelihood (unit in u)
+    with the normalisation as core.fit computes it (var p1 = 1 / N).
+    """
+    function, _, d_log_norm = _wrap(problem, model, fit.constants)
+    shape = function.shape
+    assert shape is not None
+    n_shape = function.n_params - 1
+    used = problem.used
+    log_integrals = np.log(
+        np.sum(np.exp(shape(problem.nodes, np.zeros(n_shape))) * problem.weights, axis=1)
+    )
+    total = float(problem.range_counts[used].sum())
+    log_norm = float(np.log(np.sum(np.exp(log_integrals[used]))))
+    p1 = float(np.exp(np.log(total) - log_norm))
+    expected = p1 * np.exp(log_integrals)
+    covariance = np.zeros((n_shape + 1, n_shape + 1))
+    covariance[1:, 1:] = np.eye(n_shape)
+    covariance[0, 0] = p1**2 * (1.0 / total + float(d_log_norm @ d_log_norm))
+    covariance[0, 1:] = covariance[1:, 0] = -p1 * d_log_norm
+    nll, chi2, deviance, ndf, p_value = fit_quality(
+        problem.range_counts[used], expected[used], function.n_params
+    )
+    return FitResult(
+        function=function,
+        parameters=(p1, *(0.0,) * n_shape),
+        errors=tuple(float(np.sqrt(max(value, 0.0))) for value in np.diag(covariance)),
+        covariance=covariance,
+        nll=nll,
+        chi2=chi2,
+        deviance=deviance,
+        ndf=ndf,
+        p_value=p_value,
+        valid=True,
+        accurate_covariance=True,
+        expected=expected,
+        first_bin=problem.first_bin,
+        stop_bin=problem.stop_bin,
+        fit_range=problem.fit_range,
+        used=used.copy(),
+        sqrt_s=problem.sqrt_s,
+        edm=fit.edm,
+        n_calls=fit.n_calls,
+        start="symbolic-regression constants refitted by Migrad",
+        notes=tuple(notes),
+    )
+
+
+def _wrap(
+    problem: SpectrumFitProblem, model: SymbolicExpression, constants: npt.ArrayLike
+) -> tuple[BackgroundFunction, FloatArray, FloatArray]:
+    """Return the wrapped function, its directions T and d ln(sum mu) / du at u = 0."""
+    centre = np.asarray(constants, dtype=np.float64).reshape(-1)
+    if centre.size != len(model.parameter_names) or not np.all(np.isfinite(centre)):
+        raise InvalidInputError(
+            f"expression {model.text!r} needs {len(model.parameter_names)} finite constants "
+            f"for {model.parameter_names}, found {centre.tolist()}"
+        )
+    used = problem.used
+    nodes, weights = problem.nodes[used], problem.weights[used]
+    poisson = _poisson_directions(model, centre, nodes, weights)
+    expected = _bin_integrals(model, centre, nodes, weights)
+
+    def log_expected(shift: FloatArray) -> FloatArray:
+        with np.errstate(all="ignore"):
+            return np.log(_bin_integrals(model, centre + poisson @ shift, nodes, weights))
+
+    # In the Poisson-whitened coordinates the information is the unit matrix; removing the
+    # normalisation (profiled by core.fit as p1) leaves the multinomial information, whose
+    # eigenvalues lie in [0, 1]: 0 marks the direction that only rescales the spectrum.
+    jacobian = _jacobian(log_expected, np.zeros(poisson.shape[1]), step=1e-4)
+    if jacobian is None:
+        raise FitError(
+            f"expression {model.text!r} has non-finite derivatives at the given constants; "
+            "it can not be wrapped"
+        )
+    fractions = expected / expected.sum()
+    centred = jacobian - fractions @ jacobian
+    information = expected.sum() * centred.T @ (centred * fractions[:, None])
+    eigenvalues, eigenvectors = np.linalg.eigh(information)
+    keep = eigenvalues > _NORMALISATION_TOLERANCE
+    rotation = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep])
+    directions = poisson @ rotation
+    d_log_norm = fractions @ jacobian @ rotation
+    if directions.shape[1] == 0:
+        raise FitError(f"no constant of {model.text!r} changes the shape of the spectrum")
+
+    def log_shape(x: FloatArray, theta: FloatArray) -> FloatArray:
+        return model.log_density(x, centre + directions @ np.asarray(theta, dtype=np.float64))
+
+    k = directions.shape[1]
+    values = ", ".join(
+        f"{name}={value:.12g}" for name, value in zip(model.parameter_names, centre, strict=True)
+    )
+    function = BackgroundFunction(
+        name=f"symbolic: {model.text}",
+        parameter_names=("p1", *(f"u{index}" for index in range(1, k + 1))),
+        formula=f"p1 exp({model.text}) with ({values}) + T u, T the {k} whitened directions",
+        start=(0.0,) * k,
+        shape=log_shape,
+    )
+    return function, directions, d_log_norm
 
 
 # --------------------------------------------------------------------------- search backends
@@ -731,6 +717,8 @@ def _search_pysr(  # pragma: no cover - needs a Julia runtime, absent on the CI 
 
 # --------------------------------------------------------------------------- the fallback
 
+# --------------------------------------------------------------------------- the fallback
+
 
 @dataclass(frozen=True)
 class SymbolicCandidate:
@@ -746,11 +734,20 @@ class SymbolicCandidate:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SymbolicSearchResult:
-    """The chosen expression with its Poisson fit, and the whole front it was chosen from."""
+    """The chosen expression, its fit and the Pareto front it was chosen from.
 
-    fit: SymbolicFitResult
+    The background density per GeV is f = p1 exp(g(x; c)), with g = `expression` in x, lnx,
+    ln1mx, its constants c = `constants` and p1 = fit.parameters[0] (close to 1: g carries
+    the normalisation when it has a constant term). `fit` is the core.fit FitResult of the
+    wrapped function, ready for the robustness checks.
+    """
+
+    expression: str
+    constant_names: tuple[str, ...]
+    constants: tuple[float, ...]
+    fit: FitResult
     candidates: tuple[SymbolicCandidate, ...]
     chosen_index: int
     selection: ParetoSelection
@@ -758,33 +755,40 @@ class SymbolicSearchResult:
     backend_message: str
     seed: int
 
+    @property
+    def formula(self) -> str:
+        """Return ln f as text, the fitted numbers in place of the constant names."""
+        return substitute_constants(
+            f"log({self.fit.parameters[0]!r}) + {self.expression}",
+            dict(zip(self.constant_names, self.constants, strict=True)),
+        )
+
+
+def substitute_constants(text: str, constants: Mapping[str, float]) -> str:
+    """Write `text` with each named constant replaced by its value (round-trips exactly)."""
+    model = parse_expression(text)
+    missing = sorted(set(model.parameter_names) - set(constants))
+    if missing:
+        raise InvalidInputError(f"no values given for the constants {missing} of {text!r}")
+
+    class _Substitute(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            if node.id in constants:
+                return ast.Constant(value=float(constants[node.id]))
+            return node
+
+    tree = _Substitute().visit(_parse_tree(text))
+    return ast.unparse(ast.fix_missing_locations(tree))
+
 
 def _criterion(deviance: float, n_free: int, n_bins: int, selection: ParetoSelection) -> float:
     penalty = math.log(n_bins) if selection == "bic" else 2.0
     return deviance + penalty * n_free
 
 
-def symbolic_fit(
-    edges: npt.ArrayLike,
-    counts: npt.ArrayLike,
-    *,
-    fit_range: tuple[float, float] | None = None,
-    sqrt_s: float = 13000.0,
-    backend: SymbolicBackend = "auto",
-    seed: int = 0,
-    population_size: int = 300,
-    generations: int = 60,
-    max_length: int = 25,
-    selection: ParetoSelection = "bic",
-) -> SymbolicSearchResult:
-    """Search ln f(x, ln x, ln(1 - x)) on a spectrum and return the best refitted Pareto member.
-
-    The search fits ln(n / width) per GeV of the non-empty bins at the bin centres with
-    sigma = 1 / sqrt(n); each member of its accuracy-complexity front is refitted with the
-    extended binned Poisson likelihood, and the member with the smallest deviance + penalty x
-    free constants is chosen (`selection` 'bic': ln N_bins, 'aic': 2). Seeded and
-    reproducible. Raises FitDidNotConvergeError when no member converges.
-    """
+def _check_search_options(
+    seed: int, population_size: int, generations: int, max_length: int, selection: str
+) -> None:
     if selection not in ("bic", "aic"):
         raise InvalidInputError(f"selection must be 'bic' or 'aic', found {selection!r}")
     for name, value, low in (
@@ -792,18 +796,49 @@ def symbolic_fit(
         ("generations", generations, 1),
         ("max_length", max_length, 3),
     ):
-        if not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be an integer >= {low}, found {value!r}")
-    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer in [0, 2^63), found {seed!r}")
-    spectrum = _select_bins(edges, counts, fit_range, sqrt_s, None)
+
+
+def symbolic_fit_problem(
+    problem: SpectrumFitProblem,
+    *,
+    backend: SymbolicBackend = "auto",
+    seed: int = 0,
+    population_size: int = 300,
+    generations: int = 60,
+    max_length: int = 25,
+    selection: ParetoSelection = "bic",
+) -> SymbolicSearchResult:
+    """Search ln f(x, ln x, ln(1 - x)) on a prepared spectrum and fit the best Pareto member.
+
+    The search regresses ln(n / width) (per GeV) of the non-empty bins at their centres with
+    sigma = 1 / sqrt(n). Every member of its accuracy-complexity front is refitted with the
+    Poisson likelihood; the one with the smallest deviance + penalty x free constants wins
+    (`selection` 'bic': penalty ln N_bins, 'aic': 2) and is fitted again by core.fit as a
+    BackgroundFunction. Seeded and reproducible. Raises FitDidNotConvergeError when no
+    member converges.
+    """
+    _check_search_options(seed, population_size, generations, max_length, selection)
+    used = problem.used
+    counts = problem.range_counts
+    filled = used & (counts > 0)
+    if np.count_nonzero(filled) < _MIN_FILLED_BINS:
+        raise InvalidInputError(
+            f"the fit range has {np.count_nonzero(filled)} non-empty bins in the likelihood; "
+            f"a symbolic fit needs at least {_MIN_FILLED_BINS}; widen the range or use an "
+            "analytic function"
+        )
     chosen_backend, message = resolve_backend(backend)
-    width = spectrum.upper - spectrum.lower
-    nonempty = spectrum.counts > 0
-    x_centres = (0.5 * (spectrum.lower + spectrum.upper) / sqrt_s)[nonempty]
-    features = np.column_stack([x_centres, np.log(x_centres), np.log1p(-x_centres)])
-    target = np.log(spectrum.counts[nonempty] / width[nonempty])
-    sigma = 1.0 / np.sqrt(spectrum.counts[nonempty])
+    range_edges = problem.range_edges
+    lower = range_edges[:-1][filled]
+    upper = np.minimum(range_edges[1:], problem.sqrt_s)[filled]
+    x_centre = 0.5 * (lower + upper) / problem.sqrt_s
+    features = np.column_stack([x_centre, np.log(x_centre), np.log1p(-x_centre)])
+    target = np.log(counts[filled] / (upper - lower))
+    sigma = 1.0 / np.sqrt(counts[filled])
     search = _search_pysr if chosen_backend == "pysr" else _search_pyoperon
     front = search(
         features,
@@ -814,59 +849,122 @@ def symbolic_fit(
         generations=generations,
         max_length=max_length,
     )
-    fit_edges = np.append(spectrum.lower, spectrum.upper[-1])
-    n_bins = spectrum.counts.size
     candidates: list[SymbolicCandidate] = []
-    fits: list[SymbolicFitResult | None] = []
+    fits: list[ExpressionFit | None] = []
     for member in front:
-        fit: SymbolicFitResult | None = None
         try:
             expression, starts = lift_constants(member.text)
-            fit = fit_expression(expression, starts, fit_edges, spectrum.counts, sqrt_s=sqrt_s)
+            fit = refit_expression(problem, expression, starts)
         except (FitError, InvalidInputError) as error:
             candidates.append(
                 SymbolicCandidate(
-                    expression=member.text,
-                    complexity=member.complexity,
-                    n_free=0,
-                    deviance=math.inf,
-                    p_value=0.0,
-                    criterion=math.inf,
-                    converged=False,
-                    reason=str(error),
+                    member.text, member.complexity, 0, math.inf, 0.0, math.inf, False, str(error)
                 )
             )
             fits.append(None)
             continue
-        n_free = len(fit.free_parameters)
+        criterion = _criterion(fit.deviance, fit.n_free, problem.n_used, selection)
         candidates.append(
             SymbolicCandidate(
-                expression=fit.expression,
-                complexity=member.complexity,
-                n_free=n_free,
-                deviance=fit.deviance,
-                p_value=fit.p_value,
-                criterion=_criterion(fit.deviance, n_free, n_bins, selection),
-                converged=True,
-                reason="",
+                fit.expression,
+                member.complexity,
+                fit.n_free,
+                fit.deviance,
+                fit.p_value,
+                criterion,
+                True,
+                "",
             )
         )
         fits.append(fit)
-    usable = [index for index, fit in enumerate(fits) if fit is not None]
-    if not usable:
-        raise FitDidNotConvergeError(
-            f"none of the {len(front)} expressions of the {chosen_backend} Pareto front could be "
-            "refitted with the Poisson likelihood; try another seed or more generations"
-        )
-    chosen = min(usable, key=lambda index: candidates[index].criterion)
-    chosen_fit = fits[chosen]
-    assert chosen_fit is not None
-    return SymbolicSearchResult(
-        fit=dataclasses.replace(chosen_fit, bins=(spectrum.first_bin, spectrum.stop_bin)),
-        candidates=tuple(candidates),
-        chosen_index=chosen,
-        selection=selection,
-        backend=chosen_backend,
-        backend_message=message,
-        seed=seed,
+    ranked = sorted(
+        (index for index, fit in enumerate(fits) if fit is not None),
+        key=lambda index: candidates[index].criterion,
     )
+    failures: list[str] = []
+    for index in ranked:
+        chosen = fits[index]
+        assert chosen is not None
+        names, constants = chosen.constant_names, chosen.constants
+        notes = [
+            f"symbolic regression ({chosen_backend}, seed {seed}, {selection} over "
+            f"{len(front)} front members): ln f = ln p1 + {chosen.expression}",
+            "constants: "
+            + ", ".join(f"{name}={value!r}" for name, value in zip(names, constants, strict=True)),
+            message,
+        ]
+        try:
+            result = _fit_result(problem, parse_expression(chosen.expression), chosen, notes)
+        except FitError as error:
+            failures.append(f"{chosen.expression}: {error}")
+            continue
+        return SymbolicSearchResult(
+            expression=chosen.expression,
+            constant_names=names,
+            constants=constants,
+            fit=result,
+            candidates=tuple(candidates),
+            chosen_index=index,
+            selection=selection,
+            backend=chosen_backend,
+            backend_message=message,
+            seed=seed,
+        )
+    raise FitDidNotConvergeError(
+        f"none of the {len(front)} expressions of the {chosen_backend} Pareto front gave a "
+        f"converged Poisson fit ({'; '.join(failures) or 'every refit failed'}); try another "
+        "seed or more generations"
+    )
+
+
+def symbolic_fit(
+    edges: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    fit_range: tuple[float, float | None] | None = None,
+    *,
+    sqrt_s: float = 13000.0,
+    backend: SymbolicBackend = "auto",
+    seed: int = 0,
+    population_size: int = 300,
+    generations: int = 60,
+    max_length: int = 25,
+    selection: ParetoSelection = "bic",
+) -> SymbolicSearchResult:
+    """Symbolic-regression background of a spectrum (edges in GeV) over [lo, hi] GeV.
+
+    See core.fit.prepare_spectrum for the fit range and `symbolic_fit_problem` for the rest.
+    """
+    problem = prepare_spectrum(edges, counts, fit_range, sqrt_s=sqrt_s)
+    return symbolic_fit_problem(
+        problem,
+        backend=backend,
+        seed=seed,
+        population_size=population_size,
+        generations=generations,
+        max_length=max_length,
+        selection=selection,
+    )
+
+
+def symbolic_fallback(
+    *,
+    backend: SymbolicBackend = "auto",
+    population_size: int = 300,
+    generations: int = 60,
+    max_length: int = 25,
+    selection: ParetoSelection = "bic",
+) -> Callable[[SpectrumFitProblem, int], FitResult]:
+    """A core.selection Fallback: (prepared spectrum, seed) -> FitResult of the symbolic fit."""
+
+    def fallback(problem: SpectrumFitProblem, seed: int) -> FitResult:
+        return symbolic_fit_problem(
+            problem,
+            backend=backend,
+            seed=seed,
+            population_size=population_size,
+            generations=generations,
+            max_length=max_length,
+            selection=selection,
+        ).fit
+
+    return fallback

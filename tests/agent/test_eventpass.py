@@ -133,3 +133,25 @@ def test_two_node_ray_cluster(sample, tmp_path):
         _assert_same(_table(tmp_path / "cluster"), _table(tmp_path / "serial"))
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, check=False)
+
+
+def test_partitioned_table_reads_like_a_single_file(sample, tmp_path):
+    from core.events import iterate_events
+    from core.table import add_score_column, read_event_table, table_spectra, write_event_table
+
+    event_pass(sample.files, tmp_path / "parts", step_size=5_000)
+    write_event_table(iterate_events(sample.files, step_size=5_000), tmp_path / "single.parquet")
+    parts = read_event_table(tmp_path / "parts")
+    single = read_event_table(tmp_path / "single.parquet")
+    np.testing.assert_array_equal(parts.event, single.event)
+    np.testing.assert_array_equal(parts.masses, single.masses)
+    np.testing.assert_array_equal(
+        table_spectra(tmp_path / "parts").spectra.counts,
+        table_spectra(tmp_path / "single.parquet").spectra.counts,
+    )
+    scores = np.arange(len(parts), dtype=float)
+    add_score_column(tmp_path / "parts", scores)
+    rescored = read_event_table(tmp_path / "parts")
+    np.testing.assert_array_equal(rescored.score, scores)
+    cut = table_spectra(tmp_path / "parts", score_min=float(len(parts) - 1001))
+    assert cut.n_selected == 1000

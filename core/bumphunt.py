@@ -1,0 +1,639 @@
+"""BumpHunter (Choudalakis, arXiv:1101.0390) on one spectrum against a fixed background.
+
+Method (PHYSICS.md section 6):
+
+- Windows are all runs of contiguous bins of widths `width_min`..`width_max` (default
+  1..N/2) inside the scan range, the bins from the first to the last one with background
+  B > 0 (pyBumpHunter trims empty background bins the same way).
+- In a window with data D and background B (both summed over its bins) the excess-only
+  local p-value is p = P(n >= D | B) = P(D, B), the regularised lower incomplete gamma
+  function, when D > B > 0, and p = 1 otherwise (a deficit is not a bump).
+- The test statistic is t = -ln(min p) over all windows; the best window is the first
+  minimum, scanning widths from small to large and positions from low to high mass.
+- The global p-value is the fraction of background-only Poisson pseudo-experiments with
+  t_toy >= t_obs; Z = Phi^-1(1 - p) (`core.significance`), clipped at 0 when p >= 0.5.
+
+Speed. B is the same for every toy, so the Poisson tail of each window is inverted once:
+K_w = the smallest integer k with -ln P(n >= k | B_w) >= t_obs. A toy has t_toy >= t_obs
+exactly when its count D_w >= K_w in some window, so a toy costs one integer comparison per
+window, with window counts from cumulative sums over a batch of toys. The full
+distribution of t_toy (`toy_statistics`) looks the tails up in a table per window,
+-ln P(n >= k | B_w) for k from the first excess count up to the largest count the toys
+need (`tabulate_poisson_tails`).
+
+Adaptive toys: batches are drawn until the relative error sqrt((1 - p) / k) of p = k / n
+falls below a target, with at least `min_toys`, at least 10 000 when p < 0.01 (even above
+`max_toys`), and at most `max_toys` otherwise. When no toy reaches t_obs the global p is
+reported as 0 with `global_z_is_lower_limit` and Z = Phi^-1(1 - 1/n) (pyBumpHunter's rule).
+
+Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1):
+the same windows, the same p (`gammainc(D, B)` if D > B and B > 0, else 1), the same t and
+tie-breaking and the same global p (>=). pyBumpHunter's Z = `norm.ppf(1 - p)` loses all
+precision below p ~ 1e-16; ours is `-ndtri(p)`, equal above, exact below, and clipped at 0.
+Data may be non-integer (weighted): P(D, B) is then the continuous gamma function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from scipy.special import gammainc, gammaln
+
+from core.errors import InvalidInputError
+from core.significance import z_from_log_p, z_from_p
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+MIN_TOYS_SMALL_P: Final = 10_000
+"""At least this many toys whenever the global p-value is below `SMALL_P`."""
+
+SMALL_P: Final = 0.01
+
+_LOG_TAIL_BELOW: Final = 1e-290
+"""Below this P(n >= k | B) from gammainc the tail is summed in log space instead."""
+
+_TOY_ENTRIES_PER_BATCH: Final = 2_000_000
+"""Toy bins drawn per batch: bounds the memory (a few tens of MB)."""
+
+_TABLE_ENTRIES_CAP: Final = 4_000_000
+"""Largest tail table built for one window width; beyond it the tail is computed directly."""
+
+
+# --------------------------------------------------------------------------- Poisson tails
+
+
+def _log_lower_gamma_series(a: FloatArray, x: FloatArray) -> FloatArray:
+    """Log of P(a, x) from its series x^a e^-x / Gamma(a+1) sum_j x^j / ((a+1)...(a+j)), x < a."""
+    log_sum = np.zeros_like(a)
+    running = np.zeros_like(a)
+    total = np.ones_like(a)
+    active = np.ones(a.shape, dtype=bool)
+    block = np.arange(1, 257, dtype=np.float64)
+    offset = 0.0
+    while np.any(active):
+        idx = np.flatnonzero(active)
+        steps = np.log(x[idx, None]) - np.log(a[idx, None] + offset + block[None, :])
+        log_terms = running[idx, None] + np.cumsum(steps, axis=1)
+        total[idx] += np.sum(np.exp(log_terms), axis=1)
+        running[idx] = log_terms[:, -1]
+        active[idx] = np.exp(running[idx]) > 1e-17 * total[idx]
+        offset += block.size
+    log_sum = np.log(total)
+    return np.asarray(a * np.log(x) - x - gammaln(a + 1.0) + log_sum, dtype=np.float64)
+
+
+def poisson_tail_statistic(k: npt.ArrayLike, background: npt.ArrayLike) -> FloatArray:
+    """Statistic t = -ln P(n >= k | B) for an excess k > B > 0, else 0 (no bump); broadcast arrays.
+
+    P(n >= k | B) is the regularised lower incomplete gamma P(k, B); where it underflows
+    (t > ~667) it is summed in log space, so t stays finite. B = 0 with k > 0 gives +inf.
+    """
+    counts = np.asarray(k, dtype=np.float64)
+    expected = np.asarray(background, dtype=np.float64)
+    counts, expected = np.broadcast_arrays(counts, expected)
+    statistic = np.zeros(counts.shape, dtype=np.float64)
+    excess = (counts > expected) & (expected > 0)
+    if np.any(excess):
+        a, x = counts[excess], expected[excess]
+        p = gammainc(a, x)
+        values = np.empty_like(p)
+        regular = p > _LOG_TAIL_BELOW
+        values[regular] = -np.log(p[regular])
+        if not np.all(regular):
+            values[~regular] = -_log_lower_gamma_series(a[~regular], x[~regular])
+        statistic[excess] = values
+    statistic[(expected <= 0) & (counts > 0)] = np.inf
+    return statistic
+
+
+def tail_thresholds(background: npt.ArrayLike, t_min: float) -> IntArray:
+    """Smallest integer count k with -ln P(n >= k | B) >= t_min (> 0), for each B >= 0.
+
+    A galloping search from a Cornish-Fisher guess, then bisection, all on the exact tail
+    `poisson_tail_statistic`, so the comparison D >= k equals t(D) >= t_min exactly.
+    """
+    if not (math.isfinite(t_min) and t_min > 0):
+        raise InvalidInputError(f"tail_thresholds needs a finite t_min > 0, found {t_min}")
+    b = np.atleast_1d(np.asarray(background, dtype=np.float64))
+    z = float(z_from_log_p(-t_min))
+    guess = np.ceil(b + z * np.sqrt(b) + (z * z - 1.0) / 6.0)
+    guess = np.maximum(guess, np.floor(b) + 1.0)
+
+    def reaches(k: FloatArray, rows: IntArray) -> npt.NDArray[np.bool_]:
+        return np.asarray(poisson_tail_statistic(k, b[rows]) >= t_min)
+
+    all_rows = np.arange(b.size)
+    ok = reaches(guess, all_rows)
+    lower = np.where(ok, np.floor(b), guess)  # t(lower) < t_min
+    upper = np.where(ok, guess, np.inf)  # t(upper) >= t_min
+    step = np.ones_like(b)
+    searching = np.ones(b.size, dtype=bool)
+    while np.any(searching):
+        rows = np.flatnonzero(searching)
+        going_up = ~ok[rows]
+        trial = np.where(going_up, lower[rows] + step[rows], upper[rows] - step[rows])
+        inside = going_up | (trial > lower[rows])
+        hit = reaches(trial, rows)
+        up_rows, down_rows = rows[going_up], rows[~going_up]
+        up_hit = hit[going_up]
+        upper[up_rows[up_hit]] = trial[going_up][up_hit]
+        lower[up_rows[~up_hit]] = trial[going_up][~up_hit]
+        down_hit = hit[~going_up] & inside[~going_up]
+        down_miss = ~hit[~going_up] & inside[~going_up]
+        upper[down_rows[down_hit]] = trial[~going_up][down_hit]
+        lower[down_rows[down_miss]] = trial[~going_up][down_miss]
+        finished = np.where(going_up, hit, ~(hit & inside))
+        searching[rows[finished]] = False
+        step[rows] *= 2.0
+    while np.any(upper - lower > 1):
+        rows = np.flatnonzero(upper - lower > 1)
+        middle = np.floor((upper[rows] + lower[rows]) / 2.0)
+        hit = reaches(middle, rows)
+        upper[rows[hit]] = middle[hit]
+        lower[rows[~hit]] = middle[~hit]
+    return upper.astype(np.int64)
+
+
+def tabulate_poisson_tails(
+    background: npt.ArrayLike, first_count: npt.ArrayLike, n_counts: int
+) -> FloatArray:
+    """Table T[i, j] = -ln P(n >= first_count[i] + j | background[i]), j < n_counts.
+
+    Built by the Poisson pmf recurrence p(k+1) = p(k) B / (k+1) and a reverse cumulative
+    sum closed by one gammainc per row; entries whose tail underflows use the exact tail.
+    Counts at or below B give 0.
+    """
+    b = np.asarray(background, dtype=np.float64)
+    k_first = np.asarray(first_count, dtype=np.float64)
+    if n_counts < 1 or b.shape != k_first.shape or b.ndim != 1:
+        raise InvalidInputError(
+            f"tabulate_poisson_tails needs 1D background and first_count of equal length "
+            f"and n_counts >= 1; found shapes {b.shape}, {k_first.shape}, n_counts={n_counts}"
+        )
+    counts = k_first[:, None] + np.arange(n_counts, dtype=np.float64)[None, :]
+    safe_b = np.where(b > 0, b, 1.0)[:, None]
+    log_b = np.log(safe_b)
+    log_pmf_first = k_first[:, None] * log_b - safe_b - gammaln(k_first[:, None] + 1.0)
+    steps = log_b - np.log(counts[:, 1:])
+    log_pmf = np.concatenate([log_pmf_first, log_pmf_first + np.cumsum(steps, axis=1)], axis=1)
+    beyond = gammainc(k_first + n_counts, safe_b[:, 0])
+    tail = beyond[:, None] + np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]
+    with np.errstate(divide="ignore"):
+        table = -np.log(tail)
+    unreliable = (tail < 1e-280) | (counts <= b[:, None]) | (b[:, None] <= 0)
+    if np.any(unreliable):
+        rows, cols = np.nonzero(unreliable)
+        table[rows, cols] = poisson_tail_statistic(counts[rows, cols], b[rows])
+    return np.asarray(table, dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------- windows
+
+
+@dataclass(frozen=True)
+class ScanWindows:
+    """Every window of a spectrum's scan range with its background (counts), by width.
+
+    Windows of width `widths[i]` start at bins `first_bin + j`, j < len(background_sums[i]);
+    `background_bins` is B in the scan range [first_bin, stop_bin).
+    """
+
+    first_bin: int
+    stop_bin: int
+    widths: tuple[int, ...]
+    background_sums: tuple[FloatArray, ...]
+    background_bins: FloatArray
+
+    @property
+    def n_windows(self) -> int:
+        """Total number of windows scanned."""
+        return int(sum(s.size for s in self.background_sums))
+
+
+def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[int, int]:
+    upper = n_bins // 2 if width_max is None else width_max
+    upper = max(upper, 1) if width_max is None else upper
+    if width_min < 1 or upper < width_min:
+        raise InvalidInputError(
+            f"window widths must satisfy 1 <= width_min <= width_max; found width_min="
+            f"{width_min}, width_max={upper} (bins)"
+        )
+    if upper > n_bins:
+        raise InvalidInputError(
+            f"width_max={upper} bins is larger than the histogram ({n_bins} bins); "
+            "choose width_max <= the number of bins"
+        )
+    return width_min, upper
+
+
+def validate_spectrum(
+    counts: npt.ArrayLike, background: npt.ArrayLike, edges: npt.ArrayLike | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Check data counts and expected background (and edges, GeV) of one spectrum.
+
+    Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, background
+    <= 0 where data exist, or an all-zero background. Returns float copies.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    b = np.asarray(background, dtype=np.float64)
+    if n.ndim != 1 or b.shape != n.shape or n.size == 0:
+        raise InvalidInputError(
+            f"expected 1D data counts and background of the same (non-zero) length; found "
+            f"counts {n.shape} and background {b.shape}"
+        )
+    if edges is not None:
+        e = np.asarray(edges, dtype=np.float64)
+        if e.shape != (n.size + 1,):
+            raise InvalidInputError(
+                f"expected {n.size + 1} bin edges for {n.size} bins, found shape {e.shape}"
+            )
+        if not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
+            raise InvalidInputError("bin edges must be finite and strictly increasing (GeV)")
+    for name, values in (("data counts", n), ("background", b)):
+        bad = ~np.isfinite(values)
+        if np.any(bad):
+            raise InvalidInputError(
+                f"{name} contain NaN or infinite values at bins "
+                f"{np.flatnonzero(bad)[:10].tolist()}; fix the input histogram"
+            )
+        if np.any(values < 0):
+            raise InvalidInputError(
+                f"{name} must be >= 0; negative at bins {np.flatnonzero(values < 0)[:10].tolist()}"
+            )
+    missing = (b <= 0) & (n > 0)
+    if np.any(missing):
+        raise InvalidInputError(
+            "background is zero where data exist, at bins "
+            f"{np.flatnonzero(missing)[:10].tolist()}: such a window has p = 0. Extend the "
+            "background model to these bins or leave them out of the histogram"
+        )
+    if not np.any(b > 0):
+        raise InvalidInputError("background is zero in every bin; expected a background shape")
+    return n, b
+
+
+def scan_windows(
+    background: npt.ArrayLike, width_min: int = 1, width_max: int | None = None
+) -> ScanWindows:
+    """All windows (widths in bins; default 1..N/2) of the bins with background > 0."""
+    b = np.asarray(background, dtype=np.float64)
+    if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)) or np.any(b < 0):
+        raise InvalidInputError("scan_windows needs a 1D background of finite expected counts >= 0")
+    low, high = _check_widths(b.size, width_min, width_max)
+    nonzero = np.flatnonzero(b > 0)
+    if nonzero.size == 0:
+        raise InvalidInputError("background is zero in every bin; expected a background shape")
+    first, stop = int(nonzero[0]), int(nonzero[-1]) + 1
+    if stop - first < low:
+        raise InvalidInputError(
+            f"the scan range (bins {first}..{stop - 1}, where background > 0) has "
+            f"{stop - first} bins, fewer than width_min={low}"
+        )
+    bins = b[first:stop].copy()
+    cumulative = np.concatenate([[0.0], np.cumsum(bins)])
+    widths = tuple(w for w in range(low, high + 1) if w <= bins.size)
+    sums = tuple(cumulative[w:] - cumulative[:-w] for w in widths)
+    return ScanWindows(first, stop, widths, sums, bins)
+
+
+def window_statistics(windows: ScanWindows, counts: npt.ArrayLike) -> tuple[FloatArray, ...]:
+    """Statistic t = -ln p of every window (per width, as in `windows`) for data `counts`."""
+    n = np.asarray(counts, dtype=np.float64)[windows.first_bin : windows.stop_bin]
+    cumulative = np.concatenate([[0.0], np.cumsum(n)])
+    return tuple(
+        poisson_tail_statistic(cumulative[w:] - cumulative[:-w], sums)
+        for w, sums in zip(windows.widths, windows.background_sums, strict=True)
+    )
+
+
+@dataclass(frozen=True)
+class LocalExcess:
+    """The most significant window of a spectrum: bins [first, stop), masses in GeV."""
+
+    first_bin: int
+    stop_bin: int
+    mass_low: float
+    mass_high: float
+    data: float
+    background: float
+    statistic: float
+    local_p: float
+    local_z: float
+
+
+def significance_from_statistic(statistic: float) -> tuple[float, float]:
+    """(p, Z) of t = -ln p; Z is computed from ln p (exact where p underflows), >= 0."""
+    local_p = math.exp(-statistic)
+    if statistic == math.inf:
+        return 0.0, math.inf
+    return local_p, max(float(z_from_log_p(-statistic)), 0.0)
+
+
+def most_significant_window(
+    counts: npt.ArrayLike,
+    background: npt.ArrayLike,
+    edges: npt.ArrayLike,
+    width_min: int = 1,
+    width_max: int | None = None,
+) -> LocalExcess:
+    """Scan all windows and return the one of smallest local p (GeV, counts)."""
+    n, b = validate_spectrum(counts, background, edges)
+    e = np.asarray(edges, dtype=np.float64)
+    windows = scan_windows(b, width_min, width_max)
+    return best_window(windows, n, e)
+
+
+def best_window(windows: ScanWindows, counts: npt.ArrayLike, edges: npt.ArrayLike) -> LocalExcess:
+    """The window of largest t (first one on ties) for data `counts` over `windows`."""
+    n = np.asarray(counts, dtype=np.float64)
+    e = np.asarray(edges, dtype=np.float64)
+    statistics = window_statistics(windows, n)
+    best_t, best_width, best_start = -1.0, windows.widths[0], 0
+    for width, values in zip(windows.widths, statistics, strict=True):
+        start = int(np.argmax(values))
+        if values[start] > best_t:
+            best_t, best_width, best_start = float(values[start]), width, start
+    first = windows.first_bin + best_start
+    stop = first + best_width
+    local_p, local_z = significance_from_statistic(best_t)
+    return LocalExcess(
+        first_bin=first,
+        stop_bin=stop,
+        mass_low=float(e[first]),
+        mass_high=float(e[stop]),
+        data=float(np.sum(n[first:stop])),
+        background=float(
+            np.sum(windows.background_bins[first - windows.first_bin : stop - windows.first_bin])
+        ),
+        statistic=best_t,
+        local_p=local_p,
+        local_z=local_z,
+    )
+
+
+# ---------------------------------------------------------------------------------- toys
+
+
+def _count_dtype(windows: ScanWindows) -> type[np.signedinteger]:
+    total = float(np.sum(windows.background_bins))
+    return np.int32 if total < 1e8 else np.int64
+
+
+def toy_cumulative_counts(
+    windows: ScanWindows, n_toys: int, rng: np.random.Generator
+) -> npt.NDArray[np.signedinteger]:
+    """Cumulative bin counts (n_toys, n_scan_bins + 1) of background-only Poisson toys."""
+    toys = rng.poisson(windows.background_bins, size=(n_toys, windows.background_bins.size))
+    dtype = _count_dtype(windows)
+    cumulative = np.zeros((n_toys, toys.shape[1] + 1), dtype=dtype)
+    np.cumsum(toys, axis=1, out=cumulative[:, 1:])
+    return cumulative
+
+
+def toys_reaching(
+    windows: ScanWindows,
+    thresholds: tuple[npt.NDArray[np.signedinteger], ...],
+    cumulative: npt.NDArray[np.signedinteger],
+) -> npt.NDArray[np.bool_]:
+    """Which toys have a window with D_w >= K_w (i.e. t_toy >= the thresholds' t)."""
+    reached = np.zeros(cumulative.shape[0], dtype=bool)
+    for width, limit in zip(windows.widths, thresholds, strict=True):
+        counts = cumulative[:, width:] - cumulative[:, :-width]
+        reached |= np.any(counts >= limit, axis=1)
+    return reached
+
+
+def window_thresholds(
+    windows: ScanWindows, t_min: float
+) -> tuple[npt.NDArray[np.signedinteger], ...]:
+    """Per width, the smallest window count with t >= t_min (see `tail_thresholds`).
+
+    In the integer type of `toy_cumulative_counts`, saturated at its largest value.
+    """
+    dtype = _count_dtype(windows)
+    flat = tail_thresholds(np.concatenate(windows.background_sums), t_min)
+    flat = np.minimum(flat, np.iinfo(dtype).max).astype(dtype)
+    return tuple(np.split(flat, np.cumsum([s.size for s in windows.background_sums])[:-1]))
+
+
+def toy_statistics(
+    windows: ScanWindows, n_toys: int, seed: int | np.random.Generator
+) -> FloatArray:
+    """Exact t = -ln(min p) of `n_toys` background-only pseudo-experiments, via tail tables.
+
+    For each width a table -ln P(n >= k | B_w) is built from the first excess count
+    floor(B_w) + 1 up to the largest window count of the toys (capped; beyond the cap the
+    exact tail is used), and window counts are looked up in it.
+    """
+    if n_toys < 1:
+        raise InvalidInputError(f"toy_statistics needs n_toys >= 1, found {n_toys}")
+    rng = np.random.default_rng(seed)
+    result = np.zeros(n_toys, dtype=np.float64)
+    batch = max(1, _TOY_ENTRIES_PER_BATCH // max(windows.background_bins.size, 1))
+    for start in range(0, n_toys, batch):
+        size = min(batch, n_toys - start)
+        cumulative = toy_cumulative_counts(windows, size, rng).astype(np.int64)
+        best = np.zeros(size, dtype=np.float64)
+        for width, sums in zip(windows.widths, windows.background_sums, strict=True):
+            counts = cumulative[:, width:] - cumulative[:, :-width]
+            first = np.floor(sums).astype(np.int64) + 1
+            offset = counts - first[None, :]
+            longest = int(offset.max()) + 1
+            if longest <= 0:
+                continue
+            length = max(1, min(longest, _TABLE_ENTRIES_CAP // sums.size))
+            table = tabulate_poisson_tails(sums, first, length)
+            inside = (offset >= 0) & (offset < length)
+            values = np.zeros(counts.shape, dtype=np.float64)
+            columns = np.broadcast_to(np.arange(sums.size), counts.shape)
+            values[inside] = table[columns[inside], offset[inside]]
+            outside = offset >= length
+            if np.any(outside):
+                values[outside] = poisson_tail_statistic(
+                    counts[outside], np.broadcast_to(sums, counts.shape)[outside]
+                )
+            np.maximum(best, values.max(axis=1), out=best)
+        result[start : start + size] = best
+    return result
+
+
+@dataclass(frozen=True)
+class ToyPValue:
+    """A p-value estimated as the fraction k/n of toys reaching the observed statistic."""
+
+    p_value: float
+    error: float
+    n_toys: int
+    n_reaching: int
+    converged: bool
+
+
+def adaptive_toy_p_value(
+    count_batch: Callable[[int], int],
+    *,
+    min_toys: int,
+    max_toys: int,
+    target_rel_error: float,
+    batch_cap: int,
+) -> ToyPValue:
+    """Run toy batches (`count_batch(n)` returns how many of n toys reach) until p is known.
+
+    Stops when the relative error sqrt((1 - p)/k) < `target_rel_error` after `min_toys`;
+    never before 10 000 toys while p < 0.01 (even above `max_toys`); otherwise at
+    `max_toys`. The error is binomial; with k = 0 it is the 68 % upper limit 1 - 0.32^(1/n).
+    """
+    if min_toys < 1 or max_toys < min_toys:
+        raise InvalidInputError(
+            f"toy counts must satisfy 1 <= min_toys <= max_toys; found {min_toys}, {max_toys}"
+        )
+    if not (0 < target_rel_error < 1):
+        raise InvalidInputError(f"target_rel_error must be in (0, 1), found {target_rel_error}")
+    n_toys, reaching = 0, 0
+    converged = False
+    while True:
+        p = reaching / n_toys if n_toys else 1.0
+        limit = max(max_toys, MIN_TOYS_SMALL_P) if p < SMALL_P else max_toys
+        if n_toys >= min_toys:
+            precise = reaching > 0 and math.sqrt((1.0 - p) / reaching) < target_rel_error
+            if precise and (p >= SMALL_P or n_toys >= MIN_TOYS_SMALL_P):
+                converged = True
+                break
+            if n_toys >= limit:
+                break
+        if n_toys < min_toys:
+            wanted = min_toys
+        elif p < SMALL_P and n_toys < MIN_TOYS_SMALL_P:
+            wanted = MIN_TOYS_SMALL_P
+        elif reaching > 0:
+            wanted = math.ceil((1.0 - p) / (p * target_rel_error**2)) + 1
+        else:
+            wanted = 2 * n_toys
+        size = int(min(max(wanted - n_toys, 1), batch_cap, limit - n_toys))
+        reaching += count_batch(size)
+        n_toys += size
+    p = reaching / n_toys
+    error = math.sqrt(p * (1.0 - p) / n_toys) if reaching else 1.0 - 0.32 ** (1.0 / n_toys)
+    return ToyPValue(p, error, n_toys, reaching, converged)
+
+
+# ----------------------------------------------------------------------------- bump hunt
+
+
+@dataclass(frozen=True)
+class BumpHuntResult:
+    """BumpHunter on one spectrum: best window (GeV, bins [first, stop)), local and global p."""
+
+    mass_low: float
+    mass_high: float
+    first_bin: int
+    stop_bin: int
+    data: float
+    background: float
+    statistic: float
+    local_p: float
+    local_z: float
+    global_p: float
+    global_p_error: float
+    global_z: float
+    global_z_is_lower_limit: bool
+    n_toys: int
+    n_toys_reaching: int
+    converged: bool
+    width_min: int
+    width_max: int
+    n_windows: int
+
+
+def bump_hunt(
+    counts: npt.ArrayLike,
+    background: npt.ArrayLike,
+    edges: npt.ArrayLike,
+    *,
+    width_min: int = 1,
+    width_max: int | None = None,
+    min_toys: int = 1_000,
+    max_toys: int = 100_000,
+    target_rel_error: float = 0.1,
+    seed: int | np.random.Generator = 0,
+) -> BumpHuntResult:
+    """BumpHunter of data `counts` against expected `background` counts, bins `edges` (GeV).
+
+    Widths in bins (default 1..N/2). The global p uses adaptive background-only toys drawn
+    from `seed` (see the module docstring); with no excess anywhere (t = 0) it is 1 and no
+    toy is drawn.
+    """
+    n, b = validate_spectrum(counts, background, edges)
+    e = np.asarray(edges, dtype=np.float64)
+    windows = scan_windows(b, width_min, width_max)
+    best = best_window(windows, n, e)
+    toy_p = _global_p_value(
+        windows,
+        best.statistic,
+        min_toys=min_toys,
+        max_toys=max_toys,
+        target_rel_error=target_rel_error,
+        seed=seed,
+    )
+    global_z, lower_limit = global_significance(toy_p)
+    return BumpHuntResult(
+        mass_low=best.mass_low,
+        mass_high=best.mass_high,
+        first_bin=best.first_bin,
+        stop_bin=best.stop_bin,
+        data=best.data,
+        background=best.background,
+        statistic=best.statistic,
+        local_p=best.local_p,
+        local_z=best.local_z,
+        global_p=toy_p.p_value,
+        global_p_error=toy_p.error,
+        global_z=global_z,
+        global_z_is_lower_limit=lower_limit,
+        n_toys=toy_p.n_toys,
+        n_toys_reaching=toy_p.n_reaching,
+        converged=toy_p.converged,
+        width_min=windows.widths[0],
+        width_max=windows.widths[-1],
+        n_windows=windows.n_windows,
+    )
+
+
+def global_significance(toy_p: ToyPValue) -> tuple[float, bool]:
+    """(Z, is_lower_limit) of a toy p-value; with no toy reaching, Z of 1/n as a lower limit."""
+    if toy_p.n_reaching == 0 and toy_p.n_toys > 0:
+        return max(float(z_from_p(1.0 / toy_p.n_toys)), 0.0), True
+    return max(float(z_from_p(toy_p.p_value)), 0.0), False
+
+
+def _global_p_value(
+    windows: ScanWindows,
+    statistic: float,
+    *,
+    min_toys: int,
+    max_toys: int,
+    target_rel_error: float,
+    seed: int | np.random.Generator,
+) -> ToyPValue:
+    if statistic <= 0:
+        return ToyPValue(1.0, 0.0, 0, 0, True)
+    rng = np.random.default_rng(seed)
+    thresholds = window_thresholds(windows, statistic)
+    batch_cap = max(1, _TOY_ENTRIES_PER_BATCH // windows.background_bins.size)
+
+    def count_batch(size: int) -> int:
+        cumulative = toy_cumulative_counts(windows, size, rng)
+        return int(np.count_nonzero(toys_reaching(windows, thresholds, cumulative)))
+
+    return adaptive_toy_p_value(
+        count_batch,
+        min_toys=min_toys,
+        max_toys=max_toys,
+        target_rel_error=target_rel_error,
+        batch_cap=batch_cap,
+    )

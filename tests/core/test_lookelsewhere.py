@@ -1,0 +1,210 @@
+"""Scan-wide look-elsewhere: nested pseudo-scans, effective trials, coverage, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import kstest
+
+from core.bumphunt import bump_hunt
+from core.errors import InvalidInputError
+from core.lookelsewhere import (
+    NestedSpectrum,
+    effective_trials,
+    nested_pseudo_counts,
+    nested_spectrum,
+    scan_significance,
+)
+
+EDGES = np.linspace(300.0, 1500.0, 25)
+CENTRES = 0.5 * (EDGES[1:] + EDGES[:-1])
+SHAPE = np.exp(-(CENTRES - 300.0) / 250.0)
+SIGMAS = np.array([10.0, 3.0, 1.0])
+
+
+def _backgrounds(total: float, sigmas: np.ndarray = SIGMAS) -> np.ndarray:
+    """Nested expected counts (n_points, n_bins): AR yield proportional to the cross-section."""
+    return np.asarray(total * (sigmas / sigmas.max())[:, None] * (SHAPE / SHAPE.sum())[None, :])
+
+
+def _observed(name: str, background: np.ndarray, rng: np.random.Generator) -> NestedSpectrum:
+    empty = nested_spectrum(name, EDGES, SIGMAS, np.zeros_like(background), background)
+    counts = nested_pseudo_counts(empty, 1, rng)[:, 0, :].astype(float)
+    return nested_spectrum(name, EDGES, SIGMAS, counts, background)
+
+
+def test_nested_toys_have_the_right_means_covariance_and_nesting() -> None:
+    # Mean per point = B (4 sigma of 20 000 toys); Cov(loose, tight) = B_tight (nested sums).
+    background = _backgrounds(3000.0)
+    spectrum = nested_spectrum("T1/jj", EDGES, SIGMAS, np.zeros_like(background), background)
+    toys = nested_pseudo_counts(spectrum, 20_000, np.random.default_rng(1))
+    assert toys.shape == (3, 20_000, 24)
+    assert np.all(toys[1:] <= toys[:-1])
+    error = np.sqrt(background / 20_000)
+    assert np.all(np.abs(toys.mean(axis=1) - background) < 4 * error + 1e-9)
+    covariance = np.mean(
+        (toys[0, :, 0] - toys[0, :, 0].mean()) * (toys[2, :, 0] - toys[2, :, 0].mean())
+    )
+    assert covariance == pytest.approx(background[2, 0], rel=0.1)
+
+
+def test_points_are_ordered_loosest_first_and_envelope_counts_violations() -> None:
+    background = _backgrounds(1000.0)[::-1].copy()  # given tightest first
+    background[2, 5] = 0.5 * background[1, 5]  # loosest below the middle point in one bin
+    spectrum = nested_spectrum("T2/jm", EDGES, SIGMAS[::-1], np.zeros_like(background), background)
+    assert list(spectrum.cross_sections_pb) == [10.0, 3.0, 1.0]
+    assert spectrum.nesting_violations == 1
+    assert spectrum.background_envelope[0, 5] == spectrum.background[1, 5]
+    assert np.all(spectrum.background_envelope >= spectrum.background)
+
+
+def test_effective_trials_inverts_independent_tests() -> None:
+    p_local = 1e-4
+    for n in (1.0, 7.0, 1234.0):
+        assert effective_trials(1 - (1 - p_local) ** n, p_local) == pytest.approx(n, rel=1e-9)
+    assert effective_trials(0.0, 0.1) is None
+    assert effective_trials(1.0, 0.1) is None
+    assert effective_trials(0.5, 0.0) is None
+
+
+def test_one_spectrum_one_point_equals_the_bump_hunt() -> None:
+    # The scan machinery on a single histogram is BumpHunter: global p within 4 sigma of toys.
+    rng = np.random.default_rng(2)
+    background = _backgrounds(5000.0)[:1]
+    counts = rng.poisson(background).astype(float)
+    spectrum = nested_spectrum("T3/ee", EDGES, SIGMAS[:1], counts, background)
+    scan = scan_significance([spectrum], width_max=8, min_pseudo_scans=4000, seed=3)
+    single = bump_hunt(counts[0], background[0], EDGES, width_max=8, min_toys=4000, seed=4)
+    assert scan.statistic == single.statistic
+    assert scan.best.excess == pytest.approx(scan.best.excess)
+    combined_error = math.hypot(scan.global_p_error, single.global_p_error)
+    assert abs(scan.global_p - single.global_p) < 4 * combined_error
+    assert scan.n_tests == 1
+
+
+def test_nesting_keeps_the_trials_factor_small() -> None:
+    # Four AR points holding 100 %, 99 %, 98 % and 97 % of the same events: the global p is
+    # close to that of one point, far below 1 - (1 - p_1)^4 for independent points.
+    rng = np.random.default_rng(5)
+    sigmas = np.array([1.0, 0.99, 0.98, 0.97])
+    background = _backgrounds(20_000.0, sigmas)
+    empty = nested_spectrum("T7/jj", EDGES, sigmas, np.zeros_like(background), background)
+    counts = nested_pseudo_counts(empty, 1, rng)[:, 0, :].astype(float)
+    counts[:, 12] += np.floor(3.2 * np.sqrt(background[:, 12]))
+    nested = nested_spectrum("T7/jj", EDGES, sigmas, counts, background)
+    one = nested_spectrum("T7/jj", EDGES, sigmas[-1:], counts[-1:], background[-1:])
+    p_nested = scan_significance([nested], width_max=6, seed=6, target_rel_error=0.05)
+    p_one = scan_significance([one], width_max=6, seed=7, target_rel_error=0.05)
+    independent = 1 - (1 - p_one.global_p) ** 4
+    assert p_nested.global_p < 0.5 * independent
+    assert p_nested.global_p > 0.8 * p_one.global_p
+    assert p_nested.effective_trials is not None
+    assert p_one.effective_trials is not None
+    assert p_nested.effective_trials < 2.0 * p_one.effective_trials
+
+
+def test_scan_global_p_covers_on_background_only_pseudo_scans() -> None:
+    # 200 background-only pseudo-scans (3 spectra x 3 nested AR points): the scan-wide p is
+    # uniform (KS p > 0.01) and never anti-conservative: P(p <= a) <= a + 3 sigma at
+    # a = 0.05, 0.1, 0.2, 0.5. The local p of the same scans is badly anti-conservative.
+    rng = np.random.default_rng(8)
+    backgrounds = [_backgrounds(total) for total in (500.0, 2000.0, 8000.0)]
+    global_p, local_p = [], []
+    for index in range(200):
+        spectra = [_observed(f"T{i}/jj", b, rng) for i, b in enumerate(backgrounds)]
+        result = scan_significance(
+            spectra, width_max=6, min_pseudo_scans=300, target_rel_error=0.2, seed=index
+        )
+        global_p.append(result.global_p)
+        local_p.append(result.local_p)
+    p = np.array(global_p)
+    assert kstest(p, "uniform").pvalue > 0.01
+    for alpha in (0.05, 0.1, 0.2, 0.5):
+        assert np.mean(p <= alpha) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / p.size)
+    assert np.mean(np.array(local_p) <= 0.05) > 0.5
+
+
+def test_non_nested_background_toys_use_the_envelope() -> None:
+    # Fitted backgrounds that are not nested (loosest below the middle point in every other
+    # bin): toy means equal the envelope max(B), never below any point's own B, so toy
+    # excesses are at least as likely as the fit predicts (conservative); 20 000 toys, 4 sigma.
+    truth = _backgrounds(3000.0)
+    fitted = truth.copy()
+    fitted[0, ::2] = truth[1, ::2] * 0.9
+    spectrum = nested_spectrum("T1/jj", EDGES, SIGMAS, np.zeros_like(fitted), fitted)
+    assert spectrum.nesting_violations == 12
+    toys = nested_pseudo_counts(spectrum, 20_000, np.random.default_rng(9))
+    envelope = np.maximum.accumulate(fitted[::-1], axis=0)[::-1]
+    error = np.sqrt(envelope / 20_000)
+    assert np.all(np.abs(toys.mean(axis=1) - envelope) < 4 * error)
+    assert np.all(toys.mean(axis=1)[0, ::2] > fitted[0, ::2] + 5 * error[0, ::2])
+    assert np.all(toys[1:] <= toys[:-1])
+
+
+def test_strong_signal_is_ranked_first_with_small_global_p() -> None:
+    rng = np.random.default_rng(10)
+    spectra = [_observed(f"T{i}/jb", _backgrounds(4000.0), rng) for i in range(3)]
+    counts = spectra[1].counts.copy()
+    counts[:, 8] += 120.0 * (SIGMAS / SIGMAS.max())
+    spectra[1] = nested_spectrum("T1/jb", EDGES, SIGMAS, counts, spectra[1].background)
+    result = scan_significance(spectra, width_max=6, seed=11)
+    assert result.best.spectrum == "T1/jb"
+    assert result.best.excess.first_bin <= 8 < result.best.excess.stop_bin
+    assert result.global_p < 0.01
+    assert result.n_pseudo_scans >= 10_000
+    assert result.points[0] == result.best
+    assert [p.excess.statistic for p in result.points] == sorted(
+        (p.excess.statistic for p in result.points), reverse=True
+    )
+    assert result.n_tests == 9
+    assert result.global_z < result.local_z
+
+
+def test_no_excess_anywhere_gives_p_one() -> None:
+    background = _backgrounds(1000.0)
+    spectrum = nested_spectrum("T4/gg", EDGES, SIGMAS, np.floor(0.5 * background), background)
+    result = scan_significance([spectrum])
+    assert (result.global_p, result.n_pseudo_scans, result.global_z) == (1.0, 0, 0.0)
+    assert result.effective_trials is None
+
+
+def test_bad_scans_raise() -> None:
+    background = _backgrounds(1000.0)
+    counts = np.floor(background)
+    with pytest.raises(InvalidInputError, match="at least one spectrum"):
+        scan_significance([])
+    spectrum = nested_spectrum("a", EDGES, SIGMAS, counts, background)
+    with pytest.raises(InvalidInputError, match="unique"):
+        scan_significance([spectrum, spectrum])
+    with pytest.raises(InvalidInputError, match="larger than the histogram"):
+        scan_significance([spectrum], width_max=25)
+
+
+@pytest.mark.parametrize(
+    ("sigmas", "counts", "background", "match"),
+    [
+        (SIGMAS[:2], None, None, "n_points = 2"),
+        (np.array([10.0, 3.0, 3.0]), None, None, "same cross-section"),
+        (np.array([10.0, -3.0, 1.0]), None, None, "> 0 pb"),
+        (np.array([[10.0, 3.0, 1.0]]), None, None, "1D list"),
+        (SIGMAS, "nan", None, "at 3 pb: data counts contain NaN"),
+        (SIGMAS, "not nested", None, "tighter ARs must be subsets"),
+        (SIGMAS, None, "zero", "zero where data exist"),
+    ],
+)
+def test_bad_nested_spectra_raise(
+    sigmas: np.ndarray, counts: str | None, background: str | None, match: str
+) -> None:
+    b = _backgrounds(1000.0)
+    n = np.floor(b)
+    if counts == "nan":
+        n[1, 4] = math.nan
+    if counts == "not nested":
+        n[2, 4] = n[1, 4] + 5
+    if background == "zero":
+        b[0, 4] = 0.0
+        n[0, 4] = 3.0
+    with pytest.raises(InvalidInputError, match=match):
+        nested_spectrum("T5/gg", EDGES, sigmas, n, b)

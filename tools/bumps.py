@@ -1,0 +1,335 @@
+"""Bump-hunting tools: `bump_hunt` (one spectrum), `signal_fit`, `scan_significance`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field, model_validator
+
+from core.bumphunt import LocalExcess, bump_hunt
+from core.errors import InvalidInputError
+from core.lookelsewhere import NestedSpectrum, nested_spectrum, scan_significance
+from core.significance import BackgroundNormalisation, mass_resolution, signal_fit
+from tools.common import HistogramInput, StrictModel
+from tools.registry import register
+
+FloatArray = npt.NDArray[np.float64]
+
+
+def _histogram_with_background(
+    histogram: HistogramInput,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    edges, counts, background = histogram.arrays()
+    if background is None:
+        raise InvalidInputError(
+            "this tool needs the histogram's expected 'background' per bin (inline or an NPZ "
+            "array 'background'); fit one with fit_background first"
+        )
+    return edges, counts, background
+
+
+class BumpHuntInput(StrictModel):
+    """BumpHunter on one spectrum against its background (expected counts per bin)."""
+
+    histogram: HistogramInput
+    width_min: int = Field(1, ge=1, description="narrowest window, bins")
+    width_max: int | None = Field(None, ge=1, description="widest window, bins; null = N/2")
+    n_toys: int = Field(1_000, ge=1, description="minimum number of background-only toys")
+    max_toys: int = Field(
+        100_000, ge=1, description="toy budget (raised to 10 000 when global p < 0.01)"
+    )
+    target_rel_error: float = Field(0.1, gt=0, lt=1, description="stop at this error on p")
+    seed: int = Field(0, ge=0)
+
+
+class BumpHuntOutput(StrictModel):
+    """The most significant window and its local and global significance."""
+
+    window: tuple[float, float] = Field(description="[lo, hi] GeV")
+    bins: tuple[int, int] = Field(description="[first, last + 1]")
+    data: float
+    background: float
+    statistic: float = Field(description="t = -ln(local p)")
+    local_p: float
+    local_z: float
+    global_p: float
+    global_p_error: float
+    global_z: float
+    global_z_is_lower_limit: bool
+    n_toys: int
+    n_toys_reaching: int
+    converged: bool
+    width_min: int
+    width_max: int
+    n_windows: int
+
+
+@register(
+    "bump_hunt",
+    "BumpHunter scan of one spectrum: best window, local p, global p from adaptive toys",
+    BumpHuntInput,
+    BumpHuntOutput,
+)
+def run_bump_hunt(arguments: BumpHuntInput) -> BumpHuntOutput:
+    """Run `core.bumphunt.bump_hunt` on the tool's histogram."""
+    edges, counts, background = _histogram_with_background(arguments.histogram)
+    result = bump_hunt(
+        counts,
+        background,
+        edges,
+        width_min=arguments.width_min,
+        width_max=arguments.width_max,
+        min_toys=arguments.n_toys,
+        max_toys=max(arguments.max_toys, arguments.n_toys),
+        target_rel_error=arguments.target_rel_error,
+        seed=arguments.seed,
+    )
+    return BumpHuntOutput(
+        window=(result.mass_low, result.mass_high),
+        bins=(result.first_bin, result.stop_bin),
+        data=result.data,
+        background=result.background,
+        statistic=result.statistic,
+        local_p=result.local_p,
+        local_z=result.local_z,
+        global_p=result.global_p,
+        global_p_error=result.global_p_error,
+        global_z=result.global_z,
+        global_z_is_lower_limit=result.global_z_is_lower_limit,
+        n_toys=result.n_toys,
+        n_toys_reaching=result.n_toys_reaching,
+        converged=result.converged,
+        width_min=result.width_min,
+        width_max=result.width_max,
+        n_windows=result.n_windows,
+    )
+
+
+class SignalFitInput(StrictModel):
+    """A Gaussian signal at a given mass over the histogram's background shape."""
+
+    histogram: HistogramInput
+    mass: float = Field(gt=0, description="signal mass, GeV")
+    width: float | None = Field(
+        None, gt=0, description="Gaussian sigma, GeV; null = resolution m sqrt(0.84^2/m+0.016^2)"
+    )
+    background_normalisation: BackgroundNormalisation = "fixed"
+
+
+class SignalFitOutput(StrictModel):
+    """Fitted signal yield (whole Gaussian, events) and its likelihood-ratio significance."""
+
+    mass: float
+    width: float
+    signal_yield: float
+    signal_yield_error: float
+    background_scale: float
+    background_scale_error: float
+    background_normalisation: BackgroundNormalisation
+    nll_signal_plus_background: float
+    nll_background_only: float
+    q0: float
+    local_z: float
+    local_p: float
+    signal_fraction_in_range: float
+    n_bins_fitted: int
+
+
+@register(
+    "signal_fit",
+    "Fit a Gaussian signal yield at a mass over a fixed or floating background shape",
+    SignalFitInput,
+    SignalFitOutput,
+)
+def run_signal_fit(arguments: SignalFitInput) -> SignalFitOutput:
+    """Run `core.significance.signal_fit` on the tool's histogram."""
+    edges, counts, background = _histogram_with_background(arguments.histogram)
+    width = mass_resolution(arguments.mass) if arguments.width is None else arguments.width
+    result = signal_fit(
+        counts,
+        background,
+        edges,
+        arguments.mass,
+        width,
+        background_normalisation=arguments.background_normalisation,
+    )
+    return SignalFitOutput(**vars(result))
+
+
+class ScanSpectrumInput(StrictModel):
+    """One spectrum at several AR points: inline arrays or `path` to an NPZ.
+
+    The NPZ holds `edges` (N+1), `counts` and `background` (n_points, N), and
+    `cross_sections_pb` (n_points).
+    """
+
+    name: str
+    cross_sections_pb: list[float] | None = None
+    edges: list[float] | None = None
+    counts: list[list[float]] | None = None
+    background: list[list[float]] | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _inline_or_path(self) -> ScanSpectrumInput:
+        fields = (self.cross_sections_pb, self.edges, self.counts, self.background)
+        inline = any(value is not None for value in fields)
+        if inline == (self.path is not None):
+            raise ValueError(
+                "give either 'cross_sections_pb', 'edges', 'counts' and 'background' inline, "
+                "or 'path' to an NPZ file"
+            )
+        if inline and any(value is None for value in fields):
+            raise ValueError(
+                "an inline spectrum needs 'cross_sections_pb', 'edges', 'counts' and 'background'"
+            )
+        return self
+
+    def to_core(self) -> NestedSpectrum:
+        """The validated core spectrum, loosest AR point first."""
+        if self.path is not None:
+            if not self.path.is_file():
+                raise InvalidInputError(f"spectrum file {self.path} does not exist")
+            keys = ("edges", "counts", "background", "cross_sections_pb")
+            with np.load(self.path) as data:
+                missing = [key for key in keys if key not in data]
+                if missing:
+                    raise InvalidInputError(
+                        f"spectrum file {self.path} lacks arrays {missing}; "
+                        f"it holds {sorted(data.files)}"
+                    )
+                arrays = {key: np.asarray(data[key], dtype=np.float64) for key in keys}
+            return nested_spectrum(
+                self.name,
+                arrays["edges"],
+                arrays["cross_sections_pb"],
+                arrays["counts"],
+                arrays["background"],
+            )
+        return nested_spectrum(
+            self.name,
+            np.asarray(self.edges, dtype=np.float64),
+            np.asarray(self.cross_sections_pb, dtype=np.float64),
+            _rectangular(self.counts, self.name, "counts"),
+            _rectangular(self.background, self.name, "background"),
+        )
+
+
+def _rectangular(rows: list[list[float]] | None, name: str, what: str) -> FloatArray:
+    assert rows is not None
+    lengths = {len(row) for row in rows}
+    if len(lengths) > 1:
+        raise InvalidInputError(
+            f"spectrum {name!r}: every AR point's {what} must have the same number of bins, "
+            f"found lengths {sorted(lengths)}"
+        )
+    return np.asarray(rows, dtype=np.float64)
+
+
+class ScanSignificanceInput(StrictModel):
+    """Every spectrum of a scan at its AR points, for one scan-wide global p-value."""
+
+    spectra: list[ScanSpectrumInput] = Field(min_length=1)
+    width_min: int = Field(1, ge=1, description="narrowest window, bins")
+    width_max: int | None = Field(None, ge=1, description="widest window, bins; null = N/2")
+    n_pseudo_scans: int = Field(1_000, ge=1, description="minimum number of pseudo-scans")
+    max_pseudo_scans: int = Field(
+        100_000, ge=1, description="budget (raised to 10 000 when global p < 0.01)"
+    )
+    target_rel_error: float = Field(0.1, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+    top: int = Field(10, ge=1, description="how many (spectrum, AR point) excesses to list")
+
+
+class ScanPointOutput(StrictModel):
+    """The best window of one spectrum at one AR point."""
+
+    spectrum: str
+    cross_section_pb: float
+    window: tuple[float, float] = Field(description="[lo, hi] GeV")
+    bins: tuple[int, int] = Field(description="[first, last + 1]")
+    data: float
+    background: float
+    statistic: float
+    local_p: float
+    local_z: float
+
+
+class ScanSignificanceOutput(StrictModel):
+    """The largest local excess of the scan and its scan-wide global significance."""
+
+    best: ScanPointOutput
+    points: list[ScanPointOutput] = Field(description="the `top` excesses, largest first")
+    statistic: float
+    local_p: float
+    local_z: float
+    global_p: float
+    global_p_error: float
+    global_z: float
+    global_z_is_lower_limit: bool
+    effective_trials: float | None
+    n_tests: int
+    n_windows: int
+    n_pseudo_scans: int
+    n_pseudo_scans_reaching: int
+    converged: bool
+    background_nesting_violations: int
+    method: str
+
+
+def _point_output(spectrum: str, cross_section_pb: float, excess: LocalExcess) -> ScanPointOutput:
+    return ScanPointOutput(
+        spectrum=spectrum,
+        cross_section_pb=cross_section_pb,
+        window=(excess.mass_low, excess.mass_high),
+        bins=(excess.first_bin, excess.stop_bin),
+        data=excess.data,
+        background=excess.background,
+        statistic=excess.statistic,
+        local_p=excess.local_p,
+        local_z=excess.local_z,
+    )
+
+
+@register(
+    "scan_significance",
+    "Scan-wide global p of the largest excess over all spectra and AR points (nested toys)",
+    ScanSignificanceInput,
+    ScanSignificanceOutput,
+)
+def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceOutput:
+    """Run `core.lookelsewhere.scan_significance` on the tool's spectra."""
+    result = scan_significance(
+        [spectrum.to_core() for spectrum in arguments.spectra],
+        width_min=arguments.width_min,
+        width_max=arguments.width_max,
+        min_pseudo_scans=arguments.n_pseudo_scans,
+        max_pseudo_scans=max(arguments.max_pseudo_scans, arguments.n_pseudo_scans),
+        target_rel_error=arguments.target_rel_error,
+        seed=arguments.seed,
+    )
+    points = [
+        _point_output(p.spectrum, p.cross_section_pb, p.excess)
+        for p in result.points[: arguments.top]
+    ]
+    return ScanSignificanceOutput(
+        best=_point_output(result.best.spectrum, result.best.cross_section_pb, result.best.excess),
+        points=points,
+        statistic=result.statistic,
+        local_p=result.local_p,
+        local_z=result.local_z,
+        global_p=result.global_p,
+        global_p_error=result.global_p_error,
+        global_z=result.global_z,
+        global_z_is_lower_limit=result.global_z_is_lower_limit,
+        effective_trials=result.effective_trials,
+        n_tests=result.n_tests,
+        n_windows=result.n_windows,
+        n_pseudo_scans=result.n_pseudo_scans,
+        n_pseudo_scans_reaching=result.n_pseudo_scans_reaching,
+        converged=result.converged,
+        background_nesting_violations=result.background_nesting_violations,
+        method=result.method,
+    )

@@ -1,0 +1,221 @@
+"""Tools of the RMM issue: `compute_rmm` (NPZ), `event_table` (one pass to Parquet), `spectra`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import awkward as ak
+import numpy as np
+import numpy.typing as npt
+from pydantic import ConfigDict, Field, field_validator
+
+from core.events import iterate_events, load_events, plan_read
+from core.masses import SPECTRUM_NAMES, STREAMS
+from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
+from core.rmm import RMMLayout, rmm_features, rmm_matrices
+from core.table import table_spectra, write_event_table
+from tools.common import StrictModel
+from tools.registry import register
+
+
+def _npz_path(value: Path) -> Path:
+    if value.suffix != ".npz":
+        raise ValueError(f"the output must be an .npz file, got {str(value)!r}")
+    return value
+
+
+def _save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """Write `arrays` to `path` atomically, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial.npz")
+    try:
+        np.savez_compressed(partial, **arrays)  # type: ignore[arg-type]
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class ComputeRMMInput(StrictModel):
+    """ROOT files to read (schema auto-detected by default) and the NPZ to write."""
+
+    inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
+    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+        "auto", alias="schema"
+    )
+    max_events: int | None = Field(None, gt=0, description="read at most this many events")
+    output: Path = Field(description="NPZ file to write (.npz)")
+    sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
+
+    _check_output = field_validator("output")(_npz_path)
+
+
+class ComputeRMMOutput(StrictModel):
+    """Where the RMMs went and how many events they cover."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    output: Path
+    n_events: int
+    schema_name: str = Field(alias="schema")
+
+
+def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArray[np.float64]]:
+    """The objects that enter the RMM, (n, block size) per type and field, NaN-padded (GeV)."""
+    arrays: dict[str, npt.NDArray[np.float64]] = {}
+    for name, size in zip(OBJECT_TYPES, layout.block_sizes, strict=True):
+        collection = ak.pad_none(chunk.collection(name), size, axis=1, clip=True)
+        for field in OBJECT_FIELDS:
+            values = ak.to_numpy(ak.fill_none(collection[field], np.nan))
+            arrays[f"{name}_{field}"] = np.asarray(values, dtype=np.float64).reshape(
+                len(chunk), size
+            )
+    return arrays
+
+
+@register(
+    "compute_rmm",
+    "Read ROOT files, select objects and write their Rapidity-Mass Matrices and RMM features "
+    "(with the objects that went in) to an NPZ file.",
+    ComputeRMMInput,
+    ComputeRMMOutput,
+)
+def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
+    """Compute the RMMs of the (first `max_events`) events of the inputs."""
+    schemas = sorted({plan_read(path, arguments.schema_name).schema for path in arguments.inputs})
+    chunk = load_events(arguments.inputs, arguments.schema_name, arguments.max_events)
+    layout = RMMLayout(sqrt_s=arguments.sqrt_s)
+    matrices = rmm_matrices(chunk, layout=layout)
+    met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "rmm": matrices,
+        "features": rmm_features(matrices, layout=layout),
+        "event": np.asarray(chunk.event, dtype=np.int64),
+        "run": np.asarray(chunk.run, dtype=np.int64),
+        **padded_objects(chunk, layout),
+        "met_pt": np.asarray(met, dtype=np.float64),
+        "met_phi": np.asarray(chunk.met_phi, dtype=np.float64),
+    }
+    _save_npz(arguments.output, arrays)
+    return ComputeRMMOutput(output=arguments.output, n_events=len(chunk), schema=",".join(schemas))
+
+
+class EventTableInput(StrictModel):
+    """ROOT files to pass over once, and the Parquet event table to write."""
+
+    inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
+    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+        "auto", alias="schema"
+    )
+    max_events: int | None = Field(None, gt=0, description="read at most this many events")
+    output: Path = Field(description="event table to write (.parquet)")
+    step_size: int = Field(100_000, gt=0, description="events per chunk (bounds the memory)")
+    progress: bool = Field(False, description="show a progress bar on stderr")
+
+    @field_validator("output")
+    @classmethod
+    def _parquet(cls, value: Path) -> Path:
+        if value.suffix != ".parquet":
+            raise ValueError(f"the output must be a .parquet file, got {str(value)!r}")
+        return value
+
+
+class EventTableOutput(StrictModel):
+    """The table written: events, chunks (row groups) and events per trigger stream."""
+
+    output: Path
+    n_events: int
+    n_chunks: int
+    streams: dict[str, int]
+
+
+@register(
+    "event_table",
+    "Pass once over ROOT files and write the event table (Parquet): event id, run, weight, "
+    "the 7 stream bits and the 9 leading-pair masses of every selected event.",
+    EventTableInput,
+    EventTableOutput,
+)
+def event_table(arguments: EventTableInput) -> EventTableOutput:
+    """Read, select and write the streams and masses of every event, chunk by chunk."""
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    total = sum(plan_read(path, arguments.schema_name).num_entries for path in arguments.inputs)
+    if arguments.max_events is not None:
+        total = min(total, arguments.max_events)
+    chunks = iterate_events(
+        arguments.inputs,
+        arguments.schema_name,
+        step_size=arguments.step_size,
+        max_events=arguments.max_events,
+    )
+    summary = write_event_table(
+        chunks, arguments.output, progress=arguments.progress, total_events=total
+    )
+    return EventTableOutput(
+        output=summary.path,
+        n_events=summary.n_events,
+        n_chunks=summary.n_chunks,
+        streams={stream: summary.stream_counts[stream] for stream in STREAMS},
+    )
+
+
+class SpectraInput(StrictModel):
+    """An event table, an optional score cut and the NPZ to write the 63 histograms to."""
+
+    table: Path = Field(description="event table (Parquet) written by write_event_table")
+    score_min: float | None = Field(
+        None, description="keep events with score > score_min; None keeps every event"
+    )
+    output: Path = Field(description="NPZ file to write (.npz): counts (63, n_bins), edges, names")
+
+    _check_output = field_validator("output")(_npz_path)
+
+
+class SpectrumSummary(StrictModel):
+    """One spectrum: its name (e.g. "T2/jm") and its number of entries in the binning."""
+
+    name: str
+    entries: int
+
+
+class SpectraOutput(StrictModel):
+    """The NPZ written, the event counts before and after the cut, entries per spectrum."""
+
+    output: Path
+    n_events: int
+    n_selected: int
+    score_min: float | None
+    n_bins: int
+    spectra: list[SpectrumSummary]
+
+
+@register(
+    "spectra",
+    "Fill the 63 invariant-mass spectra (7 streams x 9 pairs) of an event table after an "
+    "optional anomaly-score cut, and write them to an NPZ file.",
+    SpectraInput,
+    SpectraOutput,
+)
+def spectra(arguments: SpectraInput) -> SpectraOutput:
+    """Cut the event table on the score and histogram every stream and pair."""
+    result = table_spectra(arguments.table, arguments.score_min)
+    counts = result.spectra.counts
+    _save_npz(
+        arguments.output,
+        {
+            "counts": counts,
+            "edges": result.spectra.edges,
+            "names": np.array(SPECTRUM_NAMES, dtype=np.str_),
+        },
+    )
+    return SpectraOutput(
+        output=arguments.output,
+        n_events=result.n_events,
+        n_selected=result.n_selected,
+        score_min=arguments.score_min,
+        n_bins=counts.shape[1],
+        spectra=[
+            SpectrumSummary(name=name, entries=int(row.sum()))
+            for name, row in zip(result.spectra.names, counts, strict=True)
+        ],
+    )

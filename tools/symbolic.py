@@ -1,0 +1,109 @@
+"""Tool `symbolic_fit`: the symbolic-regression background of one spectrum (core.symbolic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.symbolic import SymbolicCandidate, symbolic_fit
+from tools.common import HistogramInput, StrictModel
+from tools.fits import FitBackgroundOutput, fit_output
+from tools.registry import register
+
+
+class SymbolicFitInput(StrictModel):
+    """A spectrum, its fit range and the settings of the expression search."""
+
+    histogram: HistogramInput
+    fit_range: tuple[float, float | None] | None = Field(
+        None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
+    )
+    sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
+    backend: Literal["auto", "pyoperon", "pysr"] = Field(
+        "auto", description="pysr only when a Julia runtime is on PATH, else pyoperon"
+    )
+    seed: int = Field(0, ge=0, lt=2**63)
+    population_size: int = Field(300, ge=10, le=100_000)
+    generations: int = Field(60, ge=1, le=10_000)
+    max_length: int = Field(25, ge=3, le=200, description="largest expression (tree nodes)")
+    selection: Literal["bic", "aic"] = Field(
+        "bic", description="Pareto choice: min deviance + (ln N_bins | 2) x free constants"
+    )
+
+
+class CandidateOutput(StrictModel):
+    """One Pareto-front member after its Poisson refit."""
+
+    expression: str
+    complexity: int
+    n_free: int
+    deviance: float | None
+    p_value: float
+    criterion: float | None
+    converged: bool
+    reason: str
+
+
+class SymbolicFitOutput(StrictModel):
+    """The chosen expression ln f = ln p1 + g(x, lnx, ln1mx; c), its fit and the front."""
+
+    expression: str
+    constants: dict[str, float]
+    formula: str
+    fit: FitBackgroundOutput
+    candidates: list[CandidateOutput]
+    chosen_index: int
+    selection: str
+    backend: str
+    backend_message: str
+    seed: int
+
+
+def _candidate_output(candidate: SymbolicCandidate) -> CandidateOutput:
+    finite = candidate.converged
+    return CandidateOutput(
+        expression=candidate.expression,
+        complexity=candidate.complexity,
+        n_free=candidate.n_free,
+        deviance=candidate.deviance if finite else None,
+        p_value=candidate.p_value,
+        criterion=candidate.criterion if finite else None,
+        converged=candidate.converged,
+        reason=candidate.reason,
+    )
+
+
+@register(
+    "symbolic_fit",
+    "Search a background expression in x, ln x, ln(1-x) (pyoperon or PySR) and refit it.",
+    SymbolicFitInput,
+    SymbolicFitOutput,
+)
+def symbolic_fit_tool(arguments: SymbolicFitInput) -> SymbolicFitOutput:
+    """Run the seeded search, refit the Pareto front and return the chosen expression."""
+    edges, counts, _ = arguments.histogram.arrays()
+    result = symbolic_fit(
+        edges,
+        counts,
+        arguments.fit_range,
+        sqrt_s=arguments.sqrt_s,
+        backend=arguments.backend,
+        seed=arguments.seed,
+        population_size=arguments.population_size,
+        generations=arguments.generations,
+        max_length=arguments.max_length,
+        selection=arguments.selection,
+    )
+    return SymbolicFitOutput(
+        expression=result.expression,
+        constants=dict(zip(result.constant_names, result.constants, strict=True)),
+        formula=result.formula,
+        fit=fit_output(result.fit),
+        candidates=[_candidate_output(candidate) for candidate in result.candidates],
+        chosen_index=result.chosen_index,
+        selection=result.selection,
+        backend=result.backend,
+        backend_message=result.backend_message,
+        seed=result.seed,
+    )
