@@ -13,6 +13,8 @@ import awkward as ak
 import numpy as np
 import numpy.typing as npt
 
+from core.errors import InvalidInputError
+
 OBJECT_TYPES: Final = ("jets", "bjets", "muons", "electrons", "photons")
 """Object collections in RMM block order (after MET)."""
 
@@ -96,11 +98,16 @@ def chunk_from_lists(
     for name in OBJECT_TYPES:
         per_event = objects.get(name, [[] for _ in range(n)])
         if len(per_event) != n:
-            raise ValueError(f"collection {name!r} has {len(per_event)} events, expected {n}")
+            raise InvalidInputError(
+                f"collection {name!r} has {len(per_event)} events, expected {n}"
+            )
+        counts = np.array([len(ev) for ev in per_event], dtype=np.int64)
         fields = [
-            ak.Array([[obj[i] for obj in ev] for ev in per_event], with_name=None) for i in range(4)
+            ak.unflatten(
+                np.array([obj[i] for ev in per_event for obj in ev], dtype=np.float64), counts
+            )
+            for i in range(4)
         ]
-        fields = [ak.values_astype(ak.fill_none(f, 0.0), np.float64) for f in fields]
         collections[name] = make_collection(*fields)
     ids = np.arange(n, dtype=np.int64) if event is None else np.asarray(event, dtype=np.int64)
     return EventChunk(

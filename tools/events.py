@@ -9,7 +9,8 @@ import awkward as ak
 import numpy as np
 from pydantic import Field
 
-from core.events import Selection, iterate_events, plan_read
+from core.events import SchemaName, Selection, iterate_events, plan_read
+from core.masses import STREAMS, stream_bits
 from core.objects import OBJECT_TYPES
 from core.synth import SampleConfig, SignalSpec, generate_sample
 from tools.common import StrictModel
@@ -41,7 +42,7 @@ class ReadEventsInput(StrictModel):
     """Files to summarise, with their schema (auto-detected by default)."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+    schema_name: SchemaName = Field(
         "auto", alias="schema"
     )
     max_events: int | None = Field(None, gt=0)
@@ -75,15 +76,6 @@ class ReadEventsOutput(StrictModel):
     selection: dict[str, Any]
 
 
-def _stream_counts(chunk: Any) -> dict[str, int]:
-    try:
-        from core.masses import STREAMS, stream_bits
-    except ImportError:  # masses land with the RMM issue; counts are then reported
-        return {}
-    bits = stream_bits(chunk)
-    return {name: int(bits[:, k].sum()) for k, name in enumerate(STREAMS)}
-
-
 @register(
     "read_events",
     "Summarise ROOT files after selection: schema, objects per type, events per trigger stream.",
@@ -111,7 +103,7 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
         )
     objects = dict.fromkeys(OBJECT_TYPES, 0)
     events_with = dict.fromkeys(OBJECT_TYPES, 0)
-    streams: dict[str, int] = {}
+    streams = dict.fromkeys(STREAMS, 0)
     n_events = met_nonzero = 0
     for chunk in iterate_events(
         arguments.inputs,
@@ -128,8 +120,9 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
             counts = ak.to_numpy(ak.num(chunk.collection(name)))
             objects[name] += int(counts.sum())
             events_with[name] += int(np.count_nonzero(counts))
-        for name, count in _stream_counts(chunk).items():
-            streams[name] = streams.get(name, 0) + count
+        bits = stream_bits(chunk)
+        for k, name in enumerate(STREAMS):
+            streams[name] += int(np.count_nonzero(bits[:, k]))
     return ReadEventsOutput(
         n_events=n_events,
         files=files,

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import awkward as ak
 import numpy as np
 import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
-from core.events import iterate_events, load_events, plan_read
+from core.events import SchemaName, iterate_events, load_events, plan_read
 from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
@@ -40,7 +40,7 @@ class ComputeRMMInput(StrictModel):
     """ROOT files to read (schema auto-detected by default) and the NPZ to write."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+    schema_name: SchemaName = Field(
         "auto", alias="schema"
     )
     max_events: int | None = Field(None, gt=0, description="read at most this many events")
@@ -104,7 +104,7 @@ class EventTableInput(StrictModel):
     """ROOT files to pass over once, and the Parquet event table to write."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+    schema_name: SchemaName = Field(
         "auto", alias="schema"
     )
     max_events: int | None = Field(None, gt=0, description="read at most this many events")

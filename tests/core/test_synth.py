@@ -150,3 +150,17 @@ def test_bad_generator_configs(tmp_path, config, message):
     with pytest.raises(InvalidInputError, match=message):
         generate_sample(tmp_path, config)
     assert not list(tmp_path.glob("*.root"))
+
+
+def test_all_streams_and_pair_masses_are_populated(sample):
+    from core.masses import PAIRS, STREAMS, leading_pair_masses, stream_bits
+
+    chunk = load_events(sample.files)
+    bits = stream_bits(chunk)
+    masses = leading_pair_masses(chunk)
+    per_stream = dict(zip(STREAMS, bits.sum(axis=0).tolist(), strict=True))
+    assert min(per_stream.values()) > 200, per_stream
+    per_pair = dict(zip(PAIRS, (~np.isnan(masses)).sum(axis=0).tolist(), strict=True))
+    assert min(per_pair.values()) > 200, per_pair
+    # high-mass tails: every pair reaches 1 TeV somewhere
+    assert np.all(np.nanmax(masses, axis=0) > 1000.0)

@@ -19,6 +19,8 @@ def test_read_events_summarises_nanoaod(shared_data):
     assert out["objects"]["bjets"] > 0
     assert out["selection"]["jet_pt_min"] == 30.0
     assert out["events_with"]["electrons"] <= out["objects"]["electrons"]
+    assert set(out["streams"]) == {"T1", "T2", "T3", "T4", "T5", "T6", "T7"}
+    assert out["streams"]["T2"] > 0  # ttbar: single-lepton events above 60 GeV
 
 
 def test_read_events_selection_override_changes_counts(shared_data):
