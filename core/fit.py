@@ -5,7 +5,7 @@ mean mu_i = integral of f over bin i (PHYSICS.md section 5). Writing mu_i = N P_
 with P_i the shape's bin fractions over the bins in the fit, the normalisation separates
 exactly (N_hat = sum n_i, var N = N, no correlation with theta), so Minuit minimises the
 multinomial NLL in the shape parameters theta only, in coordinates whitened with the
-covariance of the weighted least-squares start. p1 and its covariance follow from
+covariance of the weighted least-squares start. ln p1 and its covariance follow from
 N_hat and the integral of the shape.
 """
 
@@ -216,6 +216,15 @@ def prepare_spectrum(
     )
 
 
+def log_sum_exp(values: FloatArray, axis: int | None = None) -> FloatArray:
+    """Compute ln sum exp(values) along `axis` without overflow (a lean scipy logsumexp)."""
+    with np.errstate(all="ignore"):
+        peak = np.max(values, axis=axis, keepdims=True)
+        peak = np.where(np.isfinite(peak), peak, 0.0)
+        total = np.log(np.sum(np.exp(values - peak), axis=axis, keepdims=True)) + peak
+    return np.asarray(np.squeeze(total, axis=axis), dtype=np.float64)
+
+
 class BinnedShape:
     """ln of the integral of the shape g(x; theta) over each bin of a fit range (GeV).
 
@@ -225,7 +234,7 @@ class BinnedShape:
     def __init__(self, problem: SpectrumFitProblem, function: BackgroundFunction) -> None:
         self.problem = problem
         self.function = function
-        self.log_weights = np.log(problem.weights)
+        self._middle = problem.weights.shape[1] // 2
         self.features = function.log_features(problem.nodes) if function.is_log_linear else None
 
     @property
@@ -236,15 +245,23 @@ class BinnedShape:
     def _log_g(self, theta: FloatArray) -> FloatArray:
         if self.features is not None:
             return self.features @ theta
-        return self.function.log_shape(self.problem.nodes, theta)
+        with np.errstate(all="ignore"):
+            return self.function.log_shape(self.problem.nodes, theta)
 
     def log_integrals(self, theta: FloatArray) -> FloatArray:
-        """ln integral_bin g dm for every bin of the fit range."""
-        terms = self._log_g(theta) + self.log_weights
-        return np.asarray(special.logsumexp(terms, axis=1), dtype=np.float64)
+        """Log of the integral of g over every bin of the fit range (GeV).
+
+        Exponents are taken relative to the middle node of each bin, where g varies little;
+        non-finite values flag parameters far outside the physical region.
+        """
+        log_g = self._log_g(theta)
+        reference = log_g[:, self._middle]
+        with np.errstate(all="ignore"):
+            sums = np.einsum("ij,ij->i", self.problem.weights, np.exp(log_g - reference[:, None]))
+            return np.asarray(reference + np.log(sums), dtype=np.float64)
 
     def log_integrals_and_gradient(self, theta: FloatArray) -> tuple[FloatArray, FloatArray]:
-        """ln integrals per bin and their derivatives by theta, shape (n_bins, n_shape)."""
+        """Log bin integrals and their derivatives by theta, shape (n_bins, n_shape)."""
         if self.features is None:
             values = self.log_integrals(theta)
             gradient = np.empty((values.size, self.n_shape))
@@ -253,12 +270,18 @@ class BinnedShape:
                 up, down = theta.copy(), theta.copy()
                 up[k] += step
                 down[k] -= step
-                gradient[:, k] = (self.log_integrals(up) - self.log_integrals(down)) / (2 * step)
+                with np.errstate(all="ignore"):
+                    gradient[:, k] = (self.log_integrals(up) - self.log_integrals(down)) / (
+                        2 * step
+                    )
             return values, gradient
-        terms = self.features @ theta + self.log_weights
-        values = np.asarray(special.logsumexp(terms, axis=1), dtype=np.float64)
-        node_fractions = np.exp(terms - values[:, None])
-        gradient = np.einsum("ij,ijk->ik", node_fractions, self.features)
+        log_g = self.features @ theta
+        reference = log_g[:, self._middle]
+        with np.errstate(all="ignore"):
+            node_terms = self.problem.weights * np.exp(log_g - reference[:, None])
+            sums = node_terms.sum(axis=1)
+            values = np.asarray(reference + np.log(sums), dtype=np.float64)
+            gradient = np.einsum("ij,ijk->ik", node_terms / sums[:, None], self.features)
         return values, gradient
 
 
@@ -273,29 +296,38 @@ class _ProfiledNLL:
         self.used = problem.used
         self.counts = problem.range_counts[problem.used]
         self.total = float(self.counts.sum())
+        filled = self.counts > 0
+        self.log_data_fractions = np.zeros(self.counts.size)
+        self.log_data_fractions[filled] = np.log(self.counts[filled] / self.total)
 
     def theta(self, phi: FloatArray) -> FloatArray:
         return self.origin + self.whitening @ phi
 
     def __call__(self, phi: FloatArray) -> float:
+        """Half the multinomial deviance, sum n_i ln(n_i / (N P_i)): small for good fits.
+
+        Equal to the profiled NLL up to a constant; summed bin by bin so that Minuit's
+        precision, relative to the value, holds for millions of events.
+        """
         log_integrals = self.shape.log_integrals(self.theta(np.asarray(phi)))[self.used]
-        value = float(
-            -np.dot(self.counts, log_integrals) + self.total * special.logsumexp(log_integrals)
-        )
+        with np.errstate(all="ignore"):
+            log_fractions = log_integrals - float(log_sum_exp(log_integrals))
+            value = float(np.dot(self.counts, self.log_data_fractions - log_fractions))
         return value if np.isfinite(value) else _BAD_NLL
 
     def gradient(self, phi: FloatArray) -> FloatArray:
         log_integrals, gradient = self.shape.log_integrals_and_gradient(self.theta(np.asarray(phi)))
         log_integrals, gradient = log_integrals[self.used], gradient[self.used]
-        fractions = np.exp(log_integrals - special.logsumexp(log_integrals))
-        d_theta = -self.counts @ gradient + self.total * (fractions @ gradient)
-        result = self.whitening.T @ d_theta
+        with np.errstate(all="ignore"):
+            fractions = np.exp(log_integrals - float(log_sum_exp(log_integrals)))
+            d_theta = -self.counts @ gradient + self.total * (fractions @ gradient)
+            result = self.whitening.T @ d_theta
         return np.asarray(np.where(np.isfinite(result), result, 0.0), dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)
 class FitResult:
-    """A converged background fit: parameters (p1 first), covariance and fit quality.
+    """A converged background fit: parameters (ln p1, p2, ...), covariance and fit quality.
 
     `nll` is the full extended Poisson -ln L over the bins in the likelihood; `deviance` is
     the Baker-Cousins likelihood chi2, 2 sum(mu - n + n ln(n/mu)); `chi2` is Pearson's
@@ -333,7 +365,7 @@ class FitResult:
 
     @property
     def theta(self) -> FloatArray:
-        """Shape parameters (all but p1)."""
+        """Shape parameters (all but ln p1)."""
         return np.asarray(self.parameters[1:], dtype=np.float64)
 
     @property
@@ -361,15 +393,20 @@ def fit_quality(
 
 
 def _least_squares_start(
-    problem: SpectrumFitProblem, function: BackgroundFunction
+    problem: SpectrumFitProblem,
+    function: BackgroundFunction,
+    initial: FloatArray | None = None,
 ) -> tuple[FloatArray, FloatArray] | None:
-    """Weighted least squares of ln(n / width) at bin centres: (theta, covariance) or None."""
+    """Weighted least squares of ln(n / width) at bin centres: (theta, covariance) or None.
+
+    Exact linear algebra for log-linear functions; otherwise Levenberg-Marquardt from
+    `initial` (or the function's defaults), with the Gauss-Newton covariance.
+    """
     range_edges = problem.range_edges
     lower = range_edges[:-1]
     upper = np.minimum(range_edges[1:], problem.sqrt_s)
     counts = problem.range_counts
     filled = problem.used & (counts > 0)
-    n_shape = function.n_params - 1
     if np.count_nonzero(filled) < function.n_params + 1:
         return None
     x_centre = ((lower + upper) / 2)[filled] / problem.sqrt_s
@@ -381,27 +418,29 @@ def _least_squares_start(
         solution, _, rank, _ = np.linalg.lstsq(weighted, target * sqrt_weights, rcond=None)
         if rank < function.n_params:
             return None
-        covariance = np.linalg.inv(weighted.T @ weighted)
+        _, singular, right = np.linalg.svd(weighted, full_matrices=False)
+        covariance = (right.T / singular**2) @ right
         return solution[1:], covariance[1:, 1:]
-    start = np.asarray(function.start, dtype=np.float64)
+    start = np.asarray(function.start if initial is None else initial, dtype=np.float64)
 
     def residuals(beta: FloatArray) -> FloatArray:
         model = beta[0] + function.log_shape(x_centre, beta[1:])
         return np.asarray((target - model) * sqrt_weights, dtype=np.float64)
 
     offset = float(np.mean(target - function.log_shape(x_centre, start)))
-    initial = np.concatenate([[offset], start])
-    if not np.all(np.isfinite(residuals(initial))):
+    beta = np.concatenate([[offset], start])
+    if not np.all(np.isfinite(residuals(beta))):
         return None
-    solution = optimize.least_squares(residuals, initial, method="lm")
-    jacobian = solution.jac
-    if not (solution.success and np.all(np.isfinite(solution.x)) and np.all(np.isfinite(jacobian))):
+    solution = optimize.least_squares(residuals, beta, method="lm")
+    if np.all(np.isfinite(solution.x)) and np.all(np.isfinite(solution.jac)):
+        beta, jacobian = solution.x, solution.jac
+    else:
+        jacobian = optimize.approx_fprime(beta, residuals)
+    _, singular, right = np.linalg.svd(jacobian, full_matrices=False)
+    if not (np.all(np.isfinite(singular)) and singular.min() > 1e-12 * singular.max()):
         return None
-    information = jacobian.T @ jacobian
-    if np.linalg.matrix_rank(information) < n_shape + 1:
-        return None
-    covariance = np.linalg.inv(information)
-    return solution.x[1:], covariance[1:, 1:]
+    covariance = (right.T / singular**2) @ right
+    return beta[1:], covariance[1:, 1:]
 
 
 def _whitening(covariance: FloatArray | None, theta: FloatArray) -> FloatArray:
@@ -486,27 +525,26 @@ def _full_result(
     log_integrals, gradient = shape.log_integrals_and_gradient(theta)
     used = problem.used
     total = float(problem.range_counts[used].sum())
-    log_norm = float(special.logsumexp(log_integrals[used]))
+    log_norm = float(log_sum_exp(log_integrals[used]))
     fractions = np.exp(log_integrals[used] - log_norm)
     d_log_norm = fractions @ gradient[used]
-    log_p1 = np.log(total) - log_norm
-    p1 = float(np.exp(log_p1))
-    if not (np.isfinite(p1) and p1 > 0):
+    log_p1 = float(np.log(total) - log_norm)
+    if not np.isfinite(log_p1):
         raise FitError(
-            f"{function.name}: the normalisation p1 = exp({log_p1:.1f}) is not representable; "
-            "the shape parameters are unphysical for this spectrum"
+            f"{function.name}: the normalisation ln p1 = {log_p1} is not finite; the shape "
+            "integral over the fit range vanishes or diverges"
         )
     n_params = function.n_params
     covariance = np.zeros((n_params, n_params))
     covariance[1:, 1:] = attempt.covariance
     shape_part = attempt.covariance @ d_log_norm
-    covariance[0, 0] = p1**2 * (1.0 / total + float(d_log_norm @ shape_part))
-    covariance[0, 1:] = covariance[1:, 0] = -p1 * shape_part
+    covariance[0, 0] = 1.0 / total + float(d_log_norm @ shape_part)
+    covariance[0, 1:] = covariance[1:, 0] = -shape_part
     expected = np.exp(log_p1 + log_integrals)
     nll, chi2, deviance, ndf, p_value = fit_quality(
         problem.range_counts[used], expected[used], n_params
     )
-    parameters = (p1, *(float(value) for value in theta))
+    parameters = (log_p1, *(float(value) for value in theta))
     errors = tuple(float(np.sqrt(max(value, 0.0))) for value in np.diag(covariance))
     return FitResult(
         function=function,
@@ -544,11 +582,11 @@ def fit_spectrum(
 ) -> FitResult:
     """Fit `function` to a prepared spectrum by the extended binned Poisson likelihood.
 
-    Starts, in order: `starts` (full parameter vectors, p1 ignored because the normalisation
-    is profiled), the embedding of the `lower` fitted function, the weighted least-squares
-    fit of ln(n / width), the function's defaults; the best valid minimum among them is
-    kept, and random restarts follow while none is valid. Raises FitDidNotConvergeError
-    when no start gives a valid minimum with an accurate covariance.
+    Starts, in order: `starts` (full parameter vectors, ln p1 ignored because the
+    normalisation is profiled), the embedding of the `lower` fitted function, the weighted
+    least-squares fit of ln(n / width), the function's defaults; the best valid minimum
+    among them is kept, and random restarts follow while none is valid. Raises
+    FitDidNotConvergeError when no start gives a valid minimum with an accurate covariance.
     """
     background = get_function(function) if isinstance(function, str) else function
     n_params = background.n_params
@@ -575,7 +613,9 @@ def fit_spectrum(
         embedded = nested_start(lower.function, lower.theta, background)
         if embedded is not None:
             candidates.append((f"from {lower.name}", embedded))
-    least_squares = _least_squares_start(problem, background)
+    least_squares = _least_squares_start(
+        problem, background, candidates[0][1] if candidates else None
+    )
     covariance = None
     if least_squares is not None:
         candidates.append(("least squares", least_squares[0]))
@@ -589,6 +629,11 @@ def fit_spectrum(
             break
         whitening = _whitening(covariance, origin)
         attempt = _minimise(shape, origin, whitening, label, strategy=1)
+        if attempt.valid and not attempt.accurate and np.all(np.isfinite(attempt.covariance)):
+            # a valid minimum with a poor Hessian: whiten with Minuit's own estimate and redo
+            attempts.append(attempt)
+            rescaled = _whitening(attempt.covariance, attempt.theta)
+            attempt = _minimise(shape, attempt.theta, rescaled, f"{label}, rescaled", strategy=2)
         if not (attempt.valid and attempt.accurate):
             attempts.append(attempt)
             attempt = _minimise(shape, origin, whitening, label, strategy=2)

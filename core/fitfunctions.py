@@ -1,10 +1,13 @@
 """Smooth background densities of invariant-mass spectra and their bin integrals.
 
 Every function is f(x) = p1 exp(ln g(x; theta)), a density per GeV of m evaluated at
-x = m / sqrt_s (PHYSICS.md section 5). Families that are linear in log space
-(p2..p6, UA2) list the terms of ln g; any other shape (a symbolic-regression expression)
-plugs in through a `shape` callable returning ln g. Expected counts are Gauss-Legendre
-integrals over each bin, computed in log space so that no exponent overflows.
+x = m / sqrt_s (PHYSICS.md section 5). The normalisation is carried as ln p1 everywhere
+(parameter vectors are (ln p1, p2, ..., pn)): p1 of a good fit can be exp(-3000) when the
+shape parameters make g huge in the data range, far beyond double precision. Families
+linear in log space (p2..p6, UA2) list the terms of ln g; any other shape (a
+symbolic-regression expression) plugs in through a `shape` callable returning ln g.
+Expected counts are Gauss-Legendre integrals over each bin, computed in log space so that
+no exponent overflows.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ def _term_minus_x2(x: FloatArray) -> FloatArray:
     return -(x**2)
 
 
+def _term_minus_x3(x: FloatArray) -> FloatArray:
+    return -(x**3)
+
+
 LOG_TERMS: Final[dict[str, Callable[[FloatArray], FloatArray]]] = {
     "ln(1-x)": _term_ln_one_minus_x,
     "ln x": _term_ln_x,
@@ -65,6 +72,7 @@ LOG_TERMS: Final[dict[str, Callable[[FloatArray], FloatArray]]] = {
     "-ln x": _term_minus_ln_x,
     "-x": _term_minus_x,
     "-x^2": _term_minus_x2,
+    "-x^3": _term_minus_x3,
 }
 """Terms of ln g for log-linear families: ln f = ln p1 + sum_k theta_k term_k(x)."""
 
@@ -75,7 +83,8 @@ class BackgroundFunction:
 
     Give either `terms` (ln g is linear in theta: sum_k theta_k LOG_TERMS[term_k](x)) or
     a `shape` callable returning ln g(x, theta). `start` holds default shape parameters
-    (theta, without p1); `parameter_names` starts with the normalisation "p1".
+    (theta, without p1); `parameter_names` are the physics names, "p1" first, while
+    parameter vectors hold ln p1 in its place (`vector_names`).
     """
 
     name: str
@@ -120,6 +129,11 @@ class BackgroundFunction:
         return len(self.parameter_names)
 
     @property
+    def vector_names(self) -> tuple[str, ...]:
+        """Names of the entries of a parameter vector: "ln p1", then the shape parameters."""
+        return (f"ln {self.parameter_names[0]}", *self.parameter_names[1:])
+
+    @property
     def is_log_linear(self) -> bool:
         """True when ln g is linear in the shape parameters (fast, analytic gradients)."""
         return bool(self.terms)
@@ -133,7 +147,7 @@ class BackgroundFunction:
         return np.stack([LOG_TERMS[term](x) for term in self.terms], axis=-1)
 
     def log_shape(self, x: FloatArray, theta: FloatArray) -> FloatArray:
-        """ln g(x; theta), the log density without the normalisation p1."""
+        """Log shape ln g(x; theta), the log density without the normalisation p1."""
         theta = np.asarray(theta, dtype=np.float64)
         if self.shape is not None:
             return np.asarray(self.shape(x, theta), dtype=np.float64)
@@ -143,7 +157,7 @@ class BackgroundFunction:
         return result
 
     def log_density(self, x: npt.ArrayLike, parameters: npt.ArrayLike) -> FloatArray:
-        """ln f(x) in ln(GeV^-1) for x = m / sqrt_s in (0, 1); parameters start with p1 > 0."""
+        """Log density ln f(x), f in GeV^-1, at x = m / sqrt_s in (0, 1); (ln p1, theta)."""
         x_values = _checked_x(x)
         params = np.asarray(parameters, dtype=np.float64)
         if params.shape != (self.n_params,):
@@ -151,13 +165,13 @@ class BackgroundFunction:
                 f"{self.name} takes {self.n_params} parameters {self.parameter_names}, "
                 f"got an array of shape {params.shape}"
             )
-        if not params[0] > 0:
-            raise InvalidInputError(f"the normalisation p1 must be positive, got {params[0]}")
-        return np.log(params[0]) + self.log_shape(x_values, params[1:])
+        if not np.all(np.isfinite(params)):
+            raise InvalidInputError(f"{self.name} parameters must be finite, got {params}")
+        return np.asarray(params[0] + self.log_shape(x_values, params[1:]), dtype=np.float64)
 
     def density(self, x: npt.ArrayLike, parameters: npt.ArrayLike) -> FloatArray:
         """f(x) per GeV for x = m / sqrt_s in (0, 1)."""
-        return np.exp(self.log_density(x, parameters))
+        return np.asarray(np.exp(self.log_density(x, parameters)), dtype=np.float64)
 
 
 def _checked_x(x: npt.ArrayLike) -> FloatArray:
@@ -203,16 +217,26 @@ UA2: Final = BackgroundFunction(
 )
 """The UA2-like alternative family used by the robustness checks."""
 
+UA2_5: Final = BackgroundFunction(
+    name="ua2_5",
+    parameter_names=("p1", "p2", "p3", "p4", "p5"),
+    formula="p1 x^-p2 exp(-p3 x - p4 x^2 - p5 x^3)",
+    start=(5.0, 10.0, 0.0, 0.0),
+    terms=("-ln x", "-x", "-x^2", "-x^3"),
+)
+"""UA2 with a cubic term, the alternative for spectra with high statistics."""
+
 NESTED_FAMILY: Final = ("p2", "p3", "p4", "p5", "p6")
 """The nested power-law family in increasing order: each is a special case of the next."""
 
 FUNCTIONS: Final[dict[str, BackgroundFunction]] = {
     **{f"p{order}": _power_series_function(order) for order in range(2, 7)},
     "ua2": UA2,
+    "ua2_5": UA2_5,
 }
 """Every named analytic background function."""
 
-ALTERNATIVE_FUNCTIONS: Final = ("ua2",)
+ALTERNATIVE_FUNCTIONS: Final = ("ua2", "ua2_5")
 """Families outside the nested set, used to draw toys for the spurious-signal test."""
 
 
@@ -285,14 +309,14 @@ def log_bin_integrals(
     sqrt_s: float = 13000.0,
     n_points: int = 6,
 ) -> FloatArray:
-    """ln of the integral of f over each bin (ln of expected counts); -inf above sqrt_s."""
+    """Log of the integral of f over each bin (ln expected counts); -inf above sqrt_s."""
     params = np.asarray(parameters, dtype=np.float64)
     if params.shape != (function.n_params,):
         raise InvalidInputError(
             f"{function.name} takes {function.n_params} parameters, got shape {params.shape}"
         )
-    if not params[0] > 0:
-        raise InvalidInputError(f"the normalisation p1 must be positive, got {params[0]}")
+    if not np.all(np.isfinite(params)):
+        raise InvalidInputError(f"{function.name} parameters must be finite, got {params}")
     nodes, weights = gauss_legendre_nodes(edges, sqrt_s, n_points)
     inside = weights[:, 0] > 0
     result = np.full(weights.shape[0], -np.inf)
@@ -300,9 +324,7 @@ def log_bin_integrals(
     peak = np.max(log_g, axis=1, keepdims=True)
     with np.errstate(divide="ignore"):
         result[inside] = (
-            np.log(params[0])
-            + peak[:, 0]
-            + np.log(np.sum(weights[inside] * np.exp(log_g - peak), axis=1))
+            params[0] + peak[:, 0] + np.log(np.sum(weights[inside] * np.exp(log_g - peak), axis=1))
         )
     return result
 

@@ -1,0 +1,227 @@
+"""Robustness checks: goodness of fit, fit-start stability, spurious signal, window exclusion."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from core.errors import InvalidInputError
+from core.fit import fit_spectrum, prepare_spectrum
+from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
+from core.robustness import (
+    fit_signal_plus_background,
+    fit_start_stability,
+    gaussian_bin_fractions,
+    goodness_of_fit,
+    mass_resolution,
+    robustness_checks,
+    spurious_signal,
+    window_exclusion,
+)
+
+SQRT_S = 13000.0
+
+
+def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
+    """PHYSICS.md binning: e_{k+1} = e_k + w(e_k) up to the first edge above `stop`."""
+    edges = [start]
+    while edges[-1] <= stop:
+        mass = edges[-1]
+        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
+    return np.array(edges)
+
+
+EDGES = resolution_edges()
+FIT_RANGE = (300.0, 6000.0)
+SHAPES = {"p3": [10.0, -4.5], "p4": [10.0, -4.0, -0.3], "ua2": [5.0, 20.0, -4.0]}
+
+
+def expected_counts(name: str, n_events: float) -> np.ndarray:
+    mu = bin_integrals(get_function(name), np.array([1.0, *SHAPES[name]]), EDGES)
+    problem = prepare_spectrum(EDGES, np.ones(EDGES.size - 1), FIT_RANGE)
+    return mu * n_events / mu[problem.first_bin : problem.stop_bin].sum()
+
+
+def toy(name: str, n_events: float, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).poisson(expected_counts(name, n_events)).astype(float)
+
+
+def test_mass_resolution_is_the_physics_bin_width():
+    np.testing.assert_allclose(mass_resolution(EDGES[:-1]), np.diff(EDGES), rtol=1e-12)
+    assert mass_resolution(1000.0) == pytest.approx(1000 * math.sqrt(0.84**2 / 1000 + 0.016**2))
+    with pytest.raises(InvalidInputError, match="positive"):
+        mass_resolution([-5.0])
+
+
+def test_gaussian_bin_fractions_integrate_the_normal_density():
+    fractions = gaussian_bin_fractions(EDGES, 1500.0, 60.0)
+    assert fractions.sum() == pytest.approx(1.0, abs=1e-12)
+    inside = (EDGES[:-1] >= 1440.0) & (EDGES[1:] <= 1560.0)
+    assert fractions[inside].sum() < 0.6827
+    with pytest.raises(InvalidInputError, match="positive width"):
+        gaussian_bin_fractions(EDGES, 1500.0, 0.0)
+
+
+def test_goodness_of_fit_passes_the_true_model_and_fails_a_wrong_one():
+    counts = toy("p4", 1.0e5, seed=1)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    good = goodness_of_fit(problem, fit_spectrum(problem, "p4"), method="asymptotic")
+    bad = goodness_of_fit(problem, fit_spectrum(problem, "p2"), method="asymptotic")
+    assert good.passed and good.numbers["p_value"] > 0.05
+    assert not bad.passed and bad.numbers["p_value"] < 1e-6
+    assert "asymptotic" in good.message
+
+
+def test_toy_goodness_of_fit_is_used_for_small_counts_and_agrees_with_asymptotics_at_large():
+    sparse = prepare_spectrum(EDGES, toy("p3", 1.0e5, seed=4), FIT_RANGE)
+    fit = fit_spectrum(sparse, "p3")
+    auto = goodness_of_fit(sparse, fit, n_toys=60, seed=3)
+    assert auto.numbers["small_bin_fraction"] > 0.2
+    assert auto.numbers["n_toys"] >= 48
+    assert auto.passed and "toy p" in auto.message
+    wrong = goodness_of_fit(sparse, fit_spectrum(sparse, "p2"), n_toys=60, seed=3)
+    assert not wrong.passed
+    dense = prepare_spectrum(EDGES, toy("p4", 1.0e6, seed=4), FIT_RANGE)
+    dense_fit = fit_spectrum(dense, "p4")
+    by_toys = goodness_of_fit(dense, dense_fit, method="toys", n_toys=100, seed=5)
+    # 100 toys: binomial error <= 0.05 on the p-value
+    assert by_toys.numbers["p_value"] == pytest.approx(dense_fit.p_value, abs=0.15)
+
+
+def test_goodness_of_fit_bad_options():
+    problem = prepare_spectrum(EDGES, toy("p4", 1.0e4, seed=1), FIT_RANGE)
+    fit = fit_spectrum(problem, "p4")
+    with pytest.raises(InvalidInputError, match="10 toys"):
+        goodness_of_fit(problem, fit, method="toys", n_toys=5)
+    with pytest.raises(InvalidInputError, match="alpha"):
+        goodness_of_fit(problem, fit, alpha=0.0)
+
+
+def test_fit_start_stability_passes_the_true_model_and_fails_a_wrong_one():
+    counts = toy("p4", 1.0e5, seed=6)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    stable = fit_start_stability(EDGES, counts, fit_spectrum(problem, "p4"))
+    unstable = fit_start_stability(EDGES, counts, fit_spectrum(problem, "p2"))
+    assert stable.passed, stable.message
+    assert stable.numbers["max_shift_minus"] < 1.0 and stable.numbers["max_shift_plus"] < 1.0
+    assert (
+        stable.numbers["fit_start_minus_gev"] < FIT_RANGE[0] < stable.numbers["fit_start_plus_gev"]
+    )
+    assert not unstable.passed and "unstable" in unstable.message
+    edge_start = prepare_spectrum(EDGES, counts, (float(EDGES[0]), 6000.0))
+    at_edge = fit_start_stability(EDGES, counts, fit_spectrum(edge_start, "p4"))
+    assert not at_edge.passed and "no bin below" in at_edge.message
+
+
+def test_signal_plus_background_fit_recovers_an_injected_signal():
+    background = expected_counts("p4", 1.0e6)
+    width = float(mass_resolution(1500.0))
+    signal = 3000.0 * gaussian_bin_fractions(EDGES, 1500.0, width)
+    problem = prepare_spectrum(EDGES, background + signal, FIT_RANGE)
+    nominal = fit_spectrum(prepare_spectrum(EDGES, background, FIT_RANGE), "p4")
+    result = fit_signal_plus_background(problem, nominal, 1500.0, width)
+    assert result.valid
+    # Asimov data: the fit returns the injected yield up to the part outside the range
+    assert result.signal == pytest.approx(3000.0, rel=0.01)
+    assert result.pull > 5
+    empty = fit_signal_plus_background(
+        prepare_spectrum(EDGES, background, FIT_RANGE), nominal, 1500.0, width
+    )
+    assert abs(empty.pull) < 0.01
+
+
+def test_spurious_signal_passes_the_true_model_and_fails_a_deliberately_wrong_one():
+    counts = toy("p4", 2.0e5, seed=17)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    truth_as_alternative = get_function("p4")
+    right = spurious_signal(
+        problem, fit_spectrum(problem, "p4"), alternative=truth_as_alternative, method="asimov"
+    )
+    wrong = spurious_signal(
+        problem, fit_spectrum(problem, "p3"), alternative=truth_as_alternative, method="asimov"
+    )
+    assert right.passed, right.message
+    assert right.numbers["max_abs_median_pull"] < 0.1
+    assert not wrong.passed
+    assert wrong.numbers["max_abs_median_pull"] > 0.5
+    assert "median pull" in wrong.message
+
+
+def test_spurious_signal_toys_agree_with_the_asimov_shortcut():
+    counts = toy("ua2", 5.0e4, seed=8)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    fit = fit_spectrum(problem, "p4")
+    asimov = spurious_signal(problem, fit, alternative="ua2", n_masses=3, method="asimov")
+    toys = spurious_signal(problem, fit, alternative="ua2", n_masses=3, n_toys=40, seed=9)
+    masses = [float(key.split("_")[2]) for key in asimov.numbers if key.startswith("median")]
+    assert len(masses) == 3
+    for mass in masses:
+        key = f"median_pull_{mass:.0f}_gev"
+        # the median of 40 toy pulls scatters by about 0.2
+        assert toys.numbers[key] == pytest.approx(asimov.numbers[key], abs=0.45)
+    assert toys.numbers["n_toys"] == 40 and asimov.numbers["n_toys"] == 0
+
+
+def test_spurious_signal_without_an_adequate_alternative_fails_closed():
+    counts = toy("p4", 1.0e6, seed=10)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    fit = fit_spectrum(problem, "p4")
+    inadequate = spurious_signal(problem, fit, alternative="p2", method="asimov")
+    assert not inadequate.passed and "no alternative function describes" in inadequate.message
+    broken = BackgroundFunction(
+        "broken", ("p1", "a"), "", (1.0,), shape=lambda x, t: np.full(np.shape(x), np.nan)
+    )
+    failed = spurious_signal(problem, fit, alternative=[broken], method="asimov")
+    assert not failed.passed and "did not converge" in failed.message
+
+
+def test_spurious_signal_bad_options():
+    problem = prepare_spectrum(EDGES, toy("p4", 1.0e4, seed=1), FIT_RANGE)
+    fit = fit_spectrum(problem, "p4")
+    with pytest.raises(InvalidInputError, match="inside the fit range"):
+        spurious_signal(problem, fit, alternative="p4", masses=[100.0])
+    with pytest.raises(InvalidInputError, match="at least one toy"):
+        spurious_signal(problem, fit, n_toys=0)
+    with pytest.raises(InvalidInputError, match="width_fraction"):
+        spurious_signal(problem, fit, width_fraction=0.0)
+    with pytest.raises(InvalidInputError, match="at least one alternative"):
+        spurious_signal(problem, fit, alternative=[])
+
+
+def test_window_exclusion_refits_without_the_window():
+    counts = toy("p4", 2.0e5, seed=11)
+    first, stop = np.searchsorted(EDGES, [1400.0, 1700.0])
+    counts[first:stop] += 400.0
+    window = (float(EDGES[first]), float(EDGES[stop]))
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    nominal = fit_spectrum(problem, "p4")
+    check = window_exclusion(EDGES, counts, nominal, window, gof_method="asymptotic")
+    assert check.passed, check.message
+    assert check.numbers["data_in_window"] == counts[first:stop].sum()
+    # the masked background comes from the sidebands and leaves the excess visible
+    assert check.numbers["background_masked"] < check.numbers["background_nominal"]
+    assert check.numbers["local_p_masked"] < 1e-6
+    assert check.numbers["gof_p_value_masked"] > 0.05
+    with pytest.raises(InvalidInputError, match="does not overlap"):
+        window_exclusion(EDGES, counts, nominal, (8000.0, 9000.0))
+
+
+def test_robustness_checks_run_every_check():
+    counts = toy("ua2", 3.0e4, seed=12)
+    problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
+    fit = fit_spectrum(problem, "p4")
+    report = robustness_checks(EDGES, counts, fit, spurious_method="asimov", seed=3)
+    assert [check.name for check in report.checks] == [
+        "goodness_of_fit",
+        "fit_start_stability",
+        "spurious_signal",
+    ]
+    assert report.passed == all(check.passed for check in report.checks)
+    assert report.function == "p4"
+    windowed = robustness_checks(
+        EDGES, counts, fit, spurious_method="asimov", window=(1000.0, 1200.0), seed=3
+    )
+    assert windowed.checks[-1].name == "window_exclusion"
+    assert set(windowed.failed) <= {check.name for check in windowed.checks}

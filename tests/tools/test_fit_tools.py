@@ -1,0 +1,152 @@
+"""Tools `fit_background`, `choose_background` and `robustness_checks` through the registry."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from core.errors import InvalidInputError
+from core.fitfunctions import bin_integrals, get_function
+from tools.registry import get_tool
+
+SQRT_S = 13000.0
+
+
+def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
+    edges = [start]
+    while edges[-1] <= stop:
+        mass = edges[-1]
+        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
+    return np.array(edges)
+
+
+EDGES = resolution_edges()
+TRUTH = np.array([1.0, 10.0, -4.0, -0.3])
+
+
+def spectrum(n_events: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    mu = bin_integrals(get_function("p4"), TRUTH, EDGES)
+    in_range = (EDGES[:-1] >= 300.0) & (EDGES[1:] <= 6000.0)
+    mu *= n_events / mu[in_range].sum()
+    counts = np.random.default_rng(seed).poisson(mu).astype(float)
+    counts[EDGES[:-1] >= 6000.0] = 0.0
+    return mu, counts
+
+
+def test_fit_background_tool_recovers_the_shape_and_is_json_ready():
+    _, counts = spectrum(1.0e5, seed=1)
+    out = get_tool("fit_background").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "function": "p4",
+            "fit_range": [300.0, None],
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    assert out["function"] == "p4" and out["valid"] and out["accurate_covariance"]
+    first, stop = out["bins"]
+    assert len(out["expected"]) == stop - first == len(out["used"])
+    assert out["fit_range"][1] == pytest.approx(6000.0, rel=0.05)
+    assert out["ndf"] == stop - first - 4
+    shape = np.array(out["parameters"][1:])
+    errors = np.array(out["errors"][1:])
+    assert np.all(np.abs(shape - TRUTH[1:]) < 4 * errors)
+    assert sum(out["expected"]) == pytest.approx(counts[first:stop].sum(), rel=1e-9)
+
+
+def test_fit_background_tool_reads_npz_and_masks_a_window(tmp_path):
+    _, counts = spectrum(5.0e4, seed=2)
+    path = tmp_path / "h.npz"
+    np.savez(path, edges=EDGES, counts=counts)
+    out = get_tool("fit_background").call(
+        {
+            "histogram": {"path": str(path)},
+            "function": "ua2",
+            "fit_range": [300.0, 6000.0],
+            "exclude": [1000.0, 1200.0],
+        }
+    )
+    assert out["function"] == "ua2"
+    assert not all(out["used"]) and out["ndf"] == sum(out["used"]) - 4
+
+
+def test_fit_background_tool_rejects_bad_input():
+    _, counts = spectrum(1.0e4, seed=3)
+    bad = counts.copy()
+    bad[50] = -1.0
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        get_tool("fit_background").call(
+            {"histogram": {"edges": EDGES.tolist(), "counts": bad.tolist()}, "function": "p4"}
+        )
+    with pytest.raises(ValidationError):
+        get_tool("fit_background").call(
+            {"histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()}, "function": "p9"}
+        )
+    with pytest.raises(ValidationError):
+        get_tool("fit_background").call(
+            {"histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()}, "colour": "red"}
+        )
+
+
+def test_choose_background_tool_returns_the_decision_trail():
+    _, counts = spectrum(1.0e5, seed=4)
+    out = get_tool("choose_background").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "fit_range": [300.0, 6000.0],
+            "checks": {"spurious_method": "asimov", "alternative": ["ua2", "ua2_5", "p6"]},
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    assert out["tests"][0]["lower"] == "p2" and out["tests"][0]["significant"]
+    assert out["fallback"] is None
+    assert out["trail"][0].startswith("ftest:")
+    assert out["passed"] == (out["chosen"] is not None)
+    if out["passed"]:
+        assert out["fit"]["function"] == out["chosen"]
+        assert out["checks"][-1]["passed"]
+    names = [check["name"] for check in out["checks"][0]["checks"]]
+    assert names == ["goodness_of_fit", "fit_start_stability", "spurious_signal"]
+
+
+def test_choose_background_tool_validates_its_options():
+    _, counts = spectrum(1.0e4, seed=5)
+    histogram = {"edges": EDGES.tolist(), "counts": counts.tolist()}
+    with pytest.raises(ValidationError):
+        get_tool("choose_background").call({"histogram": histogram, "method": "bayes"})
+    with pytest.raises(ValidationError):
+        get_tool("choose_background").call({"histogram": histogram, "functions": ["ua2"]})
+    with pytest.raises(InvalidInputError, match="one-parameter extension"):
+        get_tool("choose_background").call({"histogram": histogram, "functions": ["p2", "p4"]})
+
+
+def test_robustness_checks_tool_runs_every_check_with_a_window():
+    _, counts = spectrum(5.0e4, seed=6)
+    out = get_tool("robustness_checks").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "function": "p4",
+            "fit_range": [300.0, 6000.0],
+            "checks": {
+                "spurious_method": "asimov",
+                "window": [1000.0, 1200.0],
+                "alternative": ["p4"],
+            },
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    names = [check["name"] for check in out["report"]["checks"]]
+    assert names == [
+        "goodness_of_fit",
+        "fit_start_stability",
+        "spurious_signal",
+        "window_exclusion",
+    ]
+    assert out["fit"]["function"] == "p4"
+    assert out["report"]["passed"] == all(check["passed"] for check in out["report"]["checks"])
+    spurious = out["report"]["checks"][2]
+    assert spurious["passed"] and spurious["numbers"]["max_abs_median_pull"] < 0.1

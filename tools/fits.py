@@ -1,0 +1,339 @@
+"""Background-fit tools: `fit_background`, `choose_background`, `robustness_checks`."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from core.fit import FitResult, fit_background
+from core.robustness import CheckResult, RobustnessReport, robustness_checks
+from core.selection import CheckOptions, Fallback, NestedTest, choose_background
+from tools.common import HistogramInput, StrictModel
+from tools.registry import register
+
+FunctionName = Literal["p2", "p3", "p4", "p5", "p6", "ua2", "ua2_5"]
+NestedName = Literal["p2", "p3", "p4", "p5", "p6"]
+AlternativeName = Literal["ua2", "ua2_5", "p2", "p3", "p4", "p5", "p6"]
+
+
+def _default_alternatives() -> list[AlternativeName]:
+    return ["ua2", "ua2_5"]
+
+
+def _default_functions() -> list[NestedName]:
+    return ["p2", "p3", "p4", "p5", "p6"]
+
+
+def symbolic_fallback() -> Fallback | None:
+    """The symbolic-regression fallback of `choose_background`; None until it is wired.
+
+    Hook for core.symbolic: return a callable (prepared spectrum, seed) -> FitResult.
+    """
+    return None
+
+
+class FitBackgroundInput(StrictModel):
+    """One function fitted to one spectrum by the extended binned Poisson likelihood."""
+
+    histogram: HistogramInput
+    function: FunctionName = "p5"
+    fit_range: tuple[float, float | None] | None = Field(
+        None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
+    )
+    sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
+    exclude: tuple[float, float] | None = Field(
+        None, description="window [lo, hi] GeV left out of the likelihood"
+    )
+    starts: list[list[float]] | None = Field(
+        None, description="full parameter vectors (ln p1 first, ignored) to start from"
+    )
+    seed: int = 0
+
+
+class FitBackgroundOutput(StrictModel):
+    """A converged fit; `expected` and `used` are per bin of the fit range `bins`.
+
+    `parameters` are (ln p1, p2, ..., pn) as named in `parameter_names`: the normalisation
+    is carried as its logarithm, which stays representable when p1 itself would not.
+    """
+
+    function: str
+    formula: str
+    parameter_names: list[str]
+    parameters: list[float]
+    errors: list[float]
+    covariance: list[list[float]]
+    nll: float
+    chi2: float
+    deviance: float
+    ndf: int
+    p_value: float
+    valid: bool
+    accurate_covariance: bool
+    expected: list[float]
+    used: list[bool]
+    bins: tuple[int, int]
+    fit_range: tuple[float, float]
+    start: str
+    notes: list[str]
+
+
+def fit_output(result: FitResult) -> FitBackgroundOutput:
+    """The JSON form of a core fit result."""
+    return FitBackgroundOutput(
+        function=result.name,
+        formula=result.function.formula,
+        parameter_names=list(result.function.vector_names),
+        parameters=list(result.parameters),
+        errors=list(result.errors),
+        covariance=np.asarray(result.covariance, dtype=float).tolist(),
+        nll=result.nll,
+        chi2=result.chi2,
+        deviance=result.deviance,
+        ndf=result.ndf,
+        p_value=result.p_value,
+        valid=result.valid,
+        accurate_covariance=result.accurate_covariance,
+        expected=np.asarray(result.expected, dtype=float).tolist(),
+        used=[bool(flag) for flag in result.used],
+        bins=(result.first_bin, result.stop_bin),
+        fit_range=result.fit_range,
+        start=result.start,
+        notes=list(result.notes),
+    )
+
+
+@register(
+    "fit_background",
+    "Fit one background function (p2..p6, ua2) to one mass spectrum over a range in GeV.",
+    FitBackgroundInput,
+    FitBackgroundOutput,
+)
+def fit_background_tool(arguments: FitBackgroundInput) -> FitBackgroundOutput:
+    """Fit the requested function and return parameters, quality and expected counts."""
+    edges, counts, _ = arguments.histogram.arrays()
+    result = fit_background(
+        edges,
+        counts,
+        arguments.function,
+        arguments.fit_range,
+        sqrt_s=arguments.sqrt_s,
+        starts=arguments.starts,
+        exclude=arguments.exclude,
+        seed=arguments.seed,
+    )
+    return fit_output(result)
+
+
+class CheckOutput(StrictModel):
+    """One robustness check for the audit log (NaN numbers become null)."""
+
+    name: str
+    passed: bool
+    numbers: dict[str, float | None]
+    message: str
+
+
+class ReportOutput(StrictModel):
+    """Every check run on one function."""
+
+    function: str
+    passed: bool
+    checks: list[CheckOutput]
+
+
+def _check_output(check: CheckResult) -> CheckOutput:
+    numbers = {
+        key: (float(value) if math.isfinite(value) else None)
+        for key, value in check.numbers.items()
+    }
+    return CheckOutput(name=check.name, passed=check.passed, numbers=numbers, message=check.message)
+
+
+def report_output(report: RobustnessReport) -> ReportOutput:
+    """The JSON form of a robustness report."""
+    return ReportOutput(
+        function=report.function,
+        passed=report.passed,
+        checks=[_check_output(check) for check in report.checks],
+    )
+
+
+class CheckSettings(StrictModel):
+    """Settings of the robustness checks (masses and windows in GeV)."""
+
+    alternative: list[AlternativeName] = Field(default_factory=_default_alternatives)
+    window: tuple[float, float] | None = Field(
+        None, description="flagged window [lo, hi] GeV for the window-exclusion check"
+    )
+    gof_method: Literal["auto", "asymptotic", "toys"] = "auto"
+    n_gof_toys: int = Field(100, ge=10)
+    spurious_method: Literal["toys", "asimov"] = "toys"
+    n_spurious_toys: int = Field(50, ge=1)
+    spurious_masses: list[float] | None = None
+    width_fraction: float = Field(1.0, gt=0, description="Gaussian sigma / resolution w(m)")
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    def to_core(self) -> CheckOptions:
+        """The core options these fields describe."""
+        return CheckOptions(
+            alternative=tuple(self.alternative),
+            window=self.window,
+            gof_method=self.gof_method,
+            n_gof_toys=self.n_gof_toys,
+            spurious_method=self.spurious_method,
+            n_spurious_toys=self.n_spurious_toys,
+            spurious_masses=None if self.spurious_masses is None else tuple(self.spurious_masses),
+            width_fraction=self.width_fraction,
+            alpha=self.alpha,
+        )
+
+
+class ChooseBackgroundInput(StrictModel):
+    """The whole background procedure for one spectrum."""
+
+    histogram: HistogramInput
+    fit_range: tuple[float, float | None] | None = None
+    method: Literal["ftest", "wilks"] = "ftest"
+    functions: list[NestedName] = Field(default_factory=_default_functions)
+    chi2_kind: Literal["deviance", "pearson"] = "deviance"
+    sqrt_s: float = Field(13000.0, gt=0)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+    use_fallback: bool = True
+    seed: int = 0
+
+
+class NestedTestOutput(StrictModel):
+    """One F-test or Wilks comparison between n and n+1 parameters."""
+
+    lower: str
+    higher: str
+    method: str
+    chi2_kind: str
+    n_bins: int
+    chi2_lower: float
+    chi2_higher: float
+    test_statistic: float | None
+    p_value: float
+    significant: bool
+    note: str
+
+
+def _test_output(test: NestedTest) -> NestedTestOutput:
+    statistic = test.test_statistic if math.isfinite(test.test_statistic) else None
+    return NestedTestOutput(
+        lower=test.lower,
+        higher=test.higher,
+        method=test.method,
+        chi2_kind=test.chi2_kind,
+        n_bins=test.n_bins,
+        chi2_lower=test.chi2_lower,
+        chi2_higher=test.chi2_higher,
+        test_statistic=statistic,
+        p_value=test.p_value,
+        significant=test.significant,
+        note=test.note,
+    )
+
+
+class ChooseBackgroundOutput(StrictModel):
+    """The accepted background (or null) and the decision trail that led to it."""
+
+    chosen: str | None
+    passed: bool
+    fit: FitBackgroundOutput | None
+    tests: list[NestedTestOutput]
+    checks: list[ReportOutput]
+    fallback: FitBackgroundOutput | None
+    failures: dict[str, str]
+    trail: list[str]
+
+
+@register(
+    "choose_background",
+    "Choose the background function of a spectrum: F-test/Wilks, robustness checks, fallback.",
+    ChooseBackgroundInput,
+    ChooseBackgroundOutput,
+)
+def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackgroundOutput:
+    """Run the nested tests, check the choice and fall back when no function passes."""
+    edges, counts, _ = arguments.histogram.arrays()
+    decision = choose_background(
+        edges,
+        counts,
+        arguments.fit_range,
+        sqrt_s=arguments.sqrt_s,
+        functions=arguments.functions,
+        method=arguments.method,
+        chi2_kind=arguments.chi2_kind,
+        options=arguments.checks.to_core(),
+        fallback=symbolic_fallback() if arguments.use_fallback else None,
+        seed=arguments.seed,
+    )
+    return ChooseBackgroundOutput(
+        chosen=decision.chosen,
+        passed=decision.passed,
+        fit=None if decision.fit is None else fit_output(decision.fit),
+        tests=[_test_output(test) for test in decision.selection.tests],
+        checks=[report_output(report) for report in decision.checks],
+        fallback=None if decision.fallback is None else fit_output(decision.fallback),
+        failures=dict(decision.selection.failures),
+        trail=list(decision.trail),
+    )
+
+
+class RobustnessChecksInput(StrictModel):
+    """Fit one function to one spectrum and run every robustness check on it."""
+
+    histogram: HistogramInput
+    function: FunctionName
+    fit_range: tuple[float, float | None] | None = None
+    sqrt_s: float = Field(13000.0, gt=0)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
+    seed: int = 0
+
+
+class RobustnessChecksOutput(StrictModel):
+    """The fit that was checked and the checks."""
+
+    fit: FitBackgroundOutput
+    report: ReportOutput
+
+
+@register(
+    "robustness_checks",
+    "Goodness of fit, fit-start stability, spurious signal and window exclusion of one fit.",
+    RobustnessChecksInput,
+    RobustnessChecksOutput,
+)
+def robustness_checks_tool(arguments: RobustnessChecksInput) -> RobustnessChecksOutput:
+    """Fit the function, then run the checks with the requested settings."""
+    edges, counts, _ = arguments.histogram.arrays()
+    settings = arguments.checks
+    result = fit_background(
+        edges,
+        counts,
+        arguments.function,
+        arguments.fit_range,
+        sqrt_s=arguments.sqrt_s,
+        seed=arguments.seed,
+    )
+    report = robustness_checks(
+        edges,
+        counts,
+        result,
+        alternative=tuple(settings.alternative),
+        window=settings.window,
+        gof_method=settings.gof_method,
+        n_gof_toys=settings.n_gof_toys,
+        spurious_method=settings.spurious_method,
+        n_spurious_toys=settings.n_spurious_toys,
+        spurious_masses=settings.spurious_masses,
+        width_fraction=settings.width_fraction,
+        alpha=settings.alpha,
+        seed=arguments.seed,
+    )
+    return RobustnessChecksOutput(fit=fit_output(result), report=report_output(report))
