@@ -1,8 +1,9 @@
 """Anomaly regions: the events of a stream above an autoencoder-score cut set by a cross-section.
 
 An anomaly region (AR) at effective cross-section sigma (pb) keeps the N = round(sigma * L)
-highest-scoring events of a stream, L the integrated luminosity in pb^-1 (PHYSICS.md sec. 4).
-Exactly N events pass: events tied with the cut score are taken in increasing event id (or
+highest-scoring events of a stream, L the integrated luminosity in pb^-1 (PHYSICS.md sec. 4):
+the events whose score is above the cut, `score > cut`. Exactly N events pass: should events
+share the cut score, the ones needed to reach N are taken in increasing event id (or
 position when no ids are given), so the selection is reproducible.
 """
 
@@ -35,10 +36,11 @@ BoolArray = npt.NDArray[np.bool_]
 class AnomalyRegion:
     """The events of one stream that pass the score cut of an effective cross-section.
 
-    `cut` is the lowest passing score: every event with a score above it passes, and of the
-    events exactly at it only the first ones in event-id order, so that `n_pass` is exact.
-    It is +inf when no event passes. `whole_stream` says the requested count reached the
-    stream size, so the AR is the whole stream.
+    Events with `score > cut` pass; `cut` is the highest score of a stream event that does
+    not pass (-inf when the whole stream passes). Only when scores tie at the cut do
+    `n_pass_at_cut` events with score == cut pass too, by the tie-break, so that `n_pass`
+    is exact; `selected` is the mask over all events. `whole_stream` says the requested
+    count reached the stream size, so the AR is the whole stream.
     """
 
     xsec_pb: float
@@ -48,7 +50,7 @@ class AnomalyRegion:
     n_pass: int
     cut: float
     whole_stream: bool
-    n_tied_at_cut: int
+    n_pass_at_cut: int
     selected: BoolArray = field(repr=False, compare=False)
 
     @property
@@ -100,22 +102,20 @@ def anomaly_region(
     n_stream = len(positions)
     selected = np.zeros(len(values), dtype=np.bool_)
     n_pass = min(n_requested, n_stream)
-    if n_pass == 0:
-        cut = math.inf
-        n_tied = 0
-    elif n_pass == n_stream:
+    n_pass_at_cut = 0
+    if n_pass == n_stream:
         selected[positions] = True
-        cut = float(stream_scores.min())
-        n_tied = int(np.count_nonzero(stream_scores == cut))
+        cut = -math.inf
     else:
-        cut = float(np.partition(stream_scores, n_stream - n_pass)[n_stream - n_pass])
+        rank = n_stream - n_pass - 1
+        cut = float(np.partition(stream_scores, rank)[rank])
         above = stream_scores > cut
-        tied = np.flatnonzero(stream_scores == cut)
-        n_missing = n_pass - int(np.count_nonzero(above))
-        tie_order = np.lexsort((positions[tied], ids[positions[tied]]))
         selected[positions[above]] = True
-        selected[positions[tied[tie_order[:n_missing]]]] = True
-        n_tied = len(tied)
+        n_pass_at_cut = n_pass - int(np.count_nonzero(above))
+        if n_pass_at_cut:
+            tied = np.flatnonzero(stream_scores == cut)
+            tie_order = np.lexsort((positions[tied], ids[positions[tied]]))
+            selected[positions[tied[tie_order[:n_pass_at_cut]]]] = True
     return AnomalyRegion(
         xsec_pb=float(xsec_pb),
         lumi_pb=float(lumi_pb),
@@ -124,7 +124,7 @@ def anomaly_region(
         n_pass=n_pass,
         cut=cut,
         whole_stream=n_requested >= n_stream,
-        n_tied_at_cut=n_tied,
+        n_pass_at_cut=n_pass_at_cut,
         selected=selected,
     )
 
@@ -147,13 +147,13 @@ def xsec_for_cut(
     *,
     in_stream: npt.ArrayLike | None = None,
 ) -> float:
-    """Return the cross-section (pb) of the stream's events with score >= `cut`: n / L."""
+    """Return the cross-section (pb) of the stream's events with score > `cut`: n / L."""
     values = _finite_scores(scores)
     stream = _stream_mask(in_stream, len(values))
     _check_positive("lumi_pb", lumi_pb, "pb^-1")
     if math.isnan(cut):
         raise InvalidInputError("the score cut is NaN; expected a number (or +-inf)")
-    return int(np.count_nonzero(stream & (values >= cut))) / lumi_pb
+    return int(np.count_nonzero(stream & (values > cut))) / lumi_pb
 
 
 def anomaly_regions_per_stream(

@@ -19,7 +19,9 @@ import itertools
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -32,22 +34,11 @@ from scipy import stats
 
 from core.anomaly import anomaly_region
 from core.errors import InvalidInputError, ModelError
+from core.objects import EventChunk
+from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_features, rmm_matrices
 
-N_RMM_FEATURES: Final = 1287
+N_RMM_FEATURES: Final = DEFAULT_LAYOUT.n_features
 """Width of the AE input: the 36x36 RMM flattened row-major without the 9 blinded cells."""
-
-BLINDED_CELLS: Final = (
-    (1, 2),
-    (1, 11),
-    (11, 12),
-    (1, 21),
-    (11, 21),
-    (1, 26),
-    (11, 26),
-    (1, 31),
-    (11, 31),
-)
-"""RMM cells (row, column) of the searched leading-pair masses, hidden from the AE."""
 
 HIDDEN_SIZES: Final = (800, 400, 200, 400, 800)
 """Widths of the hidden layers of the PRL 132 081801 autoencoder."""
@@ -112,8 +103,7 @@ class TrainedModel:
 
     def mse(self, features: npt.ArrayLike, *, batch_size: int = 10_000) -> FloatArray:
         """Per-event MSE of the standardised features, computed by torch (for checks)."""
-        import torch
-
+        torch = _import_torch()
         values = _check_features(features, self.n_features)
         out = np.empty(len(values), dtype=np.float64)
         with torch.no_grad():
@@ -307,8 +297,7 @@ def train_autoencoder(
     drives early stopping (no improvement for `patience` epochs); the best epoch is kept.
     `threads` sets torch's intra-op threads for the call (torch's setting when None).
     """
-    import torch
-
+    torch = _import_torch()
     values = _check_features(features, None)
     ids = _check_event_ids(event_ids)
     if len(ids) != len(values):
@@ -392,8 +381,7 @@ def card_path(model_path: Path) -> Path:
 
 def export_onnx(model: TrainedModel, path: Path) -> ModelCard:
     """Write `model` to `path` as ONNX (opset 17, dynamic batch) and its card beside it."""
-    import torch
-
+    torch = _import_torch()
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(model.feature_mean.reshape(1, -1).repeat(2, axis=0))
     with warnings.catch_warnings():
@@ -414,7 +402,7 @@ def export_onnx(model: TrainedModel, path: Path) -> ModelCard:
         onnx_sha256=file_sha256(path),
         input_size=model.n_features,
         hidden_sizes=model.hidden_sizes,
-        blinded_cells=BLINDED_CELLS,
+        blinded_cells=BLINDED_CELLS if model.n_features == N_RMM_FEATURES else (),
         training_events_sha256=model.training_events_sha256,
         n_training_events=len(model.training_event_ids),
         n_fit_events=model.n_fit_events,
@@ -437,7 +425,7 @@ def export_onnx(model: TrainedModel, path: Path) -> ModelCard:
 
 def quantize_int8(model_path: Path, output_path: Path) -> ModelCard:
     """Write an int8 dynamically quantised copy of an exported model, with its own card."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     source = read_model_card(model_path)
     if source.quantization != "none":
@@ -446,7 +434,12 @@ def quantize_int8(model_path: Path, output_path: Path) -> ModelCard:
         )
     _check_file_matches_card(model_path, source)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(model_path, output_path, weight_type=QuantType.QInt8)
+    prepared = output_path.with_name(f".{output_path.name}.prepared")
+    try:
+        quant_pre_process(model_path, prepared)
+        quantize_dynamic(prepared, output_path, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
     card = replace(
         source,
         model_file=output_path.name,
@@ -527,6 +520,49 @@ def load_scorer(
     return Scorer(session=session, card=card, path=path, threads=threads, batch_size=batch_size)
 
 
+def feature_chunks(
+    chunks: Iterable[EventChunk], *, prefetch: int = 0
+) -> Iterator[tuple[EventChunk, Float32Array]]:
+    """Yield (chunk, RMM features (n, 1287)) in order.
+
+    With `prefetch` > 0 a worker thread reads the next `prefetch` chunks and computes their
+    RMMs while the caller works on the current one (e.g. onnxruntime scoring, which releases
+    the GIL); this pays only when a core is free (see bench/bench_autoencoder.py).
+    """
+    if prefetch < 0:
+        raise InvalidInputError(f"prefetch must be >= 0 chunks, got {prefetch}")
+    if prefetch == 0:
+        for chunk in chunks:
+            yield chunk, rmm_features(rmm_matrices(chunk))
+        return
+    iterator = iter(chunks)
+
+    def next_features() -> tuple[EventChunk, Float32Array] | None:
+        chunk = next(iterator, None)
+        if chunk is None:
+            return None
+        return chunk, rmm_features(rmm_matrices(chunk))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomscan-rmm") as pool:
+        pending: deque[Future[tuple[EventChunk, Float32Array] | None]] = deque(
+            pool.submit(next_features) for _ in range(prefetch)
+        )
+        while pending:
+            item = pending.popleft().result()
+            if item is None:
+                break
+            pending.append(pool.submit(next_features))
+            yield item
+
+
+def scored_chunks(
+    chunks: Iterable[EventChunk], scorer: Scorer, *, prefetch: int = 0
+) -> Iterator[tuple[EventChunk, FloatArray]]:
+    """Yield (chunk, ln(MSE) per event) in order; see `feature_chunks` for `prefetch`."""
+    for chunk, features in feature_chunks(chunks, prefetch=prefetch):
+        yield chunk, scorer.score(features)
+
+
 def score_agreement(
     reference: npt.ArrayLike,
     other: npt.ArrayLike,
@@ -541,6 +577,8 @@ def score_agreement(
             f"two 1-d score arrays of the same length (>= 2) are needed, got {a.shape} "
             f"and {b.shape}"
         )
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        raise InvalidInputError("the Spearman correlation is undefined: one scoring is constant")
     overlaps = []
     for xsec_pb in xsec_points_pb:
         selected_a = anomaly_region(a, xsec_pb, lumi_pb).selected
@@ -553,8 +591,6 @@ def score_agreement(
             )
         )
     rho = float(stats.spearmanr(a, b).statistic)
-    if not math.isfinite(rho):
-        raise InvalidInputError("the Spearman correlation is undefined: one scoring is constant")
     return ScoreAgreement(spearman_rho=rho, overlaps=tuple(overlaps))
 
 
@@ -575,6 +611,18 @@ def _check_file_matches_card(path: Path, card: ModelCard) -> None:
             f"but the card records {card.onnx_sha256[:12]}... (for {card.model_file}); "
             "the file was changed or the card belongs to another model: re-export it"
         )
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError as error:
+        raise ModelError(
+            "training and exporting the autoencoder need torch, which is not installed; "
+            "install the `train` extra (pip install 'anomscan[train]'); scoring an exported "
+            "model needs only onnxruntime"
+        ) from error
+    return torch
 
 
 def _build_network(

@@ -39,11 +39,12 @@ def test_exact_count_passes_and_they_are_the_highest(scores: np.ndarray, xsec_pb
     assert region.n_pass == n == int(region.selected.sum())
     assert not region.whole_stream
     # the selected events are exactly the n largest scores
-    top = np.argsort(scores)[::-1][:n]
-    assert set(np.flatnonzero(region.selected)) == set(top)
-    assert region.cut == pytest.approx(scores[top].min(), abs=0)
-    assert np.all(scores[region.selected] >= region.cut)
-    assert np.all(scores[~region.selected] < region.cut)
+    ranked = np.argsort(scores)[::-1]
+    assert set(np.flatnonzero(region.selected)) == set(ranked[:n])
+    # the cut is the best rejected score: "score > cut" is the AR
+    assert region.cut == scores[ranked[n]]
+    assert np.array_equal(scores > region.cut, region.selected)
+    assert region.n_pass_at_cut == 0
     assert cut_for_xsec(scores, xsec_pb, lumi_pb) == region.cut
 
 
@@ -65,7 +66,8 @@ def test_ties_are_broken_by_event_id_then_position() -> None:
     # 3.0 passes; two of the three tied 2.0 events: the ones with ids 20 and 30
     assert region.n_pass == 3
     assert region.cut == 2.0
-    assert region.n_tied_at_cut == 3
+    assert region.n_pass_at_cut == 2
+    assert int(np.count_nonzero(scores > region.cut)) == region.n_pass - region.n_pass_at_cut
     assert np.flatnonzero(region.selected).tolist() == [1, 3, 4]
     # without ids, the earlier positions win
     by_position = anomaly_region(scores, 3.0, 1.0)
@@ -93,7 +95,7 @@ def test_per_stream_and_whole_stream(scores: np.ndarray) -> None:
     assert regions["T1"].n_requested == 100
     assert regions["T1"].n_pass == regions["T1"].n_stream == 50
     assert np.array_equal(regions["T1"].selected, small)
-    assert regions["T1"].cut == scores[small].min()
+    assert regions["T1"].cut == -math.inf
     assert regions["T1"].effective_xsec_pb == pytest.approx(0.05)
     assert not regions["T6"].whole_stream
     assert regions["T6"].n_pass == 100
@@ -107,11 +109,12 @@ def test_empty_region_and_empty_stream() -> None:
     scores = np.array([1.0, 2.0])
     none_requested = anomaly_region(scores, 0.1, 1.0)  # N = round(0.1) = 0
     assert none_requested.n_pass == 0
-    assert none_requested.cut == math.inf
+    assert none_requested.cut == 2.0
     assert not none_requested.selected.any()
     empty_stream = anomaly_region(scores, 1.0, 10.0, in_stream=np.zeros(2, dtype=bool))
     assert empty_stream.whole_stream
     assert empty_stream.n_stream == empty_stream.n_pass == 0
+    assert empty_stream.cut == -math.inf
 
 
 def test_grid_is_log_uniform_and_contains_atlas_points() -> None:

@@ -1,0 +1,411 @@
+"""Tools of the autoencoder: `train_autoencoder`, `score_events`, `anomaly_region`.
+
+Features come either from NPZ files written by `compute_rmm` (arrays `features` (n, 1287)
+and `event`) or straight from ROOT files (read, selected and turned into RMMs chunk by
+chunk). Scores are written into the event table (Parquet, core/table.py) as its column
+`score`. The events a model was trained on are found again from its card (seed and fraction
+of `training_selection`) and left out of the anomaly regions by default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field, model_validator
+
+from core.anomaly import anomaly_region
+from core.autoencoder import (
+    N_RMM_FEATURES,
+    card_path,
+    events_sha256,
+    export_onnx,
+    feature_chunks,
+    load_scorer,
+    quantize_int8,
+    read_model_card,
+    score_agreement,
+    train_autoencoder,
+    training_selection,
+)
+from core.errors import InvalidInputError, ToolError
+from core.events import iterate_events
+from core.objects import OBJECT_TYPES, EventChunk
+from core.table import STREAMS, add_score_column, read_event_table
+from tools.common import StrictModel
+from tools.events import SelectionInput
+from tools.registry import register
+
+FeatureChunk = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+class FeatureSource(StrictModel):
+    """Where features come from: `features` NPZ files, or ROOT `inputs` with their schema."""
+
+    features: list[Path] | None = Field(
+        None, description="NPZ files from compute_rmm with arrays 'features' and 'event'"
+    )
+    inputs: list[str] | None = Field(None, description="ROOT files: paths or URLs")
+    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+        "auto", alias="schema"
+    )
+    tree: str | None = None
+    mapping: str | None = None
+    selection: SelectionInput = Field(default_factory=SelectionInput)
+    step_size: int = Field(100_000, gt=0)
+    prefetch: int = Field(
+        2, ge=0, description="chunks read and turned into RMMs ahead in a worker thread"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FeatureSource:
+        if (self.features is None) == (self.inputs is None):
+            raise ValueError("give either 'features' (NPZ files) or 'inputs' (ROOT files)")
+        if not (self.features or self.inputs):
+            raise ValueError("the list of feature or input files is empty")
+        return self
+
+
+class TrainAutoencoderInput(FeatureSource):
+    """Train on a seeded fraction of the events and export ONNX (+ optional int8 copy)."""
+
+    output: Path = Field(description="the .onnx file to write; the card goes beside it")
+    seed: int = 0
+    fraction: float = Field(0.01, gt=0, le=1)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(5, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    threads: int = Field(1, ge=1)
+    quantize_int8: bool = False
+
+
+class TrainAutoencoderOutput(StrictModel):
+    """The model files and how the training went (losses: mean MSE, standardised features)."""
+
+    model: str
+    card: str
+    int8_model: str | None
+    n_events_seen: int
+    n_training_events: int
+    n_validation_events: int
+    training_events_sha256: str
+    best_epoch: int
+    stopped_early: bool
+    loss_train: list[float]
+    loss_validation: list[float]
+
+
+class ScoreEventsInput(FeatureSource):
+    """Score events with an exported model and write `score` and `training` into the table."""
+
+    model: Path
+    table: Path = Field(description="event table (Parquet) written by core.table")
+    threads: int = Field(1, ge=1)
+    batch_size: int = Field(8192, ge=1)
+    compare_with: Path | None = Field(
+        None, description="a second model (e.g. the int8 one) to measure agreement against"
+    )
+    lumi_pb: float | None = Field(
+        None, gt=0, description="luminosity in pb^-1, for the agreement's AR overlaps"
+    )
+
+    @model_validator(mode="after")
+    def _lumi_for_comparison(self) -> ScoreEventsInput:
+        if self.compare_with is not None and self.lumi_pb is None:
+            raise ValueError("'compare_with' needs 'lumi_pb' to compare the ARs at 0.1/1/10 pb")
+        return self
+
+
+class AgreementOutput(StrictModel):
+    """Agreement of the second model with the first on the non-training events."""
+
+    model: str
+    spearman_rho: float
+    overlap: dict[str, float] = Field(description="shared fraction of the AR at each xsec (pb)")
+
+
+class ScoreEventsOutput(StrictModel):
+    """What was written into the table."""
+
+    table: str
+    n_scored: int
+    n_training_events: int
+    training_events_match_card: bool
+    score_min: float
+    score_median: float
+    score_max: float
+    agreement: AgreementOutput | None
+
+
+class AnomalyRegionInput(StrictModel):
+    """An AR: the N = round(xsec_pb * lumi_pb) highest-score events of a stream."""
+
+    table: Path
+    xsec_pb: float = Field(gt=0)
+    lumi_pb: float = Field(gt=0)
+    stream: Literal["T1", "T2", "T3", "T4", "T5", "T6", "T7", "all"] = "all"
+    model: Path | None = Field(
+        None, description="the model whose training events are excluded (its card names them)"
+    )
+    include_training: bool = Field(
+        False, description="keep the events the autoencoder was trained on (excluded by default)"
+    )
+
+
+class AnomalyRegionOutput(StrictModel):
+    """The AR: events with score > cut (null: the whole stream); counts of events."""
+
+    cut: float | None
+    n_pass: int
+    whole_stream: bool
+    n_requested: int
+    n_stream: int
+    n_training_excluded: int
+    n_pass_at_cut: int = Field(
+        description="events with score == cut that pass by the event-id tie-break (usually 0)"
+    )
+    effective_xsec_pb: float
+
+
+def subset_chunk(chunk: EventChunk, mask: npt.NDArray[np.bool_]) -> EventChunk:
+    """The events of `chunk` where `mask` is true."""
+    collections = {name: chunk.collection(name)[mask] for name in OBJECT_TYPES}
+    return replace(
+        chunk,
+        **collections,
+        met_pt=chunk.met_pt[mask],
+        met_phi=chunk.met_phi[mask],
+        run=chunk.run[mask],
+        event=chunk.event[mask],
+        weight=chunk.weight[mask],
+    )
+
+
+def _feature_chunks(
+    source: FeatureSource, keep: tuple[float, int] | None = None
+) -> Iterator[FeatureChunk]:
+    """Yield (features, event ids) per file or chunk; only training events when `keep` is set."""
+    if source.features is not None:
+        for path in source.features:
+            if not path.is_file():
+                raise ToolError(f"feature file {path} does not exist; run compute_rmm first")
+            with np.load(path) as data:
+                missing = [key for key in ("features", "event") if key not in data]
+                if missing:
+                    raise ToolError(
+                        f"feature file {path} lacks arrays {missing}; it holds "
+                        f"{sorted(data.files)}: use the NPZ written by compute_rmm"
+                    )
+                events = np.asarray(data["event"], dtype=np.int64)
+                mask = (
+                    np.ones(len(events), dtype=np.bool_)
+                    if keep is None
+                    else training_selection(events, *keep)
+                )
+                yield np.asarray(data["features"][mask], dtype=np.float32), events[mask]
+        return
+    assert source.inputs is not None
+    chunks = iterate_events(
+        source.inputs,
+        source.schema_name,
+        step_size=source.step_size,
+        selection=source.selection.to_core(),
+        tree=source.tree,
+        mapping=source.mapping,
+    )
+    if keep is not None:
+        chunks = (
+            subset_chunk(chunk, training_selection(np.asarray(chunk.event, np.int64), *keep))
+            for chunk in chunks
+        )
+    for chunk, features in feature_chunks(chunks, prefetch=source.prefetch):
+        if len(chunk):
+            yield features, np.asarray(chunk.event, dtype=np.int64)
+
+
+@register(
+    "train_autoencoder",
+    "Train the RMM autoencoder on a seeded fraction of events; export ONNX and its model card.",
+    TrainAutoencoderInput,
+    TrainAutoencoderOutput,
+)
+def train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
+    """Collect the features of the training events, train, export (and quantise)."""
+    keep = (arguments.fraction, arguments.seed)
+    parts = list(_feature_chunks(arguments, keep))
+    if not parts:
+        raise InvalidInputError(
+            f"no event was picked for training with fraction {arguments.fraction}; "
+            "use more events or a larger fraction"
+        )
+    features = np.concatenate([f for f, _ in parts])
+    events = np.concatenate([e for _, e in parts])
+    if features.ndim != 2 or features.shape[1] != N_RMM_FEATURES:
+        raise ToolError(
+            f"the features have shape {features.shape}, expected (events, {N_RMM_FEATURES}) "
+            "RMM features without the blinded cells: use the NPZ written by compute_rmm"
+        )
+    model = train_autoencoder(
+        features,
+        events,
+        seed=arguments.seed,
+        fraction=arguments.fraction,
+        validation_fraction=arguments.validation_fraction,
+        max_epochs=arguments.max_epochs,
+        patience=arguments.patience,
+        learning_rate=arguments.learning_rate,
+        threads=arguments.threads,
+    )
+    card = export_onnx(model, arguments.output)
+    int8_path = None
+    if arguments.quantize_int8:
+        int8_path = arguments.output.with_name(arguments.output.stem + "_int8.onnx")
+        quantize_int8(arguments.output, int8_path)
+    return TrainAutoencoderOutput(
+        model=str(arguments.output),
+        card=str(card_path(arguments.output)),
+        int8_model=None if int8_path is None else str(int8_path),
+        n_events_seen=len(events),
+        n_training_events=card.n_training_events,
+        n_validation_events=card.n_validation_events,
+        training_events_sha256=card.training_events_sha256,
+        best_epoch=card.best_epoch,
+        stopped_early=card.stopped_early,
+        loss_train=list(card.loss_train),
+        loss_validation=list(card.loss_validation),
+    )
+
+
+def _match_events(
+    table_events: npt.NDArray[np.int64], scored_events: npt.NDArray[np.int64]
+) -> npt.NDArray[np.intp]:
+    """Row of `scored_events` for each table event; ToolError when one is missing."""
+    order = np.argsort(scored_events, kind="stable")
+    sorted_events = scored_events[order]
+    if np.any(sorted_events[1:] == sorted_events[:-1]):
+        raise ToolError(
+            "the scored events have duplicate event ids, so they can not be matched to the "
+            "table's rows; score each event once"
+        )
+    position = np.minimum(np.searchsorted(sorted_events, table_events), len(order) - 1)
+    found = sorted_events[position] == table_events
+    if not found.all():
+        raise ToolError(
+            f"{int((~found).sum())} events of the table have no features (first event id "
+            f"{int(table_events[~found][0])}); score the same events the table was built from"
+        )
+    return np.asarray(order[position], dtype=np.intp)
+
+
+def _training_mask(model: Path, event_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """The events `model` was trained on, from the seed and fraction of its card."""
+    card = read_model_card(model)
+    return training_selection(event_ids, card.fraction, card.seed)
+
+
+@register(
+    "score_events",
+    "Score events with an exported autoencoder (ln MSE) and write the scores into the table.",
+    ScoreEventsInput,
+    ScoreEventsOutput,
+)
+def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
+    """Score every event of the source, match them to the table by event id, write back."""
+    table_events = read_event_table(arguments.table).event
+    scorer = load_scorer(
+        arguments.model, threads=arguments.threads, batch_size=arguments.batch_size
+    )
+    other = (
+        None
+        if arguments.compare_with is None
+        else load_scorer(
+            arguments.compare_with, threads=arguments.threads, batch_size=arguments.batch_size
+        )
+    )
+    scores, other_scores, events = [], [], []
+    for features, event_ids in _feature_chunks(arguments):
+        scores.append(scorer.score(features))
+        events.append(event_ids)
+        if other is not None:
+            other_scores.append(other.score(features))
+    if not events:
+        raise ToolError("the inputs hold no events to score")
+    rows = _match_events(table_events, np.concatenate(events))
+    score = np.concatenate(scores)[rows]
+    add_score_column(arguments.table, score)
+    training = _training_mask(arguments.model, table_events)
+    matches = events_sha256(table_events[training]) == scorer.card.training_events_sha256
+
+    agreement = None
+    if other is not None:
+        assert arguments.lumi_pb is not None
+        other_score = np.concatenate(other_scores)[rows]
+        result = score_agreement(score[~training], other_score[~training], arguments.lumi_pb)
+        agreement = AgreementOutput(
+            model=str(arguments.compare_with),
+            spearman_rho=result.spearman_rho,
+            overlap={f"{o.xsec_pb:g}": o.fraction for o in result.overlaps},
+        )
+    return ScoreEventsOutput(
+        table=str(arguments.table),
+        n_scored=len(score),
+        n_training_events=int(training.sum()),
+        training_events_match_card=matches,
+        score_min=float(score.min()),
+        score_median=float(np.median(score)),
+        score_max=float(score.max()),
+        agreement=agreement,
+    )
+
+
+@register(
+    "anomaly_region",
+    "Score cut of the anomaly region at an effective cross-section (pb) in one trigger stream.",
+    AnomalyRegionInput,
+    AnomalyRegionOutput,
+)
+def anomaly_region_tool(arguments: AnomalyRegionInput) -> AnomalyRegionOutput:
+    """Cut the table's scores so that exactly round(xsec_pb * lumi_pb) stream events pass."""
+    table = read_event_table(arguments.table)
+    if table.score is None:
+        raise ToolError(
+            f"event table {arguments.table} has no score column; run score_events first"
+        )
+    in_stream = (
+        np.ones(len(table), dtype=np.bool_)
+        if arguments.stream == "all"
+        else table.stream_bits[:, STREAMS.index(arguments.stream)]
+    )
+    n_excluded = 0
+    if not arguments.include_training:
+        if arguments.model is None:
+            raise ToolError(
+                "the events the autoencoder was trained on are excluded by default: give "
+                "'model' (the .onnx whose card names them), or set 'include_training'"
+            )
+        training = _training_mask(arguments.model, table.event)
+        n_excluded = int(np.count_nonzero(in_stream & training))
+        in_stream = in_stream & ~training
+    region = anomaly_region(
+        table.score,
+        arguments.xsec_pb,
+        arguments.lumi_pb,
+        in_stream=in_stream,
+        event_ids=table.event,
+    )
+    return AnomalyRegionOutput(
+        cut=region.cut if math.isfinite(region.cut) else None,
+        n_pass=region.n_pass,
+        whole_stream=region.whole_stream,
+        n_requested=region.n_requested,
+        n_stream=region.n_stream,
+        n_training_excluded=n_excluded,
+        n_pass_at_cut=region.n_pass_at_cut,
+        effective_xsec_pb=region.effective_xsec_pb,
+    )
