@@ -38,7 +38,7 @@ pytest: $(DEV_STAMP)
 	$(BIN)/pytest -q
 
 bench: $(DEV_STAMP)
-	$(BIN)/python -m bench
+	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV)

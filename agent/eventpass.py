@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from agent.executor import Executor, ray_session
 from core.errors import AnomscanError, InvalidInputError
 from core.events import Selection, plan_read, read_entry_range
 from core.goodruns import GoodRunList
 from core.masses import STREAMS
 from core.table import chunk_columns
 
-Executor = Literal["serial", "ray"]
 PART_PATTERN = "part-{index:06d}.parquet"
 
 
@@ -191,18 +190,6 @@ def _run_serial(
     return results, failures
 
 
-def _ray_init(workers: int | None) -> Any:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
-    return ray
-
-
 def _run_ray(
     tasks: Sequence[ChunkTask],
     spec: PassSpec,
@@ -211,7 +198,7 @@ def _run_ray(
     workers: int | None,
     retries: int,
 ) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
-    ray = _ray_init(workers)
+    ray = ray_session(workers)
     remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(run_chunk)
     spec_ref = ray.put(spec)
     pending = {remote.remote(task, spec_ref, folder): task for task in tasks}

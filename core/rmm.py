@@ -1,19 +1,22 @@
-"""Rapidity-Mass Matrices (RMM) of events, vectorised over events (PHYSICS.md section 2).
+"""Rapidity-Mass Matrices (RMM) of events, a whole chunk at a time (PHYSICS.md section 2).
 
 Per event a 36x36 dimensionless matrix: index 0 is MET, then blocks of light jets, b-jets,
 muons, electrons and photons, each pT-ordered and truncated to its block size. Upper
 triangle: masses and transverse masses over sqrt(s); lower triangle and column 0:
 C (cosh(dy/2) - 1) and C (cosh(y) - 1); diagonal: E_T over sqrt(s) or its relative drop.
 The autoencoder sees the row-major flattening without the 9 blinded leading-pair masses.
+The cells are filled by a per-event loop compiled with numba when numba is installed, else
+by numpy operations over all objects of the chunk; both give the same float32 matrices.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final
+from typing import Final, Literal
 
 import awkward as ak
 import numpy as np
@@ -355,6 +358,8 @@ class _Objects:
     slot: IntArray
     kinematics: _Kinematics
     per_event: IntArray
+    kinematic_rows: FloatArray
+    """The fields of `kinematics` as the rows of one (7, n_objects) array."""
 
 
 def _selected_objects(n: int, collections: list[_Collection], layout: RMMLayout) -> _Objects:
@@ -381,7 +386,7 @@ def _selected_objects(n: int, collections: list[_Collection], layout: RMMLayout)
             merged[row, position] = getattr(collection.kinematics, field)[keep]
         before += kept_here
     event = np.repeat(np.arange(n, dtype=np.int64), per_event)
-    return _Objects(event, slot, _Kinematics(*merged), per_event)
+    return _Objects(event, slot, _Kinematics(*merged), per_event, merged)
 
 
 @functools.cache
@@ -451,25 +456,160 @@ def _fill_pair_cells(flat: npt.NDArray[np.float32], objects: _Objects, layout: R
     )
 
 
+RMMBackend = Literal["auto", "numba", "numpy"]
+"""How `rmm_matrices` fills the cells: a compiled per-event loop (numba), whole-chunk numpy
+array operations, or "auto" (numba when it can be imported, else numpy). Both give the same
+matrices; the validation and the kinematics are shared."""
+
+
+def _fill_cells_per_event(
+    matrices: npt.NDArray[np.float32],
+    event_start: IntArray,
+    slot: IntArray,
+    kinematics: FloatArray,
+    met: FloatArray,
+    met_x: FloatArray,
+    met_y: FloatArray,
+    is_block_start: npt.NDArray[np.bool_],
+    sqrt_s: float,
+    rapidity_scale: float,
+) -> None:
+    """Fill every non-zero cell event by event; compiled by numba (`_numba_fill`).
+
+    Objects of event e are `event_start[e]:event_start[e + 1]` in slot order, `kinematics`
+    holds `_KINEMATIC_FIELDS` as rows. The arithmetic is the numpy path's, operation by
+    operation, so that both paths give the same float32 cells.
+    """
+    px = kinematics[0]
+    py = kinematics[1]
+    pz = kinematics[2]
+    energy = kinematics[3]
+    transverse_energy = kinematics[4]
+    cosh_rapidity = kinematics[5]
+    exp_half_rapidity = kinematics[6]
+    for event in range(matrices.shape[0]):
+        cells = matrices[event]
+        event_met = met[event]
+        cells[0, 0] = event_met / sqrt_s
+        first = event_start[event]
+        for b in range(first, event_start[event + 1]):
+            k = slot[b]
+            et = transverse_energy[b]
+            if event_met > 0:
+                sum_et = et + event_met
+                sum_x = px[b] + met_x[event]
+                sum_y = py[b] + met_y[event]
+                mt_squared = sum_et * sum_et - sum_x * sum_x - sum_y * sum_y
+                if mt_squared > 0:
+                    cells[0, k] = math.sqrt(mt_squared) / sqrt_s
+            cells[k, 0] = rapidity_scale * (cosh_rapidity[b] - 1.0)
+            if is_block_start[k]:
+                cells[k, k] = et / sqrt_s
+            else:
+                previous_et = transverse_energy[b - 1]
+                cells[k, k] = (previous_et - et) / (previous_et + et)
+            for a in range(first, b):
+                i = slot[a]
+                total_e = energy[a] + energy[b]
+                total_x = px[a] + px[b]
+                total_y = py[a] + py[b]
+                total_z = pz[a] + pz[b]
+                m_squared = (
+                    total_e * total_e - total_x * total_x - total_y * total_y - total_z * total_z
+                )
+                if m_squared >= 0:
+                    cells[i, k] = math.sqrt(m_squared) / sqrt_s
+                else:
+                    cells[i, k] = -math.sqrt(-m_squared) / sqrt_s
+                ratio = exp_half_rapidity[a] / exp_half_rapidity[b]
+                cells[k, i] = rapidity_scale * (0.5 * (ratio + 1.0 / ratio) - 1.0)
+
+
+_FillKernel = Callable[
+    [
+        npt.NDArray[np.float32],
+        IntArray,
+        IntArray,
+        FloatArray,
+        FloatArray,
+        FloatArray,
+        FloatArray,
+        npt.NDArray[np.bool_],
+        float,
+        float,
+    ],
+    None,
+]
+
+
+@functools.cache
+def _numba_fill() -> _FillKernel | None:
+    """`_fill_cells_per_event` compiled by numba (cached on disk), or None without numba."""
+    try:
+        numba = importlib.import_module("numba")
+    except ImportError:
+        return None
+    kernel: _FillKernel = numba.njit(cache=True, nogil=True, error_model="numpy")(
+        _fill_cells_per_event
+    )
+    return kernel
+
+
+def numba_available() -> bool:
+    """True when numba can be imported, i.e. `rmm_matrices(backend="auto")` uses it."""
+    return _numba_fill() is not None
+
+
 def rmm_matrices(
-    chunk: EventChunk, sqrt_s: float | None = None, *, layout: RMMLayout = DEFAULT_LAYOUT
+    chunk: EventChunk,
+    sqrt_s: float | None = None,
+    *,
+    layout: RMMLayout = DEFAULT_LAYOUT,
+    backend: RMMBackend = "auto",
 ) -> npt.NDArray[np.float32]:
     """RMMs of all events of `chunk` as a float32 array (n, size, size); dimensionless.
 
     `sqrt_s` in GeV overrides `layout.sqrt_s` when given. Invalid kinematics raise
-    InvalidInputError naming the event and field (see `check_kinematics`).
+    InvalidInputError naming the event and field (see `check_kinematics`). `backend`
+    chooses how the cells are filled (see `RMMBackend`); the result does not depend on it.
     """
+    if backend not in ("auto", "numba", "numpy"):
+        raise InvalidInputError(f"backend must be 'auto', 'numba' or 'numpy', found {backend!r}")
+    kernel = None if backend == "numpy" else _numba_fill()
+    if backend == "numba" and kernel is None:
+        raise InvalidInputError(
+            "backend='numba' was asked for but numba can not be imported; "
+            "install it (pip install numba) or use backend='auto' or 'numpy'"
+        )
     if sqrt_s is not None:
         layout = replace(layout, sqrt_s=float(sqrt_s))
     collections = _validated_collections(chunk)
     n, size = len(chunk), layout.size
     matrices = np.zeros((n, size, size), dtype=np.float32)
-    flat = matrices.reshape(-1)
     met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
-    matrices[:, 0, 0] = met / layout.sqrt_s
     objects = _selected_objects(n, collections, layout)
-    _fill_object_cells(flat, objects, met, chunk.met_phi, layout)
-    _fill_pair_cells(flat, objects, layout)
+    if kernel is None:
+        flat = matrices.reshape(-1)
+        matrices[:, 0, 0] = met / layout.sqrt_s
+        _fill_object_cells(flat, objects, met, chunk.met_phi, layout)
+        _fill_pair_cells(flat, objects, layout)
+        return matrices
+    is_block_start = np.zeros(size, dtype=np.bool_)
+    is_block_start[list(layout.block_starts.values())] = True
+    event_start = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(objects.per_event, out=event_start[1:])
+    kernel(
+        matrices,
+        event_start,
+        objects.slot,
+        objects.kinematic_rows,
+        met,
+        met * np.cos(chunk.met_phi),
+        met * np.sin(chunk.met_phi),
+        is_block_start,
+        float(layout.sqrt_s),
+        float(layout.rapidity_scale),
+    )
     return matrices
 
 
@@ -512,17 +652,18 @@ def rmm_matrix_reference(
     """One event's RMM computed cell by cell with plain Python: the slow reference.
 
     A direct transcription of PHYSICS.md section 2 for tests and benchmarks, independent of
-    `rmm_matrices`; it assumes valid kinematics.
+    `rmm_matrices`, writing each cell into a (size, size) float64 array; it assumes valid
+    kinematics.
     """
     size = layout.size
     sqrt_s = layout.sqrt_s
     c = layout.rapidity_scale
-    rmm = [[0.0] * size for _ in range(size)]
+    rmm = np.zeros((size, size), dtype=np.float64)
 
     met = event.met_pt if event.met_pt >= layout.met_threshold_gev else 0.0
     met_x = met * math.cos(event.met_phi)
     met_y = met * math.sin(event.met_phi)
-    rmm[0][0] = met / sqrt_s
+    rmm[0, 0] = met / sqrt_s
 
     vectors: list[tuple[int, float, float, float, float, float]] = []
     index = 1
@@ -540,14 +681,14 @@ def rmm_matrix_reference(
             et = e * pt / p
             y = 0.5 * math.log((e + pz) / (e - pz))
             if rank == 0:
-                rmm[k][k] = et / sqrt_s
+                rmm[k, k] = et / sqrt_s
             else:
-                rmm[k][k] = (previous_et - et) / (previous_et + et)
+                rmm[k, k] = (previous_et - et) / (previous_et + et)
             previous_et = et
-            rmm[k][0] = c * (math.cosh(y) - 1.0)
+            rmm[k, 0] = c * (math.cosh(y) - 1.0)
             if met > 0:
                 arg = (et + met) ** 2 - (px + met_x) ** 2 - (py + met_y) ** 2
-                rmm[0][k] = math.sqrt(arg) / sqrt_s if arg > 0 else 0.0
+                rmm[0, k] = math.sqrt(arg) / sqrt_s if arg > 0 else 0.0
             vectors.append((k, e, px, py, pz, y))
         index += block
 
@@ -555,9 +696,9 @@ def rmm_matrix_reference(
         for k, e_k, px_k, py_k, pz_k, y_k in vectors[position + 1 :]:
             m2 = (e_i + e_k) ** 2 - (px_i + px_k) ** 2 - (py_i + py_k) ** 2 - (pz_i + pz_k) ** 2
             m = math.sqrt(m2) if m2 >= 0 else -math.sqrt(-m2)
-            rmm[i][k] = m / sqrt_s
-            rmm[k][i] = c * (math.cosh((y_i - y_k) / 2) - 1.0)
-    return np.array(rmm, dtype=np.float64)
+            rmm[i, k] = m / sqrt_s
+            rmm[k, i] = c * (math.cosh((y_i - y_k) / 2) - 1.0)
+    return rmm
 
 
 def reference_events(chunk: EventChunk) -> list[ReferenceEvent]:

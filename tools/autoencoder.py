@@ -34,7 +34,7 @@ from core.autoencoder import (
     training_selection,
 )
 from core.errors import InvalidInputError, ToolError
-from core.events import iterate_events
+from core.events import SchemaName, iterate_events
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
 from tools.common import StrictModel
@@ -51,7 +51,7 @@ class FeatureSource(StrictModel):
         None, description="NPZ files from compute_rmm with arrays 'features' and 'event'"
     )
     inputs: list[str] | None = Field(None, description="ROOT files: paths or URLs")
-    schema_name: Literal["auto", "nanoaod", "atlas_opendata", "cartesian", "mapping"] = Field(
+    schema_name: SchemaName = Field(
         "auto", alias="schema"
     )
     tree: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import core.rmm
 from core.errors import InvalidInputError
 from core.objects import OBJECT_TYPES, chunk_from_lists, make_collection
 from core.rmm import (
@@ -21,6 +23,7 @@ from core.rmm import (
     MAX_ABS_RAPIDITY,
     RMMLayout,
     check_kinematics,
+    numba_available,
     reference_events,
     rmm_features,
     rmm_matrices,
@@ -41,6 +44,19 @@ def single(objects, met_pt=0.0, met_phi=0.0, event=7):
 
 def reference_of(chunk):
     return np.array([rmm_matrix_reference(event) for event in reference_events(chunk)])
+
+
+def skip_without_numba():
+    if not numba_available():
+        pytest.skip("numba is not installed: only the numpy backend is tested")
+
+
+@pytest.fixture(params=["numpy", "numba"])
+def backend(request):
+    """Both ways of filling the cells; the numba one is skipped when numba is missing."""
+    if request.param == "numba":
+        skip_without_numba()
+    return request.param
 
 
 # --------------------------------------------------------------------------- constants
@@ -171,8 +187,8 @@ def hand_expected():
     return expected
 
 
-def test_rmm_of_one_object_of_each_type_matches_the_hand_computation():
-    matrices = rmm_matrices(single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2))
+def test_rmm_of_one_object_of_each_type_matches_the_hand_computation(backend):
+    matrices = rmm_matrices(single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2), backend=backend)
     assert matrices.shape == (1, 36, 36)
     assert matrices.dtype == np.float32
     np.testing.assert_allclose(matrices[0], hand_expected(), rtol=0, atol=TOLERANCE)
@@ -191,9 +207,9 @@ def jet_with_rapidity(pt, mass, rapidity, phi):
     return (pt, eta, phi, mass)
 
 
-def test_two_massive_jets_with_known_rapidities():
+def test_two_massive_jets_with_known_rapidities(backend):
     jets = [jet_with_rapidity(300.0, 40.0, 1.0, 0.0), jet_with_rapidity(200.0, 30.0, -0.5, 2.0)]
-    matrices = rmm_matrices(single({"jets": jets}, met_pt=25.0, met_phi=1.0))[0]
+    matrices = rmm_matrices(single({"jets": jets}, met_pt=25.0, met_phi=1.0), backend=backend)[0]
     # column 0 and the lower cell use the true rapidities, not eta
     assert matrices[1, 0] == pytest.approx(C * (math.cosh(1.0) - 1), abs=TOLERANCE)
     assert matrices[2, 0] == pytest.approx(C * (math.cosh(-0.5) - 1), abs=TOLERANCE)
@@ -217,9 +233,9 @@ def test_two_massive_jets_with_known_rapidities():
 @pytest.mark.parametrize(
     ("met", "kept"), [(0.0, False), (29.99, False), (30.0, True), (30.01, True), (250.0, True)]
 )
-def test_met_below_30_gev_counts_as_zero(met, kept):
+def test_met_below_30_gev_counts_as_zero(met, kept, backend):
     event = {"jets": [(100.0, 0.3, 0.0, 5.0)]}
-    matrix = rmm_matrices(single(event, met_pt=met, met_phi=math.pi))[0]
+    matrix = rmm_matrices(single(event, met_pt=met, met_phi=math.pi), backend=backend)[0]
     if kept:
         assert matrix[0, 0] == pytest.approx(met / SQRT_S, rel=1e-6)
         # back-to-back jet and MET: m_T^2 = (E_T + MET)^2 - (100 - MET)^2 > 0
@@ -238,10 +254,10 @@ def matrix_rapidity(pt, eta, mass):
     return 0.5 * math.log((energy + pz) / (energy - pz))
 
 
-def test_object_with_negative_mass_squared_gives_negative_signed_pair_mass():
+def test_object_with_negative_mass_squared_gives_negative_signed_pair_mass(backend):
     # two collinear photons with m^2 < 0 from rounding: the pair has m^2 < 0 too
     photons = [(80.0, 1.0, 0.5, -0.01), (40.0, 1.0, 0.5, -0.02)]
-    matrix = rmm_matrices(single({"photons": photons}))[0]
+    matrix = rmm_matrices(single({"photons": photons}), backend=backend)[0]
     p1, p2 = 80 * math.cosh(1.0), 40 * math.cosh(1.0)
     e1, e2 = math.sqrt(p1**2 - 0.01**2), math.sqrt(p2**2 - 0.02**2)
     m_squared = (e1 + e2) ** 2 - (p1 + p2) ** 2
@@ -257,17 +273,17 @@ def test_object_with_negative_mass_squared_gives_negative_signed_pair_mass():
     assert np.isfinite(matrix).all()
 
 
-def test_second_object_diagonal_is_the_relative_transverse_energy_drop():
+def test_second_object_diagonal_is_the_relative_transverse_energy_drop(backend):
     jets = [(300.0, 0.0, 0.0, 0.0), (100.0, 0.0, 1.0, 0.0), (50.0, 0.0, 2.0, 0.0)]
-    matrix = rmm_matrices(single({"jets": jets}))[0]
+    matrix = rmm_matrices(single({"jets": jets}), backend=backend)[0]
     assert matrix[1, 1] == pytest.approx(300 / SQRT_S, rel=1e-6)
     assert matrix[2, 2] == pytest.approx((300 - 100) / 400, rel=1e-6)
     assert matrix[3, 3] == pytest.approx((100 - 50) / 150, rel=1e-6)
     assert matrix[4, 4] == 0.0
 
 
-def test_empty_event_is_all_zero_and_empty_chunk_has_no_rows():
-    assert not rmm_matrices(single({}, met_pt=10.0)).any()
+def test_empty_event_is_all_zero_and_empty_chunk_has_no_rows(backend):
+    assert not rmm_matrices(single({}, met_pt=10.0), backend=backend).any()
     one = single(HAND_EVENT, met_pt=50.0)
     empty = replace(
         one,
@@ -276,14 +292,14 @@ def test_empty_event_is_all_zero_and_empty_chunk_has_no_rows():
         met_phi=one.met_phi[:0],
         event=one.event[:0],
     )
-    assert rmm_matrices(empty).shape == (0, 36, 36)
-    assert rmm_features(rmm_matrices(empty)).shape == (0, 1287)
+    assert rmm_matrices(empty, backend=backend).shape == (0, 36, 36)
+    assert rmm_features(rmm_matrices(empty, backend=backend)).shape == (0, 1287)
 
 
-def test_sqrt_s_argument_rescales_every_energy_cell():
+def test_sqrt_s_argument_rescales_every_energy_cell(backend):
     chunk = single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2)
-    at_13 = rmm_matrices(chunk)[0]
-    at_13p6 = rmm_matrices(chunk, sqrt_s=13600.0)[0]
+    at_13 = rmm_matrices(chunk, backend=backend)[0]
+    at_13p6 = rmm_matrices(chunk, sqrt_s=13600.0, backend=backend)[0]
     assert at_13p6[1, 11] == pytest.approx(at_13[1, 11] * 13000 / 13600, rel=1e-6)
     assert at_13p6[31, 0] == at_13[31, 0]  # rapidity cells do not depend on sqrt(s)
 
@@ -291,13 +307,18 @@ def test_sqrt_s_argument_rescales_every_energy_cell():
 # --------------------------------------------------------------------------- reference
 
 
-def test_vectorised_matches_reference_on_cms_nanoaod_file(shared_data: Path):
+@pytest.fixture(scope="module")
+def nanoaod_chunk(shared_data: Path):
     from core.events import load_events
 
     chunk = load_events(shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root")
     assert len(chunk) == 200
-    matrices = rmm_matrices(chunk)
-    np.testing.assert_allclose(matrices, reference_of(chunk), rtol=0, atol=TOLERANCE)
+    return chunk
+
+
+def test_rmm_matches_reference_on_cms_nanoaod_file(nanoaod_chunk, backend):
+    matrices = rmm_matrices(nanoaod_chunk, backend=backend)
+    np.testing.assert_allclose(matrices, reference_of(nanoaod_chunk), rtol=0, atol=TOLERANCE)
     assert np.count_nonzero(matrices[:, 1, 2]) > 10  # many events with two jets
     assert np.count_nonzero(matrices[:, 0, 0]) > 100  # and MET above 30 GeV
 
@@ -317,11 +338,87 @@ def synthetic_chunk(tmp_path_factory):
     return load_events(info.files)
 
 
-def test_vectorised_matches_reference_on_synthetic_file(synthetic_chunk):
-    matrices = rmm_matrices(synthetic_chunk)
+def test_rmm_matches_reference_on_synthetic_file(synthetic_chunk, backend):
+    matrices = rmm_matrices(synthetic_chunk, backend=backend)
     np.testing.assert_allclose(matrices, reference_of(synthetic_chunk), rtol=0, atol=TOLERANCE)
     for start in (1, 11, 21, 26, 31):
         assert np.count_nonzero(matrices[:, start, start]) > 0  # every block is exercised
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def counts_of(chunk, name):
+    return np.asarray(ak.num(chunk.collection(name)))
+
+
+@pytest.mark.parametrize("sample", ["nanoaod_chunk", "synthetic_chunk"])
+def test_numba_and_numpy_backends_agree(sample, request):
+    skip_without_numba()
+    chunk = request.getfixturevalue(sample)
+    compiled = rmm_matrices(chunk, backend="numba")
+    vectorised = rmm_matrices(chunk, backend="numpy")
+    assert compiled.dtype == vectorised.dtype == np.float32
+    # the same float64 operations in the same order: identical in practice, 1e-6 promised
+    np.testing.assert_allclose(compiled, vectorised, rtol=0, atol=TOLERANCE)
+    assert np.count_nonzero(vectorised) > 2 * len(chunk)  # the cells are not mostly empty
+    np.testing.assert_array_equal(rmm_matrices(chunk), compiled)  # "auto" takes numba
+
+
+def test_backends_agree_on_a_small_layout_that_truncates_every_block(synthetic_chunk, backend):
+    layout = RMMLayout(n_jets=2, n_bjets=1, n_muons=1, n_electrons=1, n_photons=1)
+    # the sample has events with more objects than slots in every block
+    for name, size in zip(OBJECT_TYPES, layout.block_sizes, strict=True):
+        assert counts_of(synthetic_chunk, name).max() > size
+    matrices = rmm_matrices(synthetic_chunk, layout=layout, backend=backend)
+    assert matrices.shape == (len(synthetic_chunk), 7, 7)
+    events = reference_events(synthetic_chunk)
+    reference = np.array([rmm_matrix_reference(event, layout) for event in events])
+    np.testing.assert_allclose(matrices, reference, rtol=0, atol=TOLERANCE)
+
+
+def test_per_event_loop_matches_numpy_without_compiling(nanoaod_chunk, monkeypatch):
+    # the loop that numba compiles, run as plain Python: its logic is tested without numba
+    monkeypatch.setattr(core.rmm, "_numba_fill", lambda: core.rmm._fill_cells_per_event)
+    looped = rmm_matrices(nanoaod_chunk, backend="numba")
+    vectorised = rmm_matrices(nanoaod_chunk, backend="numpy")
+    np.testing.assert_allclose(looped, vectorised, rtol=0, atol=TOLERANCE)
+    assert np.count_nonzero(looped[:, 1, 2]) > 5
+
+
+def test_auto_uses_the_compiled_loop_when_there_is_one_and_numpy_never_does(monkeypatch):
+    calls = []
+
+    def recording_kernel(*arguments):
+        calls.append(len(arguments[0]))
+        core.rmm._fill_cells_per_event(*arguments)
+
+    monkeypatch.setattr(core.rmm, "_numba_fill", lambda: recording_kernel)
+    chunk = single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2)
+    rmm_matrices(chunk, backend="numpy")
+    assert calls == []
+    np.testing.assert_allclose(rmm_matrices(chunk)[0], hand_expected(), rtol=0, atol=TOLERANCE)
+    assert calls == [1]
+
+
+def test_without_numba_auto_falls_back_to_numpy_and_numba_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
+    monkeypatch.setattr(core.rmm, "_numba_fill", core.rmm._numba_fill.__wrapped__)
+    assert not numba_available()
+    chunk = single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2)
+    np.testing.assert_allclose(rmm_matrices(chunk)[0], hand_expected(), rtol=0, atol=TOLERANCE)
+    with pytest.raises(InvalidInputError, match=r"numba can not be imported.*'numpy'"):
+        rmm_matrices(chunk, backend="numba")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(InvalidInputError, match="backend must be 'auto', 'numba' or 'numpy'"):
+        rmm_matrices(single(HAND_EVENT), backend="cuda")
+
+
+def test_bad_kinematics_are_rejected_before_either_backend_runs(backend):
+    with pytest.raises(InvalidInputError, match=r"event 1002 .*jets\.pt = nan"):
+        rmm_matrices(raw_chunk(jets=jets_with(math.nan, 0.0, 0.0, 1.0)), backend=backend)
 
 
 # --------------------------------------------------------------------------- properties
@@ -353,11 +450,20 @@ def chunk_of(events):
     return chunk_from_lists(objects, [m[0] for m in met], [m[1] for m in met])
 
 
+@pytest.mark.parametrize(
+    "backend_name",
+    [
+        "numpy",
+        pytest.param(
+            "numba", marks=pytest.mark.skipif(not numba_available(), reason="numba not installed")
+        ),
+    ],
+)
 @PROPERTY_SETTINGS
 @given(st.lists(event_strategy, min_size=1, max_size=6))
-def test_valid_events_give_finite_matrices_that_match_the_reference(events):
+def test_valid_events_give_finite_matrices_that_match_the_reference(backend_name, events):
     chunk = chunk_of(events)
-    matrices = rmm_matrices(chunk)
+    matrices = rmm_matrices(chunk, backend=backend_name)
     assert np.isfinite(matrices).all()
     assert rmm_features(matrices).shape == (len(events), 1287)
     np.testing.assert_allclose(matrices, reference_of(chunk), rtol=0, atol=TOLERANCE)

@@ -1,0 +1,55 @@
+"""Fan-out of independent work (spectra, fits) in batches: serial, or Ray on local cores.
+
+Ray costs ~5 s to start and ~0.5 ms per task, so work is cut into a few batches per worker
+and small jobs stay serial. RAY_ADDRESS joins an existing cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+Executor = Literal["serial", "ray"]
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+BATCHES_PER_WORKER = 2
+
+
+def ray_session(workers: int | None = None) -> Any:
+    """The `ray` module, initialised once: a local instance or the cluster at RAY_ADDRESS."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _run_batch(function: Callable[[Any], Any], batch: Sequence[Any]) -> list[Any]:
+    return [function(item) for item in batch]
+
+
+def map_batched(
+    function: Callable[[ItemT], ResultT],
+    items: Sequence[ItemT],
+    executor: Executor = "serial",
+    *,
+    workers: int | None = None,
+) -> list[ResultT]:
+    """`[function(item) for item in items]`, in order, run serially or in Ray batches."""
+    if executor == "serial" or len(items) <= 1:
+        return [function(item) for item in items]
+    ray = ray_session(workers)
+    n_workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_batches = min(len(items), n_workers * BATCHES_PER_WORKER)
+    size = -(-len(items) // n_batches)
+    batches = [items[i : i + size] for i in range(0, len(items), size)]
+    remote = ray.remote(num_cpus=1)(_run_batch)
+    function_ref = ray.put(function)
+    results = ray.get([remote.remote(function_ref, batch) for batch in batches])
+    return [result for batch in results for result in batch]
