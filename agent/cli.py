@@ -131,7 +131,12 @@ def _command_datasets(arguments: argparse.Namespace) -> int:
 def _command_demo(arguments: argparse.Namespace) -> int:
     from agent.pipeline import run_demo
 
-    return run_demo(Path(arguments.output), n_events=arguments.events, seed=arguments.seed)
+    return run_demo(
+        Path(arguments.output),
+        n_events=arguments.events,
+        seed=arguments.seed,
+        executor=arguments.executor,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="runs/demo", help="run folder")
     demo.add_argument("-n", "--events", type=int, default=200_000)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument(
+        "--executor", choices=["serial", "ray"], default="serial", help="fan-out of the spectra"
+    )
     demo.set_defaults(handler=_command_demo)
     return parser
 

@@ -4,9 +4,13 @@ The likelihood is that of iminuit's ExtendedBinnedNLL: bin counts n_i are Poisso
 mean mu_i = integral of f over bin i (PHYSICS.md section 5). Writing mu_i = N P_i(theta)
 with P_i the shape's bin fractions over the bins in the fit, the normalisation separates
 exactly (N_hat = sum n_i, var N = N, no correlation with theta), so Minuit minimises the
-multinomial NLL in the shape parameters theta only, in coordinates whitened with the
-covariance of the weighted least-squares start. ln p1 and its covariance follow from
-N_hat and the integral of the shape.
+multinomial NLL in the shape parameters theta only, in whitened coordinates: for the
+log-linear families (p2..p6, UA2) with the covariance of the weighted least-squares start;
+for any other shape (symbolic-regression expressions, strongly non-linear in ~10 constants)
+with the expected information of the likelihood itself (`shape_directions`, which also
+drops exact redundancies such as a constant term next to p1), after a Levenberg-Marquardt
+pre-fit on the deviance residuals, re-whitened at the point reached when Hesse is not
+accurate. ln p1 and its covariance follow from N_hat and the integral of the shape.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ BoolArray = npt.NDArray[np.bool_]
 
 _EDGE_TOLERANCE = 1e-9
 _BAD_NLL = 1e300
+_BAD_RESIDUAL = 1e15
+_EXACT_REDUNDANCY = {True: 1e-14, False: 1e-12}
+"""Information cut of `shape_directions` for analytic (True) and finite-difference gradients."""
+_NONLINEAR_TOLERANCES = (1e-12, 1e-12, 1e-10, 1e-8, 1e-6)
+"""Information cut of each round of a non-log-linear fit: raised while Hesse is inaccurate."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,6 +324,22 @@ class _ProfiledNLL:
             value = float(np.dot(self.counts, self.log_data_fractions - log_fractions))
         return value if np.isfinite(value) else _BAD_NLL
 
+    def residuals(self, phi: FloatArray) -> FloatArray:
+        """Signed square roots of the per-bin deviance with N profiled; sum of squares = D."""
+        log_integrals = self.shape.log_integrals(self.theta(np.asarray(phi)))[self.used]
+        with np.errstate(all="ignore"):
+            log_expected = np.log(self.total) + log_integrals - float(log_sum_exp(log_integrals))
+            expected = np.exp(log_expected)
+            terms = (
+                expected
+                - self.counts
+                + self.counts * (self.log_data_fractions + np.log(self.total) - log_expected)
+            )
+            result = np.sign(self.counts - expected) * np.sqrt(2 * np.clip(terms, 0.0, None))
+        if not np.all(np.isfinite(result)):
+            return np.full(self.counts.size, _BAD_RESIDUAL)
+        return np.asarray(result, dtype=np.float64)
+
     def gradient(self, phi: FloatArray) -> FloatArray:
         log_integrals, gradient = self.shape.log_integrals_and_gradient(self.theta(np.asarray(phi)))
         log_integrals, gradient = log_integrals[self.used], gradient[self.used]
@@ -332,7 +357,8 @@ class FitResult:
     `nll` is the full extended Poisson -ln L over the bins in the likelihood; `deviance` is
     the Baker-Cousins likelihood chi2, 2 sum(mu - n + n ln(n/mu)); `chi2` is Pearson's
     sum (n - mu)^2 / mu; `p_value` is the asymptotic chi2 probability of the deviance
-    with `ndf` = bins in the likelihood - parameters. `expected` holds mu for every bin of
+    with `ndf` = bins in the likelihood - free parameters (all parameters but exact
+    redundancies, see `shape_directions`). `expected` holds mu for every bin of
     the fit range (GeV bins `fit_range`), excluded-window bins included.
     """
 
@@ -373,6 +399,11 @@ class FitResult:
         """Number of bins in the likelihood."""
         return int(np.count_nonzero(self.used))
 
+    @property
+    def n_free(self) -> int:
+        """Parameters the data determine, ln p1 included: n_used - ndf (<= n_params)."""
+        return self.n_used - self.ndf
+
 
 def fit_quality(
     counts: FloatArray, expected: FloatArray, n_params: int
@@ -380,7 +411,14 @@ def fit_quality(
     """(nll, Pearson chi2, deviance, ndf, deviance p-value) of counts against expected."""
     ndf = counts.size - n_params
     nll = float(np.sum(expected - special.xlogy(counts, expected) + special.gammaln(counts + 1)))
-    chi2 = float(np.sum((counts - expected) ** 2 / expected))
+    # a bin whose expectation underflows to 0 adds nothing when empty and infinity otherwise
+    pearson = np.divide(
+        (counts - expected) ** 2,
+        expected,
+        out=np.where(counts > 0, np.inf, 0.0),
+        where=expected > 0,
+    )
+    chi2 = float(np.sum(pearson))
     deviance = float(
         2
         * np.sum(
@@ -424,12 +462,14 @@ def _least_squares_start(
     start = np.asarray(function.start if initial is None else initial, dtype=np.float64)
 
     def residuals(beta: FloatArray) -> FloatArray:
-        model = beta[0] + function.log_shape(x_centre, beta[1:])
-        return np.asarray((target - model) * sqrt_weights, dtype=np.float64)
+        with np.errstate(all="ignore"):
+            values = (target - beta[0] - function.log_shape(x_centre, beta[1:])) * sqrt_weights
+        return np.asarray(np.where(np.isfinite(values), values, _BAD_RESIDUAL), dtype=np.float64)
 
-    offset = float(np.mean(target - function.log_shape(x_centre, start)))
+    with np.errstate(all="ignore"):
+        offset = float(np.mean(target - function.log_shape(x_centre, start)))
     beta = np.concatenate([[offset], start])
-    if not np.all(np.isfinite(residuals(beta))):
+    if not (np.isfinite(offset) and np.all(np.abs(residuals(beta)) < _BAD_RESIDUAL)):
         return None
     solution = optimize.least_squares(residuals, beta, method="lm")
     if np.all(np.isfinite(solution.x)) and np.all(np.isfinite(solution.jac)):
@@ -452,6 +492,50 @@ def _whitening(covariance: FloatArray | None, theta: FloatArray) -> FloatArray:
     return np.diag(np.maximum(0.1 * np.abs(theta), 0.1))
 
 
+def shape_directions(
+    shape: BinnedShape,
+    theta: npt.ArrayLike,
+    *,
+    tolerance: float | None = None,
+    max_directions: int | None = None,
+) -> FloatArray:
+    """Whitened directions T (n_shape, k) of the shape parameters that the data determine.
+
+    T^T I T = 1 with I the expected information of the profiled (multinomial) likelihood at
+    `theta`, so theta + T phi has unit errors in phi. Information is measured relative to
+    each parameter's own Poisson scale (the information it would carry with a free
+    normalisation); eigen-directions below `tolerance` (default: the numerical floor, 1e-14
+    with analytic and 1e-12 with finite-difference gradients) are exact redundancies, such
+    as a constant term of ln g next to p1 or a global factor times coefficients, and are
+    left out (k < n_shape); `max_directions` keeps only the best-determined ones. Raises
+    FitError when the bin integrals or their derivatives are not finite at `theta`.
+    """
+    theta_values = np.asarray(theta, dtype=np.float64)
+    used = shape.problem.used
+    log_integrals, gradient = shape.log_integrals_and_gradient(theta_values)
+    log_integrals, gradient = log_integrals[used], gradient[used]
+    if not (np.all(np.isfinite(log_integrals)) and np.all(np.isfinite(gradient))):
+        raise FitError(
+            f"{shape.function.name}: the bin integrals or their derivatives are not finite at "
+            f"{theta_values.tolist()}; start closer to the data"
+        )
+    cut = _EXACT_REDUNDANCY[shape.features is not None] if tolerance is None else tolerance
+    total = float(shape.problem.range_counts[used].sum())
+    fractions = np.exp(log_integrals - float(log_sum_exp(log_integrals)))
+    scale = np.sqrt(total * (fractions @ gradient**2))
+    centred = gradient - fractions @ gradient
+    information = total * centred.T @ (centred * fractions[:, None])
+    usable = scale > 0
+    if not np.any(usable):
+        return np.zeros((shape.n_shape, 0))
+    correlation = information[np.ix_(usable, usable)] / np.outer(scale[usable], scale[usable])
+    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
+    keep = np.flatnonzero(eigenvalues > cut)[::-1][:max_directions]
+    directions = np.zeros((shape.n_shape, keep.size))
+    directions[usable] = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep]) / scale[usable, None]
+    return directions
+
+
 @dataclass(frozen=True)
 class _Attempt:
     label: str
@@ -462,18 +546,41 @@ class _Attempt:
     accurate: bool
     edm: float
     n_calls: int
+    n_directions: int
     reason: str
 
 
 def _minimise(
-    shape: BinnedShape, origin: FloatArray, whitening: FloatArray, label: str, strategy: int
+    shape: BinnedShape,
+    origin: FloatArray,
+    whitening: FloatArray,
+    label: str,
+    strategy: int,
+    *,
+    prefit: bool = False,
 ) -> _Attempt:
+    """Migrad and Hesse on the profiled NLL in phi, theta = origin + whitening phi.
+
+    `whitening` may have fewer columns than shape parameters (redundant directions left
+    out); `prefit` runs Levenberg-Marquardt on the deviance residuals first, and Minuit then
+    starts there with unit steps (the coordinates are whitened by the information).
+    """
     objective = _ProfiledNLL(shape, origin, whitening)
+    n_directions = whitening.shape[1]
+    start = np.zeros(n_directions)
+    if prefit:
+        solution = optimize.least_squares(
+            objective.residuals, start, method="lm", max_nfev=100 * (n_directions + 1)
+        )
+        if np.all(np.isfinite(solution.x)) and objective(solution.x) < objective(start):
+            start = np.asarray(solution.x, dtype=np.float64)
     grad = objective.gradient if shape.features is not None else None
-    minuit = Minuit(objective, np.zeros(shape.n_shape), grad=grad)
+    minuit = Minuit(objective, start, grad=grad)
     minuit.errordef = Minuit.LIKELIHOOD
     minuit.strategy = strategy
-    minuit.migrad()
+    if prefit:
+        minuit.errors = np.ones(n_directions)
+    minuit.migrad(ncall=20_000 if prefit else None)
     if minuit.fmin is not None and minuit.fmin.is_valid:
         minuit.hesse()
     fmin = minuit.fmin
@@ -510,8 +617,73 @@ def _minimise(
         accurate=accurate,
         edm=float(fmin.edm),
         n_calls=int(fmin.nfcn),
+        n_directions=n_directions,
         reason="; ".join(reasons) or "valid",
     )
+
+
+def _failed_attempt(shape: BinnedShape, origin: FloatArray, label: str, reason: str) -> _Attempt:
+    n_shape = shape.n_shape
+    return _Attempt(
+        label=label,
+        theta=origin,
+        covariance=np.full((n_shape, n_shape), np.nan),
+        nll=_BAD_NLL,
+        valid=False,
+        accurate=False,
+        edm=np.inf,
+        n_calls=0,
+        n_directions=0,
+        reason=reason,
+    )
+
+
+def _descend(
+    shape: BinnedShape, origin: FloatArray, covariance: FloatArray | None, label: str
+) -> list[_Attempt]:
+    """Minimise from `origin`; the last attempt is the outcome, the others are the trail.
+
+    Log-linear families: whitened by the least-squares covariance, Migrad at strategy 1,
+    then re-whitened with Minuit's own covariance or strategy 2 when Hesse is inaccurate.
+    Other shapes: whitened by the information at the best point so far (redundancies left
+    out), LM pre-fit, Migrad at strategy 2 and Hesse, in up to five rounds; from the third
+    on, directions with ever more information (`_NONLINEAR_TOLERANCES`) are held at the
+    values reached: the sloppy directions of a many-constant expression, where its
+    non-linearity dominates the curvature and Hesse can not measure it.
+    """
+    if shape.features is not None:
+        attempts: list[_Attempt] = []
+        whitening = _whitening(covariance, origin)
+        attempt = _minimise(shape, origin, whitening, label, strategy=1)
+        if attempt.valid and not attempt.accurate and np.all(np.isfinite(attempt.covariance)):
+            attempts.append(attempt)
+            rescaled = _whitening(attempt.covariance, attempt.theta)
+            attempt = _minimise(shape, attempt.theta, rescaled, f"{label}, rescaled", strategy=2)
+        if not (attempt.valid and attempt.accurate):
+            attempts.append(attempt)
+            attempt = _minimise(shape, origin, whitening, label, strategy=2)
+        return [*attempts, attempt]
+    attempts = []
+    point, point_nll = origin, _BAD_NLL
+    for round_index, tolerance in enumerate(_NONLINEAR_TOLERANCES):
+        round_label = label if round_index == 0 else f"{label}, re-whitened {round_index}"
+        try:
+            directions = shape_directions(shape, point, tolerance=tolerance)
+        except FitError as error:
+            attempts.append(_failed_attempt(shape, point, round_label, str(error)))
+            break
+        if directions.shape[1] == 0:
+            attempts.append(
+                _failed_attempt(shape, point, round_label, "no parameter changes the shape")
+            )
+            break
+        attempt = _minimise(shape, point, directions, round_label, strategy=2, prefit=True)
+        attempts.append(attempt)
+        if attempt.valid and attempt.accurate:
+            break
+        if np.all(np.isfinite(attempt.theta)) and attempt.nll < point_nll:
+            point, point_nll = attempt.theta, attempt.nll
+    return attempts
 
 
 def _full_result(
@@ -541,8 +713,16 @@ def _full_result(
     covariance[0, 0] = 1.0 / total + float(d_log_norm @ shape_part)
     covariance[0, 1:] = covariance[1:, 0] = -shape_part
     expected = np.exp(log_p1 + log_integrals)
+    n_free = 1 + attempt.n_directions
+    if n_free < n_params:
+        notes = (
+            *notes,
+            f"{n_params - n_free} combination(s) of the shape parameters are not determined "
+            "by the data (exact redundancies, or too sloppy for Hesse to measure); they stay "
+            f"where the fit started its last round and ndf counts {n_free} free parameters",
+        )
     nll, chi2, deviance, ndf, p_value = fit_quality(
-        problem.range_counts[used], expected[used], n_params
+        problem.range_counts[used], expected[used], n_free
     )
     parameters = (log_p1, *(float(value) for value in theta))
     errors = tuple(float(np.sqrt(max(value, 0.0))) for value in np.diag(covariance))
@@ -585,7 +765,8 @@ def fit_spectrum(
     Starts, in order: `starts` (full parameter vectors, ln p1 ignored because the
     normalisation is profiled), the embedding of the `lower` fitted function, the weighted
     least-squares fit of ln(n / width), the function's defaults; the best valid minimum
-    among them is kept, and random restarts follow while none is valid. Raises
+    among them is kept, and random restarts follow while none is valid. Any `shape`
+    function works, symbolic expressions included (see the module docstring). Raises
     FitDidNotConvergeError when no start gives a valid minimum with an accurate covariance.
     """
     background = get_function(function) if isinstance(function, str) else function
@@ -627,35 +808,39 @@ def fit_spectrum(
     for label, origin in candidates:
         if best is not None and label == "defaults":
             break
-        whitening = _whitening(covariance, origin)
-        attempt = _minimise(shape, origin, whitening, label, strategy=1)
-        if attempt.valid and not attempt.accurate and np.all(np.isfinite(attempt.covariance)):
-            # a valid minimum with a poor Hessian: whiten with Minuit's own estimate and redo
-            attempts.append(attempt)
-            rescaled = _whitening(attempt.covariance, attempt.theta)
-            attempt = _minimise(shape, attempt.theta, rescaled, f"{label}, rescaled", strategy=2)
-        if not (attempt.valid and attempt.accurate):
-            attempts.append(attempt)
-            attempt = _minimise(shape, origin, whitening, label, strategy=2)
-        attempts.append(attempt)
+        trail = _descend(shape, origin, covariance, label)
+        attempts.extend(trail)
+        attempt = trail[-1]
         if attempt.valid and attempt.accurate and (best is None or attempt.nll < best.nll):
             best = attempt
     retries = 0
     while best is None and retries < max_attempts:
         retries += 1
         centre = min(attempts, key=lambda item: item.nll).theta
-        whitening = _whitening(covariance, centre)
-        origin = centre + whitening @ rng.normal(scale=2.0, size=shape.n_shape)
-        attempt = _minimise(shape, origin, whitening, f"random restart {retries}", strategy=2)
-        attempts.append(attempt)
+        label = f"random restart {retries}"
+        if shape.features is not None:
+            whitening = _whitening(covariance, centre)
+            origin = centre + whitening @ rng.normal(scale=2.0, size=shape.n_shape)
+            attempt = _minimise(shape, origin, whitening, label, strategy=2)
+            attempts.append(attempt)
+        else:
+            try:
+                directions = shape_directions(shape, centre)
+            except FitError as error:
+                attempts.append(_failed_attempt(shape, centre, label, str(error)))
+                break
+            origin = centre + directions @ rng.normal(scale=2.0, size=directions.shape[1])
+            trail = _descend(shape, origin, None, label)
+            attempts.extend(trail)
+            attempt = trail[-1]
         if attempt.valid and attempt.accurate:
             best = attempt
     if best is None:
-        trail = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
+        trail_text = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
         raise FitDidNotConvergeError(
             f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
-            f"after {len(attempts)} attempts ({trail}); try another function, a different "
-            "fit range or explicit start values"
+            f"after {len(attempts)} attempts ({trail_text}); try another function, a "
+            "different fit range or explicit start values"
         )
     notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
     return _full_result(problem, shape, best, notes)

@@ -84,7 +84,9 @@ class BackgroundFunction:
     Give either `terms` (ln g is linear in theta: sum_k theta_k LOG_TERMS[term_k](x)) or
     a `shape` callable returning ln g(x, theta). `start` holds default shape parameters
     (theta, without p1); `parameter_names` are the physics names, "p1" first, while
-    parameter vectors hold ln p1 in its place (`vector_names`).
+    parameter vectors hold ln p1 in its place (`vector_names`). `expression` is set for
+    shapes given as text (symbolic regression): ln g in x, lnx, ln1mx whose named
+    constants are the shape parameters, in order.
     """
 
     name: str
@@ -93,6 +95,7 @@ class BackgroundFunction:
     start: tuple[float, ...]
     terms: tuple[str, ...] = ()
     shape: LogShape | None = None
+    expression: str | None = None
 
     def __post_init__(self) -> None:
         n_shape = len(self.parameter_names) - 1

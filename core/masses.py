@@ -10,7 +10,7 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, overload
 
 import awkward as ak
 import numpy as np
@@ -170,19 +170,59 @@ def leading_pair_masses(chunk: EventChunk, *, validate: bool = True) -> FloatArr
     return masses
 
 
+RESOLUTION_STOCHASTIC: Final = 0.84
+"""Stochastic term a of the mass resolution w(m) = m sqrt(a^2 / m + b^2), sqrt(GeV)."""
+
+RESOLUTION_CONSTANT: Final = 0.016
+"""Constant term b of the mass resolution w(m) = m sqrt(a^2 / m + b^2)."""
+
+
+@overload
+def mass_resolution(mass_gev: float) -> float: ...
+
+
+@overload
+def mass_resolution(mass_gev: npt.ArrayLike) -> FloatArray: ...
+
+
+def mass_resolution(mass_gev: float | npt.ArrayLike) -> float | FloatArray:
+    """Detector mass resolution w(m) = m sqrt(0.84^2 / m + 0.016^2) in GeV (m in GeV).
+
+    The one definition of PHYSICS.md section 3: it sets the bin widths of the spectra and
+    the width of a signal. A float gives a float, an array an array of the same shape.
+    """
+    if isinstance(mass_gev, int | float):
+        mass = float(mass_gev)
+        if not (math.isfinite(mass) and mass > 0):
+            raise InvalidInputError(
+                f"the mass resolution needs a finite, positive mass (mass > 0 GeV), found {mass}"
+            )
+        return mass * math.sqrt(RESOLUTION_STOCHASTIC**2 / mass + RESOLUTION_CONSTANT**2)
+    masses = np.asarray(mass_gev, dtype=np.float64)
+    bad = ~(np.isfinite(masses) & (masses > 0))
+    if np.any(bad):
+        raise InvalidInputError(
+            f"the mass resolution needs finite, positive masses (mass > 0 GeV), found "
+            f"{masses[bad][:5].tolist()}"
+        )
+    return np.asarray(
+        masses * np.sqrt(RESOLUTION_STOCHASTIC**2 / masses + RESOLUTION_CONSTANT**2),
+        dtype=np.float64,
+    )
+
+
 @functools.cache
 def _resolution_edges(start: float, stop: float) -> tuple[float, ...]:
     edges = [start]
     while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
+        edges.append(edges[-1] + mass_resolution(edges[-1]))
     return tuple(edges)
 
 
 def mass_bin_edges(
     start_gev: float = BINNING_START_GEV, stop_gev: float = BINNING_STOP_GEV
 ) -> FloatArray:
-    """Resolution bin edges in GeV: e_{k+1} = e_k + e_k sqrt(0.84^2/e_k + 0.016^2).
+    """Resolution bin edges in GeV: e_{k+1} = e_k + w(e_k), w = `mass_resolution`.
 
     They start at `start_gev` and end at the first edge above `stop_gev` (178 bins from
     35 GeV to 13093 GeV by default).

@@ -9,13 +9,13 @@ and the window exclusion (refit with a flagged window masked). Every check retur
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from iminuit import Minuit
 from scipy import special
 
 from core.errors import FitError, InvalidInputError
@@ -24,26 +24,15 @@ from core.fit import (
     FitResult,
     SpectrumFitProblem,
     fit_spectrum,
-    log_sum_exp,
     prepare_spectrum,
+    shape_directions,
 )
 from core.fitfunctions import ALTERNATIVE_FUNCTIONS, BackgroundFunction, FloatArray, get_function
+from core.masses import mass_resolution
+from core.significance import FloatingShape, fit_signal_and_background, gaussian_bin_fractions
 
 GofMethod = Literal["auto", "asymptotic", "toys"]
 SpuriousMethod = Literal["toys", "asimov"]
-
-_BAD_NLL = 1e300
-
-
-def mass_resolution(mass: npt.ArrayLike) -> FloatArray:
-    """Detector mass resolution w(m) = m sqrt(0.84^2 / m + 0.016^2) in GeV (m in GeV).
-
-    The same function sets the bin widths of the spectra (PHYSICS.md section 3).
-    """
-    values = np.asarray(mass, dtype=np.float64)
-    if not np.all(np.isfinite(values) & (values > 0)):
-        raise InvalidInputError("masses for the resolution must be finite and positive (GeV)")
-    return np.asarray(values * np.sqrt(0.84**2 / values + 0.016**2), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -255,89 +244,6 @@ class SignalFit:
         return self.signal / self.signal_error
 
 
-def gaussian_bin_fractions(edges: npt.ArrayLike, mass: float, width: float) -> FloatArray:
-    """Fraction of a Gaussian of mean `mass` and sigma `width` (GeV) inside each bin."""
-    edge_values = np.asarray(edges, dtype=np.float64)
-    if not (np.isfinite(mass) and np.isfinite(width) and width > 0):
-        raise InvalidInputError(
-            f"a Gaussian signal needs a finite mass and a positive width, got {mass}, {width}"
-        )
-    cumulative = special.ndtr((edge_values - mass) / width)
-    return np.asarray(np.diff(cumulative), dtype=np.float64)
-
-
-class _SignalPlusBackgroundNLL:
-    """Extended Poisson NLL of N P_i(theta) + s S_i in whitened parameters (a, phi, b)."""
-
-    def __init__(
-        self,
-        shape: BinnedShape,
-        theta: FloatArray,
-        whitening: FloatArray,
-        template: FloatArray,
-        signal_scale: float,
-    ) -> None:
-        problem = shape.problem
-        self.shape = shape
-        self.used = problem.used
-        self.counts = problem.range_counts[problem.used]
-        self.total = float(self.counts.sum())
-        self.safe = np.where(self.counts > 0, self.counts, 1.0)
-        self.norm_scale = float(np.sqrt(self.total))
-        self.theta0 = theta
-        self.whitening = whitening
-        self.template = template[problem.used]
-        self.signal_scale = signal_scale
-
-    def unpack(self, q: FloatArray) -> tuple[float, FloatArray, float]:
-        k = self.shape.n_shape
-        norm = self.total + self.norm_scale * float(q[0])
-        theta = self.theta0 + self.whitening @ q[1 : k + 1]
-        return norm, theta, self.signal_scale * float(q[k + 1])
-
-    def _pieces(
-        self, q: FloatArray, with_gradient: bool
-    ) -> tuple[FloatArray, FloatArray, FloatArray | None, float]:
-        norm, theta, signal = self.unpack(np.asarray(q))
-        if with_gradient:
-            log_integrals, gradient = self.shape.log_integrals_and_gradient(theta)
-            gradient = gradient[self.used]
-        else:
-            log_integrals, gradient = self.shape.log_integrals(theta), None
-        log_integrals = log_integrals[self.used]
-        with np.errstate(all="ignore"):
-            fractions = np.exp(log_integrals - float(log_sum_exp(log_integrals)))
-            mu = norm * fractions + signal * self.template
-        return mu, fractions, gradient, norm
-
-    def __call__(self, q: FloatArray) -> float:
-        mu = self._pieces(q, with_gradient=False)[0]
-        if not np.all(mu > 0):
-            return _BAD_NLL
-        with np.errstate(all="ignore"):
-            # half the Poisson deviance, bin by bin: the NLL up to a constant, kept small so
-            # that Minuit's relative precision holds for millions of events
-            value = float(np.sum(mu - self.counts - special.xlogy(self.counts, mu / self.safe)))
-        return value if np.isfinite(value) else _BAD_NLL
-
-    def gradient(self, q: FloatArray) -> FloatArray:
-        mu, fractions, gradient, norm = self._pieces(q, with_gradient=True)
-        if gradient is None or not np.all(mu > 0):
-            return np.zeros(len(q))
-        with np.errstate(all="ignore"):
-            residual = 1.0 - self.counts / mu
-            centred = gradient - fractions @ gradient
-            d_theta = residual @ (norm * fractions[:, None] * centred)
-            result = np.concatenate(
-                [
-                    [self.norm_scale * float(residual @ fractions)],
-                    self.whitening.T @ d_theta,
-                    [self.signal_scale * float(residual @ self.template)],
-                ]
-            )
-        return np.asarray(np.where(np.isfinite(result), result, 0.0), dtype=np.float64)
-
-
 def fit_signal_plus_background(
     problem: SpectrumFitProblem,
     background: FitResult,
@@ -346,69 +252,61 @@ def fit_signal_plus_background(
 ) -> SignalFit:
     """Fit background (the function of `background`) plus a Gaussian of free yield at `mass`.
 
-    The yield may be negative; starts from the background fit. Masses in GeV.
+    The normalisation and the shape parameters float, whitened by the information at the
+    background fit (`shape_directions`, as many directions as the background fit had free);
+    the yield may be negative. Masses in GeV. For a non-log-linear shape whose fit is not
+    accurate, up to two more of its sloppiest directions are held, as core.fit does. One
+    engine: core.significance.fit_signal_and_background.
     """
     shape = BinnedShape(problem, background.function)
-    template = gaussian_bin_fractions(problem.range_edges, mass, width)
-    theta_covariance = background.covariance[1:, 1:]
-    try:
-        whitening = np.asarray(np.linalg.cholesky(theta_covariance), dtype=np.float64)
-    except np.linalg.LinAlgError:
-        whitening = np.diag(np.sqrt(np.abs(np.diag(theta_covariance))) + 1e-6).astype(np.float64)
-    window_background = float(np.sum(background.expected * template))
-    signal_scale = float(np.sqrt(max(window_background, 1.0)))
-    objective = _SignalPlusBackgroundNLL(shape, background.theta, whitening, template, signal_scale)
-    grad = objective.gradient if shape.features is not None else None
-    minuit = Minuit(objective, np.zeros(shape.n_shape + 2), grad=grad)
-    minuit.errordef = Minuit.LIKELIHOOD
-    # a negative yield may not make any bin's expectation negative (at the start values)
-    peaked = template > 1e-3 * template.max()
-    lowest = -0.99 * float(np.min(background.expected[peaked] / template[peaked]))
-    minuit.limits[shape.n_shape + 1] = (lowest / signal_scale, None)
-    minuit.migrad()
-    if not minuit.valid:
-        minuit.strategy = 2
-        minuit.migrad()
-    if minuit.valid:
-        minuit.hesse()
-    fmin = minuit.fmin
-    assert fmin is not None
-    q = np.asarray(minuit.values, dtype=np.float64)
-    norm, _, signal = objective.unpack(q)
-    signal_error = signal_scale * float(minuit.errors[shape.n_shape + 1])
-    valid = bool(
-        fmin.is_valid
-        and fmin.has_accurate_covar
-        and np.isfinite(signal)
-        and signal_error > 1e-6 * signal_scale
-        and fmin.fval < _BAD_NLL
-    )
+    used = problem.used
+    template = gaussian_bin_fractions(problem.range_edges, mass, width)[used]
+    n_directions = background.n_free - 1
+    smallest = n_directions if shape.features is not None else max(n_directions - 2, 1)
+    result = None
+    for kept in range(n_directions, smallest - 1, -1):
+        try:
+            directions = shape_directions(shape, background.theta, max_directions=kept)
+        except FitError:
+            break
+        result = fit_signal_and_background(
+            problem.range_counts[used],
+            background.expected[used],
+            template,
+            floating_shape=FloatingShape(shape, background.theta, directions),
+        )
+        if result.valid:
+            break
+    if result is None:
+        return SignalFit(float(mass), float(width), math.nan, math.nan, math.nan, False, math.nan)
     return SignalFit(
         mass=float(mass),
         width=float(width),
-        signal=signal,
-        signal_error=signal_error,
-        background_total=norm,
-        valid=valid,
-        nll=float(fmin.fval),
+        signal=result.signal,
+        signal_error=result.signal_error,
+        background_total=result.background_total,
+        valid=result.valid,
+        nll=result.nll,
     )
 
 
 def _test_masses(
     alternative: FitResult, problem: SpectrumFitProblem, width_fraction: float, n_masses: int
-) -> FloatArray:
-    """Log-spaced masses inside the range, 2 widths from its ends, where mu >= 1 per bin."""
+) -> FloatArray | None:
+    """Log-spaced masses inside the range, 2 widths from its ends, where mu >= 1 per bin.
+
+    None when no such mass exists (a narrow range, or a spectrum too sparse to test).
+    """
     edges = problem.range_edges
     centres = 0.5 * (edges[:-1] + edges[1:])
     populated = centres[alternative.expected >= 1.0]
+    if populated.size == 0:
+        return None
     low = edges[0] + 2 * width_fraction * float(mass_resolution(edges[0]))
     high = min(float(populated.max()), float(edges[-1]))
     high -= 2 * width_fraction * float(mass_resolution(high))
     if high <= low:
-        raise InvalidInputError(
-            f"the fit range {problem.fit_range} GeV is too narrow for a spurious-signal test: "
-            "no mass lies two resolutions inside it with background"
-        )
+        return None
     return np.geomspace(low, high, n_masses)
 
 
@@ -481,7 +379,17 @@ def spurious_signal(
         )
     alternative_function = alternative_fit.function
     if masses is None:
-        tested = _test_masses(alternative_fit, problem, width_fraction, n_masses)
+        found = _test_masses(alternative_fit, problem, width_fraction, n_masses)
+        if found is None:
+            return CheckResult(
+                "spurious_signal",
+                False,
+                {"alternative_p_value": alternative_fit.p_value},
+                f"no mass lies two resolutions inside the fit range {problem.fit_range} GeV "
+                "where a bin expects one event or more: the spectrum is too sparse or the "
+                "range too narrow for a spurious-signal test",
+            )
+        tested = found
     else:
         tested = np.asarray(masses, dtype=np.float64)
         low, high = problem.fit_range

@@ -34,9 +34,25 @@ from core.robustness import GofMethod, RobustnessReport, SpuriousMethod, robustn
 TestMethod = Literal["ftest", "wilks"]
 Chi2Kind = Literal["deviance", "pearson"]
 
-Fallback = Callable[[SpectrumFitProblem, int], FitResult]
+
+@dataclass(frozen=True, eq=False)
+class FallbackFit:
+    """What a fallback returns: its fit, rival shapes and lines for the decision trail.
+
+    `alternatives` are other functions that describe the same data (e.g. the runner-up
+    symbolic expressions); the spurious-signal test of the fallback draws its toys from
+    the first one that fits with p > alpha, after the analytic alternatives.
+    """
+
+    fit: FitResult
+    alternatives: tuple[BackgroundFunction, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+Fallback = Callable[[SpectrumFitProblem, int], FitResult | FallbackFit]
 """A last-resort background model: given the prepared spectrum and a seed, a converged fit
-(e.g. a symbolic-regression expression refitted with the same likelihood)."""
+(e.g. a symbolic-regression expression refitted with the same likelihood), alone or with
+its rivals as a `FallbackFit`."""
 
 
 @dataclass(frozen=True)
@@ -209,13 +225,18 @@ def select_function(
 
 @dataclass(frozen=True)
 class CheckOptions:
-    """Settings of the robustness checks run by `choose_background`."""
+    """Settings of the robustness checks run by `choose_background`.
+
+    `fallback_spurious_method` is the spurious-signal method for the fallback's fit (None:
+    `spurious_method`).
+    """
 
     alternative: tuple[str | BackgroundFunction, ...] = ALTERNATIVE_FUNCTIONS
     window: tuple[float, float] | None = None
     gof_method: GofMethod = "auto"
     n_gof_toys: int = 100
     spurious_method: SpuriousMethod = "toys"
+    fallback_spurious_method: SpuriousMethod | None = None
     n_spurious_toys: int = 50
     spurious_masses: tuple[float, ...] | None = None
     width_fraction: float = 1.0
@@ -259,29 +280,38 @@ def choose_background(
 
     The function chosen by the nested tests is checked first; while it fails a check the
     next larger function of `functions` is fitted and checked; when none passes and a
-    `fallback` is given, its fit goes through the same checks.
+    `fallback` is given, its fit goes through the same checks. With `options.window` (a
+    window the bump hunt flagged, GeV) every fit leaves that window out (PHYSICS.md 5).
     """
     settings = options or CheckOptions()
-    problem = prepare_spectrum(edges, counts, fit_range, sqrt_s=sqrt_s)
+    problem = prepare_spectrum(edges, counts, fit_range, sqrt_s=sqrt_s, exclude=settings.window)
     edge_values = np.asarray(edges, dtype=np.float64)
     count_values = np.asarray(counts, dtype=np.float64)
     selection = select_function(
         problem, functions, method=method, chi2_kind=chi2_kind, alpha=settings.alpha, seed=seed
     )
     trail = [f"{method}: {selection.reason}"]
+    if settings.window is not None:
+        low, high = settings.window
+        trail.insert(0, f"fits exclude the flagged window {low:.0f}-{high:.0f} GeV")
     trail += [f"{name} did not converge: {text}" for name, text in selection.failures.items()]
     reports: list[RobustnessReport] = []
 
-    def checked(fit: FitResult, offset: int) -> bool:
+    def checked(
+        fit: FitResult,
+        offset: int,
+        rivals: tuple[BackgroundFunction, ...] = (),
+        spurious_method: SpuriousMethod = settings.spurious_method,
+    ) -> bool:
         report = robustness_checks(
             edge_values,
             count_values,
             fit,
-            alternative=settings.alternative,
+            alternative=(*settings.alternative, *rivals),
             window=settings.window,
             gof_method=settings.gof_method,
             n_gof_toys=settings.n_gof_toys,
-            spurious_method=settings.spurious_method,
+            spurious_method=spurious_method,
             n_spurious_toys=settings.n_spurious_toys,
             spurious_masses=settings.spurious_masses,
             width_fraction=settings.width_fraction,
@@ -321,12 +351,19 @@ def choose_background(
         return BackgroundDecision(None, None, selection, tuple(reports), None, tuple(trail))
     trail.append("no analytic function passed; calling the fallback")
     try:
-        fallback_fit = fallback(problem, seed)
+        outcome = fallback(problem, seed)
     except FitError as error:
         trail.append(f"the fallback failed: {error}")
         return BackgroundDecision(None, None, selection, tuple(reports), None, tuple(trail))
+    if isinstance(outcome, FitResult):
+        outcome = FallbackFit(outcome)
+    fallback_fit = outcome.fit
     trail.append(f"fallback fitted {fallback_fit.name}")
-    if checked(fallback_fit, 100):
+    trail.extend(outcome.notes)
+    fallback_method = settings.fallback_spurious_method or settings.spurious_method
+    if fallback_method != settings.spurious_method:
+        trail.append(f"spurious-signal test of the fallback with {fallback_method} data")
+    if checked(fallback_fit, 100, outcome.alternatives, fallback_method):
         return BackgroundDecision(
             fallback_fit.name, fallback_fit, selection, tuple(reports), fallback_fit, tuple(trail)
         )

@@ -4,25 +4,31 @@ Conventions (PHYSICS.md section 6): one-sided p-values, Z = Phi^-1(1 - p) comput
 `-ndtri(p)` (or `-ndtri_exp(ln p)` from a log p-value) so that Z = 8 (p ~ 6e-16) and far
 beyond keep full relative precision; p = 1 - Phi(Z) is computed as `ndtr(-Z)`.
 
-The signal fit is a binned extended Poisson likelihood of s g_i + mu_b b_i, with g_i the
-fraction of a Gaussian (mass m, width sigma, GeV) in bin i and b_i the expected background
-count of bin i, given and held in shape (mu_b = 1 fixed, or floating). The local
-significance is the likelihood ratio of the discovery test (Cowan, Cranmer, Gross, Vitells,
-arXiv:1007.1727): q0 = 2 (NLL(s = 0) - NLL(s_hat)) for s_hat > 0, else 0; Z = sqrt(q0).
+One engine, `fit_signal_and_background`, fits every signal: a binned extended Poisson
+likelihood of mu_i = B P_i + s g_i, with g_i the fraction of the signal (a Gaussian of mass
+m and width sigma in GeV, `gaussian_bin_fractions`) in bin i, and the background of total B
+(fixed or floating) and bin fractions P_i, either held (a given background shape) or those
+of a background function whose shape parameters float (`FloatingShape`, the
+spurious-signal test of core.robustness). `signal_fit` uses it with a given background;
+its local significance is the likelihood ratio of the discovery test (Cowan, Cranmer,
+Gross, Vitells, arXiv:1007.1727): q0 = 2 (NLL(s = 0) - NLL(s_hat)) for s_hat > 0, else 0;
+Z = sqrt(q0).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
 from iminuit import Minuit
-from scipy.special import log_ndtr, ndtr, ndtri, ndtri_exp
+from scipy.special import log_ndtr, ndtr, ndtri, ndtri_exp, xlogy
 
 from core.errors import FitDidNotConvergeError, InvalidInputError
+from core.fit import BinnedShape, log_sum_exp
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -31,6 +37,8 @@ BackgroundNormalisation = Literal["fixed", "floating"]
 
 _SERIES_BELOW: Final = 1e-4
 """Below this s/b the Asimov formula uses its series, free of cancellation."""
+
+_BAD_NLL: Final = 1e300
 
 
 def _as_probability(p: npt.ArrayLike, name: str) -> FloatArray:
@@ -116,13 +124,6 @@ def ae_gain_percent(z_with_ae: float, z_without_ae: float) -> float:
     return (z_with_ae / z_without_ae - 1.0) * 100.0
 
 
-def mass_resolution(mass_gev: float) -> float:
-    """Detector mass resolution sigma(m) = m sqrt(0.84^2/m + 0.016^2) in GeV (the binning's)."""
-    if not math.isfinite(mass_gev) or mass_gev <= 0:
-        raise InvalidInputError(f"mass_resolution needs a mass > 0 GeV, found {mass_gev}")
-    return mass_gev * math.sqrt(0.84**2 / mass_gev + 0.016**2)
-
-
 @dataclass(frozen=True)
 class SignalFitResult:
     """A Gaussian signal fitted on top of a background shape at one mass (GeV, counts)."""
@@ -144,15 +145,204 @@ class SignalFitResult:
 
 
 def gaussian_bin_fractions(edges: npt.ArrayLike, mass: float, width: float) -> FloatArray:
-    """Fraction of a Gaussian (mean `mass`, sigma `width`, GeV) inside each bin of `edges`."""
+    """Fraction of a Gaussian (mean `mass`, sigma `width`, GeV) inside each bin of `edges`.
+
+    Each bin is integrated from the side of its nearer tail, so that far bins keep their
+    relative precision.
+    """
+    if not (math.isfinite(mass) and math.isfinite(width) and width > 0):
+        raise InvalidInputError(
+            f"a Gaussian signal needs a finite mass and a positive width (GeV), got mass "
+            f"{mass}, width {width}"
+        )
     e = np.asarray(edges, dtype=np.float64)
     upper = (e - mass) / width
-    # Integrate from the side of the nearer tail so that far bins keep relative precision.
-    cdf = ndtr(upper)
-    sf = ndtr(-upper)
-    left = np.diff(cdf)
-    right = -np.diff(sf)
+    left = np.diff(ndtr(upper))
+    right = -np.diff(ndtr(-upper))
     return np.asarray(np.where(e[1:] <= mass, left, right), dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class FloatingShape:
+    """Background shape parameters floated in a signal fit: theta = `theta` + `directions` phi.
+
+    `shape` integrates the background function over the bins of a fit range, of which those
+    in `shape.problem.used` enter the likelihood; `directions` whiten theta (e.g.
+    core.fit.shape_directions).
+    """
+
+    shape: BinnedShape
+    theta: FloatArray
+    directions: FloatArray
+
+
+@dataclass(frozen=True)
+class SignalAndBackgroundFit:
+    """Outcome of `fit_signal_and_background`: signal yield s and background total B (events).
+
+    `nll` is half the Poisson deviance at the minimum (the NLL up to a data constant);
+    `valid` needs a valid Migrad minimum, an accurate Hesse covariance and finite numbers.
+    """
+
+    signal: float
+    signal_error: float
+    background_total: float
+    background_total_error: float
+    nll: float
+    valid: bool
+
+
+class _SignalAndBackgroundNLL:
+    """Half the Poisson deviance of B P_i + s g_i in scaled parameters q = (a, phi, t).
+
+    B = B0 + sqrt(B0) a, theta = theta0 + T phi (floating shape only), s = scale t: unit
+    steps are about one standard deviation each.
+    """
+
+    def __init__(
+        self,
+        counts: FloatArray,
+        background: FloatArray,
+        template: FloatArray,
+        floating: FloatingShape | None,
+        signal_scale: float,
+    ) -> None:
+        self.counts = counts
+        self.safe = np.where(counts > 0, counts, 1.0)
+        self.total = float(background.sum())
+        self.fractions = background / self.total
+        self.norm_scale = math.sqrt(self.total)
+        self.template = template
+        self.floating = floating
+        self.n_shape = 0 if floating is None else floating.directions.shape[1]
+        self.signal_scale = signal_scale
+
+    def unpack(self, q: FloatArray) -> tuple[float, FloatArray, float]:
+        """Background total B, shape shift phi and signal yield s of the scaled parameters."""
+        k = self.n_shape
+        return (
+            self.total + self.norm_scale * float(q[0]),
+            np.asarray(q[1 : k + 1], dtype=np.float64),
+            self.signal_scale * float(q[k + 1]),
+        )
+
+    def _pieces(
+        self, q: FloatArray, with_gradient: bool
+    ) -> tuple[FloatArray, FloatArray, FloatArray | None, float]:
+        norm, phi, signal = self.unpack(np.asarray(q))
+        fractions, centred = self.fractions, None
+        if self.floating is not None:
+            used = self.floating.shape.problem.used
+            theta = self.floating.theta + self.floating.directions @ phi
+            if with_gradient:
+                log_integrals, gradient = self.floating.shape.log_integrals_and_gradient(theta)
+                gradient = gradient[used] @ self.floating.directions
+            else:
+                log_integrals, gradient = self.floating.shape.log_integrals(theta), None
+            log_integrals = log_integrals[used]
+            with np.errstate(all="ignore"):
+                fractions = np.exp(log_integrals - float(log_sum_exp(log_integrals)))
+                if gradient is not None:
+                    centred = gradient - fractions @ gradient
+        with np.errstate(all="ignore"):
+            mu = norm * fractions + signal * self.template
+        return mu, fractions, centred, norm
+
+    def __call__(self, q: FloatArray) -> float:
+        mu = self._pieces(q, with_gradient=False)[0]
+        if not np.all(mu > 0):
+            return _BAD_NLL
+        with np.errstate(all="ignore"):
+            # summed bin by bin and kept small, so that Minuit's relative precision holds
+            value = float(np.sum(mu - self.counts - xlogy(self.counts, mu / self.safe)))
+        return value if math.isfinite(value) else _BAD_NLL
+
+    def gradient(self, q: FloatArray) -> FloatArray:
+        mu, fractions, centred, norm = self._pieces(q, with_gradient=True)
+        if not np.all(mu > 0):
+            return np.zeros(len(q))
+        with np.errstate(all="ignore"):
+            residual = 1.0 - self.counts / mu
+            parts = [np.array([self.norm_scale * float(residual @ fractions)])]
+            if centred is not None:
+                parts.append(norm * (residual * fractions) @ centred)
+            parts.append(np.array([self.signal_scale * float(residual @ self.template)]))
+            result = np.concatenate(parts)
+        return np.asarray(np.where(np.isfinite(result), result, 0.0), dtype=np.float64)
+
+
+def fit_signal_and_background(
+    counts: npt.ArrayLike,
+    background: npt.ArrayLike,
+    template: npt.ArrayLike,
+    *,
+    floating_normalisation: bool = True,
+    floating_shape: FloatingShape | None = None,
+    fix_signal: bool = False,
+    signal_starts: Sequence[float] = (0.0,),
+) -> SignalAndBackgroundFit:
+    """Fit mu_i = B P_i + s g_i to the counts n_i of the bins in the likelihood (Poisson).
+
+    `background` b_i (> 0, expected events) gives the start B0 = sum b and, without a
+    `floating_shape`, the fixed fractions P_i = b_i / B0; `template` g_i is the fraction of
+    the signal in each bin. B floats when `floating_normalisation`, s (events of the whole
+    signal) is fixed at 0 when `fix_signal` and bounded below so that no bin's expectation
+    is negative at the start. Migrad (then strategy 2) and Hesse run from each start yield
+    in turn until one gives a valid minimum with an accurate covariance.
+    """
+    n = np.asarray(counts, dtype=np.float64)
+    b = np.asarray(background, dtype=np.float64)
+    g = np.asarray(template, dtype=np.float64)
+    if not (n.shape == b.shape == g.shape and n.ndim == 1 and np.all(b > 0)):
+        raise InvalidInputError(
+            f"counts, background and template must be 1-D of one length with background > 0; "
+            f"found shapes {n.shape}, {b.shape}, {g.shape}"
+        )
+    signal_scale = math.sqrt(max(float(b @ g), 1.0))
+    objective = _SignalAndBackgroundNLL(n, b, g, floating_shape, signal_scale)
+    k = objective.n_shape
+    analytic = floating_shape is None or floating_shape.shape.features is not None
+    positive = g > 0
+    with np.errstate(over="ignore"):
+        lowest = -0.99 * float(np.min(b[positive] / g[positive])) if np.any(positive) else 0.0
+    minuit: Minuit | None = None
+    for start in [0.0] if fix_signal else signal_starts:
+        minuit = Minuit(
+            objective,
+            np.concatenate([[0.0], np.zeros(k), [max(start, 0.5 * lowest) / signal_scale]]),
+            grad=objective.gradient if analytic else None,
+        )
+        minuit.errordef = Minuit.LIKELIHOOD
+        minuit.errors = np.ones(k + 2)
+        minuit.limits[k + 1] = (lowest / signal_scale, None)
+        minuit.fixed[0] = not floating_normalisation
+        minuit.fixed[k + 1] = fix_signal
+        if all(minuit.fixed):
+            value = objective(np.asarray(minuit.values))
+            return SignalAndBackgroundFit(0.0, 0.0, objective.total, 0.0, value, value < _BAD_NLL)
+        minuit.migrad()
+        if not minuit.valid:
+            minuit.strategy = 2
+            minuit.migrad()
+        if minuit.valid:
+            minuit.hesse()
+        if minuit.valid and minuit.accurate:
+            break
+    assert minuit is not None
+    norm, _, signal = objective.unpack(np.asarray(minuit.values, dtype=np.float64))
+    errors = np.asarray(minuit.errors, dtype=np.float64)
+    signal_error = 0.0 if fix_signal else signal_scale * float(errors[k + 1])
+    norm_error = objective.norm_scale * float(errors[0]) if floating_normalisation else 0.0
+    nll = float(minuit.fval) if minuit.fval is not None else _BAD_NLL
+    valid = bool(
+        minuit.valid
+        and minuit.accurate
+        and math.isfinite(signal)
+        and math.isfinite(signal_error)
+        and (fix_signal or signal_error > 0)
+        and nll < _BAD_NLL
+    )
+    return SignalAndBackgroundFit(signal, signal_error, norm, norm_error, nll, valid)
 
 
 def _validate_histogram(
@@ -199,15 +389,6 @@ def _validate_histogram(
     return n, b, e
 
 
-def _half_deviance(mu: FloatArray, n: FloatArray) -> float:
-    """Sum of mu - n + n ln(n / mu): the Poisson NLL up to a constant (Minuit LIKELIHOOD)."""
-    if np.any(mu <= 0):
-        return 1e30
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_term = np.where(n > 0, n * np.log(n / mu), 0.0)
-    return float(np.sum(mu - n + log_term))
-
-
 def signal_fit(
     counts: npt.ArrayLike,
     background: npt.ArrayLike,
@@ -246,57 +427,31 @@ def signal_fit(
             "have background; choose a mass inside the fitted range"
         )
     floating = background_normalisation == "floating"
-
-    def nll(signal_yield: float, background_scale: float) -> float:
-        return _half_deviance(background_scale * b + signal_yield * g, n)
-
-    nll.errordef = Minuit.LIKELIHOOD  # type: ignore[attr-defined]
-
     weights = g / b
     start_yield = float(np.sum(weights * (n - b)) / np.sum(weights * g))
-    lowest_yield = -0.999 * float(np.min(b[g > 0] / g[g > 0]))
-    scale_start = float(np.sum(n) / np.sum(b)) if floating and np.sum(n) > 0 else 1.0
-
-    def minimise(fix_signal: bool) -> Minuit:
-        starts = [0.0] if fix_signal else [max(start_yield, 0.5 * lowest_yield), 0.0]
-        starts.append(abs(start_yield) + math.sqrt(float(np.sum(g * b))) + 1.0)
-        for start in starts:
-            minuit = Minuit(nll, signal_yield=start, background_scale=scale_start)
-            minuit.limits["signal_yield"] = (lowest_yield, None)
-            minuit.limits["background_scale"] = (1e-9, None)
-            minuit.fixed["background_scale"] = not floating
-            if fix_signal:
-                minuit.values["signal_yield"] = 0.0
-                minuit.fixed["signal_yield"] = True
-                if not floating:
-                    return minuit
-            minuit.migrad()
-            minuit.hesse()
-            if minuit.valid and minuit.accurate:
-                return minuit
-        raise FitDidNotConvergeError(
-            f"the signal fit at m={mass} GeV (width {width} GeV, background "
-            f"{background_normalisation}) found no valid minimum from starts {starts}; "
-            "check that the background describes the data away from the signal"
-        )
-
-    free = minimise(fix_signal=False)
-    null = minimise(fix_signal=True)
-    nll_free = float(nll(*free.values))
-    nll_null = float(nll(*null.values))
-    signal_yield = float(free.values["signal_yield"])
-    q0 = max(2.0 * (nll_null - nll_free), 0.0) if signal_yield > 0 else 0.0
+    starts = [start_yield, 0.0, abs(start_yield) + math.sqrt(float(np.sum(g * b))) + 1.0]
+    free = fit_signal_and_background(n, b, g, floating_normalisation=floating, signal_starts=starts)
+    null = fit_signal_and_background(n, b, g, floating_normalisation=floating, fix_signal=True)
+    for result, what in ((free, "signal-plus-background"), (null, "background-only")):
+        if not result.valid:
+            raise FitDidNotConvergeError(
+                f"the {what} fit at m={mass} GeV (width {width} GeV, background "
+                f"{background_normalisation}) found no valid minimum from starts {starts}; "
+                "check that the background describes the data away from the signal"
+            )
+    q0 = max(2.0 * (null.nll - free.nll), 0.0) if free.signal > 0 else 0.0
     local_z = math.sqrt(q0)
+    total = float(np.sum(b))
     return SignalFitResult(
         mass=float(mass),
         width=float(width),
-        signal_yield=signal_yield,
-        signal_yield_error=float(free.errors["signal_yield"]),
-        background_scale=float(free.values["background_scale"]),
-        background_scale_error=float(free.errors["background_scale"]) if floating else 0.0,
+        signal_yield=free.signal,
+        signal_yield_error=free.signal_error,
+        background_scale=free.background_total / total,
+        background_scale_error=free.background_total_error / total,
         background_normalisation=background_normalisation,
-        nll_signal_plus_background=nll_free,
-        nll_background_only=nll_null,
+        nll_signal_plus_background=free.nll,
+        nll_background_only=null.nll,
         q0=q0,
         local_z=local_z,
         local_p=float(ndtr(-local_z)),

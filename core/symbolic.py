@@ -4,9 +4,10 @@ The search (PHYSICS.md section 5) models g = ln f, the logarithm of the backgrou
 GeV, as an expression in the features x = m / sqrt_s, ``lnx`` = ln x and ``ln1mx`` = ln(1 - x).
 It regresses ln(n / width) of the non-empty bins with Poisson weights (sigma_i = 1 / sqrt(n_i)),
 keeps the whole accuracy-complexity Pareto front of the search, refits the constants of every
-front member with the extended binned Poisson likelihood (iminuit; expected counts are the
-Gauss-Legendre integrals of f over the bins) and chooses the member with the smallest penalised
-deviance (BIC by default: D + k ln N_bins, k free constants).
+front member with core.fit (the extended binned Poisson likelihood of every background fit;
+expected counts are the Gauss-Legendre integrals of f over the bins) and chooses, among the
+members that pass the goodness of fit, the one with the smallest penalised deviance (BIC by
+default: D + k ln N_bins, k free parameters). Several seeded searches may be pooled.
 
 Expressions are text. They are parsed with Python's ``ast`` module against a whitelist (numbers,
 the three feature names, named constants ``c0``, ``c1``, ..., the operators + - * / ** and the
@@ -25,18 +26,18 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from iminuit import Minuit
-from scipy import optimize, stats
 
 from core.errors import FitDidNotConvergeError, FitError, InvalidInputError
-from core.fit import FitResult, SpectrumFitProblem, fit_quality, prepare_spectrum
+from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
 from core.fitfunctions import BackgroundFunction
+from core.selection import FallbackFit
 
 FloatArray = npt.NDArray[np.float64]
 SymbolicBackend = Literal["auto", "pyoperon", "pysr"]
@@ -63,11 +64,7 @@ EXPRESSION_FUNCTIONS: Final[Mapping[str, Callable[[FloatArray], FloatArray]]] = 
 _PARAMETER_NAME: Final = re.compile(r"c(0|[1-9][0-9]{0,3})")
 _MAX_EXPRESSION_CHARACTERS: Final = 20_000
 _MAX_EXPRESSION_NODES: Final = 2_000
-_RANK_TOLERANCE: Final = 1e-13
 _MIN_FILLED_BINS: Final = 8
-_BAD_NLL: Final = 1e30
-_NORMALISATION_TOLERANCE: Final = 1e-8
-_BAD_RESIDUAL: Final = 1e15
 _PYOPERON_SYMBOLS: Final = "add,sub,mul,div,exp,log,constant,variable"
 
 _Evaluator = Callable[[Mapping[str, FloatArray]], FloatArray]
@@ -288,323 +285,53 @@ def lift_constants(text: str) -> tuple[SymbolicExpression, FloatArray]:
 # --------------------------------------------------------------------------- Poisson refit
 
 
-def _bin_integrals(
-    model: SymbolicExpression, constants: FloatArray, nodes: FloatArray, weights: FloatArray
-) -> FloatArray:
-    """Integral of exp(g) over each bin (events), from Gauss-Legendre nodes x and weights in GeV."""
-    with np.errstate(all="ignore"):
-        density = np.exp(model.log_density(nodes, constants))
-        return np.asarray(np.sum(density * weights, axis=1), dtype=np.float64)
-
-
-def _usable(expected: FloatArray) -> bool:
-    return bool(np.all(np.isfinite(expected)) and np.all(expected > 0))
-
-
-def _jacobian(
-    function: Callable[[FloatArray], FloatArray], constants: FloatArray, step: float | None = None
-) -> FloatArray | None:
-    """Central-difference derivatives of `function` (a vector) by each constant, or None.
-
-    Steps are `step`, or 1e-5 relative (at least 1e-7) when None.
-    """
-    columns = []
-    for index in range(constants.size):
-        delta = step if step is not None else 1e-5 * max(abs(constants[index]), 1e-2)
-        up, down = constants.copy(), constants.copy()
-        up[index] += delta
-        down[index] -= delta
-        columns.append((function(up) - function(down)) / (2 * delta))
-    jacobian = np.column_stack(columns)
-    return jacobian if np.all(np.isfinite(jacobian)) else None
-
-
-def _whitened_directions(information: FloatArray) -> FloatArray:
-    """Return T (constants x k) with T^T I T = 1 on the k directions that the data determine.
-
-    Directions whose information, relative to the diagonal, is below `_RANK_TOLERANCE` are
-    exact redundancies of the form (a global scale times coefficients, log(c x) = log c +
-    log x, or the normalisation in a multinomial fit) and are left out.
-    """
-    scale = np.sqrt(np.clip(np.diag(information), 0.0, None))
-    usable = scale > _RANK_TOLERANCE * scale.max(initial=0.0)
-    directions = np.zeros((information.shape[0], 0))
-    if not np.any(usable):
-        return directions
-    correlation = information[np.ix_(usable, usable)] / np.outer(scale[usable], scale[usable])
-    eigenvalues, eigenvectors = np.linalg.eigh(correlation)
-    keep = eigenvalues > _RANK_TOLERANCE * eigenvalues.max()
-    directions = np.zeros((information.shape[0], int(np.sum(keep))))
-    directions[usable] = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep]) / scale[usable, None]
-    return directions
-
-
-def _poisson_directions(
-    model: SymbolicExpression, constants: FloatArray, nodes: FloatArray, weights: FloatArray
-) -> FloatArray:
-    """Whitened identifiable directions of the extended Poisson likelihood at `constants`."""
-    expected = _bin_integrals(model, constants, nodes, weights)
-    jacobian = _jacobian(lambda values: _bin_integrals(model, values, nodes, weights), constants)
-    if not _usable(expected) or jacobian is None:
-        raise FitError(
-            f"expression {model.text!r} gives non-finite or non-positive expected counts "
-            "near its start values; it can not be fitted"
+def _checked_constants(model: SymbolicExpression, values: npt.ArrayLike) -> FloatArray:
+    constants = np.asarray(values, dtype=np.float64).reshape(-1)
+    if constants.size != len(model.parameter_names) or not np.all(np.isfinite(constants)):
+        raise InvalidInputError(
+            f"expression {model.text!r} needs {len(model.parameter_names)} finite start values "
+            f"for {model.parameter_names}, found {constants.tolist()}"
         )
-    return _whitened_directions(jacobian.T @ (jacobian / expected[:, None]))
+    return constants
 
 
-@dataclass(frozen=True)
-class _PoissonObjective:
-    """Half the Poisson deviance as a function of a shift u: constants = centre + T u."""
+def symbolic_background(
+    expression: SymbolicExpression | str, constants: npt.ArrayLike
+) -> BackgroundFunction:
+    """Wrap ln f = ln p1 + g(x; c) as a core.fit BackgroundFunction whose parameters are c.
 
-    model: SymbolicExpression
-    nodes: FloatArray
-    weights: FloatArray
-    counts: FloatArray
-    centre: FloatArray
-    directions: FloatArray
-
-    def expected(self, shift: FloatArray) -> FloatArray | None:
-        """Expected events per bin at constants centre + T shift, or None where unusable."""
-        expected = _bin_integrals(
-            self.model, self.centre + self.directions @ shift, self.nodes, self.weights
-        )
-        return expected if _usable(expected) else None
-
-    def half_deviance_terms(self, expected: FloatArray) -> FloatArray:
-        """Per-bin mu - n - n ln(mu / n) (mu for n = 0): the NLL minus its saturated value."""
-        positive = self.counts > 0
-        terms = expected - self.counts
-        terms[positive] -= self.counts[positive] * np.log(
-            expected[positive] / self.counts[positive]
-        )
-        return terms
-
-    def residuals(self, shift: FloatArray) -> FloatArray:
-        """Signed square roots of the per-bin deviance, whose sum of squares is D."""
-        expected = self.expected(shift)
-        if expected is None:
-            return np.full(self.counts.size, _BAD_RESIDUAL)
-        terms = np.clip(self.half_deviance_terms(expected), 0.0, None)
-        return np.asarray(np.sign(self.counts - expected) * np.sqrt(2 * terms), dtype=np.float64)
-
-    def __call__(self, shift: FloatArray) -> float:
-        """Half the deviance, summed bin by bin so that millions of events keep precision."""
-        expected = self.expected(shift)
-        return _BAD_NLL if expected is None else float(np.sum(self.half_deviance_terms(expected)))
-
-
-@dataclass(frozen=True)
-class ExpressionFit:
-    """Constants of an expression for ln f fitted by the extended binned Poisson likelihood.
-
-    `n_free` independent combinations of the constants were fitted (exact redundancies of
-    the form stay at their start values); `deviance` is 2 sum(mu - n + n ln(n / mu)) over the
-    bins in the likelihood and `p_value` its chi2 probability with `ndf` = bins - n_free.
+    `constants` become its start values. core.fit fits it like any shape; a constant that
+    only rescales f (a constant term of g next to p1) is found redundant there and held.
     """
-
-    expression: str
-    constant_names: tuple[str, ...]
-    constants: tuple[float, ...]
-    n_free: int
-    deviance: float
-    ndf: int
-    p_value: float
-    edm: float = 0.0
-    n_calls: int = 0
+    model = parse_expression(expression) if isinstance(expression, str) else expression
+    values = _checked_constants(model, constants)
+    if not model.parameter_names:
+        raise InvalidInputError(
+            f"expression {model.text!r} has no named constants c0, c1, ... to fit"
+        )
+    return BackgroundFunction(
+        name=f"symbolic: {model.text}",
+        parameter_names=("p1", *model.parameter_names),
+        formula=f"p1 exp({model.text})",
+        start=tuple(float(value) for value in values),
+        shape=model.log_density,
+        expression=model.text,
+    )
 
 
 def refit_expression(
     problem: SpectrumFitProblem,
     expression: SymbolicExpression | str,
     start_values: npt.ArrayLike,
-) -> ExpressionFit:
-    """Fit the constants of ln f = `expression` to a prepared spectrum (Poisson likelihood).
-
-    Levenberg-Marquardt on the deviance residuals, in coordinates whitened with the expected
-    information, brings the start values near the minimum; Migrad polishes and Hesse must
-    report an accurate covariance, in up to three rounds re-whitened at the last point.
-    Raises FitDidNotConvergeError otherwise.
-    """
-    model = parse_expression(expression) if isinstance(expression, str) else expression
-    starts = np.asarray(start_values, dtype=np.float64).reshape(-1)
-    if starts.size != len(model.parameter_names) or not np.all(np.isfinite(starts)):
-        raise InvalidInputError(
-            f"expression {model.text!r} needs {len(model.parameter_names)} finite start values "
-            f"for {model.parameter_names}, found {starts.tolist()}"
-        )
-    used = problem.used
-    nodes, weights = problem.nodes[used], problem.weights[used]
-    counts = problem.range_counts[used]
-    origin = starts.copy()
-    for _ in range(3):
-        directions = _poisson_directions(model, origin, nodes, weights)
-        n_free = directions.shape[1]
-        if n_free >= counts.size:
-            raise InvalidInputError(
-                f"the fit has {counts.size} bins but {n_free} independent constants in "
-                f"{model.text!r}; it needs more bins than constants; widen the fit range or "
-                "simplify the expression"
-            )
-        if n_free == 0:
-            raise FitError(f"no constant of {model.text!r} changes the expected counts")
-        objective = _PoissonObjective(model, nodes, weights, counts, origin, directions)
-        zero = np.zeros(n_free)
-        prefit = optimize.least_squares(
-            objective.residuals, zero, method="lm", max_nfev=100 * (n_free + 1)
-        )
-        start = prefit.x if np.all(np.isfinite(prefit.x)) else zero
-        if objective(start) > objective(zero):
-            start = zero
-        minuit = Minuit(objective, start, name=[f"u{index}" for index in range(n_free)])
-        minuit.errordef = Minuit.LIKELIHOOD
-        minuit.errors = np.ones(n_free)
-        minuit.migrad(ncall=20_000)
-        origin = origin + directions @ np.asarray(minuit.values, dtype=np.float64)
-        if minuit.valid and minuit.fval < _BAD_NLL:
-            minuit.hesse()
-            if minuit.valid and minuit.accurate:
-                deviance = 2.0 * float(minuit.fval)
-                ndf = counts.size - n_free
-                return ExpressionFit(
-                    expression=model.text,
-                    constant_names=model.parameter_names,
-                    constants=tuple(float(value) for value in origin),
-                    n_free=n_free,
-                    deviance=deviance,
-                    ndf=ndf,
-                    p_value=float(stats.chi2.sf(deviance, ndf)),
-                    edm=float(minuit.fmin.edm) if minuit.fmin is not None else 0.0,
-                    n_calls=int(minuit.nfcn),
-                )
-    raise FitDidNotConvergeError(
-        f"Minuit found no valid minimum with accurate covariance for {model.text!r} in three "
-        "rounds of Migrad from the search values; try another seed or a simpler expression"
-    )
-
-
-def symbolic_background(
-    problem: SpectrumFitProblem,
-    expression: SymbolicExpression | str,
-    constants: npt.ArrayLike,
-) -> BackgroundFunction:
-    """Wrap ln f = ln p1 + g(x; c) as a BackgroundFunction for core.fit and the robustness checks.
-
-    Its shape parameters u1..uk move the constants along the k directions that the profiled
-    (multinomial) likelihood of `problem` determines at `constants`: c = constants + T u,
-    whitened so that the fit is well conditioned. u = 0 reproduces `constants`.
-    """
-    model = parse_expression(expression) if isinstance(expression, str) else expression
-    return _wrap(problem, model, constants)[0]
-
-
-def _fit_result(
-    problem: SpectrumFitProblem, model: SymbolicExpression, fit: ExpressionFit, notes: list[str]
 ) -> FitResult:
-    """The core.fit FitResult of a converged refit, for the selection and robustness code.
+    """Fit the constants of ln f = ln p1 + `expression` to a prepared spectrum (core.fit).
 
-    The wrapped function's parameters are p1 = 1 and u = 0 at the refit's constants; their
-    covariance is the inverse expected information of the profiled likelihood (unit in u)
-    with the normalisation as core.fit computes it (var p1 = 1 / N).
+    The extended binned Poisson likelihood of `core.fit.fit_spectrum`, from `start_values`:
+    information-whitened Levenberg-Marquardt pre-fit, Migrad and an accurate Hesse. The
+    parameters are (ln p1, c0, c1, ...). Raises FitDidNotConvergeError otherwise.
     """
-    function, _, d_log_norm = _wrap(problem, model, fit.constants)
-    shape = function.shape
-    assert shape is not None
-    n_shape = function.n_params - 1
-    used = problem.used
-    log_integrals = np.log(
-        np.sum(np.exp(shape(problem.nodes, np.zeros(n_shape))) * problem.weights, axis=1)
-    )
-    total = float(problem.range_counts[used].sum())
-    log_norm = float(np.log(np.sum(np.exp(log_integrals[used]))))
-    p1 = float(np.exp(np.log(total) - log_norm))
-    expected = p1 * np.exp(log_integrals)
-    covariance = np.zeros((n_shape + 1, n_shape + 1))
-    covariance[1:, 1:] = np.eye(n_shape)
-    covariance[0, 0] = p1**2 * (1.0 / total + float(d_log_norm @ d_log_norm))
-    covariance[0, 1:] = covariance[1:, 0] = -p1 * d_log_norm
-    nll, chi2, deviance, ndf, p_value = fit_quality(
-        problem.range_counts[used], expected[used], function.n_params
-    )
-    return FitResult(
-        function=function,
-        parameters=(p1, *(0.0,) * n_shape),
-        errors=tuple(float(np.sqrt(max(value, 0.0))) for value in np.diag(covariance)),
-        covariance=covariance,
-        nll=nll,
-        chi2=chi2,
-        deviance=deviance,
-        ndf=ndf,
-        p_value=p_value,
-        valid=True,
-        accurate_covariance=True,
-        expected=expected,
-        first_bin=problem.first_bin,
-        stop_bin=problem.stop_bin,
-        fit_range=problem.fit_range,
-        used=used.copy(),
-        sqrt_s=problem.sqrt_s,
-        edm=fit.edm,
-        n_calls=fit.n_calls,
-        start="symbolic-regression constants refitted by Migrad",
-        notes=tuple(notes),
-    )
-
-
-def _wrap(
-    problem: SpectrumFitProblem, model: SymbolicExpression, constants: npt.ArrayLike
-) -> tuple[BackgroundFunction, FloatArray, FloatArray]:
-    """Return the wrapped function, its directions T and d ln(sum mu) / du at u = 0."""
-    centre = np.asarray(constants, dtype=np.float64).reshape(-1)
-    if centre.size != len(model.parameter_names) or not np.all(np.isfinite(centre)):
-        raise InvalidInputError(
-            f"expression {model.text!r} needs {len(model.parameter_names)} finite constants "
-            f"for {model.parameter_names}, found {centre.tolist()}"
-        )
-    used = problem.used
-    nodes, weights = problem.nodes[used], problem.weights[used]
-    poisson = _poisson_directions(model, centre, nodes, weights)
-    expected = _bin_integrals(model, centre, nodes, weights)
-
-    def log_expected(shift: FloatArray) -> FloatArray:
-        with np.errstate(all="ignore"):
-            return np.log(_bin_integrals(model, centre + poisson @ shift, nodes, weights))
-
-    # In the Poisson-whitened coordinates the information is the unit matrix; removing the
-    # normalisation (profiled by core.fit as p1) leaves the multinomial information, whose
-    # eigenvalues lie in [0, 1]: 0 marks the direction that only rescales the spectrum.
-    jacobian = _jacobian(log_expected, np.zeros(poisson.shape[1]), step=1e-4)
-    if jacobian is None:
-        raise FitError(
-            f"expression {model.text!r} has non-finite derivatives at the given constants; "
-            "it can not be wrapped"
-        )
-    fractions = expected / expected.sum()
-    centred = jacobian - fractions @ jacobian
-    information = expected.sum() * centred.T @ (centred * fractions[:, None])
-    eigenvalues, eigenvectors = np.linalg.eigh(information)
-    keep = eigenvalues > _NORMALISATION_TOLERANCE
-    rotation = eigenvectors[:, keep] / np.sqrt(eigenvalues[keep])
-    directions = poisson @ rotation
-    d_log_norm = fractions @ jacobian @ rotation
-    if directions.shape[1] == 0:
-        raise FitError(f"no constant of {model.text!r} changes the shape of the spectrum")
-
-    def log_shape(x: FloatArray, theta: FloatArray) -> FloatArray:
-        return model.log_density(x, centre + directions @ np.asarray(theta, dtype=np.float64))
-
-    k = directions.shape[1]
-    values = ", ".join(
-        f"{name}={value:.12g}" for name, value in zip(model.parameter_names, centre, strict=True)
-    )
-    function = BackgroundFunction(
-        name=f"symbolic: {model.text}",
-        parameter_names=("p1", *(f"u{index}" for index in range(1, k + 1))),
-        formula=f"p1 exp({model.text}) with ({values}) + T u, T the {k} whitened directions",
-        start=(0.0,) * k,
-        shape=log_shape,
-    )
-    return function, directions, d_log_norm
+    function = symbolic_background(expression, start_values)
+    return fit_spectrum(problem, function, starts=[(0.0, *function.start)], max_attempts=2)
 
 
 # --------------------------------------------------------------------------- search backends
@@ -717,12 +444,14 @@ def _search_pysr(  # pragma: no cover - needs a Julia runtime, absent on the CI 
 
 # --------------------------------------------------------------------------- the fallback
 
-# --------------------------------------------------------------------------- the fallback
-
 
 @dataclass(frozen=True)
 class SymbolicCandidate:
-    """One member of the search's Pareto front after its Poisson refit (for the audit log)."""
+    """One member of a search's Pareto front after its Poisson refit (for the audit log).
+
+    `n_free` counts the parameters the data determine, p1 included; `seed` is the seed of
+    the search that found it.
+    """
 
     expression: str
     complexity: int
@@ -732,16 +461,18 @@ class SymbolicCandidate:
     criterion: float
     converged: bool
     reason: str
+    seed: int = 0
 
 
 @dataclass(frozen=True, eq=False)
 class SymbolicSearchResult:
-    """The chosen expression, its fit and the Pareto front it was chosen from.
+    """The chosen expression, its fit and the Pareto fronts it was chosen from.
 
     The background density per GeV is f = p1 exp(g(x; c)), with g = `expression` in x, lnx,
-    ln1mx, its constants c = `constants` and p1 = fit.parameters[0] (close to 1: g carries
-    the normalisation when it has a constant term). `fit` is the core.fit FitResult of the
-    wrapped function, ready for the robustness checks.
+    ln1mx, its constants c = `constants` (= fit.parameters[1:]) and ln p1 =
+    fit.parameters[0]. `fit` is a core.fit FitResult, ready for the robustness checks.
+    `seed` found the chosen expression among the searches of `seeds`; `runners_up` are the
+    fits of other expressions that pass the goodness of fit, best first.
     """
 
     expression: str
@@ -754,14 +485,13 @@ class SymbolicSearchResult:
     backend: Literal["pyoperon", "pysr"]
     backend_message: str
     seed: int
+    seeds: tuple[int, ...] = ()
+    runners_up: tuple[FitResult, ...] = ()
 
     @property
     def formula(self) -> str:
         """Return ln f as text, the fitted numbers in place of the constant names."""
-        return substitute_constants(
-            f"log({self.fit.parameters[0]!r}) + {self.expression}",
-            dict(zip(self.constant_names, self.constants, strict=True)),
-        )
+        return fitted_formula(self.fit)
 
 
 def substitute_constants(text: str, constants: Mapping[str, float]) -> str:
@@ -781,13 +511,32 @@ def substitute_constants(text: str, constants: Mapping[str, float]) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
+def fitted_formula(fit: FitResult) -> str:
+    """Write ln f (f per GeV) of a symbolic fit as text with its numbers, ln p1 included."""
+    expression = fit.function.expression
+    if expression is None:
+        raise InvalidInputError(f"{fit.name} is not a symbolic-regression expression")
+    names = fit.function.parameter_names[1:]
+    return substitute_constants(
+        f"{fit.parameters[0]!r} + ({expression})",
+        dict(zip(names, fit.parameters[1:], strict=True)),
+    )
+
+
 def _criterion(deviance: float, n_free: int, n_bins: int, selection: ParetoSelection) -> float:
     penalty = math.log(n_bins) if selection == "bic" else 2.0
     return deviance + penalty * n_free
 
 
 def _check_search_options(
-    seed: int, population_size: int, generations: int, max_length: int, selection: str
+    seed: int,
+    population_size: int,
+    generations: int,
+    max_length: int,
+    selection: str,
+    n_seeds: int,
+    time_budget_s: float | None,
+    alpha: float,
 ) -> None:
     if selection not in ("bic", "aic"):
         raise InvalidInputError(f"selection must be 'bic' or 'aic', found {selection!r}")
@@ -795,11 +544,24 @@ def _check_search_options(
         ("population_size", population_size, 10),
         ("generations", generations, 1),
         ("max_length", max_length, 3),
+        ("n_seeds", n_seeds, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be an integer >= {low}, found {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer in [0, 2^63), found {seed!r}")
+    if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
+        raise InvalidInputError(
+            f"time_budget_s must be a positive number of seconds or None, found {time_budget_s}"
+        )
+    if not 0 < alpha < 1:
+        raise InvalidInputError(f"alpha must lie in (0, 1), found {alpha}")
+
+
+def search_seeds(seed: int, n_seeds: int) -> tuple[int, ...]:
+    """Seeds of `n_seeds` searches: `seed` itself, then seeds derived from it (reproducible)."""
+    derived = np.random.SeedSequence(seed).generate_state(max(n_seeds - 1, 0), dtype=np.uint32)
+    return (seed, *(int(value) for value in derived))
 
 
 def symbolic_fit_problem(
@@ -807,6 +569,9 @@ def symbolic_fit_problem(
     *,
     backend: SymbolicBackend = "auto",
     seed: int = 0,
+    n_seeds: int = 1,
+    time_budget_s: float | None = None,
+    alpha: float = 0.05,
     population_size: int = 300,
     generations: int = 60,
     max_length: int = 25,
@@ -814,14 +579,18 @@ def symbolic_fit_problem(
 ) -> SymbolicSearchResult:
     """Search ln f(x, ln x, ln(1 - x)) on a prepared spectrum and fit the best Pareto member.
 
-    The search regresses ln(n / width) (per GeV) of the non-empty bins at their centres with
-    sigma = 1 / sqrt(n). Every member of its accuracy-complexity front is refitted with the
-    Poisson likelihood; the one with the smallest deviance + penalty x free constants wins
-    (`selection` 'bic': penalty ln N_bins, 'aic': 2) and is fitted again by core.fit as a
-    BackgroundFunction. Seeded and reproducible. Raises FitDidNotConvergeError when no
-    member converges.
+    Each search regresses ln(n / width) (per GeV) of the non-empty bins at their centres
+    with sigma = 1 / sqrt(n). `n_seeds` searches run (seeds from `search_seeds`; a new one
+    starts only while `time_budget_s` seconds have not passed). Every member of their
+    accuracy-complexity fronts is refitted by core.fit with the Poisson likelihood; among
+    those whose deviance p-value exceeds `alpha` the one with the smallest deviance +
+    penalty x free parameters wins (`selection` 'bic': penalty ln N_bins, 'aic': 2), or
+    among all converged members when none passes. Seeded and reproducible when every
+    search runs. Raises FitDidNotConvergeError when no member converges.
     """
-    _check_search_options(seed, population_size, generations, max_length, selection)
+    _check_search_options(
+        seed, population_size, generations, max_length, selection, n_seeds, time_budget_s, alpha
+    )
     used = problem.used
     counts = problem.range_counts
     filled = used & (counts > 0)
@@ -840,80 +609,106 @@ def symbolic_fit_problem(
     target = np.log(counts[filled] / (upper - lower))
     sigma = 1.0 / np.sqrt(counts[filled])
     search = _search_pysr if chosen_backend == "pysr" else _search_pyoperon
-    front = search(
-        features,
-        target,
-        sigma,
-        seed=seed,
-        population_size=population_size,
-        generations=generations,
-        max_length=max_length,
-    )
+    started = time.perf_counter()
+    tried: list[int] = []
     candidates: list[SymbolicCandidate] = []
-    fits: list[ExpressionFit | None] = []
-    for member in front:
-        try:
-            expression, starts = lift_constants(member.text)
-            fit = refit_expression(problem, expression, starts)
-        except (FitError, InvalidInputError) as error:
+    fits: list[FitResult | None] = []
+    seen: set[str] = set()
+    for search_seed in search_seeds(seed, n_seeds):
+        if tried and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+            break
+        tried.append(search_seed)
+        front = search(
+            features,
+            target,
+            sigma,
+            seed=search_seed,
+            population_size=population_size,
+            generations=generations,
+            max_length=max_length,
+        )
+        for member in front:
+            try:
+                expression, starts = lift_constants(member.text)
+                if expression.text in seen:
+                    continue
+                seen.add(expression.text)
+                fit = refit_expression(problem, expression, starts)
+            except (FitError, InvalidInputError) as error:
+                candidates.append(
+                    SymbolicCandidate(
+                        member.text,
+                        member.complexity,
+                        0,
+                        math.inf,
+                        0.0,
+                        math.inf,
+                        False,
+                        str(error),
+                        search_seed,
+                    )
+                )
+                fits.append(None)
+                continue
             candidates.append(
                 SymbolicCandidate(
-                    member.text, member.complexity, 0, math.inf, 0.0, math.inf, False, str(error)
+                    expression.text,
+                    member.complexity,
+                    fit.n_free,
+                    fit.deviance,
+                    fit.p_value,
+                    _criterion(fit.deviance, fit.n_free, problem.n_used, selection),
+                    True,
+                    "",
+                    search_seed,
                 )
             )
-            fits.append(None)
-            continue
-        criterion = _criterion(fit.deviance, fit.n_free, problem.n_used, selection)
-        candidates.append(
-            SymbolicCandidate(
-                fit.expression,
-                member.complexity,
-                fit.n_free,
-                fit.deviance,
-                fit.p_value,
-                criterion,
-                True,
-                "",
-            )
-        )
-        fits.append(fit)
+            fits.append(fit)
     ranked = sorted(
         (index for index, fit in enumerate(fits) if fit is not None),
-        key=lambda index: candidates[index].criterion,
+        key=lambda index: (candidates[index].p_value <= alpha, candidates[index].criterion),
     )
-    failures: list[str] = []
-    for index in ranked:
-        chosen = fits[index]
-        assert chosen is not None
-        names, constants = chosen.constant_names, chosen.constants
-        notes = [
-            f"symbolic regression ({chosen_backend}, seed {seed}, {selection} over "
-            f"{len(front)} front members): ln f = ln p1 + {chosen.expression}",
-            "constants: "
-            + ", ".join(f"{name}={value!r}" for name, value in zip(names, constants, strict=True)),
-            message,
-        ]
-        try:
-            result = _fit_result(problem, parse_expression(chosen.expression), chosen, notes)
-        except FitError as error:
-            failures.append(f"{chosen.expression}: {error}")
-            continue
-        return SymbolicSearchResult(
-            expression=chosen.expression,
-            constant_names=names,
-            constants=constants,
-            fit=result,
-            candidates=tuple(candidates),
-            chosen_index=index,
-            selection=selection,
-            backend=chosen_backend,
-            backend_message=message,
-            seed=seed,
+    if not ranked:
+        raise FitDidNotConvergeError(
+            f"none of the {len(candidates)} expressions of the {chosen_backend} Pareto fronts "
+            f"(seeds {tried}) gave a converged Poisson fit; try other seeds or more generations"
         )
-    raise FitDidNotConvergeError(
-        f"none of the {len(front)} expressions of the {chosen_backend} Pareto front gave a "
-        f"converged Poisson fit ({'; '.join(failures) or 'every refit failed'}); try another "
-        "seed or more generations"
+    chosen_index = ranked[0]
+    chosen = fits[chosen_index]
+    assert chosen is not None
+    n_passing = sum(candidates[index].p_value > alpha for index in ranked)
+    summary = (
+        f"symbolic regression ({chosen_backend}, seeds {tried}, {selection} over "
+        f"{len(candidates)} front members, {n_passing} with p > {alpha}): ln f = ln p1 + "
+        f"{chosen.function.expression} (seed {candidates[chosen_index].seed})"
+    )
+    notes = (
+        summary,
+        "constants: "
+        + ", ".join(
+            f"{name}={value!r}"
+            for name, value in zip(chosen.function.vector_names, chosen.parameters, strict=True)
+        ),
+        message,
+    )
+    runners_up = tuple(
+        runner
+        for index in ranked[1:]
+        if candidates[index].p_value > alpha and (runner := fits[index]) is not None
+    )
+    return SymbolicSearchResult(
+        expression=candidates[chosen_index].expression,
+        constant_names=chosen.function.parameter_names[1:],
+        constants=chosen.parameters[1:],
+        fit=replace(chosen, notes=(*notes, *chosen.notes)),
+        candidates=tuple(candidates),
+        chosen_index=chosen_index,
+        selection=selection,
+        backend=chosen_backend,
+        backend_message=message,
+        seed=candidates[chosen_index].seed,
+        seeds=tuple(tried),
+        runners_up=runners_up,
     )
 
 
@@ -925,6 +720,9 @@ def symbolic_fit(
     sqrt_s: float = 13000.0,
     backend: SymbolicBackend = "auto",
     seed: int = 0,
+    n_seeds: int = 1,
+    time_budget_s: float | None = None,
+    alpha: float = 0.05,
     population_size: int = 300,
     generations: int = 60,
     max_length: int = 25,
@@ -939,6 +737,9 @@ def symbolic_fit(
         problem,
         backend=backend,
         seed=seed,
+        n_seeds=n_seeds,
+        time_budget_s=time_budget_s,
+        alpha=alpha,
         population_size=population_size,
         generations=generations,
         max_length=max_length,
@@ -949,22 +750,53 @@ def symbolic_fit(
 def symbolic_fallback(
     *,
     backend: SymbolicBackend = "auto",
+    n_seeds: int = 3,
+    time_budget_s: float | None = 120.0,
+    alpha: float = 0.05,
     population_size: int = 300,
     generations: int = 60,
     max_length: int = 25,
     selection: ParetoSelection = "bic",
-) -> Callable[[SpectrumFitProblem, int], FitResult]:
-    """A core.selection Fallback: (prepared spectrum, seed) -> FitResult of the symbolic fit."""
+    n_alternatives: int = 2,
+) -> Callable[[SpectrumFitProblem, int], FallbackFit]:
+    """A core.selection Fallback: (prepared spectrum, seed) -> the symbolic fit and its rivals.
 
-    def fallback(problem: SpectrumFitProblem, seed: int) -> FitResult:
-        return symbolic_fit_problem(
+    Runs `symbolic_fit_problem` with `n_seeds` searches derived from the seed (within
+    `time_budget_s`) and keeps the best expression that passes the goodness of fit. The
+    next `n_alternatives` passing expressions are handed to the spurious-signal test as
+    alternative shapes: no analytic family describes a spectrum that needs this fallback.
+    """
+    if (
+        isinstance(n_alternatives, bool)
+        or not isinstance(n_alternatives, int)
+        or n_alternatives < 0
+    ):
+        raise InvalidInputError(f"n_alternatives must be an integer >= 0, found {n_alternatives!r}")
+
+    def fallback(problem: SpectrumFitProblem, seed: int) -> FallbackFit:
+        result = symbolic_fit_problem(
             problem,
             backend=backend,
             seed=seed,
+            n_seeds=n_seeds,
+            time_budget_s=time_budget_s,
+            alpha=alpha,
             population_size=population_size,
             generations=generations,
             max_length=max_length,
             selection=selection,
-        ).fit
+        )
+        alternatives = tuple(
+            replace(fit.function, start=tuple(float(value) for value in fit.parameters[1:]))
+            for fit in result.runners_up[:n_alternatives]
+        )
+        notes = (
+            result.fit.notes[0],
+            f"fitted: ln f = {result.formula}, deviance {result.fit.deviance:.1f} for "
+            f"{result.fit.ndf} degrees of freedom, p = {result.fit.p_value:.3g}",
+            "alternatives for the spurious-signal test: "
+            + (", ".join(function.name for function in alternatives) or "none passes"),
+        )
+        return FallbackFit(result.fit, alternatives, notes)
 
     return fallback

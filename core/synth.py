@@ -176,8 +176,10 @@ def signal_event_count(signal: SignalSpec, lumi_pb: float) -> int:
     return round(signal.xsec_pb * lumi_pb)
 
 
-def _power_law(rng: np.random.Generator, n: int, minimum: float, power: float) -> FloatArray:
-    """PT drawn from dN/dpT ~ pT^-(power+1) above `minimum` (GeV)."""
+def _power_law(
+    rng: np.random.Generator, n: int, minimum: float | FloatArray, power: float
+) -> FloatArray:
+    """Transverse momenta with dN/dpT ~ pT^-(power+1) above `minimum` (GeV, shared or per draw)."""
     return minimum * rng.random(n) ** (-1.0 / power)
 
 

@@ -51,9 +51,7 @@ class FeatureSource(StrictModel):
         None, description="NPZ files from compute_rmm with arrays 'features' and 'event'"
     )
     inputs: list[str] | None = Field(None, description="ROOT files: paths or URLs")
-    schema_name: SchemaName = Field(
-        "auto", alias="schema"
-    )
+    schema_name: SchemaName = Field("auto", alias="schema")
     tree: str | None = None
     mapping: str | None = None
     selection: SelectionInput = Field(default_factory=SelectionInput)

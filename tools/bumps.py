@@ -11,7 +11,8 @@ from pydantic import Field, model_validator
 from core.bumphunt import LocalExcess, bump_hunt
 from core.errors import InvalidInputError
 from core.lookelsewhere import NestedSpectrum, nested_spectrum, scan_significance
-from core.significance import BackgroundNormalisation, mass_resolution, signal_fit
+from core.masses import mass_resolution
+from core.significance import BackgroundNormalisation, signal_fit
 from tools.common import HistogramInput, StrictModel
 from tools.registry import register
 

@@ -42,9 +42,7 @@ class ReadEventsInput(StrictModel):
     """Files to summarise, with their schema (auto-detected by default)."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: SchemaName = Field(
-        "auto", alias="schema"
-    )
+    schema_name: SchemaName = Field("auto", alias="schema")
     max_events: int | None = Field(None, gt=0)
     tree: str | None = None
     mapping: str | None = Field(None, description="column-mapping TOML for schema 'mapping'")

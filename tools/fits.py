@@ -11,6 +11,8 @@ from pydantic import Field
 from core.fit import FitResult, fit_background
 from core.robustness import CheckResult, RobustnessReport, robustness_checks
 from core.selection import CheckOptions, Fallback, NestedTest, choose_background
+from core.symbolic import fitted_formula
+from core.symbolic import symbolic_fallback as core_symbolic_fallback
 from tools.common import HistogramInput, StrictModel
 from tools.registry import register
 
@@ -27,12 +29,36 @@ def _default_functions() -> list[NestedName]:
     return ["p2", "p3", "p4", "p5", "p6"]
 
 
-def symbolic_fallback() -> Fallback | None:
-    """The symbolic-regression fallback of `choose_background`; None until it is wired.
+class SymbolicSearchSettings(StrictModel):
+    """Settings of the symbolic-regression search (pyoperon, or PySR with a Julia runtime)."""
 
-    Hook for core.symbolic: return a callable (prepared spectrum, seed) -> FitResult.
-    """
-    return None
+    backend: Literal["auto", "pyoperon", "pysr"] = Field(
+        "auto", description="pysr only when a Julia runtime is on PATH, else pyoperon"
+    )
+    population_size: int = Field(300, ge=10, le=100_000)
+    generations: int = Field(60, ge=1, le=10_000)
+    max_length: int = Field(25, ge=3, le=200, description="largest expression (tree nodes)")
+    selection: Literal["bic", "aic"] = Field(
+        "bic", description="Pareto choice: min deviance + (ln N_bins | 2) x free parameters"
+    )
+
+
+class FallbackSettings(SymbolicSearchSettings):
+    """The symbolic fallback of `choose_background`: seeded searches pooled within a budget."""
+
+    n_seeds: int = Field(3, ge=1, le=100, description="searches, seeds derived from `seed`")
+    time_budget_s: float | None = Field(
+        120.0, gt=0, description="no new search starts after this many seconds; null = none"
+    )
+    n_alternatives: int = Field(
+        2, ge=0, le=10, description="runner-up expressions offered to the spurious-signal test"
+    )
+
+
+def symbolic_fallback(settings: FallbackSettings | None = None) -> Fallback:
+    """The symbolic-regression fallback of `choose_background` (core.symbolic)."""
+    chosen = settings or FallbackSettings()
+    return core_symbolic_fallback(**chosen.model_dump())
 
 
 class FitBackgroundInput(StrictModel):
@@ -172,6 +198,9 @@ class CheckSettings(StrictModel):
     gof_method: Literal["auto", "asymptotic", "toys"] = "auto"
     n_gof_toys: int = Field(100, ge=10)
     spurious_method: Literal["toys", "asimov"] = "toys"
+    fallback_spurious_method: Literal["toys", "asimov"] | None = Field(
+        None, description="spurious-signal method for the fallback's fit; null = the same"
+    )
     n_spurious_toys: int = Field(50, ge=1)
     spurious_masses: list[float] | None = None
     width_fraction: float = Field(1.0, gt=0, description="Gaussian sigma / resolution w(m)")
@@ -185,6 +214,7 @@ class CheckSettings(StrictModel):
             gof_method=self.gof_method,
             n_gof_toys=self.n_gof_toys,
             spurious_method=self.spurious_method,
+            fallback_spurious_method=self.fallback_spurious_method,
             n_spurious_toys=self.n_spurious_toys,
             spurious_masses=None if self.spurious_masses is None else tuple(self.spurious_masses),
             width_fraction=self.width_fraction,
@@ -203,7 +233,8 @@ class ChooseBackgroundInput(StrictModel):
     sqrt_s: float = Field(13000.0, gt=0)
     checks: CheckSettings = Field(default_factory=CheckSettings)
     use_fallback: bool = True
-    seed: int = 0
+    fallback_search: FallbackSettings = Field(default_factory=FallbackSettings)
+    seed: int = Field(0, ge=0, lt=2**63)
 
 
 class NestedTestOutput(StrictModel):
@@ -239,6 +270,28 @@ def _test_output(test: NestedTest) -> NestedTestOutput:
     )
 
 
+class SymbolicFallbackOutput(StrictModel):
+    """The fallback's symbolic expression: ln f = ln p1 + g(x, lnx, ln1mx; c), f per GeV."""
+
+    expression: str
+    constants: dict[str, float]
+    formula: str = Field(description="ln f with the fitted numbers, ln p1 included")
+    p_value: float = Field(description="goodness of fit: deviance p-value")
+    fit: FitBackgroundOutput
+
+
+def symbolic_output(result: FitResult) -> SymbolicFallbackOutput:
+    """The JSON form of a symbolic fallback's fit."""
+    names = result.function.parameter_names[1:]
+    return SymbolicFallbackOutput(
+        expression=result.function.expression or result.function.formula,
+        constants=dict(zip(names, result.parameters[1:], strict=True)),
+        formula=fitted_formula(result),
+        p_value=result.p_value,
+        fit=fit_output(result),
+    )
+
+
 class ChooseBackgroundOutput(StrictModel):
     """The accepted background (or null) and the decision trail that led to it."""
 
@@ -247,7 +300,7 @@ class ChooseBackgroundOutput(StrictModel):
     fit: FitBackgroundOutput | None
     tests: list[NestedTestOutput]
     checks: list[ReportOutput]
-    fallback: FitBackgroundOutput | None
+    fallback: SymbolicFallbackOutput | None
     failures: dict[str, str]
     trail: list[str]
 
@@ -270,7 +323,7 @@ def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackground
         method=arguments.method,
         chi2_kind=arguments.chi2_kind,
         options=arguments.checks.to_core(),
-        fallback=symbolic_fallback() if arguments.use_fallback else None,
+        fallback=symbolic_fallback(arguments.fallback_search) if arguments.use_fallback else None,
         seed=arguments.seed,
     )
     return ChooseBackgroundOutput(
@@ -279,7 +332,7 @@ def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackground
         fit=None if decision.fit is None else fit_output(decision.fit),
         tests=[_test_output(test) for test in decision.selection.tests],
         checks=[report_output(report) for report in decision.checks],
-        fallback=None if decision.fallback is None else fit_output(decision.fallback),
+        fallback=None if decision.fallback is None else symbolic_output(decision.fallback),
         failures=dict(decision.selection.failures),
         trail=list(decision.trail),
     )

@@ -40,9 +40,7 @@ class ComputeRMMInput(StrictModel):
     """ROOT files to read (schema auto-detected by default) and the NPZ to write."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: SchemaName = Field(
-        "auto", alias="schema"
-    )
+    schema_name: SchemaName = Field("auto", alias="schema")
     max_events: int | None = Field(None, gt=0, description="read at most this many events")
     output: Path = Field(description="NPZ file to write (.npz)")
     sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
@@ -104,9 +102,7 @@ class EventTableInput(StrictModel):
     """ROOT files to pass over once, and the Parquet event table to write."""
 
     inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
-    schema_name: SchemaName = Field(
-        "auto", alias="schema"
-    )
+    schema_name: SchemaName = Field("auto", alias="schema")
     max_events: int | None = Field(None, gt=0, description="read at most this many events")
     output: Path = Field(description="event table to write (.parquet)")
     step_size: int = Field(100_000, gt=0, description="events per chunk (bounds the memory)")

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from core.symbolic import SymbolicCandidate, symbolic_fit
 from tools.common import HistogramInput, StrictModel
-from tools.fits import FitBackgroundOutput, fit_output
+from tools.fits import FitBackgroundOutput, SymbolicSearchSettings, fit_output
 from tools.registry import register
 
 
-class SymbolicFitInput(StrictModel):
+class SymbolicFitInput(SymbolicSearchSettings):
     """A spectrum, its fit range and the settings of the expression search."""
 
     histogram: HistogramInput
@@ -20,16 +18,8 @@ class SymbolicFitInput(StrictModel):
         None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
     )
     sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
-    backend: Literal["auto", "pyoperon", "pysr"] = Field(
-        "auto", description="pysr only when a Julia runtime is on PATH, else pyoperon"
-    )
     seed: int = Field(0, ge=0, lt=2**63)
-    population_size: int = Field(300, ge=10, le=100_000)
-    generations: int = Field(60, ge=1, le=10_000)
-    max_length: int = Field(25, ge=3, le=200, description="largest expression (tree nodes)")
-    selection: Literal["bic", "aic"] = Field(
-        "bic", description="Pareto choice: min deviance + (ln N_bins | 2) x free constants"
-    )
+    n_seeds: int = Field(1, ge=1, le=100, description="searches, seeds derived from `seed`")
 
 
 class CandidateOutput(StrictModel):
@@ -43,6 +33,7 @@ class CandidateOutput(StrictModel):
     criterion: float | None
     converged: bool
     reason: str
+    seed: int
 
 
 class SymbolicFitOutput(StrictModel):
@@ -58,6 +49,7 @@ class SymbolicFitOutput(StrictModel):
     backend: str
     backend_message: str
     seed: int
+    seeds: list[int]
 
 
 def _candidate_output(candidate: SymbolicCandidate) -> CandidateOutput:
@@ -71,6 +63,7 @@ def _candidate_output(candidate: SymbolicCandidate) -> CandidateOutput:
         criterion=candidate.criterion if finite else None,
         converged=candidate.converged,
         reason=candidate.reason,
+        seed=candidate.seed,
     )
 
 
@@ -90,6 +83,7 @@ def symbolic_fit_tool(arguments: SymbolicFitInput) -> SymbolicFitOutput:
         sqrt_s=arguments.sqrt_s,
         backend=arguments.backend,
         seed=arguments.seed,
+        n_seeds=arguments.n_seeds,
         population_size=arguments.population_size,
         generations=arguments.generations,
         max_length=arguments.max_length,
@@ -106,4 +100,5 @@ def symbolic_fit_tool(arguments: SymbolicFitInput) -> SymbolicFitOutput:
         backend=result.backend,
         backend_message=result.backend_message,
         seed=result.seed,
+        seeds=list(result.seeds),
     )

@@ -10,16 +10,16 @@ import pytest
 from core.errors import InvalidInputError
 from core.fit import fit_spectrum, prepare_spectrum
 from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
+from core.masses import mass_resolution
 from core.robustness import (
     fit_signal_plus_background,
     fit_start_stability,
-    gaussian_bin_fractions,
     goodness_of_fit,
-    mass_resolution,
     robustness_checks,
     spurious_signal,
     window_exclusion,
 )
+from core.significance import gaussian_bin_fractions
 
 SQRT_S = 13000.0
 
@@ -225,3 +225,17 @@ def test_robustness_checks_run_every_check():
     )
     assert windowed.checks[-1].name == "window_exclusion"
     assert set(windowed.failed) <= {check.name for check in windowed.checks}
+
+
+def test_spurious_signal_on_a_spectrum_too_sparse_to_test_fails_with_the_reason():
+    from core.masses import mass_bin_edges
+
+    edges = mass_bin_edges()
+    rng = np.random.default_rng(4)
+    shape = bin_integrals(get_function("p3"), np.array([0.0, 10.0, -4.0]), edges)
+    counts = rng.poisson(shape * 12.0 / shape[edges[:-1] >= 300].sum()).astype(float)
+    problem = prepare_spectrum(edges, counts, (300.0, None))
+    fit = fit_spectrum(problem, get_function("p2"))
+    check = spurious_signal(problem, fit, alternative="p3", method="asimov")
+    assert not check.passed
+    assert "too sparse" in check.message

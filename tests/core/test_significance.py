@@ -10,12 +10,12 @@ from scipy.special import gammainc
 
 from core import significance
 from core.errors import FitDidNotConvergeError, InvalidInputError
+from core.masses import mass_resolution
 from core.significance import (
     ae_gain_percent,
     expected_significance,
     gaussian_bin_fractions,
     log_p_from_z,
-    mass_resolution,
     p_from_z,
     signal_fit,
     z_from_log_p,

@@ -9,13 +9,16 @@ from core import symbolic
 from core.errors import InvalidInputError
 from core.fit import fit_background, prepare_spectrum
 from core.fitfunctions import bin_integrals
+from core.selection import choose_background
 from core.symbolic import (
+    fitted_formula,
     lift_constants,
     parse_expression,
     refit_expression,
     resolve_backend,
     substitute_constants,
     symbolic_background,
+    symbolic_fallback,
     symbolic_fit,
 )
 
@@ -153,18 +156,24 @@ def test_refit_recovers_injected_constants_on_asimov_data() -> None:
         lambda x: np.exp(expression.log_density(x, truth)), 2e6, 300.0, None
     )
     problem = prepare_spectrum(EDGES, counts, (300.0, 8000.0))
-    fit = refit_expression(problem, expression, truth * np.array([1.0, 0.9, 1.1, 0.8]) + 0.3)
+    start = truth * np.array([1.0, 0.9, 1.1, 0.8]) + 0.3
+    fit = refit_expression(problem, expression, start)
+    # c0 is the normalisation again: redundant with p1, so p1 and three constants are free
     assert fit.n_free == 4
+    assert fit.ndf == problem.n_used - 4
+    assert fit.valid and fit.accurate_covariance
     assert fit.deviance < 1e-3  # Asimov data: only the quadrature differs (8 vs 6 points)
-    np.testing.assert_allclose(fit.constants[1:], truth[1:], rtol=1e-4)
-    # c0 carries the normalisation: the fitted law integrates to the observed events
-    shape_only = np.array([0.0, *fit.constants[1:]])
+    np.testing.assert_allclose(fit.parameters[2:], truth[1:], rtol=1e-4)
+    assert fit.parameters[1] == pytest.approx(start[0], abs=1e-6)  # the redundant one stays
+    # ln p1 + c0 carries the normalisation: the fitted law integrates to the observed events
+    shape_only = np.array([0.0, *fit.parameters[2:]])
     unit = np.sum(np.exp(expression.log_density(problem.nodes, shape_only)) * problem.weights)
-    assert np.exp(fit.constants[0]) * unit == pytest.approx(problem.range_counts.sum(), rel=1e-6)
+    total = np.exp(fit.parameters[0] + fit.parameters[1]) * unit
+    assert total == pytest.approx(problem.range_counts.sum(), rel=1e-6)
 
 
 def test_redundant_constants_are_not_counted_as_free() -> None:
-    """c1 (c2 lnx + c3 ln1mx) has one redundant constant: 3 free of 4, deviance unchanged."""
+    """c1 (c2 lnx + c3 ln1mx) has one redundant constant: 3 free of 5, deviance unchanged."""
     truth = np.array([0.0, 9.0, -4.5])
     simple = parse_expression("c0 + c1 * ln1mx + c2 * lnx")
     counts = spectrum_from_density(
@@ -178,10 +187,11 @@ def test_redundant_constants_are_not_counted_as_free() -> None:
     assert (plain.n_free, redundant.n_free) == (3, 3)
     assert redundant.deviance == pytest.approx(plain.deviance, abs=1e-3)
     assert redundant.ndf == plain.ndf
+    assert any("not determined by the data" in note for note in redundant.notes)
 
 
 def test_wrapped_expression_matches_core_fit_integrals() -> None:
-    """The BackgroundFunction wrapper reproduces the expected counts of the refit (1e-9)."""
+    """The BackgroundFunction of an expression gives the expected counts of its fit (1e-9)."""
     truth = np.array([0.0, 9.0, -4.5, -0.25])
     expression = parse_expression(P4_TEXT)
     counts = spectrum_from_density(
@@ -189,11 +199,16 @@ def test_wrapped_expression_matches_core_fit_integrals() -> None:
     )
     problem = prepare_spectrum(EDGES, counts, (300.0, None))
     fit = refit_expression(problem, expression, truth)
-    function = symbolic_background(problem, expression, fit.constants)
-    assert function.n_params == 4  # p1 + three shape directions: c0 is the normalisation
-    wrapped = bin_integrals(function, [1.0, 0.0, 0.0, 0.0], problem.range_edges, SQRT_S)
-    direct = expression.density(problem.nodes * SQRT_S, fit.constants, SQRT_S) * problem.weights
-    np.testing.assert_allclose(wrapped, direct.sum(axis=1), rtol=1e-9)
+    function = symbolic_background(expression, fit.parameters[1:])
+    assert function.n_params == 5  # p1 and the four constants
+    assert function.expression == expression.text
+    wrapped = bin_integrals(function, fit.parameters, problem.range_edges, SQRT_S)
+    constants = np.array(fit.parameters[1:])
+    direct = np.exp(fit.parameters[0]) * expression.density(
+        problem.nodes * SQRT_S, constants, SQRT_S
+    )
+    np.testing.assert_allclose(wrapped, (direct * problem.weights).sum(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(wrapped, fit.expected, rtol=1e-9)
 
 
 # --------------------------------------------------------------------------- backends
@@ -247,7 +262,9 @@ def test_symbolic_fallback_describes_what_no_power_law_does() -> None:
     assert fit.accurate_covariance
     assert fit.p_value > 0.05
     assert fit.deviance < analytic.deviance / 10
-    assert fit.ndf == fit.n_used - fit.function.n_params
+    # ndf counts p1 and the constant combinations the data determine, no more
+    assert fit.ndf == fit.n_used - fit.n_free
+    assert fit.n_free < fit.function.n_params
     assert any(result.expression in note for note in fit.notes)
     # the recorded text with its numbers reproduces the expected counts
     lifted, values = lift_constants(result.formula)
@@ -317,3 +334,60 @@ def test_refit_rejects_wrong_start_values() -> None:
         refit_expression(problem, P4_TEXT, [1.0, 2.0])
     with pytest.raises(InvalidInputError, match="start values"):
         refit_expression(problem, P4_TEXT, [1.0, 2.0, np.nan, 0.0])
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def two_component_density(x: np.ndarray) -> np.ndarray:
+    return (1 - x) ** 10 * x**-5 + 1e9 * (1 - x) ** 30 * x**2
+
+
+@pytest.mark.slow
+def test_choose_background_falls_back_to_a_symbolic_expression_that_passes_every_check() -> None:
+    """No p2..p6 passes GOF on 2e6 two-shape events; the symbolic fallback is chosen.
+
+    Data exist down to 250 GeV (the fit starts at 300 GeV), so the fit-start check has a bin
+    below. Every robustness check runs on the expression; the spurious-signal toys come
+    from a runner-up expression, since ua2 / ua2_5 do not describe these data either.
+    """
+    counts = spectrum_from_density(two_component_density, 2e6, 250.0, seed=1)
+    decision = choose_background(
+        EDGES,
+        counts,
+        (300.0, None),
+        fallback=symbolic_fallback(backend="pyoperon"),
+        seed=1,
+    )
+    analytic = decision.selection.fits
+    assert set(analytic) == {"p2", "p3", "p4", "p5", "p6"}
+    assert all(fit.p_value < 0.05 for fit in analytic.values())
+    fit = decision.fit
+    assert decision.passed and fit is not None
+    assert decision.fallback is fit
+    assert decision.chosen == fit.name and fit.name.startswith("symbolic: ")
+    expression = fit.function.expression
+    assert expression is not None and fit.name == f"symbolic: {expression}"
+    assert fit.valid and fit.accurate_covariance
+    assert fit.p_value > 0.05
+    # the expression, its numbers and its checks are in the decision trail
+    trail = "\n".join(decision.trail)
+    assert f"fallback fitted symbolic: {expression}" in trail
+    assert f"symbolic: {expression} passes every check" in trail
+    assert "fitted: ln f = " in trail
+    report = decision.checks[-1]
+    assert report.function == fit.name and report.passed
+    checks = {check.name: check for check in report.checks}
+    assert list(checks) == ["goodness_of_fit", "fit_start_stability", "spurious_signal"]
+    assert checks["fit_start_stability"].numbers["converged_minus"] == 1.0
+    spurious = checks["spurious_signal"]
+    assert spurious.numbers["n_toys"] == 50
+    assert spurious.numbers["alternative_p_value"] > 0.05
+    assert "symbolic: " in spurious.message.split(" on ")[1]  # toys from a rival expression
+    # the recorded text with its numbers reproduces the expected counts
+    lifted, values = lift_constants(fitted_formula(fit))
+    problem = prepare_spectrum(EDGES, counts, (300.0, None))
+    recomputed = np.sum(
+        lifted.density(problem.nodes * SQRT_S, values, SQRT_S) * problem.weights, axis=1
+    )
+    np.testing.assert_allclose(recomputed, fit.expected, rtol=1e-8)

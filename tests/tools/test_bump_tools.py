@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from core.errors import InvalidInputError
-from core.significance import gaussian_bin_fractions, mass_resolution
+from core.masses import mass_resolution
+from core.significance import gaussian_bin_fractions
 from tools.registry import get_tool
 
 EDGES = np.linspace(1000.0, 3000.0, 41)

@@ -150,3 +150,55 @@ def test_robustness_checks_tool_runs_every_check_with_a_window():
     assert out["report"]["passed"] == all(check["passed"] for check in out["report"]["checks"])
     spurious = out["report"]["checks"][2]
     assert spurious["passed"] and spurious["numbers"]["max_abs_median_pull"] < 0.1
+
+
+def test_choose_background_tool_reports_the_symbolic_fallback():
+    """p2 and p3 fail on p4 data: the fallback's expression, constants and GOF p are output."""
+    _, counts = spectrum(2.0e5, seed=7)
+    out = get_tool("choose_background").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "fit_range": [300.0, 6000.0],
+            "functions": ["p2", "p3"],
+            "checks": {"spurious_method": "asimov"},
+            "fallback_search": {
+                "backend": "pyoperon",
+                "population_size": 60,
+                "generations": 8,
+                "max_length": 12,
+                "n_seeds": 1,
+            },
+            "seed": 3,
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    assert all(not report["checks"][0]["passed"] for report in out["checks"][:-1])
+    fallback = out["fallback"]
+    assert fallback is not None
+    assert fallback["fit"]["function"] == f"symbolic: {fallback['expression']}"
+    assert list(fallback["constants"]) == fallback["fit"]["parameter_names"][1:]
+    assert list(fallback["constants"].values()) == fallback["fit"]["parameters"][1:]
+    assert fallback["p_value"] == fallback["fit"]["p_value"]  # a tiny search: p not asserted
+    assert fallback["formula"].startswith(repr(fallback["fit"]["parameters"][0]))
+    assert out["checks"][-1]["function"] == fallback["fit"]["function"]
+    assert f"fallback fitted {fallback['fit']['function']}" in out["trail"]
+    assert out["passed"] == (out["chosen"] == fallback["fit"]["function"])
+
+
+def test_choose_background_tool_without_fallback_and_bad_search_settings():
+    _, counts = spectrum(2.0e5, seed=7)
+    histogram = {"edges": EDGES.tolist(), "counts": counts.tolist()}
+    out = get_tool("choose_background").call(
+        {
+            "histogram": histogram,
+            "fit_range": [300.0, 6000.0],
+            "functions": ["p2", "p3"],
+            "checks": {"spurious_method": "asimov"},
+            "use_fallback": False,
+        }
+    )
+    assert out["fallback"] is None and out["chosen"] is None
+    assert out["trail"][-1] == "no analytic function passed and no fallback was given"
+    for bad in ({"n_seeds": 0}, {"time_budget_s": 0.0}, {"backend": "eureqa"}, {"seeds": 3}):
+        with pytest.raises(ValidationError):
+            get_tool("choose_background").call({"histogram": histogram, "fallback_search": bad})
