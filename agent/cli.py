@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="generate a sample and run the deepest pipeline")
     demo.add_argument("-o", "--output", default="runs/demo", help="run folder")
-    demo.add_argument("-n", "--events", type=int, default=200_000)
+    demo.add_argument("-n", "--events", type=int, default=100_000)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument(
         "--executor", choices=["serial", "ray"], default="serial", help="fan-out of the spectra"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,8 @@ class PartResult:
     stream_counts: dict[str, int]
     seconds: float
     reused: bool
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the process that ran the task (MB)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class PassSummary:
     stream_counts: dict[str, int]
     executor: str
     seconds: float
+    peak_rss_mb: float = 0.0
+    """Largest peak resident memory of any process that ran a task (MB)."""
 
 
 def plan_chunks(
@@ -174,6 +179,7 @@ def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
         counts,
         time.perf_counter() - start_time,
         False,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
 
 
@@ -273,6 +279,7 @@ def event_pass(
         stream_counts=streams,
         executor=executor,
         seconds=time.perf_counter() - start_time,
+        peak_rss_mb=max((r.peak_rss_mb for r in results), default=0.0),
     )
 
 

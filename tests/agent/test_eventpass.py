@@ -18,6 +18,16 @@ from core.synth import SampleConfig, SignalSpec, generate_sample
 from tests.rangeserver import RangeServer
 
 
+@pytest.fixture(autouse=True)
+def _no_ray_left_running():
+    """Each test owns its Ray instance: a driver left connected dies with the next `ray stop`."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pass")
