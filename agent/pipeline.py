@@ -172,17 +172,24 @@ def analyse_spectrum(
         return SpectrumResult(name, xsec_pb, n_events, n_in_range, "too few events")
     try:
         decision, fit, bump = _background_and_bump(edges, counts, fit_from, checks, seed)
-        if bump is not None and bump.local_p < WINDOW_EXCLUSION_P:
-            window = (bump.mass_low, bump.mass_high)
-            masked = _background_and_bump(
-                edges, counts, fit_from, replace(checks, window=window), seed
-            )
-            if masked[1] is not None:
-                decision, fit, bump = masked
     except AnomscanError as error:
         return SpectrumResult(
             name, xsec_pb, n_events, n_in_range, f"fit failed: {error}".splitlines()[0]
         )
+    notes: tuple[str, ...] = ()
+    if bump is not None and bump.local_p < WINDOW_EXCLUSION_P:
+        window = (bump.mass_low, bump.mass_high)
+        try:
+            masked = _background_and_bump(
+                edges, counts, fit_from, replace(checks, window=window), seed
+            )
+        except AnomscanError as error:
+            notes = (f"window exclusion refit rejected, unmasked fit kept: {error}",)
+        else:
+            if masked[1] is not None:
+                decision, fit, bump = masked
+            else:
+                notes = ("window exclusion refit found no background, unmasked fit kept",)
     if fit is None or bump is None:
         return SpectrumResult(
             name, xsec_pb, n_events, n_in_range, "no background", trail=decision.trail
@@ -201,7 +208,7 @@ def analyse_spectrum(
         bump,
         fit.first_bin,
         fit.stop_bin,
-        decision.trail,
+        decision.trail + notes,
         background,
         data,
     )
