@@ -9,7 +9,6 @@ per task, one batch per core (ray.init is timed separately: small jobs stay seri
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from core.errors import FitError
 from core.fit import fit_spectrum, prepare_spectrum
 from core.fitfunctions import NESTED_FAMILY, bin_integrals, get_function
+from core.masses import mass_bin_edges
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fits.json"
 SQRT_S = 13000.0
@@ -32,18 +32,10 @@ STREAM_FIT_FROM = (600.0, 300.0, 300.0, 500.0, 300.0, 1500.0, 600.0)
 N_PAIRS = 9
 
 
-def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
-    edges = [start]
-    while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
-
-
 def threshold_point(seed: int) -> list[tuple[np.ndarray, np.ndarray, tuple[float, None]]]:
     """63 synthetic spectra (7 streams x 9 pairs): p4/ua2 shapes, 1e3..1e6 events."""
     rng = np.random.default_rng(seed)
-    edges = resolution_edges()
+    edges = mass_bin_edges()
     spectra = []
     for fit_from in STREAM_FIT_FROM:
         for _ in range(N_PAIRS):

@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,7 +27,7 @@ import numpy as np
 from core.fit import fit_spectrum, prepare_spectrum
 from core.masses import mass_bin_edges
 from core.selection import FallbackFit
-from core.symbolic import symbolic_fallback
+from core.symbolic import FALLBACK_SEARCH, symbolic_fallback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "symbolic.json"
 SQRT_S = 13000.0
@@ -49,7 +50,7 @@ def two_shape_counts(edges: np.ndarray, seed: int) -> np.ndarray:
 
 def main() -> None:
     edges = mass_bin_edges()
-    fallback = symbolic_fallback(backend="pyoperon")
+    fallback = symbolic_fallback(replace(FALLBACK_SEARCH, backend="pyoperon"))
     rows = []
     for data_seed in DATA_SEEDS:
         problem = prepare_spectrum(edges, two_shape_counts(edges, data_seed), (300.0, None))

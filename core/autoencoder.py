@@ -20,7 +20,7 @@ import json
 import math
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -105,12 +105,10 @@ class TrainedModel:
         """Per-event MSE of the standardised features, computed by torch (for checks)."""
         torch = _import_torch()
         values = _check_features(features, self.n_features)
-        out = np.empty(len(values), dtype=np.float64)
         with torch.no_grad():
-            for start in range(0, len(values), batch_size):
-                batch = torch.from_numpy(values[start : start + batch_size])
-                out[start : start + batch_size] = self.network(batch).numpy()
-        return out
+            return _batched_mse(
+                values, batch_size, lambda batch: self.network(torch.from_numpy(batch)).numpy()
+            )
 
     def score(self, features: npt.ArrayLike) -> FloatArray:
         """Anomaly score ln(MSE) per event, computed by torch (for checks)."""
@@ -219,12 +217,11 @@ class Scorer:
     def mse(self, features: npt.ArrayLike) -> FloatArray:
         """Per-event MSE of the standardised features, in batches of `batch_size` events."""
         values = _check_features(features, self.card.input_size)
-        out = np.empty(len(values), dtype=np.float64)
-        for start in range(0, len(values), self.batch_size):
-            batch = values[start : start + self.batch_size]
-            (result,) = self.session.run(None, {self.card.input_name: batch})
-            out[start : start + len(batch)] = result
-        return out
+        return _batched_mse(
+            values,
+            self.batch_size,
+            lambda batch: self.session.run(None, {self.card.input_name: batch})[0],
+        )
 
     def score(self, features: npt.ArrayLike) -> FloatArray:
         """Anomaly score ln(MSE) per event."""
@@ -737,6 +734,16 @@ def _splitmix64(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     z = (z ^ (z >> np.uint64(30))) * _MIX_1
     z = (z ^ (z >> np.uint64(27))) * _MIX_2
     return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
+
+
+def _batched_mse(
+    values: Float32Array, batch_size: int, mse_of: Callable[[Float32Array], npt.ArrayLike]
+) -> FloatArray:
+    """Per-event MSE, `mse_of` applied to consecutive batches of `batch_size` events."""
+    out = np.empty(len(values), dtype=np.float64)
+    for start in range(0, len(values), batch_size):
+        out[start : start + batch_size] = mse_of(values[start : start + batch_size])
+    return out
 
 
 def _log_mse(mse: FloatArray) -> FloatArray:

@@ -45,7 +45,7 @@ import numpy.typing as npt
 from scipy.special import gammainc, gammaln
 
 from core.errors import InvalidInputError
-from core.significance import z_from_log_p, z_from_p
+from core.significance import validate_spectrum, z_from_log_p, z_from_p
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -230,52 +230,6 @@ def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[i
             "choose width_max <= the number of bins"
         )
     return width_min, upper
-
-
-def validate_spectrum(
-    counts: npt.ArrayLike, background: npt.ArrayLike, edges: npt.ArrayLike | None = None
-) -> tuple[FloatArray, FloatArray]:
-    """Check data counts and expected background (and edges, GeV) of one spectrum.
-
-    Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, background
-    <= 0 where data exist, or an all-zero background. Returns float copies.
-    """
-    n = np.asarray(counts, dtype=np.float64)
-    b = np.asarray(background, dtype=np.float64)
-    if n.ndim != 1 or b.shape != n.shape or n.size == 0:
-        raise InvalidInputError(
-            f"expected 1D data counts and background of the same (non-zero) length; found "
-            f"counts {n.shape} and background {b.shape}"
-        )
-    if edges is not None:
-        e = np.asarray(edges, dtype=np.float64)
-        if e.shape != (n.size + 1,):
-            raise InvalidInputError(
-                f"expected {n.size + 1} bin edges for {n.size} bins, found shape {e.shape}"
-            )
-        if not np.all(np.isfinite(e)) or np.any(np.diff(e) <= 0):
-            raise InvalidInputError("bin edges must be finite and strictly increasing (GeV)")
-    for name, values in (("data counts", n), ("background", b)):
-        bad = ~np.isfinite(values)
-        if np.any(bad):
-            raise InvalidInputError(
-                f"{name} contain NaN or infinite values at bins "
-                f"{np.flatnonzero(bad)[:10].tolist()}; fix the input histogram"
-            )
-        if np.any(values < 0):
-            raise InvalidInputError(
-                f"{name} must be >= 0; negative at bins {np.flatnonzero(values < 0)[:10].tolist()}"
-            )
-    missing = (b <= 0) & (n > 0)
-    if np.any(missing):
-        raise InvalidInputError(
-            "background is zero where data exist, at bins "
-            f"{np.flatnonzero(missing)[:10].tolist()}: such a window has p = 0. Extend the "
-            "background model to these bins or leave them out of the histogram"
-        )
-    if not np.any(b > 0):
-        raise InvalidInputError("background is zero in every bin; expected a background shape")
-    return n, b
 
 
 def scan_windows(

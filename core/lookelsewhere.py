@@ -52,10 +52,10 @@ from core.bumphunt import (
     scan_windows,
     significance_from_statistic,
     toys_reaching,
-    validate_spectrum,
     window_thresholds,
 )
 from core.errors import InvalidInputError
+from core.significance import validate_spectrum
 
 FloatArray = npt.NDArray[np.float64]
 

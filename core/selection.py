@@ -243,6 +243,38 @@ class CheckOptions:
     alpha: float = 0.05
 
 
+def run_checks(
+    edges: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    fit: FitResult,
+    options: CheckOptions,
+    *,
+    rivals: Sequence[BackgroundFunction] = (),
+    spurious_method: SpuriousMethod | None = None,
+    seed: int = 0,
+) -> RobustnessReport:
+    """Run core.robustness.robustness_checks on `fit` (edges in GeV) with these `options`.
+
+    `rivals` are further alternative shapes for the spurious-signal test, after
+    `options.alternative`; `spurious_method` replaces `options.spurious_method` when given.
+    """
+    return robustness_checks(
+        edges,
+        counts,
+        fit,
+        alternative=(*options.alternative, *rivals),
+        window=options.window,
+        gof_method=options.gof_method,
+        n_gof_toys=options.n_gof_toys,
+        spurious_method=options.spurious_method if spurious_method is None else spurious_method,
+        n_spurious_toys=options.n_spurious_toys,
+        spurious_masses=options.spurious_masses,
+        width_fraction=options.width_fraction,
+        alpha=options.alpha,
+        seed=seed,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class BackgroundDecision:
     """The accepted background of one spectrum and the trail of decisions behind it.
@@ -303,19 +335,13 @@ def choose_background(
         rivals: tuple[BackgroundFunction, ...] = (),
         spurious_method: SpuriousMethod = settings.spurious_method,
     ) -> bool:
-        report = robustness_checks(
+        report = run_checks(
             edge_values,
             count_values,
             fit,
-            alternative=(*settings.alternative, *rivals),
-            window=settings.window,
-            gof_method=settings.gof_method,
-            n_gof_toys=settings.n_gof_toys,
+            settings,
+            rivals=rivals,
             spurious_method=spurious_method,
-            n_spurious_toys=settings.n_spurious_toys,
-            spurious_masses=settings.spurious_masses,
-            width_fraction=settings.width_fraction,
-            alpha=settings.alpha,
             seed=seed + offset,
         )
         reports.append(report)

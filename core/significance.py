@@ -345,48 +345,59 @@ def fit_signal_and_background(
     return SignalAndBackgroundFit(signal, signal_error, norm, norm_error, nll, valid)
 
 
-def _validate_histogram(
-    counts: npt.ArrayLike, background: npt.ArrayLike, edges: npt.ArrayLike
-) -> tuple[FloatArray, FloatArray, FloatArray]:
+def validate_spectrum(
+    counts: npt.ArrayLike, background: npt.ArrayLike, edges: npt.ArrayLike | None = None
+) -> tuple[FloatArray, FloatArray]:
+    """Check data counts and expected background (and edges, GeV) of one spectrum.
+
+    Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, background
+    <= 0 where data exist, or an all-zero background. Returns both as float arrays.
+    """
     n = np.asarray(counts, dtype=np.float64)
     b = np.asarray(background, dtype=np.float64)
-    e = np.asarray(edges, dtype=np.float64)
-    if n.ndim != 1 or b.shape != n.shape or e.shape != (n.size + 1,):
+    if n.ndim != 1 or b.shape != n.shape or n.size == 0:
         raise InvalidInputError(
-            f"expected 1D counts and background of the same length N and N+1 edges; found "
-            f"counts {n.shape}, background {b.shape}, edges {e.shape}"
+            f"expected 1D data counts and background of the same (non-zero) length; found "
+            f"counts {n.shape} and background {b.shape}; give both the same length"
         )
-    if n.size == 0:
-        raise InvalidInputError("the histogram is empty; expected at least one bin")
-    for name, values in (("counts", n), ("background", b), ("edges", e)):
-        if not np.all(np.isfinite(values)):
+    if edges is not None:
+        e = np.asarray(edges, dtype=np.float64)
+        if e.shape != (n.size + 1,):
+            raise InvalidInputError(
+                f"expected {n.size + 1} bin edges for {n.size} bins, found shape {e.shape}"
+            )
+        if not np.all(np.isfinite(e)):
+            raise InvalidInputError(
+                "bin edges must be finite and strictly increasing (GeV); NaN or infinite at "
+                f"edges {np.flatnonzero(~np.isfinite(e))[:10].tolist()}"
+            )
+        if np.any(np.diff(e) <= 0):
+            raise InvalidInputError(
+                "bin edges must be finite and strictly increasing (GeV); they do not increase "
+                f"strictly after edges {np.flatnonzero(np.diff(e) <= 0)[:10].tolist()}"
+            )
+    for name, values in (("data counts", n), ("background", b)):
+        bad = ~np.isfinite(values)
+        if np.any(bad):
             raise InvalidInputError(
                 f"{name} contain NaN or infinite values at bins "
-                f"{np.flatnonzero(~np.isfinite(values))[:10].tolist()}; fix the input histogram"
+                f"{np.flatnonzero(bad)[:10].tolist()}; fix the input histogram"
             )
-    if np.any(np.diff(e) <= 0):
-        raise InvalidInputError(
-            "bin edges must increase strictly (GeV); found a non-increasing step"
-        )
-    if np.any(n < 0):
-        raise InvalidInputError(
-            f"counts must be >= 0; negative at bins {np.flatnonzero(n < 0)[:10].tolist()}"
-        )
-    if np.any(b < 0):
-        raise InvalidInputError(
-            f"background must be >= 0 expected counts; negative at bins "
-            f"{np.flatnonzero(b < 0)[:10].tolist()}; check the background fit"
-        )
-    empty_background = (b <= 0) & (n > 0)
-    if np.any(empty_background):
+        if np.any(values < 0):
+            raise InvalidInputError(
+                f"{name} must be >= 0; negative at bins {np.flatnonzero(values < 0)[:10].tolist()}"
+            )
+    missing = (b <= 0) & (n > 0)
+    if np.any(missing):
         raise InvalidInputError(
             "background is zero where data exist, at bins "
-            f"{np.flatnonzero(empty_background)[:10].tolist()}; a Poisson model with zero "
-            "expectation can not produce these events: extend or fix the background model"
+            f"{np.flatnonzero(missing)[:10].tolist()}: a zero Poisson expectation can not "
+            "produce them (a window there has p = 0). Extend the background model to these "
+            "bins or leave them out of the histogram"
         )
     if not np.any(b > 0):
         raise InvalidInputError("background is zero in every bin; expected a background shape")
-    return n, b, e
+    return n, b
 
 
 def signal_fit(
@@ -405,7 +416,8 @@ def signal_fit(
     and reported as `signal_fraction_in_range`. Raises FitDidNotConvergeError when Minuit
     finds no valid minimum from any start.
     """
-    n_all, b_all, e = _validate_histogram(counts, background, edges)
+    n_all, b_all = validate_spectrum(counts, background, edges)
+    e = np.asarray(edges, dtype=np.float64)
     if background_normalisation not in ("fixed", "floating"):
         raise InvalidInputError(
             "background_normalisation must be 'fixed' or 'floating', found "

@@ -528,34 +528,50 @@ def _criterion(deviance: float, n_free: int, n_bins: int, selection: ParetoSelec
     return deviance + penalty * n_free
 
 
-def _check_search_options(
-    seed: int,
-    population_size: int,
-    generations: int,
-    max_length: int,
-    selection: str,
-    n_seeds: int,
-    time_budget_s: float | None,
-    alpha: float,
-) -> None:
-    if selection not in ("bic", "aic"):
-        raise InvalidInputError(f"selection must be 'bic' or 'aic', found {selection!r}")
+@dataclass(frozen=True)
+class SearchOptions:
+    """Settings of the symbolic-regression search, its time budget (s) and Pareto choice.
+
+    `n_seeds` searches run (a new one starts only while `time_budget_s` seconds have not
+    passed, None: no limit); `alpha` is the goodness-of-fit p-value an expression must
+    exceed to be preferred; `selection` 'bic' penalises ln N_bins, 'aic' 2 per free
+    parameter. Checked when a search runs.
+    """
+
+    backend: SymbolicBackend = "auto"
+    n_seeds: int = 1
+    time_budget_s: float | None = None
+    alpha: float = 0.05
+    population_size: int = 300
+    generations: int = 60
+    max_length: int = 25
+    selection: ParetoSelection = "bic"
+
+
+FALLBACK_SEARCH: Final = SearchOptions(n_seeds=3, time_budget_s=120.0)
+"""Search options of `symbolic_fallback` by default: 3 seeded searches within 120 s."""
+
+
+def _check_search_options(seed: int, options: SearchOptions) -> None:
+    if options.selection not in ("bic", "aic"):
+        raise InvalidInputError(f"selection must be 'bic' or 'aic', found {options.selection!r}")
     for name, value, low in (
-        ("population_size", population_size, 10),
-        ("generations", generations, 1),
-        ("max_length", max_length, 3),
-        ("n_seeds", n_seeds, 1),
+        ("population_size", options.population_size, 10),
+        ("generations", options.generations, 1),
+        ("max_length", options.max_length, 3),
+        ("n_seeds", options.n_seeds, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{name} must be an integer >= {low}, found {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise InvalidInputError(f"seed must be an integer in [0, 2^63), found {seed!r}")
+    time_budget_s = options.time_budget_s
     if time_budget_s is not None and not (math.isfinite(time_budget_s) and time_budget_s > 0):
         raise InvalidInputError(
             f"time_budget_s must be a positive number of seconds or None, found {time_budget_s}"
         )
-    if not 0 < alpha < 1:
-        raise InvalidInputError(f"alpha must lie in (0, 1), found {alpha}")
+    if not 0 < options.alpha < 1:
+        raise InvalidInputError(f"alpha must lie in (0, 1), found {options.alpha}")
 
 
 def search_seeds(seed: int, n_seeds: int) -> tuple[int, ...]:
@@ -565,32 +581,23 @@ def search_seeds(seed: int, n_seeds: int) -> tuple[int, ...]:
 
 
 def symbolic_fit_problem(
-    problem: SpectrumFitProblem,
-    *,
-    backend: SymbolicBackend = "auto",
-    seed: int = 0,
-    n_seeds: int = 1,
-    time_budget_s: float | None = None,
-    alpha: float = 0.05,
-    population_size: int = 300,
-    generations: int = 60,
-    max_length: int = 25,
-    selection: ParetoSelection = "bic",
+    problem: SpectrumFitProblem, *, seed: int = 0, options: SearchOptions | None = None
 ) -> SymbolicSearchResult:
     """Search ln f(x, ln x, ln(1 - x)) on a prepared spectrum and fit the best Pareto member.
 
     Each search regresses ln(n / width) (per GeV) of the non-empty bins at their centres
-    with sigma = 1 / sqrt(n). `n_seeds` searches run (seeds from `search_seeds`; a new one
-    starts only while `time_budget_s` seconds have not passed). Every member of their
-    accuracy-complexity fronts is refitted by core.fit with the Poisson likelihood; among
-    those whose deviance p-value exceeds `alpha` the one with the smallest deviance +
-    penalty x free parameters wins (`selection` 'bic': penalty ln N_bins, 'aic': 2), or
-    among all converged members when none passes. Seeded and reproducible when every
-    search runs. Raises FitDidNotConvergeError when no member converges.
+    with sigma = 1 / sqrt(n). `options.n_seeds` searches run (seeds from `search_seeds`; a
+    new one starts only while `options.time_budget_s` seconds have not passed). Every
+    member of their accuracy-complexity fronts is refitted by core.fit with the Poisson
+    likelihood; among those whose deviance p-value exceeds `options.alpha` the one with the
+    smallest deviance + penalty x free parameters wins (`options.selection` 'bic': penalty
+    ln N_bins, 'aic': 2), or among all converged members when none passes. Seeded and
+    reproducible when every search runs. Raises FitDidNotConvergeError when no member
+    converges.
     """
-    _check_search_options(
-        seed, population_size, generations, max_length, selection, n_seeds, time_budget_s, alpha
-    )
+    settings = options or SearchOptions()
+    _check_search_options(seed, settings)
+    alpha, selection, time_budget_s = settings.alpha, settings.selection, settings.time_budget_s
     used = problem.used
     counts = problem.range_counts
     filled = used & (counts > 0)
@@ -600,7 +607,7 @@ def symbolic_fit_problem(
             f"a symbolic fit needs at least {_MIN_FILLED_BINS}; widen the range or use an "
             "analytic function"
         )
-    chosen_backend, message = resolve_backend(backend)
+    chosen_backend, message = resolve_backend(settings.backend)
     range_edges = problem.range_edges
     lower = range_edges[:-1][filled]
     upper = np.minimum(range_edges[1:], problem.sqrt_s)[filled]
@@ -614,7 +621,7 @@ def symbolic_fit_problem(
     candidates: list[SymbolicCandidate] = []
     fits: list[FitResult | None] = []
     seen: set[str] = set()
-    for search_seed in search_seeds(seed, n_seeds):
+    for search_seed in search_seeds(seed, settings.n_seeds):
         if tried and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
             break
         tried.append(search_seed)
@@ -623,9 +630,9 @@ def symbolic_fit_problem(
             target,
             sigma,
             seed=search_seed,
-            population_size=population_size,
-            generations=generations,
-            max_length=max_length,
+            population_size=settings.population_size,
+            generations=settings.generations,
+            max_length=settings.max_length,
         )
         for member in front:
             try:
@@ -718,53 +725,27 @@ def symbolic_fit(
     fit_range: tuple[float, float | None] | None = None,
     *,
     sqrt_s: float = 13000.0,
-    backend: SymbolicBackend = "auto",
     seed: int = 0,
-    n_seeds: int = 1,
-    time_budget_s: float | None = None,
-    alpha: float = 0.05,
-    population_size: int = 300,
-    generations: int = 60,
-    max_length: int = 25,
-    selection: ParetoSelection = "bic",
+    options: SearchOptions | None = None,
 ) -> SymbolicSearchResult:
     """Symbolic-regression background of a spectrum (edges in GeV) over [lo, hi] GeV.
 
     See core.fit.prepare_spectrum for the fit range and `symbolic_fit_problem` for the rest.
     """
     problem = prepare_spectrum(edges, counts, fit_range, sqrt_s=sqrt_s)
-    return symbolic_fit_problem(
-        problem,
-        backend=backend,
-        seed=seed,
-        n_seeds=n_seeds,
-        time_budget_s=time_budget_s,
-        alpha=alpha,
-        population_size=population_size,
-        generations=generations,
-        max_length=max_length,
-        selection=selection,
-    )
+    return symbolic_fit_problem(problem, seed=seed, options=options)
 
 
 def symbolic_fallback(
-    *,
-    backend: SymbolicBackend = "auto",
-    n_seeds: int = 3,
-    time_budget_s: float | None = 120.0,
-    alpha: float = 0.05,
-    population_size: int = 300,
-    generations: int = 60,
-    max_length: int = 25,
-    selection: ParetoSelection = "bic",
-    n_alternatives: int = 2,
+    options: SearchOptions = FALLBACK_SEARCH, *, n_alternatives: int = 2
 ) -> Callable[[SpectrumFitProblem, int], FallbackFit]:
     """A core.selection Fallback: (prepared spectrum, seed) -> the symbolic fit and its rivals.
 
-    Runs `symbolic_fit_problem` with `n_seeds` searches derived from the seed (within
-    `time_budget_s`) and keeps the best expression that passes the goodness of fit. The
-    next `n_alternatives` passing expressions are handed to the spurious-signal test as
-    alternative shapes: no analytic family describes a spectrum that needs this fallback.
+    Runs `symbolic_fit_problem` with `options.n_seeds` searches derived from the seed
+    (within `options.time_budget_s`) and keeps the best expression that passes the goodness
+    of fit. The next `n_alternatives` passing expressions are handed to the spurious-signal
+    test as alternative shapes: no analytic family describes a spectrum that needs this
+    fallback.
     """
     if (
         isinstance(n_alternatives, bool)
@@ -774,18 +755,7 @@ def symbolic_fallback(
         raise InvalidInputError(f"n_alternatives must be an integer >= 0, found {n_alternatives!r}")
 
     def fallback(problem: SpectrumFitProblem, seed: int) -> FallbackFit:
-        result = symbolic_fit_problem(
-            problem,
-            backend=backend,
-            seed=seed,
-            n_seeds=n_seeds,
-            time_budget_s=time_budget_s,
-            alpha=alpha,
-            population_size=population_size,
-            generations=generations,
-            max_length=max_length,
-            selection=selection,
-        )
+        result = symbolic_fit_problem(problem, seed=seed, options=options)
         alternatives = tuple(
             replace(fit.function, start=tuple(float(value) for value in fit.parameters[1:]))
             for fit in result.runners_up[:n_alternatives]

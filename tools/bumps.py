@@ -3,20 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from core.bumphunt import LocalExcess, bump_hunt
+from core.bumphunt import BumpHuntResult, LocalExcess, bump_hunt
 from core.errors import InvalidInputError
-from core.lookelsewhere import NestedSpectrum, nested_spectrum, scan_significance
+from core.lookelsewhere import (
+    NestedSpectrum,
+    ScanPointExcess,
+    nested_spectrum,
+    scan_significance,
+)
 from core.masses import mass_resolution
 from core.significance import BackgroundNormalisation, signal_fit
 from tools.common import HistogramInput, StrictModel
 from tools.registry import register
 
 FloatArray = npt.NDArray[np.float64]
+OutputT = TypeVar("OutputT", bound=StrictModel)
+
+
+def _output(model: type[OutputT], result: object, **fields: object) -> OutputT:
+    """`model` filled from the core `result`: `fields` as given, every other field copied."""
+    copied = {name: getattr(result, name) for name in model.model_fields.keys() - fields.keys()}
+    return model(**copied, **fields)
+
+
+def _window(excess: LocalExcess | BumpHuntResult) -> dict[str, object]:
+    """The window of a core excess as output fields: [lo, hi] GeV and bins [first, stop)."""
+    return {
+        "window": (excess.mass_low, excess.mass_high),
+        "bins": (excess.first_bin, excess.stop_bin),
+    }
 
 
 def _histogram_with_background(
@@ -45,8 +66,8 @@ class BumpHuntInput(StrictModel):
     seed: int = Field(0, ge=0)
 
 
-class BumpHuntOutput(StrictModel):
-    """The most significant window and its local and global significance."""
+class ExcessOutput(StrictModel):
+    """The most significant window of a spectrum and its local significance."""
 
     window: tuple[float, float] = Field(description="[lo, hi] GeV")
     bins: tuple[int, int] = Field(description="[first, last + 1]")
@@ -55,6 +76,11 @@ class BumpHuntOutput(StrictModel):
     statistic: float = Field(description="t = -ln(local p)")
     local_p: float
     local_z: float
+
+
+class BumpHuntOutput(ExcessOutput):
+    """The most significant window and its local and global significance."""
+
     global_p: float
     global_p_error: float
     global_z: float
@@ -87,25 +113,7 @@ def run_bump_hunt(arguments: BumpHuntInput) -> BumpHuntOutput:
         target_rel_error=arguments.target_rel_error,
         seed=arguments.seed,
     )
-    return BumpHuntOutput(
-        window=(result.mass_low, result.mass_high),
-        bins=(result.first_bin, result.stop_bin),
-        data=result.data,
-        background=result.background,
-        statistic=result.statistic,
-        local_p=result.local_p,
-        local_z=result.local_z,
-        global_p=result.global_p,
-        global_p_error=result.global_p_error,
-        global_z=result.global_z,
-        global_z_is_lower_limit=result.global_z_is_lower_limit,
-        n_toys=result.n_toys,
-        n_toys_reaching=result.n_toys_reaching,
-        converged=result.converged,
-        width_min=result.width_min,
-        width_max=result.width_max,
-        n_windows=result.n_windows,
-    )
+    return _output(BumpHuntOutput, result, **_window(result))
 
 
 class SignalFitInput(StrictModel):
@@ -244,18 +252,11 @@ class ScanSignificanceInput(StrictModel):
     top: int = Field(10, ge=1, description="how many (spectrum, AR point) excesses to list")
 
 
-class ScanPointOutput(StrictModel):
+class ScanPointOutput(ExcessOutput):
     """The best window of one spectrum at one AR point."""
 
     spectrum: str
     cross_section_pb: float
-    window: tuple[float, float] = Field(description="[lo, hi] GeV")
-    bins: tuple[int, int] = Field(description="[first, last + 1]")
-    data: float
-    background: float
-    statistic: float
-    local_p: float
-    local_z: float
 
 
 class ScanSignificanceOutput(StrictModel):
@@ -280,17 +281,13 @@ class ScanSignificanceOutput(StrictModel):
     method: str
 
 
-def _point_output(spectrum: str, cross_section_pb: float, excess: LocalExcess) -> ScanPointOutput:
-    return ScanPointOutput(
-        spectrum=spectrum,
-        cross_section_pb=cross_section_pb,
-        window=(excess.mass_low, excess.mass_high),
-        bins=(excess.first_bin, excess.stop_bin),
-        data=excess.data,
-        background=excess.background,
-        statistic=excess.statistic,
-        local_p=excess.local_p,
-        local_z=excess.local_z,
+def _point_output(point: ScanPointExcess) -> ScanPointOutput:
+    return _output(
+        ScanPointOutput,
+        point.excess,
+        spectrum=point.spectrum,
+        cross_section_pb=point.cross_section_pb,
+        **_window(point.excess),
     )
 
 
@@ -311,26 +308,9 @@ def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceO
         target_rel_error=arguments.target_rel_error,
         seed=arguments.seed,
     )
-    points = [
-        _point_output(p.spectrum, p.cross_section_pb, p.excess)
-        for p in result.points[: arguments.top]
-    ]
-    return ScanSignificanceOutput(
-        best=_point_output(result.best.spectrum, result.best.cross_section_pb, result.best.excess),
-        points=points,
-        statistic=result.statistic,
-        local_p=result.local_p,
-        local_z=result.local_z,
-        global_p=result.global_p,
-        global_p_error=result.global_p_error,
-        global_z=result.global_z,
-        global_z_is_lower_limit=result.global_z_is_lower_limit,
-        effective_trials=result.effective_trials,
-        n_tests=result.n_tests,
-        n_windows=result.n_windows,
-        n_pseudo_scans=result.n_pseudo_scans,
-        n_pseudo_scans_reaching=result.n_pseudo_scans_reaching,
-        converged=result.converged,
-        background_nesting_violations=result.background_nesting_violations,
-        method=result.method,
+    return _output(
+        ScanSignificanceOutput,
+        result,
+        best=_point_output(result.best),
+        points=[_point_output(point) for point in result.points[: arguments.top]],
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -9,9 +10,9 @@ import numpy as np
 from pydantic import Field
 
 from core.fit import FitResult, fit_background
-from core.robustness import CheckResult, RobustnessReport, robustness_checks
-from core.selection import CheckOptions, Fallback, NestedTest, choose_background
-from core.symbolic import fitted_formula
+from core.robustness import CheckResult, RobustnessReport
+from core.selection import CheckOptions, Fallback, NestedTest, choose_background, run_checks
+from core.symbolic import SearchOptions, fitted_formula
 from core.symbolic import symbolic_fallback as core_symbolic_fallback
 from tools.common import HistogramInput, StrictModel
 from tools.registry import register
@@ -42,6 +43,11 @@ class SymbolicSearchSettings(StrictModel):
         "bic", description="Pareto choice: min deviance + (ln N_bins | 2) x free parameters"
     )
 
+    def to_core(self) -> SearchOptions:
+        """The core search options these fields (and a subclass's) describe; core defaults else."""
+        names = {field.name for field in dataclasses.fields(SearchOptions)}
+        return SearchOptions(**self.model_dump(include=names))
+
 
 class FallbackSettings(SymbolicSearchSettings):
     """The symbolic fallback of `choose_background`: seeded searches pooled within a budget."""
@@ -58,18 +64,23 @@ class FallbackSettings(SymbolicSearchSettings):
 def symbolic_fallback(settings: FallbackSettings | None = None) -> Fallback:
     """The symbolic-regression fallback of `choose_background` (core.symbolic)."""
     chosen = settings or FallbackSettings()
-    return core_symbolic_fallback(**chosen.model_dump())
+    return core_symbolic_fallback(chosen.to_core(), n_alternatives=chosen.n_alternatives)
 
 
-class FitBackgroundInput(StrictModel):
-    """One function fitted to one spectrum by the extended binned Poisson likelihood."""
+class SpectrumInput(StrictModel):
+    """One mass spectrum, the range [lo, hi] GeV to fit and the collision energy."""
 
     histogram: HistogramInput
-    function: FunctionName = "p5"
     fit_range: tuple[float, float | None] | None = Field(
         None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
     )
     sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
+
+
+class FitBackgroundInput(SpectrumInput):
+    """One function fitted to one spectrum by the extended binned Poisson likelihood."""
+
+    function: FunctionName = "p5"
     exclude: tuple[float, float] | None = Field(
         None, description="window [lo, hi] GeV left out of the likelihood"
     )
@@ -222,15 +233,12 @@ class CheckSettings(StrictModel):
         )
 
 
-class ChooseBackgroundInput(StrictModel):
+class ChooseBackgroundInput(SpectrumInput):
     """The whole background procedure for one spectrum."""
 
-    histogram: HistogramInput
-    fit_range: tuple[float, float | None] | None = None
     method: Literal["ftest", "wilks"] = "ftest"
     functions: list[NestedName] = Field(default_factory=_default_functions)
     chi2_kind: Literal["deviance", "pearson"] = "deviance"
-    sqrt_s: float = Field(13000.0, gt=0)
     checks: CheckSettings = Field(default_factory=CheckSettings)
     use_fallback: bool = True
     fallback_search: FallbackSettings = Field(default_factory=FallbackSettings)
@@ -338,13 +346,10 @@ def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackground
     )
 
 
-class RobustnessChecksInput(StrictModel):
+class RobustnessChecksInput(SpectrumInput):
     """Fit one function to one spectrum and run every robustness check on it."""
 
-    histogram: HistogramInput
     function: FunctionName
-    fit_range: tuple[float, float | None] | None = None
-    sqrt_s: float = Field(13000.0, gt=0)
     checks: CheckSettings = Field(default_factory=CheckSettings)
     seed: int = 0
 
@@ -365,7 +370,6 @@ class RobustnessChecksOutput(StrictModel):
 def robustness_checks_tool(arguments: RobustnessChecksInput) -> RobustnessChecksOutput:
     """Fit the function, then run the checks with the requested settings."""
     edges, counts, _ = arguments.histogram.arrays()
-    settings = arguments.checks
     result = fit_background(
         edges,
         counts,
@@ -374,19 +378,5 @@ def robustness_checks_tool(arguments: RobustnessChecksInput) -> RobustnessChecks
         sqrt_s=arguments.sqrt_s,
         seed=arguments.seed,
     )
-    report = robustness_checks(
-        edges,
-        counts,
-        result,
-        alternative=tuple(settings.alternative),
-        window=settings.window,
-        gof_method=settings.gof_method,
-        n_gof_toys=settings.n_gof_toys,
-        spurious_method=settings.spurious_method,
-        n_spurious_toys=settings.n_spurious_toys,
-        spurious_masses=settings.spurious_masses,
-        width_fraction=settings.width_fraction,
-        alpha=settings.alpha,
-        seed=arguments.seed,
-    )
+    report = run_checks(edges, counts, result, arguments.checks.to_core(), seed=arguments.seed)
     return RobustnessChecksOutput(fit=fit_output(result), report=report_output(report))

@@ -5,19 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from core.symbolic import SymbolicCandidate, symbolic_fit
-from tools.common import HistogramInput, StrictModel
-from tools.fits import FitBackgroundOutput, SymbolicSearchSettings, fit_output
+from tools.common import StrictModel
+from tools.fits import FitBackgroundOutput, SpectrumInput, SymbolicSearchSettings, fit_output
 from tools.registry import register
 
 
-class SymbolicFitInput(SymbolicSearchSettings):
+class SymbolicFitInput(SpectrumInput, SymbolicSearchSettings):
     """A spectrum, its fit range and the settings of the expression search."""
 
-    histogram: HistogramInput
-    fit_range: tuple[float, float | None] | None = Field(
-        None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
-    )
-    sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
     seed: int = Field(0, ge=0, lt=2**63)
     n_seeds: int = Field(1, ge=1, le=100, description="searches, seeds derived from `seed`")
 
@@ -81,13 +76,8 @@ def symbolic_fit_tool(arguments: SymbolicFitInput) -> SymbolicFitOutput:
         counts,
         arguments.fit_range,
         sqrt_s=arguments.sqrt_s,
-        backend=arguments.backend,
         seed=arguments.seed,
-        n_seeds=arguments.n_seeds,
-        population_size=arguments.population_size,
-        generations=arguments.generations,
-        max_length=arguments.max_length,
-        selection=arguments.selection,
+        options=arguments.to_core(),
     )
     return SymbolicFitOutput(
         expression=result.expression,

@@ -302,6 +302,7 @@ DATA = np.floor(BACKGROUND)
         (DATA[:-1], BACKGROUND, EDGES, {}, "same \\(non-zero\\) length"),
         (DATA, BACKGROUND, EDGES[:-1], {}, "bin edges"),
         (DATA, BACKGROUND, EDGES[::-1], {}, "strictly increasing"),
+        (DATA, BACKGROUND, _with(EDGES, 3, math.nan), {}, "NaN or infinite at edges \\[3\\]"),
         (_with(DATA, 3, math.nan), BACKGROUND, EDGES, {}, "NaN"),
         (DATA, _with(BACKGROUND, 3, math.nan), EDGES, {}, "NaN"),
         (DATA, _with(BACKGROUND, 3, math.inf), EDGES, {}, "infinite"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from scipy import special
@@ -11,27 +9,7 @@ from scipy import special
 from core.errors import FitDidNotConvergeError, InvalidInputError
 from core.fit import fit_background, fit_spectrum, last_non_empty_edge, prepare_spectrum
 from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
-
-SQRT_S = 13000.0
-
-
-def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
-    """PHYSICS.md binning: e_{k+1} = e_k + w(e_k) up to the first edge above `stop`."""
-    edges = [start]
-    while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
-
-
-EDGES = resolution_edges()
-FIT_RANGE = (300.0, 6000.0)
-SHAPES = {
-    "p3": [10.0, -4.5],
-    "p4": [10.0, -4.0, -0.3],
-    "p5": [10.0, -4.0, -0.3, 0.02],
-    "ua2": [5.0, 20.0, -4.0],
-}
+from tests.spectra import EDGES, FIT_RANGE, SHAPES
 
 
 def truth(name: str, n_events: float, fit_range=FIT_RANGE) -> tuple[np.ndarray, np.ndarray]:

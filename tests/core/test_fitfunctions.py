@@ -20,17 +20,7 @@ from core.fitfunctions import (
     log_bin_integrals,
     nested_start,
 )
-
-SQRT_S = 13000.0
-
-
-def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
-    """PHYSICS.md binning: e_{k+1} = e_k + w(e_k) up to the first edge above `stop`."""
-    edges = [start]
-    while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
+from tests.spectra import SQRT_S, resolution_edges
 
 
 def test_resolution_binning_has_178_bins():

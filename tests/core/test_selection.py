@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from scipy import stats
 
 from core.errors import FitDidNotConvergeError, InvalidInputError
 from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
-from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
+from core.fitfunctions import BackgroundFunction, bin_integrals
 from core.selection import CheckOptions, choose_background, nested_test, select_function
-
-SQRT_S = 13000.0
-
-
-def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
-    """PHYSICS.md binning: e_{k+1} = e_k + w(e_k) up to the first edge above `stop`."""
-    edges = [start]
-    while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
-
-
-EDGES = resolution_edges()
-FIT_RANGE = (300.0, 6000.0)
-SHAPES = {"p3": [10.0, -4.5], "p4": [10.0, -4.0, -0.3], "ua2": [5.0, 20.0, -4.0]}
-
-
-def expected_counts(name: str, n_events: float) -> np.ndarray:
-    function = get_function(name)
-    params = np.array([1.0, *SHAPES[name]])
-    mu = bin_integrals(function, params, EDGES)
-    problem = prepare_spectrum(EDGES, np.ones(EDGES.size - 1), FIT_RANGE)
-    return mu * n_events / mu[problem.first_bin : problem.stop_bin].sum()
+from tests.spectra import EDGES, FIT_RANGE, expected_counts
 
 
 @pytest.mark.parametrize("truth", ["p3", "p4"])

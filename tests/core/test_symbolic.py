@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,8 @@ from core.fit import fit_background, prepare_spectrum
 from core.fitfunctions import bin_integrals
 from core.selection import choose_background
 from core.symbolic import (
+    FALLBACK_SEARCH,
+    SearchOptions,
     fitted_formula,
     lift_constants,
     parse_expression,
@@ -21,20 +25,7 @@ from core.symbolic import (
     symbolic_fallback,
     symbolic_fit,
 )
-
-SQRT_S = 13000.0
-
-
-def resolution_edges() -> np.ndarray:
-    """PHYSICS.md binning: 178 bins from 35 GeV, w(m) = m sqrt(0.84^2/m + 0.016^2)."""
-    edges = [35.0]
-    while edges[-1] <= SQRT_S:
-        mass = edges[-1]
-        edges.append(mass + mass * np.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
-
-
-EDGES = resolution_edges()
+from tests.spectra import EDGES, SQRT_S
 
 
 def spectrum_from_density(density, n_events: float, fit_from: float, seed: int | None):
@@ -256,7 +247,9 @@ def test_symbolic_fallback_describes_what_no_power_law_does() -> None:
     for name in ("p5", "p6"):
         analytic = fit_background(EDGES, counts, name, (300.0, None))
         assert analytic.p_value < 1e-10, name
-    result = symbolic_fit(EDGES, counts, (300.0, None), seed=1, backend="pyoperon")
+    result = symbolic_fit(
+        EDGES, counts, (300.0, None), seed=1, options=SearchOptions(backend="pyoperon")
+    )
     fit = result.fit
     assert fit.valid
     assert fit.accurate_covariance
@@ -281,9 +274,9 @@ def test_symbolic_fallback_describes_what_no_power_law_does() -> None:
 def test_search_is_reproducible_with_a_seed() -> None:
     """Same seed, same front and same fit; small budget on a p3-like spectrum."""
     counts = spectrum_from_density(lambda x: (1 - x) ** 8 * x**-4.5, 2e5, 300.0, seed=7)
-    options = {"population_size": 60, "generations": 8, "max_length": 12, "seed": 5}
-    first = symbolic_fit(EDGES, counts, (300.0, None), **options)
-    second = symbolic_fit(EDGES, counts, (300.0, None), **options)
+    options = SearchOptions(population_size=60, generations=8, max_length=12)
+    first = symbolic_fit(EDGES, counts, (300.0, None), seed=5, options=options)
+    second = symbolic_fit(EDGES, counts, (300.0, None), seed=5, options=options)
     assert first.expression == second.expression
     assert first.constants == second.constants
     assert [c.expression for c in first.candidates] == [c.expression for c in second.candidates]
@@ -308,7 +301,9 @@ def test_search_is_reproducible_with_a_seed() -> None:
 )
 def test_bad_spectra_are_rejected(edges, counts, fit_range, message) -> None:
     with pytest.raises(InvalidInputError, match=message):
-        symbolic_fit(edges, counts, fit_range, generations=1, population_size=10)
+        symbolic_fit(
+            edges, counts, fit_range, options=SearchOptions(generations=1, population_size=10)
+        )
 
 
 @pytest.mark.parametrize(
@@ -323,8 +318,11 @@ def test_bad_spectra_are_rejected(edges, counts, fit_range, message) -> None:
 )
 def test_bad_search_options_are_rejected(option: str, value: object) -> None:
     counts = spectrum_from_density(lambda x: (1 - x) ** 8 * x**-4.5, 1e5, 300.0, seed=1)
+    arguments = (
+        {"seed": value} if option == "seed" else {"options": SearchOptions(**{option: value})}
+    )
     with pytest.raises(InvalidInputError, match=option if option != "selection" else "selection"):
-        symbolic_fit(EDGES, counts, (300.0, None), **{option: value})  # type: ignore[arg-type]
+        symbolic_fit(EDGES, counts, (300.0, None), **arguments)  # type: ignore[arg-type]
 
 
 def test_refit_rejects_wrong_start_values() -> None:
@@ -356,7 +354,7 @@ def test_choose_background_falls_back_to_a_symbolic_expression_that_passes_every
         EDGES,
         counts,
         (300.0, None),
-        fallback=symbolic_fallback(backend="pyoperon"),
+        fallback=symbolic_fallback(replace(FALLBACK_SEARCH, backend="pyoperon")),
         seed=1,
     )
     analytic = decision.selection.fits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from core.bumphunt import BumpHuntResult, LocalExcess
 from core.errors import InvalidInputError
+from core.lookelsewhere import ScanSignificance
 from core.masses import mass_resolution
-from core.significance import gaussian_bin_fractions
+from core.significance import SignalFitResult, gaussian_bin_fractions
+from tools.bumps import BumpHuntOutput, ScanPointOutput, ScanSignificanceOutput, SignalFitOutput
 from tools.registry import get_tool
 
 EDGES = np.linspace(1000.0, 3000.0, 41)
@@ -159,3 +163,18 @@ def test_scan_significance_tool_errors(tmp_path: Path) -> None:
     np.savez(partial, edges=EDGES)
     with pytest.raises(InvalidInputError, match="lacks arrays"):
         get_tool("scan_significance").call({"spectra": [{"name": "x", "path": str(partial)}]})
+
+
+def test_outputs_carry_every_field_of_their_core_results() -> None:
+    """The output models mirror core results: a field added in core must reach the JSON."""
+
+    def names(result: type) -> set[str]:
+        return {field.name for field in dataclasses.fields(result)}
+
+    window = {"mass_low", "mass_high", "first_bin", "stop_bin"}
+    assert set(BumpHuntOutput.model_fields) == names(BumpHuntResult) - window | {"window", "bins"}
+    assert set(ScanPointOutput.model_fields) == (
+        names(LocalExcess) - window | {"window", "bins", "spectrum", "cross_section_pb"}
+    )
+    assert set(ScanSignificanceOutput.model_fields) == names(ScanSignificance)
+    assert set(SignalFitOutput.model_fields) == names(SignalFitResult)

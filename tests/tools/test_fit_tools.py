@@ -3,42 +3,25 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from core.errors import InvalidInputError
-from core.fitfunctions import bin_integrals, get_function
+from tests.spectra import EDGES, SHAPES, expected_counts
 from tools.registry import get_tool
 
-SQRT_S = 13000.0
 
-
-def resolution_edges(start: float = 35.0, stop: float = SQRT_S) -> np.ndarray:
-    edges = [start]
-    while edges[-1] <= stop:
-        mass = edges[-1]
-        edges.append(mass + mass * math.sqrt(0.84**2 / mass + 0.016**2))
-    return np.array(edges)
-
-
-EDGES = resolution_edges()
-TRUTH = np.array([1.0, 10.0, -4.0, -0.3])
-
-
-def spectrum(n_events: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    mu = bin_integrals(get_function("p4"), TRUTH, EDGES)
-    in_range = (EDGES[:-1] >= 300.0) & (EDGES[1:] <= 6000.0)
-    mu *= n_events / mu[in_range].sum()
-    counts = np.random.default_rng(seed).poisson(mu).astype(float)
+def spectrum(n_events: float, seed: int) -> np.ndarray:
+    """A p4 toy (SHAPES["p4"]) with n_events expected in [300, 6000] GeV and none above it."""
+    counts = np.random.default_rng(seed).poisson(expected_counts("p4", n_events)).astype(float)
     counts[EDGES[:-1] >= 6000.0] = 0.0
-    return mu, counts
+    return counts
 
 
 def test_fit_background_tool_recovers_the_shape_and_is_json_ready():
-    _, counts = spectrum(1.0e5, seed=1)
+    counts = spectrum(1.0e5, seed=1)
     out = get_tool("fit_background").call(
         {
             "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
@@ -54,12 +37,12 @@ def test_fit_background_tool_recovers_the_shape_and_is_json_ready():
     assert out["ndf"] == stop - first - 4
     shape = np.array(out["parameters"][1:])
     errors = np.array(out["errors"][1:])
-    assert np.all(np.abs(shape - TRUTH[1:]) < 4 * errors)
+    assert np.all(np.abs(shape - np.array(SHAPES["p4"])) < 4 * errors)
     assert sum(out["expected"]) == pytest.approx(counts[first:stop].sum(), rel=1e-9)
 
 
 def test_fit_background_tool_reads_npz_and_masks_a_window(tmp_path):
-    _, counts = spectrum(5.0e4, seed=2)
+    counts = spectrum(5.0e4, seed=2)
     path = tmp_path / "h.npz"
     np.savez(path, edges=EDGES, counts=counts)
     out = get_tool("fit_background").call(
@@ -75,7 +58,7 @@ def test_fit_background_tool_reads_npz_and_masks_a_window(tmp_path):
 
 
 def test_fit_background_tool_rejects_bad_input():
-    _, counts = spectrum(1.0e4, seed=3)
+    counts = spectrum(1.0e4, seed=3)
     bad = counts.copy()
     bad[50] = -1.0
     with pytest.raises(InvalidInputError, match="non-negative"):
@@ -93,7 +76,7 @@ def test_fit_background_tool_rejects_bad_input():
 
 
 def test_choose_background_tool_returns_the_decision_trail():
-    _, counts = spectrum(1.0e5, seed=4)
+    counts = spectrum(1.0e5, seed=4)
     out = get_tool("choose_background").call(
         {
             "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
@@ -114,7 +97,7 @@ def test_choose_background_tool_returns_the_decision_trail():
 
 
 def test_choose_background_tool_validates_its_options():
-    _, counts = spectrum(1.0e4, seed=5)
+    counts = spectrum(1.0e4, seed=5)
     histogram = {"edges": EDGES.tolist(), "counts": counts.tolist()}
     with pytest.raises(ValidationError):
         get_tool("choose_background").call({"histogram": histogram, "method": "bayes"})
@@ -125,7 +108,7 @@ def test_choose_background_tool_validates_its_options():
 
 
 def test_robustness_checks_tool_runs_every_check_with_a_window():
-    _, counts = spectrum(5.0e4, seed=6)
+    counts = spectrum(5.0e4, seed=6)
     out = get_tool("robustness_checks").call(
         {
             "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
@@ -154,7 +137,7 @@ def test_robustness_checks_tool_runs_every_check_with_a_window():
 
 def test_choose_background_tool_reports_the_symbolic_fallback():
     """p2 and p3 fail on p4 data: the fallback's expression, constants and GOF p are output."""
-    _, counts = spectrum(2.0e5, seed=7)
+    counts = spectrum(2.0e5, seed=7)
     out = get_tool("choose_background").call(
         {
             "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
@@ -186,7 +169,7 @@ def test_choose_background_tool_reports_the_symbolic_fallback():
 
 
 def test_choose_background_tool_without_fallback_and_bad_search_settings():
-    _, counts = spectrum(2.0e5, seed=7)
+    counts = spectrum(2.0e5, seed=7)
     histogram = {"edges": EDGES.tolist(), "counts": counts.tolist()}
     out = get_tool("choose_background").call(
         {
