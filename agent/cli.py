@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-n", "--events", type=int, default=100_000)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument(
-        "--executor", choices=["serial", "ray"], default="serial", help="fan-out of the spectra"
+        "--executor",
+        choices=["serial", "ray", "auto"],
+        default="auto",
+        help="event pass and spectra fan-out: serial, Ray, or auto (Ray for large jobs)",
     )
     demo.set_defaults(handler=_command_demo)
     return parser

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from agent.executor import Executor, ray_session
+from agent.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from core.errors import AnomscanError, InvalidInputError
 from core.events import Selection, plan_read, read_entry_range
 from core.goodruns import GoodRunList
@@ -204,21 +204,21 @@ def _run_ray(
     workers: int | None,
     retries: int,
 ) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
-    ray = ray_session(workers)
-    remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(run_chunk)
-    spec_ref = ray.put(spec)
-    pending = {remote.remote(task, spec_ref, folder): task for task in tasks}
     results, failures = [], []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for reference in done:
-            task = pending.pop(reference)
-            try:
-                results.append(ray.get(reference))
-            except Exception as error:  # a RayTaskError wraps the worker's exception
-                cause = getattr(error, "cause", None) or error
-                failures.append((task, f"{type(cause).__name__}: {cause}"))
-            progress(task.entry_stop - task.entry_start)
+    with ray_session(workers) as ray:
+        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(run_chunk)
+        spec_ref = ray.put(spec)
+        pending = {remote.remote(task, spec_ref, folder): task for task in tasks}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for reference in done:
+                task = pending.pop(reference)
+                try:
+                    results.append(ray.get(reference))
+                except Exception as error:  # a RayTaskError wraps the worker's exception
+                    cause = getattr(error, "cause", None) or error
+                    failures.append((task, f"{type(cause).__name__}: {cause}"))
+                progress(task.entry_stop - task.entry_start)
     return results, failures
 
 
@@ -237,6 +237,7 @@ def event_pass(
     """Run the event pass into the folder `output` (a partitioned event table) and summarise.
 
     Parts already written by an earlier, interrupted pass over the same tasks are reused.
+    `executor="auto"` takes Ray from `SMALL_JOB_EVENTS` events on, serial below.
     """
     spec = spec or PassSpec()
     folder = Path(output)
@@ -255,13 +256,15 @@ def event_pass(
     )
     start_time = time.perf_counter()
     total = sum(t.entry_stop - t.entry_start for t in tasks)
+    if executor == "auto":
+        executor = "ray" if total >= SMALL_JOB_EVENTS and len(tasks) > 1 else "serial"
     with _progress(progress, total) as advance:
         if executor == "ray":
             results, failures = _run_ray(tasks, spec, str(folder), advance, workers, retries)
         elif executor == "serial":
             results, failures = _run_serial(tasks, spec, str(folder), advance)
         else:
-            raise InvalidInputError(f"executor must be 'serial' or 'ray', got {executor!r}")
+            raise InvalidInputError(f"executor must be 'serial', 'ray' or 'auto', got {executor!r}")
     if failures:
         lines = [f"{t.path} entries {t.entry_start}..{t.entry_stop}: {why}" for t, why in failures]
         raise EventPassError(

@@ -327,7 +327,7 @@ def run_scan(
 
 
 def run_demo(
-    output: Path, *, n_events: int = 200_000, seed: int = 7, executor: Executor = "serial"
+    output: Path, *, n_events: int = 100_000, seed: int = 7, executor: Executor = "auto"
 ) -> int:
     """Generate a sample with two injected resonances, scan it, and print what was found."""
     from rich.console import Console

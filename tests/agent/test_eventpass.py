@@ -104,7 +104,9 @@ def test_a_failing_chunk_is_named_and_the_rest_is_kept(sample, tmp_path):
 @pytest.mark.slow
 def test_two_node_ray_cluster(sample, tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # a test cluster on loopback: no usage stats, no token (a token file shared with other
+    # Ray instances on the host can change under the test)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     head = subprocess.run(
         [ray_bin, "start", "--head", "--port=6391", "--num-cpus=1", "--include-dashboard=false"],
         capture_output=True,
@@ -125,6 +127,7 @@ def test_two_node_ray_cluster(sample, tmp_path):
         script = (
             "import ray, json, sys\n"
             "from agent.eventpass import event_pass\n"
+            "ray.init()\n"
             "s = event_pass(sys.argv[1:-1], sys.argv[-1], executor='ray', step_size=5000)\n"
             "print(json.dumps({'n': s.n_events, 'nodes': len(ray.nodes())}))\n"
         )
