@@ -176,6 +176,19 @@ def _empty_collection(n: int) -> ak.Array:
 
 # --------------------------------------------------------------------------- schemas
 
+COLLECTION_PREFIXES: Final = {
+    "jets": "Jet",
+    "muons": "Muon",
+    "electrons": "Electron",
+    "photons": "Photon",
+}
+"""Branch prefixes of the CMS-style schemas (NanoAOD, cartesian)."""
+
+
+def _prefixed(components: tuple[str, ...]) -> list[str]:
+    """``Jet_pt``-style branch names of every collection for the given components."""
+    return [f"{prefix}_{c}" for prefix in COLLECTION_PREFIXES.values() for c in components]
+
 
 class Schema:
     """Base of the event schemas: which branches identify it and how to convert them."""
@@ -224,14 +237,11 @@ class NanoAODSchema(Schema):
     flags = ("Jet_jetId", "Muon_tightId", "Electron_cutBased", "Photon_cutBased")
     lumi_block_branch = "luminosityBlock"
     run_branch = "run"
-    prefixes: Final = {"jets": "Jet", "muons": "Muon", "electrons": "Electron", "photons": "Photon"}
+    prefixes = COLLECTION_PREFIXES
 
     def branches(self, available: set[str], selection: Selection) -> list[str]:
         """Four-vector branches of every collection plus MET."""
-        names = ["MET_pt", "MET_phi"]
-        for prefix in self.prefixes.values():
-            names += [f"{prefix}_{v}" for v in ("pt", "eta", "phi", "mass")]
-        return names
+        return ["MET_pt", "MET_phi", *_prefixed(("pt", "eta", "phi", "mass"))]
 
     def optional_branches(self) -> tuple[str, ...]:
         """ID flags, isolation, event ids and the generator weight."""
@@ -496,14 +506,11 @@ class CartesianSchema(Schema):
     identifying = ("Jet_Px", "Jet_Py", "Jet_Pz", "Jet_E", "MET_px", "MET_py")
     taggers = (("Jet_btag", 0.0),)
     flags = ("Jet_ID",)
-    prefixes: Final = {"jets": "Jet", "muons": "Muon", "electrons": "Electron", "photons": "Photon"}
+    prefixes = COLLECTION_PREFIXES
 
     def branches(self, available: set[str], selection: Selection) -> list[str]:
         """Cartesian four-vectors of every collection plus MET components."""
-        names = ["MET_px", "MET_py"]
-        for prefix in self.prefixes.values():
-            names += [f"{prefix}_{v}" for v in ("Px", "Py", "Pz", "E")]
-        return names
+        return ["MET_px", "MET_py", *_prefixed(("Px", "Py", "Pz", "E"))]
 
     def optional_branches(self) -> tuple[str, ...]:
         """Jet ID flag and event weight."""
@@ -799,24 +806,31 @@ def resolve_schema(
     )
 
 
-def _tagger_is_filled(tree: Any, branch: str, path: str) -> bool:
-    """A tagger is filled when some jet of the first entries has a score in [0, 1]."""
+FILL_CHECK_ENTRIES: Final = 10_000
+"""Entries read to decide whether a tagger or flag is filled in a file."""
+
+
+def _first_values(tree: Any, branch: str, path: str) -> npt.NDArray[Any]:
+    """Every value of `branch` in the first `FILL_CHECK_ENTRIES` entries, flattened."""
     try:
-        values = tree[branch].array(entry_stop=min(tree.num_entries, 10_000), library="ak")
+        values = tree[branch].array(
+            entry_stop=min(tree.num_entries, FILL_CHECK_ENTRIES), library="ak"
+        )
     except Exception as error:
         raise InputFileError(f"cannot read branch {branch} of {path}: {error}") from error
-    flat = ak.to_numpy(ak.flatten(values, axis=None))
-    return bool(np.any((flat >= 0.0) & (flat <= 1.0))) if flat.size else True
+    return np.asarray(ak.to_numpy(ak.flatten(values, axis=None)))
+
+
+def _tagger_is_filled(tree: Any, branch: str, path: str) -> bool:
+    """A tagger is filled when some jet of the first entries has a score in [0, 1]."""
+    scores = _first_values(tree, branch, path)
+    return bool(np.any((scores >= 0.0) & (scores <= 1.0))) if scores.size else True
 
 
 def _flag_is_filled(tree: Any, branch: str, path: str) -> bool:
     """A flag is filled when some object of the first entries has it set (non-zero)."""
-    try:
-        values = tree[branch].array(entry_stop=min(tree.num_entries, 10_000), library="ak")
-    except Exception as error:
-        raise InputFileError(f"cannot read branch {branch} of {path}: {error}") from error
-    flat = ak.to_numpy(ak.flatten(values, axis=None))
-    return bool(np.any(flat != 0)) if flat.size else True
+    flags = _first_values(tree, branch, path)
+    return bool(np.any(flags != 0)) if flags.size else True
 
 
 def _choose_tagger(
