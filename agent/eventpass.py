@@ -11,6 +11,7 @@ and entry range once every other task has finished, never silently skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import resource
 import time
@@ -114,13 +115,22 @@ def plan_chunks(
     return tasks
 
 
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(model: str, modified_ns: int, threads: int) -> Any:
+    """One onnxruntime session per model file (and version of it) per process."""
+    from core.autoencoder import load_scorer
+
+    return load_scorer(Path(model), threads=threads)
+
+
 def _score_function(spec: PassSpec) -> Callable[[Any], Any] | None:
     if spec.model is None:
         return None
-    from core.autoencoder import load_scorer
     from core.rmm import rmm_features, rmm_matrices
 
-    scorer = load_scorer(Path(spec.model), threads=spec.scoring_threads)
+    model = Path(spec.model)
+    modified_ns = model.stat().st_mtime_ns if model.is_file() else 0
+    scorer = _cached_scorer(spec.model, modified_ns, spec.scoring_threads)
 
     def score(chunk: Any) -> Any:
         return scorer.score(rmm_features(rmm_matrices(chunk)))
