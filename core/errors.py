@@ -36,3 +36,11 @@ class ModelError(AnomscanError):
 
 class ToolError(AnomscanError):
     """A tool was asked for that does not exist, or its input could not be read."""
+
+
+class OutputError(AnomscanError):
+    """An output can not be written where asked, or a folder is not anomscan's to replace."""
+
+
+class FolderInUseError(OutputError):
+    """Another live process holds the lock of a run folder or event-table folder."""
