@@ -9,14 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from core.errors import AnomscanError
+from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, InternalError, guarded
+from core.errors import InvalidInputError, OutputError
+from core.files import json_text
 from core.synth import PAIR_TYPES
 from tools.registry import all_tools, get_tool
 
-EXIT_INVALID_INPUT = 2
-EXIT_FAILURE = 1
+__all__ = ["EXIT_FAILURE", "EXIT_INVALID_INPUT", "build_parser", "main"]
+
+MAX_INPUT_BYTES = 10_000_000
+"""Largest tool input (--json or --input) the command line reads."""
 
 
 def _parse_signal(text: str) -> dict[str, Any]:
@@ -37,17 +39,40 @@ def _parse_signal(text: str) -> dict[str, Any]:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    try:
+        text = json_text(data)
+    except OutputError as error:
+        raise InternalError(f"the output is not valid JSON: {error}") from error
+    print(text)
 
 
 def _run_tool(name: str, payload: dict[str, Any]) -> int:
-    try:
-        result = get_tool(name).call(payload)
-    except ValidationError as error:
-        print(f"invalid input for tool {name!r}:\n{error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    _print_json(result)
+    _print_json(get_tool(name).call(payload))
     return 0
+
+
+def parse_tool_input(text: str, where: str) -> dict[str, Any]:
+    """The JSON object of a tool input; InvalidInputError says what is wrong with it."""
+    if len(text) > MAX_INPUT_BYTES:
+        raise InvalidInputError(
+            f"tool input from {where} is {len(text)} characters, more than {MAX_INPUT_BYTES}; "
+            "pass large arrays as files (paths) instead"
+        )
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidInputError(f"tool input from {where} is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise InvalidInputError(
+            f"tool input from {where} is nested too deeply to read; flatten it"
+        ) from error
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise InvalidInputError(f"tool input from {where} can not be read: {error}") from error
+    if not isinstance(payload, dict):
+        raise InvalidInputError(
+            f"tool input from {where} must be a JSON object, got {type(payload).__name__}"
+        )
+    return payload
 
 
 def _command_generate(arguments: argparse.Namespace) -> int:
@@ -78,24 +103,25 @@ def _command_tool(arguments: argparse.Namespace) -> int:
         )
         return 0
     if arguments.json is not None and arguments.input is not None:
-        print("give either --json or --input, not both", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    text = arguments.json if arguments.json is not None else "{}"
+        raise InvalidInputError("give either --json or --input, not both")
+    text, where = (arguments.json, "--json") if arguments.json is not None else ("{}", "--json")
     if arguments.input is not None:
         path = Path(arguments.input)
+        where = f"--input {path}"
         if not path.is_file():
-            print(f"input file {path} does not exist", file=sys.stderr)
-            return EXIT_INVALID_INPUT
-        text = path.read_text()
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError as error:
-        print(f"tool input is not valid JSON: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    if not isinstance(payload, dict):
-        print("tool input must be a JSON object", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    return _run_tool(tool.name, payload)
+            raise InvalidInputError(f"input file {path} does not exist; give a JSON file")
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise InvalidInputError(
+                f"input file {path} is larger than {MAX_INPUT_BYTES} bytes; pass large arrays "
+                "as files (paths) instead"
+            )
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidInputError(
+                f"input file {path} is not UTF-8 text (byte {error.start}); save it as UTF-8 JSON"
+            ) from error
+    return _run_tool(tool.name, parse_tool_input(text, where))
 
 
 def _command_datasets(arguments: argparse.Namespace) -> int:
@@ -191,12 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
-    arguments = build_parser().parse_args(argv)
-    try:
-        status: int = arguments.handler(arguments)
-    except AnomscanError as error:
-        print(f"anomscan: {type(error).__name__}: {error}", file=sys.stderr)
-        return EXIT_FAILURE
+    words = list(sys.argv[1:] if argv is None else argv)
+    arguments = build_parser().parse_args(words)
+    status: int = guarded(lambda: int(arguments.handler(arguments)), words)
     return status
 
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,17 @@ from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
 from tools.common import StrictModel
 from tools.events import SelectionInput
-from tools.registry import register
+from tools.registry import (
+    ChunkSize,
+    CrossSectionPb,
+    FilePath,
+    Fraction,
+    LumiPb,
+    PathText,
+    Seed,
+    Threads,
+    register,
+)
 
 FeatureChunk = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
@@ -47,17 +57,21 @@ FeatureChunk = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 class FeatureSource(StrictModel):
     """Where features come from: `features` NPZ files, or ROOT `inputs` with their schema."""
 
-    features: list[Path] | None = Field(
-        None, description="NPZ files from compute_rmm with arrays 'features' and 'event'"
+    features: list[FilePath] | None = Field(
+        None,
+        max_length=100_000,
+        description="NPZ files from compute_rmm with arrays 'features' and 'event'",
     )
-    inputs: list[str] | None = Field(None, description="ROOT files: paths or URLs")
+    inputs: list[PathText] | None = Field(
+        None, max_length=100_000, description="ROOT files: paths or URLs"
+    )
     schema_name: SchemaName = Field("auto", alias="schema")
-    tree: str | None = None
-    mapping: str | None = None
+    tree: str | None = Field(None, min_length=1, max_length=1000)
+    mapping: PathText | None = None
     selection: SelectionInput = Field(default_factory=SelectionInput)
-    step_size: int = Field(100_000, gt=0)
+    step_size: ChunkSize = 100_000
     prefetch: int = Field(
-        2, ge=0, description="chunks read and turned into RMMs ahead in a worker thread"
+        2, ge=0, le=16, description="chunks read and turned into RMMs ahead in a worker thread"
     )
 
     @model_validator(mode="after")
@@ -72,14 +86,14 @@ class FeatureSource(StrictModel):
 class TrainAutoencoderInput(FeatureSource):
     """Train on a seeded fraction of the events and export ONNX (+ optional int8 copy)."""
 
-    output: Path = Field(description="the .onnx file to write; the card goes beside it")
-    seed: int = 0
-    fraction: float = Field(0.01, gt=0, le=1)
+    output: FilePath = Field(description="the .onnx file to write; the card goes beside it")
+    seed: Seed = 0
+    fraction: Fraction = 0.01
     validation_fraction: float = Field(0.2, gt=0, lt=1)
-    max_epochs: int = Field(100, ge=1)
-    patience: int = Field(5, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    threads: int = Field(1, ge=1)
+    max_epochs: int = Field(100, ge=1, le=100_000)
+    patience: int = Field(5, ge=1, le=100_000)
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    threads: Threads = 1
     quantize_int8: bool = False
 
 
@@ -102,15 +116,15 @@ class TrainAutoencoderOutput(StrictModel):
 class ScoreEventsInput(FeatureSource):
     """Score events with an exported model and write `score` and `training` into the table."""
 
-    model: Path
-    table: Path = Field(description="event table (Parquet) written by core.table")
-    threads: int = Field(1, ge=1)
-    batch_size: int = Field(8192, ge=1)
-    compare_with: Path | None = Field(
+    model: FilePath
+    table: FilePath = Field(description="event table (Parquet) written by core.table")
+    threads: Threads = 1
+    batch_size: int = Field(8192, ge=1, le=10_000_000)
+    compare_with: FilePath | None = Field(
         None, description="a second model (e.g. the int8 one) to measure agreement against"
     )
-    lumi_pb: float | None = Field(
-        None, gt=0, description="luminosity in pb^-1, for the agreement's AR overlaps"
+    lumi_pb: LumiPb | None = Field(
+        None, description="luminosity in pb^-1, for the agreement's AR overlaps"
     )
 
     @model_validator(mode="after")
@@ -144,11 +158,11 @@ class ScoreEventsOutput(StrictModel):
 class AnomalyRegionInput(StrictModel):
     """An AR: the N = round(xsec_pb * lumi_pb) highest-score events of a stream."""
 
-    table: Path
-    xsec_pb: float = Field(gt=0)
-    lumi_pb: float = Field(gt=0)
+    table: FilePath
+    xsec_pb: Annotated[CrossSectionPb, Field(gt=0)]
+    lumi_pb: LumiPb
     stream: Literal["T1", "T2", "T3", "T4", "T5", "T6", "T7", "all"] = "all"
-    model: Path | None = Field(
+    model: FilePath | None = Field(
         None, description="the model whose training events are excluded (its card names them)"
     )
     include_training: bool = Field(

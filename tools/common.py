@@ -3,18 +3,47 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 from core.errors import InvalidInputError
 
 
-class StrictModel(BaseModel):
-    """Base of every tool model: unknown fields are an error."""
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's annotation is a number (int or float, possibly optional or listed)."""
+    if annotation in (int, float):
+        return True
+    return any(_wants_number(argument) for argument in getattr(annotation, "__args__", ()))
 
-    model_config = ConfigDict(extra="forbid")
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, list | tuple):
+        return any(isinstance(item, bool) for item in value)
+    return False
+
+
+class StrictModel(BaseModel):
+    """Base of every tool model: unknown fields, NaN, infinity and booleans-as-numbers fail.
+
+    pydantic would otherwise take ``true`` for 1.0 and ``NaN`` for a luminosity; a tool that
+    gets either computes a wrong result and reports success.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        annotation = field.annotation if field is not None else None
+        if _holds_bool(value) and annotation is not bool and _wants_number(annotation):
+            raise ValueError("expected a number, got a boolean")
+        return value
 
 
 class HistogramInput(StrictModel):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import awkward as ak
 import numpy as np
@@ -14,24 +13,40 @@ from core.masses import STREAMS, stream_bits
 from core.objects import OBJECT_TYPES
 from core.synth import SampleConfig, SignalSpec, generate_sample
 from tools.common import StrictModel
-from tools.registry import register
+from tools.registry import (
+    AbsEta,
+    ChunkSize,
+    CrossSectionPb,
+    DeltaR,
+    EnergyGeV,
+    EventCount,
+    FilePath,
+    LumiPb,
+    MassGeV,
+    PathText,
+    PositiveEventCount,
+    Seed,
+    SqrtSGeV,
+    WidthGeV,
+    register,
+)
 
 
 class SelectionInput(StrictModel):
     """Overrides of the default object selection (GeV); unset fields keep the defaults."""
 
-    jet_pt_min: float = 30.0
-    jet_abs_eta_max: float = 2.4
-    muon_pt_min: float = 30.0
-    electron_pt_min: float = 30.0
-    photon_pt_min: float = 30.0
-    lepton_abs_eta_max: float = 2.4
-    photon_abs_eta_max: float = 2.4
-    overlap_delta_r: float = 0.4
-    met_min: float = 30.0
+    jet_pt_min: EnergyGeV = 30.0
+    jet_abs_eta_max: AbsEta = 2.4
+    muon_pt_min: EnergyGeV = 30.0
+    electron_pt_min: EnergyGeV = 30.0
+    photon_pt_min: EnergyGeV = 30.0
+    lepton_abs_eta_max: AbsEta = 2.4
+    photon_abs_eta_max: AbsEta = 2.4
+    overlap_delta_r: DeltaR = 0.4
+    met_min: EnergyGeV = 30.0
     use_identification: bool = True
-    btag_branch: str = "auto"
-    btag_working_point: float | None = None
+    btag_branch: str = Field("auto", min_length=1, max_length=200)
+    btag_working_point: float | None = Field(None, ge=-1e3, le=1e3)
 
     def to_core(self) -> Selection:
         """The core selection these fields describe."""
@@ -41,13 +56,15 @@ class SelectionInput(StrictModel):
 class ReadEventsInput(StrictModel):
     """Files to summarise, with their schema (auto-detected by default)."""
 
-    inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
+    inputs: list[PathText] = Field(
+        min_length=1, max_length=100_000, description="ROOT files: paths or URLs"
+    )
     schema_name: SchemaName = Field("auto", alias="schema")
-    max_events: int | None = Field(None, gt=0)
-    tree: str | None = None
-    mapping: str | None = Field(None, description="column-mapping TOML for schema 'mapping'")
+    max_events: PositiveEventCount | None = None
+    tree: str | None = Field(None, min_length=1, max_length=1000)
+    mapping: PathText | None = Field(None, description="column-mapping TOML for schema 'mapping'")
     selection: SelectionInput = Field(default_factory=SelectionInput)
-    step_size: int = Field(100_000, gt=0)
+    step_size: ChunkSize = 100_000
 
 
 class FileSummary(StrictModel):
@@ -136,26 +153,27 @@ class SignalInput(StrictModel):
     """An injected resonance X -> pair (mass and width in GeV; n_events or xsec_pb)."""
 
     pair: Literal["jj", "jb", "bb", "je", "be", "jm", "bm", "jg", "bg"]
-    mass: float = Field(gt=0)
-    width: float = Field(ge=0)
-    n_events: int | None = Field(None, ge=0)
-    xsec_pb: float | None = Field(None, ge=0)
-    extra: dict[Literal["jets", "bjets", "muons", "electrons", "photons"], int] = Field(
-        default_factory=dict
-    )
-    name: str = ""
+    mass: MassGeV
+    width: WidthGeV
+    n_events: EventCount | None = None
+    xsec_pb: CrossSectionPb | None = None
+    extra: dict[
+        Literal["jets", "bjets", "muons", "electrons", "photons"],
+        Annotated[int, Field(ge=0, le=10)],
+    ] = Field(default_factory=dict)
+    name: str = Field("", max_length=200)
 
 
 class GenerateSampleInput(StrictModel):
     """A synthetic NanoAOD-schema sample: background size, signals, seed, luminosity."""
 
-    output_dir: Path
-    n_events: int = Field(100_000, ge=0)
-    seed: int = 1
-    signals: list[SignalInput] = Field(default_factory=list)
-    lumi_pb: float = Field(1000.0, gt=0)
-    sqrt_s: float = Field(13000.0, gt=0)
-    events_per_file: int = Field(1_000_000, gt=0)
+    output_dir: FilePath
+    n_events: EventCount = 100_000
+    seed: Seed = 1
+    signals: list[SignalInput] = Field(default_factory=list, max_length=100)
+    lumi_pb: LumiPb = 1000.0
+    sqrt_s: SqrtSGeV = 13000.0
+    events_per_file: PositiveEventCount = 1_000_000
 
 
 class GenerateSampleOutput(StrictModel):

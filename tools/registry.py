@@ -9,11 +9,75 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, Final, TypeVar
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 from core.errors import ToolError
+
+__all__ = [
+    "MAX_EVENTS",
+    "AbsEta",
+    "ChunkSize",
+    "CrossSectionPb",
+    "DeltaR",
+    "EnergyGeV",
+    "EventCount",
+    "FilePath",
+    "Fraction",
+    "LumiPb",
+    "MassGeV",
+    "PathText",
+    "PositiveEventCount",
+    "Seed",
+    "SqrtSGeV",
+    "Threads",
+    "Tool",
+    "WidthGeV",
+    "all_tools",
+    "get_tool",
+    "register",
+]
+
+MAX_EVENTS: Final = 1_000_000_000
+"""Largest event count any tool accepts (10^9: beyond one machine's reach anyway)."""
+
+
+def _check_path_text(value: str) -> str:
+    if not value:
+        raise ValueError("the path is empty")
+    if "\x00" in value:
+        raise ValueError("the path holds a NUL character")
+    if len(value) > 4096 or any(len(part) > 255 for part in value.split("/")):
+        raise ValueError("the path is longer than the file system allows")
+    return value
+
+
+def _check_path(value: Path) -> Path:
+    _check_path_text(str(value))
+    return value
+
+
+# Every number a user gives enters through one of these types: finite (the models forbid NaN
+# and infinity), a number and not a boolean (tools.common.StrictModel), and inside a range
+# that physics and one machine allow. A tool input field that is a number uses one of them.
+LumiPb = Annotated[float, Field(gt=0, le=1e9, description="integrated luminosity (pb^-1)")]
+SqrtSGeV = Annotated[float, Field(gt=0, le=1e6, description="collision energy (GeV)")]
+MassGeV = Annotated[float, Field(gt=0, le=1e6, description="mass (GeV)")]
+WidthGeV = Annotated[float, Field(ge=0, le=1e6, description="width (GeV)")]
+EnergyGeV = Annotated[float, Field(ge=0, le=1e6, description="energy or momentum cut (GeV)")]
+AbsEta = Annotated[float, Field(ge=0, le=10, description="|pseudorapidity| limit")]
+DeltaR = Annotated[float, Field(ge=0, le=10, description="angular distance")]
+CrossSectionPb = Annotated[float, Field(ge=0, le=1e12, description="cross section (pb)")]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="random seed (non-negative)")]
+EventCount = Annotated[int, Field(ge=0, le=MAX_EVENTS)]
+PositiveEventCount = Annotated[int, Field(gt=0, le=MAX_EVENTS)]
+ChunkSize = Annotated[int, Field(gt=0, le=10_000_000, description="events per chunk")]
+Threads = Annotated[int, Field(ge=1, le=256)]
+FilePath = Annotated[Path, AfterValidator(_check_path)]
+PathText = Annotated[str, AfterValidator(_check_path_text)]
 
 TOOL_MODULES = (
     "tools.events",

@@ -16,7 +16,7 @@ from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
 from core.table import table_spectra, write_event_table
 from tools.common import StrictModel
-from tools.registry import register
+from tools.registry import ChunkSize, FilePath, PathText, PositiveEventCount, SqrtSGeV, register
 
 
 def _npz_path(value: Path) -> Path:
@@ -39,11 +39,13 @@ def _save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
 class ComputeRMMInput(StrictModel):
     """ROOT files to read (schema auto-detected by default) and the NPZ to write."""
 
-    inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
+    inputs: list[PathText] = Field(
+        min_length=1, max_length=100_000, description="ROOT files: paths or URLs"
+    )
     schema_name: SchemaName = Field("auto", alias="schema")
-    max_events: int | None = Field(None, gt=0, description="read at most this many events")
-    output: Path = Field(description="NPZ file to write (.npz)")
-    sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
+    max_events: PositiveEventCount | None = Field(None, description="read at most this many events")
+    output: FilePath = Field(description="NPZ file to write (.npz)")
+    sqrt_s: SqrtSGeV = 13000.0
 
     _check_output = field_validator("output")(_npz_path)
 
@@ -101,11 +103,13 @@ def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
 class EventTableInput(StrictModel):
     """ROOT files to pass over once, and the Parquet event table to write."""
 
-    inputs: list[str] = Field(min_length=1, description="ROOT files: paths or URLs")
+    inputs: list[PathText] = Field(
+        min_length=1, max_length=100_000, description="ROOT files: paths or URLs"
+    )
     schema_name: SchemaName = Field("auto", alias="schema")
-    max_events: int | None = Field(None, gt=0, description="read at most this many events")
-    output: Path = Field(description="event table to write (.parquet)")
-    step_size: int = Field(100_000, gt=0, description="events per chunk (bounds the memory)")
+    max_events: PositiveEventCount | None = Field(None, description="read at most this many events")
+    output: FilePath = Field(description="event table to write (.parquet)")
+    step_size: ChunkSize = Field(100_000, description="events per chunk (bounds the memory)")
     progress: bool = Field(False, description="show a progress bar on stderr")
 
     @field_validator("output")
@@ -158,11 +162,16 @@ def event_table(arguments: EventTableInput) -> EventTableOutput:
 class SpectraInput(StrictModel):
     """An event table, an optional score cut and the NPZ to write the 63 histograms to."""
 
-    table: Path = Field(description="event table (Parquet) written by write_event_table")
+    table: FilePath = Field(description="event table (Parquet) written by write_event_table")
     score_min: float | None = Field(
-        None, description="keep events with score > score_min; None keeps every event"
+        None,
+        ge=-1e6,
+        le=1e6,
+        description="keep events with score > score_min; None keeps every event",
     )
-    output: Path = Field(description="NPZ file to write (.npz): counts (63, n_bins), edges, names")
+    output: FilePath = Field(
+        description="NPZ file to write (.npz): counts (63, n_bins), edges, names"
+    )
 
     _check_output = field_validator("output")(_npz_path)
 

@@ -40,9 +40,9 @@ def test_bad_signal_spec_exits_2(tmp_path, capsys):
     assert "PAIR:MASS:WIDTH:N" in capsys.readouterr().err
 
 
-def test_generator_error_is_one_line_and_status_1(tmp_path, capsys):
+def test_generator_error_is_one_line_and_status_2(tmp_path, capsys):
     status = main(["generate", "-o", str(tmp_path), "--signal", "jm:20000:10:5"])
-    assert status == 1
+    assert status == 2
     assert "sqrt(s)" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.root"))
 
@@ -76,7 +76,7 @@ def test_invalid_tool_input_exits_2(text, capsys):
 
 def test_missing_file_is_a_clear_error(tmp_path, capsys):
     payload = json.dumps({"inputs": [str(tmp_path / "missing.root")]})
-    assert main(["tool", "read_events", "--json", payload]) == 1
+    assert main(["tool", "read_events", "--json", payload]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -100,5 +100,5 @@ def test_datasets_validate(shared_data, tmp_path, capsys):
     assert "nanoaod" in out
     assert "200" in out
     manifest.write_text(f'[datasets.cms]\nfiles = ["{nano}"]\nlumi_pb = 0\n')
-    assert main(["datasets", "validate", str(manifest)]) == 1
+    assert main(["datasets", "validate", str(manifest)]) == 2
     assert "lumi_pb must be > 0" in capsys.readouterr().err
