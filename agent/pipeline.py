@@ -10,7 +10,6 @@ Each step is a plain function of its inputs and an explicit seed; the tools do t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,10 +21,12 @@ import numpy.typing as npt
 
 from agent.eventpass import PassSpec, event_pass
 from agent.executor import Executor, map_batched
+from agent.runlock import run_folder_lock
 from core.anomaly import anomaly_region, log_uniform_xsec_grid
 from core.autoencoder import read_model_card, training_selection
 from core.bumphunt import BumpHuntResult, bump_hunt
 from core.errors import AnomscanError
+from core.files import write_json
 from core.fit import FitResult
 from core.lookelsewhere import NestedSpectrum, ScanSignificance, nested_spectrum, scan_significance
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, histogram
@@ -127,7 +128,7 @@ def stream_regions(
             xsec_pb,
             lumi_pb,
             in_stream=table.stream_bits[:, k] & ~exclude,
-            event_ids=table.event,
+            event_ids=table.keys(),
         )
         masks[:, k] = region.selected
         whole.append(region.whole_stream)
@@ -306,7 +307,7 @@ def run_scan(
     start = time.perf_counter()
     table = read_event_table(table_path)
     card = read_model_card(model)
-    exclude = training_selection(table.event, card.fraction, card.seed)
+    exclude = training_selection(table.keys(), card.fraction, card.seed)
     points = tuple(xsec_points_pb or log_uniform_xsec_grid(points_per_decade=1))
     jobs = spectrum_jobs(table, lumi_pb, points, exclude, seed)
     results = map_batched(_run_job, jobs, executor)
@@ -331,11 +332,19 @@ def run_demo(
 ) -> int:
     """Generate a sample with two injected resonances, scan it, and print what was found."""
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
+    with run_folder_lock(output, "demo"):
+        # results.json is the demo's commit record: a rerun removes it before it changes the
+        # data, so a killed rerun never leaves old results beside new data
+        (output / "results.json").unlink(missing_ok=True)
+        return _locked_demo(output, n_events, seed, executor, console)
+
+
+def _locked_demo(output: Path, n_events: int, seed: int, executor: Executor, console: Any) -> int:
+    from rich.table import Table
+
     timings: dict[str, float] = {}
-    output.mkdir(parents=True, exist_ok=True)
 
     clock = time.perf_counter()
     sample = generate_sample(
@@ -430,17 +439,15 @@ def run_demo(
         "injected: " + ", ".join(f"{s['label']} ({s['n_events']} events)" for s in injected)
     )
     results_path = output / "results.json"
-    results_path.write_text(
-        json.dumps(
-            {
-                "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                "xsec_points_pb": list(scan.xsec_points_pb),
-                "spectra": [r.summary() for r in scan.results],
-                "truth": injected,
-            },
-            indent=1,
-            default=float,
-        )
+    write_json(
+        results_path,
+        {
+            "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "xsec_points_pb": list(scan.xsec_points_pb),
+            "spectra": [r.summary() for r in scan.results],
+            "truth": injected,
+        },
+        what="demo results",
     )
     console.print(f"results: {results_path}")
     return 0

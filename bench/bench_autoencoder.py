@@ -125,7 +125,7 @@ def main() -> None:
     for chunk in iterate_events(info.files, "nanoaod"):
         picked = training_selection(np.asarray(chunk.event, dtype=np.int64), 0.01, args.seed)
         subset: EventChunk = subset_chunk(chunk, picked)
-        parts.append((rmm_features(rmm_matrices(subset)), np.asarray(subset.event)))
+        parts.append((rmm_features(rmm_matrices(subset)), subset.keys()))
     features = np.concatenate([f for f, _ in parts])
     events = np.concatenate([e for _, e in parts])
     collect_s = time.perf_counter() - start
@@ -211,6 +211,7 @@ def main() -> None:
             chunks_with_scores(),
             work / f"events_{prefetch}.parquet",
             score=lambda chunk, cache=cache: cache.pop(id(chunk)),
+            training=lambda keys: np.zeros(len(keys), dtype=bool),
         )
         seconds = time.perf_counter() - start
         e2e_rate = summary.n_events / seconds

@@ -34,6 +34,7 @@ from scipy import stats
 
 from core.anomaly import anomaly_region
 from core.errors import InvalidInputError, ModelError
+from core.files import atomic_path, write_text
 from core.objects import EventChunk
 from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_features, rmm_matrices
 
@@ -377,17 +378,21 @@ def card_path(model_path: Path) -> Path:
 
 
 def export_onnx(model: TrainedModel, path: Path) -> ModelCard:
-    """Write `model` to `path` as ONNX (opset 17, dynamic batch) and its card beside it."""
+    """Write `model` to `path` as ONNX (opset 17, dynamic batch) and its card beside it.
+
+    Each file is written atomically; the card holds the ONNX file's SHA-256, so a model
+    whose card is from another export is refused when loaded.
+    """
     torch = _import_torch()
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(model.feature_mean.reshape(1, -1).repeat(2, axis=0))
-    with warnings.catch_warnings():
+    with atomic_path(path, what="ONNX model") as partial, warnings.catch_warnings():
         # torch 2.13 deprecates the TorchScript exporter that dynamo=False selects.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             model.network,
             (example,),
-            str(path),
+            str(partial),
             opset_version=ONNX_OPSET,
             dynamo=False,
             input_names=[INPUT_NAME],
@@ -416,7 +421,7 @@ def export_onnx(model: TrainedModel, path: Path) -> ModelCard:
         stopped_early=model.loss.stopped_early,
         versions=_versions(),
     )
-    card_path(path).write_text(card.to_json())
+    write_text(card_path(path), card.to_json(), what="model card")
     return card
 
 
@@ -445,7 +450,7 @@ def quantize_int8(model_path: Path, output_path: Path) -> ModelCard:
         source_onnx_sha256=source.onnx_sha256,
         versions=_versions(),
     )
-    card_path(output_path).write_text(card.to_json())
+    write_text(card_path(output_path), card.to_json(), what="model card")
     return card
 
 

@@ -16,6 +16,7 @@ schema whose identifying branches are all present, including the built-in mappin
 from __future__ import annotations
 
 import tomllib
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ import uproot
 
 from core.errors import InputFileError, InvalidInputError, SchemaError
 from core.goodruns import GoodRunList
-from core.objects import OBJECT_TYPES, EventChunk, make_collection
+from core.objects import OBJECT_TYPES, EventChunk, event_keys, file_id, make_collection
 
 SchemaName = Literal["auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping"]
 SCHEMA_NAMES: Final = ("auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping")
@@ -98,6 +99,8 @@ class ReadPlan:
     btag_working_point: float
     num_entries: int
     notes: tuple[str, ...] = ()
+    file_uuid: str | None = None
+    """The ROOT file's UUID (its identity for event keys and the event pass's provenance)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -935,6 +938,7 @@ def _plan(
         btag_working_point=working_point,
         num_entries=int(event_tree.num_entries),
         notes=tuple(notes),
+        file_uuid=None if (identity := tree_file_uuid(event_tree)) is None else str(identity),
     )
     return plan, chosen, event_tree
 
@@ -1020,7 +1024,48 @@ def _as_paths(paths: str | Path | Iterable[str | Path]) -> list[str]:
     listed = [str(p) for p in paths]
     if not listed:
         raise InvalidInputError("no input files given")
+    refuse_duplicate_inputs(listed)
     return listed
+
+
+def _normalised(path: str) -> str:
+    if "://" in path:
+        return path
+    try:
+        return str(Path(path).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return path
+
+
+def refuse_duplicate_inputs(paths: Iterable[str | Path]) -> None:
+    """InvalidInputError when a file is listed twice (it would count its events twice)."""
+    seen: dict[str, str] = {}
+    for path in map(str, paths):
+        key = _normalised(path)
+        if key in seen:
+            raise InvalidInputError(
+                f"input file {path} is listed twice (also as {seen[key]}); its events would "
+                "count twice: list every file once"
+            )
+        seen[key] = path
+
+
+class DistinctFiles:
+    """Refuses a second file with the UUID of one already read (a copy of the same events)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[uuid.UUID, str] = {}
+
+    def check(self, path: str, identity: uuid.UUID | None) -> None:
+        """Record `path`; InvalidInputError if a file with the same UUID came before."""
+        if identity is None:
+            return
+        if identity in self._seen:
+            raise InvalidInputError(
+                f"input files {self._seen[identity]} and {path} are the same ROOT file (UUID "
+                f"{identity}); their events would count twice: list every file once"
+            )
+        self._seen[identity] = path
 
 
 def _read_range(
@@ -1057,7 +1102,20 @@ def _read_range(
         n_outside = int(np.count_nonzero(~certified))
         raw = _mask_raw(raw, certified)
     chunk = select_objects(raw, selection, plan.btag_working_point, source=path, entry_start=start)
-    return replace(chunk, n_outside_good_runs=n_outside, lumi_block=raw.lumi_block)
+    source_id = file_id(tree_file_uuid(event_tree), path)
+    return replace(
+        chunk,
+        n_outside_good_runs=n_outside,
+        lumi_block=raw.lumi_block,
+        source_id=source_id,
+        key=event_keys(raw.run, raw.lumi_block, raw.event, source_id),
+    )
+
+
+def tree_file_uuid(event_tree: Any) -> uuid.UUID | None:
+    """The UUID of the ROOT file a TTree or RNTuple was read from (None if it has none)."""
+    identity = getattr(getattr(event_tree, "file", None), "uuid", None)
+    return identity if isinstance(identity, uuid.UUID) else None
 
 
 def _mask_raw(raw: RawEvents, keep: npt.NDArray[np.bool_]) -> RawEvents:
@@ -1120,10 +1178,12 @@ def iterate_events(
         raise InvalidInputError(f"max_events must be positive or None, got {max_events}")
     selection = selection or Selection()
     remaining = max_events
+    distinct = DistinctFiles()
     for path in _as_paths(paths):
         if remaining is not None and remaining <= 0:
             return
         plan, chosen, event_tree = _plan(path, schema, selection, tree, mapping, good_runs)
+        distinct.check(path, tree_file_uuid(event_tree))
         stop = plan.num_entries if remaining is None else min(plan.num_entries, remaining)
         for start in range(0, stop, step_size):
             end = min(start + step_size, stop)
@@ -1187,6 +1247,7 @@ def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
     return replace(
         chunks[0],
         **collections,
+        key=np.concatenate([c.keys() for c in chunks]),
         lumi_block=None if any(b is None for b in lumi_blocks) else joined("lumi_block"),
         n_outside_good_runs=sum(c.n_outside_good_runs for c in chunks),
         met_pt=joined("met_pt"),

@@ -6,6 +6,8 @@ Every reader (NanoAOD, ATLAS open data, PHYSLITE, cartesian, user mapping) produ
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from dataclasses import dataclass
 from typing import Final
 
@@ -24,6 +26,63 @@ OBJECT_FIELDS: Final = ("pt", "eta", "phi", "mass")
 A mass may be negative: it then stands for m^2 = -mass^2 (a four-vector whose m^2 < 0
 from rounding), so that E^2 = p^2 + sign(mass) mass^2 is exact.
 """
+
+
+IntArray = npt.NDArray[np.int64]
+
+_MIX_1: Final = np.uint64(0xBF58476D1CE4E5B9)
+_MIX_2: Final = np.uint64(0x94D049BB133111EB)
+_GOLDEN: Final = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64 finaliser: a bijection of uint64 that spreads every input bit."""
+    with np.errstate(over="ignore"):
+        z = values + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX_1
+        z = (z ^ (z >> np.uint64(27))) * _MIX_2
+        return np.asarray(z ^ (z >> np.uint64(31)), dtype=np.uint64)
+
+
+def file_id(identity: uuid.UUID | str | None, path: str = "") -> int:
+    """A 63-bit number that names one input file: from its ROOT UUID (path if it has none).
+
+    The UUID travels with the file's bytes (a copy keeps it, a regenerated file gets a new
+    one), so the same events read from a moved file keep their keys.
+    """
+    text = str(identity) if identity is not None else f"path:{path}"
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def event_keys(
+    run: npt.ArrayLike,
+    lumi_block: npt.ArrayLike | None,
+    event: npt.ArrayLike,
+    source: int = 0,
+) -> IntArray:
+    """The identity of each event as one int64: (source file, run, luminosity block, event).
+
+    Multi-run data repeats event numbers, and two simulated files repeat (run, event); every
+    join, tie-break and training selection uses this key so that neither can alias. A
+    missing luminosity block counts as 0.
+    """
+    runs = np.asarray(run, dtype=np.int64).astype(np.uint64)
+    events = np.asarray(event, dtype=np.int64).astype(np.uint64)
+    blocks = (
+        np.zeros_like(runs)
+        if lumi_block is None
+        else np.asarray(lumi_block, dtype=np.int64).astype(np.uint64)
+    )
+    if not runs.shape == events.shape == blocks.shape:
+        raise InvalidInputError(
+            f"run {runs.shape}, luminosity block {blocks.shape} and event {events.shape} "
+            "numbers must have one entry per event"
+        )
+    key = _mix(np.full(runs.shape, np.uint64(source), dtype=np.uint64))
+    for part in (runs, blocks, events):
+        key = _mix(key ^ part)
+    return np.asarray(key.view(np.int64), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -50,9 +109,19 @@ class EventChunk:
     lumi_block: npt.NDArray[np.int64] | None = None
     n_outside_good_runs: int = 0
     """Events of this chunk's entry range dropped by the good-run list."""
+    source_id: int = 0
+    """`file_id` of the file the events were read from (0 for hand-made events)."""
+    key: IntArray | None = None
+    """Per-event identity (`event_keys`); set by the readers, which may join several files."""
 
     def __len__(self) -> int:
         return len(self.met_pt)
+
+    def keys(self) -> IntArray:
+        """The identity key of every event (see `event_keys`)."""
+        if self.key is not None:
+            return self.key
+        return event_keys(self.run, self.lumi_block, self.event, self.source_id)
 
     def collection(self, name: str) -> ak.Array:
         """Return the collection called `name` (one of `OBJECT_TYPES`)."""

@@ -11,9 +11,12 @@ objects that make the events atypical. Files are written with uproot as TTrees
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import math
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,6 +26,7 @@ import numpy.typing as npt
 import uproot
 
 from core.errors import InvalidInputError
+from core.files import committed_folder, json_text, write_text
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -135,23 +139,43 @@ BACKGROUND: Final = (
 )
 
 
+MAX_EVENTS: Final = 1_000_000_000
+"""Most events (background + signal) one sample may hold: beyond it the run would not end."""
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_config(config: SampleConfig) -> None:
     problems = []
-    if config.n_events < 0:
-        problems.append(f"n_events must be >= 0, got {config.n_events}")
-    if config.lumi_pb <= 0:
-        problems.append(f"lumi_pb must be > 0, got {config.lumi_pb}")
-    if config.events_per_file <= 0:
-        problems.append(f"events_per_file must be > 0, got {config.events_per_file}")
+    if not isinstance(config.seed, int) or isinstance(config.seed, bool) or config.seed < 0:
+        problems.append(f"seed must be a non-negative integer, got {config.seed!r}")
+    if not 0 <= config.n_events <= MAX_EVENTS:
+        problems.append(f"n_events must be in [0, {MAX_EVENTS}], got {config.n_events}")
+    if not (_finite(config.lumi_pb) and 0 < config.lumi_pb <= 1e9):
+        problems.append(f"lumi_pb must be a finite number in (0, 1e9], got {config.lumi_pb}")
+    if not (_finite(config.sqrt_s) and 0 < config.sqrt_s <= 1e6):
+        problems.append(f"sqrt_s must be a finite number in (0, 1e6] GeV, got {config.sqrt_s}")
+    if not 0 < config.events_per_file <= MAX_EVENTS:
+        problems.append(
+            f"events_per_file must be in [1, {MAX_EVENTS}], got {config.events_per_file}"
+        )
     for signal in config.signals:
         if signal.pair not in PAIR_TYPES:
             problems.append(f"signal pair {signal.pair!r} is not one of {list(PAIR_TYPES)}")
-        if not 0 < signal.mass < config.sqrt_s:
+        if not (_finite(signal.mass) and 0 < signal.mass < config.sqrt_s):
             problems.append(
                 f"signal mass {signal.mass} GeV must lie in (0, sqrt(s) = {config.sqrt_s} GeV)"
             )
-        if signal.width < 0:
-            problems.append(f"signal width must be >= 0, got {signal.width} GeV")
+        if not (_finite(signal.width) and 0 <= signal.width <= config.sqrt_s):
+            problems.append(
+                f"signal width must be a finite number in [0, sqrt(s)] GeV, got {signal.width}"
+            )
+        if signal.xsec_pb is not None and not _finite(signal.xsec_pb):
+            problems.append(
+                f"signal {signal.label()}: xsec_pb must be finite, got {signal.xsec_pb}"
+            )
         if (signal.n_events is None) == (signal.xsec_pb is None):
             problems.append(f"signal {signal.label()}: give exactly one of n_events or xsec_pb")
         if signal.n_events is not None and signal.n_events < 0:
@@ -164,6 +188,17 @@ def _check_config(config: SampleConfig) -> None:
                     f"signal {signal.label()}: extra {kind}={count} must name one of "
                     f"{EXTRA_TYPES} with a count >= 0"
                 )
+    if not problems:
+        total = config.n_events + sum(
+            signal_event_count(s, config.lumi_pb)
+            for s in config.signals
+            if (s.n_events is None) != (s.xsec_pb is None)
+        )
+        if total > MAX_EVENTS:
+            problems.append(
+                f"the sample would hold {total} events, more than {MAX_EVENTS}; lower n_events, "
+                "a signal's size or the luminosity"
+            )
     if problems:
         raise InvalidInputError("invalid sample configuration: " + "; ".join(problems))
 
@@ -425,11 +460,26 @@ def _split(total: int, parts: int) -> list[int]:
     return [base + (1 if k < rest else 0) for k in range(parts)]
 
 
+def _uuids(name: str) -> Callable[[], uuid.UUID]:
+    """Deterministic ROOT UUIDs for one file (same sample, same bytes, same event keys)."""
+    counter = itertools.count()
+    return lambda: uuid.uuid5(uuid.NAMESPACE_OID, f"anomscan.synth:{name}:{next(counter)}")
+
+
 def write_nanoaod(
-    path: Path, branches: Mapping[str, ak.Array | npt.NDArray[np.generic]], metadata: str
+    path: Path,
+    branches: Mapping[str, ak.Array | npt.NDArray[np.generic]],
+    metadata: str,
+    identity: str | None = None,
 ) -> None:
-    """Write branches as a NanoAOD-like TTree ``Events`` (counters ``nJet`` ...) plus metadata."""
-    with uproot.recreate(path, compression=uproot.ZLIB(1)) as file:
+    """Write branches as a NanoAOD-like TTree ``Events`` (counters ``nJet`` ...) plus metadata.
+
+    `identity` seeds the file's ROOT UUID (the events' source in their keys); random if None.
+    """
+    options: dict[str, Any] = {"compression": uproot.ZLIB(1)}
+    if identity is not None:
+        options["uuid_function"] = _uuids(identity)
+    with uproot.recreate(path, **options) as file:
         types = {
             name: (value.type.content if isinstance(value, ak.Array) else value.dtype)
             for name, value in branches.items()
@@ -445,10 +495,35 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
     Signal events are spread evenly over the files and shuffled among the background.
     `truth.json` lists, per signal, its specification, event count, event numbers and the
     true masses; both it and every file carry the nominal luminosity (pb^-1).
+
+    The whole folder is committed at once (`core.files.committed_folder`, manifest last):
+    an interrupted run leaves the previous sample whole, a rerun with fewer files leaves no
+    old file behind, and a folder holding files anomscan did not write is refused.
     """
     _check_config(config)
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise InvalidInputError(
+            f"cannot write the sample to {output}: it is a file; give a folder (-o DIR)"
+        )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot create the folder of {output} ({error.strerror}); choose another -o"
+        ) from error
+    if output.is_dir() and not any(output.iterdir()):
+        output.rmdir()  # an empty folder given by the user: ours to fill
+    with committed_folder(output, what="synthetic sample", info={"seed": config.seed}) as staging:
+        written = _write_sample(staging, config)
+    return replace(
+        written,
+        files=tuple(output / p.name for p in written.files),
+        truth_path=output / written.truth_path.name,
+    )
+
+
+def _write_sample(output: Path, config: SampleConfig) -> SampleInfo:
     signal_counts = [signal_event_count(s, config.lumi_pb) for s in config.signals]
     n_total = config.n_events + sum(signal_counts)
     n_files = max(1, -(-n_total // config.events_per_file))
@@ -482,7 +557,8 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
         )
         branches, truths = generate_events(background_split[index], block_signals, rng, first_event)
         path = output / f"synthetic_{index:03d}.root"
-        write_nanoaod(path, branches, json.dumps(metadata))
+        identity = json.dumps([metadata, index], sort_keys=True, default=str)
+        write_nanoaod(path, branches, json.dumps(metadata), identity)
         files.append(path)
         event = np.asarray(branches["event"])
         for truth, (indices, masses) in zip(truth_signals, truths, strict=True):
@@ -490,8 +566,10 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
             truth["true_mass"] += masses.round(3).tolist()
         first_event += len(event)
     truth_path = output / "truth.json"
-    truth_path.write_text(
-        json.dumps(metadata | {"files": [p.name for p in files], "truth": truth_signals}, indent=1)
+    write_text(
+        truth_path,
+        json_text(metadata | {"files": [p.name for p in files], "truth": truth_signals}, indent=1),
+        what="truth file",
     )
     return SampleInfo(
         tuple(files), truth_path, config.n_events, tuple(signal_counts), config.lumi_pb

@@ -3,15 +3,20 @@
 One pass over the events writes it (chunk by chunk, one row group per chunk, so memory is
 bounded by the chunk size); every anomaly-region threshold afterwards is a cut on this
 table, never a re-read of the ROOT files. Columns: `event`, `run`, `weight`, the stream bits
-`T1`..`T7` (bool), the masses `m_jj`..`m_bg` in GeV (NaN where the pair does not exist) and,
-once the autoencoder has run, `score` (ln of the reconstruction error).
+`T1`..`T7` (bool), the masses `m_jj`..`m_bg` in GeV (NaN where the pair does not exist),
+the identity `lumi_block`, `source_id` (the input file) and `key` (`core.objects.event_keys`
+of source, run, luminosity block and event: the one key of every join, tie-break and
+training selection) and, once the autoencoder has run, `score` (ln of the reconstruction
+error) with `training` (the event was one the autoencoder was trained on; every path from
+scores to spectra leaves these out unless told otherwise).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import InputFileError, InvalidInputError
+from core.files import atomic_path, write_json
 from core.masses import (
     DEFAULT_STREAM_REQUIREMENTS,
     PAIRS,
@@ -66,7 +72,11 @@ MASS_COLUMNS: Final = tuple(f"m_{pair}" for pair in PAIRS)
 SCORE_COLUMN: Final = "score"
 """The anomaly-score column, present once the autoencoder has scored the events."""
 
-_ID_COLUMNS: Final = ("event", "run", "weight")
+TRAINING_COLUMN: Final = "training"
+"""True for the events the autoencoder was trained on; written together with `score`."""
+
+_ID_COLUMNS: Final = ("event", "run", "weight", "lumi_block", "source_id", "key")
+TrainingFunction = Callable[[IntArray], BoolArray]
 
 
 def event_table_schema(*, with_score: bool = False) -> pa.Schema:
@@ -75,11 +85,15 @@ def event_table_schema(*, with_score: bool = False) -> pa.Schema:
         pa.field("event", pa.int64(), nullable=False),
         pa.field("run", pa.int64(), nullable=False),
         pa.field("weight", pa.float64(), nullable=False),
+        pa.field("lumi_block", pa.int64(), nullable=False),
+        pa.field("source_id", pa.int64(), nullable=False),
+        pa.field("key", pa.int64(), nullable=False),
         *(pa.field(stream, pa.bool_(), nullable=False) for stream in STREAMS),
         *(pa.field(column, pa.float64(), nullable=False) for column in MASS_COLUMNS),
     ]
     if with_score:
         fields.append(pa.field(SCORE_COLUMN, pa.float64(), nullable=False))
+        fields.append(pa.field(TRAINING_COLUMN, pa.bool_(), nullable=False))
     return pa.schema(fields)
 
 
@@ -104,21 +118,39 @@ def chunk_columns(
     *,
     score: ScoreFunction | None = None,
     requirements: StreamRequirements = DEFAULT_STREAM_REQUIREMENTS,
+    training: TrainingFunction | None = None,
 ) -> pa.Table:
-    """The event-table rows of one chunk (streams, masses and, if `score` is given, scores)."""
+    """The event-table rows of one chunk (streams, masses and, if `score` is given, scores).
+
+    With `score`, `training(keys)` must say which events the autoencoder was trained on.
+    """
     check_kinematics(chunk)
     bits = stream_bits(chunk, requirements, validate=False)
     masses = leading_pair_masses(chunk, validate=False)
+    keys = chunk.keys()
     columns: dict[str, Any] = {
         "event": np.asarray(chunk.event, dtype=np.int64),
         "run": np.asarray(chunk.run, dtype=np.int64),
         "weight": np.asarray(chunk.weight, dtype=np.float64),
+        "lumi_block": (
+            np.zeros(len(chunk), dtype=np.int64)
+            if chunk.lumi_block is None
+            else np.asarray(chunk.lumi_block, dtype=np.int64)
+        ),
+        "source_id": np.full(len(chunk), chunk.source_id, dtype=np.int64),
+        "key": keys,
     }
     columns.update({stream: bits[:, k] for k, stream in enumerate(STREAMS)})
     columns.update({column: masses[:, k] for k, column in enumerate(MASS_COLUMNS)})
     if score is not None:
+        if training is None:
+            raise InvalidInputError(
+                "scores go into the event table together with the training flag: pass "
+                "training= (the model card's training_selection)"
+            )
         where = f"scores of the chunk at entry {chunk.entry_start} of {chunk.source or 'input'}"
         columns[SCORE_COLUMN] = _checked_scores(score(chunk), len(chunk), where)
+        columns[TRAINING_COLUMN] = np.asarray(training(keys), dtype=np.bool_)
     schema = event_table_schema(with_score=score is not None)
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -132,10 +164,6 @@ class EventTableSummary:
     n_chunks: int
     stream_counts: Mapping[str, int]
     has_score: bool
-
-
-def _temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
 
 
 @contextlib.contextmanager
@@ -173,6 +201,7 @@ def write_event_table(
     progress: bool = False,
     total_events: int | None = None,
     requirements: StreamRequirements = DEFAULT_STREAM_REQUIREMENTS,
+    training: TrainingFunction | None = None,
 ) -> EventTableSummary:
     """Write the event table of all `chunks` (e.g. from `iterate_events`) to Parquet at `path`.
 
@@ -180,30 +209,22 @@ def write_event_table(
     `score` column in the same pass when given. The file appears only when complete.
     """
     target = Path(path)
-    if not target.parent.is_dir():
-        raise InvalidInputError(
-            f"cannot write the event table to {target}: folder {target.parent} does not exist"
-        )
-    partial = _temporary_path(target)
     schema = event_table_schema(with_score=score is not None)
     stream_counts = dict.fromkeys(STREAMS, 0)
     n_events = n_chunks = 0
-    try:
-        with (
-            pq.ParquetWriter(partial, schema) as writer,
-            _progress_bar(progress, total_events) as advance,
-        ):
-            for chunk in chunks:
-                rows = chunk_columns(chunk, score=score, requirements=requirements)
-                writer.write_table(rows)
-                for stream in STREAMS:
-                    stream_counts[stream] += int(np.count_nonzero(rows[stream].to_numpy()))
-                n_events += len(chunk)
-                n_chunks += 1
-                advance(len(chunk))
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+    with (
+        atomic_path(target, what="event table") as partial,
+        pq.ParquetWriter(partial, schema) as writer,
+        _progress_bar(progress, total_events) as advance,
+    ):
+        for chunk in chunks:
+            rows = chunk_columns(chunk, score=score, requirements=requirements, training=training)
+            writer.write_table(rows)
+            for stream in STREAMS:
+                stream_counts[stream] += int(np.count_nonzero(rows[stream].to_numpy()))
+            n_events += len(chunk)
+            n_chunks += 1
+            advance(len(chunk))
     return EventTableSummary(target, n_events, n_chunks, stream_counts, score is not None)
 
 
@@ -220,6 +241,24 @@ class EventTable:
     stream_bits: BoolArray
     masses: FloatArray
     score: FloatArray | None
+    lumi_block: IntArray | None = None
+    source_id: IntArray | None = None
+    key: IntArray | None = None
+    """The identity of each event (`core.objects.event_keys`); always set when read."""
+    training: BoolArray | None = None
+    """Events the autoencoder was trained on (set with `score`)."""
+
+    def keys(self) -> IntArray:
+        """The identity key of every row."""
+        if self.key is None:
+            raise InvalidInputError("this event table carries no event keys; rewrite it")
+        return self.key
+
+    def search_mask(self, include_training: bool = False) -> BoolArray:
+        """Rows that may enter an anomaly region: all but the training events by default."""
+        if include_training or self.training is None:
+            return np.ones(len(self), dtype=np.bool_)
+        return ~self.training
 
     def __len__(self) -> int:
         return len(self.event)
@@ -232,15 +271,47 @@ class EventTable:
 PART_GLOB: Final = "part-*.parquet"
 """Parts of a partitioned event table (a folder written by the parallel event pass)."""
 
+TABLE_MANIFEST: Final = "table.json"
+"""The commit record of a partitioned table: the parts it is made of, in order, written last.
+
+A folder is read through it only: parts left by another or an unfinished pass are never
+read, and a folder without it is an unfinished table.
+"""
+
+
+def commit_table_parts(folder: str | Path, parts: Sequence[str], info: Mapping[str, Any]) -> Path:
+    """Record `parts` (file names in `folder`, in order) as the table; atomic, written last."""
+    target = Path(folder)
+    missing = [name for name in parts if not (target / name).is_file()]
+    if missing:
+        raise InputFileError(f"event table {target}: parts {missing[:3]} are missing; rerun")
+    return write_json(
+        target / TABLE_MANIFEST, {"parts": list(parts), **dict(info)}, what="table manifest"
+    )
+
 
 def table_parts(path: str | Path) -> list[Path]:
-    """The Parquet files of an event table: the file itself, or a folder's parts in order."""
+    """The Parquet files of an event table: the file itself, or a folder's committed parts."""
     source = Path(path)
     if source.is_dir():
-        parts = sorted(source.glob(PART_GLOB))
-        if not parts:
+        record = source / TABLE_MANIFEST
+        if not record.is_file():
             raise InputFileError(
-                f"event table folder {source} holds no {PART_GLOB} files; run the event pass"
+                f"event table folder {source} has no {TABLE_MANIFEST}: the event pass that "
+                "writes it did not finish; rerun it"
+            )
+        try:
+            names = json.loads(record.read_text(encoding="utf-8"))["parts"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputFileError(
+                f"{record} is not a table manifest ({error}); rerun the event pass"
+            ) from error
+        parts = [source / str(name) for name in names]
+        missing = [p.name for p in parts if not p.is_file()]
+        if missing or not parts:
+            raise InputFileError(
+                f"event table folder {source} lacks parts {missing[:3]} named in "
+                f"{TABLE_MANIFEST}; rerun the event pass"
             )
         return parts
     if not source.is_file():
@@ -288,6 +359,11 @@ def _as_event_table(batch: pa.Table | pa.RecordBatch) -> EventTable:
     bits = np.column_stack([column(s) for s in STREAMS]) if n else np.zeros((0, len(STREAMS)))
     masses = np.column_stack([column(c) for c in MASS_COLUMNS]) if n else np.zeros((0, 9))
     has_score = SCORE_COLUMN in batch.schema.names
+    if has_score and TRAINING_COLUMN not in batch.schema.names:
+        raise InvalidInputError(
+            "the event table has scores but no training column, so the autoencoder's "
+            "training events can not be left out; rescore it with score_events"
+        )
     return EventTable(
         event=column("event").astype(np.int64),
         run=column("run").astype(np.int64),
@@ -295,13 +371,30 @@ def _as_event_table(batch: pa.Table | pa.RecordBatch) -> EventTable:
         stream_bits=np.asarray(bits, dtype=np.bool_).reshape(n, len(STREAMS)),
         masses=np.asarray(masses, dtype=np.float64).reshape(n, len(MASS_COLUMNS)),
         score=column(SCORE_COLUMN).astype(np.float64) if has_score else None,
+        lumi_block=column("lumi_block").astype(np.int64),
+        source_id=column("source_id").astype(np.int64),
+        key=column("key").astype(np.int64),
+        training=column(TRAINING_COLUMN).astype(np.bool_) if has_score else None,
     )
+
+
+def refuse_duplicate_events(keys: IntArray, where: str) -> None:
+    """InvalidInputError when two rows carry the same event key (an event counted twice)."""
+    ordered = np.sort(keys)
+    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if repeated.size:
+        raise InvalidInputError(
+            f"{where}: {repeated.size} events appear more than once (same source file, run, "
+            "luminosity block and event); an input was read twice: rebuild it from distinct files"
+        )
 
 
 def read_event_table(path: str | Path) -> EventTable:
     """Read a whole event table into arrays (about 100 bytes per event)."""
     tables = [part.read().replace_schema_metadata(None) for part in _open(path)]
-    return _as_event_table(pa.concat_tables(tables))
+    table = _as_event_table(pa.concat_tables(tables))
+    refuse_duplicate_events(table.keys(), f"event table {path}")
+    return table
 
 
 def iter_event_table(path: str | Path, batch_size: int = 1_000_000) -> Iterator[EventTable]:
@@ -313,36 +406,50 @@ def iter_event_table(path: str | Path, batch_size: int = 1_000_000) -> Iterator[
             yield _as_event_table(batch)
 
 
-def _rewrite_with_scores(parquet: pq.ParquetFile, values: FloatArray, target: Path) -> None:
-    partial = _temporary_path(target)
-    try:
-        with pq.ParquetWriter(partial, event_table_schema(with_score=True)) as writer:
-            start = 0
-            for group in range(parquet.num_row_groups):
-                rows = parquet.read_row_group(group).replace_schema_metadata(None)
-                if SCORE_COLUMN in rows.schema.names:
-                    rows = rows.drop_columns([SCORE_COLUMN])
-                stop = start + rows.num_rows
-                rows = rows.append_column(SCORE_COLUMN, pa.array(values[start:stop]))
-                writer.write_table(rows.cast(event_table_schema(with_score=True)))
-                start = stop
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
+def _rewrite_with_scores(
+    parquet: pq.ParquetFile, values: FloatArray, training: BoolArray, target: Path
+) -> None:
+    schema = event_table_schema(with_score=True)
+    with (
+        atomic_path(target, what="event table") as partial,
+        pq.ParquetWriter(partial, schema) as writer,
+    ):
+        start = 0
+        for group in range(parquet.num_row_groups):
+            rows = parquet.read_row_group(group).replace_schema_metadata(None)
+            rows = rows.drop_columns(
+                [c for c in (SCORE_COLUMN, TRAINING_COLUMN) if c in rows.schema.names]
+            )
+            stop = start + rows.num_rows
+            rows = rows.append_column(SCORE_COLUMN, pa.array(values[start:stop]))
+            rows = rows.append_column(TRAINING_COLUMN, pa.array(training[start:stop]))
+            writer.write_table(rows.cast(schema))
+            start = stop
 
 
 def add_score_column(
-    path: str | Path, scores: npt.ArrayLike, *, output: str | Path | None = None
+    path: str | Path,
+    scores: npt.ArrayLike,
+    training: npt.ArrayLike,
+    *,
+    output: str | Path | None = None,
 ) -> Path:
-    """Add or replace the `score` column (one finite score per row, in row order).
+    """Add or replace the `score` and `training` columns (one per row, in row order).
 
-    Rewrites the table (every part of a folder) row group by row group into `output`
-    (default: in place, each file atomically).
+    `training` marks the events the autoencoder was trained on. Rewrites the table (every
+    part of a folder) row group by row group into `output` (default: in place, each file
+    atomically, the folder's manifest last).
     """
     parts = _open(path)
     sources = table_parts(path)
     n_rows = sum(part.metadata.num_rows for part in parts)
     values = _checked_scores(scores, n_rows, f"add_score_column({path})")
+    flags = np.asarray(training)
+    if flags.dtype != np.bool_ or flags.shape != (n_rows,):
+        raise InvalidInputError(
+            f"add_score_column({path}): training must be {n_rows} booleans (one per row), got "
+            f"{flags.dtype} of shape {flags.shape}"
+        )
     target = Path(output) if output is not None else Path(path)
     if Path(path).is_dir():
         target.mkdir(parents=True, exist_ok=True)
@@ -352,8 +459,10 @@ def add_score_column(
     start = 0
     for part, destination in zip(parts, targets, strict=True):
         stop = start + part.metadata.num_rows
-        _rewrite_with_scores(part, values[start:stop], destination)
+        _rewrite_with_scores(part, values[start:stop], flags[start:stop], destination)
         start = stop
+    if Path(path).is_dir():
+        commit_table_parts(target, [t.name for t in targets], {"scored": True})
     return target
 
 
@@ -368,14 +477,22 @@ class TableSpectra:
 
 
 def table_spectra(
-    path: str | Path, score_min: float | None = None, *, batch_size: int = 1_000_000
+    path: str | Path,
+    score_min: float | None = None,
+    *,
+    batch_size: int = 1_000_000,
+    include_training: bool = False,
 ) -> TableSpectra:
     """Fill the 63 spectra from an event table, keeping events with score > `score_min`.
 
-    All events are kept when `score_min` is None. Reads in batches (bounded memory).
+    All events are kept when `score_min` is None. In a scored table the autoencoder's
+    training events are left out (the same rows `anomaly_region` and the scan leave out)
+    unless `include_training`. Reads in batches (bounded memory).
     """
-    if score_min is not None and math.isnan(score_min):
-        raise InvalidInputError("score_min is NaN; give a number or None for no score cut")
+    if score_min is not None and not math.isfinite(score_min):
+        raise InvalidInputError(
+            f"score_min is {score_min}; give a finite number, or None for no score cut"
+        )
     parquet = _open(path)[0]
     if score_min is not None and SCORE_COLUMN not in parquet.schema_arrow.names:
         raise InvalidInputError(
@@ -385,9 +502,9 @@ def table_spectra(
     total: Spectra | None = None
     n_events = n_selected = 0
     for table in iter_event_table(path, batch_size):
-        mask = None
+        mask = None if table.training is None else table.search_mask(include_training)
         if score_min is not None and table.score is not None:
-            mask = table.score > score_min
+            mask = (table.score > score_min) & table.search_mask(include_training)
         spectra = table.spectra(mask)
         n_events += len(table)
         n_selected += len(table) if mask is None else int(np.count_nonzero(mask))

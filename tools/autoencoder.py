@@ -1,19 +1,22 @@
 """Tools of the autoencoder: `train_autoencoder`, `score_events`, `anomaly_region`.
 
 Features come either from NPZ files written by `compute_rmm` (arrays `features` (n, 1287)
-and `event`) or straight from ROOT files (read, selected and turned into RMMs chunk by
-chunk). Scores are written into the event table (Parquet, core/table.py) as its column
-`score`. The events a model was trained on are found again from its card (seed and fraction
-of `training_selection`) and left out of the anomaly regions by default.
+and `key`, the event identity of `core.objects.event_keys`) or straight from ROOT files
+(read, selected and turned into RMMs chunk by chunk). Scores are written into the event
+table (Parquet, core/table.py) as its column `score`, with `training`: the events the model
+was trained on (seed and fraction of its card, `training_selection` over event keys), left
+out of the anomaly regions and spectra by default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +37,7 @@ from core.autoencoder import (
     training_selection,
 )
 from core.errors import InvalidInputError, ToolError
-from core.events import SchemaName, iterate_events
+from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
 from tools.common import StrictModel
@@ -196,31 +199,41 @@ def subset_chunk(chunk: EventChunk, mask: npt.NDArray[np.bool_]) -> EventChunk:
         run=chunk.run[mask],
         event=chunk.event[mask],
         weight=chunk.weight[mask],
+        lumi_block=None if chunk.lumi_block is None else chunk.lumi_block[mask],
+        key=chunk.keys()[mask],
     )
 
 
 def _feature_chunks(
     source: FeatureSource, keep: tuple[float, int] | None = None
 ) -> Iterator[FeatureChunk]:
-    """Yield (features, event ids) per file or chunk; only training events when `keep` is set."""
+    """Yield (features, event keys) per file or chunk; only training events when `keep` is set."""
     if source.features is not None:
+        refuse_duplicate_inputs(source.features)
         for path in source.features:
             if not path.is_file():
                 raise ToolError(f"feature file {path} does not exist; run compute_rmm first")
-            with np.load(path) as data:
-                missing = [key for key in ("features", "event") if key not in data]
+            with _open_npz(path) as data:
+                missing = [key for key in ("features", "key") if key not in data]
                 if missing:
                     raise ToolError(
                         f"feature file {path} lacks arrays {missing}; it holds "
-                        f"{sorted(data.files)}: use the NPZ written by compute_rmm"
+                        f"{sorted(data.files)}: use the NPZ written by compute_rmm (rerun it "
+                        "if the file is older than the event keys)"
                     )
-                events = np.asarray(data["event"], dtype=np.int64)
+                events = _integer_array(data, "key", path)
                 mask = (
                     np.ones(len(events), dtype=np.bool_)
                     if keep is None
                     else training_selection(events, *keep)
                 )
-                yield np.asarray(data["features"][mask], dtype=np.float32), events[mask]
+                values = _float_array(data, "features", path)
+                if values.ndim != 2 or len(values) != len(events):
+                    raise ToolError(
+                        f"feature file {path}: 'features' has shape {values.shape} for "
+                        f"{len(events)} event keys; use the NPZ written by compute_rmm"
+                    )
+                yield np.asarray(values[mask], dtype=np.float32), events[mask]
         return
     assert source.inputs is not None
     chunks = iterate_events(
@@ -232,13 +245,52 @@ def _feature_chunks(
         mapping=source.mapping,
     )
     if keep is not None:
-        chunks = (
-            subset_chunk(chunk, training_selection(np.asarray(chunk.event, np.int64), *keep))
-            for chunk in chunks
-        )
+        chunks = (subset_chunk(chunk, training_selection(chunk.keys(), *keep)) for chunk in chunks)
     for chunk, features in feature_chunks(chunks, prefetch=source.prefetch):
         if len(chunk):
-            yield features, np.asarray(chunk.event, dtype=np.int64)
+            yield features, chunk.keys()
+
+
+@contextlib.contextmanager
+def _open_npz(path: Path) -> Iterator[Any]:
+    """An NPZ file opened without pickles; InvalidInputError when it is not one."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidInputError(
+            f"{path} is not a readable NPZ file ({type(error).__name__}); give the file "
+            "written by compute_rmm"
+        ) from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InvalidInputError(f"{path} is a .npy array, not an NPZ archive of named arrays")
+    with data:
+        yield data
+
+
+def _load_array(data: Any, name: str, path: Path) -> npt.NDArray[Any]:
+    try:
+        return np.asarray(data[name])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidInputError(
+            f"array {name!r} of {path} can not be read ({type(error).__name__}: {error}); the "
+            "file is truncated or holds objects: rewrite it"
+        ) from error
+
+
+def _integer_array(data: Any, name: str, path: Path) -> npt.NDArray[np.int64]:
+    values = _load_array(data, name, path)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise InvalidInputError(
+            f"array {name!r} of {path} must be 1-d integers, found {values.dtype} {values.shape}"
+        )
+    return values.astype(np.int64)
+
+
+def _float_array(data: Any, name: str, path: Path) -> npt.NDArray[np.float64]:
+    values = _load_array(data, name, path)
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise InvalidInputError(f"array {name!r} of {path} must hold numbers, found {values.dtype}")
+    return values
 
 
 @register(
@@ -295,30 +347,41 @@ def train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
 
 
 def _match_events(
-    table_events: npt.NDArray[np.int64], scored_events: npt.NDArray[np.int64]
+    table_keys: npt.NDArray[np.int64], scored_keys: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.intp]:
-    """Row of `scored_events` for each table event; ToolError when one is missing."""
-    order = np.argsort(scored_events, kind="stable")
-    sorted_events = scored_events[order]
-    if np.any(sorted_events[1:] == sorted_events[:-1]):
+    """Row of `scored_keys` for each table event; ToolError unless both are the same events.
+
+    Keys are the full identity (source file, run, luminosity block, event): features of
+    another file or run never match, even where event numbers repeat.
+    """
+    order = np.argsort(scored_keys, kind="stable")
+    sorted_keys = scored_keys[order]
+    if np.any(sorted_keys[1:] == sorted_keys[:-1]):
         raise ToolError(
-            "the scored events have duplicate event ids, so they can not be matched to the "
-            "table's rows; score each event once"
+            "the scored events repeat an event (same file, run, luminosity block and event), "
+            "so they can not be matched to the table's rows; score each event once"
         )
-    position = np.minimum(np.searchsorted(sorted_events, table_events), len(order) - 1)
-    found = sorted_events[position] == table_events
+    position = np.minimum(np.searchsorted(sorted_keys, table_keys), len(order) - 1)
+    found = sorted_keys[position] == table_keys
     if not found.all():
         raise ToolError(
-            f"{int((~found).sum())} events of the table have no features (first event id "
-            f"{int(table_events[~found][0])}); score the same events the table was built from"
+            f"{int((~found).sum())} of the table's {len(table_keys)} events have no features "
+            "(no event with the same source file, run, luminosity block and event): the "
+            "features come from other files than the table; score the files the table was "
+            "built from"
+        )
+    if len(scored_keys) != len(table_keys):
+        raise ToolError(
+            f"the features hold {len(scored_keys)} events, the table {len(table_keys)}: they "
+            "come from other inputs; score the files the table was built from"
         )
     return np.asarray(order[position], dtype=np.intp)
 
 
-def _training_mask(model: Path, event_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+def _training_mask(model: Path, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """The events `model` was trained on, from the seed and fraction of its card."""
     card = read_model_card(model)
-    return training_selection(event_ids, card.fraction, card.seed)
+    return training_selection(keys, card.fraction, card.seed)
 
 
 @register(
@@ -329,7 +392,7 @@ def _training_mask(model: Path, event_ids: npt.NDArray[np.int64]) -> npt.NDArray
 )
 def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     """Score every event of the source, match them to the table by event id, write back."""
-    table_events = read_event_table(arguments.table).event
+    table_events = read_event_table(arguments.table).keys()
     scorer = load_scorer(
         arguments.model, threads=arguments.threads, batch_size=arguments.batch_size
     )
@@ -350,8 +413,8 @@ def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
         raise ToolError("the inputs hold no events to score")
     rows = _match_events(table_events, np.concatenate(events))
     score = np.concatenate(scores)[rows]
-    add_score_column(arguments.table, score)
     training = _training_mask(arguments.model, table_events)
+    add_score_column(arguments.table, score, training)
     matches = events_sha256(table_events[training]) == scorer.card.training_events_sha256
 
     agreement = None
@@ -396,20 +459,24 @@ def anomaly_region_tool(arguments: AnomalyRegionInput) -> AnomalyRegionOutput:
     )
     n_excluded = 0
     if not arguments.include_training:
-        if arguments.model is None:
+        training = table.training
+        assert training is not None  # a scored table always carries it
+        if arguments.model is not None and not np.array_equal(
+            training, _training_mask(arguments.model, table.keys())
+        ):
             raise ToolError(
-                "the events the autoencoder was trained on are excluded by default: give "
-                "'model' (the .onnx whose card names them), or set 'include_training'"
+                f"event table {arguments.table} was scored by another model than "
+                f"{arguments.model} (its training events differ from the card's); rescore "
+                "the table with this model"
             )
-        training = _training_mask(arguments.model, table.event)
         n_excluded = int(np.count_nonzero(in_stream & training))
-        in_stream = in_stream & ~training
+        in_stream = in_stream & table.search_mask()
     region = anomaly_region(
         table.score,
         arguments.xsec_pb,
         arguments.lumi_pb,
         in_stream=in_stream,
-        event_ids=table.event,
+        event_ids=table.keys(),
     )
     return AnomalyRegionOutput(
         cut=region.cut if math.isfinite(region.cut) else None,

@@ -10,7 +10,9 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
+from core.errors import InvalidInputError
 from core.events import SchemaName, iterate_events, load_events, plan_read
+from core.files import atomic_path
 from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
@@ -26,14 +28,26 @@ def _npz_path(value: Path) -> Path:
 
 
 def _save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
-    """Write `arrays` to `path` atomically, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.partial.npz")
-    try:
+    """Write `arrays` to `path` atomically (a temporary name unique to this writer)."""
+    _make_folder(path)
+    with atomic_path(path, what="NPZ output") as partial:
         np.savez_compressed(partial, **arrays)  # type: ignore[arg-type]
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+
+
+def _make_folder(path: Path) -> None:
+    """Create the folder of an output file; InvalidInputError when that is impossible."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise InvalidInputError(
+            f"cannot write {path}: a file is in the way of its folder {path.parent}; choose "
+            "another output path"
+        ) from error
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write {path}: its folder can not be created ({error.strerror}); choose "
+            "another output path"
+        ) from error
 
 
 class ComputeRMMInput(StrictModel):
@@ -92,6 +106,12 @@ def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
         "features": rmm_features(matrices, layout=layout),
         "event": np.asarray(chunk.event, dtype=np.int64),
         "run": np.asarray(chunk.run, dtype=np.int64),
+        "lumi_block": (
+            np.zeros(len(chunk), dtype=np.int64)
+            if chunk.lumi_block is None
+            else np.asarray(chunk.lumi_block, dtype=np.int64)
+        ),
+        "key": chunk.keys(),
         **padded_objects(chunk, layout),
         "met_pt": np.asarray(met, dtype=np.float64),
         "met_phi": np.asarray(chunk.met_phi, dtype=np.float64),
@@ -138,7 +158,7 @@ class EventTableOutput(StrictModel):
 )
 def event_table(arguments: EventTableInput) -> EventTableOutput:
     """Read, select and write the streams and masses of every event, chunk by chunk."""
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    _make_folder(arguments.output)
     total = sum(plan_read(path, arguments.schema_name).num_entries for path in arguments.inputs)
     if arguments.max_events is not None:
         total = min(total, arguments.max_events)
@@ -168,6 +188,11 @@ class SpectraInput(StrictModel):
         ge=-1e6,
         le=1e6,
         description="keep events with score > score_min; None keeps every event",
+    )
+    include_training: bool = Field(
+        False,
+        description="keep the events the autoencoder was trained on (left out by default, "
+        "as in anomaly_region and the scan)",
     )
     output: FilePath = Field(
         description="NPZ file to write (.npz): counts (63, n_bins), edges, names"
@@ -203,7 +228,9 @@ class SpectraOutput(StrictModel):
 )
 def spectra(arguments: SpectraInput) -> SpectraOutput:
     """Cut the event table on the score and histogram every stream and pair."""
-    result = table_spectra(arguments.table, arguments.score_min)
+    result = table_spectra(
+        arguments.table, arguments.score_min, include_training=arguments.include_training
+    )
     counts = result.spectra.counts
     _save_npz(
         arguments.output,

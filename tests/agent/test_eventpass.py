@@ -15,6 +15,7 @@ import pytest
 
 from agent.eventpass import EventPassError, PassSpec, event_pass, plan_chunks
 from core.synth import SampleConfig, SignalSpec, generate_sample
+from core.table import table_parts
 from tests.rangeserver import RangeServer
 
 
@@ -43,7 +44,7 @@ def sample(tmp_path_factory):
 
 
 def _table(folder: Path) -> pa.Table:
-    parts = sorted(folder.glob("part-*.parquet"))
+    parts = table_parts(folder)
     return pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in parts])
 
 
@@ -79,7 +80,8 @@ def test_serial_and_ray_write_identical_tables(sample, tmp_path):
 def test_resume_reuses_written_parts(sample, tmp_path):
     first = event_pass(sample.files, tmp_path, step_size=5_000)
     before = _table(tmp_path)
-    (tmp_path / "part-000002.parquet").unlink()
+    (part,) = tmp_path.glob("part-000002-*.parquet")
+    part.unlink()
     again = event_pass(sample.files, tmp_path, step_size=5_000)
     assert again.n_reused == first.n_parts - 1
     _assert_same(_table(tmp_path), before)
@@ -163,7 +165,7 @@ def test_partitioned_table_reads_like_a_single_file(sample, tmp_path):
         table_spectra(tmp_path / "single.parquet").spectra.counts,
     )
     scores = np.arange(len(parts), dtype=float)
-    add_score_column(tmp_path / "parts", scores)
+    add_score_column(tmp_path / "parts", scores, np.zeros(len(parts), dtype=bool))
     rescored = read_event_table(tmp_path / "parts")
     np.testing.assert_array_equal(rescored.score, scores)
     cut = table_spectra(tmp_path / "parts", score_min=float(len(parts) - 1001))

@@ -135,7 +135,7 @@ def test_cross_section_sets_the_event_count():
     [
         (SampleConfig(signals=(SignalSpec("jm", 14000.0, 10.0, n_events=5),)), "sqrt"),
         (SampleConfig(signals=(SignalSpec("jm", 1000.0, 10.0, n_events=-5),)), "n_events"),
-        (SampleConfig(n_events=-1), "n_events must be >= 0"),
+        (SampleConfig(n_events=-1), "n_events must be in \\[0"),
         (SampleConfig(signals=(SignalSpec("jx", 1000.0, 10.0, n_events=5),)), "pair 'jx'"),
         (SampleConfig(signals=(SignalSpec("jj", 1000.0, -1.0, n_events=5),)), "width"),
         (SampleConfig(signals=(SignalSpec("jj", 1000.0, 1.0),)), "exactly one"),

@@ -81,6 +81,14 @@ def test_table_holds_ids_streams_and_masses_of_every_chunk(chunks, tmp_path):
     assert all(count > 0 for count in summary.stream_counts.values())
 
 
+def _none(n):
+    return np.zeros(n, dtype=bool)
+
+
+def _no_training(keys):
+    return np.zeros(len(keys), dtype=bool)
+
+
 def test_columns_names_and_types(chunks, tmp_path):
     path = tmp_path / "events.parquet"
     write_event_table(chunks[:1], path)
@@ -89,6 +97,9 @@ def test_columns_names_and_types(chunks, tmp_path):
         "event",
         "run",
         "weight",
+        "lumi_block",
+        "source_id",
+        "key",
         *STREAMS,
         "m_jj",
         "m_jb",
@@ -104,7 +115,7 @@ def test_columns_names_and_types(chunks, tmp_path):
     assert schema.field("T3").type == pa.bool_()
     assert schema.field("m_jm").type == pa.float64()
     assert schema.field("event").type == pa.int64()
-    assert event_table_schema(with_score=True).names[-1] == SCORE_COLUMN
+    assert event_table_schema(with_score=True).names[-2:] == [SCORE_COLUMN, "training"]
 
 
 def test_writer_streams_one_row_group_per_chunk_without_keeping_chunks(tmp_path):
@@ -128,7 +139,9 @@ def test_writer_streams_one_row_group_per_chunk_without_keeping_chunks(tmp_path)
 
 def test_score_function_fills_the_score_column_in_the_same_pass(chunks, tmp_path):
     path = tmp_path / "scored.parquet"
-    summary = write_event_table(chunks, path, score=lambda chunk: chunk.met_pt / 100.0)
+    summary = write_event_table(
+        chunks, path, score=lambda chunk: chunk.met_pt / 100.0, training=_no_training
+    )
     assert summary.has_score
     table = read_event_table(path)
     np.testing.assert_array_equal(table.score, np.concatenate([c.met_pt for c in chunks]) / 100)
@@ -144,11 +157,11 @@ def test_add_score_column_adds_then_replaces(chunks, tmp_path):
     path = tmp_path / "events.parquet"
     write_event_table(chunks, path)
     scores = np.linspace(-5.0, 5.0, 6500)
-    assert add_score_column(path, scores) == path
+    assert add_score_column(path, scores, _none(6500)) == path
     np.testing.assert_array_equal(read_event_table(path).score, scores)
     assert pq.ParquetFile(path).metadata.num_row_groups == 3
     other = tmp_path / "rescored.parquet"
-    add_score_column(path, -scores, output=other)
+    add_score_column(path, -scores, _none(6500), output=other)
     np.testing.assert_array_equal(read_event_table(other).score, -scores)
     np.testing.assert_array_equal(read_event_table(path).score, scores)  # input untouched
     np.testing.assert_array_equal(read_event_table(other).masses, read_event_table(path).masses)
@@ -162,7 +175,7 @@ def test_add_score_column_rejects_wrong_scores(chunks, tmp_path, scores, message
     path = tmp_path / "events.parquet"
     write_event_table(chunks, path)
     with pytest.raises(InvalidInputError, match=message):
-        add_score_column(path, scores)
+        add_score_column(path, scores, _none(len(scores)))
     assert read_event_table(path).score is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.parquet"]
 
@@ -170,7 +183,7 @@ def test_add_score_column_rejects_wrong_scores(chunks, tmp_path, scores, message
 def test_bad_score_function_output_is_rejected(chunks, tmp_path):
     path = tmp_path / "events.parquet"
     with pytest.raises(InvalidInputError, match="expected 3000 anomaly scores"):
-        write_event_table(chunks, path, score=lambda chunk: np.zeros(3))
+        write_event_table(chunks, path, score=lambda chunk: np.zeros(3), training=_no_training)
     assert not list(tmp_path.iterdir())  # no partial file is left behind
 
 
@@ -203,7 +216,7 @@ def test_table_spectra_equal_a_cut_on_the_arrays(chunks, tmp_path):
     path = tmp_path / "events.parquet"
     write_event_table(chunks, path)
     scores = np.random.default_rng(4).normal(size=6500)
-    add_score_column(path, scores)
+    add_score_column(path, scores, _none(6500))
     masses = np.concatenate([leading_pair_masses(c) for c in chunks])
     bits = np.concatenate([stream_bits(c) for c in chunks])
     result = table_spectra(path, score_min=0.5, batch_size=700)
@@ -222,7 +235,7 @@ def test_score_cut_needs_a_score_column(chunks, tmp_path):
     write_event_table(chunks, path)
     with pytest.raises(InvalidInputError, match="has no score column"):
         table_spectra(path, score_min=0.0)
-    with pytest.raises(InvalidInputError, match="score_min is NaN"):
+    with pytest.raises(InvalidInputError, match="score_min is nan"):
         table_spectra(path, score_min=float("nan"))
 
 

@@ -104,7 +104,7 @@ def scored_table(tmp_path_factory):
     # a score that is high for events with m_jm near the resonance: a known truth to recover
     m_jm = masses[:, 5]
     scores = np.where(np.abs(np.nan_to_num(m_jm) - 1500.0) < 150.0, 5.0, 0.0)
-    add_score_column(table, scores)
+    add_score_column(table, scores, np.zeros(len(scores), dtype=bool))
     return table, scores
 
 
