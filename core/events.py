@@ -15,8 +15,11 @@ schema whose identifying branches are all present, including the built-in mappin
 
 from __future__ import annotations
 
+import math
+import struct
 import tomllib
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import uproot
 
-from core.errors import InputFileError, InvalidInputError, SchemaError
+from core.errors import AnomscanError, InputFileError, InvalidInputError, SchemaError
 from core.goodruns import GoodRunList
 from core.objects import OBJECT_TYPES, EventChunk, event_keys, file_id, make_collection
 
@@ -686,9 +689,14 @@ def load_mapping(path: str | Path) -> ColumnMapping:
     if not path.is_file():
         raise InvalidInputError(f"column mapping {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"column mapping {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from error
     except tomllib.TOMLDecodeError as error:
         raise InvalidInputError(f"column mapping {path} is not valid TOML: {error}") from error
+    _check_mapping_types(data, path)
     units = {"GeV": 1.0, "MeV": 1e-3, "TeV": 1e3}
     unit = data.get("energy_unit", "GeV")
     if unit not in units:
@@ -729,6 +737,49 @@ BUILTIN_SCHEMAS: Final[tuple[Schema, ...]] = (
     PhysliteSchema(),
     CartesianSchema(),
 )
+
+
+def _check_mapping_types(data: Mapping[str, Any], path: Path) -> None:
+    """InvalidInputError naming the first entry of a mapping whose type is wrong."""
+
+    def fail(where: str, expected: str, value: Any) -> None:
+        raise InvalidInputError(
+            f"column mapping {path}: {where} must be {expected}, found {value!r}; see "
+            "core/mappings/*.toml for examples"
+        )
+
+    for key in ("name", "tree", "energy_unit"):
+        if key in data and not isinstance(data[key], str):
+            fail(key, "a string", data[key])
+    for table in ("met", "ids"):
+        if table in data:
+            entries = data[table]
+            if not isinstance(entries, dict):
+                fail(f"[{table}]", "a table of branch names", entries)
+            for key, value in entries.items():
+                if not isinstance(value, str):
+                    fail(f"[{table}] {key}", "a branch name (string)", value)
+    for name in ("jets", *LEPTON_TYPES):
+        if name not in data:
+            continue
+        spec = data[name]
+        if not isinstance(spec, dict):
+            fail(f"[{name}]", "a table", spec)
+        for key, value in spec.items():
+            where = f"[{name}] {key}"
+            if key == "btag":
+                if not isinstance(value, str):
+                    fail(where, "a branch name (string)", value)
+            elif key == "btag_working_point" or isinstance(value, int | float):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    fail(where, "a number", value)
+                if not math.isfinite(value):
+                    fail(where, "a finite number", value)
+            elif isinstance(value, list):
+                if not value or not all(isinstance(item, str) for item in value):
+                    fail(where, "a non-empty list of branch names", value)
+            elif not isinstance(value, str):
+                fail(where, "a branch name, a list of branch names or a number", value)
 
 
 def builtin_mappings() -> list[MappingSchema]:
@@ -872,7 +923,38 @@ def _choose_tagger(
     return None, float("inf"), notes
 
 
+_DAMAGED_FILE_ERRORS: Final = (
+    OSError,
+    EOFError,
+    ValueError,
+    struct.error,
+    zlib.error,
+    uproot.DeserializationError,
+)
+"""What uproot raises on a truncated or corrupt file (an OSError for a missing chunk, ...)."""
+
+
 def _plan(
+    path: str,
+    schema: str,
+    selection: Selection,
+    tree: str | None,
+    mapping: str | Path | None,
+    good_runs: GoodRunList | None = None,
+) -> tuple[ReadPlan, Schema, Any]:
+    try:
+        return _plan_unchecked(path, schema, selection, tree, mapping, good_runs)
+    except AnomscanError:
+        raise
+    except _DAMAGED_FILE_ERRORS as error:
+        raise InputFileError(
+            f"{path} is damaged or truncated: its metadata can not be read "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+            "copy or download the file again"
+        ) from error
+
+
+def _plan_unchecked(
     path: str,
     schema: str,
     selection: Selection,

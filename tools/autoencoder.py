@@ -10,13 +10,11 @@ out of the anomaly regions and spectra by default.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -40,7 +38,7 @@ from core.errors import InvalidInputError, ToolError
 from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
-from tools.common import StrictModel
+from tools.common import StrictModel, npz_integers, npz_numbers, open_npz
 from tools.events import SelectionInput
 from tools.registry import (
     ChunkSize,
@@ -93,8 +91,8 @@ class TrainAutoencoderInput(FeatureSource):
     seed: Seed = 0
     fraction: Fraction = 0.01
     validation_fraction: float = Field(0.2, gt=0, lt=1)
-    max_epochs: int = Field(100, ge=1, le=100_000)
-    patience: int = Field(5, ge=1, le=100_000)
+    max_epochs: int = Field(100, ge=1, le=1000)
+    patience: int = Field(5, ge=1, le=1000)
     learning_rate: float = Field(1e-3, gt=0, le=10)
     threads: Threads = 1
     quantize_int8: bool = False
@@ -213,7 +211,7 @@ def _feature_chunks(
         for path in source.features:
             if not path.is_file():
                 raise ToolError(f"feature file {path} does not exist; run compute_rmm first")
-            with _open_npz(path) as data:
+            with open_npz(path) as data:
                 missing = [key for key in ("features", "key") if key not in data]
                 if missing:
                     raise ToolError(
@@ -221,13 +219,13 @@ def _feature_chunks(
                         f"{sorted(data.files)}: use the NPZ written by compute_rmm (rerun it "
                         "if the file is older than the event keys)"
                     )
-                events = _integer_array(data, "key", path)
+                events = npz_integers(data, "key", path)
                 mask = (
                     np.ones(len(events), dtype=np.bool_)
                     if keep is None
                     else training_selection(events, *keep)
                 )
-                values = _float_array(data, "features", path)
+                values = npz_numbers(data, "features", path)
                 if values.ndim != 2 or len(values) != len(events):
                     raise ToolError(
                         f"feature file {path}: 'features' has shape {values.shape} for "
@@ -249,48 +247,6 @@ def _feature_chunks(
     for chunk, features in feature_chunks(chunks, prefetch=source.prefetch):
         if len(chunk):
             yield features, chunk.keys()
-
-
-@contextlib.contextmanager
-def _open_npz(path: Path) -> Iterator[Any]:
-    """An NPZ file opened without pickles; InvalidInputError when it is not one."""
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InvalidInputError(
-            f"{path} is not a readable NPZ file ({type(error).__name__}); give the file "
-            "written by compute_rmm"
-        ) from error
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise InvalidInputError(f"{path} is a .npy array, not an NPZ archive of named arrays")
-    with data:
-        yield data
-
-
-def _load_array(data: Any, name: str, path: Path) -> npt.NDArray[Any]:
-    try:
-        return np.asarray(data[name])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        raise InvalidInputError(
-            f"array {name!r} of {path} can not be read ({type(error).__name__}: {error}); the "
-            "file is truncated or holds objects: rewrite it"
-        ) from error
-
-
-def _integer_array(data: Any, name: str, path: Path) -> npt.NDArray[np.int64]:
-    values = _load_array(data, name, path)
-    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-        raise InvalidInputError(
-            f"array {name!r} of {path} must be 1-d integers, found {values.dtype} {values.shape}"
-        )
-    return values.astype(np.int64)
-
-
-def _float_array(data: Any, name: str, path: Path) -> npt.NDArray[np.float64]:
-    values = _load_array(data, name, path)
-    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
-        raise InvalidInputError(f"array {name!r} of {path} must hold numbers, found {values.dtype}")
-    return values
 
 
 @register(

@@ -1,7 +1,10 @@
-"""Input pieces shared by several tools: histograms inline or by NPZ path."""
+"""Input pieces shared by several tools: histograms inline or by NPZ path, safe NPZ reads."""
 
 from __future__ import annotations
 
+import contextlib
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,51 @@ class StrictModel(BaseModel):
         return value
 
 
+@contextlib.contextmanager
+def open_npz(path: Path) -> Iterator[Any]:
+    """An NPZ file opened without pickles; InvalidInputError when it is not one."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidInputError(
+            f"{path} is not a readable NPZ file ({type(error).__name__}); give an NPZ "
+            "written by numpy.savez"
+        ) from error
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise InvalidInputError(f"{path} is a .npy array, not an NPZ archive of named arrays")
+    with data:
+        yield data
+
+
+def npz_array(data: Any, name: str, path: Path) -> npt.NDArray[Any]:
+    """Array `name` of an open NPZ; InvalidInputError when it can not be read."""
+    try:
+        return np.asarray(data[name])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise InvalidInputError(
+            f"array {name!r} of {path} can not be read ({type(error).__name__}: {error}); the "
+            "file is truncated or holds objects: rewrite it"
+        ) from error
+
+
+def npz_integers(data: Any, name: str, path: Path) -> npt.NDArray[np.int64]:
+    """A 1-d integer array of an open NPZ."""
+    values = npz_array(data, name, path)
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise InvalidInputError(
+            f"array {name!r} of {path} must be 1-d integers, found {values.dtype} {values.shape}"
+        )
+    return values.astype(np.int64)
+
+
+def npz_numbers(data: Any, name: str, path: Path) -> npt.NDArray[np.float64]:
+    """A numeric array of an open NPZ (as stored)."""
+    values = npz_array(data, name, path)
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        raise InvalidInputError(f"array {name!r} of {path} must hold numbers, found {values.dtype}")
+    return values
+
+
 class HistogramInput(StrictModel):
     """A histogram: inline `edges` and `counts` (and `background`), or `path` to an NPZ."""
 
@@ -70,7 +118,7 @@ class HistogramInput(StrictModel):
         if self.path is not None:
             if not self.path.is_file():
                 raise InvalidInputError(f"histogram file {self.path} does not exist")
-            with np.load(self.path) as data:
+            with open_npz(self.path) as data:
                 missing = [key for key in ("edges", "counts") if key not in data]
                 if missing:
                     raise InvalidInputError(
@@ -78,13 +126,13 @@ class HistogramInput(StrictModel):
                         f"it holds {sorted(data.files)}"
                     )
                 background = (
-                    np.asarray(data["background"], dtype=np.float64)
+                    npz_numbers(data, "background", self.path).astype(np.float64)
                     if "background" in data
                     else None
                 )
                 return (
-                    np.asarray(data["edges"], dtype=np.float64),
-                    np.asarray(data["counts"], dtype=np.float64),
+                    npz_numbers(data, "edges", self.path).astype(np.float64),
+                    npz_numbers(data, "counts", self.path).astype(np.float64),
                     background,
                 )
         assert self.edges is not None
