@@ -83,6 +83,7 @@ def atomic_path(path: str | Path, *, what: str = "output") -> Iterator[Path]:
     """
     target = Path(path)
     _check_parent(target, what)
+    _remove_dead_temporaries(target)
     temporary = target.with_name(f"{_TEMP_MARK}{_unique_token()}-{target.name}")
     try:
         yield temporary
@@ -99,6 +100,14 @@ def atomic_path(path: str | Path, *, what: str = "output") -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+def _remove_dead_temporaries(target: Path) -> None:
+    """Remove the temporaries of `target` left by writers that died (SIGKILL, power loss)."""
+    for stale in target.parent.glob(f"{_TEMP_MARK}*-{target.name}"):
+        if stale.is_file() and not _owner_alive(stale.name):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
 
 
 def _fsync_file(path: Path) -> None:
