@@ -249,7 +249,9 @@ def test_generate_into_an_existing_file_is_refused(tmp_path, capsys):
 def test_spectra_at_the_region_cut_select_the_region(scored, tmp_path):
     """main's spectra kept the autoencoder's training events that anomaly_region leaves out."""
     table, lumi = str(scored["table"]), 1000.0
-    region = get_tool("anomaly_region").call({"table": table, "xsec_pb": 0.05, "lumi_pb": lumi})
+    region = get_tool("anomaly_region").call(
+        {"table": table, "xsec_pb": 0.05, "lumi_pb": lumi, "model": str(scored["model"])}
+    )
     assert region["n_training_excluded"] > 0
     spectra = get_tool("spectra").call(
         {"table": table, "output": str(tmp_path / "s.npz"), "score_min": region["cut"]}
