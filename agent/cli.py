@@ -83,6 +83,7 @@ def _command_generate(arguments: argparse.Namespace) -> int:
         "lumi_pb": arguments.lumi,
         "signals": arguments.signal or [],
         "events_per_file": arguments.events_per_file,
+        "progress": sys.stderr.isatty(),
     }
     return _run_tool("generate_sample", payload)
 

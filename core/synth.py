@@ -489,7 +489,11 @@ def write_nanoaod(
         file["anomscan_metadata"] = metadata
 
 
-def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
+def generate_sample(
+    output_dir: str | Path,
+    config: SampleConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> SampleInfo:
     """Write the synthetic sample of `config` into `output_dir` and return what was written.
 
     Signal events are spread evenly over the files and shuffled among the background.
@@ -499,6 +503,7 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
     The whole folder is committed at once (`core.files.committed_folder`, manifest last):
     an interrupted run leaves the previous sample whole, a rerun with fewer files leaves no
     old file behind, and a folder holding files anomscan did not write is refused.
+    `progress(events_written, events_total)` is called after each file.
     """
     _check_config(config)
     output = Path(output_dir)
@@ -515,7 +520,7 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()  # an empty folder given by the user: ours to fill
     with committed_folder(output, what="synthetic sample", info={"seed": config.seed}) as staging:
-        written = _write_sample(staging, config)
+        written = _write_sample(staging, config, progress)
     return replace(
         written,
         files=tuple(output / p.name for p in written.files),
@@ -523,7 +528,9 @@ def generate_sample(output_dir: str | Path, config: SampleConfig) -> SampleInfo:
     )
 
 
-def _write_sample(output: Path, config: SampleConfig) -> SampleInfo:
+def _write_sample(
+    output: Path, config: SampleConfig, progress: Callable[[int, int], None] | None
+) -> SampleInfo:
     signal_counts = [signal_event_count(s, config.lumi_pb) for s in config.signals]
     n_total = config.n_events + sum(signal_counts)
     n_files = max(1, -(-n_total // config.events_per_file))
@@ -565,6 +572,8 @@ def _write_sample(output: Path, config: SampleConfig) -> SampleInfo:
             truth["events"] += event[indices].tolist()
             truth["true_mass"] += masses.round(3).tolist()
         first_event += len(event)
+        if progress is not None:
+            progress(first_event, n_total)
     truth_path = output / "truth.json"
     write_text(
         truth_path,

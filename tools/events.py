@@ -174,6 +174,7 @@ class GenerateSampleInput(StrictModel):
     lumi_pb: LumiPb = 1000.0
     sqrt_s: SqrtSGeV = 13000.0
     events_per_file: PositiveEventCount = 1_000_000
+    progress: bool = Field(False, description="show a progress bar on stderr")
 
 
 class GenerateSampleOutput(StrictModel):
@@ -202,7 +203,19 @@ def generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
         sqrt_s=arguments.sqrt_s,
         events_per_file=arguments.events_per_file,
     )
-    info = generate_sample(arguments.output_dir, config)
+    if arguments.progress:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("generating events", total=None)
+            info = generate_sample(
+                arguments.output_dir,
+                config,
+                lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    else:
+        info = generate_sample(arguments.output_dir, config)
     return GenerateSampleOutput(
         files=[str(p) for p in info.files],
         truth=str(info.truth_path),

@@ -249,3 +249,21 @@ def test_killed_tool_leaves_old_or_new_output(tmp_path, pass_inputs):
         "reference.npz",
         "rmm.npz",
     ]
+
+
+def test_ctrl_c_during_generate_exits_130_and_keeps_the_previous_sample(tmp_path):
+    target = tmp_path / "data"
+    old = SampleConfig(n_events=30_000, seed=4, events_per_file=10_000, signals=SIGNAL)
+    generate_sample(target, old)
+    previous = _sample_state(target)
+    code = _GENERATE.replace("'60000'", "'3000000'").replace("'20000'", "'500000'")
+    process = _run(code, str(target))
+    time.sleep(2.0)
+    while _sample_state(target) == previous and not list(tmp_path.glob(".anomscan-tmp-*")):
+        time.sleep(0.2)  # wait until the writer has started staging its files
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=120)
+    assert process.returncode == 130, error.decode()[-2000:]
+    assert error.decode().strip() == "anomscan: interrupted; no partial output was kept"
+    assert _sample_state(target) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
