@@ -20,6 +20,7 @@ good-run list parses), and `validate_dataset` opens every file before any work s
 from __future__ import annotations
 
 import glob
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 from core.errors import AnomscanError, InvalidInputError, SchemaError
 from core.events import SCHEMA_NAMES, Selection, count_certified, plan_read
+from core.files import read_user_text
 from core.goodruns import GoodRunList, load_good_run_list
 
 DatasetKind = Literal["data", "simulation"]
@@ -109,9 +111,20 @@ def _positive(value: Any, key: str, dataset: str) -> float:
         raise InvalidInputError(
             f"dataset {dataset!r} has no {key}; the anomaly regions in pb need it"
         )
-    if not isinstance(value, int | float) or value <= 0:
-        raise InvalidInputError(f"dataset {dataset!r}: {key} must be > 0, got {value!r}")
+    limit = _LIMITS[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidInputError(f"dataset {dataset!r}: {key} must be > 0 and finite, got {value!r}")
+    if value > limit:
+        raise InvalidInputError(f"dataset {dataset!r}: {key} = {value} is above {limit:g}")
     return float(value)
+
+
+_LIMITS: Final = {"lumi_pb": 1e9, "sqrt_s": 1e6}
 
 
 def _dataset(name: str, table: dict[str, Any], folder: Path) -> Dataset:
@@ -163,7 +176,7 @@ def load_manifest(path: str | Path) -> dict[str, Dataset]:
     if not path.is_file():
         raise InvalidInputError(f"manifest {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_user_text(path, "manifest"))
     except tomllib.TOMLDecodeError as error:
         raise InvalidInputError(f"manifest {path} is not valid TOML: {error}") from error
     tables = data.get("datasets")

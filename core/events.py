@@ -31,6 +31,7 @@ import numpy.typing as npt
 import uproot
 
 from core.errors import AnomscanError, InputFileError, InvalidInputError, SchemaError
+from core.files import read_user_text
 from core.goodruns import GoodRunList
 from core.objects import OBJECT_TYPES, EventChunk, event_keys, file_id, make_collection
 
@@ -689,11 +690,7 @@ def load_mapping(path: str | Path) -> ColumnMapping:
     if not path.is_file():
         raise InvalidInputError(f"column mapping {path} does not exist")
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise InvalidInputError(
-            f"column mapping {path} is not UTF-8 text (byte {error.start}); save it as UTF-8"
-        ) from error
+        data = tomllib.loads(read_user_text(path, "column mapping"))
     except tomllib.TOMLDecodeError as error:
         raise InvalidInputError(f"column mapping {path} is not valid TOML: {error}") from error
     _check_mapping_types(data, path)

@@ -38,6 +38,7 @@ __all__ = [
     "file_sha256",
     "json_text",
     "read_manifest",
+    "read_user_text",
     "recover_folder",
     "write_bytes",
     "write_json",
@@ -159,6 +160,27 @@ def json_text(data: Any, *, indent: int | None = 2) -> str:
 def write_json(path: str | Path, data: Any, *, what: str = "output") -> Path:
     """Write `data` as strict JSON (no NaN/Infinity) to `path` atomically."""
     return write_text(path, json_text(data) + "\n", what=what)
+
+
+MAX_CONFIG_BYTES: Final = 100_000_000
+"""Largest configuration file (manifest, mapping, good-run list) anomscan reads as text."""
+
+
+def read_user_text(path: str | Path, what: str) -> str:
+    """The UTF-8 text of a user's configuration file; InvalidInputError says what is wrong."""
+    source = Path(path)
+    if not source.is_file():
+        raise InvalidInputError(f"{what} {source} does not exist (or is not a file)")
+    if source.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidInputError(
+            f"{what} {source} is larger than {MAX_CONFIG_BYTES} bytes; is it the right file?"
+        )
+    try:
+        return source.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(
+            f"{what} {source} is not UTF-8 text (byte {error.start}); save it as UTF-8"
+        ) from error
 
 
 def file_sha256(path: str | Path, block: int = 1 << 20) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from core.errors import InvalidInputError
+from core.files import read_user_text
 
 IntArray = npt.NDArray[np.int64]
 
@@ -115,9 +116,15 @@ def _from_atlas_xml(text: str, where: str) -> GoodRunList:
 def load_good_run_list(path: str | Path) -> GoodRunList:
     """Read a CMS golden JSON or an ATLAS GRL XML (chosen by content, not by suffix)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidInputError(f"good-run list {path} does not exist")
-    text = path.read_text()
-    if text.lstrip().startswith("<"):
-        return _from_atlas_xml(text, str(path))
-    return _from_cms_json(text, str(path))
+    text = read_user_text(path, "good-run list")
+    try:
+        if text.lstrip().startswith("<"):
+            return _from_atlas_xml(text, str(path))
+        return _from_cms_json(text, str(path))
+    except (RecursionError, ValueError) as error:
+        if isinstance(error, InvalidInputError):
+            raise
+        raise InvalidInputError(
+            f"good-run list {path} can not be read ({type(error).__name__}: {error}); expected "
+            "a CMS golden JSON or an ATLAS GRL XML"
+        ) from error

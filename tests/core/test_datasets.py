@@ -102,3 +102,33 @@ def test_good_run_list_that_excludes_everything(folder):
     )
     with pytest.raises(InvalidInputError, match="excludes every one of the 12000 events"):
         validate_dataset(load_manifest(path)["a"])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("nan", "finite"), ("inf", "finite"), ("true", "finite"), ("1e12", "above")],
+)
+def test_non_finite_or_huge_luminosity_is_refused(folder, value, message):
+    manifest = folder / "lumi.toml"
+    manifest.write_text(f'[datasets.d]\nfiles = ["*.root"]\nlumi_pb = {value}\n')
+    with pytest.raises(InvalidInputError, match=message):
+        load_manifest(manifest)
+
+
+def test_non_utf8_manifest_and_good_run_lists_are_input_errors(folder):
+    manifest = folder / "bytes.toml"
+    manifest.write_bytes(b'[datasets.d]\nfiles = ["\xff"]\n')
+    with pytest.raises(InvalidInputError, match="not UTF-8"):
+        load_manifest(manifest)
+    from core.goodruns import load_good_run_list
+
+    grl = folder / "grl.json"
+    grl.write_bytes(b'{"1": [[1, 2]], "\xfe": 1}')
+    with pytest.raises(InvalidInputError, match="not UTF-8"):
+        load_good_run_list(grl)
+    grl.write_text('{"' + "9" * 5000 + '": [[1, 2]]}')
+    with pytest.raises(InvalidInputError, match="can not be read"):
+        load_good_run_list(grl)
+    grl.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInputError):
+        load_good_run_list(grl)
