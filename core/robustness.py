@@ -281,8 +281,10 @@ def fit_start_stability(
     events; one bin up always (while more bins than parameters remain). A fit that starts
     at its floor is therefore checked by moving up only, and never fails for lack of a
     lower bin (issue 11: every fit starting at the first bin failed). Passes when each
-    moved fit converges, its goodness of fit (`goodness_of_fit`, `auto`) has p > alpha and
-    the background in the common bins moves by less than `max_shift` sqrt(mu) anywhere.
+    moved fit converges and the background in the common bins moves by less than
+    `max_shift` sqrt(mu) anywhere. The moved fit's goodness of fit (`auto`) is recorded but
+    not required: it is the same data's goodness of fit again, and requiring it added a
+    second, correlated 5 % false failure of the true function.
     """
     edge_values = np.asarray(edges, dtype=np.float64)
     count_values = np.asarray(counts, dtype=np.float64)
@@ -324,8 +326,6 @@ def fit_start_stability(
             f"p_value_{label}": float(gof.numbers["p_value"]),
             f"max_shift_{label}": float(pull.max()),
         }
-        if not gof.passed:
-            problems.append(f"fit starting one bin {label} has p = {gof.numbers['p_value']:.3g}")
         if pull.max() >= max_shift:
             problems.append(
                 f"fit starting one bin {label} moves the background by {pull.max():.2f} "
@@ -350,32 +350,56 @@ def fit_start_stability(
     return CheckResult("fit_start_stability", passed, numbers, message)
 
 
-def falling_background(problem: SpectrumFitProblem, fit: FitResult) -> CheckResult:
+MAX_RISING_EXCESS = 1.0
+"""Events a fit may predict above its own falling envelope before it counts as rising."""
+
+
+def falling_background(
+    problem: SpectrumFitProblem, fit: FitResult, *, max_excess: float = MAX_RISING_EXCESS
+) -> CheckResult:
     """The fitted density (events per GeV) must not rise with mass inside the fit range.
 
-    A background that rises anywhere in the range (e.g. a ln^2 x term turning up in the
-    empty tail) predicts events where the spectrum has none and is not usable (PHYSICS.md
-    5). Compared bin to bin on mu_i / w_i with a relative tolerance of 1e-9.
+    A background that rises (e.g. a ln^2 x term turning the density up at low mass, or
+    (1-x)^p2 with p2 < 0 in the tail) predicts events where a falling spectrum has none
+    and is not usable (PHYSICS.md 5). Measured as the events the fit predicts above its
+    falling envelope (the running minimum of mu_i / w_i from the low end, times w_i):
+    the fit fails when they exceed `max_excess` = 1 event. The tolerance matters at low
+    counts: over a fixed range to 0.65 sqrt_s an 80-event p3 fit often turns up in the
+    empty tail by 1e-3 events, harmless, and rejecting it (a zero tolerance) made the
+    nested walk skip the true p3 in 32 % of 80-event toys (false upgrades to p4 of 20 %).
     """
     widths = np.diff(problem.range_edges)
     density = np.asarray(fit.expected, dtype=np.float64) / widths
+    envelope = np.minimum.accumulate(density)
+    excess = (density - envelope) * widths
     rising = np.flatnonzero(density[1:] > density[:-1] * (1 + 1e-9))
-    numbers: dict[str, float] = {"n_rising_bins": float(rising.size)}
-    if rising.size == 0:
+    total_excess = float(excess.sum())
+    numbers: dict[str, float] = {
+        "n_rising_bins": float(rising.size),
+        "excess_above_falling_envelope": total_excess,
+    }
+    if rising.size:
+        numbers["first_rising_gev"] = float(problem.range_edges[rising[0] + 1])
+    if total_excess <= max_excess:
+        detail = (
+            ""
+            if rising.size == 0
+            else f" (it turns up in {rising.size} bin(s) by {total_excess:.2g} events in all, "
+            f"within the tolerance of {max_excess:g})"
+        )
         return CheckResult(
             "falling_background",
             True,
             numbers,
-            f"{fit.name} falls with mass over the whole fit range",
+            f"{fit.name} falls with mass over the fit range{detail}",
         )
-    first_mass = float(problem.range_edges[rising[0] + 1])
-    numbers["first_rising_gev"] = first_mass
     return CheckResult(
         "falling_background",
         False,
         numbers,
         f"{fit.name} rises with mass in {rising.size} bin(s) of the fit range, first at "
-        f"{first_mass:.0f} GeV: not usable as a background",
+        f"{numbers['first_rising_gev']:.0f} GeV, predicting {total_excess:.3g} events above a "
+        f"falling background (limit {max_excess:g}): not usable as a background",
     )
 
 
@@ -446,10 +470,21 @@ def fit_signal_plus_background(
     )
 
 
+EDGE_WIDTHS = 3.0
+"""Tested masses stay this many signal widths inside the fit range (both ends)."""
+
+
 def _test_masses(
     alternative: FitResult, problem: SpectrumFitProblem, width_fraction: float, n_masses: int
 ) -> FloatArray | None:
-    """Log-spaced masses inside the range, 2 widths from its ends, where mu >= 1 per bin.
+    """Log-spaced masses inside the range, `EDGE_WIDTHS` widths from its ends, mu >= 1 per bin.
+
+    3 widths, not 2: a Gaussian centred 2 sigma from the range start has its tail at the
+    boundary, where two functions that describe the data equally well differ most (each
+    extrapolates there): at 2 widths the lowest mass alone (pulls 0.8-1.0) failed the true
+    p4 against UA2 in 3 of 10 1e4-event toys, at 3 widths in 1 of 10; the signal then lies
+    99.7 % inside the range. (At 1e5 events 2 of 10 p4 toys still fail against a UA2+cubic
+    as good as p4, delta AIC 2.6-3.2, at several masses: a genuine ambiguity.)
 
     None when no such mass exists (a narrow range, or a spectrum too sparse to test).
     """
@@ -458,9 +493,9 @@ def _test_masses(
     populated = centres[alternative.expected >= 1.0]
     if populated.size == 0:
         return None
-    low = edges[0] + 2 * width_fraction * float(mass_resolution(edges[0]))
+    low = edges[0] + EDGE_WIDTHS * width_fraction * float(mass_resolution(edges[0]))
     high = min(float(populated.max()), float(edges[-1]))
-    high -= 2 * width_fraction * float(mass_resolution(high))
+    high -= EDGE_WIDTHS * width_fraction * float(mass_resolution(high))
     if high <= low:
         return None
     return np.geomspace(low, high, n_masses)
@@ -517,6 +552,7 @@ def spurious_signal(
     tried: list[str] = []
     alternative_fit: FitResult | None = None
     alternative_p = 0.0
+    alternative_delta_aic = math.nan
     for candidate in candidates:
         try:
             candidate_fit = fit_spectrum(problem, candidate, seed=rng)
@@ -531,6 +567,7 @@ def spurious_signal(
         tried.append(f"{candidate.name} p = {p_candidate:.3g}, delta AIC = {delta_aic:+.1f}")
         if gof.passed and delta_aic <= max_delta_aic:
             alternative_fit, alternative_p = candidate_fit, p_candidate
+            alternative_delta_aic = float(delta_aic)
             break
     if alternative_fit is None:
         return CheckResult(
@@ -552,7 +589,7 @@ def spurious_signal(
                 "spurious_signal",
                 True,
                 {"alternative_p_value": alternative_p},
-                f"not applicable: no mass lies two resolutions inside the fit range "
+                f"not applicable: no mass lies three resolutions inside the fit range "
                 f"{problem.fit_range} GeV where a bin expects one event or more (the "
                 "spectrum is too sparse or the range too narrow for a spurious-signal test)",
                 applicable=False,
@@ -589,6 +626,7 @@ def spurious_signal(
     converged = np.sum(np.isfinite(pulls), axis=0)
     numbers: dict[str, float] = {
         "alternative_p_value": alternative_p,
+        "alternative_delta_aic": alternative_delta_aic,
         "alternative_n_params": float(alternative_function.n_params),
         "n_toys": float(n_sets if method == "toys" else 0),
         "width_fraction": width_fraction,

@@ -226,7 +226,7 @@ class CheckSettings(StrictModel):
     )
     gof_method: Literal["auto", "asymptotic", "toys"] = "auto"
     n_gof_toys: int = Field(100, ge=10)
-    spurious_method: Literal["toys", "asimov"] = "toys"
+    spurious_method: Literal["toys", "asimov"] = "asimov"
     fallback_spurious_method: Literal["toys", "asimov"] | None = Field(
         None, description="spurious-signal method for the fallback's fit; null = the same"
     )
