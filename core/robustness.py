@@ -10,7 +10,7 @@ and the window exclusion (refit with a flagged window masked). Every check retur
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -46,6 +46,13 @@ SpuriousMethod = Literal["toys", "asimov"]
 
 
 CheckStatus = Literal["pass", "fail", "not_applicable"]
+
+AlternativeCache = MutableMapping[
+    tuple[BackgroundFunction, int, int, bytes], tuple["FitResult | None", float, str]
+]
+"""Fits of the spurious-signal alternatives to one spectrum and their goodness-of-fit p (or
+why they failed), shared by the checks of every function `choose_background` tries: the
+alternatives do not depend on the tested function."""
 
 
 @dataclass(frozen=True)
@@ -135,11 +142,19 @@ def linearised_toy_deviances(
     gradient = gradient[used]
     fractions = np.exp(log_integrals[used] - float(log_sum_exp(log_integrals[used])))
     directions = shape_directions(shape, fit.theta, max_directions=max(fit.n_free - 1, 0))
-    toys = rng.poisson(expected, size=(n_toys, expected.size)).astype(np.float64)
-    toy_totals = toys.sum(axis=1)
-    toys, toy_totals = toys[toy_totals > 0], toy_totals[toy_totals > 0]
-    deviance = 2.0 * np.sum(
-        special.xlogy(toys, toys) - special.xlogy(toys, toy_totals[:, None] * fractions), axis=1
+    integer_toys = rng.poisson(expected, size=(n_toys, expected.size))
+    toy_totals = integer_toys.sum(axis=1).astype(np.float64)
+    keep = toy_totals > 0
+    integer_toys, toy_totals = integer_toys[keep], toy_totals[keep]
+    toys = integer_toys.astype(np.float64)
+    # sum n ln(n / (N P_i)) = sum n ln n - n . ln P - N ln N, with n ln n tabulated
+    n_log_n = special.xlogy(
+        np.arange(int(integer_toys.max()) + 1), np.arange(int(integer_toys.max()) + 1)
+    )
+    with np.errstate(divide="ignore"):
+        log_fractions = np.where(fractions > 0, np.log(fractions), 0.0)
+    deviance = 2.0 * (
+        n_log_n[integer_toys].sum(axis=1) - toys @ log_fractions - toy_totals * np.log(toy_totals)
     )
     if directions.shape[1] > 0:
         score = toys @ gradient - toy_totals[:, None] * (fractions @ gradient)
@@ -517,6 +532,7 @@ def spurious_signal(
     max_median_pull: float = 0.5,
     max_delta_aic: float = MAX_ALTERNATIVE_DELTA_AIC,
     seed: int | np.random.Generator = 0,
+    alternative_cache: AlternativeCache | None = None,
 ) -> CheckResult:
     """Spurious-signal test of `fit`'s function on toys drawn from an alternative function.
 
@@ -554,18 +570,28 @@ def spurious_signal(
     alternative_p = 0.0
     alternative_delta_aic = math.nan
     for candidate in candidates:
-        try:
-            candidate_fit = fit_spectrum(problem, candidate, seed=rng)
-        except FitError as error:
-            tried.append(f"{candidate.name} did not converge ({error})")
+        key = (candidate, problem.first_bin, problem.stop_bin, problem.used.tobytes())
+        if alternative_cache is not None and key in alternative_cache:
+            cached_fit, p_candidate, failure = alternative_cache[key]
+        else:
+            try:
+                cached_fit = fit_spectrum(problem, candidate, seed=rng)
+            except FitError as error:
+                cached_fit, p_candidate, failure = None, math.nan, str(error)
+            else:
+                gof = goodness_of_fit(problem, cached_fit, alpha=alpha, seed=rng)
+                p_candidate, failure = float(gof.numbers["p_value"]), ""
+            if alternative_cache is not None:
+                alternative_cache[key] = (cached_fit, p_candidate, failure)
+        if cached_fit is None:
+            tried.append(f"{candidate.name} did not converge ({failure})")
             continue
-        gof = goodness_of_fit(problem, candidate_fit, alpha=alpha, seed=rng)
-        p_candidate = float(gof.numbers["p_value"])
+        candidate_fit = cached_fit
         delta_aic = (candidate_fit.deviance + 2 * candidate_fit.n_free) - (
             fit.deviance + 2 * fit.n_free
         )
         tried.append(f"{candidate.name} p = {p_candidate:.3g}, delta AIC = {delta_aic:+.1f}")
-        if gof.passed and delta_aic <= max_delta_aic:
+        if p_candidate > alpha and delta_aic <= max_delta_aic:
             alternative_fit, alternative_p = candidate_fit, p_candidate
             alternative_delta_aic = float(delta_aic)
             break
@@ -735,6 +761,7 @@ def robustness_checks(
     seed: int = 0,
     floor_bin: int | None = None,
     n_linear_toys: int = 1000,
+    alternative_cache: AlternativeCache | None = None,
 ) -> RobustnessReport:
     """Run every robustness check on `fit` (window exclusion only when a window is given).
 
@@ -771,6 +798,7 @@ def robustness_checks(
             alpha=alpha,
             width_fraction=width_fraction,
             seed=np.random.default_rng(spurious_seed),
+            alternative_cache=alternative_cache,
         ),
     ]
     if window is not None:

@@ -63,6 +63,7 @@ from core.fitfunctions import (
     nested_start,
 )
 from core.robustness import (
+    AlternativeCache,
     GofMethod,
     RobustnessReport,
     SpuriousMethod,
@@ -341,6 +342,7 @@ def run_checks(
     spurious_method: SpuriousMethod | None = None,
     seed: int = 0,
     floor_bin: int | None = None,
+    alternative_cache: AlternativeCache | None = None,
 ) -> RobustnessReport:
     """Run core.robustness.robustness_checks on `fit` (edges in GeV) with these `options`.
 
@@ -364,6 +366,7 @@ def run_checks(
         seed=seed,
         floor_bin=floor_bin,
         n_linear_toys=options.n_linear_toys,
+        alternative_cache=alternative_cache,
     )
 
 
@@ -502,6 +505,7 @@ def choose_background(
     reports: list[RobustnessReport] = []
     report_of: dict[str, RobustnessReport] = {}
     nested_fits: dict[str, FitResult] = dict(selection.fits)
+    alternative_cache: AlternativeCache = {}
 
     def checked(
         fit: FitResult,
@@ -518,6 +522,7 @@ def choose_background(
             spurious_method=spurious_method,
             seed=seed + offset,
             floor_bin=chosen_range.floor_bin,
+            alternative_cache=alternative_cache,
         )
         reports.append(report)
         report_of[fit.name] = report
