@@ -134,7 +134,7 @@ def choose_background_timing(n_spectra: int = 63, n_baseline: int = 12) -> dict[
         print(
             f"choose_background, {label}: median {np.median(times):.3f} s, "
             f"p90 {np.quantile(times, 0.9):.3f} s, {results[label]['n_passed']}/"  # type: ignore[index]
-            f"{len(spectra)} with an accepted function"
+            f"{count} with an accepted function"
         )
     baseline = subset_times["previous (100 refitted GOF toys, 50 spurious toys)"]
     new = subset_times["defaults"]
