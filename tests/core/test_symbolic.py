@@ -155,7 +155,12 @@ def test_refit_recovers_injected_constants_on_asimov_data() -> None:
     assert fit.valid and fit.accurate_covariance
     assert fit.deviance < 1e-3  # Asimov data: only the quadrature differs (8 vs 6 points)
     np.testing.assert_allclose(fit.parameters[2:], truth[1:], rtol=1e-4)
-    assert fit.parameters[1] == pytest.approx(start[0], abs=1e-6)  # the redundant one stays
+    # the redundant c0 stays where its start put it: the user start or the least-squares
+    # one, whichever reached the (equal, up to rounding) minimum first
+    if fit.start.startswith("user start"):
+        assert fit.parameters[1] == pytest.approx(start[0], abs=1e-6)
+    else:
+        assert fit.start.startswith("least squares")
     # ln p1 + c0 carries the normalisation: the fitted law integrates to the observed events
     shape_only = np.array([0.0, *fit.parameters[2:]])
     unit = np.sum(np.exp(expression.log_density(problem.nodes, shape_only)) * problem.weights)
