@@ -33,7 +33,7 @@ def test_fit_background_tool_recovers_the_shape_and_is_json_ready():
     assert out["function"] == "p4" and out["valid"] and out["accurate_covariance"]
     first, stop = out["bins"]
     assert len(out["expected"]) == stop - first == len(out["used"])
-    assert out["fit_range"][1] == pytest.approx(6000.0, rel=0.05)
+    assert out["fit_range"][1] == pytest.approx(0.65 * 13000.0, rel=0.05)
     assert out["ndf"] == stop - first - 4
     shape = np.array(out["parameters"][1:])
     errors = np.array(out["errors"][1:])
@@ -87,13 +87,28 @@ def test_choose_background_tool_returns_the_decision_trail():
     json.dumps(out, allow_nan=False)
     assert out["tests"][0]["lower"] == "p2" and out["tests"][0]["significant"]
     assert out["fallback"] is None
-    assert out["trail"][0].startswith("ftest:")
+    assert out["trail"][1].startswith("ftest:")
+    assert out["fit_range"]["lo_gev"] >= 300.0 and out["fit_range"]["reason"]
+    rows = {row["function"]: row for row in out["candidates"]}
+    assert set(rows) >= {"p2", "p3"}
+    assert all(
+        row["passed"]
+        == (row["checked"] and all(check["status"] != "fail" for check in row["checks"]))
+        for row in rows.values()
+    )
+    if out["passed"]:
+        assert rows[out["chosen"]]["passed"]
     assert out["passed"] == (out["chosen"] is not None)
     if out["passed"]:
         assert out["fit"]["function"] == out["chosen"]
         assert out["checks"][-1]["passed"]
     names = [check["name"] for check in out["checks"][0]["checks"]]
-    assert names == ["goodness_of_fit", "fit_start_stability", "spurious_signal"]
+    assert names == [
+        "goodness_of_fit",
+        "fit_start_stability",
+        "spurious_signal",
+        "falling_background",
+    ]
 
 
 def test_choose_background_tool_validates_its_options():
@@ -128,6 +143,7 @@ def test_robustness_checks_tool_runs_every_check_with_a_window():
         "fit_start_stability",
         "spurious_signal",
         "window_exclusion",
+        "falling_background",
     ]
     assert out["fit"]["function"] == "p4"
     assert out["report"]["passed"] == all(check["passed"] for check in out["report"]["checks"])
@@ -185,3 +201,39 @@ def test_choose_background_tool_without_fallback_and_bad_search_settings():
     for bad in ({"n_seeds": 0}, {"time_budget_s": 0.0}, {"backend": "eureqa"}, {"seeds": 3}):
         with pytest.raises(ValidationError):
             get_tool("choose_background").call({"histogram": histogram, "fallback_search": bad})
+
+
+def test_choose_background_tool_from_the_stream_start_records_range_and_candidates():
+    counts = spectrum(1.0e5, seed=7)
+    counts[: int(np.searchsorted(EDGES, 300.0))] = 0.0
+    out = get_tool("choose_background").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "stream_start_gev": 300.0,
+            "use_fallback": False,
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    chosen_range = out["fit_range"]
+    assert chosen_range["lo_gev"] >= 300.0 and chosen_range["hi_gev"] == pytest.approx(
+        8534.6, abs=1.0
+    )
+    assert "stream's start" in chosen_range["reason"]
+    assert out["trail"][0] == chosen_range["reason"]
+    rows = out["candidates"]
+    assert [row["function"] for row in rows][:2] == ["p2", "p3"]
+    for row in rows:
+        assert tuple(row["bins"]) == (chosen_range["first_bin"], chosen_range["stop_bin"])
+        assert row["passed"] == (
+            row["checked"] and all(check["status"] != "fail" for check in row["checks"])
+        )
+        if row["checked"]:
+            assert {check["status"] for check in row["checks"]} <= {
+                "pass",
+                "fail",
+                "not_applicable",
+            }
+    assert out["passed"] and out["chosen"] == "p4"
+    chosen_row = next(row for row in rows if row["function"] == "p4")
+    assert chosen_row["passed"] and chosen_row["test_to_higher"]["method"] == "wilks"
+    assert chosen_row["test_from_lower"]["significant"]
