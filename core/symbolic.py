@@ -397,7 +397,13 @@ def _search_pyoperon(
         random_state=seed,
         n_threads=1,
     )
-    regressor.fit(features, target)
+    try:
+        regressor.fit(features, target)
+    except ValueError as error:
+        raise FitError(
+            f"the pyoperon search (seed {seed}) failed on this spectrum: {error}; its models "
+            "predict non-finite densities here, so use an analytic function or another seed"
+        ) from error
     return [
         _FrontMember(
             text=regressor.get_model_string(
@@ -637,21 +643,26 @@ def symbolic_fit_problem(
     seen: set[str] = set()
     n_passing_so_far = 0
     enough = settings.max_passing
+    search_failures: list[str] = []
     for search_seed in search_seeds(seed, settings.n_seeds):
         if tried and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
             break
         if enough is not None and n_passing_so_far >= enough:
             break
         tried.append(search_seed)
-        front = search(
-            features,
-            target,
-            sigma,
-            seed=search_seed,
-            population_size=settings.population_size,
-            generations=settings.generations,
-            max_length=settings.max_length,
-        )
+        try:
+            front = search(
+                features,
+                target,
+                sigma,
+                seed=search_seed,
+                population_size=settings.population_size,
+                generations=settings.generations,
+                max_length=settings.max_length,
+            )
+        except FitError as error:
+            search_failures.append(str(error))
+            continue
         for member in sorted(front, key=lambda item: item.complexity):
             if enough is not None and n_passing_so_far >= enough:
                 break
@@ -697,9 +708,11 @@ def symbolic_fit_problem(
         key=lambda index: (candidates[index].p_value <= alpha, candidates[index].criterion),
     )
     if not ranked:
+        failed = f"; failed searches: {'; '.join(search_failures)}" if search_failures else ""
         raise FitDidNotConvergeError(
             f"none of the {len(candidates)} expressions of the {chosen_backend} Pareto fronts "
-            f"(seeds {tried}) gave a converged Poisson fit; try other seeds or more generations"
+            f"(seeds {tried}) gave a converged Poisson fit; try other seeds or more "
+            f"generations{failed}"
         )
     chosen_index = ranked[0]
     chosen = fits[chosen_index]

@@ -155,10 +155,7 @@ _PATH_FIELDS = {"inputs", "output", "output_dir", "table", "model", "mapping", "
 _PATH_FIELDS |= {"compare_with", "path"}
 
 
-_KNOWN_BUGS = {
-    "symbolic_fit": "core/symbolic.py (stats-fits): a pyoperon model with NaN predictions "
-    "reaches sklearn's mean_squared_error -> ValueError 'Input contains NaN' (exit 1)",
-}
+_KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
