@@ -106,6 +106,12 @@ def guarded(command: Callable[[], int], argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("anomscan: interrupted; no partial output was kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout (`| head`) stopped reading: nothing is wrong with the command.
+        # Point stdout at /dev/null so the interpreter's last flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except ValidationError as error:
         print(f"anomscan: invalid input: {one_line(validation_summary(error))}", file=sys.stderr)
         return EXIT_INVALID_INPUT

@@ -102,3 +102,17 @@ def test_datasets_validate(shared_data, tmp_path, capsys):
     manifest.write_text(f'[datasets.cms]\nfiles = ["{nano}"]\nlumi_pb = 0\n')
     assert main(["datasets", "validate", str(manifest)]) == 2
     assert "lumi_pb must be > 0" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_quiet():
+    """`anomscan tool list | head -1`: the closed pipe ends the command without a traceback."""
+    command = f"{sys.executable} -m agent.cli tool NAME --schema | head -c 10"
+    result = subprocess.run(
+        ["bash", "-c", command.replace("NAME", "choose_background")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert len(result.stdout) == 10
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipe" not in result.stderr
