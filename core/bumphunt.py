@@ -553,9 +553,7 @@ class HuntOptions:
 
     def windows(self, background: npt.ArrayLike) -> ScanWindows:
         """The windows of a background (expected counts per bin) under these options."""
-        return scan_windows(
-            background, self.width_min, self.width_max, self.min_window_background
-        )
+        return scan_windows(background, self.width_min, self.width_max, self.min_window_background)
 
 
 DEFAULT_HUNT: Final = HuntOptions()
@@ -672,7 +670,7 @@ def bonferroni_bound(statistic: float, n_windows: int) -> float:
 
 
 def _log_bound(statistic: float, windows: ScanWindows) -> float:
-    """ln of `bonferroni_bound`, finite where the bound underflows."""
+    """Ln of `bonferroni_bound`, finite where the bound underflows."""
     return min(0.0, math.log(max(windows.n_windows, 1)) - statistic)
 
 

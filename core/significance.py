@@ -354,7 +354,8 @@ def validate_spectrum(
     """Check data counts and expected background (and edges, GeV) of one spectrum.
 
     Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, totals above
-    `MAX_TOTAL_COUNT`, background <= 0 where data exist, or an all-zero background. Returns both as float arrays.
+    `MAX_TOTAL_COUNT`, background <= 0 where data exist, or an all-zero background.
+    Returns both as float arrays.
     """
     n = np.asarray(counts, dtype=np.float64)
     b = np.asarray(background, dtype=np.float64)

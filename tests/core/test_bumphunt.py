@@ -233,8 +233,8 @@ def test_no_toy_reaching_gives_a_lower_limit_on_z() -> None:
 
 
 def test_no_toy_reaching_at_a_moderate_excess_gives_the_toy_lower_limit() -> None:
-    # A local Z ~ 5.4 excess, widths up to 40: the Bonferroni bound (~1e-4) is above 1 / max_toys, so toys run,
-    # none of 10 000 reaches it, and Z >= Phi^-1(1 - 1e-4) is quoted as a lower limit.
+    # A local Z ~ 5.4 excess, widths up to 40: the Bonferroni bound (~1e-4) is above
+    # 1 / 10 000, so toys run, none of 10 000 reaches it: Z >= Phi^-1(1 - 1e-4), a lower limit.
     data = np.floor(BACKGROUND.copy())
     data[50] = np.floor(BACKGROUND[50] + 5.6 * math.sqrt(BACKGROUND[50]))
     result = bump_hunt(data, BACKGROUND, EDGES, width_max=40, min_toys=500, max_toys=500, seed=1)
