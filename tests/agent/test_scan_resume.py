@@ -211,9 +211,9 @@ def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> Non
     with sqlite3.connect(copy / "audit.sqlite") as db:
         db.execute(
             "update tool_calls set output_sha256 = 'x' where seq = "
-            "(select min(seq) from tool_calls where tool = 'bump_hunt')"
+            "(select min(seq) from tool_calls where tool = 'search_spectrum')"
         )
-    replayed = run_cli("replay", str(copy), "--tool", "bump_hunt")
+    replayed = run_cli("replay", str(copy), "--tool", "search_spectrum")
     assert replayed.returncode == 1
     assert "1 difference(s)" in replayed.stdout
 
