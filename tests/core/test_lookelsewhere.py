@@ -12,6 +12,7 @@ from core.bumphunt import HuntOptions, bump_hunt
 from core.errors import InvalidInputError
 from core.lookelsewhere import (
     NestedSpectrum,
+    Sampler,
     effective_trials,
     nested_pseudo_counts,
     nested_spectrum,
@@ -158,7 +159,7 @@ def _crossing_backgrounds(total: float) -> np.ndarray:
 CROSSING_SIGMAS = np.array([10.0, 3.0, 1.0, 0.3])
 
 
-def _coverage(sampler: str, n_scans: int) -> np.ndarray:
+def _coverage(sampler: Sampler, n_scans: int) -> np.ndarray:
     rng = np.random.default_rng(21)
     backgrounds = [_crossing_backgrounds(total) for total in (3000.0, 10000.0, 30000.0)]
     values = []
