@@ -183,6 +183,7 @@ def _coverage(sampler: Sampler, n_scans: int) -> np.ndarray:
 HUNT = HuntOptions(width_max=6)
 
 
+@pytest.mark.slow
 def test_scan_global_p_covers_with_non_nested_fitted_backgrounds() -> None:
     # 3 spectra x 4 AR points whose fitted tails cross (tighter above looser in 30 of 72
     # bin pairs); 200 background-only pseudo-scans drawn from the fitted marginals. The
@@ -201,6 +202,7 @@ def test_scan_global_p_covers_with_non_nested_fitted_backgrounds() -> None:
     assert float(np.median(old)) > 0.7
 
 
+@pytest.mark.slow
 def test_tail_extrapolation_agrees_with_direct_toys() -> None:
     # One spectrum at 3 points: q(t) from 2 000 toys extrapolated (Gross-Vitells law from the
     # level 20 toys reach) against 400 000 direct toys, at levels where the direct count is
