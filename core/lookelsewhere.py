@@ -370,8 +370,9 @@ class ScanSignificance:
     """Scan-wide result: the largest local excess and its global p over the whole scan.
 
     `global_p_method` says how p was obtained ("toys", "toys + extrapolated tails in k
-    spectra", "bonferroni bound", "no excess"); `global_z_is_lower_limit` is True when p is
-    an upper bound. `spectrum_tails` gives (name, q_s, method) per spectrum.
+    spectra[, bonferroni bound in m]", "bonferroni bound", "no excess");
+    `global_z_is_lower_limit` is True when Bonferroni upper bounds carry more than half of
+    p (then p is an upper bound). `spectrum_tails` gives (name, q_s, method) per spectrum.
     """
 
     best: ScanPointExcess
@@ -535,8 +536,10 @@ def scan_significance(
     methods = [t.method for t in tails]
     bounded = [m == "bonferroni bound" for m in methods]
     n_extrapolated = methods.count("extrapolated")
-    dominant = max(range(len(tails)), key=lambda i: tails[i].q)
-    is_limit = bounded[dominant] and joint_reaching == 0
+    # p is an upper limit (Z a lower limit) when Bonferroni bounds carry most of it; a
+    # bound below the extrapolation only makes p larger than the truth (conservative).
+    bounded_share = sum(t.q for t, b in zip(tails, bounded, strict=True) if b)
+    is_limit = joint_reaching == 0 and bounded_share > 0.5 * sum(t.q for t in tails)
     if all(m in ("toys", "no excess") for m in methods):
         global_method = "toys"
     elif is_limit:

@@ -284,3 +284,22 @@ def test_bad_nested_spectra_raise(
         n[0, 4] = 3.0
     with pytest.raises(InvalidInputError, match=match):
         nested_spectrum("T5/gg", EDGES, sigmas, n, b)
+
+
+def test_a_scan_global_z_of_four_is_measured_not_capped() -> None:
+    # 8 spectra x 3 points, one excess of local Z ~ 5.6: the scan-global p (~1e-5) is far
+    # below 1 / n_toys, so the dominant spectra are extrapolated; Z is a value (3.5 .. 5),
+    # not a lower limit, with an error, and the toys-only limit Z(1 / n) is also given.
+    rng = np.random.default_rng(41)
+    spectra = [_observed(f"T{i}/jb", _backgrounds(4000.0), rng) for i in range(8)]
+    counts = spectra[3].counts.copy()
+    counts[:, 8] += np.array([90.0, 27.0, 9.0])
+    spectra[3] = nested_spectrum("T3/jb", EDGES, SIGMAS, counts, spectra[3].background)
+    result = scan_significance(spectra, width_max=6, max_pseudo_scans=40_000, seed=5)
+    assert 5.0 < result.local_z < 7.0
+    assert 3.5 < result.global_z < 5.5
+    assert not result.global_z_is_lower_limit
+    assert "extrapolated" in result.global_p_method
+    assert 0 < result.global_p_error < result.global_p
+    assert result.global_z_toys_lower_limit is not None
+    assert result.global_z > result.global_z_toys_lower_limit
