@@ -303,3 +303,16 @@ def test_a_scan_global_z_of_four_is_measured_not_capped() -> None:
     assert 0 < result.global_p_error < result.global_p
     assert result.global_z_toys_lower_limit is not None
     assert result.global_z > result.global_z_toys_lower_limit
+
+
+def test_scan_inputs_and_budgets_are_bounded() -> None:
+    # Issue 12 item 7: a bin content of 1e20 and a budget of 1e12 pseudo-scans are refused
+    # at once instead of looping or running for days.
+    background = _backgrounds(1000.0)
+    counts = np.floor(background)
+    counts[0, 3] = 1e20
+    with pytest.raises(InvalidInputError, match="supported"):
+        nested_spectrum("T1/jj", EDGES, SIGMAS, counts, background)
+    spectrum = nested_spectrum("T1/jj", EDGES, SIGMAS, np.floor(background), background)
+    with pytest.raises(InvalidInputError, match="fewer toys"):
+        scan_significance([spectrum], max_pseudo_scans=10**12)
