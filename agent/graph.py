@@ -370,6 +370,9 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
                 "spectra_file": str(path),
                 "spectra_sha256": digest,
                 "skipped": skipped,
+                "whole_stream": {
+                    stream: bool(flag) for stream, flag in zip(STREAMS, whole, strict=True)
+                },
             },
         }
 
@@ -782,9 +785,13 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         spectra: list[dict[str, Any]] = []
         background_rows = np.zeros_like(counts)
         outcomes: dict[str, dict[str, Any]] = {}
+
+        def whole(name: str) -> bool:
+            return bool(current.get("whole_stream", {}).get(name.split("/", maxsplit=1)[0]))
+
         for k, name in enumerate(SPECTRUM_NAMES):
             if name in current["skipped"]:
-                outcomes[name] = {"status": "skipped", "local_z": None}
+                outcomes[name] = {"status": "skipped", "local_z": None, "whole_stream": whole(name)}
                 spectra.append(
                     {"spectrum": name, "status": "skipped", "reason": current["skipped"][name]}
                 )
@@ -797,7 +804,11 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                 reason = (
                     entry.get("reason") or f"bump hunt failed: {search.error if search else ''}"
                 )
-                outcomes[name] = {"status": "no background", "local_z": None}
+                outcomes[name] = {
+                    "status": "no background",
+                    "local_z": None,
+                    "whole_stream": whole(name),
+                }
                 spectra.append({"spectrum": name, "status": "no background", "reason": reason})
                 continue
             out = search.output
@@ -826,7 +837,11 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
             first, stop = out["first_bin"], out["stop_bin"]
             background_rows[k, first:stop] = out["background"]
             bump = out["bump"]
-            outcomes[name] = {"status": "excess", "local_z": bump["local_z"]}
+            outcomes[name] = {
+                "status": "excess",
+                "local_z": bump["local_z"],
+                "whole_stream": whole(name),
+            }
             spectra.append(
                 {
                     "spectrum": name,

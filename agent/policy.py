@@ -16,7 +16,8 @@ The rules (the reference behaviour of agent/pipeline.py):
 - Refinement: after the planned points, the geometric midpoint between a spectrum's
   best point and each neighbour where its local Z >= `REFINE_LOCAL_Z` and grows towards
   the best point; then midpoints between neighbours where a background was accepted at
-  one and none passed at the other. At most `REFINE_PER_ROUND` new points per round.
+  one and none passed at the other; never between two points whose regions are both the
+  whole stream (the same events). At most `REFINE_PER_ROUND` new points per round.
 - Stop: when no point is proposed, or the point or time budget is spent (the gates).
 """
 
@@ -91,6 +92,8 @@ class SpectrumOutcome(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     status: Literal["excess", "no background", "skipped"]
     local_z: float | None = None
+    whole_stream: bool = False
+    """The AR point's region is the whole stream (looser points hold the same events)."""
 
 
 class PointOutcome(BaseModel):
@@ -175,9 +178,12 @@ class RulesPolicy:
             z = [o.spectra[name].local_z if name in o.spectra else None for o in ordered]
             values = [v if v is not None else -math.inf for v in z]
             best = max(range(len(values)), key=lambda i: values[i]) if values else 0
+            whole = [o.spectra[name].whole_stream if name in o.spectra else False for o in ordered]
             if values and values[best] >= REFINE_LOCAL_Z:
                 for neighbour in (best - 1, best + 1):
-                    if 0 <= neighbour < len(xsecs) and values[neighbour] < values[best]:
+                    if not 0 <= neighbour < len(xsecs) or (whole[best] and whole[neighbour]):
+                        continue  # both regions are the whole stream: the same events
+                    if values[neighbour] < values[best]:
                         low, high = sorted((xsecs[best], xsecs[neighbour]))
                         if high / low >= MIN_POINT_RATIO:
                             growing.append(
@@ -195,8 +201,10 @@ class RulesPolicy:
                 if here is None or there is None:
                     continue
                 statuses = {here.status, there.status}
+                same_events = here.whole_stream and there.whole_stream
                 if (
                     statuses == {"excess", "no background"}
+                    and not same_events
                     and xsecs[i + 1] / xsecs[i] >= MIN_POINT_RATIO
                 ):
                     failing.append(

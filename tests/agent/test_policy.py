@@ -127,3 +127,19 @@ def test_points_gate_refuses_outside_duplicate_and_over_budget() -> None:
     assert "outside the scan range" in reasons
     assert "not a positive" in reasons
     assert "budget is spent" in reasons
+
+
+def test_no_refinement_between_two_whole_stream_regions() -> None:
+    """Regions that are both the whole stream hold the same events: nothing to split."""
+    outcomes = [
+        PointOutcome(
+            point_pb=point,
+            spectra={
+                "T2/jm": SpectrumOutcome(status="excess", local_z=z, whole_stream=point >= 10.0)
+            },
+        )
+        for point, z in ((1.0, 3.0), (10.0, 4.0), (100.0, 4.1))
+    ]
+    proposal = RULES.next_points(outcomes, (0.001, 100.0), remaining=5)
+    assert proposal.points_pb == []  # the best (100 pb) and its neighbour (10 pb) are both whole
+    assert proposal.stop
