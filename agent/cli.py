@@ -139,6 +139,12 @@ def _command_demo(arguments: argparse.Namespace) -> int:
     )
 
 
+def _command_mcp(arguments: argparse.Namespace) -> int:
+    from agent.mcp_server import serve_stdio
+
+    return serve_stdio(arguments.root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `anomscan` command."""
     parser = argparse.ArgumentParser(
@@ -186,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="event pass and spectra fan-out: serial, Ray, or auto (Ray for large jobs)",
     )
     demo.set_defaults(handler=_command_demo)
+
+    mcp = commands.add_parser("mcp", help="serve the tools over the Model Context Protocol (stdio)")
+    mcp.add_argument("--root", type=Path, help="confine every path in a tool input to this folder")
+    mcp.set_defaults(handler=_command_mcp)
     return parser
 
 
