@@ -1,17 +1,18 @@
-"""The `anomscan` command line: generate, tool, demo (and later scan, audit, report, replay)."""
+"""The `anomscan` command line: generate, tool, datasets, scan, audit, replay, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from core.errors import AnomscanError
+from core.errors import AnomscanError, InvalidInputError
 from core.synth import PAIR_TYPES
 from tools.registry import all_tools, get_tool
 
@@ -128,15 +129,246 @@ def _command_datasets(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _command_demo(arguments: argparse.Namespace) -> int:
-    from agent.pipeline import run_demo
+SCAN_INPUT_ERRORS = (
+    "InvalidInputError",
+    "ModelError",
+    "AuditError",
+    "InputFileError",
+    "SchemaError",
+)
+"""Anticipated faults of a scan's inputs or run folder: one line, exit status 2."""
 
-    return run_demo(
-        Path(arguments.output),
-        n_events=arguments.events,
-        seed=arguments.seed,
-        executor=arguments.executor,
+
+def _scan_error(error: AnomscanError) -> int:
+    """One line for a failed scan; 2 for bad input or an unwritable run folder, else 1."""
+    anticipated = any(cls.__name__ in SCAN_INPUT_ERRORS for cls in type(error).__mro__)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"anomscan scan: {first}", file=sys.stderr)
+    return EXIT_INVALID_INPUT if anticipated else EXIT_FAILURE
+
+
+def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="largest local excesses (BumpHunter against the accepted background)")
+    for column in ("spectrum", "AR pb", "function", "window GeV", "data", "bkg", "Z loc", "Z glob"):
+        table.add_column(column, justify="left" if column in ("spectrum", "function") else "right")
+    for excess in results["excesses"][:top]:
+        low, high = excess["window_gev"]
+        table.add_row(
+            excess["spectrum"],
+            f"{excess['xsec_pb']:g}",
+            str(excess["function"])[:24],
+            f"{low:.0f}-{high:.0f}",
+            f"{excess['data']:.0f}",
+            f"{excess['background']:.1f}",
+            f"{excess['local_z']:.2f}",
+            f"{excess['global_z']:.2f}",
+        )
+    console.print(table)
+    if results["scan_global_z"] is not None:
+        lee = results["look_elsewhere"]
+        console.print(
+            f"scan-wide: largest excess {lee['best']['spectrum']} at "
+            f"{lee['best']['cross_section_pb']:g} pb, local Z = {lee['local_z']:.2f}, "
+            f"scan-global Z = {results['scan_global_z']:.2f}"
+            f"{' (lower limit)' if results['scan_global_z_is_lower_limit'] else ''} "
+            f"({lee['n_pseudo_scans']} pseudo-scans)"
+        )
+    console.print(
+        f"{len(results['points_pb'])} AR points, {len(results['excesses'])} (spectrum, point) "
+        f"excesses, {len(results['skipped'])} skipped"
     )
+
+
+def _scan_config(arguments: argparse.Namespace) -> Any:
+    from agent.scan import ScanConfig
+
+    out = arguments.out or f"runs/scan-{time.strftime('%Y%m%d-%H%M%S')}"
+    fields: dict[str, Any] = {
+        "data": list(arguments.data),
+        "manifest": arguments.manifest,
+        "lumi_pb": arguments.lumi_pb,
+        "run_dir": str(Path(out).resolve()),
+        "points_per_decade": arguments.points_per_decade,
+        "budget_minutes": arguments.budget_minutes,
+        "max_points": arguments.max_points,
+        "executor": arguments.executor,
+        "seed": arguments.seed,
+        "model": None if arguments.model is None else str(Path(arguments.model).resolve()),
+        "events": arguments.events,
+        "epochs": arguments.epochs,
+        "gof_toys": arguments.gof_toys,
+    }
+    if arguments.xsec_range is not None:
+        fields["xsec_range"] = tuple(arguments.xsec_range)
+    try:
+        return ScanConfig.model_validate(fields)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise InvalidInputError(
+            f"--{'-'.join(str(p) for p in problem['loc']).replace('_', '-')}: {problem['msg']}"
+        ) from error
+
+
+def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
+    from agent.scan import read_config, resolve_inputs, run_scan, write_config
+
+    try:
+        if arguments.resume is not None:
+            config = read_config(Path(arguments.resume))
+            outcome = run_scan(config, resume=True, show_progress=not arguments.quiet)
+        else:
+            config = _scan_config(arguments)
+            if config.xsec_range[0] >= config.xsec_range[1]:
+                raise InvalidInputError(
+                    f"--xsec-range {config.xsec_range[0]:g} {config.xsec_range[1]:g}: the low "
+                    "end must be below the high end"
+                )
+            resolve_inputs(config)
+            write_config(config)
+            outcome = run_scan(config, show_progress=not arguments.quiet)
+    except AnomscanError as error:
+        return _scan_error(error), None
+    return 0, outcome
+
+
+def _command_scan(arguments: argparse.Namespace) -> int:
+    status, outcome = _scan(arguments)
+    if outcome is None:
+        return status
+    _print_excesses(outcome.results)
+    print(f"run folder: {outcome.run_dir}")
+    print(f"audit: {outcome.run_dir / 'audit.sqlite'} (anomscan audit {outcome.run_dir})")
+    return status
+
+
+def _command_audit(arguments: argparse.Namespace) -> int:
+    from agent import audit
+
+    words = list(arguments.target)
+    action = words.pop(0) if words and words[0] in ("verify", "export") else "table"
+    if len(words) != 1:
+        print(
+            "usage: anomscan audit RUN | anomscan audit verify RUN | anomscan audit export RUN",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID_INPUT
+    path = Path(words[0]) / audit.AUDIT_FILE
+    try:
+        if action == "verify":
+            report = audit.verify(path)
+            for problem in report.problems:
+                print(problem)
+            if report.ok:
+                print(f"{path}: {report.n_rows} rows, hash chain intact")
+                return 0
+            print(f"{path}: {len(report.problems)} problem(s) in {report.n_rows} rows")
+            return EXIT_FAILURE
+        if action == "export":
+            output = Path(arguments.output or Path(words[0]) / "audit.jsonl")
+            n_rows = audit.export_jsonl(path, output)
+            print(f"{n_rows} rows -> {output}")
+            return 0
+        rows = audit.decisions(
+            path, step=arguments.step, spectrum=arguments.spectrum, point_pb=arguments.point
+        )
+    except AnomscanError as error:
+        print(f"anomscan audit: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"decisions in {path} ({len(rows)})")
+    for column in ("step", "kind", "spectrum", "AR pb", "chosen", "policy", "why", "gate"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(
+            str(row["step_id"]),
+            str(row["kind"]),
+            row["spectrum"] or "",
+            "" if row["point_pb"] is None else f"{row['point_pb']:g}",
+            str(row["chosen"] or "")[:60],
+            str(row["policy"] or ""),
+            str(row["rationale"] or ""),
+            str(row["gate"] or ""),
+        )
+    Console(width=200).print(table)
+    return 0
+
+
+def _command_replay(arguments: argparse.Namespace) -> int:
+    from agent.replay import replay
+
+    run_dir = Path(arguments.run)
+    try:
+        report = replay(run_dir, tools=set(arguments.tool) if arguments.tool else None)
+    except AnomscanError as error:
+        print(f"anomscan replay: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    for difference in report.differences:
+        print(difference)
+    skipped = ", ".join(f"{name} x{n}" for name, n in sorted(report.not_replayed.items()))
+    print(
+        f"replayed {report.n_replayed} tool calls: {len(report.differences)} difference(s)"
+        + (f"; not replayed (they write files): {skipped}" if skipped else "")
+    )
+    return 0 if not report.differences else EXIT_FAILURE
+
+
+def _command_demo(arguments: argparse.Namespace) -> int:
+    """The scan on the built-in sample, closing with a comparison against its truth."""
+    from core.synth import load_truth
+
+    arguments.data = []
+    arguments.manifest = None
+    arguments.lumi_pb = None
+    arguments.out = arguments.output
+    arguments.resume = None
+    arguments.model = None
+    arguments.xsec_range = None
+    arguments.budget_minutes = None
+    arguments.max_points = None
+    arguments.epochs = 30
+    arguments.gof_toys = 50
+    arguments.quiet = False
+    if Path(arguments.out, "config.json").exists():
+        import shutil
+
+        shutil.rmtree(arguments.out)
+    status, outcome = _scan(arguments)
+    if outcome is None:
+        return status
+    _print_excesses(outcome.results, top=8)
+    truth = load_truth(outcome.run_dir / "data" / "truth.json")["truth"]
+    assert isinstance(truth, list)
+    found = []
+    for signal in truth:
+        spec = signal["spec"]
+        hits = [
+            e
+            for e in outcome.results["excesses"]
+            if e["spectrum"].endswith("/" + spec["pair"])
+            and e["window_gev"][0] - spec["width"] * 3
+            <= spec["mass"]
+            <= e["window_gev"][1] + spec["width"] * 3
+        ]
+        best = max(hits, key=lambda e: e["local_z"], default=None)
+        found.append(
+            f"{signal['label']}: "
+            + (
+                f"found in {best['spectrum']} at {best['xsec_pb']:g} pb, "
+                f"local Z {best['local_z']:.1f}"
+                if best
+                else "not among the excesses"
+            )
+        )
+    print("injected (truth.json, read only here): " + "; ".join(found))
+    print(f"run folder: {outcome.run_dir}")
+    print(f"audit: {outcome.run_dir / 'audit.sqlite'} (anomscan audit {outcome.run_dir})")
+    return status
 
 
 def _command_mcp(arguments: argparse.Namespace) -> int:
@@ -181,15 +413,50 @@ def build_parser() -> argparse.ArgumentParser:
     datasets.add_argument("manifest", type=Path, help="manifest TOML")
     datasets.set_defaults(handler=_command_datasets)
 
-    demo = commands.add_parser("demo", help="generate a sample and run the deepest pipeline")
+    scan = commands.add_parser("scan", help="the autonomous scan (no DATA: built-in sample)")
+    scan.add_argument("data", nargs="*", help="ROOT files or globs")
+    scan.add_argument("--manifest", help="dataset manifest (TOML) with files and lumi_pb")
+    scan.add_argument("--lumi-pb", type=float, help="integrated luminosity, pb^-1")
+    scan.add_argument("--out", help="run folder (default runs/scan-DATE-TIME)")
+    scan.add_argument("--points-per-decade", type=int, default=4)
+    scan.add_argument("--xsec-range", nargs=2, type=float, metavar=("LO", "HI"), help="pb")
+    scan.add_argument("--budget-minutes", type=float)
+    scan.add_argument("--max-points", type=int, help="AR point budget (default grid + 6)")
+    scan.add_argument("--executor", choices=["ray", "process", "serial", "auto"], default="auto")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped scan")
+    scan.add_argument("--model", help="a trained autoencoder (.onnx with its card)")
+    scan.add_argument("--events", type=int, default=100_000, help="built-in sample size")
+    scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
+    scan.add_argument("--gof-toys", type=int, default=50, help="goodness-of-fit toys per fit")
+    scan.add_argument("--quiet", action="store_true", help="no progress display")
+    scan.set_defaults(handler=_command_scan)
+
+    audit = commands.add_parser(
+        "audit", help="decisions of a run as a table; `audit verify RUN`; `audit export RUN`"
+    )
+    audit.add_argument("target", nargs="+", help="RUN, or verify RUN, or export RUN")
+    audit.add_argument("--step", help="step id or node name (substring)")
+    audit.add_argument("--spectrum", help="e.g. T2/jm")
+    audit.add_argument("--point", type=float, help="AR point, pb")
+    audit.add_argument("-o", "--output", help="export: the JSON-lines file")
+    audit.set_defaults(handler=_command_audit)
+
+    replay = commands.add_parser("replay", help="re-run every logged tool call, report differences")
+    replay.add_argument("run", help="run folder")
+    replay.add_argument("--tool", action="append", help="only this tool (repeatable)")
+    replay.set_defaults(handler=_command_replay)
+
+    demo = commands.add_parser("demo", help="the scan on a freshly generated synthetic sample")
     demo.add_argument("-o", "--output", default="runs/demo", help="run folder")
     demo.add_argument("-n", "--events", type=int, default=100_000)
     demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--points-per-decade", type=int, default=4)
     demo.add_argument(
         "--executor",
-        choices=["serial", "ray", "auto"],
+        choices=["serial", "process", "ray", "auto"],
         default="auto",
-        help="event pass and spectra fan-out: serial, Ray, or auto (Ray for large jobs)",
+        help="event pass and spectra fan-out: serial, processes, Ray, or auto",
     )
     demo.set_defaults(handler=_command_demo)
 

@@ -1,0 +1,285 @@
+"""The decisions of a scan behind one interface, and `RulesPolicy`, the deterministic default.
+
+A policy proposes; agent/gates.py disposes; agent/audit.py records both. Every proposal is
+plain, pydantic-validated data with a `rationale`, so a policy that answers in tool-call
+JSON (the LLM policy) builds the same objects with `Model.model_validate(json)`.
+
+The rules (the reference behaviour of agent/pipeline.py):
+- AR points: log-uniform from `xsec_range` with `points_per_decade` per decade.
+- Background: accept the first candidate that passed every check, in the order
+  `choose_background` tried them (the F-test's choice, then larger functions).
+- Symbolic fallback: only when no candidate passed, every nested function failed the
+  goodness of fit (a shape the family can not describe; a spurious-signal or stability
+  failure on a sparse spectrum is not cured by a freer function), the spectrum holds at
+  least `FALLBACK_MIN_EVENTS` events in its fit range, and the scan's fallback budget
+  is not spent (each search costs ~15 s).
+- Refinement: after the planned points, the geometric midpoint between a spectrum's
+  best point and each neighbour where its local Z >= `REFINE_LOCAL_Z` and grows towards
+  the best point; then midpoints between neighbours where a background was accepted at
+  one and none passed at the other. At most `REFINE_PER_ROUND` new points per round.
+- Stop: when no point is proposed, or the point or time budget is spent (the gates).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.anomaly import log_uniform_xsec_grid
+
+REFINE_LOCAL_Z = 2.5
+REFINE_PER_ROUND = 2
+MIN_POINT_RATIO = 1.15
+"""Two AR points closer than this factor in cross-section are not split further."""
+FALLBACK_MIN_EVENTS = 1000
+
+
+class Proposal(BaseModel):
+    """Base of every proposal: plain data, unknown fields refused, a rationale required."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rationale: str = Field(min_length=1)
+
+
+class PointsProposal(Proposal):
+    """AR points (pb) to scan next; `stop` = none, the sweep is complete."""
+
+    points_pb: list[float]
+    stop: bool
+
+
+class BackgroundProposal(Proposal):
+    """The background function accepted for one spectrum at one point (null = none)."""
+
+    spectrum: str
+    point_pb: float
+    function: str | None
+
+
+class FallbackProposal(Proposal):
+    """Whether to run the symbolic-regression fallback on one spectrum at one point."""
+
+    spectrum: str
+    point_pb: float
+    use_fallback: bool
+
+
+class CheckSummary(BaseModel):
+    """One robustness check of a candidate, as the policy sees it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    passed: bool
+    numbers: dict[str, float | None] = Field(default_factory=dict)
+
+
+class Candidate(BaseModel):
+    """One background function that was fitted and checked for a spectrum."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    function: str
+    passed: bool
+    checks: list[CheckSummary]
+    source: Literal["nested", "fallback"] = "nested"
+
+
+class SpectrumOutcome(BaseModel):
+    """What a scanned point gave for one spectrum: the input of the refinement rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    status: Literal["excess", "no background", "skipped"]
+    local_z: float | None = None
+
+
+class PointOutcome(BaseModel):
+    """Every spectrum's outcome at one scanned AR point."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    point_pb: float
+    spectra: dict[str, SpectrumOutcome]
+
+
+class Policy(Protocol):
+    """The decisions of a scan. Each method returns a proposal the gates then check."""
+
+    name: str
+
+    def initial_points(
+        self, xsec_range: tuple[float, float], points_per_decade: int
+    ) -> PointsProposal:
+        """The AR points of the first sweep."""
+        ...
+
+    def next_points(
+        self, outcomes: list[PointOutcome], xsec_range: tuple[float, float], remaining: int
+    ) -> PointsProposal:
+        """AR points to add after the scanned ones (`remaining` = points left in the budget)."""
+        ...
+
+    def accept_background(
+        self, spectrum: str, point_pb: float, candidates: list[Candidate]
+    ) -> BackgroundProposal:
+        """The candidate to accept (it must have passed every check), or none."""
+        ...
+
+    def fallback(
+        self,
+        spectrum: str,
+        point_pb: float,
+        candidates: list[Candidate],
+        n_in_range: int,
+        fallbacks_left: int,
+    ) -> FallbackProposal:
+        """Whether to run the symbolic fallback when no candidate passed."""
+        ...
+
+
+def _midpoint(low: float, high: float) -> float:
+    """Geometric midpoint rounded to 4 significant digits (pb)."""
+    value = math.sqrt(low * high)
+    return float(f"{value:.4g}")
+
+
+class RulesPolicy:
+    """The deterministic reference policy (no network); see the module docstring."""
+
+    name = "rules"
+
+    def initial_points(
+        self, xsec_range: tuple[float, float], points_per_decade: int
+    ) -> PointsProposal:
+        """Log-uniform grid over `xsec_range` (pb), both ends included."""
+        grid = log_uniform_xsec_grid(points_per_decade, xsec_range[0], xsec_range[1])
+        points = sorted((float(p) for p in grid), reverse=True)
+        return PointsProposal(
+            points_pb=points,
+            stop=False,
+            rationale=(
+                f"log-uniform grid {xsec_range[0]:g}..{xsec_range[1]:g} pb, "
+                f"{points_per_decade} per decade: {len(points)} points, loosest first"
+            ),
+        )
+
+    def next_points(
+        self, outcomes: list[PointOutcome], xsec_range: tuple[float, float], remaining: int
+    ) -> PointsProposal:
+        """Midpoints where a local excess grows, then where a check failed at a neighbour."""
+        ordered = sorted(outcomes, key=lambda o: o.point_pb)
+        xsecs = [o.point_pb for o in ordered]
+        names = sorted({name for o in ordered for name in o.spectra})
+        growing: list[tuple[float, float, str]] = []
+        failing: list[tuple[float, str]] = []
+        for name in names:
+            z = [o.spectra[name].local_z if name in o.spectra else None for o in ordered]
+            values = [v if v is not None else -math.inf for v in z]
+            best = max(range(len(values)), key=lambda i: values[i]) if values else 0
+            if values and values[best] >= REFINE_LOCAL_Z:
+                for neighbour in (best - 1, best + 1):
+                    if 0 <= neighbour < len(xsecs) and values[neighbour] < values[best]:
+                        low, high = sorted((xsecs[best], xsecs[neighbour]))
+                        if high / low >= MIN_POINT_RATIO:
+                            growing.append(
+                                (
+                                    values[best],
+                                    _midpoint(low, high),
+                                    f"{name}: local Z {values[best]:.2f} at {xsecs[best]:g} pb "
+                                    f"grows from {max(values[neighbour], 0):.2f} at "
+                                    f"{xsecs[neighbour]:g} pb",
+                                )
+                            )
+            for i in range(len(ordered) - 1):
+                here = ordered[i].spectra.get(name)
+                there = ordered[i + 1].spectra.get(name)
+                if here is None or there is None:
+                    continue
+                statuses = {here.status, there.status}
+                if (
+                    statuses == {"excess", "no background"}
+                    and xsecs[i + 1] / xsecs[i] >= MIN_POINT_RATIO
+                ):
+                    failing.append(
+                        (
+                            _midpoint(xsecs[i], xsecs[i + 1]),
+                            f"{name}: a background passed at one of {xsecs[i]:g} and "
+                            f"{xsecs[i + 1]:g} pb and none at the other",
+                        )
+                    )
+        growing.sort(key=lambda item: -item[0])
+        chosen: list[float] = []
+        reasons: list[str] = []
+        for point, reason in [(p, r) for _, p, r in growing] + failing:
+            if len(chosen) >= min(REFINE_PER_ROUND, remaining):
+                break
+            if any(abs(point / known - 1.0) < 1e-9 for known in chosen + xsecs):
+                continue
+            chosen.append(point)
+            reasons.append(f"{point:g} pb ({reason})")
+        if not chosen:
+            why = "no point budget left" if remaining <= 0 else "no excess grows between points"
+            return PointsProposal(points_pb=[], stop=True, rationale=f"stop: {why}")
+        return PointsProposal(points_pb=chosen, stop=False, rationale="; ".join(reasons))
+
+    def accept_background(
+        self, spectrum: str, point_pb: float, candidates: list[Candidate]
+    ) -> BackgroundProposal:
+        """The first candidate (in the order tried) that passed every check."""
+        for candidate in candidates:
+            if candidate.passed:
+                return BackgroundProposal(
+                    spectrum=spectrum,
+                    point_pb=point_pb,
+                    function=candidate.function,
+                    rationale=(
+                        f"{candidate.function} is the first function tried that passed every "
+                        f"check ({', '.join(c.name for c in candidate.checks)})"
+                    ),
+                )
+        failed = [
+            f"{c.function}: {', '.join(k.name for k in c.checks if not k.passed)}"
+            for c in candidates
+        ]
+        return BackgroundProposal(
+            spectrum=spectrum,
+            point_pb=point_pb,
+            function=None,
+            rationale="no candidate passed every check ("
+            + ("; ".join(failed) or "none fitted")
+            + ")",
+        )
+
+    def fallback(
+        self,
+        spectrum: str,
+        point_pb: float,
+        candidates: list[Candidate],
+        n_in_range: int,
+        fallbacks_left: int,
+    ) -> FallbackProposal:
+        """Symbolic fallback for a shape the nested family can not describe (see the rules)."""
+        nested = [c for c in candidates if c.source == "nested"]
+        gof_failed = bool(nested) and all(
+            any(k.name == "goodness_of_fit" and not k.passed for k in c.checks) for c in nested
+        )
+        if any(c.passed for c in candidates):
+            use, why = False, "a candidate passed"
+        elif fallbacks_left <= 0:
+            use, why = False, "the scan's fallback budget is spent"
+        elif n_in_range < FALLBACK_MIN_EVENTS:
+            use, why = (
+                False,
+                f"{n_in_range} events in the fit range < {FALLBACK_MIN_EVENTS}: too sparse for a "
+                "shape search",
+            )
+        elif not gof_failed:
+            use, why = (
+                False,
+                "a nested function fits the shape (goodness of fit passed); its failing checks "
+                "are not cured by a freer function",
+            )
+        else:
+            use, why = True, "every nested function failed the goodness of fit"
+        return FallbackProposal(
+            spectrum=spectrum, point_pb=point_pb, use_fallback=use, rationale=why
+        )

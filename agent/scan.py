@@ -1,0 +1,554 @@
+"""Everything a scan needs around its graph: configuration, run folder, tool calls, results.
+
+A run folder holds config.json, data/ (a generated sample), model/, events/ (the event
+table), spectra/ and points/ (per AR point: histograms, backgrounds, results), lee/, the
+audit log audit.sqlite, LangGraph's checkpoints.sqlite, results.json and results.csv.
+
+Every tool the graph uses goes through `ScanContext.call_tools`: the calls run on the
+executor (serial, processes or Ray), and the driver logs each one (tool, input JSON,
+output JSON or its hash and file, duration, worker) in the audit; `anomscan replay`
+re-runs exactly these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import glob
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.audit import (
+    INLINE_OUTPUT_BYTES,
+    AuditLog,
+    canonical_json,
+    sha256_file,
+    sha256_text,
+)
+from agent.executor import Executor, FanOut
+from agent.policy import Policy, RulesPolicy
+from core.errors import AnomscanError, InvalidInputError
+from tools.registry import get_tool
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoints.sqlite"
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+
+REPLAYABLE_TOOLS = frozenset(
+    {"choose_background", "fit_background", "bump_hunt", "scan_significance", "robustness_checks"}
+)
+"""Pure tools: their output is a function of their logged input (and the files it names,
+whose hashes are in `artifacts`). Training and generation write files and are not replayed."""
+
+
+class ScanConfig(BaseModel):
+    """What a scan was asked to do; written to RUN/config.json and the `runs` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: list[str] = Field(default_factory=list, description="ROOT files or globs")
+    manifest: str | None = None
+    lumi_pb: float | None = Field(None, gt=0)
+    run_dir: str
+    points_per_decade: int = Field(4, ge=1, le=50)
+    xsec_range: tuple[float, float] = (0.001, 100.0)
+    budget_minutes: float | None = Field(None, gt=0)
+    max_points: int | None = Field(
+        None, ge=1, description="AR point budget, refinements included; null = grid + 6"
+    )
+    executor: Executor = "auto"
+    seed: int = Field(0, ge=0)
+    model: str | None = None
+    policy: Literal["rules"] = "rules"
+    events: int = Field(100_000, ge=1000, description="size of the built-in synthetic sample")
+    epochs: int = Field(30, ge=1, description="autoencoder training epochs (when trained)")
+    fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
+    fallback_time_s: float = Field(60.0, gt=0)
+    min_events: int = Field(40, ge=1, description="events above the fit start to fit")
+    gof_toys: int = Field(50, ge=10, description="toys of the goodness-of-fit check")
+    n_pseudo_scans: int = Field(1000, ge=1)
+    max_pseudo_scans: int = Field(20_000, ge=1)
+
+    def grid_size(self) -> int:
+        """Points of the initial log-uniform grid."""
+        from core.anomaly import log_uniform_xsec_grid
+
+        low, high = self.xsec_range
+        return len(log_uniform_xsec_grid(self.points_per_decade, low, high))
+
+    def point_budget(self) -> int:
+        """The most AR points the scan may scan."""
+        return self.max_points if self.max_points is not None else self.grid_size() + 6
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages a result depends on."""
+    names = (
+        "anomscan",
+        "numpy",
+        "scipy",
+        "iminuit",
+        "onnxruntime",
+        "uproot",
+        "awkward",
+        "pydantic",
+        "langgraph",
+        "ray",
+    )
+    versions = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The data files of a scan and its luminosity (pb^-1)."""
+
+    files: tuple[str, ...]
+    lumi_pb: float
+    schema: str = "auto"
+    source: str = ""
+
+
+def resolve_inputs(config: ScanConfig) -> Inputs | None:
+    """Files and luminosity of a scan on given data (None: the built-in sample is generated).
+
+    Raises InvalidInputError for a missing or unreadable file, an empty glob, or no
+    luminosity from either the manifest or `lumi_pb`.
+    """
+    files: list[str] = []
+    lumi = config.lumi_pb
+    schema = "auto"
+    source = "files"
+    if config.manifest is not None:
+        from core.datasets import load_manifest
+
+        datasets = load_manifest(config.manifest)
+        for dataset in datasets.values():
+            files.extend(dataset.files)
+            schema = dataset.schema
+        if lumi is None:
+            lumi = sum(d.lumi_pb for d in datasets.values() if d.kind == "data") or None
+        source = f"manifest {config.manifest}"
+    for pattern in config.data:
+        if "://" in pattern:
+            files.append(pattern)
+            continue
+        matches = (
+            sorted(glob.glob(pattern))  # noqa: PTH207 (absolute patterns too)
+            if glob.has_magic(pattern)
+            else [pattern]
+        )
+        if not matches:
+            raise InvalidInputError(
+                f"no file matches {pattern!r}; give ROOT files, globs or --manifest"
+            )
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise InvalidInputError(
+                    f"data file {path} does not exist; check the path (or give --manifest)"
+                )
+            if not os.access(path, os.R_OK):
+                raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
+            files.append(str(path.resolve()))
+    if not files:
+        if config.manifest is not None:
+            raise InvalidInputError(f"manifest {config.manifest} lists no files")
+        return None
+    if lumi is None:
+        raise InvalidInputError(
+            "no luminosity: give --lumi-pb L (pb^-1) or a --manifest with lumi_pb; the anomaly "
+            "regions (N = sigma x L events) need it"
+        )
+    return Inputs(tuple(files), float(lumi), schema, source)
+
+
+def write_config(config: ScanConfig) -> Path:
+    """Create the run folder and write its config.json (refused if a scan is there already)."""
+    folder = Path(config.run_dir)
+    if (folder / CONFIG_FILE).exists():
+        raise InvalidInputError(
+            f"{folder} already holds a scan; continue it with `anomscan scan --resume "
+            f"{folder}` or choose another --out"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    return folder
+
+
+def read_config(run_dir: Path) -> ScanConfig:
+    """The config of the scan in `run_dir` (for --resume)."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise InvalidInputError(
+            f"{run_dir} is not a scan's run folder (no {CONFIG_FILE}); give the --out of a scan"
+        )
+    try:
+        return ScanConfig.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise InvalidInputError(f"{path} is not a valid scan config: {error}") from error
+
+
+def run_tool(call: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run one tool (in any process): its output or its error, the duration and the worker."""
+    name, payload = call
+    start = time.perf_counter()
+    output: dict[str, Any] | None = None
+    error: str | None = None
+    try:
+        output = get_tool(name).call(payload)
+    except ValidationError as problem:
+        error = f"invalid input: {problem}"
+    except AnomscanError as problem:
+        error = f"{type(problem).__name__}: {problem}"
+    return {
+        "output": output,
+        "error": error,
+        "seconds": time.perf_counter() - start,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """The outcome of one logged tool call."""
+
+    label: str
+    output: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass
+class Progress:
+    """What the progress line shows: stage, AR point, spectra done / total, elapsed."""
+
+    stage: str = "starting"
+    point: str = ""
+    spectra_done: int = 0
+    spectra_total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    callback: Callable[[Progress], None] | None = None
+
+    def update(self, **changes: Any) -> None:
+        """Change some fields and redraw."""
+        for key, value in changes.items():
+            setattr(self, key, value)
+        if self.callback is not None:
+            self.callback(self)
+
+    def line(self) -> str:
+        """One line of progress."""
+        elapsed = time.monotonic() - self.started
+        parts = [self.stage]
+        if self.point:
+            parts.append(self.point)
+        if self.spectra_total:
+            parts.append(f"spectra {self.spectra_done}/{self.spectra_total}")
+        parts.append(f"{elapsed:.0f} s")
+        return " | ".join(parts)
+
+
+class ScanContext:
+    """The side effects a scan's nodes share: audit log, executor, policy, progress."""
+
+    def __init__(
+        self,
+        config: ScanConfig,
+        audit: AuditLog,
+        fan_out: FanOut,
+        *,
+        policy: Policy | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.audit = audit
+        self.fan_out = fan_out
+        self.policy: Policy = policy or RulesPolicy()
+        self.rules = RulesPolicy()
+        self.progress = progress or Progress()
+        self.step_id = "-"
+        self._events = 0
+        self._cache: dict[str, Any] = {}
+
+    def executor_event(self, message: str) -> None:
+        """Log what the executor did on its own (a lost Ray batch run serially)."""
+        self._events += 1
+        self.audit.add(
+            "decisions",
+            f"{self.step_id}:executor:{self._events}",
+            step_id=self.step_id,
+            kind="executor",
+            chosen="serial",
+            policy="executor",
+            rationale=message,
+        )
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value computed once per process (the event table, read once per scan)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def call_tools(
+        self, step_id: str, tool: str, calls: Sequence[tuple[str, dict[str, Any]]]
+    ) -> list[ToolResult]:
+        """Run `tool` on every (label, input) through the executor and log each call."""
+        outputs = self.fan_out.map(run_tool, [(tool, payload) for _, payload in calls])
+        results = []
+        for (label, payload), outcome in zip(calls, outputs, strict=True):
+            self.log_tool_call(step_id, label, tool, payload, outcome)
+            results.append(ToolResult(label, outcome["output"], outcome["error"]))
+        return results
+
+    def log_tool_call(
+        self,
+        step_id: str,
+        label: str,
+        tool: str,
+        payload: dict[str, Any],
+        outcome: dict[str, Any],
+    ) -> None:
+        """One tool_calls row; an output above INLINE_OUTPUT_BYTES goes to a file."""
+        output = outcome["output"]
+        text = canonical_json(output if outcome["error"] is None else {"error": outcome["error"]})
+        digest = sha256_text(text)
+        output_path = None
+        inline: str | None = text
+        if len(text) > INLINE_OUTPUT_BYTES:
+            folder = self.run_dir / "tool_outputs"
+            folder.mkdir(exist_ok=True)
+            path = folder / f"{digest}.json"
+            path.write_text(text)
+            output_path = str(path.relative_to(self.run_dir))
+            inline = None
+        self.audit.add(
+            "tool_calls",
+            f"{step_id}:{tool}:{label}",
+            step_id=step_id,
+            tool=tool,
+            input=payload,
+            input_sha256=sha256_text(canonical_json(payload)),
+            output=inline,
+            output_sha256=digest,
+            output_path=output_path,
+            seconds=round(float(outcome["seconds"]), 4),
+            replayable=tool in REPLAYABLE_TOOLS,
+            worker=outcome.get("worker"),
+        )
+
+    def artifact(self, path: Path, kind: str) -> str:
+        """Log a file of the run folder with its SHA-256 and return the hash."""
+        digest = sha256_file(path)
+        relative = (
+            str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
+        )
+        self.audit.add(
+            "artifacts",
+            f"{relative}:{digest}",
+            path=relative,
+            sha256=digest,
+            bytes=path.stat().st_size,
+            kind=kind,
+        )
+        return digest
+
+
+def folder_sha256(folder: Path, pattern: str = "*.parquet") -> str:
+    """One hash for a folder of parts: SHA-256 over the sorted (name, part hash) pairs."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob(pattern)):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a unique temporary file and a rename."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.partial")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+RESULT_COLUMNS = (
+    "spectrum",
+    "xsec_pb",
+    "window_lo_gev",
+    "window_hi_gev",
+    "data",
+    "background",
+    "local_p",
+    "local_z",
+    "global_z",
+    "scan_global_z",
+    "function",
+    "checks_passed",
+)
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """RUN/results.json (everything) and RUN/results.csv (one row per excess)."""
+    json_path = run_dir / RESULTS_JSON
+    csv_path = run_dir / RESULTS_CSV
+    write_atomic(json_path, json.dumps(results, indent=1))
+    rows = []
+    for excess in results["excesses"]:
+        row = {key: excess.get(key) for key in RESULT_COLUMNS}
+        row["window_lo_gev"], row["window_hi_gev"] = excess["window_gev"]
+        rows.append(row)
+    temporary = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.partial")
+    with temporary.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    temporary.replace(csv_path)
+    return json_path, csv_path
+
+
+def iter_excesses(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The excesses of a results.json, most significant first."""
+    yield from results["excesses"]
+
+
+def _log_failure(audit: AuditLog, run_id: str, attempt: int, error: AnomscanError) -> None:
+    """A `runs` row saying why the scan stopped (skipped when the log itself is unwritable)."""
+    from agent.audit import AuditError
+
+    if isinstance(error, AuditError):
+        return
+    with contextlib.suppress(AuditError):
+        audit.add(
+            "runs",
+            f"run:failed:{attempt}",
+            run_id=run_id,
+            event="failed",
+            config={"error": f"{type(error).__name__}: {error}"},
+            versions=None,
+            inputs=None,
+            model_sha256=None,
+            seed=None,
+        )
+
+
+class _ProgressLine:
+    """A rich renderable that redraws the progress line on every refresh."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __rich__(self) -> str:
+        return f"[bold cyan]anomscan scan[/] {self.progress.line()}"
+
+
+@dataclass(frozen=True)
+class ScanOutcome:
+    """What a finished scan left: its results and where they are."""
+
+    run_dir: Path
+    results: dict[str, Any]
+    executors: tuple[str, ...]
+
+
+def run_scan(
+    config: ScanConfig, *, resume: bool = False, show_progress: bool = True
+) -> ScanOutcome:
+    """Run (or resume) the scan of `config` in its run folder and return its results."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    from agent.graph import build_graph, recursion_limit
+
+    run_dir = Path(config.run_dir)
+    run_id = run_dir.resolve().name
+    audit = AuditLog(run_dir / "audit.sqlite")
+    progress = Progress()
+    with contextlib.ExitStack() as stack:
+        stack.callback(audit.close)
+        fan_out = stack.enter_context(FanOut(config.executor))
+        ctx = ScanContext(config, audit, fan_out, progress=progress)
+        fan_out.on_event = ctx.executor_event
+        previous = list(audit.rows("runs"))
+        event = "resume" if resume else "start"
+        audit.add(
+            "runs",
+            f"run:{event}:{len(previous)}",
+            run_id=run_id,
+            event=event,
+            config=config.model_dump(mode="json"),
+            versions=package_versions(),
+            inputs=None,
+            model_sha256=None,
+            seed=config.seed,
+        )
+        connection = sqlite3.connect(run_dir / CHECKPOINT_FILE, check_same_thread=False)
+        stack.callback(connection.close)
+        graph = build_graph(ctx).compile(checkpointer=SqliteSaver(connection))
+        thread = {
+            "configurable": {"thread_id": run_id},
+            "recursion_limit": recursion_limit(config.point_budget()),
+        }
+        initial: dict[str, Any] | None = {
+            "run_id": run_id,
+            "run_dir": str(run_dir),
+            "step": 0,
+            "started_at": time.time(),
+            "points": [],
+            "pending_pb": [],
+            "fallbacks_used": 0,
+            "refinement_rounds": 0,
+            "current": None,
+            "lee": None,
+        }
+        final: dict[str, Any] | None = None
+        if resume:
+            snapshot = graph.get_state(thread)  # type: ignore[arg-type]
+            if snapshot.values and not snapshot.next:
+                final = dict(snapshot.values)
+            elif snapshot.values:
+                initial = None
+        if show_progress:
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console(stderr=True)
+            live = stack.enter_context(
+                Live(_ProgressLine(progress), console=console, refresh_per_second=2, transient=True)
+            )
+            progress.callback = lambda _: live.refresh()
+        if final is None:
+            try:
+                final = graph.invoke(initial, thread, durability="sync")  # type: ignore[call-overload]
+            except AnomscanError as error:
+                _log_failure(audit, run_id, len(previous), error)
+                raise
+        audit.add(
+            "runs",
+            f"run:finish:{len(previous)}",
+            run_id=run_id,
+            event="finish",
+            config=None,
+            versions=None,
+            inputs=final.get("inputs"),
+            model_sha256=final.get("model_sha256"),
+            seed=config.seed,
+        )
+        executors = tuple(sorted(fan_out.used))
+    results = json.loads((run_dir / RESULTS_JSON).read_text())
+    return ScanOutcome(run_dir, results, executors)
