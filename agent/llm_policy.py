@@ -73,6 +73,8 @@ INSPECTION_TOOLS = ("fit_background", "robustness_checks", "bump_hunt", "signal_
 """Read-only registry tools the model may call before deciding (paths confined to the run)."""
 
 MAX_TOOL_OUTPUT_CHARS = 20_000
+MAX_INSPECTIONS = 3
+"""Replies per decision spent on read-only tools before the model must decide."""
 
 
 class PromptError(AnomscanError):
@@ -541,6 +543,11 @@ class LLMPolicy:
                 raise _Fallback(
                     f"{len(trace.rejections)} proposals refused (limit "
                     f"{self.settings.max_rejections}); last: {trace.rejections[-1]}"
+                )
+            if trace.calls >= self.settings.max_rejections + 1 + MAX_INSPECTIONS:
+                raise _Fallback(
+                    f"no decision after {trace.calls} replies (at most {MAX_INSPECTIONS} "
+                    "spent on read-only tools)"
                 )
 
     def _handle_call(

@@ -400,3 +400,57 @@ def test_text_from_the_data_stays_inside_the_data_block(run_dir: Path) -> None:
     assert injected not in before
     assert injected in json.dumps(json.loads(block.split("</data>")[0]))
     assert "p3 did not pass every check" in _sent_back(server, 1)
+
+
+def test_unreachable_endpoint_falls_back_at_once(run_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = LLMSettings(model="m", base_url=f"http://127.0.0.1:{port}/v1", api_key=FAKE_KEY)
+    policy = LLMPolicy(settings, run_dir)
+    started = time.perf_counter()
+    proposal = policy.accept_background(SPECTRUM, POINT, CANDIDATES)
+    assert time.perf_counter() - started < 5.0
+    assert proposal.function == "p4"
+    _messages, decisions = _split(policy)
+    assert [d["kind"] for d in decisions] == ["accept_background:fallback"]
+    assert "APIConnectionError" in decisions[0]["rationale"]
+    assert FAKE_KEY not in json.dumps(decisions)
+
+
+def test_scan_with_llm_policy_and_no_model_exits_2_with_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSCAN_LLM")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "scan", "--policy", "llm", "--out", "run", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(repo), "OPENAI_API_KEY": FAKE_KEY},
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "ANOMSCAN_LLM_MODEL" in lines[0]
+    assert FAKE_KEY not in completed.stdout + completed.stderr
+
+
+def test_endless_inspection_is_cut_off(run_dir: Path) -> None:
+    edges = np.linspace(1000.0, 3000.0, 21)
+    background = 2000.0 * np.exp(-(edges[:-1] - 1000.0) / 500.0)
+    np.savez(run_dir / "h.npz", edges=edges, counts=np.floor(background), background=background)
+    look = tool_call("bump_hunt", {"histogram": {"path": str(run_dir / "h.npz")}, "n_toys": 10})
+    with chat_server([look] * 10) as server:
+        policy = _policy(server, run_dir, max_rejections=1)
+        assert policy.accept_background(SPECTRUM, POINT, CANDIDATES).function == "p4"
+        _messages, decisions = _split(policy)
+    assert len(server.requests) == 1 + 1 + 3
+    assert "no decision after 5 replies" in decisions[-1]["rationale"]
