@@ -244,8 +244,10 @@ class LLMPolicy:
         declared_inputs: Sequence[str] = (),
         prompts: Prompts | None = None,
         client: openai.OpenAI | None = None,
+        point_budget: int | None = None,
     ) -> None:
         self.settings = settings
+        self.point_budget = point_budget
         self.run_dir = run_dir
         self.declared_inputs = tuple(declared_inputs)
         self.prompts = prompts or load_prompts()
@@ -592,9 +594,9 @@ class LLMPolicy:
     def initial_points(
         self, xsec_range: tuple[float, float], points_per_decade: int
     ) -> PointsProposal:
-        """The first sweep's AR points, at most as many as the rules grid holds."""
+        """The first sweep's AR points: at most the scan's point budget (else the rules grid)."""
         reference = self.rules.initial_points(xsec_range, points_per_decade)
-        budget = len(reference.points_pb)
+        budget = len(reference.points_pb) if self.point_budget is None else self.point_budget
 
         def check(proposal: PointsProposal) -> GateResult:
             return self._points_check(proposal, [], xsec_range, budget, need_points=True)

@@ -487,7 +487,12 @@ def make_policy(config: ScanConfig) -> Policy:
     )
     inputs = resolve_inputs(config)
     declared = [] if inputs is None else [str(f) for f in inputs.files]
-    return LLMPolicy(settings, Path(config.run_dir), declared_inputs=declared)
+    return LLMPolicy(
+        settings,
+        Path(config.run_dir),
+        declared_inputs=declared,
+        point_budget=config.point_budget(),
+    )
 
 
 def run_scan(

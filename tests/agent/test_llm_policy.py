@@ -454,3 +454,16 @@ def test_endless_inspection_is_cut_off(run_dir: Path) -> None:
         _messages, decisions = _split(policy)
     assert len(server.requests) == 1 + 1 + 3
     assert "no decision after 5 replies" in decisions[-1]["rationale"]
+
+
+def test_initial_points_respect_the_scan_point_budget(run_dir: Path) -> None:
+    three = tool_call(
+        "propose_points", {"points_pb": [0.1, 1.0, 10.0], "stop": False, "rationale": "g"}
+    )
+    two = tool_call("propose_points", {"points_pb": [10.0, 1.0], "stop": False, "rationale": "g"})
+    with chat_server([three, two]) as server:
+        settings = LLMSettings(model="m", base_url=server.url, api_key=FAKE_KEY)
+        policy = LLMPolicy(settings, run_dir, point_budget=2)
+        assert policy.initial_points((0.1, 10.0), 1).points_pb == [10.0, 1.0]
+        _messages, decisions = _split(policy)
+    assert "the point budget is spent" in decisions[0]["rationale"]
