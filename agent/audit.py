@@ -298,6 +298,10 @@ def all_rows(db: sqlite_utils.Database) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _content(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in ("seq", "prev_hash", "hash")}
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     """The outcome of walking the hash chain: problems name table, seq and key."""
@@ -320,30 +324,44 @@ def verify(path: Path) -> VerifyReport:
     finally:
         db.close()
     problems = [f"table {table!r} is missing" for table in missing_tables]
+    by_seq: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for table, row in rows:
+        by_seq.setdefault(int(row["seq"]), []).append((table, row))
     expected_prev = GENESIS_HASH
     previous_seq = 0
     previous_name = "the start of the log"
-    for table, row in rows:
-        seq = int(row["seq"])
-        name = f"{table} row seq {seq} (key {row['key']!r})"
-        content = {k: v for k, v in row.items() if k not in ("seq", "prev_hash", "hash")}
-        if seq == previous_seq:
-            problems.append(f"{name}: seq {seq} appears twice: a row was inserted")
-        elif seq != previous_seq + 1:
+    for seq in sorted(by_seq):
+        here = by_seq[seq]
+        names = {id(row): f"{table} row seq {seq} (key {row['key']!r})" for table, row in here}
+        if seq != previous_seq + 1:
+            first = names[id(here[0][1])]
             problems.append(
                 f"rows seq {previous_seq + 1}..{seq - 1} are missing between {previous_name} "
-                f"and {name}: deleted"
+                f"and {first}: deleted"
             )
-        elif row["prev_hash"] != expected_prev:
-            problems.append(
-                f"{name}: prev_hash does not match the hash of {previous_name}: inserted or "
-                "re-linked"
-            )
-        if row_hash(table, seq, str(row["prev_hash"]), content) != row["hash"]:
-            problems.append(f"{name}: its content does not match its hash: edited")
-        expected_prev = str(row["hash"])
+        intact = {
+            id(row): row_hash(table, seq, str(row["prev_hash"]), _content(row)) == row["hash"]
+            for table, row in here
+        }
+        linked = {id(row): row["prev_hash"] == expected_prev for _, row in here}
+        genuine = [row for _, row in here if intact[id(row)] and linked[id(row)]]
+        for _, row in here:
+            name = names[id(row)]
+            if len(here) > 1 and row not in genuine:
+                problems.append(
+                    f"{name}: seq {seq} appears twice and this row does not link: inserted"
+                )
+            elif not intact[id(row)]:
+                problems.append(f"{name}: its content does not match its hash: edited")
+            elif not linked[id(row)] and seq == previous_seq + 1:
+                problems.append(
+                    f"{name}: prev_hash does not match the hash of {previous_name}: inserted "
+                    "or re-linked"
+                )
+        chosen = genuine[0] if genuine else here[0][1]
+        expected_prev = str(chosen["hash"])
         previous_seq = seq
-        previous_name = name
+        previous_name = names[id(chosen)]
     return VerifyReport(len(rows), tuple(problems))
 
 

@@ -194,8 +194,13 @@ def write_config(config: ScanConfig) -> Path:
             f"{folder} already holds a scan; continue it with `anomscan scan --resume "
             f"{folder}` or choose another --out"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / CONFIG_FILE, json.dumps(config.model_dump(mode="json"), indent=1))
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write the run folder {folder}: {error.strerror}; choose a writable --out"
+        ) from error
     return folder
 
 

@@ -1,0 +1,100 @@
+"""Scan fixtures: one small generated sample with an injected resonance, one without, and a
+trained autoencoder, made once per test session; `run_cli` runs the real `anomscan`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.synth import SampleConfig, SignalSpec, generate_sample
+from tools.registry import get_tool
+
+ROOT = Path(__file__).resolve().parents[2]
+SIGNAL = SignalSpec("jm", 1500.0, 30.0, n_events=60, extra={"photons": 1, "electrons": 1})
+"""X(1500) -> jet muon with an extra photon and electron, so the autoencoder flags it."""
+N_BACKGROUND = 30_000
+LUMI_PB = 1000.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Generated ROOT files, their truth file and a trained model."""
+
+    files: tuple[str, ...]
+    truth: Path
+    model: Path
+
+
+def run_cli(*arguments: str, timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
+    """`python -m agent.cli ARGUMENTS` in a fresh process, with this worktree first on the path."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def results_of(run_dir: Path) -> dict[str, object]:
+    """RUN/results.json without the run id (which is the folder name)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    results.pop("run_id")
+    return results
+
+
+def _sample(folder: Path, signals: tuple[SignalSpec, ...], seed: int, model: Path | None) -> Sample:
+    info = generate_sample(
+        folder / "data",
+        SampleConfig(n_events=N_BACKGROUND, seed=seed, signals=signals, lumi_pb=LUMI_PB),
+    )
+    files = tuple(str(p) for p in info.files)
+    if model is None:
+        model = folder / "model" / "autoencoder.onnx"
+        model.parent.mkdir()
+        get_tool("train_autoencoder").call(
+            {"inputs": list(files), "output": str(model), "seed": 1, "max_epochs": 10}
+        )
+    return Sample(files, info.truth_path, model)
+
+
+@pytest.fixture(scope="session")
+def signal_sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    """30k background events plus 60 X(1500) -> j mu events, and an autoencoder trained on 1 %."""
+    return _sample(tmp_path_factory.mktemp("signal"), (SIGNAL,), 3, None)
+
+
+@pytest.fixture(scope="session")
+def background_sample(tmp_path_factory: pytest.TempPathFactory, signal_sample: Sample) -> Sample:
+    """30k background-only events (another seed), scored with the same autoencoder."""
+    return _sample(tmp_path_factory.mktemp("background"), (), 4, signal_sample.model)
+
+
+CHEAP = ("--xsec-range", "0.3", "3", "--points-per-decade", "1", "--max-points", "2")
+"""Two AR points and no refinement: the scans that compare executors and resumes."""
+FAST = ("--gof-toys", "20", "--quiet", "--seed", "5")
+
+
+def scan_arguments(sample: Sample, out: Path, *extra: str) -> list[str]:
+    """`anomscan scan` on a sample with its model and the test's speed settings."""
+    return [
+        "scan",
+        *sample.files,
+        "--lumi-pb",
+        str(LUMI_PB),
+        "--model",
+        str(sample.model),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]

@@ -1,0 +1,245 @@
+"""`anomscan scan` end to end: the injected resonance is the top excess, a background-only
+scan stays below 3 sigma scan-wide, and bad input gives one line, exit 2, a consistent audit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.pipeline import analyse_spectrum
+from core.autoencoder import read_model_card, training_selection
+from core.masses import PAIRS, STREAMS, histogram
+from core.table import read_event_table
+from tests.agent.conftest import SIGNAL, Sample, run_cli, scan_arguments
+
+RANGE = ("--xsec-range", "0.1", "10", "--points-per-decade", "1", "--max-points", "4")
+
+
+def _whole_stream_local_z(run_dir: Path, spectrum: str, model: Path) -> float:
+    """Local Z of the same rule on every event of the stream (no anomaly region)."""
+    table = read_event_table(run_dir / "events")
+    card = read_model_card(model)
+    exclude = training_selection(table.event, card.fraction, card.seed)
+    stream, pair = spectrum.split("/")
+    k = STREAMS.index(stream)
+    assert pair in PAIRS
+    in_stream = table.stream_bits[:, k] & ~exclude
+    counts, edges = histogram(table.masses, table.stream_bits, stream, pair, in_stream)
+    result = analyse_spectrum(spectrum, edges, counts.astype(float), 1e9)
+    assert result.bump is not None, result.status
+    return result.bump.local_z
+
+
+@pytest.mark.slow
+def test_scan_finds_the_injected_resonance_without_reading_the_truth(
+    signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    signal_sample.truth.chmod(0)  # the scan must not need it (root still could read: see below)
+    hidden = signal_sample.truth.with_suffix(".hidden")
+    signal_sample.truth.rename(hidden)
+    try:
+        done = run_cli(*scan_arguments(signal_sample, out, *RANGE, "--executor", "serial"))
+    finally:
+        hidden.rename(signal_sample.truth)
+        signal_sample.truth.chmod(0o644)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    for key in (
+        "run_id",
+        "luminosity_pb",
+        "points_pb",
+        "scan_global_p",
+        "scan_global_z",
+        "scan_global_z_is_lower_limit",
+        "excesses",
+        "skipped",
+    ):
+        assert key in results
+    assert results["luminosity_pb"] == 1000.0
+    assert len(results["points_pb"]) >= 3
+    local_z = [e["local_z"] for e in results["excesses"]]
+    assert local_z == sorted(local_z, reverse=True)
+
+    top = results["excesses"][0]
+    assert top["spectrum"].endswith("/" + SIGNAL.pair)
+    low, high = top["window_gev"]
+    assert abs((low + high) / 2 - SIGNAL.mass) <= 1.5 * (high - low), top
+    assert top["checks_passed"] is True
+    assert top["scan_global_z"] is not None and top["scan_global_z"] > 3.0
+    whole = _whole_stream_local_z(out, top["spectrum"], signal_sample.model)
+    assert top["local_z"] > whole, (top["local_z"], whole)
+
+    assert all({"spectrum", "point_pb", "reason"} <= set(s) for s in results["skipped"])
+    assert any(s["reason"].startswith("too few events") for s in results["skipped"])
+    with (out / "results.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == len(results["excesses"])
+    assert rows[0]["spectrum"] == top["spectrum"]
+    assert "top" not in done.stdout.lower() or top["spectrum"] in done.stdout
+    assert str(out) in done.stdout and "audit.sqlite" in done.stdout
+
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        kinds = {row[0] for row in db.execute("select kind from decisions")}
+        tables = {
+            row[0] for row in db.execute("select name from sqlite_master where type = 'table'")
+        }
+        n_llm = db.execute("select count(*) from llm_messages").fetchone()[0]
+    assert {"ar_points", "background", "refine", "look_elsewhere", "skip"} <= kinds
+    assert {
+        "runs",
+        "steps",
+        "decisions",
+        "tool_calls",
+        "llm_messages",
+        "fits",
+        "bumps",
+        "artifacts",
+    } <= tables
+    assert n_llm == 0
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_background_only_scan_stays_below_three_sigma(
+    background_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    done = run_cli(*scan_arguments(background_sample, out, *RANGE, "--executor", "serial"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["scan_global_z"] is not None
+    assert results["scan_global_z"] < 3.0, results["look_elsewhere"]
+
+
+def _one_line_exit_2(done: object) -> str:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)  # type: ignore[attr-defined]
+    lines = done.stderr.strip().splitlines()  # type: ignore[attr-defined]
+    assert len(lines) == 1, done.stderr  # type: ignore[attr-defined]
+    assert "Traceback" not in done.stderr  # type: ignore[attr-defined]
+    return lines[0]
+
+
+def test_no_luminosity_is_refused_before_anything_is_written(
+    signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    line = _one_line_exit_2(run_cli("scan", *signal_sample.files, "--out", str(out)))
+    assert "no luminosity" in line and "--lumi-pb" in line
+    assert not out.exists()
+
+
+def test_missing_data_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.root"
+    line = _one_line_exit_2(
+        run_cli("scan", str(missing), "--lumi-pb", "10", "--out", str(tmp_path / "run"))
+    )
+    assert str(missing) in line and "does not exist" in line
+    line = _one_line_exit_2(
+        run_cli("scan", str(tmp_path / "*.root"), "--lumi-pb", "10", "--out", str(tmp_path / "r"))
+    )
+    assert "no file matches" in line
+
+
+def test_unreadable_data_gives_one_line_and_a_consistent_audit(tmp_path: Path) -> None:
+    garbage = tmp_path / "broken.root"
+    garbage.write_bytes(b"this is not a ROOT file" * 100)
+    model = tmp_path / "model.onnx"
+    out = tmp_path / "run"
+    done = run_cli("scan", str(garbage), "--lumi-pb", "10", "--out", str(out), "--quiet")
+    line = _one_line_exit_2(done)
+    assert "broken.root" in line
+    assert not model.exists()
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        events = [row[0] for row in db.execute("select event from runs order by seq")]
+    assert events == ["start", "failed"]
+
+
+def test_an_autoencoder_that_fails_to_load(signal_sample: Sample, tmp_path: Path) -> None:
+    model = tmp_path / "model" / "autoencoder.onnx"
+    model.parent.mkdir()
+    shutil.copy(signal_sample.model, model)
+    card = signal_sample.model.with_name(signal_sample.model.name.replace(".onnx", ".card.json"))
+    for path in signal_sample.model.parent.iterdir():
+        if path != signal_sample.model:
+            shutil.copy(path, model.parent / path.name)
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    out = tmp_path / "run"
+    done = run_cli(
+        "scan",
+        *signal_sample.files,
+        "--lumi-pb",
+        "1000",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    line = _one_line_exit_2(done)
+    assert "autoencoder" in line.lower() or "model" in line.lower()
+    assert card is not None
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_resume_of_a_folder_that_is_no_scan(tmp_path: Path) -> None:
+    line = _one_line_exit_2(run_cli("scan", "--resume", str(tmp_path)))
+    assert "not a scan's run folder" in line
+
+
+def test_existing_run_folder_is_not_overwritten(signal_sample: Sample, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    line = _one_line_exit_2(
+        run_cli("scan", *signal_sample.files, "--lumi-pb", "1000", "--out", str(out))
+    )
+    assert "--resume" in line
+
+
+def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) -> None:
+    """A spectrum whose fits all fail: the decision says so and results list it as skipped."""
+    from agent.audit import AuditLog
+    from agent.executor import FanOut
+    from agent.graph import SPECTRUM_NAMES, _choose_backgrounds
+    from agent.scan import ScanConfig, ScanContext
+    from core.masses import mass_bin_edges
+
+    edges = mass_bin_edges()
+    counts = np.zeros((len(SPECTRUM_NAMES), len(edges) - 1))
+    name = "T2/jj"
+    counts[SPECTRUM_NAMES.index(name), 40] = 500.0  # every event in one bin: no smooth fit
+    spectra = tmp_path / "spectra.npz"
+    np.savez(spectra, edges=edges, counts=counts, names=np.array(SPECTRUM_NAMES))
+    config = ScanConfig(run_dir=str(tmp_path), gof_toys=10)
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    with FanOut("serial") as fan_out:
+        ctx = ScanContext(config, audit, fan_out)
+        skipped = {n: "too few events" for n in SPECTRUM_NAMES if n != name}
+        state = {
+            "current": {
+                "index": 0,
+                "point_pb": 1.0,
+                "spectra_file": str(spectra),
+                "skipped": skipped,
+            },
+            "fallbacks_used": 0,
+        }
+        with audit.transaction():
+            update = _choose_backgrounds(ctx)(state, "0003-choose_backgrounds")  # type: ignore[arg-type]
+    backgrounds = json.loads(Path(update["current"]["backgrounds_file"]).read_text())
+    entry = backgrounds["backgrounds"][name]
+    assert entry["status"] in ("no background", "provisional")
+    assert entry["reason"]
+    rows = list(audit.db.query("select * from decisions where spectrum = ?", [name]))
+    assert rows and rows[0]["chosen"] is None
+    audit.close()

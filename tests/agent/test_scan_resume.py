@@ -1,0 +1,218 @@
+"""The real CLI: executors agree, a SIGKILLed scan resumes to the same results with every
+decision logged once, a read-only audit stops a resume with one line, tampered audits are
+caught row by row, and replay finds no difference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent.conftest import (
+    CHEAP,
+    ROOT,
+    Sample,
+    results_of,
+    run_cli,
+    scan_arguments,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted serial scan with the cheap settings."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _decision_keys(run_dir: Path) -> list[str]:
+    with sqlite3.connect(run_dir / "audit.sqlite") as db:
+        rows = db.execute("select key from decisions where kind != 'executor' order by seq")
+        return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("executor", ["process", "ray"])
+def test_every_executor_gives_the_serial_results(
+    executor: str, reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", executor))
+    assert done.returncode == 0, done.stderr
+    assert results_of(out) == results_of(reference)
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        workers = {row[0] for row in db.execute("select worker from tool_calls")}
+    assert len(workers) > 1, f"{executor} ran every tool call in one process: {workers}"
+
+
+def _steps(run_dir: Path, node: str) -> int:
+    path = run_dir / "audit.sqlite"
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            query = "select count(*) from steps where node = ?"
+            return int(db.execute(query, (node,)).fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+
+
+def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    while _steps(out, "build_spectra") < 2:
+        assert process.poll() is None, "the scan ended before its second AR point"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the second point's background fits
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert _steps(out, "choose_backgrounds") == 1, "the kill did not land during the fits"
+    assert not (out / "results.json").exists()
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+    # a resume that can not write the audit stops with one line and leaves it consistent
+    _set_immutable(out / "audit.sqlite", True)
+    try:
+        refused = run_cli("scan", "--resume", str(out), "--quiet")
+    finally:
+        _set_immutable(out / "audit.sqlite", False)
+    assert refused.returncode == 2, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "audit log" in refused.stderr and "--resume" in refused.stderr
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+    resumed = run_cli("scan", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert results_of(out) == results_of(reference)
+    keys = _decision_keys(out)
+    assert len(keys) == len(set(keys)), "a decision was written twice"
+    assert keys == _decision_keys(reference), "decisions lost or different after the resume"
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        events = [row[0] for row in db.execute("select event from runs order by seq")]
+    assert events == ["start", "resume", "finish"]
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
+    copy = tmp_path / "copy"
+    copy.mkdir(parents=True)
+    shutil.copy(reference / "audit.sqlite", copy / "audit.sqlite")
+    with sqlite3.connect(copy / "audit.sqlite") as db:
+        db.execute(statement)
+    return copy
+
+
+def _middle_decision(reference: Path) -> tuple[int, str]:
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        rows = db.execute("select seq, key from decisions order by seq").fetchall()
+    seq, key = rows[len(rows) // 2]
+    return int(seq), str(key)
+
+
+def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
+    reference: Path, tmp_path: Path
+) -> None:
+    intact = run_cli("audit", "verify", str(reference))
+    assert intact.returncode == 0, intact.stdout
+    assert "hash chain intact" in intact.stdout
+    seq, key = _middle_decision(reference)
+
+    edited = _tampered_copy(
+        reference, tmp_path / "edit", f"update decisions set chosen = '\"p6\"' where seq = {seq}"
+    )
+    report = run_cli("audit", "verify", str(edited))
+    assert report.returncode == 1
+    assert f"decisions row seq {seq} (key {key!r}): its content does not match its hash" in (
+        report.stdout
+    )
+
+    deleted = _tampered_copy(
+        reference, tmp_path / "delete", f"delete from decisions where seq = {seq}"
+    )
+    report = run_cli("audit", "verify", str(deleted))
+    assert report.returncode == 1
+    assert f"rows seq {seq}..{seq} are missing" in report.stdout
+
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        step_seq = db.execute("select seq from steps order by seq").fetchall()[2][0]
+    inserted = _tampered_copy(
+        reference,
+        tmp_path / "insert",
+        "insert into decisions (seq, key, kind, rationale, prev_hash, hash) "
+        f"select {step_seq}, 'forged', 'background', 'forged', prev_hash, hash from steps "
+        f"where seq = {step_seq}",
+    )
+    report = run_cli("audit", "verify", str(inserted))
+    assert report.returncode == 1
+    assert (
+        f"decisions row seq {step_seq} (key 'forged'): seq {step_seq} appears twice and this "
+        "row does not link: inserted"
+    ) in report.stdout
+    assert f"steps row seq {step_seq}" not in report.stdout
+
+
+def test_audit_table_filters_and_export(reference: Path, tmp_path: Path) -> None:
+    results = json.loads((reference / "results.json").read_text())
+    top = results["excesses"][0]
+    table = run_cli(
+        "audit", str(reference), "--spectrum", top["spectrum"], "--point", str(top["xsec_pb"])
+    )
+    assert table.returncode == 0, table.stderr
+    assert top["spectrum"] in table.stdout
+    assert "background" in table.stdout
+    other = next(s for s in ("T1/jj", "T7/bb") if s != top["spectrum"])
+    assert other not in table.stdout
+    output = tmp_path / "audit.jsonl"
+    exported = run_cli("audit", "export", str(reference), "-o", str(output))
+    assert exported.returncode == 0
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["seq"] for row in lines] == list(range(1, len(lines) + 1))
+    assert {row["table"] for row in lines} >= {"runs", "steps", "decisions", "tool_calls"}
+
+
+def test_replay_reports_no_difference(reference: Path) -> None:
+    replayed = run_cli("replay", str(reference))
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert ": 0 difference(s)" in replayed.stdout
+    n_replayed = int(replayed.stdout.split("replayed ")[1].split()[0])
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        n_pure = db.execute("select count(*) from tool_calls where replayable = 1").fetchone()[0]
+    assert n_replayed == n_pure > 0
+
+
+def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    with sqlite3.connect(copy / "audit.sqlite") as db:
+        db.execute(
+            "update tool_calls set output_sha256 = 'x' where seq = "
+            "(select min(seq) from tool_calls where tool = 'bump_hunt')"
+        )
+    replayed = run_cli("replay", str(copy), "--tool", "bump_hunt")
+    assert replayed.returncode == 1
+    assert "1 difference(s)" in replayed.stdout
