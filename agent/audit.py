@@ -43,6 +43,7 @@ TABLE_COLUMNS: dict[str, dict[str, type]] = {
         "inputs": str,
         "model_sha256": str,
         "seed": int,
+        "prompts": str,
     },
     "steps": {
         "step_id": str,
@@ -83,6 +84,11 @@ TABLE_COLUMNS: dict[str, dict[str, type]] = {
         "role": str,
         "content": str,
         "tokens": int,
+        "served_model": str,
+        "decision": str,
+        "prompt_tokens": int,
+        "completion_tokens": int,
+        "latency_s": float,
     },
     "fits": {
         "step_id": str,
@@ -378,8 +384,12 @@ def decisions(
     step: str | None = None,
     spectrum: str | None = None,
     point_pb: float | None = None,
+    policy: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The decisions, filtered by step (id or node name, substring), spectrum and AR point."""
+    """The decisions, filtered by step (id or node name, substring), spectrum, point, policy.
+
+    `policy="llm"` gives what the model decided, every proposal refused and every fallback.
+    """
     db = open_readonly(path)
     try:
         rows = list(db.query("select * from decisions order by seq"))
@@ -390,6 +400,8 @@ def decisions(
         if step is not None and step not in str(row["step_id"]):
             continue
         if spectrum is not None and row["spectrum"] != spectrum:
+            continue
+        if policy is not None and row["policy"] != policy:
             continue
         if point_pb is not None and (
             row["point_pb"] is None or abs(float(row["point_pb"]) / point_pb - 1.0) > 1e-6

@@ -212,6 +212,16 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
     )
 
 
+def _llm_fields(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The scan config's policy fields (the API key stays in the environment)."""
+    fields: dict[str, Any] = {"policy": getattr(arguments, "policy", "rules")}
+    for name in ("base_url", "model", "timeout_s", "max_rejections", "max_calls", "max_tokens"):
+        value = getattr(arguments, f"llm_{name}", None)
+        if value is not None:
+            fields[f"llm_{name}"] = value
+    return fields
+
+
 def _scan_config(arguments: argparse.Namespace) -> Any:
     from agent.scan import ScanConfig
 
@@ -230,6 +240,7 @@ def _scan_config(arguments: argparse.Namespace) -> Any:
         "events": arguments.events,
         "epochs": arguments.epochs,
         "gof_toys": arguments.gof_toys,
+        **_llm_fields(arguments),
     }
     if arguments.xsec_range is not None:
         fields["xsec_range"] = tuple(arguments.xsec_range)
@@ -302,7 +313,11 @@ def _command_audit(arguments: argparse.Namespace) -> int:
             print(f"{n_rows} rows -> {output}")
             return 0
         rows = audit.decisions(
-            path, step=arguments.step, spectrum=arguments.spectrum, point_pb=arguments.point
+            path,
+            step=arguments.step,
+            spectrum=arguments.spectrum,
+            point_pb=arguments.point,
+            policy=arguments.policy,
         )
     except AnomscanError as error:
         print(f"anomscan audit: {error}", file=sys.stderr)
@@ -400,6 +415,12 @@ def _command_demo(arguments: argparse.Namespace) -> int:
     return status
 
 
+def _command_mcp(arguments: argparse.Namespace) -> int:
+    from agent.mcp_server import serve_stdio
+
+    return serve_stdio(arguments.root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `anomscan` command."""
     parser = argparse.ArgumentParser(
@@ -453,6 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
     scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
     scan.add_argument("--quiet", action="store_true", help="no progress display")
+    scan.add_argument("--policy", choices=["rules", "llm"], default="rules")
+    scan.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (ANOMSCAN_LLM_BASE_URL)")
+    scan.add_argument("--llm-model", help="chat model (ANOMSCAN_LLM_MODEL)")
+    scan.add_argument("--llm-timeout", dest="llm_timeout_s", type=float, help="s per request")
+    scan.add_argument("--llm-max-rejections", type=int, help="refusals sent back per decision")
+    scan.add_argument("--llm-max-calls", type=int, help="LLM requests per scan")
+    scan.add_argument("--llm-max-tokens", type=int, help="LLM tokens per scan")
     scan.set_defaults(handler=_command_scan)
 
     audit = commands.add_parser(
@@ -462,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--step", help="step id or node name (substring)")
     audit.add_argument("--spectrum", help="e.g. T2/jm")
     audit.add_argument("--point", type=float, help="AR point, pb")
+    audit.add_argument("--policy", help="only decisions of this policy (llm: its refusals too)")
     audit.add_argument("-o", "--output", help="export: the JSON-lines file")
     audit.set_defaults(handler=_command_audit)
 
@@ -482,6 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="event pass and spectra fan-out: serial, processes, Ray, or auto",
     )
     demo.set_defaults(handler=_command_demo)
+
+    mcp = commands.add_parser("mcp", help="serve the tools over the Model Context Protocol (stdio)")
+    mcp.add_argument("--root", type=Path, help="confine every path in a tool input to this folder")
+    mcp.set_defaults(handler=_command_mcp)
     return parser
 
 

@@ -62,6 +62,7 @@ def _record_decision(
     numbers: Any = None,
     gate: str = "",
 ) -> None:
+    _record_policy_rows(ctx, step_id)
     ctx.audit.add(
         "decisions",
         f"{step_id}:{kind}:{spectrum or '-'}",
@@ -71,11 +72,26 @@ def _record_decision(
         point_pb=point_pb,
         chosen=chosen,
         options=options,
-        policy=policy or ctx.policy.name,
+        policy=policy or _decided_by(ctx),
         rationale=rationale,
         numbers=numbers,
         gate=gate,
     )
+
+
+def _record_policy_rows(ctx: ScanContext, step_id: str) -> None:
+    """Write the rows a policy queued (the LLM's messages, refusals, fallbacks) in this step."""
+    take = getattr(ctx.policy, "take_rows", None)
+    if take is None:
+        return
+    for row in take():
+        ctx.audit.add(row.table, f"{step_id}:{row.key}", step_id=step_id, **row.content)
+
+
+def _decided_by(ctx: ScanContext) -> str:
+    """The policy that took the last decision: `rules` when the LLM policy fell back."""
+    last = getattr(ctx.policy, "last", None)
+    return str(last.policy) if last is not None else ctx.policy.name
 
 
 def _node(ctx: ScanContext, name: str, body: NodeBody) -> Callable[[ScanState], dict[str, Any]]:
@@ -436,7 +452,7 @@ def _accept(
         point_pb=point,
         chosen=proposal.function,
         options=[c.model_dump() for c in candidates],
-        policy=ctx.policy.name if gate.passed else "rules",
+        policy=_decided_by(ctx) if gate.passed else "rules",
         rationale=proposal.rationale,
         gate=gate_text,
     )

@@ -79,7 +79,13 @@ class ScanConfig(BaseModel):
     executor: Executor = "auto"
     seed: int = Field(0, ge=0)
     model: str | None = None
-    policy: Literal["rules"] = "rules"
+    policy: Literal["rules", "llm"] = "rules"
+    llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (llm policy)")
+    llm_model: str | None = Field(None, description="chat model name (llm policy)")
+    llm_timeout_s: float = Field(60.0, gt=0, description="per LLM request")
+    llm_max_rejections: int = Field(3, ge=0, description="refused proposals sent back per decision")
+    llm_max_calls: int = Field(2000, ge=0, description="LLM requests per scan")
+    llm_max_tokens: int = Field(3_000_000, ge=0, description="LLM tokens per scan")
     events: int = Field(100_000, ge=1000, description="size of the built-in synthetic sample")
     epochs: int = Field(30, ge=1, description="autoencoder training epochs (when trained)")
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
@@ -478,6 +484,30 @@ class ScanOutcome:
     executors: tuple[str, ...]
 
 
+def make_policy(config: ScanConfig) -> Policy:
+    """The scan's policy: `rules`, or the LLM one (endpoint from the config or environment)."""
+    if config.policy == "rules":
+        return RulesPolicy()
+    from agent.llm_policy import LLMPolicy, LLMSettings
+
+    settings = LLMSettings.from_environment(
+        base_url=config.llm_base_url,
+        model=config.llm_model,
+        timeout_s=config.llm_timeout_s,
+        max_rejections=config.llm_max_rejections,
+        max_calls=config.llm_max_calls,
+        max_tokens=config.llm_max_tokens,
+    )
+    inputs = resolve_inputs(config)
+    declared = [] if inputs is None else [str(f) for f in inputs.files]
+    return LLMPolicy(
+        settings,
+        Path(config.run_dir),
+        declared_inputs=declared,
+        point_budget=config.point_budget(),
+    )
+
+
 def run_scan(
     config: ScanConfig, *, resume: bool = False, show_progress: bool = True
 ) -> ScanOutcome:
@@ -495,7 +525,8 @@ def run_scan(
     with contextlib.ExitStack() as stack:
         stack.callback(audit.close)
         fan_out = stack.enter_context(FanOut(config.executor))
-        ctx = ScanContext(config, audit, fan_out, progress=progress)
+        policy = make_policy(config)
+        ctx = ScanContext(config, audit, fan_out, policy=policy, progress=progress)
         fan_out.on_event = ctx.executor_event
         previous = list(audit.rows("runs"))
         event = "resume" if resume else "start"
@@ -509,6 +540,7 @@ def run_scan(
             inputs=None,
             model_sha256=None,
             seed=config.seed,
+            prompts=getattr(getattr(policy, "prompts", None), "sha256", None),
         )
         connection = sqlite3.connect(run_dir / CHECKPOINT_FILE, check_same_thread=False)
         stack.callback(connection.close)

@@ -1,0 +1,185 @@
+"""A real OpenAI-compatible chat-completions server on 127.0.0.1 that replays scripted replies.
+
+The tests point the real `openai` client at it (no mocking of the client). Each request to
+`/v1/chat/completions` takes the next reply of the script (or asks a `responder` function);
+a reply is a tool call (arguments as a dict or as raw, possibly malformed, text), plain text,
+an HTTP error (500, 429), a slow answer (past the client's timeout) or a dropped connection.
+Every request body and its headers are kept in `requests` for the tests to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer of the server."""
+
+    kind: str  # "tool", "text", "http", "drop"
+    tool: str = ""
+    arguments: str = ""
+    text: str = ""
+    status: int = 200
+    delay_s: float = 0.0
+    prompt_tokens: int = 100
+    completion_tokens: int = 20
+
+
+def tool_call(name: str, arguments: dict[str, Any] | str, **extra: Any) -> Reply:
+    """A reply calling tool `name`; a str is sent as it is (e.g. malformed JSON)."""
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return Reply("tool", tool=name, arguments=text, **extra)
+
+
+def text(content: str, **extra: Any) -> Reply:
+    """A plain-text reply without a tool call (a refusal, chatter)."""
+    return Reply("text", text=content, **extra)
+
+
+def http_error(status: int, message: str = "scripted error") -> Reply:
+    """An HTTP error status with an OpenAI-style error body."""
+    return Reply("http", status=status, text=message)
+
+
+def slow(reply: Reply, delay_s: float) -> Reply:
+    """`reply`, sent after `delay_s` seconds."""
+    return Reply(**{**reply.__dict__, "delay_s": delay_s})
+
+
+DROP = Reply("drop")
+"""Close the connection without an answer."""
+
+
+@dataclass
+class ChatServer:
+    """The scripted server; `url` is the base URL to give the client (ends in /v1)."""
+
+    script: list[Reply] = field(default_factory=list)
+    responder: Callable[[dict[str, Any]], Reply] | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _calls: int = 0
+
+    def next_reply(self, body: dict[str, Any]) -> Reply:
+        """The scripted reply for this request (the responder when the script is spent)."""
+        with self._lock:
+            self.requests.append(body)
+            self._calls += 1
+            if self.script:
+                return self.script.pop(0)
+        if self.responder is not None:
+            return self.responder(body)
+        return http_error(500, "script exhausted: the test sent more requests than it scripted")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, but wake at once when the server stops."""
+        self._stop.wait(seconds)
+
+
+def _completion(body: dict[str, Any], reply: Reply, number: int) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": None}
+    finish = "stop"
+    if reply.kind == "tool":
+        message["tool_calls"] = [
+            {
+                "id": f"call_{number}",
+                "type": "function",
+                "function": {"name": reply.tool, "arguments": reply.arguments},
+            }
+        ]
+        finish = "tool_calls"
+    else:
+        message["content"] = reply.text
+    return {
+        "id": f"chatcmpl-{number}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "scripted"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "usage": {
+            "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        },
+    }
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (timeout) leaves a broken pipe: expected, not an error."""
+        if not isinstance(sys.exc_info()[1], BrokenPipeError | ConnectionResetError):
+            super().handle_error(request, client_address)
+
+
+def _handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Silence the default stderr access log."""
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 429:
+                self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                return
+            server.headers.append({k.lower(): v for k, v in self.headers.items()})
+            reply = server.next_reply(body)
+            if reply.delay_s:
+                server.wait(reply.delay_s)
+            if reply.kind == "drop":
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if reply.kind == "http":
+                error = {"message": reply.text, "type": "server_error", "code": reply.status}
+                self._send(reply.status, {"error": error})
+                return
+            self._send(200, _completion(body, reply, len(server.requests)))
+
+    return Handler
+
+
+@contextmanager
+def chat_server(
+    script: list[Reply] | None = None, responder: Callable[[dict[str, Any]], Reply] | None = None
+) -> Iterator[ChatServer]:
+    """Start a ChatServer on a free port of 127.0.0.1 in a thread; stop it on exit."""
+    state = ChatServer(script=list(script or []), responder=responder)
+    httpd = _QuietServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    thread = threading.Thread(target=httpd.serve_forever, name="chatserver", daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state._stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
