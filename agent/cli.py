@@ -408,7 +408,7 @@ def _command_demo(arguments: argparse.Namespace) -> int:
     arguments.budget_minutes = None
     arguments.max_points = None
     arguments.epochs = 30
-    arguments.gof_toys = 50
+    arguments.gof_toys = 100
     arguments.quiet = False
     if Path(arguments.out, "config.json").exists():
         import shutil
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--model", help="a trained autoencoder (.onnx with its card)")
     scan.add_argument("--events", type=int, default=100_000, help="built-in sample size")
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
-    scan.add_argument("--gof-toys", type=int, default=50, help="goodness-of-fit toys per fit")
+    scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
     scan.add_argument("--quiet", action="store_true", help="no progress display")
     scan.set_defaults(handler=_command_scan)
 

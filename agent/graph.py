@@ -39,17 +39,10 @@ from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
 
 NodeBody = Callable[[ScanState, str], dict[str, Any]]
 
-WINDOW_EXCLUSION_P = 0.01
-"""A local excess below this p is masked and the background chosen again (PHYSICS.md 5)."""
-
 
 def _checks(ctx: ScanContext) -> dict[str, Any]:
-    """Robustness-check settings of the scan (those of agent/pipeline.py FAST_CHECKS).
-
-    Asimov spurious signal, 30x cheaper than toys and agreeing with their median; the
-    goodness-of-fit toys come from the config.
-    """
-    return {"spurious_method": "asimov", "n_gof_toys": ctx.config.gof_toys}
+    """Robustness-check settings of the scan: core defaults, GOF toys from the config."""
+    return {"n_gof_toys": ctx.config.gof_toys}
 
 
 SPECTRUM_NAMES = tuple(f"{stream}/{pair}" for stream in STREAMS for pair in PAIRS)
@@ -402,10 +395,11 @@ def _region_numbers(score: np.ndarray | None, masks: np.ndarray) -> dict[str, An
 def _spectrum_input(
     edges: np.ndarray, counts: np.ndarray, name: str, seed: int, **extra: Any
 ) -> dict[str, Any]:
+    """A `choose_background` input: the histogram inline, the stream's fit start."""
     stream = name.split("/", maxsplit=1)[0]
     return {
         "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
-        "fit_range": [STREAM_FIT_FROM_GEV[stream], None],
+        "stream_start_gev": STREAM_FIT_FROM_GEV[stream],
         "seed": seed,
         **extra,
     }
@@ -417,23 +411,18 @@ def _spectrum_seed(config_seed: int, index: int, name: str) -> int:
 
 def _candidates(output: dict[str, Any]) -> list[Candidate]:
     """The candidates a `choose_background` output tried, in order, with their checks."""
-    fallback_name = output["fallback"]["expression"] if output.get("fallback") else None
-    candidates = []
-    for report in output["checks"]:
-        candidates.append(
-            Candidate(
-                function=report["function"],
-                passed=bool(report["passed"]),
-                checks=[
-                    CheckSummary(name=c["name"], passed=c["passed"], numbers=c["numbers"])
-                    for c in report["checks"]
-                ],
-                source="fallback"
-                if fallback_name is not None and report["function"] == fallback_name
-                else "nested",
-            )
+    return [
+        Candidate(
+            function=row["function"],
+            passed=bool(row["passed"]) and bool(row["checked"]),
+            checks=[
+                CheckSummary(name=c["name"], passed=c["passed"], numbers=c["numbers"])
+                for c in row["checks"]
+            ],
+            source=row["source"],
         )
-    return candidates
+        for row in output["candidates"]
+    ]
 
 
 def _accept(
@@ -494,27 +483,57 @@ def _fallback(
     return proposal
 
 
-def _provisional(
-    candidates: list[Candidate], output: dict[str, Any], reason: str
-) -> dict[str, Any]:
-    """No candidate passed: the F-test's function is kept only to look for a window to mask.
+def _fallback_settings(ctx: ScanContext) -> dict[str, Any]:
+    return {"time_budget_s": ctx.config.fallback_time_s, "n_seeds": 2}
 
-    A strong signal can make every function fail the checks; PHYSICS.md 5 masks the flagged
-    window and chooses again. A provisional background never yields a reported excess: only
-    a masked refit that passes every check (through the gates) does.
-    """
-    if not candidates:
-        return {"status": "no background", "reason": reason}
+
+def _accepted(
+    ctx: ScanContext, step_id: str, name: str, output: dict[str, Any], function: str
+) -> dict[str, Any]:
+    """The accepted candidate's row as the input of its bump hunt; logged in `fits`."""
+    row = next(r for r in output["candidates"] if r["function"] == function)
+    ctx.audit.add(
+        "fits",
+        f"{step_id}:{name}:{function}",
+        step_id=step_id,
+        spectrum=name,
+        function=function,
+        parameters=row["parameters"],
+        p_value=row["p_value"],
+        chi2=row["deviance"],
+        ndf=row["ndf"],
+        fit_range=row["fit_range"],
+        passed=True,
+    )
     return {
-        "status": "provisional",
-        "function": candidates[0].function,
-        "output": output,
-        "reason": reason,
+        "status": "accepted",
+        "function": row["expression"] if row["source"] == "fallback" else function,
+        "name": function,
+        "fit_range": list(row["fit_range"]),
+        "parameters": row["parameters"],
     }
 
 
-def _fallback_settings(ctx: ScanContext) -> dict[str, Any]:
-    return {"time_budget_s": ctx.config.fallback_time_s, "n_seeds": 2}
+def _provisional(output: dict[str, Any], reason: str) -> dict[str, Any]:
+    """No candidate passed: the F-test's function is kept only to look for a window to mask.
+
+    A strong signal makes every function fail its checks (the F-test climbs to fit the bump,
+    the goodness of fit fails). PHYSICS.md 5 masks the flagged window and chooses again: a
+    provisional background never yields an excess itself; only a background chosen again
+    with the window masked that passes every check (through the gates) does.
+    """
+    checked = [row for row in output["candidates"] if row["checks"]]
+    if not checked:
+        return {"status": "no background", "reason": reason}
+    row = checked[0]
+    return {
+        "status": "provisional",
+        "function": row["expression"] if row["source"] == "fallback" else row["function"],
+        "name": row["function"],
+        "fit_range": list(row["fit_range"]),
+        "parameters": row["parameters"],
+        "reason": reason,
+    }
 
 
 def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
@@ -544,11 +563,10 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         fallback_calls = []
         fallbacks_used = int(state.get("fallbacks_used", 0))
         for (name, payload), result in zip(calls, results, strict=True):
-            if result.output is None:
-                backgrounds[name] = {
-                    "status": "no background",
-                    "reason": f"fit failed: {result.error}",
-                }
+            if result.output is None or not result.output["candidates"]:
+                why = result.error if result.output is None else "no function could be fitted"
+                failures = "" if result.output is None else f" {result.output['failures']}"
+                backgrounds[name] = {"status": "no background", "reason": f"fit failed: {why}"}
                 _record_decision(
                     ctx,
                     step_id,
@@ -557,18 +575,14 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                     point_pb=point,
                     chosen=None,
                     policy="rules",
-                    rationale=f"every fit failed: {result.error}",
+                    rationale=f"every fit failed: {why}{failures}",
                     gate="no candidate",
                 )
                 continue
             candidates = _candidates(result.output)
             proposal = _accept(ctx, step_id, name, point, candidates)
             if proposal.function is not None:
-                backgrounds[name] = {
-                    "status": "accepted",
-                    "function": proposal.function,
-                    "output": result.output,
-                }
+                backgrounds[name] = _accepted(ctx, step_id, name, result.output, proposal.function)
                 continue
             values = counts[SPECTRUM_NAMES.index(name)]
             stream = name.split("/", maxsplit=1)[0]
@@ -582,7 +596,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                 n_in_range,
                 ctx.config.fallback_budget - fallbacks_used,
             )
-            backgrounds[name] = _provisional(candidates, result.output, proposal.rationale)
+            backgrounds[name] = _provisional(result.output, proposal.rationale)
             if decision.use_fallback:
                 fallbacks_used += 1
                 fallback_calls.append(
@@ -611,17 +625,14 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                     kind="background_fallback",
                 )
                 if proposal.function is not None:
-                    backgrounds[name] = {
-                        "status": "accepted",
-                        "function": proposal.function,
-                        "output": result.output,
-                    }
+                    backgrounds[name] = _accepted(
+                        ctx, step_id, name, result.output, proposal.function
+                    )
                 else:
                     backgrounds[name]["reason"] += "; the symbolic fallback did not pass either"
-        fits = _accepted_fits(ctx, step_id, edges, counts, index, backgrounds)
         path = ctx.run_dir / "points" / f"point-{index:03d}-backgrounds.json"
         path.parent.mkdir(exist_ok=True)
-        write_atomic(path, json.dumps({"point_pb": point, "backgrounds": fits}))
+        write_atomic(path, json.dumps({"point_pb": point, "backgrounds": backgrounds}))
         current["backgrounds_file"] = str(path)
         current["backgrounds_sha256"] = ctx.artifact(path, "backgrounds")
         ctx.progress.update(spectra_done=ctx.progress.spectra_done + len(names))
@@ -634,270 +645,207 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
     return body
 
 
-def _accepted_fits(
-    ctx: ScanContext,
-    step_id: str,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    index: int,
-    backgrounds: dict[str, dict[str, Any]],
-) -> dict[str, dict[str, Any]]:
-    """The fit of every accepted (or provisional) function.
-
-    The tool's own fit, or a fit_background call when the policy accepted another passing
-    candidate than the one `choose_background` stopped at (or none passed).
-    """
-    refits = []
-    for name, entry in backgrounds.items():
-        if entry["status"] == "provisional" or (
-            entry["status"] == "accepted" and entry["output"].get("chosen") != entry["function"]
-        ):
-            refits.append(
-                (
-                    name,
-                    _spectrum_input(
-                        edges,
-                        counts[SPECTRUM_NAMES.index(name)],
-                        name,
-                        _spectrum_seed(ctx.config.seed, index, name),
-                        function=entry["function"],
-                    ),
-                )
-            )
-    refit = (
-        {r.label: r for r in ctx.call_tools(step_id, "fit_background", refits)} if refits else {}
-    )
-    fits: dict[str, dict[str, Any]] = {}
-    for name, entry in backgrounds.items():
-        if entry["status"] == "no background":
-            fits[name] = {"status": "no background", "reason": entry["reason"]}
-            continue
-        fit = entry["output"]["fit"] if name not in refit else refit[name].output
-        if fit is None:
-            fits[name] = {"status": "no background", "reason": f"refit failed: {refit[name].error}"}
-            continue
-        fits[name] = {
-            "status": entry["status"],
-            "function": entry["function"],
-            "bins": list(fit["bins"]),
-            "expected": fit["expected"],
-            "p_value": fit["p_value"],
-            "reason": entry.get("reason", ""),
-        }
-        ctx.audit.add(
-            "fits",
-            f"{step_id}:{name}",
-            step_id=step_id,
-            spectrum=name,
-            point_pb=None,
-            function=entry["function"],
-            parameters=fit["parameters"],
-            p_value=fit["p_value"],
-            chi2=fit["chi2"],
-            ndf=fit["ndf"],
-            fit_range=fit["fit_range"],
-            passed=entry["status"] == "accepted",
-        )
-    return fits
-
-
 # ---------------------------------------------------------------- bump hunt
 
 
-def _bump_input(
-    edges: np.ndarray, counts: np.ndarray, fit: dict[str, Any], seed: int
+def _search_input(
+    edges: np.ndarray, values: np.ndarray, entry: dict[str, Any], seed: int
 ) -> dict[str, Any]:
-    first, stop = fit["bins"]
-    n_bins = stop - first
     return {
-        "histogram": {
-            "edges": edges[first : stop + 1].tolist(),
-            "counts": counts[first:stop].tolist(),
-            "background": fit["expected"],
-        },
-        "width_max": max(2, n_bins // 4),
+        "histogram": {"edges": edges.tolist(), "counts": values.tolist()},
+        "fit_range": entry["fit_range"],
+        "function": entry["function"],
+        "parameters": entry["parameters"],
         "seed": seed,
     }
 
 
-def _kept(fit: dict[str, Any]) -> str:
-    """What stands when a window-masked refit is not used."""
-    if fit.get("status") == "accepted":
-        return "unmasked background kept"
-    return "no background: the unmasked fit failed its checks"
+def _rescue_provisional(
+    ctx: ScanContext,
+    step_id: str,
+    point: float,
+    index: int,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    backgrounds: dict[str, dict[str, Any]],
+    searches: dict[str, Any],
+) -> None:
+    """Window exclusion for spectra whose every fit failed: mask, choose again, search again.
+
+    A provisional spectrum whose hunt finds global p < EXCLUSION_TRIGGER_P gets its window
+    (with the signal-width mask of core.exclusion) masked in `choose_background`; a function
+    that then passes every check is accepted through the policy and the gates, and its
+    `search_spectrum` replaces the provisional one. Otherwise the spectrum has no background.
+    """
+    from core.exclusion import EXCLUSION_TRIGGER_P
+
+    masked_calls = []
+    for name, entry in backgrounds.items():
+        if entry.get("status") != "provisional":
+            continue
+        search = searches.pop(name, None)
+        if search is None or search.output is None:
+            entry["rescue"] = f"the provisional bump hunt failed: {search.error if search else ''}"
+            continue
+        bump = search.output["bump_unmasked"]
+        if bump["global_p"] >= EXCLUSION_TRIGGER_P:
+            entry["rescue"] = (
+                f"no window to mask: global p {bump['global_p']:.3g} >= {EXCLUSION_TRIGGER_P} "
+                f"against the provisional {entry['name']}"
+            )
+            continue
+        exclusion = search.output["window_exclusion"]
+        window = list(exclusion["window_gev"] if exclusion else bump["window"])
+        entry["window"] = window
+        masked_calls.append(
+            (
+                name,
+                _spectrum_input(
+                    edges,
+                    counts[SPECTRUM_NAMES.index(name)],
+                    name,
+                    _spectrum_seed(ctx.config.seed, index, name),
+                    checks=_checks(ctx) | {"window": window},
+                    use_fallback=False,
+                ),
+            )
+        )
+    if not masked_calls:
+        return
+    ctx.progress.update(stage=f"window exclusion ({len(masked_calls)} spectra)")
+    rescued = []
+    for (name, _), result in zip(
+        masked_calls, ctx.call_tools(step_id, "choose_background", masked_calls), strict=True
+    ):
+        entry = backgrounds[name]
+        low, high = entry["window"]
+        if result.output is None or not result.output["candidates"]:
+            entry["rescue"] = f"the fits with {low:.0f}-{high:.0f} GeV masked failed"
+            continue
+        proposal = _accept(
+            ctx, step_id, name, point, _candidates(result.output), kind="background_masked"
+        )
+        if proposal.function is None:
+            entry["rescue"] = f"no function passed every check with {low:.0f}-{high:.0f} GeV masked"
+            continue
+        backgrounds[name] = _accepted(ctx, step_id, name, result.output, proposal.function)
+        backgrounds[name]["masked_for_choice_gev"] = [low, high]
+        rescued.append(name)
+    calls = [
+        (
+            name,
+            _search_input(
+                edges,
+                counts[SPECTRUM_NAMES.index(name)],
+                backgrounds[name],
+                _spectrum_seed(ctx.config.seed, index, name),
+            ),
+        )
+        for name in rescued
+    ]
+    for result in ctx.call_tools(step_id, "search_spectrum", calls):
+        searches[result.label] = result
 
 
 def _hunt_bumps(ctx: ScanContext) -> NodeBody:
+    """`search_spectrum` against every accepted background: bump hunt, window exclusion."""
+
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
         index = int(current["index"])
         with np.load(current["spectra_file"]) as data:
             edges, counts = data["edges"], data["counts"]
-        fits = json.loads(Path(current["backgrounds_file"]).read_text())["backgrounds"]
+        backgrounds = json.loads(Path(current["backgrounds_file"]).read_text())["backgrounds"]
         accepted = [
             n
             for n in SPECTRUM_NAMES
-            if fits.get(n, {}).get("status") in ("accepted", "provisional")
+            if backgrounds.get(n, {}).get("status") in ("accepted", "provisional")
         ]
-
-        def seed(name: str) -> int:
-            return _spectrum_seed(ctx.config.seed, index, name)
-
         calls = [
-            (n, _bump_input(edges, counts[SPECTRUM_NAMES.index(n)], fits[n], seed(n)))
-            for n in accepted
-        ]
-        bumps = {r.label: r for r in ctx.call_tools(step_id, "bump_hunt", calls)}
-
-        flagged = [
-            n for n in accepted if (bumps[n].output or {}).get("local_p", 1.0) < WINDOW_EXCLUSION_P
-        ]
-        if flagged:
-            ctx.progress.update(stage=f"window exclusion ({len(flagged)} spectra)")
-            masked_calls = [
-                (
-                    n,
-                    _spectrum_input(
-                        edges,
-                        counts[SPECTRUM_NAMES.index(n)],
-                        n,
-                        seed(n),
-                        checks=_checks(ctx) | {"window": list(bumps[n].output["window"])},  # type: ignore[index]
-                        use_fallback=False,
-                    ),
-                )
-                for n in flagged
-            ]
-            masked = ctx.call_tools(step_id, "choose_background", masked_calls)
-            refits: dict[str, dict[str, Any]] = {}
-            for (name, _), result in zip(masked_calls, masked, strict=True):
-                window = bumps[name].output["window"]  # type: ignore[index]
-                if result.output is None or result.output.get("fit") is None:
-                    why = result.error if result.output is None else "no function passed"
-                    _record_decision(
-                        ctx,
-                        step_id,
-                        "window_exclusion",
-                        spectrum=name,
-                        point_pb=point,
-                        chosen=_kept(fits[name]),
-                        policy="rules",
-                        rationale=f"refit with {window[0]:.0f}-{window[1]:.0f} GeV masked: {why}",
-                    )
-                    continue
-                proposal = _accept(
-                    ctx, step_id, name, point, _candidates(result.output), kind="background_masked"
-                )
-                if proposal.function != result.output["chosen"]:
-                    _record_decision(
-                        ctx,
-                        step_id,
-                        "window_exclusion",
-                        spectrum=name,
-                        point_pb=point,
-                        chosen=_kept(fits[name]),
-                        policy="rules",
-                        rationale="the masked refit's function was not accepted",
-                    )
-                    continue
-                fit = result.output["fit"]
-                refits[name] = {
-                    "status": "accepted",
-                    "function": proposal.function,
-                    "bins": list(fit["bins"]),
-                    "expected": fit["expected"],
-                    "p_value": fit["p_value"],
-                    "masked_window_gev": list(window),
-                }
-            rehunt = [
-                (n, _bump_input(edges, counts[SPECTRUM_NAMES.index(n)], refits[n], seed(n)))
-                for n in refits
-            ]
-            for result in ctx.call_tools(step_id, "bump_hunt", rehunt):
-                name = result.label
-                if result.output is None:
-                    _record_decision(
-                        ctx,
-                        step_id,
-                        "window_exclusion",
-                        spectrum=name,
-                        point_pb=point,
-                        chosen=_kept(fits[name]),
-                        policy="rules",
-                        rationale=f"bump hunt against the masked background failed: {result.error}",
-                    )
-                    continue
-                before = bumps[name].output
-                assert before is not None
-                _record_decision(
-                    ctx,
-                    step_id,
-                    "window_exclusion",
-                    spectrum=name,
-                    point_pb=point,
-                    chosen="masked background",
-                    policy="rules",
-                    rationale=(
-                        f"local p {before['local_p']:.3g} < {WINDOW_EXCLUSION_P}: background "
-                        f"refitted with {before['window'][0]:.0f}-{before['window'][1]:.0f} GeV "
-                        f"masked ({refits[name]['function']}); local Z {before['local_z']:.2f} -> "
-                        f"{result.output['local_z']:.2f}"
-                    ),
-                    numbers={
-                        "local_z_unmasked": before["local_z"],
-                        "local_z_masked": result.output["local_z"],
+            (
+                name,
+                {
+                    "histogram": {
+                        "edges": edges.tolist(),
+                        "counts": counts[SPECTRUM_NAMES.index(name)].tolist(),
                     },
-                )
-                fits[name] = refits[name]
-                bumps[name] = result
-
+                    "fit_range": backgrounds[name]["fit_range"],
+                    "function": backgrounds[name]["function"],
+                    "parameters": backgrounds[name]["parameters"],
+                    "seed": _spectrum_seed(ctx.config.seed, index, name),
+                },
+            )
+            for name in accepted
+        ]
+        searches = {r.label: r for r in ctx.call_tools(step_id, "search_spectrum", calls)}
+        _rescue_provisional(ctx, step_id, point, index, edges, counts, backgrounds, searches)
         spectra: list[dict[str, Any]] = []
         background_rows = np.zeros_like(counts)
         outcomes: dict[str, dict[str, Any]] = {}
-        for name in SPECTRUM_NAMES:
-            k = SPECTRUM_NAMES.index(name)
+        for k, name in enumerate(SPECTRUM_NAMES):
             if name in current["skipped"]:
                 outcomes[name] = {"status": "skipped", "local_z": None}
                 spectra.append(
                     {"spectrum": name, "status": "skipped", "reason": current["skipped"][name]}
                 )
                 continue
-            fit = fits.get(name, {})
-            bump = bumps.get(name)
-            if fit.get("status") != "accepted" or bump is None or bump.output is None:
-                reason = fit.get("reason") or (
-                    f"bump hunt failed: {bump.error}" if bump else "no background"
+            entry = backgrounds.get(name, {"status": "no background", "reason": "not fitted"})
+            search = searches.get(name)
+            if entry["status"] != "accepted" or search is None or search.output is None:
+                if entry["status"] == "provisional":
+                    entry["reason"] += "; " + entry.get("rescue", "no window to mask")
+                reason = (
+                    entry.get("reason") or f"bump hunt failed: {search.error if search else ''}"
                 )
-                if fit.get("status") == "provisional":
-                    reason += (
-                        "; no window-masked refit passed the checks either"
-                        if name in flagged
-                        else f"; no window with local p < {WINDOW_EXCLUSION_P} to mask"
-                    )
                 outcomes[name] = {"status": "no background", "local_z": None}
                 spectra.append({"spectrum": name, "status": "no background", "reason": reason})
                 continue
-            first, stop = fit["bins"]
-            background_rows[k, first:stop] = fit["expected"]
-            out = bump.output
-            outcomes[name] = {"status": "excess", "local_z": out["local_z"]}
+            out = search.output
+            exclusion = out["window_exclusion"]
+            if exclusion is not None:
+                _record_decision(
+                    ctx,
+                    step_id,
+                    "window_exclusion",
+                    spectrum=name,
+                    point_pb=point,
+                    chosen="masked background" if exclusion["accepted"] else "unmasked kept",
+                    policy="rules",
+                    rationale=exclusion["reason"],
+                    numbers={
+                        key: exclusion[key]
+                        for key in (
+                            "trigger_global_p",
+                            "window_gev",
+                            "background_unmasked",
+                            "background_masked",
+                            "agreement_sigma",
+                        )
+                    },
+                )
+            first, stop = out["first_bin"], out["stop_bin"]
+            background_rows[k, first:stop] = out["background"]
+            bump = out["bump"]
+            outcomes[name] = {"status": "excess", "local_z": bump["local_z"]}
             spectra.append(
                 {
                     "spectrum": name,
                     "status": "excess",
-                    "function": fit["function"],
+                    "function": entry["name"],
                     "bins": [first, stop],
-                    "window_gev": list(out["window"]),
-                    "data": out["data"],
-                    "background": out["background"],
-                    "local_p": out["local_p"],
-                    "local_z": out["local_z"],
-                    "global_p": out["global_p"],
-                    "global_z": out["global_z"],
-                    "global_z_is_lower_limit": out["global_z_is_lower_limit"],
-                    "fit_p_value": fit["p_value"],
-                    "masked_window_gev": fit.get("masked_window_gev"),
+                    "window_gev": list(bump["window"]),
+                    "data": bump["data"],
+                    "background": bump["background"],
+                    "local_p": bump["local_p"],
+                    "local_z": bump["local_z"],
+                    "global_p": bump["global_p"],
+                    "global_z": bump["global_z"],
+                    "global_z_is_lower_limit": bump["global_z_is_lower_limit"],
+                    "fit_p_value": out["p_value"],
+                    "masked_window_gev": (
+                        exclusion["window_gev"] if exclusion and exclusion["accepted"] else None
+                    ),
                 }
             )
             ctx.audit.add(
@@ -906,14 +854,14 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                 step_id=step_id,
                 spectrum=name,
                 point_pb=point,
-                window_lo=out["window"][0],
-                window_hi=out["window"][1],
-                data=out["data"],
-                background=out["background"],
-                local_p=out["local_p"],
-                local_z=out["local_z"],
-                global_p=out["global_p"],
-                global_z=out["global_z"],
+                window_lo=bump["window"][0],
+                window_hi=bump["window"][1],
+                data=bump["data"],
+                background=bump["background"],
+                local_p=bump["local_p"],
+                local_z=bump["local_z"],
+                global_p=bump["global_p"],
+                global_z=bump["global_z"],
             )
         folder = ctx.run_dir / "points"
         arrays = folder / f"point-{index:03d}.npz"
@@ -922,7 +870,8 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         temporary.replace(arrays)
         results_path = folder / f"point-{index:03d}.json"
         write_atomic(
-            results_path, json.dumps({"point_pb": point, "arrays": arrays.name, "spectra": spectra})
+            results_path,
+            json.dumps({"point_pb": point, "arrays": arrays.name, "spectra": spectra}),
         )
         ctx.artifact(arrays, "point arrays")
         record: PointRecord = {

@@ -47,7 +47,15 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 
 REPLAYABLE_TOOLS = frozenset(
-    {"choose_background", "fit_background", "bump_hunt", "scan_significance", "robustness_checks"}
+    {
+        "choose_background",
+        "fit_background",
+        "bump_hunt",
+        "search_spectrum",
+        "analyse_spectrum",
+        "scan_significance",
+        "robustness_checks",
+    }
 )
 """Pure tools: their output is a function of their logged input (and the files it names,
 whose hashes are in `artifacts`). Training and generation write files and are not replayed."""
@@ -77,7 +85,7 @@ class ScanConfig(BaseModel):
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
     fallback_time_s: float = Field(60.0, gt=0)
     min_events: int = Field(40, ge=1, description="events above the fit start to fit")
-    gof_toys: int = Field(50, ge=10, description="toys of the goodness-of-fit check")
+    gof_toys: int = Field(100, ge=10, description="toys of the goodness-of-fit check")
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
 

@@ -50,6 +50,12 @@ from core.significance import validate_spectrum, z_from_log_p, z_from_p
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
+MIN_WINDOW_BACKGROUND: Final = 1.0
+"""Windows expecting fewer background events than this are not scanned (sparse tails)."""
+
+MAX_TOYS: Final = 10_000_000
+"""Upper bound on any toy budget: beyond it a request is refused, not run for hours."""
+
 MIN_TOYS_SMALL_P: Final = 10_000
 """At least this many toys whenever the global p-value is below `SMALL_P`."""
 
@@ -57,6 +63,9 @@ SMALL_P: Final = 0.01
 
 _LOG_TAIL_BELOW: Final = 1e-290
 """Below this P(n >= k | B) from gammainc the tail is summed in log space instead."""
+
+_SERIES_BLOCKS: Final = 64
+"""Blocks of 256 series terms summed exactly in `_log_lower_gamma_series`; then bounded."""
 
 _TOY_ENTRIES_PER_BATCH: Final = 2_000_000
 """Toy bins drawn per batch: bounds the memory (a few tens of MB)."""
@@ -76,7 +85,9 @@ def _log_lower_gamma_series(a: FloatArray, x: FloatArray) -> FloatArray:
     active = np.ones(a.shape, dtype=bool)
     block = np.arange(1, 257, dtype=np.float64)
     offset = 0.0
-    while np.any(active):
+    for _ in range(_SERIES_BLOCKS):
+        if not np.any(active):
+            break
         idx = np.flatnonzero(active)
         steps = np.log(x[idx, None]) - np.log(a[idx, None] + offset + block[None, :])
         log_terms = running[idx, None] + np.cumsum(steps, axis=1)
@@ -84,6 +95,13 @@ def _log_lower_gamma_series(a: FloatArray, x: FloatArray) -> FloatArray:
         running[idx] = log_terms[:, -1]
         active[idx] = np.exp(running[idx]) > 1e-17 * total[idx]
         offset += block.size
+    if np.any(active):
+        # Huge counts (a ~ 1e12 and more): bound the remainder by the geometric series of the
+        # current term ratio r = x / (a + j), which only falls; ln S changes by far less than 1
+        # where t > 667 anyway, and the loop stays bounded.
+        idx = np.flatnonzero(active)
+        ratio = x[idx] / (a[idx] + offset + 1.0)
+        total[idx] += np.exp(running[idx]) * ratio / (1.0 - ratio)
     log_sum = np.log(total)
     return np.asarray(a * np.log(x) - x - gammaln(a + 1.0) + log_sum, dtype=np.float64)
 
@@ -149,15 +167,26 @@ def tail_thresholds(background: npt.ArrayLike, t_min: float) -> IntArray:
         upper[down_rows[down_hit]] = trial[~going_up][down_hit]
         lower[down_rows[down_miss]] = trial[~going_up][down_miss]
         finished = np.where(going_up, hit, ~(hit & inside))
-        searching[rows[finished]] = False
+        # A tail that never reaches t_min within float range (or a NaN tail) ends the search
+        # with an unreachable threshold, saturated below.
+        runaway = going_up & ~hit & ~np.isfinite(trial + step[rows])
+        upper[rows[runaway]] = np.inf
+        searching[rows[finished | runaway]] = False
         step[rows] *= 2.0
-    while np.any(upper - lower > 1):
-        rows = np.flatnonzero(upper - lower > 1)
-        middle = np.floor((upper[rows] + lower[rows]) / 2.0)
+    stuck = np.zeros(b.size, dtype=bool)
+    open_gap = upper - lower > 1
+    while np.any(open_gap):
+        rows = np.flatnonzero(open_gap)
+        before_low, before_up = lower[rows], upper[rows]
+        middle = np.floor((before_up + before_low) / 2.0)
         hit = reaches(middle, rows)
         upper[rows[hit]] = middle[hit]
         lower[rows[~hit]] = middle[~hit]
-    return upper.astype(np.int64)
+        # Where float steps exceed 1 (sums above 2^53) the midpoint can equal an end: stop.
+        stalled = np.where(hit, middle >= before_up, middle <= before_low)
+        stuck[rows[stalled]] = True
+        open_gap = (upper - lower > 1) & ~stuck
+    return np.minimum(upper, 2.0**62).astype(np.int64)
 
 
 def tabulate_poisson_tails(
@@ -209,11 +238,13 @@ class ScanWindows:
     widths: tuple[int, ...]
     background_sums: tuple[FloatArray, ...]
     background_bins: FloatArray
+    active: tuple[npt.NDArray[np.bool_], ...]
+    min_background: float
 
     @property
     def n_windows(self) -> int:
-        """Total number of windows scanned."""
-        return int(sum(s.size for s in self.background_sums))
+        """Total number of windows scanned (those expecting >= `min_background` events)."""
+        return int(sum(np.count_nonzero(a) for a in self.active))
 
 
 def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[int, int]:
@@ -233,9 +264,20 @@ def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[i
 
 
 def scan_windows(
-    background: npt.ArrayLike, width_min: int = 1, width_max: int | None = None
+    background: npt.ArrayLike,
+    width_min: int = 1,
+    width_max: int | None = None,
+    min_background: float = MIN_WINDOW_BACKGROUND,
 ) -> ScanWindows:
-    """All windows (widths in bins; default 1..N/2) of the bins with background > 0."""
+    """All windows (widths in bins; default 1..N/2) of the bins with background > 0.
+
+    Windows whose summed background is below `min_background` events are kept in the
+    arrays but inactive: their statistic is 0 for data and toys alike (module docstring).
+    """
+    if not (math.isfinite(min_background) and min_background >= 0):
+        raise InvalidInputError(
+            f"min_background must be a finite number of events >= 0, found {min_background}"
+        )
     b = np.asarray(background, dtype=np.float64)
     if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)) or np.any(b < 0):
         raise InvalidInputError("scan_windows needs a 1D background of finite expected counts >= 0")
@@ -253,7 +295,8 @@ def scan_windows(
     cumulative = np.concatenate([[0.0], np.cumsum(bins)])
     widths = tuple(w for w in range(low, high + 1) if w <= bins.size)
     sums = tuple(cumulative[w:] - cumulative[:-w] for w in widths)
-    return ScanWindows(first, stop, widths, sums, bins)
+    active = tuple(np.asarray(s >= min_background * (1.0 - 1e-12)) for s in sums)
+    return ScanWindows(first, stop, widths, sums, bins, active, float(min_background))
 
 
 def window_statistics(windows: ScanWindows, counts: npt.ArrayLike) -> tuple[FloatArray, ...]:
@@ -261,8 +304,10 @@ def window_statistics(windows: ScanWindows, counts: npt.ArrayLike) -> tuple[Floa
     n = np.asarray(counts, dtype=np.float64)[windows.first_bin : windows.stop_bin]
     cumulative = np.concatenate([[0.0], np.cumsum(n)])
     return tuple(
-        poisson_tail_statistic(cumulative[w:] - cumulative[:-w], sums)
-        for w, sums in zip(windows.widths, windows.background_sums, strict=True)
+        np.where(active, poisson_tail_statistic(cumulative[w:] - cumulative[:-w], sums), 0.0)
+        for w, sums, active in zip(
+            windows.widths, windows.background_sums, windows.active, strict=True
+        )
     )
 
 
@@ -372,7 +417,9 @@ def window_thresholds(
     """
     dtype = _count_dtype(windows)
     flat = tail_thresholds(np.concatenate(windows.background_sums), t_min)
-    flat = np.minimum(flat, np.iinfo(dtype).max).astype(dtype)
+    flat = np.minimum(flat, np.iinfo(dtype).max)
+    flat[~np.concatenate(windows.active)] = np.iinfo(dtype).max
+    flat = flat.astype(dtype)
     return tuple(np.split(flat, np.cumsum([s.size for s in windows.background_sums])[:-1]))
 
 
@@ -394,7 +441,9 @@ def toy_statistics(
         size = min(batch, n_toys - start)
         cumulative = toy_cumulative_counts(windows, size, rng).astype(np.int64)
         best = np.zeros(size, dtype=np.float64)
-        for width, sums in zip(windows.widths, windows.background_sums, strict=True):
+        for width, sums, active in zip(
+            windows.widths, windows.background_sums, windows.active, strict=True
+        ):
             counts = cumulative[:, width:] - cumulative[:, :-width]
             first = np.floor(sums).astype(np.int64) + 1
             offset = counts - first[None, :]
@@ -412,9 +461,21 @@ def toy_statistics(
                 values[outside] = poisson_tail_statistic(
                     counts[outside], np.broadcast_to(sums, counts.shape)[outside]
                 )
+            values[:, ~active] = 0.0
             np.maximum(best, values.max(axis=1), out=best)
         result[start : start + size] = best
     return result
+
+
+def check_toy_budget(min_toys: int, max_toys: int, target_rel_error: float = 0.1) -> None:
+    """Raise InvalidInputError unless 1 <= min_toys <= max_toys <= MAX_TOYS, 0 < target < 1."""
+    if not (1 <= min_toys <= max_toys <= MAX_TOYS):
+        raise InvalidInputError(
+            f"toy counts must satisfy 1 <= min_toys <= max_toys <= {MAX_TOYS:.0e}; found "
+            f"{min_toys}, {max_toys}; ask for fewer toys"
+        )
+    if not (0 < target_rel_error < 1):
+        raise InvalidInputError(f"target_rel_error must be in (0, 1), found {target_rel_error}")
 
 
 @dataclass(frozen=True)
@@ -442,12 +503,7 @@ def adaptive_toy_p_value(
     never before 10 000 toys while p < 0.01 (even above `max_toys`); otherwise at
     `max_toys`. The error is binomial; with k = 0 it is the 68 % upper limit 1 - 0.32^(1/n).
     """
-    if min_toys < 1 or max_toys < min_toys:
-        raise InvalidInputError(
-            f"toy counts must satisfy 1 <= min_toys <= max_toys; found {min_toys}, {max_toys}"
-        )
-    if not (0 < target_rel_error < 1):
-        raise InvalidInputError(f"target_rel_error must be in (0, 1), found {target_rel_error}")
+    check_toy_budget(min_toys, max_toys, target_rel_error)
     n_toys, reaching = 0, 0
     converged = False
     while True:
@@ -480,8 +536,38 @@ def adaptive_toy_p_value(
 
 
 @dataclass(frozen=True)
+class HuntOptions:
+    """Window set and toy budget of a BumpHunter scan (widths in bins, background in events).
+
+    One object for the per-spectrum hunt and the scan-wide look-elsewhere test, so that both
+    scan the same windows: widths `width_min`..`width_max` (None: half the scan range),
+    windows expecting fewer than `min_window_background` events left out.
+    """
+
+    width_min: int = 1
+    width_max: int | None = None
+    min_window_background: float = MIN_WINDOW_BACKGROUND
+    min_toys: int = 1_000
+    max_toys: int = 100_000
+    target_rel_error: float = 0.1
+
+    def windows(self, background: npt.ArrayLike) -> ScanWindows:
+        """The windows of a background (expected counts per bin) under these options."""
+        return scan_windows(background, self.width_min, self.width_max, self.min_window_background)
+
+
+DEFAULT_HUNT: Final = HuntOptions()
+"""The window set of the scan: widths 1..N/2, windows with at least one expected event."""
+
+
+@dataclass(frozen=True)
 class BumpHuntResult:
-    """BumpHunter on one spectrum: best window (GeV, bins [first, stop)), local and global p."""
+    """BumpHunter on one spectrum: best window (GeV, bins [first, stop)), local and global p.
+
+    `global_p_method` is "toys" (the fraction of toys), "bonferroni bound" (no toy could
+    resolve it: p <= n_windows x local p, quoted as an upper limit with
+    `global_z_is_lower_limit`) or "no excess" (t = 0, p = 1).
+    """
 
     mass_low: float
     mass_high: float
@@ -502,6 +588,8 @@ class BumpHuntResult:
     width_min: int
     width_max: int
     n_windows: int
+    min_window_background: float = MIN_WINDOW_BACKGROUND
+    global_p_method: str = "toys"
 
 
 def bump_hunt(
@@ -514,27 +602,41 @@ def bump_hunt(
     min_toys: int = 1_000,
     max_toys: int = 100_000,
     target_rel_error: float = 0.1,
+    min_window_background: float = MIN_WINDOW_BACKGROUND,
     seed: int | np.random.Generator = 0,
 ) -> BumpHuntResult:
     """BumpHunter of data `counts` against expected `background` counts, bins `edges` (GeV).
 
     Widths in bins (default 1..N/2). The global p uses adaptive background-only toys drawn
     from `seed` (see the module docstring); with no excess anywhere (t = 0) it is 1 and no
-    toy is drawn.
+    toy is drawn. When the Bonferroni bound n_windows x local p is below 1 / max(`max_toys`,
+    10 000), no toy budget could resolve the global p: the bound is quoted (an upper limit on p, a
+    lower limit on Z) and no toy is drawn.
     """
+    check_toy_budget(min_toys, max_toys, target_rel_error)
     n, b = validate_spectrum(counts, background, edges)
     e = np.asarray(edges, dtype=np.float64)
-    windows = scan_windows(b, width_min, width_max)
+    windows = scan_windows(b, width_min, width_max, min_window_background)
     best = best_window(windows, n, e)
-    toy_p = _global_p_value(
-        windows,
-        best.statistic,
-        min_toys=min_toys,
-        max_toys=max_toys,
-        target_rel_error=target_rel_error,
-        seed=seed,
-    )
-    global_z, lower_limit = global_significance(toy_p)
+    bound = bonferroni_bound(best.statistic, windows.n_windows)
+    if best.statistic > 0 and bound * max(max_toys, MIN_TOYS_SMALL_P) < 1.0:
+        toy_p = ToyPValue(bound, 0.0, 0, 0, True)
+        global_z = max(float(z_from_log_p(_log_bound(best.statistic, windows))), 0.0)
+        lower_limit = True
+        method = "bonferroni bound"
+    else:
+        toy_p = _global_p_value(
+            windows,
+            best.statistic,
+            min_toys=min_toys,
+            max_toys=max_toys,
+            target_rel_error=target_rel_error,
+            seed=seed,
+        )
+        global_z, lower_limit = global_significance(toy_p)
+        if lower_limit:
+            global_z = max(global_z, float(z_from_log_p(_log_bound(best.statistic, windows))))
+        method = "toys" if best.statistic > 0 else "no excess"
     return BumpHuntResult(
         mass_low=best.mass_low,
         mass_high=best.mass_high,
@@ -555,7 +657,21 @@ def bump_hunt(
         width_min=windows.widths[0],
         width_max=windows.widths[-1],
         n_windows=windows.n_windows,
+        min_window_background=windows.min_background,
+        global_p_method=method,
     )
+
+
+def bonferroni_bound(statistic: float, n_windows: int) -> float:
+    """Upper bound min(1, n_windows e^-t) on P(max t_toy >= t): each window has P <= e^-t."""
+    if statistic <= 0 or n_windows < 1:
+        return 1.0
+    return min(1.0, n_windows * math.exp(-statistic))
+
+
+def _log_bound(statistic: float, windows: ScanWindows) -> float:
+    """Ln of `bonferroni_bound`, finite where the bound underflows."""
+    return min(0.0, math.log(max(windows.n_windows, 1)) - statistic)
 
 
 def global_significance(toy_p: ToyPValue) -> tuple[float, bool]:

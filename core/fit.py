@@ -11,6 +11,28 @@ with the expected information of the likelihood itself (`shape_directions`, whic
 drops exact redundancies such as a constant term next to p1), after a Levenberg-Marquardt
 pre-fit on the deviance residuals, re-whitened at the point reached when Hesse is not
 accurate. ln p1 and its covariance follow from N_hat and the integral of the shape.
+
+Fit range (`fit_range`, PHYSICS.md 5, issue 11). The range is set by the spectrum's
+physics, never by where its last event happens to fall:
+
+- it starts at the larger of the stream's start (PHYSICS.md 3) and the first bin past the
+  turn-on of the selected spectrum. The turn-on is the rising part of the density
+  n_i / w_i (events per GeV) above the stream's start: when its maximum lies above the
+  first bin and exceeds the first bin's density by more than `TURN_ON_Z` = 2 Poisson
+  sigma, the fit starts one bin past that maximum (the peak bin still sits on the rounded
+  top of the turn-on); otherwise it starts at the stream's start. 2 sigma keeps noise
+  from moving a falling spectrum's start (one upward step of 2 sigma in the first bins of
+  a falling spectrum is rare) while a sculpted turn-on of a few hundred events is found.
+- it ends at a fixed upper mass, by default `DEFAULT_UPPER_FRACTION` = 0.65 sqrt_s
+  (8.45 TeV at 13 TeV, snapped to the first bin edge at or above it), empty bins
+  included. The highest-mass pairs recorded by ATLAS and CMS in Run 2 sit near 8 TeV, so
+  the range holds every populated bin of a Standard Model spectrum, and the bins beyond
+  the last event enter with their (tiny) expected counts. Before, the range ended at the
+  last non-empty bin: one isolated event at 12 TeV stretched it by 40 empty bins, and the
+  data (non-empty in its last bin by construction, where mu ~ 1e-3 adds ~12 to the
+  deviance) were compared with toys that are almost never non-empty there: the biased
+  toy goodness of fit of issue 11 (toy p 0.04 where the asymptotic p was 0.72). Events
+  above the range end are counted in the range's reason, not fitted.
 """
 
 from __future__ import annotations
@@ -112,6 +134,136 @@ def _check_counts(counts: FloatArray) -> None:
         )
 
 
+DEFAULT_UPPER_FRACTION = 0.65
+"""Default upper end of a fit range as a fraction of sqrt_s (see the module docstring)."""
+
+TURN_ON_Z = 2.0
+"""Significance (Poisson sigma) of a density maximum above the first bin that marks a turn-on."""
+
+
+def default_upper_edge(edges: npt.ArrayLike, sqrt_s: float) -> float:
+    """The fixed upper end (GeV) of a fit range: the first edge at or above 0.65 sqrt_s.
+
+    The last edge of the histogram when it ends below that mass, and never above sqrt_s.
+    """
+    edge_values = np.asarray(edges, dtype=np.float64)
+    target = DEFAULT_UPPER_FRACTION * sqrt_s
+    below_limit = edge_values[edge_values <= sqrt_s * (1 + _EDGE_TOLERANCE)]
+    if below_limit.size == 0:
+        raise InvalidInputError(
+            f"no bin edge lies below sqrt_s = {sqrt_s} GeV; check sqrt_s and the edges"
+        )
+    index = int(np.searchsorted(below_limit, target * (1 - _EDGE_TOLERANCE), side="left"))
+    return float(below_limit[min(index, below_limit.size - 1)])
+
+
+@dataclass(frozen=True)
+class FitRange:
+    """The fit range of one spectrum: bins `first_bin` .. `stop_bin - 1`, [lo_gev, hi_gev].
+
+    `floor_bin` is the first bin the range may start at (the stream's start, or the lower
+    end of an explicit range): checks that move the start (fit-start stability) stay at or
+    above it. `turn_on_bin` is the density maximum that moved the start, None when the
+    start is the stream's. `n_above` counts events above `hi_gev` (not fitted). `reason`
+    says in a sentence why the range is what it is, for the decision trail.
+    """
+
+    first_bin: int
+    stop_bin: int
+    lo_gev: float
+    hi_gev: float
+    floor_bin: int
+    turn_on_bin: int | None
+    n_above: float
+    reason: str
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """(lo, hi) in GeV, the form `prepare_spectrum` and the tools take."""
+        return self.lo_gev, self.hi_gev
+
+
+def _turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
+    """Index of a significant density maximum above the first bin, or None (see TURN_ON_Z)."""
+    density = counts / widths
+    peak = int(np.argmax(density))
+    if peak == 0:
+        return None
+    error = np.sqrt(
+        np.maximum(counts[peak], 1.0) / widths[peak] ** 2 + max(counts[0], 1.0) / widths[0] ** 2
+    )
+    if (density[peak] - density[0]) / error <= TURN_ON_Z:
+        return None
+    return peak
+
+
+def fit_range(
+    edges: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    stream_start_gev: float,
+    *,
+    upper_gev: float | None = None,
+    sqrt_s: float = 13000.0,
+    min_bins: int = 8,
+) -> FitRange:
+    """The fit range of a spectrum (edges in GeV) whose stream starts at `stream_start_gev`.
+
+    Starts at the larger of the stream's start and the first bin past the turn-on of the
+    spectrum, ends at `upper_gev` (default: `default_upper_edge`, 0.65 sqrt_s) with empty
+    bins included; the module docstring gives the rules and their reasons. Raises
+    InvalidInputError when the range holds no events or fewer than `min_bins` bins.
+    """
+    edge_values = np.asarray(edges, dtype=np.float64)
+    count_values = np.asarray(counts, dtype=np.float64)
+    high = default_upper_edge(edge_values, sqrt_s) if upper_gev is None else float(upper_gev)
+    # validates the histogram and the requested range in one place
+    requested = prepare_spectrum(edge_values, count_values, (stream_start_gev, high), sqrt_s=sqrt_s)
+    floor_bin, stop_bin = requested.first_bin, requested.stop_bin
+    range_counts = count_values[floor_bin:stop_bin]
+    widths = np.diff(edge_values[floor_bin : stop_bin + 1])
+    peak = _turn_on_peak(range_counts, widths)
+    first_bin = floor_bin if peak is None else floor_bin + peak + 1
+    n_above = float(count_values[stop_bin:].sum())
+    if stop_bin - first_bin < min_bins:
+        raise InvalidInputError(
+            f"the fit range [{edge_values[first_bin]:.0f}, {edge_values[stop_bin]:.0f}] GeV "
+            f"(start past the turn-on at {edge_values[first_bin]:.0f} GeV) holds "
+            f"{stop_bin - first_bin} bins, fewer than {min_bins}; the spectrum is too narrow to "
+            "fit, or give an explicit range"
+        )
+    if not np.any(count_values[first_bin:stop_bin] > 0):
+        raise InvalidInputError(
+            f"the fit range [{edge_values[first_bin]:.0f}, {edge_values[stop_bin]:.0f}] GeV "
+            "holds no events; nothing to fit"
+        )
+    lo, hi = float(edge_values[first_bin]), float(edge_values[stop_bin])
+    if peak is None:
+        start_text = f"starts at the stream's start {lo:.0f} GeV (no turn-on above it)"
+    else:
+        peak_low = float(edge_values[floor_bin + peak])
+        start_text = (
+            f"starts at {lo:.0f} GeV, one bin past the turn-on peak of the density at "
+            f"{peak_low:.0f} GeV (stream start {edge_values[floor_bin]:.0f} GeV)"
+        )
+    end_text = (
+        f"ends at the fixed upper mass {hi:.0f} GeV"
+        + (" (0.65 sqrt_s)" if upper_gev is None else "")
+        + ", empty bins included"
+    )
+    if n_above > 0:
+        end_text += f"; {n_above:.0f} event(s) above it are not fitted"
+    return FitRange(
+        first_bin=first_bin,
+        stop_bin=stop_bin,
+        lo_gev=lo,
+        hi_gev=hi,
+        floor_bin=floor_bin,
+        turn_on_bin=None if peak is None else floor_bin + peak,
+        n_above=n_above,
+        reason=f"fit range {start_text}; {end_text}",
+    )
+
+
 def last_non_empty_edge(edges: npt.ArrayLike, counts: npt.ArrayLike) -> float:
     """Upper edge (GeV) of the last bin with a positive count."""
     counts_array = np.asarray(counts, dtype=np.float64)
@@ -133,8 +285,10 @@ def prepare_spectrum(
     """Validate a histogram and select its fit range [lo, hi] GeV.
 
     The range holds the bins whose edges lie inside [lo, hi]; hi None (or no range) means the
-    upper edge of the last non-empty bin, and no range starts at the first edge. Bins
-    overlapping the `exclude` window [lo, hi] GeV are left out of the likelihood.
+    fixed upper mass `default_upper_edge` (0.65 sqrt_s, empty bins included; no longer the
+    last non-empty bin, see the module docstring), and no range starts at the first edge.
+    Events above the range are not fitted. Bins overlapping the `exclude` window [lo, hi]
+    GeV are left out of the likelihood.
     """
     edge_values = np.asarray(edges, dtype=np.float64)
     count_values = np.asarray(counts, dtype=np.float64)
@@ -165,7 +319,7 @@ def prepare_spectrum(
 
     low, high = (float(edge_values[0]), None) if fit_range is None else fit_range
     if high is None:
-        high = last_non_empty_edge(edge_values, count_values)
+        high = default_upper_edge(edge_values, sqrt_s)
     tolerance = _EDGE_TOLERANCE * float(edge_values[-1])
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise InvalidInputError(f"fit range must be finite with lo < hi, got [{low}, {high}] GeV")

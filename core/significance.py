@@ -40,6 +40,9 @@ _SERIES_BELOW: Final = 1e-4
 
 _BAD_NLL: Final = 1e300
 
+MAX_TOTAL_COUNT: Final = 1e15
+"""Largest total of a spectrum's data or background: window sums stay exact below 2^53."""
+
 
 def _as_probability(p: npt.ArrayLike, name: str) -> FloatArray:
     values = np.asarray(p, dtype=np.float64)
@@ -350,8 +353,9 @@ def validate_spectrum(
 ) -> tuple[FloatArray, FloatArray]:
     """Check data counts and expected background (and edges, GeV) of one spectrum.
 
-    Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, background
-    <= 0 where data exist, or an all-zero background. Returns both as float arrays.
+    Raises InvalidInputError for mismatched shapes, NaN/inf, negative values, totals above
+    `MAX_TOTAL_COUNT`, background <= 0 where data exist, or an all-zero background.
+    Returns both as float arrays.
     """
     n = np.asarray(counts, dtype=np.float64)
     b = np.asarray(background, dtype=np.float64)
@@ -386,6 +390,13 @@ def validate_spectrum(
         if np.any(values < 0):
             raise InvalidInputError(
                 f"{name} must be >= 0; negative at bins {np.flatnonzero(values < 0)[:10].tolist()}"
+            )
+    for name, values in (("data counts", n), ("background", b)):
+        if float(values.sum()) > MAX_TOTAL_COUNT:
+            raise InvalidInputError(
+                f"{name} sum to {values.sum():.3g} events, above the supported "
+                f"{MAX_TOTAL_COUNT:.0e} (counts must stay exact integers in float64); "
+                "rescale the histogram"
             )
     missing = (b <= 0) & (n > 0)
     if np.any(missing):

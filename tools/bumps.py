@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from core.bumphunt import BumpHuntResult, LocalExcess, bump_hunt
+from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, BumpHuntResult, LocalExcess, bump_hunt
 from core.errors import InvalidInputError
 from core.lookelsewhere import (
     NestedSpectrum,
@@ -58,12 +58,20 @@ class BumpHuntInput(StrictModel):
     histogram: HistogramInput
     width_min: int = Field(1, ge=1, description="narrowest window, bins")
     width_max: int | None = Field(None, ge=1, description="widest window, bins; null = N/2")
-    n_toys: int = Field(1_000, ge=1, description="minimum number of background-only toys")
+    n_toys: int = Field(
+        1_000, ge=1, le=MAX_TOYS, description="minimum number of background-only toys"
+    )
     max_toys: int = Field(
-        100_000, ge=1, description="toy budget (raised to 10 000 when global p < 0.01)"
+        100_000, ge=1, le=MAX_TOYS, description="toy budget (raised to 10 000 when p < 0.01)"
     )
     target_rel_error: float = Field(0.1, gt=0, lt=1, description="stop at this error on p")
-    seed: int = Field(0, ge=0)
+    min_window_background: float = Field(
+        MIN_WINDOW_BACKGROUND,
+        ge=0,
+        le=1e6,
+        description="windows expecting fewer background events are not scanned",
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
 class ExcessOutput(StrictModel):
@@ -91,6 +99,18 @@ class BumpHuntOutput(ExcessOutput):
     width_min: int
     width_max: int
     n_windows: int
+    min_window_background: float = Field(
+        description="windows expecting fewer background events were not scanned"
+    )
+    global_p_method: str = Field(
+        description="toys | bonferroni bound (p <= n_windows x local p, Z a lower limit) | "
+        "no excess"
+    )
+
+
+def bump_output(result: BumpHuntResult) -> BumpHuntOutput:
+    """The JSON form of a core bump hunt."""
+    return _output(BumpHuntOutput, result, **_window(result))
 
 
 @register(
@@ -111,9 +131,10 @@ def run_bump_hunt(arguments: BumpHuntInput) -> BumpHuntOutput:
         min_toys=arguments.n_toys,
         max_toys=max(arguments.max_toys, arguments.n_toys),
         target_rel_error=arguments.target_rel_error,
+        min_window_background=arguments.min_window_background,
         seed=arguments.seed,
     )
-    return _output(BumpHuntOutput, result, **_window(result))
+    return bump_output(result)
 
 
 class SignalFitInput(StrictModel):

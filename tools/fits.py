@@ -9,9 +9,16 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from core.fit import FitResult, fit_background
+from core.fit import FitRange, FitResult, fit_background
 from core.robustness import CheckResult, RobustnessReport
-from core.selection import CheckOptions, Fallback, NestedTest, choose_background, run_checks
+from core.selection import (
+    Candidate,
+    CheckOptions,
+    Fallback,
+    NestedTest,
+    choose_background,
+    run_checks,
+)
 from core.symbolic import SearchOptions, fitted_formula
 from core.symbolic import symbolic_fallback as core_symbolic_fallback
 from tools.common import HistogramInput, StrictModel
@@ -72,7 +79,9 @@ class SpectrumInput(StrictModel):
 
     histogram: HistogramInput
     fit_range: tuple[float, float | None] | None = Field(
-        None, description="[lo, hi] GeV; hi null = last non-empty bin; null = whole histogram"
+        None,
+        description="[lo, hi] GeV; hi null = the fixed upper mass 0.65 sqrt_s (empty bins "
+        "included); null = from the first edge",
     )
     sqrt_s: float = Field(13000.0, gt=0, description="collision energy in GeV")
 
@@ -172,6 +181,9 @@ class CheckOutput(StrictModel):
     passed: bool
     numbers: dict[str, float | None]
     message: str
+    status: Literal["pass", "fail", "not_applicable"] = Field(
+        "pass", description="not_applicable: the check could not run (message says why)"
+    )
 
 
 class ReportOutput(StrictModel):
@@ -187,7 +199,13 @@ def _check_output(check: CheckResult) -> CheckOutput:
         key: (float(value) if math.isfinite(value) else None)
         for key, value in check.numbers.items()
     }
-    return CheckOutput(name=check.name, passed=check.passed, numbers=numbers, message=check.message)
+    return CheckOutput(
+        name=check.name,
+        passed=check.passed,
+        numbers=numbers,
+        message=check.message,
+        status=check.status,
+    )
 
 
 def report_output(report: RobustnessReport) -> ReportOutput:
@@ -208,7 +226,7 @@ class CheckSettings(StrictModel):
     )
     gof_method: Literal["auto", "asymptotic", "toys"] = "auto"
     n_gof_toys: int = Field(100, ge=10)
-    spurious_method: Literal["toys", "asimov"] = "toys"
+    spurious_method: Literal["toys", "asimov"] = "asimov"
     fallback_spurious_method: Literal["toys", "asimov"] | None = Field(
         None, description="spurious-signal method for the fallback's fit; null = the same"
     )
@@ -216,6 +234,9 @@ class CheckSettings(StrictModel):
     spurious_masses: list[float] | None = None
     width_fraction: float = Field(1.0, gt=0, description="Gaussian sigma / resolution w(m)")
     alpha: float = Field(0.05, gt=0, lt=1)
+    n_linear_toys: int = Field(
+        1000, ge=10, description="toys of the goodness of fit at small counts (refit to 1st order)"
+    )
 
     def to_core(self) -> CheckOptions:
         """The core options these fields describe."""
@@ -230,11 +251,26 @@ class CheckSettings(StrictModel):
             spurious_masses=None if self.spurious_masses is None else tuple(self.spurious_masses),
             width_fraction=self.width_fraction,
             alpha=self.alpha,
+            n_linear_toys=self.n_linear_toys,
         )
 
 
 class ChooseBackgroundInput(SpectrumInput):
-    """The whole background procedure for one spectrum."""
+    """The whole background procedure for one spectrum.
+
+    Give the stream's start `stream_start_gev` (PHYSICS.md 3) to let the range start past
+    the turn-on of the spectrum, or an explicit `fit_range`.
+    """
+
+    stream_start_gev: float | None = Field(
+        None,
+        gt=0,
+        description="stream's fit start (GeV); with no fit_range the range starts at the "
+        "larger of it and the first bin past the spectrum's turn-on",
+    )
+    upper_gev: float | None = Field(
+        None, gt=0, description="fixed upper end of the range (GeV); null = 0.65 sqrt_s"
+    )
 
     method: Literal["ftest", "wilks"] = "ftest"
     functions: list[NestedName] = Field(default_factory=_default_functions)
@@ -251,6 +287,8 @@ class NestedTestOutput(StrictModel):
     lower: str
     higher: str
     method: str
+    requested_method: str | None = None
+    small_bin_fraction: float | None = None
     chi2_kind: str
     n_bins: int
     chi2_lower: float
@@ -267,6 +305,8 @@ def _test_output(test: NestedTest) -> NestedTestOutput:
         lower=test.lower,
         higher=test.higher,
         method=test.method,
+        requested_method=test.requested_method,
+        small_bin_fraction=test.small_bin_fraction,
         chi2_kind=test.chi2_kind,
         n_bins=test.n_bins,
         chi2_lower=test.chi2_lower,
@@ -300,6 +340,79 @@ def symbolic_output(result: FitResult) -> SymbolicFallbackOutput:
     )
 
 
+class FitRangeOutput(StrictModel):
+    """The fit range of a spectrum and why: bins [first_bin, stop_bin), [lo_gev, hi_gev]."""
+
+    first_bin: int
+    stop_bin: int
+    lo_gev: float
+    hi_gev: float
+    floor_bin: int = Field(description="lowest bin the fit-start stability check may use")
+    turn_on_bin: int | None = Field(description="density peak that moved the start, if any")
+    n_above: float = Field(description="events above hi_gev, not fitted")
+    reason: str
+
+
+def range_output(chosen: FitRange) -> FitRangeOutput:
+    """The JSON form of a core fit range."""
+    return FitRangeOutput(**dataclasses.asdict(chosen))
+
+
+class CandidateOutput(StrictModel):
+    """One function tried: fit, nested tests, checks, verdict (the policy picks among passed)."""
+
+    function: str
+    source: Literal["nested", "fallback"]
+    expression: str | None = Field(description="ln g of a symbolic expression; null otherwise")
+    formula: str
+    parameter_names: list[str]
+    parameters: list[float]
+    errors: list[float]
+    nll: float
+    deviance: float
+    ndf: int
+    p_value: float = Field(description="asymptotic deviance p; the GOF check has the toy p")
+    bins: tuple[int, int] = Field(description="[first_bin, stop_bin) of the fit range")
+    fit_range: tuple[float, float]
+    test_from_lower: NestedTestOutput | None
+    test_to_higher: NestedTestOutput | None
+    checked: bool
+    checks: list[CheckOutput]
+    passed: bool
+    note: str
+
+
+def candidate_output(candidate: Candidate) -> CandidateOutput:
+    """The JSON form of one candidate row."""
+    fit = candidate.fit
+    report = candidate.report
+    return CandidateOutput(
+        function=fit.name,
+        source=candidate.source,
+        expression=fit.function.expression,
+        formula=fit.function.formula,
+        parameter_names=list(fit.function.vector_names),
+        parameters=list(fit.parameters),
+        errors=list(fit.errors),
+        nll=fit.nll,
+        deviance=fit.deviance,
+        ndf=fit.ndf,
+        p_value=fit.p_value,
+        bins=(fit.first_bin, fit.stop_bin),
+        fit_range=fit.fit_range,
+        test_from_lower=None
+        if candidate.test_from_lower is None
+        else _test_output(candidate.test_from_lower),
+        test_to_higher=None
+        if candidate.test_to_higher is None
+        else _test_output(candidate.test_to_higher),
+        checked=report is not None,
+        checks=[] if report is None else [_check_output(check) for check in report.checks],
+        passed=candidate.passed,
+        note=candidate.note,
+    )
+
+
 class ChooseBackgroundOutput(StrictModel):
     """The accepted background (or null) and the decision trail that led to it."""
 
@@ -311,6 +424,10 @@ class ChooseBackgroundOutput(StrictModel):
     fallback: SymbolicFallbackOutput | None
     failures: dict[str, str]
     trail: list[str]
+    fit_range: FitRangeOutput | None = Field(None, description="the range every fit used")
+    candidates: list[CandidateOutput] = Field(
+        default_factory=list, description="one row per function tried"
+    )
 
 
 @register(
@@ -326,6 +443,8 @@ def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackground
         edges,
         counts,
         arguments.fit_range,
+        stream_start_gev=arguments.stream_start_gev,
+        upper_gev=arguments.upper_gev,
         sqrt_s=arguments.sqrt_s,
         functions=arguments.functions,
         method=arguments.method,
@@ -343,6 +462,8 @@ def choose_background_tool(arguments: ChooseBackgroundInput) -> ChooseBackground
         fallback=None if decision.fallback is None else symbolic_output(decision.fallback),
         failures=dict(decision.selection.failures),
         trail=list(decision.trail),
+        fit_range=None if decision.fit_range is None else range_output(decision.fit_range),
+        candidates=[candidate_output(candidate) for candidate in decision.candidates],
     )
 
 

@@ -21,6 +21,7 @@ TOOL_MODULES = (
     "tools.fits",
     "tools.symbolic",
     "tools.bumps",
+    "tools.spectrum",
     "tools.autoencoder",
 )
 """Modules that define tools; a module that does not exist yet is skipped."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.pipeline import analyse_spectrum, stream_regions
+from agent.pipeline import analyse_spectrum
 from core.autoencoder import read_model_card, training_selection
 from core.masses import PAIRS, STREAMS, histogram
 from core.table import read_event_table

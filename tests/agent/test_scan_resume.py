@@ -76,7 +76,7 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
 ) -> None:
     out = tmp_path / "run"
     arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
-    process = subprocess.Popen(  # noqa: S603
+    process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", *arguments],
         cwd=ROOT,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
@@ -120,7 +120,7 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
 
 def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
     copy = tmp_path / "copy"
-    copy.mkdir()
+    copy.mkdir(parents=True)
     shutil.copy(reference / "audit.sqlite", copy / "audit.sqlite")
     with sqlite3.connect(copy / "audit.sqlite") as db:
         db.execute(statement)
@@ -185,7 +185,7 @@ def test_audit_table_filters_and_export(reference: Path, tmp_path: Path) -> None
     assert table.returncode == 0, table.stderr
     assert top["spectrum"] in table.stdout
     assert "background" in table.stdout
-    other = [s for s in ("T1/jj", "T7/bb") if s != top["spectrum"]][0]
+    other = next(s for s in ("T1/jj", "T7/bb") if s != top["spectrum"])
     assert other not in table.stdout
     output = tmp_path / "audit.jsonl"
     exported = run_cli("audit", "export", str(reference), "-o", str(output))

@@ -7,7 +7,14 @@ import pytest
 from scipy import special
 
 from core.errors import FitDidNotConvergeError, InvalidInputError
-from core.fit import fit_background, fit_spectrum, last_non_empty_edge, prepare_spectrum
+from core.fit import (
+    default_upper_edge,
+    fit_background,
+    fit_range,
+    fit_spectrum,
+    last_non_empty_edge,
+    prepare_spectrum,
+)
 from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
 from tests.spectra import EDGES, FIT_RANGE, SHAPES
 
@@ -105,15 +112,18 @@ def test_next_function_starts_from_the_lower_fit_and_never_fits_worse():
     assert "user start 0" in user.start or any("user start 0" in note for note in user.notes)
 
 
-def test_default_fit_range_ends_at_the_last_non_empty_bin():
+def test_default_fit_range_ends_at_the_fixed_upper_mass_with_empty_bins():
     counts = np.zeros(EDGES.size - 1)
     counts[40:120] = np.linspace(1000, 10, 80).round()
     result = fit_background(EDGES, counts, "p3", (300.0, None))
-    assert result.fit_range[1] == pytest.approx(EDGES[120])
-    assert result.fit_range[1] == last_non_empty_edge(EDGES, counts)
+    upper = default_upper_edge(EDGES, 13000.0)
+    # 0.65 sqrt_s snapped to the first edge at or above it
+    assert upper >= 0.65 * 13000.0 > EDGES[np.searchsorted(EDGES, upper) - 1]
+    assert result.fit_range[1] == pytest.approx(upper)
+    assert result.fit_range[1] > last_non_empty_edge(EDGES, counts)
     assert result.fit_range[0] >= 300.0 > EDGES[result.first_bin - 1]
     whole = prepare_spectrum(EDGES, counts)
-    assert whole.first_bin == 0 and whole.stop_bin == 120
+    assert whole.first_bin == 0 and EDGES[whole.stop_bin] == pytest.approx(upper)
 
 
 def test_excluded_window_is_left_out_and_an_injected_bump_does_not_bias_the_fit():
@@ -232,3 +242,47 @@ def test_fit_quality_with_an_expectation_that_underflows_to_zero():
     assert chi2 == 0.0
     _, chi2, _, _, _ = fit_quality(np.array([4.0, 2.0, 1.0]), np.array([4.0, 0.0, 1.0]), 1)
     assert chi2 == np.inf
+
+
+def _falling_toy(n_events: float, seed: int) -> np.ndarray:
+    mu = bin_integrals(get_function("p3"), np.array([0.0, 10.0, -4.5]), EDGES)
+    mu[: int(np.searchsorted(EDGES, 300.0))] = 0.0
+    return np.random.default_rng(seed).poisson(mu * n_events / mu.sum()).astype(float)
+
+
+def test_an_isolated_event_at_12_tev_does_not_move_the_range_end():
+    counts = _falling_toy(1e5, seed=3)
+    before = fit_range(EDGES, counts, 300.0)
+    counts[np.searchsorted(EDGES, 12000.0) - 1] += 1
+    after = fit_range(EDGES, counts, 300.0)
+    assert after.stop_bin == before.stop_bin and after.hi_gev == before.hi_gev
+    assert after.hi_gev == pytest.approx(default_upper_edge(EDGES, 13000.0))
+    assert after.n_above == before.n_above + 1 and "not fitted" in after.reason
+    # a range that ends at the last non-empty bin would have reached 12 TeV
+    assert last_non_empty_edge(EDGES, counts) > 12000.0
+    assert before.first_bin == before.floor_bin and before.turn_on_bin is None
+
+
+def test_the_range_starts_past_the_turn_on_of_a_sculpted_spectrum():
+    counts = _falling_toy(1e5, seed=4)
+    centres = 0.5 * (EDGES[:-1] + EDGES[1:])
+    # an anomaly cut that keeps few events below ~700 GeV: a turn-on peaking near 700 GeV
+    efficiency = 1.0 / (1.0 + np.exp(-(centres - 650.0) / 40.0))
+    sculpted = np.random.default_rng(5).binomial(counts.astype(int), efficiency).astype(float)
+    chosen = fit_range(EDGES, sculpted, 300.0)
+    density = sculpted / np.diff(EDGES)
+    peak = int(np.argmax(density))
+    assert chosen.turn_on_bin == peak and chosen.first_bin == peak + 1
+    assert chosen.lo_gev > 600.0 and "turn-on" in chosen.reason
+    assert chosen.floor_bin == int(np.searchsorted(EDGES, 300.0 * (1 - 1e-12)))
+    # past the start the spectrum falls: a p3 fit from there describes it
+    fit = fit_background(EDGES, sculpted, "p3", chosen.bounds)
+    assert fit.p_value > 0.01
+
+
+def test_fit_range_rejects_a_range_without_bins_or_events():
+    counts = _falling_toy(1e3, seed=6)
+    with pytest.raises(InvalidInputError, match="fewer than"):
+        fit_range(EDGES, counts, 300.0, upper_gev=400.0)
+    with pytest.raises(InvalidInputError, match="zero"):
+        fit_range(EDGES, np.where(EDGES[:-1] > 9000.0, 1.0, 0.0), 300.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -12,9 +13,11 @@ from core.fit import fit_spectrum, prepare_spectrum
 from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
 from core.masses import mass_resolution
 from core.robustness import (
+    falling_background,
     fit_signal_plus_background,
     fit_start_stability,
     goodness_of_fit,
+    linearised_toy_deviances,
     robustness_checks,
     spurious_signal,
     window_exclusion,
@@ -83,15 +86,36 @@ def test_fit_start_stability_passes_the_true_model_and_fails_a_wrong_one():
     problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
     stable = fit_start_stability(EDGES, counts, fit_spectrum(problem, "p4"))
     unstable = fit_start_stability(EDGES, counts, fit_spectrum(problem, "p2"))
+    # the range starts at its floor: moved up only
     assert stable.passed, stable.message
-    assert stable.numbers["max_shift_minus"] < 1.0 and stable.numbers["max_shift_plus"] < 1.0
-    assert (
-        stable.numbers["fit_start_minus_gev"] < FIT_RANGE[0] < stable.numbers["fit_start_plus_gev"]
-    )
+    assert "converged_minus" not in stable.numbers and "not moved down" in stable.message
+    assert stable.numbers["max_shift_plus"] < 1.0
+    assert stable.numbers["fit_start_plus_gev"] > FIT_RANGE[0]
     assert not unstable.passed and "unstable" in unstable.message
-    edge_start = prepare_spectrum(EDGES, counts, (float(EDGES[0]), 6000.0))
-    at_edge = fit_start_stability(EDGES, counts, fit_spectrum(edge_start, "p4"))
-    assert not at_edge.passed and "no bin below" in at_edge.message
+    # allowed down to a lower floor, where the bin below holds events
+    floor = int(np.searchsorted(EDGES, 200.0))
+    both = fit_start_stability(EDGES, counts, fit_spectrum(problem, "p4"), floor_bin=floor)
+    assert both.passed, both.message
+    assert both.numbers["fit_start_minus_gev"] < FIT_RANGE[0] < both.numbers["fit_start_plus_gev"]
+    # never below the data: the bins under 300 GeV emptied, as a stream start leaves them
+    cut = counts.copy()
+    cut[: problem.first_bin] = 0.0
+    empty_below = fit_start_stability(
+        EDGES, cut, fit_spectrum(prepare_spectrum(EDGES, cut, FIT_RANGE), "p4"), floor_bin=0
+    )
+    assert empty_below.passed and "holds no events" in empty_below.message
+    assert "converged_minus" not in empty_below.numbers
+
+
+def test_fit_start_stability_passes_a_range_starting_at_the_first_bin():
+    counts = toy("p4", 1.0e5, seed=16)
+    first = int(np.searchsorted(EDGES, 300.0))
+    edges, cut = EDGES[first:], counts[first:]
+    fit = fit_spectrum(prepare_spectrum(edges, cut, None), "p4")
+    assert fit.first_bin == 0
+    check = fit_start_stability(edges, cut, fit)
+    assert check.passed and check.status == "pass", check.message
+    assert check.numbers["converged_plus"] == 1.0 and check.numbers["max_shift_plus"] < 1.0
 
 
 def test_signal_plus_background_fit_recovers_an_injected_signal():
@@ -134,7 +158,7 @@ def test_spurious_signal_toys_agree_with_the_asimov_shortcut():
     fit = fit_spectrum(problem, "p4")
     asimov = spurious_signal(problem, fit, alternative="ua2", n_masses=3, method="asimov")
     toys = spurious_signal(problem, fit, alternative="ua2", n_masses=3, n_toys=40, seed=9)
-    masses = [float(key.split("_")[2]) for key in asimov.numbers if key.startswith("median")]
+    masses = [float(key.split("_")[2]) for key in asimov.numbers if key.startswith("median_pull")]
     assert len(masses) == 3
     for mass in masses:
         key = f"median_pull_{mass:.0f}_gev"
@@ -143,17 +167,21 @@ def test_spurious_signal_toys_agree_with_the_asimov_shortcut():
     assert toys.numbers["n_toys"] == 40 and asimov.numbers["n_toys"] == 0
 
 
-def test_spurious_signal_without_an_adequate_alternative_fails_closed():
+def test_spurious_signal_without_an_adequate_alternative_is_not_applicable():
     counts = toy("p4", 1.0e6, seed=10)
     problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
     fit = fit_spectrum(problem, "p4")
     inadequate = spurious_signal(problem, fit, alternative="p2", method="asimov")
-    assert not inadequate.passed and "no alternative function describes" in inadequate.message
+    assert inadequate.status == "not_applicable" and inadequate.passed
+    assert "no alternative function describes" in inadequate.message
     broken = BackgroundFunction(
         "broken", ("p1", "a"), "", (1.0,), shape=lambda x, t: np.full(np.shape(x), np.nan)
     )
     failed = spurious_signal(problem, fit, alternative=[broken], method="asimov")
-    assert not failed.passed and "did not converge" in failed.message
+    assert failed.status == "not_applicable" and "did not converge" in failed.message
+    # a wrong tested function still fails when the alternative is a plausible truth
+    wrong = spurious_signal(problem, fit_spectrum(problem, "p3"), alternative="p4")
+    assert wrong.status == "fail", wrong.message
 
 
 def test_spurious_signal_bad_options():
@@ -196,17 +224,18 @@ def test_robustness_checks_run_every_check():
         "goodness_of_fit",
         "fit_start_stability",
         "spurious_signal",
+        "falling_background",
     ]
     assert report.passed == all(check.passed for check in report.checks)
     assert report.function == "p4"
     windowed = robustness_checks(
         EDGES, counts, fit, spurious_method="asimov", window=(1000.0, 1200.0), seed=3
     )
-    assert windowed.checks[-1].name == "window_exclusion"
+    assert windowed.checks[-2].name == "window_exclusion"
     assert set(windowed.failed) <= {check.name for check in windowed.checks}
 
 
-def test_spurious_signal_on_a_spectrum_too_sparse_to_test_fails_with_the_reason():
+def test_spurious_signal_on_a_spectrum_too_sparse_to_test_is_not_applicable_with_the_reason():
     from core.masses import mass_bin_edges
 
     edges = mass_bin_edges()
@@ -216,5 +245,64 @@ def test_spurious_signal_on_a_spectrum_too_sparse_to_test_fails_with_the_reason(
     problem = prepare_spectrum(edges, counts, (300.0, None))
     fit = fit_spectrum(problem, get_function("p2"))
     check = spurious_signal(problem, fit, alternative="p3", method="asimov")
-    assert not check.passed
+    assert check.status == "not_applicable"
     assert "too sparse" in check.message
+
+
+def test_toy_goodness_of_fit_agrees_with_the_asymptotic_p_at_high_counts():
+    # 1e6 p4 events from 300 GeV to 3 TeV: every bin expects > 5 events
+    counts = toy("p4", 1.0e6, seed=21)
+    problem = prepare_spectrum(EDGES, counts, (300.0, 3000.0))
+    fit = fit_spectrum(problem, "p4")
+    assert np.all(fit.expected >= 5)
+    linear = goodness_of_fit(problem, fit, method="linear_toys", n_linear_toys=4000, seed=1)
+    refit = goodness_of_fit(problem, fit, method="toys", n_toys=200, seed=2)
+    # binomial errors: <= 0.008 (4000 toys) and <= 0.036 (200 toys) at p ~ 0.5
+    assert linear.numbers["p_value"] == pytest.approx(fit.p_value, abs=0.04)
+    assert refit.numbers["p_value"] == pytest.approx(fit.p_value, abs=0.11)
+    assert linear.numbers["toy_deviance_mean"] == pytest.approx(fit.ndf, rel=0.05)
+
+
+def test_linearised_toys_match_refitted_toys_at_small_counts():
+    counts = toy("p3", 1000.0, seed=22)
+    problem = prepare_spectrum(EDGES, counts, (300.0, None))
+    fit = fit_spectrum(problem, "p3")
+    assert np.mean(fit.expected < 5) > 0.5
+    linear = linearised_toy_deviances(problem, fit, 3000, np.random.default_rng(3))
+    rng = np.random.default_rng(4)
+    refit = np.array(
+        [
+            fit_spectrum(
+                problem.with_range_counts(rng.poisson(fit.expected)), "p3", starts=[fit.parameters]
+            ).deviance
+            for _ in range(150)
+        ]
+    )
+    # far below ndf (the chi2 law is wrong here) and the same law: mean within 3 % + noise
+    assert linear.mean() < 0.6 * fit.ndf
+    assert linear.mean() == pytest.approx(refit.mean(), abs=3 * refit.std() / np.sqrt(150))
+    assert np.quantile(linear, 0.9) == pytest.approx(np.quantile(refit, 0.9), rel=0.1)
+
+
+def test_spurious_signal_passes_on_toys_of_the_tested_function_itself():
+    counts = toy("p4", 1.0e5, seed=23)
+    problem = prepare_spectrum(EDGES, counts, (300.0, None))
+    fit = fit_spectrum(problem, "p4")
+    check = spurious_signal(problem, fit, alternative="p4", method="toys", n_toys=40, seed=5)
+    assert check.status == "pass", check.message
+    assert check.numbers["max_abs_median_pull"] < 0.5
+    median_keys = [key for key in check.numbers if key.startswith("median_signal_error")]
+    assert median_keys and all(check.numbers[key] > 0 for key in median_keys)
+
+
+def test_a_rising_fit_is_rejected():
+    counts = toy("p3", 2.0e4, seed=24)
+    problem = prepare_spectrum(EDGES, counts, (300.0, None))
+    fit = fit_spectrum(problem, "p3")
+    assert falling_background(problem, fit).passed
+    # the same fit times (m / 300 GeV)^6: x^-4.5 becomes a density rising as x^1.5
+    centres = 0.5 * (problem.range_edges[:-1] + problem.range_edges[1:])
+    rising = dataclasses.replace(fit, expected=fit.expected * (centres / 300.0) ** 6)
+    check = falling_background(problem, rising)
+    assert not check.passed and "rises with mass" in check.message
+    assert check.numbers["first_rising_gev"] > 300.0

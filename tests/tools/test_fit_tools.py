@@ -33,7 +33,7 @@ def test_fit_background_tool_recovers_the_shape_and_is_json_ready():
     assert out["function"] == "p4" and out["valid"] and out["accurate_covariance"]
     first, stop = out["bins"]
     assert len(out["expected"]) == stop - first == len(out["used"])
-    assert out["fit_range"][1] == pytest.approx(6000.0, rel=0.05)
+    assert out["fit_range"][1] == pytest.approx(0.65 * 13000.0, rel=0.05)
     assert out["ndf"] == stop - first - 4
     shape = np.array(out["parameters"][1:])
     errors = np.array(out["errors"][1:])
@@ -87,13 +87,28 @@ def test_choose_background_tool_returns_the_decision_trail():
     json.dumps(out, allow_nan=False)
     assert out["tests"][0]["lower"] == "p2" and out["tests"][0]["significant"]
     assert out["fallback"] is None
-    assert out["trail"][0].startswith("ftest:")
+    assert out["trail"][1].startswith("ftest:")
+    assert out["fit_range"]["lo_gev"] >= 300.0 and out["fit_range"]["reason"]
+    rows = {row["function"]: row for row in out["candidates"]}
+    assert set(rows) >= {"p2", "p3"}
+    assert all(
+        row["passed"]
+        == (row["checked"] and all(check["status"] != "fail" for check in row["checks"]))
+        for row in rows.values()
+    )
+    if out["passed"]:
+        assert rows[out["chosen"]]["passed"]
     assert out["passed"] == (out["chosen"] is not None)
     if out["passed"]:
         assert out["fit"]["function"] == out["chosen"]
         assert out["checks"][-1]["passed"]
     names = [check["name"] for check in out["checks"][0]["checks"]]
-    assert names == ["goodness_of_fit", "fit_start_stability", "spurious_signal"]
+    assert names == [
+        "goodness_of_fit",
+        "fit_start_stability",
+        "spurious_signal",
+        "falling_background",
+    ]
 
 
 def test_choose_background_tool_validates_its_options():
@@ -128,6 +143,7 @@ def test_robustness_checks_tool_runs_every_check_with_a_window():
         "fit_start_stability",
         "spurious_signal",
         "window_exclusion",
+        "falling_background",
     ]
     assert out["fit"]["function"] == "p4"
     assert out["report"]["passed"] == all(check["passed"] for check in out["report"]["checks"])

@@ -1,0 +1,254 @@
+"""Per-spectrum rule tools: `search_spectrum` (half 2) and `analyse_spectrum` (the whole rule).
+
+`search_spectrum` hunts for a bump against an accepted background (a function fitted over a
+given range), runs the window exclusion and returns the final background; its output is
+also a point of `scan_significance` (fields `first_bin`, `stop_bin`, `edges`, `counts`,
+`background`, `bump.width_min/width_max/min_window_background`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, HuntOptions
+from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion
+from core.masses import STREAM_FIT_FROM_GEV
+from core.spectrum import SpectrumSearch, analyse_spectrum, search_spectrum
+from tools.bumps import BumpHuntOutput, bump_output
+from tools.common import HistogramInput, StrictModel
+from tools.fits import FallbackSettings, symbolic_fallback
+from tools.registry import register
+
+StreamName = Literal["T1", "T2", "T3", "T4", "T5", "T6", "T7"]
+
+
+class HuntSettings(StrictModel):
+    """Window set and toy budget of the bump hunt (the same in the scan-wide test)."""
+
+    width_min: int = Field(1, ge=1, le=1000, description="narrowest window, bins")
+    width_max: int | None = Field(
+        None, ge=1, le=1000, description="widest window, bins; null = half the fit range"
+    )
+    min_window_background: float = Field(
+        MIN_WINDOW_BACKGROUND,
+        ge=0,
+        le=1e6,
+        description="windows expecting fewer background events are not scanned",
+    )
+    n_toys: int = Field(1_000, ge=1, le=MAX_TOYS, description="minimum number of toys")
+    max_toys: int = Field(
+        100_000, ge=1, le=MAX_TOYS, description="toy budget (raised to 10 000 when p < 0.01)"
+    )
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+
+    def to_core(self) -> HuntOptions:
+        """The core hunt options."""
+        return HuntOptions(
+            width_min=self.width_min,
+            width_max=self.width_max,
+            min_window_background=self.min_window_background,
+            min_toys=self.n_toys,
+            max_toys=max(self.max_toys, self.n_toys),
+        )
+
+
+class SearchSpectrumInput(HuntSettings):
+    """Bump hunt against `function` fitted over `fit_range`, window exclusion, final fit."""
+
+    histogram: HistogramInput
+    fit_range: tuple[float, float] = Field(description="[lo, hi] GeV of the accepted fit")
+    function: str = Field(
+        description="p2..p6, ua2, ua2_5, or a symbolic expression ln f - ln p1 in x, lnx, ln1mx"
+    )
+    parameters: list[float] | None = Field(
+        None, description="start (ln p1, p2, ...); a symbolic expression's constants"
+    )
+    sqrt_s: float = Field(13000.0, gt=0, le=1e6, description="collision energy in GeV")
+    exclusion_trigger_p: float = Field(
+        EXCLUSION_TRIGGER_P, gt=0, lt=1, description="window exclusion below this global p"
+    )
+
+
+class WindowExclusionOutput(StrictModel):
+    """A window exclusion: mask, both fits' predictions in it, and the decision."""
+
+    trigger_global_p: float
+    bump_window_gev: tuple[float, float]
+    window_bins: tuple[int, int] = Field(description="absolute bins [first, stop) masked")
+    window_gev: tuple[float, float]
+    max_width_gev: float
+    data_in_window: float
+    unmasked_function: str
+    unmasked_parameters: list[float]
+    unmasked_p_value: float
+    masked_parameters: list[float] | None
+    masked_p_value: float | None
+    background_unmasked: float
+    background_unmasked_error: float
+    background_masked: float | None
+    background_masked_error: float | None
+    agreement_sigma: float | None
+    accepted: bool
+    reason: str
+
+
+def exclusion_output(record: WindowExclusion) -> WindowExclusionOutput:
+    """The JSON form of a core window exclusion."""
+    masked = record.masked
+    return WindowExclusionOutput(
+        trigger_global_p=record.trigger_global_p,
+        bump_window_gev=record.bump_window_gev,
+        window_bins=record.window_bins,
+        window_gev=record.window_gev,
+        max_width_gev=record.max_width_gev,
+        data_in_window=record.data_in_window,
+        unmasked_function=record.unmasked.name,
+        unmasked_parameters=list(record.unmasked.parameters),
+        unmasked_p_value=record.unmasked.p_value,
+        masked_parameters=None if masked is None else list(masked.parameters),
+        masked_p_value=None if masked is None else masked.p_value,
+        background_unmasked=record.background_unmasked,
+        background_unmasked_error=record.background_unmasked_error,
+        background_masked=record.background_masked,
+        background_masked_error=record.background_masked_error,
+        agreement_sigma=record.agreement_sigma,
+        accepted=record.accepted,
+        reason=record.reason,
+    )
+
+
+class SearchSpectrumOutput(StrictModel):
+    """The final background over bins [first_bin, stop_bin), the bump and the exclusion."""
+
+    function: str
+    parameters: list[float]
+    fit_range: tuple[float, float]
+    p_value: float = Field(description="deviance p-value of the final background fit")
+    first_bin: int
+    stop_bin: int
+    edges: list[float] = Field(description="edges of the bins in range (GeV)")
+    counts: list[float]
+    background: list[float] = Field(description="final expected background per bin in range")
+    bump: BumpHuntOutput = Field(description="hunt against the final background")
+    bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
+    window_exclusion: WindowExclusionOutput | None
+    trail: list[str]
+
+
+def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
+    """The JSON form of a core search."""
+    return SearchSpectrumOutput(
+        function=search.fit.name,
+        parameters=list(search.fit.parameters),
+        fit_range=search.fit.fit_range,
+        p_value=search.fit.p_value,
+        first_bin=search.first_bin,
+        stop_bin=search.stop_bin,
+        edges=np.asarray(search.edges, dtype=float).tolist(),
+        counts=np.asarray(search.counts, dtype=float).tolist(),
+        background=np.asarray(search.background, dtype=float).tolist(),
+        bump=bump_output(search.bump),
+        bump_unmasked=bump_output(search.bump_unmasked),
+        window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),
+        trail=list(search.trail),
+    )
+
+
+@register(
+    "search_spectrum",
+    "Bump hunt against an accepted background, window exclusion, final background",
+    SearchSpectrumInput,
+    SearchSpectrumOutput,
+)
+def run_search_spectrum(arguments: SearchSpectrumInput) -> SearchSpectrumOutput:
+    """Run `core.spectrum.search_spectrum` on the tool's histogram."""
+    edges, counts, _ = arguments.histogram.arrays()
+    search = search_spectrum(
+        edges,
+        counts,
+        arguments.function,
+        arguments.fit_range,
+        parameters=None if arguments.parameters is None else tuple(arguments.parameters),
+        sqrt_s=arguments.sqrt_s,
+        hunt=arguments.to_core(),
+        exclusion_trigger_p=arguments.exclusion_trigger_p,
+        seed=arguments.seed,
+    )
+    return search_output(search)
+
+
+class AnalyseSpectrumInput(HuntSettings):
+    """The whole per-spectrum rule: fit range, background choice, bump hunt, exclusion."""
+
+    histogram: HistogramInput
+    stream: StreamName | None = Field(None, description="sets the fit start (PHYSICS.md 3)")
+    stream_start_gev: float | None = Field(
+        None, gt=0, le=1e6, description="fit start when no stream is given, GeV"
+    )
+    upper_gev: float | None = Field(
+        None, gt=0, le=1e6, description="fixed upper mass; null = 0.65 sqrt_s"
+    )
+    sqrt_s: float = Field(13000.0, gt=0, le=1e6, description="collision energy in GeV")
+    use_fallback: bool = True
+    fallback_search: FallbackSettings = Field(default_factory=FallbackSettings)
+    min_events: int = Field(40, ge=1, le=10**9)
+
+
+class AnalyseSpectrumOutput(StrictModel):
+    """Status ("accepted", "no accepted background", "too few events", "fit failed")."""
+
+    status: Literal["accepted", "no accepted background", "too few events", "fit failed"]
+    reason: str
+    n_events: float
+    n_in_range: float
+    fit_range: tuple[float, float] | None
+    chosen: str | None
+    failed_checks: list[str]
+    search: SearchSpectrumOutput | None
+    trail: list[str]
+
+
+@register(
+    "analyse_spectrum",
+    "The whole per-spectrum rule: fit range, background choice with fallback, bump hunt, "
+    "window exclusion, status",
+    AnalyseSpectrumInput,
+    AnalyseSpectrumOutput,
+)
+def run_analyse_spectrum(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOutput:
+    """Run `core.spectrum.analyse_spectrum` on the tool's histogram."""
+    from core.errors import InvalidInputError
+
+    if (arguments.stream is None) == (arguments.stream_start_gev is None):
+        raise InvalidInputError("give exactly one of 'stream' and 'stream_start_gev'")
+    start = (
+        STREAM_FIT_FROM_GEV[arguments.stream]
+        if arguments.stream is not None
+        else float(arguments.stream_start_gev or 0.0)
+    )
+    edges, counts, _ = arguments.histogram.arrays()
+    analysis = analyse_spectrum(
+        edges,
+        counts,
+        start,
+        sqrt_s=arguments.sqrt_s,
+        upper_gev=arguments.upper_gev,
+        fallback=symbolic_fallback(arguments.fallback_search) if arguments.use_fallback else None,
+        hunt=arguments.to_core(),
+        min_events=arguments.min_events,
+        seed=arguments.seed,
+    )
+    return AnalyseSpectrumOutput(
+        status=analysis.status,
+        reason=analysis.reason,
+        n_events=analysis.n_events,
+        n_in_range=analysis.n_in_range,
+        fit_range=analysis.fit_range,
+        chosen=None if analysis.decision is None else analysis.decision.chosen,
+        failed_checks=list(analysis.failed_checks),
+        search=None if analysis.search is None else search_output(analysis.search),
+        trail=list(analysis.trail),
+    )
