@@ -254,9 +254,10 @@ AUDIT_USAGE = (
 
 def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
     """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
-    from agent.report import load_run, spectrum_story, why_text
+    from agent.report import check_spectrum, load_run, spectrum_story, why_text
 
     try:
+        check_spectrum(spectrum)
         run = load_run(run_dir)
         story = spectrum_story(run, spectrum, run.point_index(point))
     except AnomscanError as error:
@@ -503,9 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(handler=_command_scan)
 
     audit = commands.add_parser(
-        "audit", help="decisions of a run as a table; `audit verify RUN`; `audit export RUN`"
+        "audit",
+        help="decisions of a run as a table (--why SPECTRUM POINT: one spectrum's story); "
+        "`audit verify RUN`; `audit export RUN`; `audit annotate RUN SEQ --verdict ...`",
     )
-    audit.add_argument("target", nargs="+", help="RUN, or verify RUN, or export RUN")
+    audit.add_argument(
+        "target", nargs="+", help="RUN, or verify RUN, or export RUN, or annotate RUN SEQ"
+    )
     audit.add_argument("--step", help="step id or node name (substring)")
     audit.add_argument("--spectrum", help="e.g. T2/jm")
     audit.add_argument("--point", type=float, help="AR point, pb")

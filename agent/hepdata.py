@@ -1,7 +1,7 @@
 """`anomscan export RUN --hepdata DIR`: a HEPData submission (hepdata_lib, extra `review`).
 
-Tables: for every flagged excess (a spectrum x AR point whose window was masked and the
-background refitted, i.e. local p below the scan's window-exclusion threshold) the
+Tables: for every flagged excess (`agent.report.flagged_excesses`: a spectrum x AR point
+where the scan triggered a window exclusion, or the scan-wide largest excess) the
 observed counts per mass bin with Poisson errors and the accepted background in the fit
 range; then the significance map (local Z per spectrum x AR point, empty where no
 background was accepted). Numbers are those of the run folder (points/point-NNN.npz,
@@ -10,14 +10,16 @@ results.json), unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from agent.report import SPECTRUM_NAMES, load_run, spectrum_slug
+from agent.report import SPECTRUM_NAMES, flagged_excesses, load_run, spectrum_slug
 from core.errors import AnomscanError, InvalidInputError
 
 
@@ -40,12 +42,8 @@ def garwood_errors(counts: np.ndarray) -> list[tuple[float, float]]:
     return [(float(lo - k), float(hi - k)) for k, lo, hi in zip(n, low, high, strict=True)]
 
 
-def _flagged(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [e for e in results["excesses"] if e.get("masked_window_gev") is not None]
-
-
 def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
-    """Write DIR/submission.yaml and one YAML per table; validated by hepdata_lib."""
+    """Write DIR/submission.yaml and one YAML per table, and DIR.tar.gz beside DIR (validated)."""
     try:
         from hepdata_lib import Submission, Table, Uncertainty, Variable
     except ImportError as error:
@@ -60,7 +58,7 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
         f"{run.results['luminosity_pb']:g} pb^-1"
     )
     n_tables = 0
-    for excess in _flagged(run.results):
+    for excess in flagged_excesses(run):
         index = run.point_index(excess["xsec_pb"])
         point = run.points[index]
         if "background" not in point:
@@ -97,6 +95,7 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
             zero_uncertainties_warning=False,
         )
         expected.values = [float(b) for b in background]
+        expected.digits = 12  # hepdata_lib rounds to 5 significant digits by default
         for variable in (mass, observed, expected):
             table.add_variable(variable)
         submission.add_table(table)
@@ -128,17 +127,25 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
     point_variable.values = point_values
     z_variable = Variable("local Z", is_independent=False, is_binned=False)
     z_variable.values = local_z
+    z_variable.digits = 12
     for variable in (spectrum_variable, point_variable, z_variable):
         table.add_variable(variable)
     submission.add_table(table)
     n_tables += 1
     try:
         output.mkdir(parents=True, exist_ok=True)
-        submission.create_files(str(output), validate=True, remove_old=True)
+        for stale in output.glob("*.yaml"):
+            stale.unlink()
+        archive = output.with_name(f"{output.name}.tar.gz")
+        # hepdata_lib writes (and validates) its tarball in the working directory; DIR
+        # itself must hold only the YAML files the submission references
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            submission.create_files(str(output.resolve()), validate=True, remove_old=False)
+            shutil.move(Path(scratch) / "submission.tar.gz", archive)
     except OSError as error:
         raise InvalidInputError(
             f"cannot write the HEPData folder {output}: {error.strerror}; give a writable DIR"
         ) from error
-    except (ValueError, RuntimeError) as error:
+    except (AssertionError, ValueError, RuntimeError) as error:
         raise AnomscanError(f"hepdata_lib refused the submission: {error}") from error
     return HepdataOutcome(output / "submission.yaml", n_tables)

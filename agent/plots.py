@@ -171,7 +171,9 @@ def spectrum_plot(
     if background is not None and bins is not None:
         first, stop = bins
         fit_edges = edges[first : stop + 1]
-        top.stairs(background, fit_edges, color="tab:blue", label="chosen background")
+        top.stairs(
+            background, fit_edges, baseline=None, color="tab:blue", label="chosen background"
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             pull = np.where(
                 background > 0, (counts[first:stop] - background) / np.sqrt(background), 0.0

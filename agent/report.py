@@ -168,7 +168,39 @@ def load_run(run_dir: Path) -> RunRecord:
     return record
 
 
+def flagged_excesses(run: RunRecord) -> list[dict[str, Any]]:
+    """The excesses the scan flagged: a window exclusion was triggered, or the scan-wide best.
+
+    In the order of results.json (by local Z).
+    """
+    triggered = {
+        (row["spectrum"], float(row["point_pb"]))
+        for row in run.decisions
+        if row["kind"] == "window_exclusion" and row["point_pb"] is not None
+    }
+    lee = run.results.get("look_elsewhere") or {}
+    best = lee.get("best") or {}
+    flagged = []
+    for excess in run.results["excesses"]:
+        hit = any(s == excess["spectrum"] and _same(p, excess["xsec_pb"]) for s, p in triggered)
+        is_best = best.get("spectrum") == excess["spectrum"] and _same(
+            best.get("cross_section_pb"), excess["xsec_pb"]
+        )
+        if hit or is_best or excess.get("masked_window_gev") is not None:
+            flagged.append(excess)
+    return flagged
+
+
 # ---------------------------------------------------------------- one spectrum's story
+
+
+def check_spectrum(spectrum: str) -> None:
+    """InvalidInputError unless `spectrum` is one of the 63 STREAM/PAIR names."""
+    if spectrum not in SPECTRUM_NAMES:
+        raise InvalidInputError(
+            f"spectrum {spectrum!r}: expected STREAM/PAIR such as T2/jm ({SPECTRUM_NAMES[0]} .. "
+            f"{SPECTRUM_NAMES[-1]})"
+        )
 
 
 def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
@@ -178,11 +210,7 @@ def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
     decisions (rows, background ones with `candidates`, `tests`, `fallback` and the tool
     call key), fits (fits rows of this point), bump (bumps row), excess (results.json row).
     """
-    if spectrum not in SPECTRUM_NAMES:
-        raise InvalidInputError(
-            f"spectrum {spectrum!r}: expected STREAM/PAIR such as T2/jm ({SPECTRUM_NAMES[0]} .. "
-            f"{SPECTRUM_NAMES[-1]})"
-        )
+    check_spectrum(spectrum)
     point = run.points[index]
     point_pb = point["point_pb"]
     summary = point["summary"] or {"spectra": []}
@@ -201,8 +229,19 @@ def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
             entry["fallback"] = output.get("fallback")
             entry["tool_call_seq"] = None if call is None else call["seq"]
             entry["tool_chosen"] = output.get("chosen")
+            entry["tool_candidates"] = output.get("candidates") or []
         entry["annotations"] = run.annotations_of(int(row["seq"]))
         decisions.append(entry)
+    searches = [
+        call
+        for call in run.tool_calls
+        if call["tool"] == "search_spectrum"
+        and call["key"].endswith(f":search_spectrum:{spectrum}")
+        and any(
+            _same(step["point_pb"], point_pb) and step["step_id"] == call["step_id"]
+            for step in run.steps
+        )
+    ]
     step_ids = {
         step["step_id"]
         for step in run.steps
@@ -232,6 +271,7 @@ def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
         "fits": fits,
         "bump": bump,
         "excess": excess,
+        "searches": searches,
     }
 
 
@@ -249,7 +289,8 @@ def _number(value: Any, digits: int = 4) -> str:
 
 def _check_text(check: dict[str, Any]) -> str:
     numbers = ", ".join(f"{k} {_number(v)}" for k, v in sorted(check.get("numbers", {}).items()))
-    verdict = "pass" if check.get("passed") else "FAIL"
+    verdict = check.get("status") or ("pass" if check.get("passed") else "fail")
+    verdict = "FAIL" if verdict == "fail" else verdict
     return f"{check['name']}: {verdict} ({numbers})"
 
 
@@ -284,9 +325,19 @@ def why_text(story: dict[str, Any]) -> str:
                     f"{_number(test.get('p_value'))}, significant "
                     f"{_number(test.get('significant'))}"
                 )
+            fits_by_function = {c["function"]: c for c in row["tool_candidates"]}
             for candidate in row["candidates"]:
                 verdict = "passed" if candidate["passed"] else "failed"
-                lines.append(f"  {candidate['function']} ({candidate['source']}): {verdict}")
+                fit = fits_by_function.get(candidate["function"])
+                quality = (
+                    ""
+                    if fit is None
+                    else f", deviance {_number(fit['deviance'])} / ndf {fit['ndf']}, fit p "
+                    f"{_number(fit['p_value'])}"
+                )
+                lines.append(
+                    f"  {candidate['function']} ({candidate['source']}): {verdict}{quality}"
+                )
                 lines.extend(f"    {_check_text(check)}" for check in candidate["checks"])
             if row.get("fallback"):
                 fallback = row["fallback"]
@@ -300,6 +351,19 @@ def why_text(story: dict[str, Any]) -> str:
             f"fit: {fit['function']} chi2 {_number(fit['chi2'])} / ndf {fit['ndf']}, p "
             f"{_number(fit['p_value'])}, range {fit['fit_range']} GeV, passed "
             f"{_number(bool(fit['passed']))}"
+        )
+    for call in story["searches"]:
+        output = call["output"] if isinstance(call["output"], dict) else {}
+        exclusion = output.get("window_exclusion")
+        lines.append(
+            f"search_spectrum (tool call seq {call['seq']}): {output.get('function')} fit p "
+            f"{_number(output.get('p_value'))}"
+            + (
+                ""
+                if not exclusion
+                else f"; window exclusion {exclusion.get('window_gev')} GeV accepted "
+                f"{_number(exclusion.get('accepted'))}"
+            )
         )
     bump = story["bump"]
     if bump is not None:
@@ -355,8 +419,11 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], attrs: str = ""
     return f"<table {attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _td(text: Any, *, value: Any = None, cls: str = "") -> str:
-    data = "" if value is None else f' data-value="{_e(json.dumps(value))}"'
+_NO_VALUE = object()
+
+
+def _td(text: Any, *, value: Any = _NO_VALUE, cls: str = "") -> str:
+    data = "" if value is _NO_VALUE else f' data-value="{_e(json.dumps(value))}"'
     klass = f' class="{cls}"' if cls else ""
     return f"<td{klass}{data}>{_e(text)}</td>"
 
@@ -461,7 +528,7 @@ def _map_table(run: RunRecord, local_z: np.ndarray, marks: list[list[str]]) -> s
 
 def _excess_table(run: RunRecord) -> str:
     header = (
-        "#",
+        "# (flagged: window exclusion triggered or scan-wide best)",
         "spectrum",
         "AR point (pb)",
         "window (GeV)",
@@ -476,6 +543,7 @@ def _excess_table(run: RunRecord) -> str:
         "masked window (GeV)",
     )
     rows = []
+    flagged = {id(e) for e in flagged_excesses(run)}
     for rank, excess in enumerate(run.results["excesses"], start=1):
         index = run.point_index(excess["xsec_pb"])
         slug = spectrum_slug(excess["spectrum"], index)
@@ -486,7 +554,7 @@ def _excess_table(run: RunRecord) -> str:
             global_text = "> " + global_text
         rows.append(
             [
-                _td(rank),
+                _td(f"{rank} flagged" if id(excess) in flagged else rank),
                 _raw_td(
                     f'<a href="spectra/{slug}.html" data-field="spectrum">'
                     f"{_e(excess['spectrum'])}</a>"
@@ -722,7 +790,7 @@ def _lee_section(run: RunRecord) -> str:
 def _checks_markup(checks: list[dict[str, Any]]) -> str:
     items = []
     for check in checks:
-        verdict = "pass" if check["passed"] else "fail"
+        verdict = check.get("status") or ("pass" if check["passed"] else "fail")
         numbers = ", ".join(
             f"{_e(k)} {_e(_number(v))}" for k, v in sorted(check.get("numbers", {}).items())
         )
@@ -772,13 +840,22 @@ def _background_decision_markup(row: dict[str, Any]) -> str:
                 'class="tests"',
             )
         )
+    fits_by_function = {c["function"]: c for c in row["tool_candidates"]}
+
+    def quality(function: str, key: str) -> str:
+        fit = fits_by_function.get(function)
+        return "-" if fit is None else _number(fit.get(key))
+
     parts.append(
         _table(
-            ("function", "source", "passed", "robustness checks"),
+            ("function", "source", "deviance", "ndf", "fit p", "passed", "robustness checks"),
             (
                 [
                     _td(c["function"]),
                     _td(c["source"]),
+                    _td(quality(c["function"], "deviance"), cls="num"),
+                    _td(quality(c["function"], "ndf"), cls="num"),
+                    _td(quality(c["function"], "p_value"), cls="num"),
                     _td("pass" if c["passed"] else "fail", cls="pass" if c["passed"] else "fail"),
                     _raw_td(_checks_markup(c["checks"])),
                 ]
@@ -868,6 +945,11 @@ def _spectrum_page(
                 f"{_e(row['step_id'])}, {_e(row['policy'])}): {_e(json.dumps(row['chosen']))}"
                 f"</h3><p>{_e(row['rationale'])}</p>"
                 + (f"<p>gate: {_e(row['gate'])}</p>" if row["gate"] else "")
+                + (
+                    f'<p class="mono">numbers: {_e(json.dumps(row["numbers"]))}</p>'
+                    if row["numbers"]
+                    else ""
+                )
                 + _annotation_list(row["annotations"])
             )
     if story["fits"]:
@@ -888,6 +970,11 @@ def _spectrum_page(
                     for f in story["fits"]
                 ),
             )
+        )
+    for call in story["searches"]:
+        parts.append(
+            f'<p><a href="../tool_calls.html#call-{call["seq"]}">search_spectrum tool call '
+            f"(seq {call['seq']})</a></p>"
         )
     parts.append(f"<h2>In the terminal</h2><pre>{_e(why_text(story))}</pre>")
     return _page(title, "".join(parts))
