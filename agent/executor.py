@@ -167,9 +167,14 @@ class FanOut:
                 self._pool.submit(_run_batch, function, batch) for batch in self._batches(items)
             ]
             return [result for future in futures for result in future.result()]
+        self.start_ray()
+        return self._map_ray(function, items)
+
+    def start_ray(self) -> Any:
+        """Start (or join) this fan-out's one Ray session; later sessions of the scan reuse it."""
         if self._ray is None:
             self._ray = self._stack.enter_context(ray_session(self.workers))
-        return self._map_ray(function, items)
+        return self._ray
 
     def _map_ray(self, function: Callable[[ItemT], ResultT], items: Sequence[ItemT]) -> list[Any]:
         ray = self._ray

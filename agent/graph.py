@@ -178,6 +178,8 @@ def _prepare(ctx: ScanContext) -> NodeBody:
         card = read_model_card(model_path)
         model_hash = ctx.artifact(model_path, "model")
         ctx.progress.update(stage="event pass")
+        if ctx.fan_out.kind in ("ray", "auto"):
+            ctx.fan_out.start_ray()  # one session for the event pass and the fits
         executor = (
             "ray"
             if ctx.fan_out.kind == "ray"
@@ -697,6 +699,21 @@ def _rescue_provisional(
         exclusion = search.output["window_exclusion"]
         window = list(exclusion["window_gev"] if exclusion else bump["window"])
         entry["window"] = window
+        _record_decision(
+            ctx,
+            step_id,
+            "provisional",
+            spectrum=name,
+            point_pb=point,
+            chosen={"mask_gev": window},
+            policy="rules",
+            rationale=(
+                f"no function passed its checks; against the F-test's {entry['name']} (kept "
+                f"only to find a window) the best window {bump['window'][0]:.0f}-"
+                f"{bump['window'][1]:.0f} GeV has global p {bump['global_p']:.3g} < "
+                f"{EXCLUSION_TRIGGER_P}: masked and the background chosen again"
+            ),
+        )
         masked_calls.append(
             (
                 name,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,30 @@ import numpy.typing as npt
 
 from agent.eventpass import PassSpec, event_pass
 from agent.executor import Executor, map_batched
+from core import spectrum as core_spectrum
 from core.anomaly import anomaly_region, log_uniform_xsec_grid
 from core.autoencoder import read_model_card, training_selection
-from core.bumphunt import BumpHuntResult, bump_hunt
+from core.bumphunt import DEFAULT_HUNT, BumpHuntResult
 from core.errors import AnomscanError
-from core.fit import FitResult
-from core.lookelsewhere import NestedSpectrum, ScanSignificance, nested_spectrum, scan_significance
+from core.exclusion import EXCLUSION_TRIGGER_P
+from core.lookelsewhere import (
+    NestedSpectrum,
+    ScanPoint,
+    ScanSignificance,
+    scan_significance,
+    spectra_from_points,
+)
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, histogram
-from core.selection import BackgroundDecision, CheckOptions, choose_background
+from core.selection import CheckOptions
+from core.spectrum import STATUSES, SpectrumSearch
+from core.symbolic import SearchOptions, symbolic_fallback
 from core.synth import SampleConfig, SignalSpec, generate_sample, load_truth
 from core.table import EventTable, read_event_table
 from tools.registry import get_tool
 
 FloatArray = npt.NDArray[np.float64]
 
-MIN_EVENTS_IN_FIT_RANGE = 40
+MIN_EVENTS_IN_FIT_RANGE = core_spectrum.MIN_EVENTS_IN_FIT_RANGE
 """Spectra with fewer events above the stream's fit start are recorded, not fitted."""
 
 DEMO_SIGNALS = (
@@ -45,17 +54,28 @@ DEMO_SIGNALS = (
 )
 """The demo's injected truth: X -> jet muon at 1.5 TeV and X -> b photon at 0.9 TeV."""
 
-WINDOW_EXCLUSION_P = 0.01
-"""A local excess below this p is masked and the background chosen again (PHYSICS.md 5)."""
+WINDOW_EXCLUSION_P = EXCLUSION_TRIGGER_P
+"""A spectrum whose global (trials-corrected) p is below this is masked and refitted."""
 
 FAST_CHECKS = CheckOptions(spurious_method="asimov", n_gof_toys=50)
 """Robustness checks of the scan: spurious signal on the Asimov data set (30x cheaper than
 toys and agreeing with their median, see tests/core/test_robustness.py)."""
 
+SCAN_HUNT = DEFAULT_HUNT
+"""The window set of the per-spectrum hunt and of the scan-wide test (one object)."""
+
+SCAN_FALLBACK = SearchOptions(n_seeds=1, time_budget_s=30.0)
+"""The scan's symbolic fallback: one seeded search (PHYSICS.md 5), run only when no analytic
+function passes."""
+
 
 @dataclass(frozen=True)
 class SpectrumResult:
-    """One spectrum at one anomaly-region point: the background chosen and the bump found."""
+    """One spectrum at one anomaly-region point: its status, background and bump.
+
+    `status` is one of core.spectrum.STATUSES; only "accepted" results carry a bump and
+    enter the ranking and the scan-wide test.
+    """
 
     name: str
     xsec_pb: float
@@ -70,6 +90,11 @@ class SpectrumResult:
     trail: tuple[str, ...] = ()
     background: FloatArray | None = field(default=None, repr=False)
     counts: FloatArray | None = field(default=None, repr=False)
+    reason: str = ""
+    failed_checks: tuple[str, ...] = ()
+    whole_stream: bool = False
+    fit_range: tuple[float, float] | None = None
+    search: SpectrumSearch | None = field(default=None, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """Plain data for results.json."""
@@ -83,7 +108,17 @@ class SpectrumResult:
                 "local_z": self.bump.local_z,
                 "global_p": self.bump.global_p,
                 "global_z": self.bump.global_z,
+                "global_z_is_lower_limit": self.bump.global_z_is_lower_limit,
                 "n_toys": self.bump.n_toys,
+            }
+        exclusion = None
+        if self.search is not None and self.search.exclusion is not None:
+            record = self.search.exclusion
+            exclusion = {
+                "window_gev": list(record.window_gev),
+                "accepted": record.accepted,
+                "agreement_sigma": record.agreement_sigma,
+                "reason": record.reason,
             }
         return {
             "name": self.name,
@@ -91,34 +126,56 @@ class SpectrumResult:
             "n_events": self.n_events,
             "n_in_range": self.n_in_range,
             "status": self.status,
+            "reason": self.reason,
+            "whole_stream": self.whole_stream,
+            "fit_range": None if self.fit_range is None else list(self.fit_range),
             "function": self.function,
             "gof_p": self.gof_p,
             "bump": bump,
+            "window_exclusion": exclusion,
+            "failed_checks": list(self.failed_checks),
             "trail": list(self.trail),
         }
 
 
 @dataclass(frozen=True)
 class ScanResult:
-    """Every spectrum result of a scan, the scan-wide look-elsewhere result and timings."""
+    """Every spectrum result of a scan, the scan-wide look-elsewhere result and timings.
+
+    `lee_excluded` lists (spectrum, cross-section, status, reason) of every result that did
+    not enter the scan-wide test.
+    """
 
     results: tuple[SpectrumResult, ...]
     lee: ScanSignificance | None
     xsec_points_pb: tuple[float, ...]
     seconds: dict[str, float]
+    lee_excluded: tuple[tuple[str, float, str, str], ...] = ()
 
     def ranked(self) -> list[SpectrumResult]:
-        """Spectra with a bump, most significant local excess first."""
-        bumps = [r for r in self.results if r.bump is not None]
+        """Accepted spectra with a bump, most significant local excess first."""
+        bumps = [r for r in self.results if r.bump is not None and r.status == "accepted"]
         return sorted(bumps, key=lambda r: -r.bump.local_z if r.bump else 0.0)
+
+    def status_counts(self) -> dict[str, int]:
+        """How many spectrum results have each status."""
+        counts = dict.fromkeys(STATUSES, 0)
+        for result in self.results:
+            counts[result.status] = counts.get(result.status, 0) + 1
+        return counts
 
 
 def stream_regions(
     table: EventTable, xsec_pb: float, lumi_pb: float, exclude: npt.NDArray[np.bool_]
 ) -> tuple[npt.NDArray[np.bool_], list[bool]]:
-    """Per stream, the events of its anomaly region (n, 7) and whether it is the whole stream."""
+    """Per stream, the events of its anomaly region (n, 7) and whether it is the whole stream.
+
+    N = sigma x L_search with L_search = (1 - f) L, f the fraction of events excluded (the
+    autoencoder's training events, PHYSICS.md 4).
+    """
     if table.score is None:
         raise AnomscanError("the event table has no score column; run the scored event pass")
+    training_fraction = float(np.mean(exclude)) if exclude.size else 0.0
     masks = np.zeros(table.stream_bits.shape, dtype=bool)
     whole = []
     for k in range(len(STREAMS)):
@@ -128,29 +185,11 @@ def stream_regions(
             lumi_pb,
             in_stream=table.stream_bits[:, k] & ~exclude,
             event_ids=table.event,
+            training_fraction=training_fraction,
         )
         masks[:, k] = region.selected
         whole.append(region.whole_stream)
     return masks, whole
-
-
-def _background_and_bump(
-    edges: FloatArray, counts: FloatArray, fit_from: float, checks: CheckOptions, seed: int
-) -> tuple[BackgroundDecision, FitResult | None, BumpHuntResult | None]:
-    """Choose the background (or keep the F-test's choice when none passes) and hunt."""
-    decision = choose_background(edges, counts, (fit_from, None), options=checks, seed=seed)
-    fit = decision.fit if decision.passed else decision.selection.fit
-    if fit is None:
-        return decision, None, None
-    data = counts[fit.first_bin : fit.stop_bin]
-    bump = bump_hunt(
-        data,
-        np.asarray(fit.expected, dtype=np.float64),
-        edges[fit.first_bin : fit.stop_bin + 1],
-        width_max=max(2, len(data) // 4),
-        seed=seed,
-    )
-    return decision, fit, bump
 
 
 def analyse_spectrum(
@@ -162,92 +201,76 @@ def analyse_spectrum(
     sqrt_s: float = 13000.0,
     seed: int = 0,
     checks: CheckOptions = FAST_CHECKS,
+    fallback: bool = True,
+    whole_stream: bool = False,
 ) -> SpectrumResult:
-    """Choose the background of one spectrum above its stream's fit start and hunt for a bump."""
+    """The per-spectrum rule (core.spectrum.analyse_spectrum) at the stream's fit start."""
     stream = name.split("/", maxsplit=1)[0]
-    fit_from = STREAM_FIT_FROM_GEV[stream]
-    n_events = int(counts.sum())
-    n_in_range = int(counts[edges[:-1] >= fit_from].sum())
-    if n_in_range < MIN_EVENTS_IN_FIT_RANGE:
-        return SpectrumResult(name, xsec_pb, n_events, n_in_range, "too few events")
-    try:
-        decision, fit, bump = _background_and_bump(edges, counts, fit_from, checks, seed)
-    except AnomscanError as error:
-        return SpectrumResult(
-            name, xsec_pb, n_events, n_in_range, f"fit failed: {error}".splitlines()[0]
-        )
-    notes: tuple[str, ...] = ()
-    if bump is not None and bump.local_p < WINDOW_EXCLUSION_P:
-        window = (bump.mass_low, bump.mass_high)
-        try:
-            masked = _background_and_bump(
-                edges, counts, fit_from, replace(checks, window=window), seed
-            )
-        except AnomscanError as error:
-            notes = (f"window exclusion refit rejected, unmasked fit kept: {error}",)
-        else:
-            if masked[1] is not None:
-                decision, fit, bump = masked
-            else:
-                notes = ("window exclusion refit found no background, unmasked fit kept",)
-    if fit is None or bump is None:
-        return SpectrumResult(
-            name, xsec_pb, n_events, n_in_range, "no background", trail=decision.trail
-        )
-    data = counts[fit.first_bin : fit.stop_bin]
-    background = np.asarray(fit.expected, dtype=np.float64)
-    status = "background accepted" if decision.passed else "background failed checks"
+    analysis = core_spectrum.analyse_spectrum(
+        edges,
+        counts,
+        STREAM_FIT_FROM_GEV[stream],
+        sqrt_s=sqrt_s,
+        checks=checks,
+        fallback=symbolic_fallback(SCAN_FALLBACK) if fallback else None,
+        hunt=SCAN_HUNT,
+        seed=seed,
+    )
+    search = analysis.search
+    common = {
+        "name": name,
+        "xsec_pb": xsec_pb,
+        "n_events": int(analysis.n_events),
+        "n_in_range": int(analysis.n_in_range),
+        "status": analysis.status,
+        "trail": analysis.trail,
+        "reason": analysis.reason,
+        "failed_checks": analysis.failed_checks,
+        "whole_stream": whole_stream,
+        "fit_range": analysis.fit_range,
+    }
+    if search is None:
+        return SpectrumResult(**common)  # type: ignore[arg-type]
     return SpectrumResult(
-        name,
-        xsec_pb,
-        n_events,
-        n_in_range,
-        status,
-        fit.name,
-        fit.p_value,
-        bump,
-        fit.first_bin,
-        fit.stop_bin,
-        decision.trail + notes,
-        background,
-        data,
+        **common,  # type: ignore[arg-type]
+        function=search.function,
+        gof_p=search.fit.p_value,
+        bump=search.bump,
+        first_bin=search.first_bin,
+        stop_bin=search.stop_bin,
+        background=search.background,
+        counts=search.counts,
+        search=search,
     )
 
 
-def _nested_spectra(results: Sequence[SpectrumResult], edges: FloatArray) -> list[NestedSpectrum]:
-    """Group fitted results by spectrum name over the bins every point of it fitted."""
-    grouped: dict[str, list[SpectrumResult]] = {}
+def _nested_spectra(
+    results: Sequence[SpectrumResult], edges: FloatArray
+) -> tuple[list[NestedSpectrum], list[tuple[str, float, str, str]]]:
+    """The accepted results as scan-wide spectra, and every result left out with its reason.
+
+    Each accepted point keeps its own fit range and window set (the per-spectrum hunt's);
+    a whole-stream point that repeats another point's events and background enters once.
+    """
+    points: list[ScanPoint] = []
+    excluded: list[tuple[str, float, str, str]] = []
     for result in results:
-        if result.bump is not None and result.background is not None:
-            grouped.setdefault(result.name, []).append(result)
-    spectra = []
-    for name, points in grouped.items():
-        first = max(p.first_bin for p in points)
-        stop = min(p.stop_bin for p in points)
-        if stop - first < 2:
+        if result.status != "accepted" or result.search is None:
+            excluded.append((result.name, result.xsec_pb, result.status, result.reason))
             continue
-        counts = np.array(
-            [
-                p.counts[first - p.first_bin : stop - p.first_bin]
-                for p in points
-                if p.counts is not None
-            ]
-        )
-        background = np.array(
-            [
-                p.background[first - p.first_bin : stop - p.first_bin]
-                for p in points
-                if p.background is not None
-            ]
-        )
-        xsecs = np.array([p.xsec_pb for p in points])
-        try:
-            spectra.append(
-                nested_spectrum(name, edges[first : stop + 1], xsecs, counts, background)
+        search = result.search
+        points.append(
+            ScanPoint(
+                result.name,
+                result.xsec_pb,
+                search.first_bin,
+                np.asarray(edges[search.first_bin : search.stop_bin + 1], dtype=np.float64),
+                search.counts,
+                search.background,
+                search.hunt,
             )
-        except AnomscanError:
-            continue
-    return spectra
+        )
+    return spectra_from_points(points), excluded
 
 
 @dataclass(frozen=True)
@@ -259,10 +282,20 @@ class SpectrumJob:
     counts: FloatArray
     xsec_pb: float
     seed: int
+    whole_stream: bool = False
+    fallback: bool = True
 
     def run(self) -> SpectrumResult:
         """Analyse this spectrum."""
-        return analyse_spectrum(self.name, self.edges, self.counts, self.xsec_pb, seed=self.seed)
+        return analyse_spectrum(
+            self.name,
+            self.edges,
+            self.counts,
+            self.xsec_pb,
+            seed=self.seed,
+            whole_stream=self.whole_stream,
+            fallback=self.fallback,
+        )
 
 
 def _run_job(job: SpectrumJob) -> SpectrumResult:
@@ -275,11 +308,13 @@ def spectrum_jobs(
     xsec_points_pb: Sequence[float],
     exclude: npt.NDArray[np.bool_],
     seed: int,
+    *,
+    fallback: bool = True,
 ) -> list[SpectrumJob]:
     """The 63 spectra of every AR point: per stream, its region's events."""
     jobs = []
     for xsec in xsec_points_pb:
-        masks, _ = stream_regions(table, xsec, lumi_pb, exclude)
+        masks, whole = stream_regions(table, xsec, lumi_pb, exclude)
         for k, stream in enumerate(STREAMS):
             for j, pair in enumerate(PAIRS):
                 counts, edges = histogram(
@@ -287,7 +322,13 @@ def spectrum_jobs(
                 )
                 jobs.append(
                     SpectrumJob(
-                        f"{stream}/{pair}", edges, counts.astype(float), xsec, seed + 100 * k + j
+                        f"{stream}/{pair}",
+                        edges,
+                        counts.astype(float),
+                        xsec,
+                        seed + 100 * k + j,
+                        whole[k],
+                        fallback,
                     )
                 )
     return jobs
@@ -301,6 +342,8 @@ def run_scan(
     xsec_points_pb: Sequence[float] | None = None,
     seed: int = 0,
     executor: Executor = "serial",
+    fallback: bool = True,
+    max_pseudo_scans: int = 200_000,
 ) -> ScanResult:
     """Sweep the anomaly-region points over an event table and analyse all 63 spectra each."""
     start = time.perf_counter()
@@ -308,13 +351,13 @@ def run_scan(
     card = read_model_card(model)
     exclude = training_selection(table.event, card.fraction, card.seed)
     points = tuple(xsec_points_pb or log_uniform_xsec_grid(points_per_decade=1))
-    jobs = spectrum_jobs(table, lumi_pb, points, exclude, seed)
+    jobs = spectrum_jobs(table, lumi_pb, points, exclude, seed, fallback=fallback)
     results = map_batched(_run_job, jobs, executor)
     fitted_seconds = time.perf_counter() - start
     lee = None
-    nested = _nested_spectra(results, jobs[0].edges) if jobs else []
+    nested, excluded = _nested_spectra(results, jobs[0].edges) if jobs else ([], [])
     if nested:
-        lee = scan_significance(nested, seed=seed, max_pseudo_scans=20_000)
+        lee = scan_significance(nested, seed=seed, max_pseudo_scans=max_pseudo_scans)
     return ScanResult(
         tuple(results),
         lee,
@@ -323,7 +366,42 @@ def run_scan(
             "spectra": round(fitted_seconds, 1),
             "look_elsewhere": round(time.perf_counter() - start - fitted_seconds, 1),
         },
+        tuple(excluded),
     )
+
+
+def scan_wide_summary(scan: ScanResult) -> dict[str, Any]:
+    """The scan-wide look-elsewhere result and the spectra left out of it, as plain data."""
+    lee = scan.lee
+    assert lee is not None
+    return {
+        "best": {
+            "spectrum": lee.best.spectrum,
+            "xsec_pb": lee.best.cross_section_pb,
+            "window_gev": [lee.best.excess.mass_low, lee.best.excess.mass_high],
+            "data": lee.best.excess.data,
+            "background": lee.best.excess.background,
+        },
+        "local_z": lee.local_z,
+        "global_p": lee.global_p,
+        "global_p_error": lee.global_p_error,
+        "global_z": lee.global_z,
+        "global_z_is_lower_limit": lee.global_z_is_lower_limit,
+        "global_z_toys_lower_limit": lee.global_z_toys_lower_limit,
+        "global_p_method": lee.global_p_method,
+        "effective_trials": lee.effective_trials,
+        "n_spectra": lee.n_spectra,
+        "n_tests": lee.n_tests,
+        "n_pseudo_scans": lee.n_pseudo_scans,
+        "n_toys_per_spectrum_max": lee.n_toys_per_spectrum_max,
+        "merged_points": [list(item) for item in lee.merged_points],
+        "background_nesting_violations": lee.background_nesting_violations,
+        "excluded": [
+            {"spectrum": name, "xsec_pb": xsec, "status": status, "reason": reason}
+            for name, xsec, status, reason in scan.lee_excluded
+        ],
+        "method": lee.method,
+    }
 
 
 def run_demo(
@@ -402,7 +480,7 @@ def run_demo(
         table.add_row(
             result.name,
             f"{result.xsec_pb:g}",
-            f"{result.function}{'' if result.status == 'background accepted' else ' (!)'}",
+            f"{result.function}",
             f"{result.gof_p:.2f}",
             f"{bump.mass_low:.0f}-{bump.mass_high:.0f}",
             f"{bump.data:.0f}",
@@ -410,19 +488,21 @@ def run_demo(
             f"{bump.local_z:.1f}",
         )
     console.print(table)
-    n_fitted = sum(r.bump is not None for r in scan.results)
+    counts = scan.status_counts()
     console.print(
-        f"{len(scan.results)} spectra x points: {n_fitted} fitted and hunted, "
-        f"{sum(r.status == 'too few events' for r in scan.results)} with too few events; "
-        "(!) = background kept from the F-test although a robustness check failed"
+        f"{len(scan.results)} spectra x points: "
+        + ", ".join(f"{number} {status}" for status, number in counts.items())
+        + "; only accepted backgrounds are ranked and enter the scan-wide test"
     )
     if scan.lee is not None:
         console.print(
             f"scan-wide: largest excess {scan.lee.best.spectrum} at "
             f"{scan.lee.best.cross_section_pb:g} pb, local Z = {scan.lee.local_z:.1f}, "
+            f"global p = {scan.lee.global_p:.3g} +- {scan.lee.global_p_error:.2g}, "
             f"global Z = {scan.lee.global_z:.1f}"
-            f"{' (lower limit)' if scan.lee.global_z_is_lower_limit else ''}, "
-            f"{scan.lee.n_pseudo_scans} pseudo-scans"
+            f"{' (lower limit)' if scan.lee.global_z_is_lower_limit else ''} "
+            f"({scan.lee.global_p_method}; {scan.lee.n_spectra} spectra, "
+            f"{len(scan.lee.merged_points)} repeated whole-stream points entered once)"
         )
     injected = load_truth(sample.truth_path)["truth"]
     assert isinstance(injected, list)
@@ -436,6 +516,8 @@ def run_demo(
                 "timings_s": {k: round(v, 1) for k, v in timings.items()},
                 "xsec_points_pb": list(scan.xsec_points_pb),
                 "spectra": [r.summary() for r in scan.results],
+                "status_counts": scan.status_counts(),
+                "scan_wide": None if scan.lee is None else scan_wide_summary(scan),
                 "truth": injected,
             },
             indent=1,

@@ -2,6 +2,15 @@
 one threshold point (63 spectra x 5 functions) serially versus Ray on local cores.
 
 Run: .venv/bin/python bench/bench_fits.py   (writes bench/results/fits.json)
+     .venv/bin/python bench/bench_fits.py choose   (writes bench/results/choose_background.json)
+
+`choose`: `choose_background` with every check (defaults: linearised toy goodness of fit,
+spurious signal on Asimov data, stability, falling check) on the 63 spectra of a threshold
+point, fit ranges from the streams' starts (~126 bins each from 300 GeV). Baseline in the
+same run: the same procedure with the previous settings (100 refitted goodness-of-fit toys,
+50 spurious-signal toys). Scan budget: 21 AR points x 63 spectra in under 5 min on 2
+cores = 0.45 s per spectrum and core for everything, so the goal is a median well under
+0.3 s.
 The serial path is the baseline measured in the same process; Ray batches several spectra
 per task, one batch per core (ray.init is timed separately: small jobs stay serial).
 """
@@ -90,7 +99,73 @@ def fits_per_second(
     return rates
 
 
+def choose_background_timing(n_spectra: int = 63, n_baseline: int = 12) -> dict[str, object]:
+    """Seconds per `choose_background` call, new defaults against the previous settings."""
+    from core.selection import CheckOptions, choose_background
+
+    spectra = threshold_point(seed=2)[:n_spectra]
+    settings = {
+        "defaults": (CheckOptions(), n_spectra),
+        "previous (100 refitted GOF toys, 50 spurious toys)": (
+            CheckOptions(gof_method="toys", spurious_method="toys"),
+            n_baseline,
+        ),
+    }
+    results: dict[str, object] = {}
+    subset_times: dict[str, list[float]] = {}
+    for label, (options, count) in settings.items():
+        times, chosen = [], []
+        for index, (edges, counts, fit_range) in enumerate(spectra[:count]):
+            started = time.perf_counter()
+            decision = choose_background(
+                edges, counts, stream_start_gev=fit_range[0], options=options, seed=index
+            )
+            times.append(time.perf_counter() - started)
+            chosen.append(decision.chosen)
+        results[label] = {
+            "median_s": float(np.median(times)),
+            "p90_s": float(np.quantile(times, 0.9)),
+            "max_s": float(np.max(times)),
+            "total_s": float(np.sum(times)),
+            "n_passed": sum(name is not None for name in chosen),
+            "n_spectra": count,
+        }
+        subset_times[label] = times[:n_baseline]
+        print(
+            f"choose_background, {label}: median {np.median(times):.3f} s, "
+            f"p90 {np.quantile(times, 0.9):.3f} s, {results[label]['n_passed']}/"  # type: ignore[index]
+            f"{count} with an accepted function"
+        )
+    baseline = subset_times["previous (100 refitted GOF toys, 50 spurious toys)"]
+    new = subset_times["defaults"]
+    results["speedup_median"] = float(np.median(baseline) / np.median(new))
+    results["speedup_note"] = f"medians over the same first {n_baseline} spectra"
+    return results
+
+
 def main() -> None:
+    if sys.argv[1:] == ["choose"]:
+        timing = choose_background_timing()
+        path = RESULTS.with_name("choose_background.json")
+        path.write_text(
+            json.dumps(
+                {
+                    "benchmark": "choose_background with every check",
+                    "command": "PYTHONPATH=$PWD .venv/bin/python bench/bench_fits.py choose",
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "python": sys.version.split()[0],
+                        "load_average": os.getloadavg(),
+                    },
+                    "goal_median_s": 0.3,
+                    "results": timing,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(f"speedup of the median: {timing['speedup_median']:.1f}x; wrote {path}")
+        return
     spectra = threshold_point(seed=1)
     n_cpus = os.cpu_count() or 1
     rates = fits_per_second(spectra)

@@ -1,7 +1,8 @@
 """Anomaly regions: the events of a stream above an autoencoder-score cut set by a cross-section.
 
 An anomaly region (AR) at effective cross-section sigma (pb) keeps the N = round(sigma * L)
-highest-scoring events of a stream, L the integrated luminosity in pb^-1 (PHYSICS.md sec. 4):
+highest-scoring events of a stream, L = L_search = (1 - f) L_int the luminosity (pb^-1) of
+the events left for the search once the training fraction f is removed (PHYSICS.md sec. 4):
 the events whose score is above the cut, `score > cut`. Exactly N events pass: should events
 share the cut score, the ones needed to reach N are taken in increasing event id (or
 position when no ids are given), so the selection is reproducible.
@@ -73,8 +74,12 @@ def anomaly_region(
     *,
     in_stream: npt.ArrayLike | None = None,
     event_ids: npt.ArrayLike | None = None,
+    training_fraction: float = 0.0,
 ) -> AnomalyRegion:
-    """Select exactly N = round(xsec_pb * lumi_pb) highest-score events of a stream.
+    """Select exactly N = round(xsec_pb * L_search) highest-score events of a stream.
+
+    L_search = (1 - `training_fraction`) `lumi_pb`: the luminosity of the events left once
+    the autoencoder's training events are removed (PHYSICS.md 4).
 
     Parameters
     ----------
@@ -95,7 +100,7 @@ def anomaly_region(
     values = _finite_scores(scores)
     stream = _stream_mask(in_stream, len(values))
     ids = _tie_break_keys(event_ids, len(values))
-    n_requested = requested_count(xsec_pb, lumi_pb)
+    n_requested = requested_count(xsec_pb, search_luminosity(lumi_pb, training_fraction))
 
     positions = np.flatnonzero(stream)
     stream_scores = values[positions]
@@ -118,7 +123,7 @@ def anomaly_region(
             selected[positions[tied[tie_order[:n_pass_at_cut]]]] = True
     return AnomalyRegion(
         xsec_pb=float(xsec_pb),
-        lumi_pb=float(lumi_pb),
+        lumi_pb=float(search_luminosity(lumi_pb, training_fraction)),
         n_requested=n_requested,
         n_stream=n_stream,
         n_pass=n_pass,
@@ -127,6 +132,17 @@ def anomaly_region(
         n_pass_at_cut=n_pass_at_cut,
         selected=selected,
     )
+
+
+def search_luminosity(lumi_pb: float, training_fraction: float) -> float:
+    """L_search = (1 - f) L in pb^-1: the luminosity left once a fraction f is trained on."""
+    _check_positive("lumi_pb", lumi_pb, "pb^-1")
+    if not (math.isfinite(training_fraction) and 0.0 <= training_fraction < 1.0):
+        raise InvalidInputError(
+            f"training_fraction must lie in [0, 1), got {training_fraction}; it is the fraction "
+            "of events the autoencoder was trained on"
+        )
+    return lumi_pb * (1.0 - training_fraction)
 
 
 def cut_for_xsec(

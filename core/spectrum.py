@@ -17,7 +17,8 @@ gives the spectrum one status:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
 import numpy as np
@@ -25,7 +26,7 @@ import numpy.typing as npt
 
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
 from core.errors import AnomscanError, InvalidInputError
-from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
+from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, masked_window, window_exclusion
 from core.fit import FitResult, fit_background
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
 from core.selection import BackgroundDecision, CheckOptions, Fallback, choose_background
@@ -199,6 +200,60 @@ def _failed_checks(decision: BackgroundDecision) -> tuple[str, ...]:
     )
 
 
+def _masked_choice(
+    edges: FloatArray,
+    counts: FloatArray,
+    decision: BackgroundDecision,
+    settings: CheckOptions,
+    choose: Callable[[CheckOptions, Fallback | None], BackgroundDecision],
+    hunt: HuntOptions,
+    notes: list[str],
+    seed: int,
+) -> BackgroundDecision:
+    """Retry the choice with a significant window masked when no function passed.
+
+    A strong resonance makes every smooth function fail its goodness of fit. The hunt
+    against the F-test's (rejected) choice locates the window; when its global p is below
+    the exclusion trigger, the window (capped at the signal width, `core.exclusion`) is
+    left out of every fit and the choice is made again (PHYSICS.md 5, flagged window).
+    """
+    fit = decision.selection.fit
+    if fit is None:
+        return decision
+    first, stop = fit.first_bin, fit.stop_bin
+    probe = bump_hunt(
+        counts[first:stop],
+        np.asarray(fit.expected, dtype=np.float64),
+        edges[first : stop + 1],
+        width_min=hunt.width_min,
+        width_max=hunt.width_max,
+        min_toys=hunt.min_toys,
+        max_toys=hunt.max_toys,
+        min_window_background=hunt.min_window_background,
+        seed=seed,
+    )
+    if probe.global_p >= EXCLUSION_TRIGGER_P:
+        return decision
+    background = np.zeros_like(counts)
+    background[first:stop] = fit.expected
+    low, high, _ = masked_window(
+        edges, counts, background, first + probe.first_bin, first + probe.stop_bin
+    )
+    window = (float(edges[low]), float(edges[high]))
+    notes.append(
+        f"no function passed; the hunt against the rejected {fit.name} flags "
+        f"{probe.mass_low:.0f}-{probe.mass_high:.0f} GeV (global p {probe.global_p:.3g}): "
+        f"choosing again with {window[0]:.0f}-{window[1]:.0f} GeV masked"
+    )
+    masked = choose(replace(settings, window=window), None)
+    notes.append(
+        f"with the window masked {masked.chosen} passes every check"
+        if masked.passed
+        else "with the window masked no function passes either"
+    )
+    return masked if masked.passed else decision
+
+
 def analyse_spectrum(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -235,17 +290,28 @@ def analyse_spectrum(
         return SpectrumAnalysis(
             "too few events", reason, n_events, n_in_range, None, None, None, (), (reason,)
         )
-    try:
-        decision = choose_background(
+    settings = checks or CheckOptions()
+    notes: list[str] = []
+
+    def choose(options: CheckOptions, with_fallback: Fallback | None) -> BackgroundDecision:
+        return choose_background(
             e,
             n,
             stream_start_gev=stream_start_gev,
             upper_gev=upper_gev,
             sqrt_s=sqrt_s,
-            options=checks,
-            fallback=fallback,
+            options=options,
+            fallback=with_fallback,
             seed=seed,
         )
+
+    try:
+        decision = choose(settings, None)
+        if not decision.passed:
+            decision = _masked_choice(e, n, decision, settings, choose, hunt, notes, seed)
+        if not decision.passed and fallback is not None:
+            notes.append("no analytic function passed; the symbolic fallback runs")
+            decision = choose(settings, fallback)
     except AnomscanError as error:
         reason = f"background choice failed: {error}".splitlines()[0]
         return SpectrumAnalysis(
@@ -268,7 +334,7 @@ def analyse_spectrum(
             decision,
             None,
             failed,
-            (*decision.trail, reason),
+            (*decision.trail, *notes, reason),
         )
     try:
         search = search_spectrum(
@@ -294,5 +360,5 @@ def analyse_spectrum(
         decision,
         search,
         (),
-        (*decision.trail, *search.trail),
+        (*notes, *decision.trail, *search.trail),
     )

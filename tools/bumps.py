@@ -9,13 +9,22 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field, model_validator
 
-from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, BumpHuntResult, LocalExcess, bump_hunt
+from core.bumphunt import (
+    MAX_TOYS,
+    MIN_WINDOW_BACKGROUND,
+    BumpHuntResult,
+    HuntOptions,
+    LocalExcess,
+    bump_hunt,
+)
 from core.errors import InvalidInputError
 from core.lookelsewhere import (
     NestedSpectrum,
+    ScanPoint,
     ScanPointExcess,
     nested_spectrum,
     scan_significance,
+    spectra_from_points,
 )
 from core.masses import mass_resolution
 from core.significance import BackgroundNormalisation, signal_fit
@@ -258,19 +267,130 @@ def _rectangular(rows: list[list[float]] | None, name: str, what: str) -> FloatA
     return np.asarray(rows, dtype=np.float64)
 
 
-class ScanSignificanceInput(StrictModel):
-    """Every spectrum of a scan at its AR points, for one scan-wide global p-value."""
+class ScanPointInput(StrictModel):
+    """One spectrum at one AR point as `search_spectrum` returned it (its output fields).
 
-    spectra: list[ScanSpectrumInput] = Field(min_length=1)
+    `edges`, `counts`, `background` cover histogram bins [first_bin, stop_bin); the window
+    set is the hunt's (`bump.width_min`, `bump.width_max`, `bump.min_window_background`, or
+    the fields given here). Points whose `status` is not "accepted" are left out and listed
+    in the output with their `reason`.
+    """
+
+    spectrum: str
+    cross_section_pb: float = Field(gt=0, le=1e9)
+    first_bin: int = Field(ge=0, le=100_000)
+    stop_bin: int | None = Field(None, ge=1, le=100_000)
+    edges: list[float]
+    counts: list[float]
+    background: list[float]
+    width_min: int | None = Field(None, ge=1, le=1000)
+    width_max: int | None = Field(None, ge=1, le=1000)
+    min_window_background: float | None = Field(None, ge=0, le=1e6)
+    bump: dict[str, object] | None = Field(
+        None, description="the search_spectrum `bump` (its window fields are used)"
+    )
+    status: str = "accepted"
+    reason: str = ""
+
+    def to_core(self) -> ScanPoint:
+        """The core scan point with the hunt's window set."""
+        bump = self.bump or {}
+
+        def pick(name: str, given: object, default: object) -> object:
+            return given if given is not None else bump.get(name, default)
+
+        width_min = pick("width_min", self.width_min, 1)
+        width_max = pick("width_max", self.width_max, None)
+        minimum = pick("min_window_background", self.min_window_background, MIN_WINDOW_BACKGROUND)
+        if not isinstance(width_min, int) or not (width_max is None or isinstance(width_max, int)):
+            raise InvalidInputError(
+                f"point {self.spectrum!r} at {self.cross_section_pb:g} pb: window widths must "
+                "be integers (bins)"
+            )
+        if not isinstance(minimum, int | float):
+            raise InvalidInputError(
+                f"point {self.spectrum!r}: min_window_background must be a number of events"
+            )
+        if self.stop_bin is not None and self.stop_bin - self.first_bin != len(self.counts):
+            raise InvalidInputError(
+                f"point {self.spectrum!r} at {self.cross_section_pb:g} pb: bins "
+                f"[{self.first_bin}, {self.stop_bin}) but {len(self.counts)} counts"
+            )
+        return ScanPoint(
+            self.spectrum,
+            self.cross_section_pb,
+            self.first_bin,
+            np.asarray(self.edges, dtype=np.float64),
+            np.asarray(self.counts, dtype=np.float64),
+            np.asarray(self.background, dtype=np.float64),
+            HuntOptions(
+                width_min=width_min, width_max=width_max, min_window_background=float(minimum)
+            ),
+        )
+
+
+def _points_from_npz(path: Path) -> list[ScanPointInput]:
+    """Scan points from an NPZ file, one row per point.
+
+    Arrays `spectrum` (names), `cross_section_pb`, `first_bin`, `width_min`, `width_max`
+    (0 = none), `min_window_background`, and per point i `edges_i`, `counts_i`,
+    `background_i`.
+    """
+    if not path.is_file():
+        raise InvalidInputError(f"points file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = [str(name) for name in data["spectrum"]]
+            rows = []
+            for index, name in enumerate(names):
+                width_max = int(data["width_max"][index])
+                rows.append(
+                    ScanPointInput(
+                        spectrum=name,
+                        cross_section_pb=float(data["cross_section_pb"][index]),
+                        first_bin=int(data["first_bin"][index]),
+                        edges=data[f"edges_{index}"].tolist(),
+                        counts=data[f"counts_{index}"].tolist(),
+                        background=data[f"background_{index}"].tolist(),
+                        width_min=int(data["width_min"][index]),
+                        width_max=width_max or None,
+                        min_window_background=float(data["min_window_background"][index]),
+                    )
+                )
+    except (KeyError, ValueError, OSError) as error:
+        raise InvalidInputError(
+            f"points file {path} is not a scan-points NPZ ({error}); see the tool's schema"
+        ) from error
+    return rows
+
+
+class ScanSignificanceInput(StrictModel):
+    """Every spectrum of a scan at its AR points, for one scan-wide global p-value.
+
+    Give `spectra` (one entry per spectrum, all points on one binning), or `points` (the
+    per-point results of `search_spectrum`, inline) or `points_path` (an NPZ of them).
+    """
+
+    spectra: list[ScanSpectrumInput] = Field(default_factory=list)
+    points: list[ScanPointInput] = Field(default_factory=list)
+    points_path: Path | None = None
     width_min: int = Field(1, ge=1, description="narrowest window, bins")
     width_max: int | None = Field(None, ge=1, description="widest window, bins; null = N/2")
-    n_pseudo_scans: int = Field(1_000, ge=1, description="minimum number of pseudo-scans")
+    n_pseudo_scans: int = Field(
+        1_000, ge=1, le=MAX_TOYS, description="minimum number of pseudo-scans per spectrum"
+    )
     max_pseudo_scans: int = Field(
-        100_000, ge=1, description="budget (raised to 10 000 when global p < 0.01)"
+        100_000, ge=1, le=MAX_TOYS, description="budget per spectrum (>= 10 000 when p < 0.01)"
     )
     target_rel_error: float = Field(0.1, gt=0, lt=1)
-    seed: int = Field(0, ge=0)
-    top: int = Field(10, ge=1, description="how many (spectrum, AR point) excesses to list")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    top: int = Field(10, ge=1, le=100_000, description="how many excesses to list")
+
+    @model_validator(mode="after")
+    def _something_to_scan(self) -> ScanSignificanceInput:
+        if not (self.spectra or self.points or self.points_path):
+            raise ValueError("give 'spectra', 'points' or 'points_path' (at least one entry)")
+        return self
 
 
 class ScanPointOutput(ExcessOutput):
@@ -278,6 +398,15 @@ class ScanPointOutput(ExcessOutput):
 
     spectrum: str
     cross_section_pb: float
+
+
+class ExcludedPoint(StrictModel):
+    """A point that did not enter the scan-wide test and why."""
+
+    spectrum: str
+    cross_section_pb: float
+    status: str
+    reason: str
 
 
 class ScanSignificanceOutput(StrictModel):
@@ -300,6 +429,20 @@ class ScanSignificanceOutput(StrictModel):
     converged: bool
     background_nesting_violations: int
     method: str
+    global_p_method: str
+    global_z_toys_lower_limit: float | None
+    n_spectra: int
+    n_toys_per_spectrum_max: int
+    spectrum_tails: list[tuple[str, float, str]] = Field(
+        description="per spectrum: name, q_s = P(T_s >= T_obs), how it was estimated"
+    )
+    merged_points: list[tuple[str, float, float]] = Field(
+        description="whole-stream repeats entered once: spectrum, dropped pb, kept pb"
+    )
+    data_nesting_violations: int
+    excluded: list[ExcludedPoint] = Field(
+        default_factory=list, description="points left out of the test, with their reason"
+    )
 
 
 def _point_output(point: ScanPointExcess) -> ScanPointOutput:
@@ -320,8 +463,28 @@ def _point_output(point: ScanPointExcess) -> ScanPointOutput:
 )
 def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceOutput:
     """Run `core.lookelsewhere.scan_significance` on the tool's spectra."""
+    points = list(arguments.points)
+    if arguments.points_path is not None:
+        points += _points_from_npz(arguments.points_path)
+    accepted = [point for point in points if point.status == "accepted"]
+    excluded = [
+        ExcludedPoint(
+            spectrum=point.spectrum,
+            cross_section_pb=point.cross_section_pb,
+            status=point.status,
+            reason=point.reason or "not accepted",
+        )
+        for point in points
+        if point.status != "accepted"
+    ]
+    spectra = [spectrum.to_core() for spectrum in arguments.spectra]
+    spectra += spectra_from_points([point.to_core() for point in accepted])
+    if not spectra:
+        raise InvalidInputError(
+            "no accepted point to test: every point given has a status other than 'accepted'"
+        )
     result = scan_significance(
-        [spectrum.to_core() for spectrum in arguments.spectra],
+        spectra,
         width_min=arguments.width_min,
         width_max=arguments.width_max,
         min_pseudo_scans=arguments.n_pseudo_scans,
@@ -334,4 +497,7 @@ def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceO
         result,
         best=_point_output(result.best),
         points=[_point_output(point) for point in result.points[: arguments.top]],
+        spectrum_tails=list(result.spectrum_tails),
+        merged_points=list(result.merged_points),
+        excluded=excluded,
     )

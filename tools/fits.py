@@ -66,6 +66,12 @@ class FallbackSettings(SymbolicSearchSettings):
     n_alternatives: int = Field(
         2, ge=0, le=10, description="runner-up expressions offered to the spurious-signal test"
     )
+    max_passing: int | None = Field(
+        3,
+        ge=1,
+        description="stop refitting front members (simplest first) and searching once this "
+        "many pass the goodness of fit; null = refit every member of every search",
+    )
 
 
 def symbolic_fallback(settings: FallbackSettings | None = None) -> Fallback:

@@ -12,20 +12,6 @@ import pytest
 from agent.executor import FanOut
 
 
-def _square_or_die(item: tuple[int, int, str]) -> int:
-    """x^2, killing any worker process that is not the driver `pid` (first try only if a
-    marker path is given)."""
-    pid, x, marker = item
-    if os.getpid() != pid:
-        if not marker:
-            os._exit(1)
-        flag = Path(marker)
-        if not flag.exists():
-            flag.touch()
-            os._exit(1)
-    return x * x
-
-
 def test_process_pool_returns_the_serial_results_in_order() -> None:
     items = list(range(17))
     with FanOut("process", workers=2) as fan_out:
@@ -43,6 +29,20 @@ def test_auto_keeps_small_jobs_serial() -> None:
 def test_a_dead_ray_worker_is_retried_then_its_batch_runs_serially(tmp_path: Path) -> None:
     events: list[str] = []
     pid = os.getpid()
+
+    def _square_or_die(item: tuple[int, int, str]) -> int:
+        """x^2, killing any worker process that is not the driver `pid` (first try only if a
+        marker path is given); nested, so Ray pickles it by value."""
+        pid, x, marker = item
+        if os.getpid() != pid:
+            if not marker:
+                os._exit(1)
+            flag = Path(marker)
+            if not flag.exists():
+                flag.touch()
+                os._exit(1)
+        return x * x
+
     with FanOut("ray", workers=2, on_event=events.append) as fan_out:
         once = [(pid, x, str(tmp_path / f"flag-{x}")) for x in range(4)]
         assert fan_out.map(_square_or_die, once) == [x * x for x in range(4)]

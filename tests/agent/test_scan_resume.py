@@ -211,8 +211,32 @@ def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> Non
     with sqlite3.connect(copy / "audit.sqlite") as db:
         db.execute(
             "update tool_calls set output_sha256 = 'x' where seq = "
-            "(select min(seq) from tool_calls where tool = 'bump_hunt')"
+            "(select min(seq) from tool_calls where tool = 'search_spectrum')"
         )
-    replayed = run_cli("replay", str(copy), "--tool", "bump_hunt")
+    replayed = run_cli("replay", str(copy), "--tool", "search_spectrum")
     assert replayed.returncode == 1
     assert "1 difference(s)" in replayed.stdout
+
+
+def test_the_checkpointed_state_holds_references_not_arrays(reference: Path) -> None:
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    with sqlite3.connect(reference / "checkpoints.sqlite", check_same_thread=False) as db:
+        saver = SqliteSaver(db)
+        checkpoints = list(saver.list({"configurable": {"thread_id": reference.name}}))
+    assert len(checkpoints) >= 10  # one per superstep
+    state = checkpoints[0].checkpoint["channel_values"]
+    assert state["stage"] == "done"
+
+    def longest_list(value: object) -> int:
+        if isinstance(value, dict):
+            return max((longest_list(v) for v in value.values()), default=0)
+        if isinstance(value, list):
+            return max([len(value), *(longest_list(v) for v in value)])
+        assert not hasattr(value, "shape"), f"an array in the state: {type(value)}"
+        return 0
+
+    assert longest_list(state) <= 64  # AR points and per-spectrum outcomes, never bins
+    for record in state["points"]:
+        assert Path(record["results_file"]).is_file()
+        assert len(record["results_sha256"]) == 64

@@ -158,3 +158,18 @@ def test_inverse_and_grid_errors() -> None:
         log_uniform_xsec_grid(2, 10.0, 1.0)
     with pytest.raises(InvalidInputError, match="low_pb must be a positive"):
         log_uniform_xsec_grid(2, 0.0, 1.0)
+
+
+def test_ar_size_uses_the_search_luminosity() -> None:
+    # N = sigma x L_search, L_search = (1 - f) L: 1 pb at L = 1000 pb^-1 with 1 % of the
+    # events trained on selects 990 events, not 1000.
+    from core.anomaly import search_luminosity
+
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=5000)
+    region = anomaly_region(scores, 1.0, 1000.0, training_fraction=0.01)
+    assert region.n_pass == 990
+    assert region.lumi_pb == pytest.approx(990.0)
+    assert search_luminosity(1000.0, 0.0) == 1000.0
+    with pytest.raises(InvalidInputError, match="training_fraction"):
+        anomaly_region(scores, 1.0, 1000.0, training_fraction=1.0)

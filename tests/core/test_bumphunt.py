@@ -358,7 +358,7 @@ def test_bad_spectra_raise(
     match: str,
 ) -> None:
     with pytest.raises(InvalidInputError, match=match):
-        bump_hunt(counts, background, edges, **kwargs)  # type: ignore[arg-type]
+        bump_hunt(counts, background, edges, **kwargs)
 
 
 def test_scan_range_narrower_than_the_smallest_window() -> None:

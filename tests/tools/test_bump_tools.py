@@ -139,7 +139,7 @@ def test_scan_significance_tool_inline_and_npz(tmp_path: Path) -> None:
     assert output["points"][0] == output["best"]
     assert 0.0 <= output["global_p"] <= 1.0
     assert output["global_z"] <= output["local_z"]
-    assert "nested" in output["method"]
+    assert "chained" in output["method"]
 
 
 def test_scan_significance_tool_errors(tmp_path: Path) -> None:
@@ -176,5 +176,62 @@ def test_outputs_carry_every_field_of_their_core_results() -> None:
     assert set(ScanPointOutput.model_fields) == (
         names(LocalExcess) - window | {"window", "bins", "spectrum", "cross_section_pb"}
     )
-    assert set(ScanSignificanceOutput.model_fields) == names(ScanSignificance)
+    assert set(ScanSignificanceOutput.model_fields) == names(ScanSignificance) | {"excluded"}
     assert set(SignalFitOutput.model_fields) == names(SignalFitResult)
+
+
+def test_scan_significance_takes_search_spectrum_points() -> None:
+    # Two AR points of one spectrum from search_spectrum (different fit ranges), one point
+    # of another spectrum left out with its status: the test runs on the accepted points,
+    # lists the excluded one, and a whole-stream repeat (same events and background) enters
+    # once.
+    search = get_tool("search_spectrum")
+    outputs = []
+    for seed, scale in ((1, 1.0), (2, 0.3)):
+        rng = np.random.default_rng(seed)
+        counts = rng.poisson(scale * BACKGROUND).astype(float)
+        outputs.append(
+            search.call(
+                {
+                    "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+                    "fit_range": [float(EDGES[seed]), float(EDGES[-1])],
+                    "function": "p4",
+                    "n_toys": 200,
+                    "max_toys": 200,
+                }
+            )
+        )
+    points = [
+        {
+            "spectrum": "T2/jj",
+            "cross_section_pb": xsec,
+            "first_bin": out["first_bin"],
+            "stop_bin": out["stop_bin"],
+            "edges": out["edges"],
+            "counts": out["counts"],
+            "background": out["background"],
+            "bump": out["bump"],
+        }
+        for xsec, out in ((10.0, outputs[0]), (1.0, outputs[1]), (100.0, outputs[0]))
+    ]
+    points.append(
+        {
+            "spectrum": "T3/jj",
+            "cross_section_pb": 1.0,
+            "first_bin": 0,
+            "edges": [1.0, 2.0],
+            "counts": [0.0],
+            "background": [1.0],
+            "status": "no accepted background",
+            "reason": "p2..p6 fail goodness_of_fit",
+        }
+    )
+    result = get_tool("scan_significance").call(
+        {"points": points, "n_pseudo_scans": 300, "max_pseudo_scans": 2000}
+    )
+    assert result["n_spectra"] == 1
+    assert result["n_tests"] == 2
+    assert result["merged_points"] == [["T2/jj", 10.0, 100.0]]
+    assert result["excluded"][0]["status"] == "no accepted background"
+    assert result["best"]["window"][0] >= EDGES[1]
+    assert 0.0 < result["global_p"] <= 1.0

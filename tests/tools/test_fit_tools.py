@@ -201,3 +201,39 @@ def test_choose_background_tool_without_fallback_and_bad_search_settings():
     for bad in ({"n_seeds": 0}, {"time_budget_s": 0.0}, {"backend": "eureqa"}, {"seeds": 3}):
         with pytest.raises(ValidationError):
             get_tool("choose_background").call({"histogram": histogram, "fallback_search": bad})
+
+
+def test_choose_background_tool_from_the_stream_start_records_range_and_candidates():
+    counts = spectrum(1.0e5, seed=7)
+    counts[: int(np.searchsorted(EDGES, 300.0))] = 0.0
+    out = get_tool("choose_background").call(
+        {
+            "histogram": {"edges": EDGES.tolist(), "counts": counts.tolist()},
+            "stream_start_gev": 300.0,
+            "use_fallback": False,
+        }
+    )
+    json.dumps(out, allow_nan=False)
+    chosen_range = out["fit_range"]
+    assert chosen_range["lo_gev"] >= 300.0 and chosen_range["hi_gev"] == pytest.approx(
+        8534.6, abs=1.0
+    )
+    assert "stream's start" in chosen_range["reason"]
+    assert out["trail"][0] == chosen_range["reason"]
+    rows = out["candidates"]
+    assert [row["function"] for row in rows][:2] == ["p2", "p3"]
+    for row in rows:
+        assert tuple(row["bins"]) == (chosen_range["first_bin"], chosen_range["stop_bin"])
+        assert row["passed"] == (
+            row["checked"] and all(check["status"] != "fail" for check in row["checks"])
+        )
+        if row["checked"]:
+            assert {check["status"] for check in row["checks"]} <= {
+                "pass",
+                "fail",
+                "not_applicable",
+            }
+    assert out["passed"] and out["chosen"] == "p4"
+    chosen_row = next(row for row in rows if row["function"] == "p4")
+    assert chosen_row["passed"] and chosen_row["test_to_higher"]["method"] == "wilks"
+    assert chosen_row["test_from_lower"]["significant"]
