@@ -439,3 +439,17 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     assert "no results.json" in done.stderr and "Traceback" not in done.stderr
     export = run_cli("export", str(tmp_path), "--hepdata", str(tmp_path / "h"))
     assert export.returncode == 2 and "no results.json" in export.stderr
+
+
+def test_plots_beside_the_page_are_files_with_relative_links(tmp_path: Path) -> None:
+    from agent.report import _Figures
+
+    figures = _Figures(tmp_path, "svg", "beside")
+    figure = plots.loss_curves([1.0, 0.5, 0.4], [1.1, 0.6, 0.5], 2, "CMS")
+    tag = figures.img(figure, "loss", "loss curves", prefix="../")
+    assert 'src="../plots/loss.svg"' in tag
+    assert figures.written == [tmp_path / "plots" / "loss.svg"]
+    assert b"<svg" in figures.written[0].read_bytes()[:2000]
+    embedded = _Figures(tmp_path, "png", "embedded")
+    tag = embedded.img(plots.loss_curves([1.0], [], 0, "ATLAS"), "loss", "loss")
+    assert 'src="data:image/png;base64,' in tag and not embedded.written
