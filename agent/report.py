@@ -260,7 +260,16 @@ def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
         ),
         None,
     )
+    spectra_file = f"spectra/point-{index:03d}.npz"
+    artifact = next((a for a in run.artifacts if a["path"] == spectra_file), None)
+    k = SPECTRUM_NAMES.index(spectrum)
+    inputs = {
+        "spectra_file": spectra_file,
+        "sha256": None if artifact is None else artifact["sha256"],
+        "n_events": None if "counts" not in point else float(point["counts"][k].sum()),
+    }
     return {
+        "inputs": inputs,
         "spectrum": spectrum,
         "index": index,
         "point_pb": point_pb,
@@ -297,6 +306,11 @@ def _check_text(check: dict[str, Any]) -> str:
 def why_text(story: dict[str, Any]) -> str:
     """The `anomscan audit RUN --why SPECTRUM POINT` explanation, from the log alone."""
     lines = [f"{story['spectrum']} at AR point {story['point_pb']:g} pb (#{story['index']})"]
+    inputs = story["inputs"]
+    lines.append(
+        f"input: {inputs['spectra_file']} (sha256 {inputs['sha256'] or 'not logged'}), "
+        f"{_number(inputs['n_events'])} events in the spectrum"
+    )
     lines.append(
         f"status: {story['status']}" + (f" ({story['reason']})" if story["reason"] else "")
     )
