@@ -860,6 +860,10 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                     "global_z": bump["global_z"],
                     "global_z_is_lower_limit": bump["global_z_is_lower_limit"],
                     "fit_p_value": out["p_value"],
+                    "hunt": {
+                        key: bump[key]
+                        for key in ("width_min", "width_max", "min_window_background")
+                    },
                     "masked_window_gev": (
                         exclusion["window_gev"] if exclusion and exclusion["accepted"] else None
                     ),
@@ -973,9 +977,22 @@ def _after_assess(state: ScanState) -> str:
 
 
 def _look_elsewhere(ctx: ScanContext) -> NodeBody:
+    """`scan_significance` over every accepted (spectrum, AR point).
+
+    Each point enters with its own fit range and window set (those of its bump hunt), from
+    one NPZ of points in RUN/lee.
+    """
+
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
-        per_spectrum: dict[str, list[tuple[float, np.ndarray, np.ndarray, tuple[int, int]]]] = {}
-        edges = None
+        arrays: dict[str, Any] = {}
+        names: list[str] = []
+        rows: dict[str, list[float]] = {
+            "cross_section_pb": [],
+            "first_bin": [],
+            "width_min": [],
+            "width_max": [],
+            "min_window_background": [],
+        }
         for record in state["points"]:
             results = json.loads(Path(record["results_file"]).read_text())
             with np.load(Path(record["results_file"]).with_name(results["arrays"])) as data:
@@ -984,31 +1001,18 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
                 if spectrum["status"] != "excess":
                     continue
                 k = SPECTRUM_NAMES.index(spectrum["spectrum"])
-                per_spectrum.setdefault(spectrum["spectrum"], []).append(
-                    (record["point_pb"], counts[k], background[k], tuple(spectrum["bins"]))
-                )
-        folder = ctx.run_dir / "lee"
-        folder.mkdir(exist_ok=True)
-        inputs = []
-        for name in SPECTRUM_NAMES:
-            points = per_spectrum.get(name)
-            if not points or edges is None:
-                continue
-            first = max(p[3][0] for p in points)
-            stop = min(p[3][1] for p in points)
-            if stop - first < 2:
-                continue
-            path = folder / f"{name.replace('/', '_')}.npz"
-            np.savez(
-                path,
-                edges=edges[first : stop + 1],
-                cross_sections_pb=np.array([p[0] for p in points]),
-                counts=np.array([p[1][first:stop] for p in points]),
-                background=np.array([p[2][first:stop] for p in points]),
-            )
-            ctx.artifact(path, "look-elsewhere input")
-            inputs.append({"name": name, "path": str(path)})
-        if not inputs:
+                first, stop = spectrum["bins"]
+                i = len(names)
+                names.append(spectrum["spectrum"])
+                rows["cross_section_pb"].append(record["point_pb"])
+                rows["first_bin"].append(first)
+                rows["width_min"].append(spectrum["hunt"]["width_min"])
+                rows["width_max"].append(spectrum["hunt"]["width_max"] or 0)
+                rows["min_window_background"].append(spectrum["hunt"]["min_window_background"])
+                arrays[f"edges_{i}"] = edges[first : stop + 1]
+                arrays[f"counts_{i}"] = counts[k, first:stop]
+                arrays[f"background_{i}"] = background[k, first:stop]
+        if not names:
             _record_decision(
                 ctx,
                 step_id,
@@ -1018,6 +1022,23 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
                 rationale="no spectrum has an accepted background at any point: no scan-wide test",
             )
             return {"stage": "no look-elsewhere", "lee": None}
+        folder = ctx.run_dir / "lee"
+        folder.mkdir(exist_ok=True)
+        path = folder / "points.npz"
+        temporary = path.with_name(".points.partial.npz")
+        np.savez(
+            temporary,
+            spectrum=np.array(names),
+            cross_section_pb=np.array(rows["cross_section_pb"], dtype=float),
+            first_bin=np.array(rows["first_bin"], dtype=np.int64),
+            width_min=np.array(rows["width_min"], dtype=np.int64),
+            width_max=np.array(rows["width_max"], dtype=np.int64),
+            min_window_background=np.array(rows["min_window_background"], dtype=float),
+            **arrays,
+        )
+        temporary.replace(path)
+        ctx.artifact(path, "look-elsewhere input")
+        inputs = sorted(set(names))
         (result,) = ctx.call_tools(
             step_id,
             "scan_significance",
@@ -1025,7 +1046,7 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
                 (
                     "scan",
                     {
-                        "spectra": inputs,
+                        "points_path": str(path),
                         "seed": ctx.config.seed,
                         "n_pseudo_scans": ctx.config.n_pseudo_scans,
                         "max_pseudo_scans": ctx.config.max_pseudo_scans,

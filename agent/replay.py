@@ -27,9 +27,13 @@ class ReplayReport:
 
 
 def _paths(value: Any) -> list[str]:
-    """Every `path` field in a tool input."""
+    """Every `path` (or `..._path`) field in a tool input."""
     if isinstance(value, dict):
-        found = [str(value["path"])] if isinstance(value.get("path"), str) else []
+        found = [
+            str(item)
+            for key, item in value.items()
+            if (key == "path" or key.endswith("_path")) and isinstance(item, str)
+        ]
         for item in value.values():
             found.extend(_paths(item))
         return found
