@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[train,sr,dev]'
+	$(BIN)/pip install --quiet -e '.[train,sr,dev,review]'
 	touch $@
 
 demo: $(STAMP)

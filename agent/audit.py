@@ -116,8 +116,14 @@ TABLE_COLUMNS: dict[str, dict[str, type]] = {
         "global_z": float,
     },
     "artifacts": {"path": str, "sha256": str, "bytes": int, "kind": str},
+    "annotations": {"decision_seq": int, "verdict": str, "note": str, "by": str},
 }
 """The content columns of every table; each also has seq, key, written_at, prev_hash, hash."""
+
+OPTIONAL_TABLES = frozenset({"annotations"})
+"""Tables a log written before they existed may lack (verify does not call them missing)."""
+VERDICTS = ("agree", "question", "reject")
+"""A reviewer's verdict on one decision (`annotate`)."""
 
 CHAIN_COLUMNS = ("seq", "key", "written_at", "prev_hash", "hash")
 GENESIS_HASH = "0" * 64
@@ -319,7 +325,11 @@ def verify(path: Path) -> VerifyReport:
     """Check every row's hash and its link to the previous row."""
     db = open_readonly(path)
     try:
-        missing_tables = [table for table in TABLE_COLUMNS if not db[table].exists()]
+        missing_tables = [
+            table
+            for table in TABLE_COLUMNS
+            if table not in OPTIONAL_TABLES and not db[table].exists()
+        ]
         rows = all_rows(db)
     finally:
         db.close()
@@ -416,5 +426,46 @@ def tool_calls(path: Path) -> list[dict[str, Any]]:
     db = open_readonly(path)
     try:
         return list(db.query("select * from tool_calls order by seq"))
+    finally:
+        db.close()
+
+
+def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) -> dict[str, Any]:
+    """Append a reviewer's verdict on the decision with this seq to the chain; the new row.
+
+    The decision itself is never changed: the annotation is a row of its own, linked by
+    `decision_seq`, hashed into the chain like every other row (verify still passes).
+    """
+    if verdict not in VERDICTS:
+        raise AuditError(f"verdict {verdict!r}: expected one of {list(VERDICTS)}")
+    if not by.strip():
+        raise AuditError("an annotation needs the reviewer's name: give --by NAME")
+    reader = open_readonly(path)
+    try:
+        found = list(reader.query("select seq from decisions where seq = ?", [decision_seq]))
+    finally:
+        reader.close()
+    if not found:
+        raise AuditError(
+            f"no decision with seq {decision_seq} in {path}; `anomscan audit "
+            f"{path.parent}` lists the decisions with their seq"
+        )
+    log = AuditLog(path)
+    try:
+        count = sum(1 for _ in log.db.query("select seq from annotations"))
+        key = f"annotation:{decision_seq}:{count + 1}"
+        log.add("annotations", key, decision_seq=decision_seq, verdict=verdict, note=note, by=by)
+        return dict(next(iter(log.db.query("select * from annotations where key = ?", [key]))))
+    finally:
+        log.close()
+
+
+def read_annotations(path: Path) -> list[dict[str, Any]]:
+    """Every annotation, in the order written (empty for a log without the table)."""
+    db = open_readonly(path)
+    try:
+        if not db["annotations"].exists():
+            return []
+        return list(db.query("select * from annotations order by seq"))
     finally:
         db.close()

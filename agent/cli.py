@@ -1,4 +1,4 @@
-"""The `anomscan` command line: generate, tool, datasets, scan, audit, replay, demo."""
+"""The `anomscan` command line: generate, tool, datasets, scan, audit, report, export, ...."""
 
 from __future__ import annotations
 
@@ -285,17 +285,59 @@ def _command_scan(arguments: argparse.Namespace) -> int:
     return status
 
 
+AUDIT_USAGE = (
+    "usage: anomscan audit RUN [--why SPECTRUM POINT] | anomscan audit verify RUN | "
+    "anomscan audit export RUN | anomscan audit annotate RUN DECISION_SEQ --verdict "
+    "agree|question|reject --note TEXT --by NAME"
+)
+
+
+def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
+    """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
+    from agent.report import check_spectrum, load_run, spectrum_story, why_text
+
+    try:
+        check_spectrum(spectrum)
+        run = load_run(run_dir)
+        story = spectrum_story(run, spectrum, run.point_index(point))
+    except AnomscanError as error:
+        print(f"anomscan audit --why: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    print(why_text(story))
+    return 0
+
+
+def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
+    """`anomscan audit annotate RUN DECISION_SEQ --verdict V --note TEXT --by NAME`."""
+    from agent import audit
+
+    if len(words) != 2 or not words[1].isdigit() or arguments.verdict is None:
+        print(AUDIT_USAGE, file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    path = Path(words[0]) / audit.AUDIT_FILE
+    try:
+        row = audit.annotate(
+            path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
+        )
+    except AnomscanError as error:
+        print(f"anomscan audit annotate: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    print(f"annotation seq {row['seq']} on decision {row['decision_seq']}: {row['verdict']}")
+    return 0
+
+
 def _command_audit(arguments: argparse.Namespace) -> int:
     from agent import audit
 
     words = list(arguments.target)
-    action = words.pop(0) if words and words[0] in ("verify", "export") else "table"
+    action = words.pop(0) if words and words[0] in ("verify", "export", "annotate") else "table"
+    if action == "annotate":
+        return _command_annotate(arguments, words)
     if len(words) != 1:
-        print(
-            "usage: anomscan audit RUN | anomscan audit verify RUN | anomscan audit export RUN",
-            file=sys.stderr,
-        )
+        print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
+    if arguments.why is not None:
+        return _command_why(Path(words[0]), *arguments.why)
     path = Path(words[0]) / audit.AUDIT_FILE
     try:
         if action == "verify":
@@ -326,10 +368,11 @@ def _command_audit(arguments: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"decisions in {path} ({len(rows)})")
-    for column in ("step", "kind", "spectrum", "AR pb", "chosen", "policy", "why", "gate"):
+    for column in ("seq", "step", "kind", "spectrum", "AR pb", "chosen", "policy", "why", "gate"):
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
+            str(row["seq"]),
             str(row["step_id"]),
             str(row["kind"]),
             row["spectrum"] or "",
@@ -340,6 +383,38 @@ def _command_audit(arguments: argparse.Namespace) -> int:
             str(row["gate"] or ""),
         )
     Console(width=200).print(table)
+    return 0
+
+
+def _command_report(arguments: argparse.Namespace) -> int:
+    """`anomscan report RUN`: RUN/report/index.html with its spectrum pages and plots."""
+    from agent.report import write_report
+
+    try:
+        outcome = write_report(
+            Path(arguments.run),
+            None if arguments.output is None else Path(arguments.output),
+            style=arguments.style,
+            fmt=arguments.format,
+            placement=arguments.plots,
+        )
+    except AnomscanError as error:
+        print(f"anomscan report: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    print(f"report: {outcome.index} ({outcome.pages} pages)")
+    return 0
+
+
+def _command_export(arguments: argparse.Namespace) -> int:
+    """`anomscan export RUN --hepdata DIR`: HEPData submission YAML of the run."""
+    from agent.hepdata import export_hepdata
+
+    try:
+        outcome = export_hepdata(Path(arguments.run), Path(arguments.hepdata))
+    except AnomscanError as error:
+        print(f"anomscan export: {error}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    print(f"HEPData submission: {outcome.submission} ({outcome.n_tables} tables)")
     return 0
 
 
@@ -484,15 +559,43 @@ def build_parser() -> argparse.ArgumentParser:
     scan.set_defaults(handler=_command_scan)
 
     audit = commands.add_parser(
-        "audit", help="decisions of a run as a table; `audit verify RUN`; `audit export RUN`"
+        "audit",
+        help="decisions of a run as a table (--why SPECTRUM POINT: one spectrum's story); "
+        "`audit verify RUN`; `audit export RUN`; `audit annotate RUN SEQ --verdict ...`",
     )
-    audit.add_argument("target", nargs="+", help="RUN, or verify RUN, or export RUN")
+    audit.add_argument(
+        "target", nargs="+", help="RUN, or verify RUN, or export RUN, or annotate RUN SEQ"
+    )
     audit.add_argument("--step", help="step id or node name (substring)")
     audit.add_argument("--spectrum", help="e.g. T2/jm")
     audit.add_argument("--point", type=float, help="AR point, pb")
     audit.add_argument("--policy", help="only decisions of this policy (llm: its refusals too)")
     audit.add_argument("-o", "--output", help="export: the JSON-lines file")
+    audit.add_argument(
+        "--why",
+        nargs=2,
+        metavar=("SPECTRUM", "POINT"),
+        help="explain one spectrum at one AR point (pb, or #INDEX) from the log",
+    )
+    audit.add_argument("--verdict", choices=["agree", "question", "reject"], help="annotate")
+    audit.add_argument("--note", help="annotate: the reviewer's note")
+    audit.add_argument("--by", help="annotate: the reviewer's name")
     audit.set_defaults(handler=_command_audit)
+
+    report = commands.add_parser("report", help="static HTML report of a run (RUN/report/)")
+    report.add_argument("run", help="run folder")
+    report.add_argument("-o", "--output", help="report folder (default RUN/report)")
+    report.add_argument("--style", choices=["ATLAS", "CMS"], default="ATLAS")
+    report.add_argument("--format", choices=["png", "svg"], default="png")
+    report.add_argument(
+        "--plots", choices=["embedded", "beside"], default="embedded", help="data URIs or files"
+    )
+    report.set_defaults(handler=_command_report)
+
+    export = commands.add_parser("export", help="export a run (HEPData submission YAML)")
+    export.add_argument("run", help="run folder")
+    export.add_argument("--hepdata", required=True, metavar="DIR", help="output folder")
+    export.set_defaults(handler=_command_export)
 
     replay = commands.add_parser("replay", help="re-run every logged tool call, report differences")
     replay.add_argument("run", help="run folder")

@@ -371,6 +371,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
             "anomaly_region",
             point_pb=point,
             chosen={"whole_stream": dict(zip(STREAMS, whole, strict=True))},
+            numbers=_region_numbers(table.score, masks),
             policy="rules",
             rationale=(
                 f"per stream the N = sigma L = {point * state['lumi_pb']:.0f} highest-score "
@@ -393,6 +394,23 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
         }
 
     return body
+
+
+def _region_numbers(score: np.ndarray | None, masks: np.ndarray) -> dict[str, Any]:
+    """Per stream: events in the anomaly region and the lowest score among them.
+
+    The report draws the lowest score as the AR cut on the score distribution.
+    """
+    lowest: dict[str, float | None] = {}
+    for k, stream in enumerate(STREAMS):
+        selected = masks[:, k]
+        lowest[stream] = (
+            None if score is None or not selected.any() else float(score[selected].min())
+        )
+    return {
+        "n_in_region": {s: int(masks[:, k].sum()) for k, s in enumerate(STREAMS)},
+        "lowest_score_in_region": lowest,
+    }
 
 
 def _spectrum_input(

@@ -1,0 +1,204 @@
+"""The report's figures (matplotlib + mplhep, ATLAS or CMS style, PNG or SVG).
+
+Every function draws numbers it is given (from the audit, the run folder's NPZ files and
+the model card) and returns the encoded figure; nothing here fits or tests anything.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PlotStyle = Literal["ATLAS", "CMS"]
+PlotFormat = Literal["png", "svg"]
+
+MARKS = {"failed": "F", "fallback": "S", "skipped": "·"}
+"""Letters drawn on the significance map: no background passed, symbolic fallback, skipped."""
+
+
+def _pyplot(style: PlotStyle) -> Any:
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+    import mplhep
+
+    plt.style.use(mplhep.style.ATLAS if style == "ATLAS" else mplhep.style.CMS)
+    # fonts of the style may be absent offline: fall back silently to DejaVu (bundled)
+    plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"], "DejaVu Sans"]
+    plt.rcParams["svg.fonttype"] = "path"
+    return plt
+
+
+def _label(ax: Any, style: PlotStyle, text: str) -> None:
+    import mplhep
+
+    module = mplhep.atlas if style == "ATLAS" else mplhep.cms
+    module.text("Internal" if style == "ATLAS" else "Preliminary", ax=ax, loc=0, fontsize=12)
+    ax.set_title(text, fontsize=11, loc="right")
+
+
+def encode(figure: Figure, fmt: PlotFormat) -> bytes:
+    """The figure as PNG (100 dpi) or SVG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=fmt, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def loss_curves(
+    train: Sequence[float], validation: Sequence[float], best_epoch: int, style: PlotStyle
+) -> Figure:
+    """Training and validation loss (MSE) per epoch from the model card, best epoch marked."""
+    plt = _pyplot(style)
+    figure, ax = plt.subplots(figsize=(6, 4))
+    epochs = np.arange(1, len(train) + 1)
+    ax.plot(epochs, train, label="training")
+    if validation:
+        ax.plot(np.arange(1, len(validation) + 1), validation, label="validation")
+    ax.axvline(best_epoch + 1, color="grey", linestyle="--", label=f"best epoch {best_epoch + 1}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (MSE)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=10)
+    _label(ax, style, "autoencoder")
+    return cast("Figure", figure)
+
+
+def score_distributions(
+    scores: Mapping[str, npt.NDArray[np.float64]],
+    cuts: Mapping[float, Mapping[str, float | None]],
+    style: PlotStyle,
+) -> Figure:
+    """Anomaly-score histogram per stream; a vertical line per AR point at its lowest score."""
+    plt = _pyplot(style)
+    streams = list(scores)
+    columns = 4
+    rows = (len(streams) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(13, 3.2 * rows), squeeze=False)
+    finite = [v[np.isfinite(v)] for v in scores.values() if v.size]
+    everything = np.concatenate(finite) if finite else np.array([0.0, 1.0])
+    low = float(everything.min()) if everything.size else 0.0
+    high = float(everything.max()) if everything.size else 1.0
+    positive = low > 0
+    bins = (
+        np.geomspace(low, high, 60) if positive and high > low else np.linspace(low, high + 1, 60)
+    )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, stream in zip(axes.flat, streams, strict=False):
+        values = scores[stream]
+        ax.hist(values, bins=bins, histtype="step", color="black")
+        for k, (point, per_stream) in enumerate(sorted(cuts.items())):
+            cut = per_stream.get(stream)
+            if cut is not None:
+                ax.axvline(cut, color=colours[k % len(colours)], label=f"{point:g} pb")
+        ax.set_yscale("log")
+        if positive:
+            ax.set_xscale("log")
+        ax.set_title(f"{stream} ({values.size} events)", fontsize=10)
+        ax.set_xlabel("anomaly score", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(streams) :]:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="lower right", fontsize=9, title="AR point cut")
+    figure.tight_layout()
+    return cast("Figure", figure)
+
+
+def significance_map(
+    local_z: npt.NDArray[np.float64],
+    marks: Sequence[Sequence[str]],
+    points_pb: Sequence[float],
+    spectra: Sequence[str],
+    style: PlotStyle,
+) -> Figure:
+    """AR points x spectra, colour = local Z (NaN cells blank), with the letters of `MARKS`."""
+    plt = _pyplot(style)
+    figure, ax = plt.subplots(figsize=(16, 1.2 + 0.45 * len(points_pb)))
+    masked = np.ma.masked_invalid(local_z)
+    image = ax.imshow(masked, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
+    for i, row in enumerate(marks):
+        for j, mark in enumerate(row):
+            if mark:
+                ax.text(j, i, mark, ha="center", va="center", fontsize=8, color="tab:red")
+    ax.set_yticks(range(len(points_pb)), [f"{p:.3g} pb" for p in points_pb], fontsize=8)
+    ax.set_xticks(range(len(spectra)), list(spectra), rotation=90, fontsize=6)
+    ax.minorticks_off()
+    ax.set_xlabel("")
+    bar = figure.colorbar(image, ax=ax, pad=0.01)
+    bar.set_label("local Z")
+    ax.set_title("F: no background passed the checks; S: symbolic fallback; ·: skipped", fontsize=9)
+    return cast("Figure", figure)
+
+
+def spectrum_plot(
+    edges: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.float64],
+    background: npt.NDArray[np.float64] | None,
+    bins: tuple[int, int] | None,
+    window: tuple[float, float] | None,
+    masked: tuple[float, float] | None,
+    title: str,
+    style: PlotStyle,
+) -> Figure:
+    """Data with the chosen background, the BumpHunter window, and (data - B)/sqrt(B) below."""
+    plt = _pyplot(style)
+    figure, (top, bottom) = plt.subplots(
+        2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05}
+    )
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    shown = counts > 0
+    top.errorbar(
+        centres[shown],
+        counts[shown],
+        yerr=np.sqrt(counts[shown]),
+        fmt="o",
+        markersize=3,
+        color="black",
+        label="data",
+    )
+    if background is not None and bins is not None:
+        first, stop = bins
+        fit_edges = edges[first : stop + 1]
+        top.stairs(
+            background, fit_edges, baseline=None, color="tab:blue", label="chosen background"
+        )
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pull = np.where(
+                background > 0, (counts[first:stop] - background) / np.sqrt(background), 0.0
+            )
+        bottom.stairs(pull, fit_edges, fill=True, color="tab:blue", alpha=0.6)
+    for ax in (top, bottom):
+        if window is not None:
+            ax.axvspan(*window, color="tab:orange", alpha=0.25)
+        if masked is not None:
+            ax.axvspan(*masked, facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
+    if window is not None:
+        top.plot([], [], color="tab:orange", alpha=0.4, linewidth=6, label="BumpHunter window")
+    if masked is not None:
+        top.plot([], [], color="grey", linewidth=1, linestyle=":", label="masked in the refit")
+    top.set_yscale("log")
+    top.set_ylabel("events / bin")
+    top.legend(fontsize=9)
+    _label(top, style, title)
+    bottom.axhline(0, color="black", linewidth=0.8)
+    bottom.set_ylabel("(n - B) / sqrt(B)", fontsize=10)
+    bottom.set_xlabel("invariant mass [GeV]")
+    nonzero = np.nonzero(counts)[0]
+    if nonzero.size:
+        low = edges[max(0, nonzero[0] - 1)]
+        high = edges[min(edges.size - 1, nonzero[-1] + 2)]
+        bottom.set_xlim(low, high)
+        bottom.set_xscale("log")
+    return cast("Figure", figure)
