@@ -19,16 +19,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.eventpass import PassSpec, event_pass
 from agent.executor import Executor, map_batched
-from agent.runlock import run_folder_lock
 from core import spectrum as core_spectrum
 from core.anomaly import anomaly_region, log_uniform_xsec_grid
 from core.autoencoder import read_model_card, training_selection
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult
 from core.errors import AnomscanError
 from core.exclusion import EXCLUSION_TRIGGER_P
-from core.files import write_json
 from core.lookelsewhere import (
     NestedSpectrum,
     ScanPoint,
@@ -40,9 +37,8 @@ from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, histogram
 from core.selection import CheckOptions
 from core.spectrum import STATUSES, SpectrumSearch
 from core.symbolic import SearchOptions, symbolic_fallback
-from core.synth import SampleConfig, SignalSpec, generate_sample, load_truth
+from core.synth import SignalSpec
 from core.table import EventTable, read_event_table
-from tools.registry import get_tool
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -403,133 +399,3 @@ def scan_wide_summary(scan: ScanResult) -> dict[str, Any]:
         ],
         "method": lee.method,
     }
-
-
-def run_demo(
-    output: Path, *, n_events: int = 100_000, seed: int = 7, executor: Executor = "auto"
-) -> int:
-    """Generate a sample with two injected resonances, scan it, and print what was found."""
-    from rich.console import Console
-
-    console = Console()
-    with run_folder_lock(output, "demo"):
-        # results.json is the demo's commit record: a rerun removes it before it changes the
-        # data, so a killed rerun never leaves old results beside new data
-        (output / "results.json").unlink(missing_ok=True)
-        return _locked_demo(output, n_events, seed, executor, console)
-
-
-def _locked_demo(output: Path, n_events: int, seed: int, executor: Executor, console: Any) -> int:
-    from rich.table import Table
-
-    timings: dict[str, float] = {}
-
-    clock = time.perf_counter()
-    sample = generate_sample(
-        output / "data", SampleConfig(n_events=n_events, seed=seed, signals=DEMO_SIGNALS)
-    )
-    files = [str(p) for p in sample.files]
-    timings["generate"] = time.perf_counter() - clock
-    console.print(
-        f"generated {n_events} background events + signals "
-        f"{', '.join(s.label() for s in DEMO_SIGNALS)} ({sample.lumi_pb:g} pb^-1) in "
-        f"{timings['generate']:.1f} s"
-    )
-
-    clock = time.perf_counter()
-    model = output / "model" / "autoencoder.onnx"
-    model.parent.mkdir(exist_ok=True)
-    trained = get_tool("train_autoencoder").call(
-        {"inputs": files, "output": str(model), "seed": seed, "fraction": 0.01, "max_epochs": 30}
-    )
-    timings["train"] = time.perf_counter() - clock
-    console.print(
-        f"trained the autoencoder on {trained['n_training_events']} events (1 %), best epoch "
-        f"{trained['best_epoch']}, in {timings['train']:.1f} s -> {model}"
-    )
-
-    clock = time.perf_counter()
-    summary = event_pass(
-        files, output / "events", PassSpec(model=str(model)), executor=executor, progress=True
-    )
-    timings["event pass"] = time.perf_counter() - clock
-    console.print(
-        f"event pass ({summary.executor}): {summary.n_events} events scored and tabulated in "
-        f"{timings['event pass']:.1f} s; events per stream {summary.stream_counts}"
-    )
-
-    clock = time.perf_counter()
-    scan = run_scan(
-        output / "events",
-        sample.lumi_pb,
-        model=model,
-        seed=seed,
-        xsec_points_pb=(10.0, 1.0, 0.1),
-        executor=executor,
-    )
-    timings["scan"] = time.perf_counter() - clock
-
-    table = Table(title="largest local excesses (BumpHunter against the chosen background)")
-    for column in (
-        "spectrum",
-        "AR pb",
-        "background",
-        "GOF p",
-        "window GeV",
-        "data",
-        "bkg",
-        "Z loc",
-    ):
-        table.add_column(
-            column, justify="right" if column not in ("spectrum", "background") else "left"
-        )
-    for result in scan.ranked()[:8]:
-        bump = result.bump
-        assert bump is not None
-        table.add_row(
-            result.name,
-            f"{result.xsec_pb:g}",
-            f"{result.function}",
-            f"{result.gof_p:.2f}",
-            f"{bump.mass_low:.0f}-{bump.mass_high:.0f}",
-            f"{bump.data:.0f}",
-            f"{bump.background:.1f}",
-            f"{bump.local_z:.1f}",
-        )
-    console.print(table)
-    counts = scan.status_counts()
-    console.print(
-        f"{len(scan.results)} spectra x points: "
-        + ", ".join(f"{number} {status}" for status, number in counts.items())
-        + "; only accepted backgrounds are ranked and enter the scan-wide test"
-    )
-    if scan.lee is not None:
-        console.print(
-            f"scan-wide: largest excess {scan.lee.best.spectrum} at "
-            f"{scan.lee.best.cross_section_pb:g} pb, local Z = {scan.lee.local_z:.1f}, "
-            f"global p = {scan.lee.global_p:.3g} +- {scan.lee.global_p_error:.2g}, "
-            f"global Z = {scan.lee.global_z:.1f}"
-            f"{' (lower limit)' if scan.lee.global_z_is_lower_limit else ''} "
-            f"({scan.lee.global_p_method}; {scan.lee.n_spectra} spectra, "
-            f"{len(scan.lee.merged_points)} repeated whole-stream points entered once)"
-        )
-    injected = load_truth(sample.truth_path)["truth"]
-    assert isinstance(injected, list)
-    console.print(
-        "injected: " + ", ".join(f"{s['label']} ({s['n_events']} events)" for s in injected)
-    )
-    results_path = output / "results.json"
-    write_json(
-        results_path,
-        {
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "xsec_points_pb": list(scan.xsec_points_pb),
-            "spectra": [r.summary() for r in scan.results],
-            "status_counts": scan.status_counts(),
-            "scan_wide": None if scan.lee is None else scan_wide_summary(scan),
-            "truth": injected,
-        },
-        what="demo results",
-    )
-    console.print(f"results: {results_path}")
-    return 0
