@@ -316,3 +316,18 @@ def test_scan_inputs_and_budgets_are_bounded() -> None:
     spectrum = nested_spectrum("T1/jj", EDGES, SIGMAS, np.floor(background), background)
     with pytest.raises(InvalidInputError, match="fewer toys"):
         scan_significance([spectrum], max_pseudo_scans=10**12)
+
+
+def test_toy_maxima_above_a_floor_are_exact() -> None:
+    # The floor filter (thresholds first, table look-up only for toys reaching the floor)
+    # gives the same T_s above the floor as the full computation, 0 below it.
+    spectrum = nested_spectrum(
+        "T2/jj", EDGES, SIGMAS, np.zeros((3, 24)), _backgrounds(4000.0), hunt=HUNT
+    )
+    full = spectrum_toy_maxima(spectrum, 5_000, np.random.default_rng(3))
+    floor = float(np.quantile(full, 0.95)) * (1 - 1e-9)
+    filtered = spectrum_toy_maxima(spectrum, 5_000, np.random.default_rng(3), floor=floor)
+    above = full >= floor
+    assert above.sum() >= 250
+    assert np.allclose(filtered[above], full[above], rtol=1e-9)
+    assert np.all(filtered[~above] == 0.0)
