@@ -363,9 +363,13 @@ def test_hepdata_export_is_a_valid_submission(reviewed: ReviewedRun, tmp_path: P
         k = SPECTRUM_NAMES.index(top["spectrum"])
         counts = arrays["counts"][k][bins[0] : bins[1]]
         background = arrays["background"][k][bins[0] : bins[1]]
+        band = arrays["background_error"][k][bins[0] : bins[1]]
     observed, expected = table["dependent_variables"]
     assert [v["value"] for v in observed["values"]] == counts.tolist()
     assert [v["value"] for v in expected["values"]] == pytest.approx(background.tolist(), rel=1e-11)
+    errors = [v["errors"][0]["symerror"] for v in expected["values"]]
+    assert errors == pytest.approx(band.tolist(), rel=1e-11)
+    assert any(e > 0 for e in errors)
     assert len(table["independent_variables"][0]["values"]) == counts.size
 
 
