@@ -38,14 +38,16 @@ def _custom_p4() -> BackgroundFunction:
 
 
 @pytest.mark.slow
-def test_propagated_error_matches_the_spread_of_refits_on_p4_toys():
+@pytest.mark.parametrize("exclude", [None, (1400.0, 1700.0)])
+def test_propagated_error_matches_the_spread_of_refits_on_p4_toys(exclude):
     """200 toys of a known p4 (2e4 events): sigma(mu_i) from the covariance vs the spread.
 
     The standard deviation of 200 refits has a relative standard error of 1/sqrt(400) = 5 %;
-    the tolerance is 15 % in every bin expecting more than 10 events.
+    the tolerance is 15 % in every bin expecting more than 10 events, the bins of an
+    excluded window (extrapolated by the masked fit) included.
     """
     mu = _truth("p4", 2.0e4)
-    problem = prepare_spectrum(EDGES, mu, FIT_RANGE)
+    problem = prepare_spectrum(EDGES, mu, FIT_RANGE, exclude=exclude)
     rng = np.random.default_rng(15)
     fitted, propagated = [], []
     for _ in range(200):
@@ -62,6 +64,8 @@ def test_propagated_error_matches_the_spread_of_refits_on_p4_toys():
     assert np.all(np.abs(ratio - 1) < 0.15), ratio
     # the band is a real fraction of the Poisson error, not zero, where mu is large
     assert np.all(mean_error[large] > 0)
+    if exclude is not None:
+        assert np.count_nonzero(large & ~problem.used) >= 3
 
 
 def test_error_of_a_non_log_linear_shape_equals_its_log_linear_twin():
