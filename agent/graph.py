@@ -818,6 +818,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         _rescue_provisional(ctx, step_id, point, index, edges, counts, backgrounds, searches)
         spectra: list[dict[str, Any]] = []
         background_rows = np.zeros_like(counts)
+        background_error_rows = np.zeros_like(counts)
         outcomes: dict[str, dict[str, Any]] = {}
 
         def whole(name: str) -> bool:
@@ -870,6 +871,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                 )
             first, stop = out["first_bin"], out["stop_bin"]
             background_rows[k, first:stop] = out["background"]
+            background_error_rows[k, first:stop] = out["background_error"]
             bump = out["bump"]
             outcomes[name] = {
                 "status": "excess",
@@ -918,7 +920,13 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         folder = ctx.run_dir / "points"
         arrays = folder / f"point-{index:03d}.npz"
         temporary = arrays.with_name(f".{arrays.stem}.partial.npz")
-        np.savez(temporary, edges=edges, counts=counts, background=background_rows)
+        np.savez(
+            temporary,
+            edges=edges,
+            counts=counts,
+            background=background_rows,
+            background_error=background_error_rows,
+        )
         temporary.replace(arrays)
         results_path = folder / f"point-{index:03d}.json"
         write_atomic(

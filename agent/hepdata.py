@@ -96,6 +96,10 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
         )
         expected.values = [float(b) for b in background]
         expected.digits = 12  # hepdata_lib rounds to 5 significant digits by default
+        if "background_error" in point:
+            fit_band = Uncertainty("fit uncertainty (1 sigma, covariance propagated)")
+            fit_band.values = [float(e) for e in point["background_error"][k][first:stop]]
+            expected.add_uncertainty(fit_band)
         for variable in (mass, observed, expected):
             table.add_variable(variable)
         submission.add_table(table)

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
+from core.errors import InvalidInputError
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -151,8 +153,15 @@ def spectrum_plot(
     masked: tuple[float, float] | None,
     title: str,
     style: PlotStyle,
+    *,
+    background_error: npt.NDArray[np.float64] | None = None,
 ) -> Figure:
-    """Data with the chosen background, the BumpHunter window, and (data - B)/sqrt(B) below."""
+    """Data with the chosen background, the BumpHunter window, and (data - B)/sqrt(B) below.
+
+    `background_error` (1-sigma per bin, the fit covariance propagated,
+    `core.fit.expected_errors`) is drawn as a shaded band B +- sigma around the background
+    and as +- sigma / sqrt(B) around zero in the lower panel.
+    """
     plt = _pyplot(style)
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05}
@@ -174,11 +183,36 @@ def spectrum_plot(
         top.stairs(
             background, fit_edges, baseline=None, color="tab:blue", label="chosen background"
         )
+        if background_error is not None:
+            if background_error.shape != background.shape or not np.all(
+                np.isfinite(background_error)
+            ):
+                raise InvalidInputError(
+                    f"background_error has shape {background_error.shape} (background "
+                    f"{background.shape}) or non-finite values; it must be one finite error "
+                    "per background bin"
+                )
+            top.stairs(
+                background + background_error,
+                fit_edges,
+                baseline=np.clip(background - background_error, 0.0, None),
+                fill=True,
+                color="tab:blue",
+                alpha=0.3,
+                linewidth=0,
+                label="fit uncertainty (1 sigma)",
+            )
         with np.errstate(divide="ignore", invalid="ignore"):
             pull = np.where(
                 background > 0, (counts[first:stop] - background) / np.sqrt(background), 0.0
             )
         bottom.stairs(pull, fit_edges, fill=True, color="tab:blue", alpha=0.6)
+        if background_error is not None:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                relative = np.where(background > 0, background_error / np.sqrt(background), 0.0)
+            bottom.stairs(
+                relative, fit_edges, baseline=-relative, fill=True, color="grey", alpha=0.4
+            )
     for ax in (top, bottom):
         if window is not None:
             ax.axvspan(*window, color="tab:orange", alpha=0.25)

@@ -159,6 +159,8 @@ def load_run(run_dir: Path) -> RunRecord:
                 entry["edges"] = np.asarray(data["edges"], dtype=float)
                 entry["counts"] = np.asarray(data["counts"], dtype=float)
                 entry["background"] = np.asarray(data["background"], dtype=float)
+                if "background_error" in data.files:
+                    entry["background_error"] = np.asarray(data["background_error"], dtype=float)
         spectra = run_dir / "spectra" / f"{stem}.npz"
         if "counts" not in entry and spectra.is_file():
             with np.load(spectra) as data:
@@ -912,20 +914,34 @@ def _spectrum_page(
         counts = point["counts"][k]
         bins = tuple(result["bins"]) if result.get("bins") else None
         background = None
+        background_error = None
         if bins is not None and "background" in point:
             background = point["background"][k][bins[0] : bins[1]]
+            if "background_error" in point:
+                background_error = point["background_error"][k][bins[0] : bins[1]]
         window = tuple(result["window_gev"]) if result.get("window_gev") else None
         masked = tuple(result["masked_window_gev"]) if result.get("masked_window_gev") else None
         figure = plots.spectrum_plot(
-            point["edges"], counts, background, bins, window, masked, title, style
+            point["edges"],
+            counts,
+            background,
+            bins,
+            window,
+            masked,
+            title,
+            style,
+            background_error=background_error,
         )
         parts.append(
             figures.img(figure, spectrum_slug(spectrum, index), f"spectrum {title}", prefix="../")
         )
         parts.append(
             '<p class="note">Background: the accepted fit\'s expected counts per bin '
-            "(points/point-NNN.npz). Lower panel: (n - B)/sqrt(B) per bin, for display only. "
-            "The fit-parameter uncertainty band is not drawn.</p>"
+            "(points/point-NNN.npz), with its 1-sigma fit uncertainty as a shaded band "
+            "(the fit covariance propagated linearly to each bin, background_error in the "
+            "same file; absent for runs made before it existed). Lower panel: "
+            "(n - B)/sqrt(B) per bin, for display only, with the band as (+-sigma_B)/sqrt(B)."
+            "</p>"
         )
     excess = story["excess"]
     if excess is not None:

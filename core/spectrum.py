@@ -27,7 +27,7 @@ import numpy.typing as npt
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
 from core.errors import AnomscanError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, masked_window, window_exclusion
-from core.fit import FitResult, fit_background
+from core.fit import FitResult, expected_errors, fit_background
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
 from core.selection import BackgroundDecision, CheckOptions, Fallback, choose_background
 
@@ -45,7 +45,9 @@ class SpectrumSearch:
     """Half 2 of the rule: the bump hunt against an accepted background, with its exclusion.
 
     `fit` is the final background (the masked refit when the exclusion was accepted);
-    `counts` and `background` cover bins [first_bin, stop_bin) of the histogram; `bump`
+    `counts`, `background` and `background_error` (the 1-sigma fit uncertainty of the
+    background per bin, `core.fit.expected_errors`) cover bins [first_bin, stop_bin) of the
+    histogram; `bump`
     is the hunt against the final background (bins relative to `first_bin`);
     `bump_unmasked` the hunt against the unmasked one (the same object without exclusion).
     """
@@ -56,6 +58,7 @@ class SpectrumSearch:
     edges: FloatArray = field(repr=False)
     counts: FloatArray = field(repr=False)
     background: FloatArray = field(repr=False)
+    background_error: FloatArray = field(repr=False)
     bump: BumpHuntResult
     bump_unmasked: BumpHuntResult
     exclusion: WindowExclusion | None
@@ -164,6 +167,7 @@ def search_spectrum(
         edges=e[first : stop + 1].copy(),
         counts=n[first:stop].copy(),
         background=np.asarray(final_fit.expected, dtype=np.float64).copy(),
+        background_error=expected_errors(final_fit, e),
         bump=final_bump,
         bump_unmasked=bump,
         exclusion=exclusion,

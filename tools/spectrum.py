@@ -3,7 +3,8 @@
 `search_spectrum` hunts for a bump against an accepted background (a function fitted over a
 given range), runs the window exclusion and returns the final background; its output is
 also a point of `scan_significance` (fields `first_bin`, `stop_bin`, `edges`, `counts`,
-`background`, `bump.width_min/width_max/min_window_background`).
+`background`, `bump.width_min/width_max/min_window_background`); `background_error` is the
+1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`).
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ class SearchSpectrumOutput(StrictModel):
     edges: list[float] = Field(description="edges of the bins in range (GeV)")
     counts: list[float]
     background: list[float] = Field(description="final expected background per bin in range")
+    background_error: list[float] = Field(
+        description="1-sigma fit uncertainty of `background` per bin (covariance propagated)"
+    )
     bump: BumpHuntOutput = Field(description="hunt against the final background")
     bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
     window_exclusion: WindowExclusionOutput | None
@@ -150,6 +154,7 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         edges=np.asarray(search.edges, dtype=float).tolist(),
         counts=np.asarray(search.counts, dtype=float).tolist(),
         background=np.asarray(search.background, dtype=float).tolist(),
+        background_error=np.asarray(search.background_error, dtype=float).tolist(),
         bump=bump_output(search.bump),
         bump_unmasked=bump_output(search.bump_unmasked),
         window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),

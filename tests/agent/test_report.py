@@ -27,6 +27,7 @@ from agent import plots
 from agent.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
 from agent.report import SPECTRUM_NAMES, _number, flagged_excesses, load_run, spectrum_slug
 from agent.scan import ScanConfig, run_scan, write_config
+from core.errors import InvalidInputError
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import LUMI_PB, SIGNAL, run_cli
 from tools.registry import get_tool
@@ -362,9 +363,13 @@ def test_hepdata_export_is_a_valid_submission(reviewed: ReviewedRun, tmp_path: P
         k = SPECTRUM_NAMES.index(top["spectrum"])
         counts = arrays["counts"][k][bins[0] : bins[1]]
         background = arrays["background"][k][bins[0] : bins[1]]
+        band = arrays["background_error"][k][bins[0] : bins[1]]
     observed, expected = table["dependent_variables"]
     assert [v["value"] for v in observed["values"]] == counts.tolist()
     assert [v["value"] for v in expected["values"]] == pytest.approx(background.tolist(), rel=1e-11)
+    errors = [v["errors"][0]["symerror"] for v in expected["values"]]
+    assert errors == pytest.approx(band.tolist(), rel=1e-11)
+    assert any(e > 0 for e in errors)
     assert len(table["independent_variables"][0]["values"]) == counts.size
 
 
@@ -431,6 +436,78 @@ def test_spectrum_plot_in_both_styles_and_formats(style: str, fmt: str) -> None:
     else:
         assert b"<svg" in data[:2000] and b"http://www.w3.org/2000/svg" in data
         assert b"<image" not in data  # text as paths, no external reference
+
+
+def _band_patch(figure: Any) -> Any:
+    top = figure.axes[0]
+    return next(p for p in top.patches if p.get_label() == "fit uncertainty (1 sigma)")
+
+
+def test_spectrum_plot_draws_the_background_band_and_refuses_bad_errors() -> None:
+    edges = np.geomspace(100.0, 2000.0, 31)
+    background = 1e4 * (edges[:-1] / 100.0) ** -4
+    counts = np.random.default_rng(2).poisson(background).astype(float)
+    error = 0.05 * background[2:]
+    figure = plots.spectrum_plot(
+        edges, counts, background[2:], (2, 30), None, None, "T1/jj", "ATLAS", background_error=error
+    )
+    band = _band_patch(figure).get_data()
+    np.testing.assert_allclose(band.values, background[2:] + error)
+    np.testing.assert_allclose(band.baseline, background[2:] - error)
+    np.testing.assert_allclose(band.edges, edges[2:])
+    residual = figure.axes[1].patches[-1].get_data()
+    np.testing.assert_allclose(residual.values, error / np.sqrt(background[2:]))
+    plain = plots.spectrum_plot(
+        edges, counts, background[2:], (2, 30), None, None, "T1/jj", "ATLAS"
+    )
+    assert not any(p.get_label() == "fit uncertainty (1 sigma)" for p in plain.axes[0].patches)
+    with pytest.raises(InvalidInputError, match="background_error"):
+        plots.spectrum_plot(
+            edges, counts, background[2:], (2, 30), None, None, "x", "ATLAS",
+            background_error=error[:-1],
+        )  # fmt: skip
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        plots.spectrum_plot(
+            edges, counts, background[2:], (2, 30), None, None, "x", "ATLAS",
+            background_error=np.full(error.size, np.nan),
+        )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_spectrum_page_draws_the_band_from_the_run_folder(
+    reviewed: ReviewedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The top excess's page gets the run folder's propagated errors, non-zero, and draws them."""
+    from agent import report
+
+    top = reviewed.results["excesses"][0]
+    index = reviewed.results["points_pb"].index(top["xsec_pb"])
+    summary = json.loads((reviewed.run_dir / "points" / f"point-{index:03d}.json").read_text())
+    bins = next(s for s in summary["spectra"] if s["spectrum"] == top["spectrum"])["bins"]
+    k = SPECTRUM_NAMES.index(top["spectrum"])
+    with np.load(reviewed.run_dir / "points" / f"point-{index:03d}.npz") as arrays:
+        background = arrays["background"][k][bins[0] : bins[1]]
+        error = arrays["background_error"][k][bins[0] : bins[1]]
+    assert np.all(np.isfinite(error))
+    assert np.all(error[background > 1e-3] > 0)
+    # the fit pools the bins: each bin's band is narrower than its Poisson error
+    assert np.all(error[background > 1] < np.sqrt(background[background > 1]))
+    drawn: list[Any] = []
+    original = plots.spectrum_plot
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        figure = original(*args, **kwargs)
+        drawn.append((kwargs.get("background_error"), figure))
+        return figure
+
+    monkeypatch.setattr(plots, "spectrum_plot", spy)
+    run = load_run(reviewed.run_dir)
+    figures = report._Figures(tmp_path, "png", "embedded")
+    page = report._spectrum_page(run, top["spectrum"], index, figures, "ATLAS")
+    assert "shaded band" in page
+    ((given, figure),) = drawn
+    np.testing.assert_array_equal(given, error)
+    np.testing.assert_allclose(_band_patch(figure).get_data().values, background + error)
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:

@@ -54,3 +54,45 @@ def test_spectrum_tool_errors() -> None:
         get_tool("search_spectrum").call(
             {"histogram": histogram, "fit_range": [300, 6000], "function": "exp(("}
         )
+
+
+def _band_histogram(signal: float) -> tuple[dict[str, list[float]], np.ndarray]:
+    mu = expected_counts("p4", 2e4)
+    centres = 0.5 * (EDGES[:-1] + EDGES[1:])
+    signal_mu = signal * np.exp(-0.5 * ((centres - 1500.0) / 40.0) ** 2)
+    signal_mu *= 0 if signal == 0 else signal / signal_mu.sum()
+    counts = np.random.default_rng(8).poisson(mu + signal_mu).astype(float)
+    return {"edges": EDGES.tolist(), "counts": counts.tolist()}, counts
+
+
+@pytest.mark.parametrize(
+    ("function", "signal"),
+    [("p4", 0.0), ("p4", 100.0), ("10.0*ln1mx - 4.0*lnx - 0.3*lnx*lnx", 0.0)],
+)
+def test_search_outputs_the_band_of_its_final_background(function: str, signal: float) -> None:
+    from core.fit import expected_errors, fit_background
+    from core.spectrum import _resolve_function
+
+    histogram, counts = _band_histogram(signal)
+    out = get_tool("search_spectrum").call(
+        {"histogram": histogram, "fit_range": [300, 6000], "function": function, "seed": 2}
+    )
+    error = np.array(out["background_error"])
+    background = np.array(out["background"])
+    assert error.shape == background.shape
+    assert np.all(np.isfinite(error)) and np.all(error[background > 1e-3] > 0)
+    # the band is the final fit's propagation: recompute it from the parameters output
+    exclusion = out["window_exclusion"]
+    masked = exclusion is not None and exclusion["accepted"]
+    if signal > 0:
+        assert masked, exclusion
+    refit = fit_background(
+        EDGES,
+        counts,
+        _resolve_function(out["function"], tuple(out["parameters"])),
+        tuple(out["fit_range"]),
+        starts=[out["parameters"]],
+        exclude=tuple(exclusion["window_gev"]) if masked else None,
+    )
+    np.testing.assert_allclose(background, refit.expected, rtol=1e-3)
+    np.testing.assert_allclose(error, expected_errors(refit, EDGES), rtol=0.02)
