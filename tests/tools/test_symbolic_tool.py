@@ -79,9 +79,13 @@ def test_invalid_inputs_are_validation_errors(change: dict[str, object]) -> None
         SymbolicFitInput.model_validate(payload)
 
 
-def test_bad_spectrum_is_an_invalid_input_error() -> None:
+def test_bad_spectrum_is_refused_where_it_enters() -> None:
     edges, counts = p3_histogram(seed=3)
     counts[5] = np.nan
     payload = {"histogram": {"edges": edges.tolist(), "counts": counts.tolist()}, **SMALL_SEARCH}
-    with pytest.raises(InvalidInputError, match="NaN"):
+    with pytest.raises(ValidationError, match="finite"):
+        SymbolicFitInput.model_validate(payload)
+    counts[5] = -3.0
+    payload = {"histogram": {"edges": edges.tolist(), "counts": counts.tolist()}, **SMALL_SEARCH}
+    with pytest.raises(InvalidInputError, match="negative"):
         symbolic_fit_tool(SymbolicFitInput.model_validate(payload))

@@ -95,6 +95,19 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
         "robustness_checks": {"histogram": histogram, "function": "p3"},
         "symbolic_fit": {"histogram": histogram, "generations": 2, "population_size": 20},
         "bump_hunt": {"histogram": with_background, "n_toys": 50, "max_toys": 100},
+        "search_spectrum": {
+            "histogram": histogram,
+            "fit_range": [100.0, 3000.0],
+            "function": "p3",
+            "n_toys": 50,
+            "max_toys": 100,
+        },
+        "analyse_spectrum": {
+            "histogram": histogram,
+            "use_fallback": False,
+            "n_toys": 50,
+            "max_toys": 100,
+        },
         "signal_fit": {"histogram": with_background, "mass": 1000.0},
         "scan_significance": {
             "spectra": [
