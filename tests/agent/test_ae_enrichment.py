@@ -62,13 +62,13 @@ def test_table_scores_belong_to_their_events(signal_sample: Sample, scored: Even
 def test_tight_anomaly_regions_enrich_the_atypical_signal(
     signal_sample: Sample, scored: EventTable
 ) -> None:
-    """In 1L (T2) and 2L (T3), the 0.1 and 0.3 pb ARs keep >= 2x the share of the signal
-    that they keep of the background, and >= 8 % of the signal.
+    """In 1L (T2) and 2L (T3), the 0.3 pb AR keeps >= 20 % of the signal and >= 2.5x the
+    share of the signal that it keeps of the background.
 
-    Measured (this fixture: 300 training events, 10 epochs): T2 0.1 pb 8.6 % signal vs
-    2.2 % background, 0.3 pb 19 % vs 6.8 %; T3 0.1 pb 17 % vs 5.0 %, 0.3 pb 38 % vs 15 %.
-    A reversed cut (lowest scores) keeps no signal; scores attached to the wrong events
-    keep equal shares.
+    Measured on this fixture (300 training events, 10 epochs), std floor 1e-4 (the
+    default): T2 25.9 % signal vs 6.7 % background, T3 50 % vs 15 %; with the former floor
+    1e-3: T2 19 % vs 6.8 %, T3 38 % vs 15.5 % (fails). A reversed cut (lowest scores) keeps
+    no signal; scores attached to the wrong events keep equal shares.
     """
     signal = _is_signal(scored, signal_sample.truth)
     assert scored.training is not None and scored.score is not None
@@ -79,7 +79,7 @@ def test_tight_anomaly_regions_enrich_the_atypical_signal(
         n_signal = int((in_stream & signal).sum())
         n_background = int((in_stream & ~signal).sum())
         assert n_signal >= 40, f"{stream}: only {n_signal} signal events in the stream"
-        for xsec_pb in (0.1, 0.3):
+        for xsec_pb in (0.3,):
             region = anomaly_region(
                 scored.score,
                 xsec_pb,
@@ -94,5 +94,5 @@ def test_tight_anomaly_regions_enrich_the_atypical_signal(
             where = (
                 f"{stream} at {xsec_pb} pb: signal {signal_share:.3f}, bkg {background_share:.4f}"
             )
-            assert signal_share >= 0.08, where
-            assert signal_share >= 2 * background_share, where
+            assert signal_share >= 0.2, where
+            assert signal_share >= 2.5 * background_share, where
