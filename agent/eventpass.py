@@ -21,7 +21,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import os
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +36,7 @@ from agent.runlock import run_folder_lock
 from core.errors import AnomscanError, InputFileError, InvalidInputError
 from core.events import DistinctFiles, Selection, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
-from core.files import atomic_path, file_sha256, write_json
+from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
 from core.goodruns import GoodRunList
 from core.masses import STREAMS
 from core.table import PART_GLOB, chunk_columns, commit_table_parts
@@ -471,22 +470,9 @@ def _remove_unowned(folder: Path, owned: set[str]) -> None:
     for part in folder.glob(PART_GLOB):
         if part.name not in owned:
             part.unlink(missing_ok=True)
-    for stale in folder.glob(".anomscan-tmp-*"):
-        pid = stale.name.removeprefix(".anomscan-tmp-").split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            stale.unlink(missing_ok=True)
+    remove_dead_temporaries(folder)
     for legacy in folder.glob(".part-*.partial"):
         legacy.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ __all__ = [
     "read_manifest",
     "read_user_text",
     "recover_folder",
+    "remove_dead_temporaries",
     "write_bytes",
     "write_json",
     "write_text",
@@ -105,7 +106,12 @@ def atomic_path(path: str | Path, *, what: str = "output") -> Iterator[Path]:
 
 def _remove_dead_temporaries(target: Path) -> None:
     """Remove the temporaries of `target` left by writers that died (SIGKILL, power loss)."""
-    for stale in target.parent.glob(f"{_TEMP_MARK}*-{target.name}"):
+    remove_dead_temporaries(target.parent, f"{_TEMP_MARK}*-{target.name}")
+
+
+def remove_dead_temporaries(folder: str | Path, pattern: str = f"{_TEMP_MARK}*") -> None:
+    """Remove the temporary files in `folder` (matching `pattern`) of writers that died."""
+    for stale in Path(folder).glob(pattern):
         if stale.is_file() and not _owner_alive(stale.name):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
