@@ -296,13 +296,9 @@ def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
     """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
     from agent.report import check_spectrum, load_run, spectrum_story, why_text
 
-    try:
-        check_spectrum(spectrum)
-        run = load_run(run_dir)
-        story = spectrum_story(run, spectrum, run.point_index(point))
-    except AnomscanError as error:
-        print(f"anomscan audit --why: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    check_spectrum(spectrum)
+    run = load_run(run_dir)
+    story = spectrum_story(run, spectrum, run.point_index(point))
     print(why_text(story))
     return 0
 
@@ -315,13 +311,9 @@ def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
     path = Path(words[0]) / audit.AUDIT_FILE
-    try:
-        row = audit.annotate(
-            path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
-        )
-    except AnomscanError as error:
-        print(f"anomscan audit annotate: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    row = audit.annotate(
+        path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
+    )
     print(f"annotation seq {row['seq']} on decision {row['decision_seq']}: {row['verdict']}")
     return 0
 
@@ -339,31 +331,27 @@ def _command_audit(arguments: argparse.Namespace) -> int:
     if arguments.why is not None:
         return _command_why(Path(words[0]), *arguments.why)
     path = Path(words[0]) / audit.AUDIT_FILE
-    try:
-        if action == "verify":
-            report = audit.verify(path)
-            for problem in report.problems:
-                print(problem)
-            if report.ok:
-                print(f"{path}: {report.n_rows} rows, hash chain intact")
-                return 0
-            print(f"{path}: {len(report.problems)} problem(s) in {report.n_rows} rows")
-            return EXIT_FAILURE
-        if action == "export":
-            output = Path(arguments.output or Path(words[0]) / "audit.jsonl")
-            n_rows = audit.export_jsonl(path, output)
-            print(f"{n_rows} rows -> {output}")
+    if action == "verify":
+        report = audit.verify(path)
+        for problem in report.problems:
+            print(problem)
+        if report.ok:
+            print(f"{path}: {report.n_rows} rows, hash chain intact")
             return 0
-        rows = audit.decisions(
-            path,
-            step=arguments.step,
-            spectrum=arguments.spectrum,
-            point_pb=arguments.point,
-            policy=arguments.policy,
-        )
-    except AnomscanError as error:
-        print(f"anomscan audit: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+        print(f"{path}: {len(report.problems)} problem(s) in {report.n_rows} rows")
+        return EXIT_FAILURE
+    if action == "export":
+        output = Path(arguments.output or Path(words[0]) / "audit.jsonl")
+        n_rows = audit.export_jsonl(path, output)
+        print(f"{n_rows} rows -> {output}")
+        return 0
+    rows = audit.decisions(
+        path,
+        step=arguments.step,
+        spectrum=arguments.spectrum,
+        point_pb=arguments.point,
+        policy=arguments.policy,
+    )
     from rich.console import Console
     from rich.table import Table
 
@@ -390,17 +378,13 @@ def _command_report(arguments: argparse.Namespace) -> int:
     """`anomscan report RUN`: RUN/report/index.html with its spectrum pages and plots."""
     from agent.report import write_report
 
-    try:
-        outcome = write_report(
-            Path(arguments.run),
-            None if arguments.output is None else Path(arguments.output),
-            style=arguments.style,
-            fmt=arguments.format,
-            placement=arguments.plots,
-        )
-    except AnomscanError as error:
-        print(f"anomscan report: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    outcome = write_report(
+        Path(arguments.run),
+        None if arguments.output is None else Path(arguments.output),
+        style=arguments.style,
+        fmt=arguments.format,
+        placement=arguments.plots,
+    )
     print(f"report: {outcome.index} ({outcome.pages} pages)")
     return 0
 
@@ -409,11 +393,7 @@ def _command_export(arguments: argparse.Namespace) -> int:
     """`anomscan export RUN --hepdata DIR`: HEPData submission YAML of the run."""
     from agent.hepdata import export_hepdata
 
-    try:
-        outcome = export_hepdata(Path(arguments.run), Path(arguments.hepdata))
-    except AnomscanError as error:
-        print(f"anomscan export: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    outcome = export_hepdata(Path(arguments.run), Path(arguments.hepdata))
     print(f"HEPData submission: {outcome.submission} ({outcome.n_tables} tables)")
     return 0
 
@@ -422,11 +402,7 @@ def _command_replay(arguments: argparse.Namespace) -> int:
     from agent.replay import replay
 
     run_dir = Path(arguments.run)
-    try:
-        report = replay(run_dir, tools=set(arguments.tool) if arguments.tool else None)
-    except AnomscanError as error:
-        print(f"anomscan replay: {error}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
+    report = replay(run_dir, tools=set(arguments.tool) if arguments.tool else None)
     for difference in report.differences:
         print(difference)
     skipped = ", ".join(f"{name} x{n}" for name, n in sorted(report.not_replayed.items()))
