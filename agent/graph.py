@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -1090,6 +1091,8 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
                         "n_pseudo_scans": ctx.config.n_pseudo_scans,
                         "max_pseudo_scans": ctx.config.max_pseudo_scans,
                         "top": 20,
+                        # spectra's pseudo-scans in parallel; the result does not depend on it
+                        "workers": 1 if ctx.config.executor == "serial" else os.cpu_count() or 1,
                     },
                 )
             ],

@@ -536,7 +536,9 @@ class _ProfiledNLL:
         self.log_data_fractions[filled] = np.log(self.counts[filled] / self.total)
 
     def theta(self, phi: FloatArray) -> FloatArray:
-        return self.origin + self.whitening @ phi
+        """Shape parameters at whitened point `phi`; inf far out, where the NLL is bad."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self.origin + self.whitening @ phi
 
     def __call__(self, phi: FloatArray) -> float:
         """Half the multinomial deviance, sum n_i ln(n_i / (N P_i)): small for good fits.

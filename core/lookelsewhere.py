@@ -51,8 +51,12 @@ significance) and the fixed event count of an AR (multinomial, not Poisson, coun
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import importlib
 import math
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -93,6 +97,12 @@ DIRECT_MIN_REACHING: Final = 10
 
 EXTRAPOLATION_REFERENCE: Final = 20
 """The tail is extrapolated from the level this many toys reach."""
+
+TIE_TOLERANCE: Final = 1e-7
+"""A toy whose T is within this relative distance below T_obs reaches it. Toys get t from
+tabulated tails, the data from the direct one; the two differ by up to ~1e-8 (relative) for
+windows of 1e5-1e6 events, so a toy with the data's own count in the data's window (a tie,
+which P(T >= T_obs) counts) would otherwise fall on either side at random."""
 
 _ENTRIES_PER_BATCH: Final = 2_000_000
 _TABLE_CAP: Final = 4_000_000
@@ -262,17 +272,37 @@ def nested_pseudo_counts(
 
 
 def max_window_statistic(
-    windows: ScanWindows, toys: npt.NDArray[np.int64], floor: float | None = None
+    windows: ScanWindows,
+    toys: npt.NDArray[np.int64],
+    floor: float | None = None,
+    *,
+    table: FloorTable | None = None,
 ) -> FloatArray:
     """Max t over `windows` for each toy (rows of full-length bin counts).
 
-    Exact where it is >= `floor`; toys whose every window stays below `floor` (one integer
-    comparison per window against the tail thresholds) get 0 without the table look-up.
+    Exact where it is >= `floor`; toys whose every window stays below `floor` get 0.
+    With numba, a compiled loop compares each window count with its threshold and looks
+    its t up in one pass (`table`, from `floor_table(windows, floor)`, may be built once
+    for many batches); counts beyond the table get a longer table, then the exact tail.
+    Without numba, numpy does the comparison (`toys_reaching`) and the look-up.
     """
     inside = toys[:, windows.first_bin : windows.stop_bin]
     cumulative = np.zeros((inside.shape[0], inside.shape[1] + 1), dtype=np.int64)
     np.cumsum(inside, axis=1, out=cumulative[:, 1:])
-    if floor is not None and floor > 0:
+    floor = floor if floor is not None and floor > 0 else None
+    kernel = _numba_floor_maxima()
+    if kernel is not None:
+        table = table if table is not None else floor_table(windows, floor)
+        result, beyond, needed = _run_floor_kernel(kernel, table, cumulative)
+        if needed > table.length:
+            rows = np.flatnonzero(beyond)
+            if needed <= _TABLE_CAP // max(table.first.size, 1):
+                longer = floor_table(windows, floor, needed)
+                result[rows] = _run_floor_kernel(kernel, longer, cumulative[rows])[0]
+            else:
+                result[rows] = _exact_maxima(windows, cumulative[rows])
+        return result
+    if floor is not None:
         limits = window_thresholds(windows, floor)
         rows = np.flatnonzero(toys_reaching(windows, limits, cumulative))
         result = np.zeros(inside.shape[0], dtype=np.float64)
@@ -280,6 +310,114 @@ def max_window_statistic(
             result[rows] = _exact_maxima(windows, cumulative[rows])
         return result
     return _exact_maxima(windows, cumulative)
+
+
+FLOOR_TABLE_LENGTH: Final = 64
+"""Counts tabulated per window from its threshold up (longer tables are built on demand)."""
+
+
+@dataclass(frozen=True, eq=False)
+class FloorTable:
+    """t = -ln P(n >= k | B_w) for k = first[w] .. first[w] + length - 1, every window w.
+
+    `first[w]` is the smallest count with t >= the floor (`core.bumphunt.tail_thresholds`),
+    or with t > 0 (floor(B_w) + 1) without a floor; saturated for windows that are not
+    scanned. Windows are flattened width by width, those of width `widths[i]` at
+    offsets[i] .. offsets[i + 1] - 1.
+    """
+
+    widths: npt.NDArray[np.int64]
+    offsets: npt.NDArray[np.int64]
+    first: npt.NDArray[np.int64]
+    values: FloatArray
+    length: int
+
+
+def floor_table(
+    windows: ScanWindows, floor: float | None, length: int = FLOOR_TABLE_LENGTH
+) -> FloorTable:
+    """The look-up table of `windows` above `floor` (see `FloorTable`)."""
+    sums = np.concatenate(windows.background_sums)
+    active = np.concatenate(windows.active)
+    if floor is None:
+        first = np.floor(sums).astype(np.int64) + 1
+        first[~active] = np.iinfo(np.int64).max
+    else:
+        first = np.concatenate(window_thresholds(windows, floor)).astype(np.int64)
+        first[~active] = np.iinfo(np.int64).max
+    offsets = np.zeros(len(windows.widths) + 1, dtype=np.int64)
+    np.cumsum([s.size for s in windows.background_sums], out=offsets[1:])
+    values = np.zeros((sums.size, length), dtype=np.float64)
+    if np.any(active):
+        values[active] = tabulate_poisson_tails(sums[active], first[active], length)
+    widths = np.asarray(windows.widths, dtype=np.int64)
+    return FloorTable(widths, offsets, first, values.ravel(), length)
+
+
+def _run_floor_kernel(
+    kernel: Callable[..., None], table: FloorTable, cumulative: npt.NDArray[np.int64]
+) -> tuple[FloatArray, npt.NDArray[np.bool_], int]:
+    """Maxima, rows with a count beyond the table, and the table length they need."""
+    result = np.zeros(cumulative.shape[0], dtype=np.float64)
+    beyond = np.zeros(cumulative.shape[0], dtype=np.bool_)
+    needed = np.zeros(1, dtype=np.int64)
+    kernel(
+        cumulative,
+        table.widths,
+        table.offsets,
+        table.first,
+        table.values,
+        table.length,
+        result,
+        beyond,
+        needed,
+    )
+    return result, beyond, int(needed[0])
+
+
+def _floor_maxima_loop(
+    cumulative: npt.NDArray[np.int64],
+    widths: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    first: npt.NDArray[np.int64],
+    values: FloatArray,
+    length: int,
+    best: FloatArray,
+    beyond: npt.NDArray[np.bool_],
+    needed: npt.NDArray[np.int64],
+) -> None:
+    """Per toy, the largest tabulated t of its windows at or above the floor (numba kernel).
+
+    A window whose count is at least `first` + `length` sets `beyond` for its toy and
+    raises needed[0] to the table length that would hold it.
+    """
+    for toy in range(cumulative.shape[0]):
+        row = cumulative[toy]
+        largest = 0.0
+        for index in range(widths.size):
+            width = widths[index]
+            start_window = offsets[index]
+            for start in range(offsets[index + 1] - start_window):
+                window = start_window + start
+                excess = row[start + width] - row[start] - first[window]
+                if excess >= 0:
+                    if excess < length:
+                        largest = max(largest, values[window * length + excess])
+                    else:
+                        beyond[toy] = True
+                        needed[0] = max(needed[0], excess + 1)
+        best[toy] = largest
+
+
+@functools.cache
+def _numba_floor_maxima() -> Callable[..., None] | None:
+    """`_floor_maxima_loop` compiled by numba (cached on disk), or None without numba."""
+    try:
+        numba = importlib.import_module("numba")
+    except ImportError:
+        return None
+    kernel: Callable[..., None] = numba.njit(cache=True, nogil=True)(_floor_maxima_loop)
+    return kernel
 
 
 def _exact_maxima(windows: ScanWindows, cumulative: npt.NDArray[np.int64]) -> FloatArray:
@@ -329,12 +467,17 @@ def spectrum_toy_maxima(
     """
     result = np.zeros(n_toys, dtype=np.float64)
     batch = max(1, _ENTRIES_PER_BATCH // max(spectrum.counts.size, 1))
+    tables: list[FloorTable | None] = [None] * len(spectrum.windows)
+    if _numba_floor_maxima() is not None:
+        level = floor if floor is not None and floor > 0 else None
+        tables = [floor_table(windows, level) for windows in spectrum.windows]
     for start in range(0, n_toys, batch):
         size = min(batch, n_toys - start)
         toys = nested_pseudo_counts(spectrum, size, rng, sampler=sampler)
         best = np.zeros(size, dtype=np.float64)
         for point, windows in enumerate(spectrum.windows):
-            np.maximum(best, max_window_statistic(windows, toys[point], floor), out=best)
+            statistic = max_window_statistic(windows, toys[point], floor, table=tables[point])
+            np.maximum(best, statistic, out=best)
         result[start : start + size] = best
     return result
 
@@ -356,7 +499,7 @@ def tail_probability(toy_maxima: FloatArray, statistic: float, n_windows: int) -
     n = toy_maxima.size
     if statistic <= 0:
         return TailEstimate(1.0, 0.0, n, n, "no excess", None)
-    reaching = int(np.count_nonzero(toy_maxima >= statistic))
+    reaching = int(np.count_nonzero(toy_maxima >= statistic * (1 - TIE_TOLERANCE)))
     bound = min(1.0, n_windows * math.exp(-statistic)) if n_windows else 1.0
     if reaching >= DIRECT_MIN_REACHING:
         q = reaching / n
@@ -364,7 +507,7 @@ def tail_probability(toy_maxima: FloatArray, statistic: float, n_windows: int) -
     ordered = np.sort(toy_maxima)[::-1]
     k_ref = min(EXTRAPOLATION_REFERENCE, n)
     t_ref = float(ordered[k_ref - 1])
-    if t_ref <= 0 or t_ref >= statistic:
+    if t_ref <= 0 or t_ref >= statistic * (1 - TIE_TOLERANCE):
         upper = 1.0 - 0.32 ** (1.0 / n) if reaching == 0 else reaching / n
         if bound <= upper:
             return TailEstimate(bound, 0.0, n, reaching, "bonferroni bound", None)
@@ -453,13 +596,20 @@ def scan_significance(
     target_rel_error: float = 0.1,
     seed: int | np.random.Generator = 0,
     sampler: Sampler = "chained",
+    workers: int = 1,
 ) -> ScanSignificance:
     """Global significance of the largest excess over all spectra and AR points of a scan.
 
     Each spectrum's points carry their window sets (`nested_spectrum`); `width_min` and
     `width_max`, when given, replace the widths of every point (the other options stay).
     `seed` fixes the pseudo-scans. See the module docstring for the method.
+
+    `workers` > 1 draws the pseudo-scans of different spectra in that many processes. Each
+    spectrum has its own random stream, handed to the process and back, so the result is
+    the same for any number of workers (tests/core/test_lookelsewhere.py).
     """
+    if workers < 1:
+        raise InvalidInputError(f"workers must be >= 1, found {workers}")
     check_toy_budget(min_pseudo_scans, max_pseudo_scans, target_rel_error)
     if not spectra:
         raise InvalidInputError("scan_significance needs at least one spectrum")
@@ -511,19 +661,25 @@ def scan_significance(
     generators = rng.spawn(len(spectra))
     maxima: list[FloatArray] = [np.zeros(0) for _ in spectra]
 
-    def extend(index: int, total: int) -> None:
-        missing = total - maxima[index].size
-        if missing > 0:
+    def extend(wanted: dict[int, int]) -> None:
+        """Draw pseudo-scans until spectrum `index` has `wanted[index]` toy maxima."""
+        tasks = []
+        for index, total in wanted.items():
+            missing = total - maxima[index].size
+            if missing <= 0:
+                continue
             # Only the upper tail of T_s is ever used (T_obs and the level of the 20th
             # largest toy): beyond the first toys, values below the 95 % quantile are not
             # computed exactly (at least 5 % of all toys, >= 50, stay exact above it).
             floor = None
             if maxima[index].size >= 1_000:
-                # lowered by 1e-9: tabulated and direct tails differ in the last digits
-                floor = min(float(np.quantile(maxima[index], 0.95)), statistic) * (1 - 1e-9)
-            more = spectrum_toy_maxima(
-                spectra[index], missing, generators[index], sampler=sampler, floor=floor
-            )
+                level = min(float(np.quantile(maxima[index], 0.95)), statistic)
+                floor = level * (1 - 2 * TIE_TOLERANCE)
+            tasks.append((index, (spectra[index], missing, generators[index], sampler, floor)))
+        for (index, _), (more, generator) in zip(
+            tasks, pool.map([task for _, task in tasks]), strict=True
+        ):
+            generators[index] = generator
             maxima[index] = np.concatenate([maxima[index], more])
 
     def estimates() -> list[TailEstimate]:
@@ -532,40 +688,42 @@ def scan_significance(
             for m, s in zip(maxima, spectra, strict=True)
         ]
 
-    for index in range(len(spectra)):
-        extend(index, min_pseudo_scans)
-    tails = estimates()
-    p, error = _combine(tails)
-    if p < SMALL_P:
-        for index in range(len(spectra)):
-            extend(index, max(MIN_TOYS_SMALL_P, min_pseudo_scans))
+    with ToyPool(workers) as pool:
+        extend(dict.fromkeys(range(len(spectra)), min_pseudo_scans))
         tails = estimates()
         p, error = _combine(tails)
-    while True:
-        total_q = sum(t.q for t in tails) or 1.0
-        precise = p > 0 and error <= target_rel_error * p
-        candidates = [
-            i
-            for i, t in enumerate(tails)
-            if t.method != "toys" and t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
-        ]
-        if not candidates and precise:
-            break
-        if not candidates:
+        if p < SMALL_P:
+            extend(
+                {index: max(MIN_TOYS_SMALL_P, min_pseudo_scans) for index in range(len(spectra))}
+            )
+            tails = estimates()
+            p, error = _combine(tails)
+        while True:
+            total_q = sum(t.q for t in tails) or 1.0
+            precise = p > 0 and error <= target_rel_error * p
             candidates = [
                 i
                 for i, t in enumerate(tails)
-                if t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
+                if t.method != "toys"
+                and t.q >= 0.05 * total_q
+                and maxima[i].size < max_pseudo_scans
             ]
-            if not candidates:
+            if not candidates and precise:
                 break
-        for index in candidates:
-            extend(index, min(2 * maxima[index].size, max_pseudo_scans))
-        tails = estimates()
-        p, error = _combine(tails)
+            if not candidates:
+                candidates = [
+                    i
+                    for i, t in enumerate(tails)
+                    if t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
+                ]
+                if not candidates:
+                    break
+            extend({index: min(2 * maxima[index].size, max_pseudo_scans) for index in candidates})
+            tails = estimates()
+            p, error = _combine(tails)
     n_joint = min(m.size for m in maxima)
     joint = np.max(np.stack([m[:n_joint] for m in maxima]), axis=0)
-    joint_reaching = int(np.count_nonzero(joint >= statistic))
+    joint_reaching = int(np.count_nonzero(joint >= statistic * (1 - TIE_TOLERANCE)))
     methods = [t.method for t in tails]
     bounded = [m == "bonferroni bound" for m in methods]
     n_extrapolated = methods.count("extrapolated")
@@ -601,6 +759,52 @@ def scan_significance(
         n_toys_per_spectrum_max=max(m.size for m in maxima),
         spectrum_tails=tuple((s.name, t.q, t.method) for s, t in zip(spectra, tails, strict=True)),
     )
+
+
+def _toy_maxima_task(
+    task: tuple[NestedSpectrum, int, np.random.Generator, Sampler, float | None],
+) -> tuple[FloatArray, np.random.Generator]:
+    """One spectrum's next toy maxima and its advanced random stream (runs in a worker)."""
+    spectrum, n_toys, generator, sampler, floor = task
+    return spectrum_toy_maxima(spectrum, n_toys, generator, sampler=sampler, floor=floor), generator
+
+
+class ToyPool:
+    """Runs per-spectrum toy tasks in this process, or in `workers` processes (spawned once).
+
+    Processes are started with "spawn" (not fork: the caller may hold threads, as a Ray
+    worker does) and only when there is more than one task to share.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> ToyPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def map(
+        self, tasks: list[tuple[NestedSpectrum, int, np.random.Generator, Sampler, float | None]]
+    ) -> list[tuple[FloatArray, np.random.Generator]]:
+        """Results of `_toy_maxima_task` for every task, in order."""
+        if self.workers == 1 or len(tasks) < 2:
+            return [_toy_maxima_task(task) for task in tasks]
+        if self._executor is None:
+            context = multiprocessing.get_context("spawn")
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context
+            )
+        # largest first, so that the last task to finish is a short one
+        order = sorted(range(len(tasks)), key=lambda i: -tasks[i][1] * tasks[i][0].counts.size)
+        results = list(self._executor.map(_toy_maxima_task, [tasks[i] for i in order]))
+        output: list[tuple[FloatArray, np.random.Generator]] = [results[0]] * len(tasks)
+        for position, index in enumerate(order):
+            output[index] = results[position]
+        return output
 
 
 def _with_widths(

@@ -385,6 +385,9 @@ class ScanSignificanceInput(StrictModel):
     target_rel_error: float = Field(0.1, gt=0, lt=1)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     top: int = Field(10, ge=1, le=100_000, description="how many excesses to list")
+    workers: int = Field(
+        1, ge=1, le=64, description="processes drawing pseudo-scans (same result for any)"
+    )
 
     @model_validator(mode="after")
     def _something_to_scan(self) -> ScanSignificanceInput:
@@ -491,6 +494,7 @@ def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceO
         max_pseudo_scans=max(arguments.max_pseudo_scans, arguments.n_pseudo_scans),
         target_rel_error=arguments.target_rel_error,
         seed=arguments.seed,
+        workers=arguments.workers,
     )
     return _output(
         ScanSignificanceOutput,

@@ -331,3 +331,44 @@ def test_toy_maxima_above_a_floor_are_exact() -> None:
     assert above.sum() >= 250
     assert np.allclose(filtered[above], full[above], rtol=1e-9)
     assert np.all(filtered[~above] == 0.0)
+
+
+@pytest.mark.parametrize("total", [400.0, 4000.0, 4e6])
+def test_compiled_toy_maxima_equal_the_numpy_path(
+    total: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The compiled comparison-and-look-up loop (with tables grown on demand, and the exact
+    # tail where even they are too short: the 4e6-event spectrum) against numpy alone.
+    from core import lookelsewhere
+
+    if lookelsewhere._numba_floor_maxima() is None:
+        pytest.skip("numba is not installed: only the numpy path runs")
+    spectrum = nested_spectrum(
+        "T2/jj", EDGES, SIGMAS, np.zeros((3, 24)), _backgrounds(total), hunt=HUNT
+    )
+    compiled = {
+        floor: spectrum_toy_maxima(spectrum, 2_000, np.random.default_rng(5), floor=floor)
+        for floor in (None, 4.0, 9.0)
+    }
+    monkeypatch.setattr(lookelsewhere, "_numba_floor_maxima", lambda: None)
+    for floor, fast in compiled.items():
+        plain = spectrum_toy_maxima(spectrum, 2_000, np.random.default_rng(5), floor=floor)
+        assert np.count_nonzero(plain) >= 20
+        # tables started at different counts: ~1e-8 apart at 1e6 events (TIE_TOLERANCE)
+        assert np.allclose(fast, plain, rtol=1e-7, atol=0.0)
+
+
+def test_the_global_p_does_not_depend_on_the_number_of_workers() -> None:
+    rng = np.random.default_rng(12)
+    spectra = [_observed(f"T{i}/jm", _backgrounds(3000.0), rng) for i in range(3)]
+    one = scan_significance(spectra, width_max=6, seed=4, workers=1)
+    two = scan_significance(spectra, width_max=6, seed=4, workers=2)
+    assert one.global_p > 0
+    assert (two.global_p, two.global_p_error, two.n_pseudo_scans) == (
+        one.global_p,
+        one.global_p_error,
+        one.n_pseudo_scans,
+    )
+    assert two.spectrum_tails == one.spectrum_tails
+    with pytest.raises(InvalidInputError, match="workers"):
+        scan_significance(spectra, seed=4, workers=0)
