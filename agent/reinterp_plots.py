@@ -31,17 +31,23 @@ def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "ATL
     grid = np.full((len(STREAMS), len(points)), np.nan)
     for row in acceptance["streams"]:
         grid[STREAMS.index(row["stream"]), points.index(row["point_pb"])] = row["acceptance"]
-    figure, ax = plt.subplots(figsize=(1.2 + 0.9 * len(points), 5.0))
+    figure, ax = plt.subplots(figsize=(max(6.0, 2.0 + 0.9 * len(points)), 5.0))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    whole = {
+        (STREAMS.index(r["stream"]), points.index(r["point_pb"]))
+        for r in acceptance["streams"]
+        if r["whole_stream"]
+    }
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
             if np.isfinite(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8, color="w")
+                text = f"{grid[i, j]:.3g}" + (" (whole)" if (i, j) in whole else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="w")
     ax.set_xticks(range(len(points)), [f"{p:g}" for p in points], rotation=45)
     ax.set_yticks(range(len(STREAMS)), list(STREAMS))
     ax.set_xlabel(r"AR point $\sigma_{AR}$ [pb]")
     ax.set_ylabel("stream")
-    figure.colorbar(image, ax=ax, label="acceptance")
+    figure.colorbar(image, ax=ax, label="acceptance", format="%.3g")
     _label(ax, style, f"acceptance of {acceptance['name']}")
     return cast("Figure", figure)
 
@@ -57,46 +63,43 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "ATLAS") -
     """Fitted vs expected signal yield per injected cross-section, per spectrum and AR point.
 
     Markers are the toys' mean fitted yield against the expected one, with the toys' spread
-    over sqrt(toys) (or the fit error for one toy); the diagonal is perfect recovery.
+    over sqrt(toys) (or the fit error for one toy): filled for the scan's rule run again,
+    open for the run's own function refitted; the diagonal is perfect recovery.
     """
     plt = _pyplot(style)
     figure, ax = plt.subplots(figsize=(6.4, 5.2))
-    series: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
-    for fit in injection["fits"]:
-        if "signal_yield" not in fit:
-            continue
-        series.setdefault((fit["spectrum"], fit["point_pb"]), []).append(
-            (fit["expected_yield"], fit["signal_yield"], fit["signal_yield_error"])
-        )
     largest = 1.0
-    for name, point in sorted(series):
-        by_truth: dict[float, list[tuple[float, float, float]]] = {}
-        for xsec in injection["request"]["xsec_pb"]:
-            rows = [
-                (f["expected_yield"], f["signal_yield"], f["signal_yield_error"])
-                for f in injection["fits"]
-                if f["spectrum"] == name
-                and f["point_pb"] == point
-                and f["xsec_pb"] == xsec
-                and "signal_yield" in f
-            ]
-            if rows:
-                by_truth[xsec] = rows
-        x, y, dy = [], [], []
-        for rows in by_truth.values():
-            truth = np.array([r[0] for r in rows], dtype=float)
-            fitted = np.array([r[1] for r in rows], dtype=float)
-            x.append(truth.mean())
-            y.append(fitted.mean())
-            dy.append(
-                fitted.std(ddof=1) / np.sqrt(len(rows)) if len(rows) > 1 else float(rows[0][2])
-            )
-        if not x:
-            continue
-        largest = max(largest, *x, *y)
-        ax.errorbar(x, y, yerr=dy, marker="o", ls="-", label=f"{name} @ {point:g} pb")
+    kinds = (
+        ("signal_yield", "rule", {"marker": "o", "ls": "-"}),
+        ("run_function_yield", "run's function", {"marker": "s", "ls": ":", "mfc": "none"}),
+    )
+    for key, label, line_style in kinds:
+        spectra = sorted({(f["spectrum"], f["point_pb"]) for f in injection["fits"] if key in f})
+        for name, point in spectra:
+            x, y, dy = [], [], []
+            for xsec in injection["request"]["xsec_pb"]:
+                rows = [
+                    f
+                    for f in injection["fits"]
+                    if (f["spectrum"], f["point_pb"], f["xsec_pb"]) == (name, point, xsec)
+                    and key in f
+                ]
+                if not rows:
+                    continue
+                fitted = np.array([f[key] for f in rows], dtype=float)
+                x.append(float(np.mean([f["expected_yield"] for f in rows])))
+                y.append(float(fitted.mean()))
+                dy.append(
+                    float(fitted.std(ddof=1) / np.sqrt(len(rows)))
+                    if len(rows) > 1
+                    else float(rows[0][key + "_error"])
+                )
+            if not x or max(x) < 1.0:
+                continue  # a spectrum the signal does not reach
+            largest = max(largest, *x, *y)
+            ax.errorbar(x, y, yerr=dy, label=f"{name} @ {point:g} pb ({label})", **line_style)
     ax.plot(
-        [0, largest * 1.1], [0, largest * 1.1], color="grey", ls="--", label="fitted = injected"
+        [0, largest * 1.1], [0, largest * 1.1], color="grey", ls="--", label="fitted = expected"
     )
     ax.set_xlabel(r"expected signal events in the spectrum ($\sigma \times A \times L$)")
     ax.set_ylabel("fitted Gaussian signal yield")
