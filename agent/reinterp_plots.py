@@ -63,8 +63,9 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "ATLAS") -
     """Fitted vs expected signal yield per injected cross-section, per spectrum and AR point.
 
     Markers are the toys' mean fitted yield against the expected one, with the toys' spread
-    over sqrt(toys) (or the fit error for one toy): filled for the scan's rule run again,
-    open for the run's own function refitted; the diagonal is perfect recovery.
+    over sqrt(toys) (or the fit error for one toy): circles for the scan's rule run again,
+    squares for the run's own function refitted, triangles over the run's own background
+    prediction; the diagonal is perfect recovery.
     """
     plt = _pyplot(style)
     figure, ax = plt.subplots(figsize=(6.4, 5.2))
@@ -72,6 +73,7 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "ATLAS") -
     kinds = (
         ("signal_yield", "rule", {"marker": "o", "ls": "-"}),
         ("run_function_yield", "run's function", {"marker": "s", "ls": ":", "mfc": "none"}),
+        ("fixed_shape_yield", "run's background fixed", {"marker": "^", "ls": "--"}),
     )
     for key, label, line_style in kinds:
         spectra = sorted({(f["spectrum"], f["point_pb"]) for f in injection["fits"] if key in f})

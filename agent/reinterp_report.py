@@ -76,6 +76,8 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
                     _n(spectrum["local_z"]["mean"], 3),
                     _n(spectrum["run_function_yield"]["mean"]),
                     _n(spectrum["run_function_pull"]["mean"], 2),
+                    _n(spectrum["fixed_shape_yield"]["mean"]),
+                    _n(spectrum["fixed_shape_pull"]["mean"], 2),
                 ]
             )
     recovery = _table(
@@ -91,6 +93,8 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
             "local Z",
             "fitted (run fn)",
             "pull (run fn)",
+            "fitted (run bkg)",
+            "pull (run bkg)",
         ],
         rows,
         'class="injection"',

@@ -185,6 +185,9 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
     # recovered within 3 fit errors, clearly significant, and the top excess of its spectra
     assert abs(strong["signal_yield"] - strong["expected_yield"]) < 3 * strong["signal_yield_error"]
     assert strong["local_z"] > 5.0
+    for method in ("run_function", "fixed_shape"):  # the run's function, the run's background
+        error = strong[f"{method}_yield_error"]
+        assert abs(strong[f"{method}_yield"] - strong["expected_yield"]) < 3 * error, method
     assert high["top_is_injected_fraction"] == 1.0
     # the scan's largest excess stays the sample's own X(1500) -> j mu (local Z ~ 13)
     assert high["largest_other_local_z"] > strong["bump_local_z"]
