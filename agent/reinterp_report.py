@@ -31,6 +31,11 @@ def _n(value: Any, digits: int = 3) -> str:
     return _e(value)
 
 
+def _mean(summary: dict[str, Any], key: str) -> Any:
+    """The toys' mean of `key` (None when an older injection file lacks it)."""
+    return summary.get(key, {}).get("mean")
+
+
 def _table(header: list[str], rows: list[list[str]], attrs: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
@@ -68,16 +73,16 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
                     _n(strength["xsec_pb"]),
                     _e(spectrum["spectrum"]),
                     _n(spectrum["point_pb"]),
-                    _n(spectrum["expected_yield"]["mean"]),
+                    _n(_mean(spectrum, "expected_yield")),
                     _n(spectrum["injected_yield"]["mean"]),
                     f"{spectrum['n_fitted']}/{spectrum['n_toys']}",
                     _n(spectrum["fitted_yield"]["mean"]),
                     _n(spectrum["pull"]["mean"], 2),
                     _n(spectrum["local_z"]["mean"], 3),
-                    _n(spectrum["run_function_yield"]["mean"]),
-                    _n(spectrum["run_function_pull"]["mean"], 2),
-                    _n(spectrum["fixed_shape_yield"]["mean"]),
-                    _n(spectrum["fixed_shape_pull"]["mean"], 2),
+                    _n(_mean(spectrum, "run_function_yield")),
+                    _n(_mean(spectrum, "run_function_pull"), 2),
+                    _n(_mean(spectrum, "fixed_shape_yield")),
+                    _n(_mean(spectrum, "fixed_shape_pull"), 2),
                 ]
             )
     recovery = _table(
