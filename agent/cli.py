@@ -466,6 +466,135 @@ def _command_demo(arguments: argparse.Namespace) -> int:
     return status
 
 
+def _command_acceptance(arguments: argparse.Namespace) -> int:
+    """`anomscan acceptance RUN FILES...`: a signal sample through the run's AE and AR cuts."""
+    from agent.reinterp import run_acceptance
+
+    output = run_acceptance(
+        Path(arguments.run),
+        list(arguments.files),
+        schema=arguments.schema,
+        name=arguments.name or "",
+        tree=arguments.tree,
+        mapping=arguments.mapping,
+    )
+    from rich.console import Console
+    from rich.table import Table
+
+    points = output["points_pb"]
+    table = Table(title=f"acceptance of {output['name']} ({output['n_events']} events)")
+    table.add_column("stream")
+    for point in points:
+        table.add_column(f"{point:g} pb", justify="right")
+    for stream in dict.fromkeys(row["stream"] for row in output["streams"]):
+        cells = {r["point_pb"]: r for r in output["streams"] if r["stream"] == stream}
+        table.add_row(
+            stream,
+            *(
+                f"{cells[p]['acceptance']:.4g}" + (" (whole)" if cells[p]["whole_stream"] else "")
+                for p in points
+            ),
+        )
+    Console().print(table)
+    print(f"acceptance: {output['json_path']} and {output['csv_path']}")
+    return 0
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated numbers, e.g. 0.02,0.05,0.1"
+        ) from error
+
+
+def _parse_extra(text: str) -> dict[str, int]:
+    from core.synth import EXTRA_TYPES
+
+    extra: dict[str, int] = {}
+    for part in text.split(","):
+        kind, _, count = part.partition("=")
+        if kind not in EXTRA_TYPES or not count.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--extra {text!r}: expected KIND=N[,KIND=N] with KIND one of {EXTRA_TYPES}, "
+                "e.g. photons=1,electrons=1"
+            )
+        extra[kind] = int(count)
+    return extra
+
+
+def _command_inject(arguments: argparse.Namespace) -> int:
+    """`anomscan inject RUN --pair P --mass M --width W --xsec X,...`: injection and recovery."""
+    from agent.reinterp import InjectionRequest, run_injection
+
+    request = InjectionRequest(
+        pair=arguments.pair,
+        mass=arguments.mass,
+        width=arguments.width,
+        xsec_pb=arguments.xsec,
+        streams=None if not arguments.stream else tuple(arguments.stream),
+        toys=arguments.toys,
+        seed=arguments.seed,
+        extra=arguments.extra or {},
+        executor=arguments.executor,
+        name=arguments.name or "",
+    )
+    output = run_injection(Path(arguments.run), request)
+    for summary in output["strengths"]:
+        print(summary["text"])
+    gains = [row for row in output["sensitivity"] if row["dz_percent"] is not None]
+    for row in gains:
+        print(
+            f"  {row['spectrum']} @ {row['point_pb']:g} pb, {row['xsec_pb']:g} pb: expected Z "
+            f"{row['z_ae']:.2f} with the AE cut, {row['z_whole_stream']:.2f} whole stream, "
+            f"dZ = {row['dz_percent']:+.0f} %"
+        )
+    print(f"injection: {output['json_path']} (plot {output['plots']['linearity']})")
+    return 0
+
+
+def add_reinterpretation_commands(commands: Any) -> None:
+    """The `acceptance` and `inject` subcommands (issue 16)."""
+    acceptance = commands.add_parser(
+        "acceptance", help="acceptance of a signal sample through a run's autoencoder and ARs"
+    )
+    acceptance.add_argument("run", help="run folder of a finished scan")
+    acceptance.add_argument("files", nargs="+", help="ROOT files of the signal sample")
+    acceptance.add_argument(
+        "--schema",
+        default="auto",
+        choices=["auto", "nanoaod", "atlas_opendata", "physlite", "cartesian", "mapping"],
+    )
+    acceptance.add_argument("--name", help="output name (RUN/acceptance/NAME.json)")
+    acceptance.add_argument("--tree", help="tree name (default: auto)")
+    acceptance.add_argument("--mapping", help="column-mapping TOML for --schema mapping")
+    acceptance.set_defaults(handler=_command_acceptance)
+
+    inject = commands.add_parser(
+        "inject", help="inject generated signal into a copy of a run's events and recover it"
+    )
+    inject.add_argument("run", help="run folder of a finished scan")
+    inject.add_argument("--pair", required=True, help="e.g. jm")
+    inject.add_argument("--mass", required=True, type=float, help="GeV")
+    inject.add_argument(
+        "--width",
+        type=float,
+        default=0.0,
+        help="intrinsic width / mass (0: detector resolution; sigma = resolution (+) w m)",
+    )
+    inject.add_argument(
+        "--xsec", required=True, type=_parse_floats, help="injected cross-sections, pb: a,b,c"
+    )
+    inject.add_argument("--stream", action="append", help="stream to analyse (repeatable)")
+    inject.add_argument("--toys", type=int, default=1, help="injections per cross-section")
+    inject.add_argument("--seed", type=int, default=0)
+    inject.add_argument("--extra", type=_parse_extra, help="extra objects, e.g. photons=1")
+    inject.add_argument("--executor", choices=["serial", "ray", "auto"], default="serial")
+    inject.add_argument("--name", help="output name (RUN/injection/NAME.json)")
+    inject.set_defaults(handler=_command_inject)
+
+
 def _command_mcp(arguments: argparse.Namespace) -> int:
     from agent.mcp_server import serve_stdio
 
@@ -590,6 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="event pass and spectra fan-out: serial, processes, Ray, or auto",
     )
     demo.set_defaults(handler=_command_demo)
+
+    add_reinterpretation_commands(commands)
 
     mcp = commands.add_parser("mcp", help="serve the tools over the Model Context Protocol (stdio)")
     mcp.add_argument("--root", type=Path, help="confine every path in a tool input to this folder")

@@ -21,10 +21,9 @@ import numpy.typing as npt
 
 from agent.executor import Executor, map_batched
 from core import spectrum as core_spectrum
-from core.anomaly import anomaly_region, log_uniform_xsec_grid
+from core.anomaly import log_uniform_xsec_grid, stream_anomaly_regions
 from core.autoencoder import read_model_card, training_selection
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult
-from core.errors import AnomscanError
 from core.exclusion import EXCLUSION_TRIGGER_P
 from core.lookelsewhere import (
     NestedSpectrum,
@@ -170,23 +169,11 @@ def stream_regions(
     N = sigma x L_search with L_search = (1 - f) L, f the fraction of events excluded (the
     autoencoder's training events, PHYSICS.md 4).
     """
-    if table.score is None:
-        raise AnomscanError("the event table has no score column; run the scored event pass")
-    training_fraction = float(np.mean(exclude)) if exclude.size else 0.0
+    regions = stream_anomaly_regions(table, xsec_pb, lumi_pb, exclude)
     masks = np.zeros(table.stream_bits.shape, dtype=bool)
-    whole = []
-    for k in range(len(STREAMS)):
-        region = anomaly_region(
-            table.score,
-            xsec_pb,
-            lumi_pb,
-            in_stream=table.stream_bits[:, k] & ~exclude,
-            event_ids=table.keys(),
-            training_fraction=training_fraction,
-        )
+    for k, region in enumerate(regions):
         masks[:, k] = region.selected
-        whole.append(region.whole_stream)
-    return masks, whole
+    return masks, [region.whole_stream for region in regions]
 
 
 def analyse_spectrum(

@@ -1108,6 +1108,14 @@ def write_report(
         '<h2 id="ae">Autoencoder</h2>',
         _autoencoder_section(run, figures, style),
     ]
+    from agent.reinterp_report import reinterpretation_section
+
+    reinterpretation = reinterpretation_section(run_dir, figures.img, style)
+    if reinterpretation:
+        body[2] = body[2].replace(
+            "</p>", ' | <a href="#reinterpretation">reinterpretation</a></p>', 1
+        )
+        body.append(reinterpretation)
     (folder / "index.html").write_text(_page(f"anomscan report {results['run_id']}", "".join(body)))
     pages = 1
     for index in range(len(run.points)):

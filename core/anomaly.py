@@ -13,12 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 
 from core.errors import InvalidInputError
+
+if TYPE_CHECKING:
+    from core.table import EventTable
 
 XSEC_MIN_PB: Final = 0.001
 """Lowest effective cross-section of the AR sweep, pb."""
@@ -132,6 +135,36 @@ def anomaly_region(
         n_pass_at_cut=n_pass_at_cut,
         selected=selected,
     )
+
+
+def stream_anomaly_regions(
+    table: EventTable,
+    xsec_pb: float,
+    lumi_pb: float,
+    exclude: npt.NDArray[np.bool_],
+    training_fraction: float | None = None,
+) -> list[AnomalyRegion]:
+    """The anomaly region of every stream (in STREAMS order) at `xsec_pb` (pb).
+
+    Events in `exclude` (the autoencoder's training events) never enter. `training_fraction`
+    f of L_search = (1 - f) L defaults to the fraction of `exclude`d rows (a table with rows
+    added, e.g. injected events, passes the run's own f).
+    """
+    if table.score is None:
+        raise InvalidInputError("the event table has no score column; run the scored event pass")
+    if training_fraction is None:
+        training_fraction = float(np.mean(exclude)) if exclude.size else 0.0
+    return [
+        anomaly_region(
+            table.score,
+            xsec_pb,
+            lumi_pb,
+            in_stream=table.stream_bits[:, k] & ~exclude,
+            event_ids=table.keys(),
+            training_fraction=training_fraction,
+        )
+        for k in range(table.stream_bits.shape[1])
+    ]
 
 
 def search_luminosity(lumi_pb: float, training_fraction: float) -> float:

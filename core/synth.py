@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import awkward as ak
 import numpy as np
@@ -29,6 +29,8 @@ from core.errors import InvalidInputError
 from core.files import committed_folder, json_text, write_text
 
 FloatArray = npt.NDArray[np.float64]
+Lineshape = Literal["breit-wigner", "gaussian"]
+LINESHAPES: Final = ("breit-wigner", "gaussian")
 
 PAIR_TYPES: Final = {
     "jj": ("j", "j"),
@@ -61,6 +63,9 @@ class SignalSpec:
 
     Give `n_events`, or `xsec_pb` (converted with the sample's nominal luminosity).
     `extra` adds objects per event, e.g. ``{"photons": 1}``, drawn with pT 50-300 GeV.
+    `lineshape` is the distribution of the true mass: a Breit-Wigner of full width `width`
+    (the default) or a Gaussian of standard deviation `width` (a resonance whose observed
+    width is the detector's or a fixed fraction of its mass, as the injection tests use).
     """
 
     pair: str
@@ -70,6 +75,7 @@ class SignalSpec:
     xsec_pb: float | None = None
     extra: Mapping[str, int] = field(default_factory=dict)
     name: str = ""
+    lineshape: Lineshape = "breit-wigner"
 
     def label(self) -> str:
         """A readable name such as ``X(2000)->jm``."""
@@ -171,6 +177,11 @@ def _check_config(config: SampleConfig) -> None:
         if not (_finite(signal.width) and 0 <= signal.width <= config.sqrt_s):
             problems.append(
                 f"signal width must be a finite number in [0, sqrt(s)] GeV, got {signal.width}"
+            )
+        if signal.lineshape not in LINESHAPES:
+            problems.append(
+                f"signal {signal.label()}: lineshape {signal.lineshape!r} is not one of "
+                f"{list(LINESHAPES)}"
             )
         if signal.xsec_pb is not None and not _finite(signal.xsec_pb):
             problems.append(
@@ -334,15 +345,22 @@ def _boost(
 
 
 def resonance_decays(
-    rng: np.random.Generator, n: int, mass: float, width: float
+    rng: np.random.Generator,
+    n: int,
+    mass: float,
+    width: float,
+    lineshape: Lineshape = "breit-wigner",
 ) -> tuple[FloatArray, tuple[FloatArray, ...], tuple[FloatArray, ...]]:
     """Draw `n` decays X -> 1 2 of massless daughters: (true masses, daughter 1, daughter 2).
 
     Daughters are (pt, eta, phi) in the lab. X has a Breit-Wigner mass truncated at
-    +-5 widths, pT from an exponential of mean 0.1 m, rapidity ~ N(0, 0.8), and decays
-    isotropically in its rest frame.
+    +-5 widths (or, with `lineshape` "gaussian", a Gaussian mass of standard deviation
+    `width`), pT from an exponential of mean 0.1 m, rapidity ~ N(0, 0.8), and decays
+    isotropically in its rest frame. Masses never go below 1 GeV.
     """
-    if width > 0:
+    if width > 0 and lineshape == "gaussian":
+        masses = np.maximum(mass + width * rng.standard_normal(n), 1.0)
+    elif width > 0:
         angle = (rng.random(n) - 0.5) * 2.0 * np.arctan(10.0)
         masses = np.maximum(mass + 0.5 * width * np.tan(angle), 1.0)
     else:
@@ -386,7 +404,7 @@ def _add_signal(
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """Draw the signal events at indices `events`; return true masses, MET pt, MET phi."""
     n = len(events)
-    masses, first, second = resonance_decays(rng, n, signal.mass, signal.width)
+    masses, first, second = resonance_decays(rng, n, signal.mass, signal.width, signal.lineshape)
     for code, (pt, eta, phi) in zip(PAIR_TYPES[signal.pair], (first, second), strict=True):
         mass = np.zeros(n) if code in "jb" else None
         collections[OBJECT_CODES[code]].add(rng, events, pt, code, eta=eta, phi=phi, mass=mass)
@@ -528,6 +546,17 @@ def generate_sample(
     )
 
 
+def _spec_record(signal: SignalSpec) -> dict[str, Any]:
+    """A signal's specification as plain data, without the default lineshape.
+
+    Samples written before the option existed so keep their bytes (and their events' keys).
+    """
+    record = asdict(signal)
+    if signal.lineshape == "breit-wigner":
+        del record["lineshape"]
+    return record
+
+
 def _write_sample(
     output: Path, config: SampleConfig, progress: Callable[[int, int], None] | None
 ) -> SampleInfo:
@@ -542,11 +571,11 @@ def _write_sample(
         "lumi_pb": config.lumi_pb,
         "sqrt_s": config.sqrt_s,
         "n_background": config.n_events,
-        "signals": [asdict(s) | {"label": s.label()} for s in config.signals],
+        "signals": [_spec_record(s) | {"label": s.label()} for s in config.signals],
     }
     truth_signals: list[dict[str, object]] = [
         {
-            "spec": asdict(s),
+            "spec": _spec_record(s),
             "label": s.label(),
             "process": k + 1,
             "n_events": c,

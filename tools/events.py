@@ -162,6 +162,10 @@ class SignalInput(StrictModel):
         Annotated[int, Field(ge=0, le=10)],
     ] = Field(default_factory=dict)
     name: str = Field("", max_length=200)
+    lineshape: Literal["breit-wigner", "gaussian"] = Field(
+        "breit-wigner",
+        description="true-mass distribution: width = BW full width or Gaussian sigma",
+    )
 
 
 class GenerateSampleInput(StrictModel):

@@ -51,6 +51,19 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _run_folder(run: Path, scored: Path, model: Path) -> Path:
+    """The files `signal_acceptance` reads of a finished scan: results, config, scored table."""
+    from core.table import commit_table_parts
+
+    (run / "events").mkdir(parents=True)
+    (run / "events" / "part-000000-x.parquet").write_bytes(scored.read_bytes())
+    commit_table_parts(run / "events", ["part-000000-x.parquet"], {"scored": True})
+    (run / "events" / "pass.json").write_text(json.dumps({"model": str(model), "selection": {}}))
+    (run / "results.json").write_text(json.dumps({"luminosity_pb": 100.0, "points_pb": [1.0]}))
+    (run / "config.json").write_text(json.dumps({"run_dir": str(run)}))
+    return run
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """A valid input for every tool, over a 600-event sample and small histograms."""
@@ -69,6 +82,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
     scored = folder / "scored.parquet"
     scored.write_bytes(table.read_bytes())
     get_tool("score_events").call({"inputs": files, "model": str(model), "table": str(scored)})
+    run = _run_folder(folder / "run", scored, model)
     edges = np.geomspace(100.0, 3000.0, 31)
     centres = np.sqrt(edges[:-1] * edges[1:])
     background = 5e4 * (centres / 100.0) ** -3.0 * np.diff(edges) / 10.0
@@ -122,6 +136,7 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
             "n_pseudo_scans": 50,
             "max_pseudo_scans": 100,
         },
+        "signal_acceptance": {"run_dir": str(run), "inputs": files},
         "_table": {"path": str(table)},
     }
 

@@ -1,0 +1,288 @@
+"""`anomscan acceptance` and `anomscan inject` on a real small scan.
+
+The acceptance of the sample's own injected events, written to a file of their own and run
+through `anomscan acceptance`, equals the fraction of those events that the scan's anomaly
+regions select; injection leaves every file of the run unchanged; both append to the run's
+audit log, which still verifies; bad input exits 2 with one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+
+from agent.cli import main
+from agent.pipeline import stream_regions
+from core.autoencoder import read_model_card, training_selection
+from core.masses import PAIRS, STREAMS, mass_bin_edges
+from core.synth import load_truth, write_nanoaod
+from core.table import read_event_table
+from tests.agent.conftest import LUMI_PB, SIGNAL, Sample, run_cli, scan_arguments
+
+ONE_POINT = (
+    "--xsec-range",
+    "0.3",
+    "3",
+    "--points-per-decade",
+    "1",
+    "--max-points",
+    "1",
+    "--executor",
+    "serial",
+    "--gof-toys",
+    "10",
+)
+"""One AR point, the policy's first of the grid (3 pb: a real cut in T2, the whole stream in
+the smaller streams of the 30k-event sample)."""
+
+SCAN_OUTPUTS = ("events", "points", "spectra", "lee", "results.json", "results.csv", "config.json")
+
+
+def _hashes(run_dir: Path, model: Path) -> dict[str, str]:
+    """SHA-256 of every file the scan wrote (and of its model), lock files aside."""
+    found = {"model": hashlib.sha256(model.read_bytes()).hexdigest()}
+    for name in SCAN_OUTPUTS:
+        path = run_dir / name
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            if file.name.startswith(".anomscan"):
+                continue
+            found[str(file.relative_to(run_dir))] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_dir(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reinterp") / "run"
+    done = run_cli(*scan_arguments(signal_sample, out, *ONE_POINT))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _own_signal_file(sample: Sample, run_dir: Path, folder: Path) -> tuple[Path, set[int]]:
+    """The sample's injected events that the scan could select (not trained on), as a file."""
+    table = read_event_table(run_dir / "events")
+    card = read_model_card(sample.model)
+    training = training_selection(table.keys(), card.fraction, card.seed)
+    truth = load_truth(sample.truth)["truth"][0]  # type: ignore[index]
+    signal = set(truth["events"]) - set(table.event[training].tolist())
+    branches: dict[str, object] = {}
+    for path in sample.files:
+        with uproot.open(path) as file:
+            arrays = file["Events"].arrays()
+        keep = np.isin(ak.to_numpy(arrays["event"]), list(signal))
+        for name in ("Jet", "Muon", "Electron", "Photon"):
+            fields = [f for f in arrays.fields if f.startswith(name + "_")]
+            branches[name] = ak.zip({f.removeprefix(name + "_"): arrays[f][keep] for f in fields})
+        for name in ("run", "luminosityBlock", "event", "genWeight", "MET_pt", "MET_phi"):
+            branches[name] = ak.to_numpy(arrays[name][keep])
+    output = folder / "own_signal.root"
+    write_nanoaod(output, branches, "{}")  # type: ignore[arg-type]
+    return output, signal
+
+
+@pytest.mark.slow
+def test_acceptance_of_the_injected_events_equals_the_scan_ar_fraction(
+    signal_sample: Sample, run_dir: Path, tmp_path: Path
+) -> None:
+    """Same events, same model: acceptance x N equals the events the scan's AR selected."""
+    signal_file, signal_events = _own_signal_file(signal_sample, run_dir, tmp_path)
+    before = _hashes(run_dir, signal_sample.model)
+    done = run_cli("acceptance", str(run_dir), str(signal_file), "--name", "own")
+    assert done.returncode == 0, done.stderr
+    output = json.loads((run_dir / "acceptance" / "own.json").read_text())
+    assert output["n_events"] == len(signal_events) > 40
+
+    results = json.loads((run_dir / "results.json").read_text())
+    (point,) = results["points_pb"]
+    table = read_event_table(run_dir / "events")
+    card = read_model_card(signal_sample.model)
+    exclude = training_selection(table.keys(), card.fraction, card.seed)
+    masks, whole = stream_regions(table, point, LUMI_PB, exclude)
+    is_signal = np.isin(table.event, list(signal_events))
+    edges = mass_bin_edges()
+    selected_any = 0
+    for k, stream in enumerate(STREAMS):
+        row = next(r for r in output["streams"] if r["stream"] == stream)
+        selected = masks[:, k] & is_signal
+        selected_any += int(selected.sum())
+        assert row["whole_stream"] == whole[k]
+        assert row["n_pass"] == int(selected.sum()), stream
+        assert row["acceptance"] == pytest.approx(selected.sum() / len(signal_events))
+        for j, pair in enumerate(PAIRS):
+            values = table.masses[selected, j]
+            in_spectrum = np.isfinite(values) & (values >= edges[0]) & (values <= edges[-1])
+            point_row = output["spectra"][f"{stream}/{pair}"]["points"][0]
+            assert point_row["n_pass"] == int(in_spectrum.sum()), (stream, pair)
+            counts, _ = np.histogram(values[in_spectrum], bins=edges)
+            assert point_row["counts"] == counts.astype(float).tolist()
+    assert selected_any > 10  # the AR keeps a good part of the signal: not a trivial 0 = 0
+    jm = output["spectra"][f"T3/{SIGNAL.pair}"]["points"][0]
+    assert jm["acceptance"] > 0.1
+
+    csv_lines = (run_dir / "acceptance" / "own.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 63
+    assert (run_dir / "acceptance" / "own-map.png").read_bytes()[:4] == b"\x89PNG"
+    assert _hashes(run_dir, signal_sample.model) == before
+    with sqlite3.connect(run_dir / "audit.sqlite") as db:
+        tools = {r[0] for r in db.execute("select tool from tool_calls")}
+        nodes = {r[0] for r in db.execute("select node from steps")}
+        kinds = {r[0] for r in db.execute("select kind from decisions")}
+        paths = {r[0] for r in db.execute("select path from artifacts")}
+    assert "signal_acceptance" in tools and "acceptance" in nodes and "acceptance" in kinds
+    assert {"acceptance/own.json", "acceptance/own.csv"} <= paths
+    assert run_cli("audit", "verify", str(run_dir)).returncode == 0
+
+
+@pytest.mark.slow
+def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
+    signal_sample: Sample, run_dir: Path, tmp_path: Path
+) -> None:
+    before = _hashes(run_dir, signal_sample.model)
+    done = run_cli(
+        "inject",
+        str(run_dir),
+        "--pair",
+        "jg",
+        "--mass",
+        "2000",
+        "--width",
+        "0.05",
+        "--xsec",
+        "0.02,0.06",
+        "--stream",
+        "T2",
+        "--extra",
+        "muons=1",
+        "--seed",
+        "3",
+        "--name",
+        "g2000",
+    )
+    assert done.returncode == 0, done.stderr
+    assert _hashes(run_dir, signal_sample.model) == before
+    output = json.loads((run_dir / "injection" / "g2000.json").read_text())
+    assert output["streams"] == ["T2"]
+    assert output["sigma_gev"] == pytest.approx(111.5, abs=0.1)  # 5 % and resolution
+    low, high = output["strengths"]
+    assert low["xsec_pb"] == 0.02 and high["xsec_pb"] == 0.06
+    fits = {(f["xsec_pb"], f["spectrum"]): f for f in output["fits"]}
+    for spectrum in ("T2/jg",):
+        # the expectation scales with the cross-section (same pool, nearly the same cut)
+        ratio = fits[(0.06, spectrum)]["expected_yield"] / fits[(0.02, spectrum)]["expected_yield"]
+        assert ratio == pytest.approx(3.0, rel=0.05)
+    strong = fits[(0.06, "T2/jg")]
+    assert strong["status"] == "accepted", strong
+    assert strong["expected_yield"] > 30
+    # recovered within 3 fit errors, clearly significant, and the top excess of its spectra
+    assert abs(strong["signal_yield"] - strong["expected_yield"]) < 3 * strong["signal_yield_error"]
+    assert strong["local_z"] > 5.0
+    for method in ("run_function", "fixed_shape"):  # the run's function, the run's background
+        error = strong[f"{method}_yield_error"]
+        assert abs(strong[f"{method}_yield"] - strong["expected_yield"]) < 3 * error, method
+    assert high["top_is_injected_fraction"] == 1.0
+    # the scan's largest excess stays the sample's own X(1500) -> j mu (local Z ~ 13)
+    assert high["largest_other_local_z"] > strong["bump_local_z"]
+    assert high["top_of_scan_is_injected_fraction"] == 0.0
+    rows = [r for r in output["sensitivity"] if r["xsec_pb"] == 0.06 and r["spectrum"] == "T2/jg"]
+    assert rows and rows[0]["z_ae"] is not None and rows[0]["z_whole_stream"] is not None
+    assert rows[0]["dz_percent"] == pytest.approx(
+        (rows[0]["z_ae"] / rows[0]["z_whole_stream"] - 1) * 100
+    )
+    assert (run_dir / "injection" / "g2000-linearity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "expected Z" in done.stdout and "dZ" in done.stdout
+    assert run_cli("audit", "verify", str(run_dir)).returncode == 0
+    with sqlite3.connect(run_dir / "audit.sqlite") as db:
+        kinds = [r[0] for r in db.execute("select kind from decisions where kind = 'injection'")]
+    assert len(kinds) == 2
+
+    # the review report's section shows the recovery, the gain and the linearity plot
+    from agent.reinterp_report import reinterpretation_section
+
+    names: list[str] = []
+
+    def img(figure: object, name: str, alt: str) -> str:
+        names.append(name)
+        return f'<img data-plot="{name}" alt="{alt}">'
+
+    page = reinterpretation_section(run_dir, img, "ATLAS")
+    assert 'id="reinterpretation"' in page and "Sensitivity gain" in page
+    assert "linearity-g2000" in names
+    assert f"{strong['expected_yield']:.3g}" in page
+    assert reinterpretation_section(tmp_path, img, "ATLAS") == ""  # nothing to show
+
+
+def test_bad_input_exits_2_with_one_line(
+    signal_sample: Sample, run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Missing run, no scan, unknown pair, mass outside, bad xsec, bad files, no model."""
+
+    def line(*arguments: str) -> str:
+        status = main(list(arguments))
+        err = capsys.readouterr().err
+        assert status == 2, (arguments, status, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        return err.strip()
+
+    missing = tmp_path / "no-run"
+    text = line("acceptance", str(missing), *signal_sample.files)
+    assert "does not exist" in text and str(missing) in text
+    text = line("inject", str(tmp_path), "--pair", "jm", "--mass", "2000", "--xsec", "0.1")
+    assert "no finished scan" in text
+    run = str(run_dir)
+    text = line("inject", run, "--pair", "jx", "--mass", "2000", "--xsec", "0.1")
+    assert "'jx'" in text and "pairs" in text
+    text = line("inject", run, "--pair", "jm", "--mass", "12000", "--xsec", "0.1")
+    assert "outside" in text and "12000" in text
+    text = line("inject", run, "--pair", "jm", "--mass", "1000", "--xsec", "0.1", "--stream", "T6")
+    assert "T6 (1500-" in text and "--stream" in text
+    text = line("inject", run, "--pair", "jm", "--mass", "2000", "--xsec", "0.1,-1")
+    assert "positive" in text
+    text = line("inject", run, "--pair", "jm", "--mass", "2000", "--xsec", "0", "--toys", "5")
+    assert "positive" in text
+    garbage = tmp_path / "broken.root"
+    garbage.write_bytes(b"not a ROOT file" * 50)
+    text = line("acceptance", run, str(garbage))
+    assert "broken.root" in text
+    text = line("acceptance", run, str(tmp_path / "none.root"))
+    assert "none.root" in text and "does not exist" in text
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("acceptance", "injection"))
+    plan = json.loads((copy / "events" / "pass.json").read_text())
+    plan["model"] = str(tmp_path / "gone.onnx")
+    (copy / "events" / "pass.json").write_text(json.dumps(plan))
+    text = line("acceptance", str(copy), *signal_sample.files)
+    assert "autoencoder" in text and "missing" in text
+    assert run_cli("audit", "verify", run).returncode == 0
+
+
+def test_streams_without_stream_option_are_those_the_signal_reaches() -> None:
+    """5 % of the generated events (paired, with the pair) in a stream make it affected."""
+    from agent.reinterp import InjectionRequest, SignalPool, _reached_streams
+    from core.errors import InvalidInputError
+    from core.table import EventTable
+
+    n = 100
+    bits = np.zeros((n, 7), dtype=bool)
+    bits[:50, STREAMS.index("T2")] = True
+    bits[:4, STREAMS.index("T4")] = True  # 4 % only
+    bits[:, STREAMS.index("T6")] = True
+    masses = np.full((n, 9), np.nan)
+    masses[:, PAIRS.index("jg")] = 2000.0
+    masses[:60, PAIRS.index("jg")] = np.nan  # T2's events lack the pair but ten
+    masses[40:50, PAIRS.index("jg")] = 2000.0
+    ids = np.arange(n, dtype=np.int64)
+    table = EventTable(ids, ids, np.ones(n), bits, masses, np.zeros(n), key=ids)
+    pool = SignalPool(table, np.ones(n, dtype=bool), n)
+    request = InjectionRequest("jg", 2000.0, 0.05, (0.1,))
+    assert _reached_streams(pool, request, list(STREAMS)) == ["T2", "T6"]
+    with pytest.raises(InvalidInputError, match="reaches none"):
+        _reached_streams(pool, request, ["T1", "T4"])
