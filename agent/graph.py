@@ -1222,6 +1222,18 @@ def _summarise(ctx: ScanContext) -> NodeBody:
     return body
 
 
+def _limits(ctx: ScanContext) -> NodeBody:
+    """95 % CL limits on Gaussian signals of every accepted spectrum (agent.limits)."""
+
+    def body(state: ScanState, step_id: str) -> dict[str, Any]:
+        from agent.limits import set_run_limits
+
+        outcome = set_run_limits(ctx, step_id, lumi_pb=float(state["lumi_pb"]))
+        return {"stage": f"{outcome.n_limits} limits", "limits_file": str(outcome.json_path)}
+
+    return body
+
+
 # ---------------------------------------------------------------- the graph
 
 
@@ -1238,6 +1250,8 @@ def build_graph(ctx: ScanContext) -> StateGraph[ScanState]:
         "look_elsewhere": _look_elsewhere(ctx),
         "summarise": _summarise(ctx),
     }
+    if ctx.config.limits:
+        nodes["limits"] = _limits(ctx)
     for name, body in nodes.items():
         graph.add_node(name, _node(ctx, name, body))  # type: ignore[call-overload]
     graph.add_edge(START, "prepare")
@@ -1248,7 +1262,11 @@ def build_graph(ctx: ScanContext) -> StateGraph[ScanState]:
     graph.add_edge("hunt_bumps", "assess")
     graph.add_conditional_edges("assess", _after_assess, ["build_spectra", "look_elsewhere"])
     graph.add_edge("look_elsewhere", "summarise")
-    graph.add_edge("summarise", END)
+    if ctx.config.limits:
+        graph.add_edge("summarise", "limits")
+        graph.add_edge("limits", END)
+    else:
+        graph.add_edge("summarise", END)
     return graph
 
 

@@ -87,6 +87,7 @@ TOOL_MODULES = (
     "tools.bumps",
     "tools.spectrum",
     "tools.autoencoder",
+    "tools.limits",
 )
 """Modules that define tools; a module that does not exist yet is skipped."""
 
