@@ -478,7 +478,10 @@ def _command_limits(arguments: argparse.Namespace) -> int:
     )
     print(
         f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
-        f"{outcome.csv_path}" + (f"; plots in {outcome.plots[0].parent}" if outcome.plots else "")
+        f"{outcome.csv_path}"
+        + (f"; plots in {outcome.plots[0].parent}" if outcome.plots else "")
+        + f"\n{outcome.n_low_count} limits have fewer than 5 background events in their window: "
+        "there the asymptotic limits are optimistic (column window_background)"
     )
     return 0
 

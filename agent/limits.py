@@ -2,7 +2,7 @@
 
 Reads the accepted spectra of every AR point from the run folder (points/point-NNN.json:
 spectra with status "excess"; points/point-NNN.npz: data, the final background and its
-1-sigma fit uncertainty per bin), writes them to RUN/limits/points.npz, calls the
+1-sigma fit uncertainty per bin), writes them to RUN/limits/points-STEP.npz, calls the
 `set_limits` tool through the scan's executor (logged in `tool_calls`, replayable: the
 NPZ is an artifact), and writes RUN/limits.json, RUN/limits.csv and one plot per AR point
 RUN/plots/limits-point-NNN.png, each logged in `artifacts`, with a `limits` decision.
@@ -29,12 +29,13 @@ import numpy as np
 from agent.scan import RESULTS_JSON, ScanConfig, ScanContext, read_config
 from core.errors import InvalidInputError
 from core.files import write_json, write_text
-from core.limits import DEFAULT_WIDTHS
+from core.limits import DEFAULT_WIDTHS, LOW_COUNT_BACKGROUND
 from core.masses import SPECTRUM_NAMES
 
 LIMITS_JSON = "limits.json"
 LIMITS_CSV = "limits.csv"
-LIMITS_INPUT = "limits/points.npz"
+LIMITS_INPUT = "limits/points-{step_id}.npz"
+"""The set_limits input of one step (kept per step, so that replay finds every one)."""
 CSV_COLUMNS = (
     "spectrum",
     "point_pb",
@@ -49,6 +50,7 @@ CSV_COLUMNS = (
     "expected_p2_pb",
     "observed_events",
     "expected_events",
+    "window_background",
 )
 BAND_KEYS = ("-2", "-1", "0", "+1", "+2")
 
@@ -196,6 +198,7 @@ def csv_text(output: dict[str, Any]) -> str:
                     *(repr(curve["expected_pb"][band][k]) for band in BAND_KEYS),
                     repr(curve["observed_events"][k]),
                     repr(curve["expected_events"]["0"][k]),
+                    repr(curve["window_background"][k]),
                 ]
             )
     return stream.getvalue()
@@ -210,6 +213,8 @@ class LimitsOutcome:
     plots: tuple[Path, ...]
     n_limits: int
     n_curves: int
+    n_low_count: int
+    """Limits whose window expects fewer than LOW_COUNT_BACKGROUND events (optimistic)."""
 
 
 def set_run_limits(
@@ -229,7 +234,7 @@ def set_run_limits(
     results = json.loads((run_dir / RESULTS_JSON).read_text())
     lumi = float(results["luminosity_pb"]) if lumi_pb is None else lumi_pb
     search_lumi = search_luminosity(run_dir, ctx.config, lumi)
-    points_path = run_dir / LIMITS_INPUT
+    points_path = run_dir / LIMITS_INPUT.format(step_id=step_id)
     write_points(points_path, spectra)
     ctx.artifact(points_path, "limits input")
     payload = {
@@ -242,6 +247,9 @@ def set_run_limits(
     if result.output is None:
         raise InvalidInputError(f"setting the limits failed: {result.error}")
     output = dict(result.output)
+    n_low = sum(
+        sum(1 for b in c["window_background"] if b < LOW_COUNT_BACKGROUND) for c in output["curves"]
+    )
     document = {
         "run_id": run_dir.resolve().name,
         "luminosity_pb": lumi,
@@ -280,12 +288,13 @@ def set_run_limits(
             f"{len({(s.spectrum, s.point_pb) for s in spectra})} accepted (spectrum, AR point) "
             f"pairs, widths {[round(100 * w, 3) for w in widths]} % of the mass, search "
             f"luminosity {search_lumi:.6g} pb^-1; {len(output['skipped'])} (mass, width) left "
-            "out (window outside the fit range)"
+            f"out (window outside the fit range); {n_low} limits have a window background "
+            f"below {LOW_COUNT_BACKGROUND:g} events, where the asymptotic limits are optimistic"
         ),
         numbers={"search_luminosity_pb": search_lumi, "luminosity_pb": lumi},
     )
     return LimitsOutcome(
-        json_path, csv_path, tuple(plots), output["n_limits"], len(output["curves"])
+        json_path, csv_path, tuple(plots), output["n_limits"], len(output["curves"]), n_low
     )
 
 
@@ -313,6 +322,7 @@ def run_limits(
             f"{run_dir} is not a scan's run folder (no config.json); give the --out of a scan"
         )
     config = read_config(run_dir)
+    accepted_spectra(run_dir, spectrum)  # refuse bad input before the log is opened
     config = config.model_copy(update={"run_dir": str(run_dir.resolve())})
     with run_folder_lock(run_dir, "limits"):
         audit = AuditLog(run_dir / "audit.sqlite")

@@ -271,6 +271,7 @@ def limit_curves_plot(
             ax.plot(masses, curve["observed_pb"], color=colour, linewidth=1.5, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.minorticks_off()  # a log axis over decades: minor ticks cost seconds to lay out
         ax.set_title(spectrum, fontsize=10)
         ax.set_xlabel("signal mass [GeV]", fontsize=9)
         ax.set_ylabel("95 % CL sigma x A x eff [pb]", fontsize=9)
@@ -286,5 +287,5 @@ def limit_curves_plot(
         title_fontsize=7,
     )
     figure.suptitle(f"AR point {point_pb:g} pb: Gaussian-signal limits, CLs", fontsize=11)
-    figure.tight_layout()
+    figure.subplots_adjust(hspace=0.45, wspace=0.3)
     return cast("Figure", figure)

@@ -131,6 +131,9 @@ class LimitCurveOutput(StrictModel):
     masses_gev: list[float]
     sigma_gev: list[float] = Field(description="Gaussian sigma of the signal")
     signal_in_window: list[float] = Field(description="fraction of the signal in the window")
+    window_background: list[float] = Field(
+        description="fitted background in the window, events (asymptotics optimistic below 5)"
+    )
     observed_events: list[float]
     expected_events: dict[str, list[float]] = Field(description="bands -2, -1, 0, +1, +2")
     observed_pb: list[float] = Field(description="sigma x A x eff, pb")
@@ -192,6 +195,7 @@ def run_set_limits(arguments: SetLimitsInput) -> SetLimitsOutput:
                 masses_gev=c.masses.tolist(),
                 sigma_gev=c.sigma.tolist(),
                 signal_in_window=c.signal_in_window.tolist(),
+                window_background=c.window_background.tolist(),
                 observed_events=c.observed_events.tolist(),
                 expected_events=_bands(c.expected_events),
                 observed_pb=c.observed_pb.tolist(),
