@@ -90,7 +90,7 @@ WINDOW_SIGMAS: Final = 2.0
 """The likelihood covers the bins overlapping m +- this many sigma_s."""
 
 DEFAULT_N_MASSES: Final = 30
-ROOT_RTOL: Final = 1e-6
+ROOT_RTOL: Final = 1e-5
 """Relative tolerance of every limit on S."""
 
 LOW_COUNT_BACKGROUND: Final = 5.0
@@ -248,7 +248,14 @@ def _profile_theta(
             f"{_MAX_NEWTON} Newton steps; check the background and its uncertainty"
         )
     lam = base + theta[:, None] * d
-    return theta, _nll(lam, counts, theta, aux)
+    nll = _nll(lam, counts, theta, aux)
+    if not (np.all(np.isfinite(theta)) and np.all(np.isfinite(nll))):
+        raise FitError(
+            "the nuisance fit gave a non-finite likelihood for "
+            f"{int(np.sum(~np.isfinite(nll)))} limit(s); check the background and its "
+            "uncertainty"
+        )
+    return theta, nll
 
 
 def _profile_derivative(
@@ -300,7 +307,10 @@ def _fit_signal(inputs: LimitInputs) -> _Fits:
         root = _increasing_root(derivative, np.zeros(positive.size), scale, positive.size)
         theta, nll = _profile_theta(root, counts, sub, sub_aux)
         s_hat[positive], theta_hat[positive], nll_hat[positive] = root, theta, nll
-    asimov = inputs.background + theta_zero[:, None] * inputs.delta
+    # the Asimov counts are >= 0; where theta^^(0) sits on the bound of an empty bin, that
+    # bin's mean is 0 up to rounding
+    asimov = np.maximum(inputs.background + theta_zero[:, None] * inputs.delta, 0.0)
+    asimov[asimov < 1e-12 * inputs.background] = 0.0
     asimov_nll = _nll(asimov, asimov, theta_zero, theta_zero)
     return _Fits(inputs, aux, s_hat, nll_hat, theta_hat, theta_zero, asimov, asimov_nll)
 
@@ -414,13 +424,15 @@ def _solve_log(
     side = np.zeros(low.size, dtype=np.int8)
     result = 0.5 * (x_low + x_high)
     active = np.ones(low.size, dtype=bool)
-    for _ in range(_MAX_ROOT):
+    for iteration in range(_MAX_ROOT):
         rows = np.flatnonzero(active)
         if rows.size == 0:
             break
         fl, fh = f_low[rows], f_high[rows]
         xl, xh = x_low[rows], x_high[rows]
         x = np.where(fl != fh, xl - fl * (xh - xl) / (fh - fl), 0.5 * (xl + xh))
+        if iteration % 6 == 5:  # a bisection now and then: the bracket shrinks whatever f does
+            x = 0.5 * (xl + xh)
         x = np.clip(x, np.minimum(xl, xh), np.maximum(xl, xh))
         value = function(rows, np.exp(x))
         positive = value > 0
@@ -435,7 +447,7 @@ def _solve_log(
         f_low[repeat_high] *= 0.5
         side[low_rows], side[high_rows] = 1, -1
         result[rows] = x
-        done = (np.abs(x_high[rows] - x_low[rows]) < ROOT_RTOL) | (value == 0)
+        done = (np.abs(x_high[rows] - x_low[rows]) < ROOT_RTOL) | (np.abs(value) < 1e-12)
         active[rows[done]] = False
     if np.any(active):
         raise FitError(f"{int(active.sum())} limit(s) did not converge in {_MAX_ROOT} steps")
@@ -450,8 +462,8 @@ def _bracket(
     """[low, high] with f(low) > 0 > f(high) for decreasing f, from a guess (low >= minimum)."""
     size = guess.size
     rows = np.arange(size)
-    low = np.maximum(0.5 * guess, minimum)
-    high = np.maximum(2.0 * guess, 2.0 * low)
+    low = np.maximum(0.7 * guess, minimum)
+    high = np.maximum(1.4 * guess, 1.4 * low)
     f_low = function(rows, low)
     f_high = function(rows, high)
     for _ in range(_MAX_EXPAND):

@@ -316,3 +316,22 @@ def test_bad_options_are_refused() -> None:
         spectrum_limits([item], 0.0)
     with pytest.raises(InvalidInputError, match="distinct"):
         spectrum_limits([item], 1.0, widths=[0.0, 0.0])
+
+
+def test_empty_window_with_a_band_as_large_as_the_background() -> None:
+    """A far-tail window: no events, background 0.03-0.007 per bin with a 100-200 % band.
+
+    theta^^(0) then sits where an empty bin's mean reaches zero; the Asimov data must stay
+    non-negative there (they were slightly negative once, and every limit came out NaN).
+    The limits are finite, ordered, and the observed one (no events) is the lowest allowed:
+    at or below the median expected.
+    """
+    b = np.geomspace(0.033, 0.007, 12)
+    d = np.linspace(0.030, 0.014, 12)
+    g = np.diff(ndtr(np.linspace(-2.0, 2.0, 13)))
+    limits = cls_upper_limits(LimitInputs.build(np.zeros(12), b, d, g))
+    assert np.all(np.isfinite(limits.expected)) and np.isfinite(limits.observed[0])
+    assert np.all(np.diff(limits.expected[0]) > 0)
+    assert limits.observed[0] <= limits.expected[0, 2] * (1 + 1e-6)
+    # almost no background: S g_total ~ 1.92 events (sqrt(2 S g) = 1.96)
+    assert 1.9 < limits.expected[0, 2] * g.sum() < 2.3
