@@ -1226,8 +1226,15 @@ def _limits(ctx: ScanContext) -> NodeBody:
     """95 % CL limits on Gaussian signals of every accepted spectrum (agent.limits)."""
 
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
-        from agent.limits import set_run_limits
+        from agent.limits import accepted_spectra, set_run_limits
 
+        try:
+            accepted_spectra(ctx.run_dir)
+        except InvalidInputError as error:
+            _record_decision(
+                ctx, step_id, "limits", chosen=None, policy="rules", rationale=str(error)
+            )
+            return {"stage": "no limits: no accepted background"}
         outcome = set_run_limits(ctx, step_id, lumi_pb=float(state["lumi_pb"]))
         return {"stage": f"{outcome.n_limits} limits", "limits_file": str(outcome.json_path)}
 

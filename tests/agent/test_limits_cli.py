@@ -170,3 +170,26 @@ def test_limits_refuses_a_run_without_accepted_backgrounds(
     )
     _one_line_exit_2(_in_process(capsys, "limits", str(tmp_path)), "no accepted background")
     assert not (tmp_path / "audit.sqlite").exists()
+
+
+def test_the_scan_node_records_why_there_are_no_limits(tmp_path: Path) -> None:
+    """`scan --limits` on a run without accepted backgrounds: a decision says so, no file."""
+    from agent.audit import AuditLog
+    from agent.executor import FanOut
+    from agent.graph import _limits
+    from agent.scan import ScanConfig, ScanContext
+
+    (tmp_path / "results.json").write_text(json.dumps({"luminosity_pb": 1000.0}))
+    (tmp_path / "points").mkdir()
+    (tmp_path / "points" / "point-000.json").write_text(
+        json.dumps({"point_pb": 1.0, "arrays": "point-000.npz", "spectra": []})
+    )
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    with FanOut("serial") as fan_out:
+        ctx = ScanContext(ScanConfig(run_dir=str(tmp_path), limits=True), audit, fan_out)
+        update = _limits(ctx)({"lumi_pb": 1000.0}, "0009-limits")  # type: ignore[typeddict-item]
+    rows = [r for r in audit.rows("decisions") if r["kind"] == "limits"]
+    audit.close()
+    assert update["stage"].startswith("no limits")
+    assert len(rows) == 1 and "no accepted background" in rows[0]["rationale"]
+    assert not (tmp_path / "limits.json").exists()
