@@ -241,7 +241,7 @@ def _profile_theta(
         new = np.maximum(new, bound_empty[rows])
         change = np.abs(new - theta[rows])
         theta[rows] = new
-        active[rows] = change > 1e-12 * (1.0 + np.abs(new))
+        active[rows] = change > 1e-10 * (1.0 + np.abs(new))
     if np.any(active):
         raise FitError(
             f"the nuisance fit did not converge for {int(active.sum())} limit(s) after "
@@ -336,7 +336,7 @@ def _increasing_root(
         raise FitError("the best-fit signal yield could not be bracketed; check the inputs")
     for _ in range(_MAX_ROOT):
         width = high - low
-        open_rows = np.flatnonzero(width > 1e-10 * np.maximum(high, 1e-300))
+        open_rows = np.flatnonzero(width > 1e-8 * np.maximum(high, 1e-300))
         if open_rows.size == 0:
             break
         middle = 0.5 * (low[open_rows] + high[open_rows])
