@@ -240,6 +240,7 @@ def _scan_config(arguments: argparse.Namespace) -> Any:
         "events": arguments.events,
         "epochs": arguments.epochs,
         "gof_toys": arguments.gof_toys,
+        **({"limits": True} if getattr(arguments, "limits", False) else {}),
         **_llm_fields(arguments),
     }
     if arguments.xsec_range is not None:
@@ -595,6 +596,41 @@ def add_reinterpretation_commands(commands: Any) -> None:
     inject.set_defaults(handler=_command_inject)
 
 
+def _command_limits(arguments: argparse.Namespace) -> int:
+    """`anomscan limits RUN`: 95 % CL limits on Gaussian signals, RUN/limits.json and .csv."""
+    from agent.limits import parse_widths, run_limits
+
+    run_dir = Path(arguments.run)
+    widths = parse_widths(arguments.widths)
+    outcome = run_limits(
+        run_dir, spectrum=arguments.spectrum, widths=widths, method=arguments.method
+    )
+    print(
+        f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
+        f"{outcome.csv_path}"
+        + (f"; plots in {outcome.plots[0].parent}" if outcome.plots else "")
+        + f"\n{outcome.n_low_count} limits have fewer than 5 background events in their window: "
+        "there the asymptotic limits are optimistic (column window_background)"
+    )
+    return 0
+
+
+def _add_limits_parser(commands: Any) -> None:
+    """The `limits` subcommand."""
+    limits = commands.add_parser(
+        "limits", help="95 % CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)"
+    )
+    limits.add_argument("run", help="run folder")
+    limits.add_argument("--spectrum", help="only this spectrum, e.g. T2/jm")
+    limits.add_argument(
+        "--widths", default="0,5,10,15", help="signal widths, percent of the mass (0: resolution)"
+    )
+    limits.add_argument(
+        "--method", choices=["asymptotic", "pyhf"], default="asymptotic", help="pyhf: reference"
+    )
+    limits.set_defaults(handler=_command_limits)
+
+
 def _command_mcp(arguments: argparse.Namespace) -> int:
     from agent.mcp_server import serve_stdio
 
@@ -654,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
     scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
     scan.add_argument("--quiet", action="store_true", help="no progress display")
+    scan.add_argument("--limits", action="store_true", help="set 95 %% CL limits as the last step")
     scan.add_argument("--policy", choices=["rules", "llm"], default="rules")
     scan.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (ANOMSCAN_LLM_BASE_URL)")
     scan.add_argument("--llm-model", help="chat model (ANOMSCAN_LLM_MODEL)")
@@ -721,6 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_command_demo)
 
     add_reinterpretation_commands(commands)
+    _add_limits_parser(commands)
 
     mcp = commands.add_parser("mcp", help="serve the tools over the Model Context Protocol (stdio)")
     mcp.add_argument("--root", type=Path, help="confine every path in a tool input to this folder")

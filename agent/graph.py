@@ -1225,6 +1225,25 @@ def _summarise(ctx: ScanContext) -> NodeBody:
     return body
 
 
+def _limits(ctx: ScanContext) -> NodeBody:
+    """95 % CL limits on Gaussian signals of every accepted spectrum (agent.limits)."""
+
+    def body(state: ScanState, step_id: str) -> dict[str, Any]:
+        from agent.limits import accepted_spectra, set_run_limits
+
+        try:
+            accepted_spectra(ctx.run_dir)
+        except InvalidInputError as error:
+            _record_decision(
+                ctx, step_id, "limits", chosen=None, policy="rules", rationale=str(error)
+            )
+            return {"stage": "no limits: no accepted background"}
+        outcome = set_run_limits(ctx, step_id, lumi_pb=float(state["lumi_pb"]))
+        return {"stage": f"{outcome.n_limits} limits", "limits_file": str(outcome.json_path)}
+
+    return body
+
+
 # ---------------------------------------------------------------- the graph
 
 
@@ -1241,6 +1260,8 @@ def build_graph(ctx: ScanContext) -> StateGraph[ScanState]:
         "look_elsewhere": _look_elsewhere(ctx),
         "summarise": _summarise(ctx),
     }
+    if ctx.config.limits:
+        nodes["limits"] = _limits(ctx)
     for name, body in nodes.items():
         graph.add_node(name, _node(ctx, name, body))  # type: ignore[call-overload]
     graph.add_edge(START, "prepare")
@@ -1251,7 +1272,11 @@ def build_graph(ctx: ScanContext) -> StateGraph[ScanState]:
     graph.add_edge("hunt_bumps", "assess")
     graph.add_conditional_edges("assess", _after_assess, ["build_spectra", "look_elsewhere"])
     graph.add_edge("look_elsewhere", "summarise")
-    graph.add_edge("summarise", END)
+    if ctx.config.limits:
+        graph.add_edge("summarise", "limits")
+        graph.add_edge("limits", END)
+    else:
+        graph.add_edge("summarise", END)
     return graph
 
 

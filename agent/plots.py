@@ -236,3 +236,56 @@ def spectrum_plot(
         bottom.set_xlim(low, high)
         bottom.set_xscale("log")
     return cast("Figure", figure)
+
+
+def limit_curves_plot(
+    curves: Sequence[Mapping[str, Any]], point_pb: float, style: PlotStyle
+) -> Figure:
+    """95 % CL limits (pb) against mass at one AR point: one panel per spectrum.
+
+    Each panel overlays the widths: the observed limit (solid), the expected median
+    (dashed) and its +-1 sigma and +-2 sigma bands (shaded, darker for +-1 sigma), one
+    colour per width. `curves` are `set_limits` output curves of this point.
+    """
+    if not curves:
+        raise InvalidInputError(f"no limit curve to draw at the AR point {point_pb:g} pb")
+    plt = _pyplot(style)
+    spectra = sorted({str(c["spectrum"]) for c in curves})
+    widths = sorted({float(c["width"]) for c in curves})
+    columns = min(4, len(spectra))
+    rows = (len(spectra) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+    colours = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive"]
+    for ax, spectrum in zip(axes.flat, spectra, strict=False):
+        for curve in curves:
+            if curve["spectrum"] != spectrum:
+                continue
+            colour = colours[widths.index(float(curve["width"])) % len(colours)]
+            masses = np.asarray(curve["masses_gev"], dtype=float)
+            band = {k: np.asarray(v, dtype=float) for k, v in curve["expected_pb"].items()}
+            width = float(curve["width"])
+            label = "resolution" if width == 0 else f"{100 * width:g} %"
+            ax.fill_between(masses, band["-2"], band["+2"], color=colour, alpha=0.12, linewidth=0)
+            ax.fill_between(masses, band["-1"], band["+1"], color=colour, alpha=0.25, linewidth=0)
+            ax.plot(masses, band["0"], color=colour, linestyle="--", linewidth=1)
+            ax.plot(masses, curve["observed_pb"], color=colour, linewidth=1.5, label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.minorticks_off()  # a log axis over decades: minor ticks cost seconds to lay out
+        ax.set_title(spectrum, fontsize=10)
+        ax.set_xlabel("signal mass [GeV]", fontsize=9)
+        ax.set_ylabel("95 % CL sigma x A x eff [pb]", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(spectra) :]:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[0].legend(
+        handles,
+        labels,
+        fontsize=8,
+        title="width (solid: observed, dashed: expected)",
+        title_fontsize=7,
+    )
+    figure.suptitle(f"AR point {point_pb:g} pb: Gaussian-signal limits, CLs", fontsize=11)
+    figure.subplots_adjust(hspace=0.45, wspace=0.3)
+    return cast("Figure", figure)

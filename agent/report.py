@@ -1033,6 +1033,40 @@ def _tool_calls_page(run: RunRecord) -> str:
     return _page("tool calls", "".join(parts))
 
 
+def _limits_section(
+    run_dir: Path, folder: Path, figures: _Figures, style: plots.PlotStyle
+) -> list[str]:
+    """The limits of RUN/limits.json (`anomscan limits`), one figure per AR point; none: nothing."""
+    import os
+
+    path = run_dir / "limits.json"
+    if not path.is_file():
+        return []
+    limits = _json(path.read_text())
+    points = sorted({float(c["point_pb"]) for c in limits["curves"]})
+    link = os.path.relpath(path, folder)
+    csv_link = os.path.relpath(run_dir / "limits.csv", folder)
+    parts = [
+        '<h2 id="limits">95 % CL limits on Gaussian signals</h2>',
+        f'<p class="note">{limits["n_limits"]} limits ({_e(limits["method"])} CLs, '
+        f"{_e(limits['test_statistic'])}; background uncertainty: {_e(limits['nuisance'])}), "
+        f"search luminosity {limits['search_luminosity_pb']:.6g} pb^-1; solid: observed, "
+        "dashed: expected median, shaded: +-1 and +-2 sigma. Numbers: "
+        f'<a href="{_e(link)}">limits.json</a>, <a href="{_e(csv_link)}">limits.csv</a>.</p>',
+    ]
+    for k, point in enumerate(points):
+        curves = [c for c in limits["curves"] if math.isclose(float(c["point_pb"]), point)]
+        parts.append(f"<h3>AR point {point:g} pb</h3>")
+        parts.append(
+            figures.img(
+                plots.limit_curves_plot(curves, point, style),
+                f"limits-{k:03d}",
+                f"95 % CL limits at the AR point {point:g} pb",
+            )
+        )
+    return parts
+
+
 @dataclass(frozen=True)
 class ReportOutcome:
     """Where the report went and what it holds."""
@@ -1099,6 +1133,7 @@ def write_report(
         _excess_table(run),
         '<h2 id="lee">Scan-wide look-elsewhere</h2>',
         _lee_section(run),
+        *_limits_section(run_dir, folder, figures, style),
         '<h2 id="timeline-section">Decision timeline</h2>',
         _timeline(run),
         "<h3>LLM messages</h3>",

@@ -55,6 +55,7 @@ REPLAYABLE_TOOLS = frozenset(
         "analyse_spectrum",
         "scan_significance",
         "robustness_checks",
+        "set_limits",
     }
 )
 """Pure tools: their output is a function of their logged input (and the files it names,
@@ -94,6 +95,7 @@ class ScanConfig(BaseModel):
     gof_toys: int = Field(100, ge=10, description="toys of the goodness-of-fit check")
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
+    limits: bool = Field(False, description="set 95 % CL limits as the last node")
 
     def grid_size(self) -> int:
         """Points of the initial log-uniform grid."""

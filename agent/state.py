@@ -49,3 +49,5 @@ class ScanState(TypedDict, total=False):
     stop_reason: str
     lee: dict[str, Any] | None
     results_file: str
+    limits_file: str
+    """RUN/limits.json when the scan ran with --limits."""

@@ -88,6 +88,7 @@ TOOL_MODULES = (
     "tools.spectrum",
     "tools.autoencoder",
     "tools.reinterp",
+    "tools.limits",
 )
 """Modules that define tools; a module that does not exist yet is skipped."""
 

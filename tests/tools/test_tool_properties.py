@@ -137,6 +137,21 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]
             "max_pseudo_scans": 100,
         },
         "signal_acceptance": {"run_dir": str(run), "inputs": files},
+        "set_limits": {
+            "lumi_pb": 100.0,
+            "spectra": [
+                {
+                    "spectrum": "T2/jm",
+                    "point_pb": 1.0,
+                    "edges": edges.tolist(),
+                    "counts": counts.tolist(),
+                    "background": background.tolist(),
+                    "background_error": (0.05 * background).tolist(),
+                }
+            ],
+            "widths": [0.0, 0.1],
+            "n_masses": 4,
+        },
         "_table": {"path": str(table)},
     }
 
@@ -180,7 +195,7 @@ def _contained(value: Any) -> Any:
 
 
 _PATH_FIELDS = {"inputs", "output", "output_dir", "table", "model", "mapping", "features"}
-_PATH_FIELDS |= {"compare_with", "path"}
+_PATH_FIELDS |= {"compare_with", "path", "points_path"}
 
 
 _KNOWN_BUGS: dict[str, str] = {}
