@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.agent.conftest import SIGNAL, Sample, run_cli, scan_arguments
+from tests.agent.conftest import GAIN_SIGNAL, Sample, run_cli, scan_arguments
 
 RANGE = ("--xsec-range", "0.1", "10", "--points-per-decade", "1", "--max-points", "4")
 
@@ -35,15 +35,15 @@ def _whole_stream_local_z(run_dir: Path, results: dict[str, Any], spectrum: str)
 
 
 @pytest.fixture(scope="module")
-def signal_run(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scan of the injected-resonance sample, with its truth file out of the scan's reach."""
+def signal_run(gain_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scan of the X(500) -> jm sample, with its truth file out of the scan's reach."""
     out = tmp_path_factory.mktemp("signal-run") / "run"
-    hidden = signal_sample.truth.with_suffix(".hidden")
-    signal_sample.truth.rename(hidden)
+    hidden = gain_sample.truth.with_suffix(".hidden")
+    gain_sample.truth.rename(hidden)
     try:
-        done = run_cli(*scan_arguments(signal_sample, out, *RANGE, "--executor", "serial"))
+        done = run_cli(*scan_arguments(gain_sample, out, *RANGE, "--executor", "serial"))
     finally:
-        hidden.rename(signal_sample.truth)
+        hidden.rename(gain_sample.truth)
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout and "audit.sqlite" in done.stdout
     return out
@@ -70,9 +70,9 @@ def test_scan_finds_the_injected_resonance_without_reading_the_truth(signal_run:
     assert local_z == sorted(local_z, reverse=True)
 
     top = results["excesses"][0]
-    assert top["spectrum"].endswith("/" + SIGNAL.pair)
+    assert top["spectrum"].endswith("/" + GAIN_SIGNAL.pair)
     low, high = top["window_gev"]
-    assert abs((low + high) / 2 - SIGNAL.mass) <= 1.5 * (high - low), top
+    assert abs((low + high) / 2 - GAIN_SIGNAL.mass) <= 1.5 * (high - low), top
     assert top["checks_passed"] is True
     assert top["scan_global_z"] is not None and top["scan_global_z"] > 3.0
 
@@ -105,17 +105,19 @@ def test_scan_finds_the_injected_resonance_without_reading_the_truth(signal_run:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="not shown at test size: the anomaly region loses signal events faster than "
-    "background near 1.5 TeV (T3/jm 13.6 at the whole stream, 13.6 at 1 pb, 11.5 at 0.32 pb; "
-    "an X -> jj variant 12.7 vs 10.1, also with a 10x larger training set)",
-)
 def test_local_z_at_the_best_ar_point_is_above_the_whole_stream(signal_run: Path) -> None:
+    """The AE gain (PHYSICS.md 6): the injected excess is stronger in an anomaly region than
+    in the whole stream, by at least 1 sigma of local Z.
+
+    Measured (seed 3, 100k events): T3/jm 492-512 GeV, 23 events on 3.6 at 1 pb (local Z
+    6.8) against 26 on 8.0 in the whole stream (5.0); T2/jm 5.4 against 2.7. With the
+    scores negated (the AR keeps the most typical events) the top excess is the
+    whole-stream T3/jm itself and this test fails.
+    """
     results = json.loads((signal_run / "results.json").read_text())
     top = results["excesses"][0]
     whole = _whole_stream_local_z(signal_run, results, top["spectrum"])
-    assert top["local_z"] > whole, (top["local_z"], whole)
+    assert top["local_z"] > whole + 1.0, (top, whole)
 
 
 @pytest.mark.slow
