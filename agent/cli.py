@@ -164,6 +164,7 @@ SCAN_INPUT_ERRORS = (
     "AuditError",
     "InputFileError",
     "SchemaError",
+    "StorageError",
 )
 """Anticipated faults of a scan's inputs or run folder: one line, exit status 2."""
 
@@ -174,6 +175,14 @@ def _scan_error(error: AnomscanError) -> int:
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"anomscan scan: {first}", file=sys.stderr)
     return EXIT_INVALID_INPUT if anticipated else EXIT_FAILURE
+
+
+def _point_text(excess: dict[str, Any]) -> str:
+    """The AR point of an excess row: a range for a repeated whole-stream row."""
+    repeats = excess.get("repeated_at_pb") or []
+    if not repeats:
+        return f"{excess['xsec_pb']:g}"
+    return f"{min(repeats):g}-{excess['xsec_pb']:g} whole"
 
 
 def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
@@ -188,7 +197,7 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
         low, high = excess["window_gev"]
         table.add_row(
             excess["spectrum"],
-            f"{excess['xsec_pb']:g}",
+            _point_text(excess),
             str(excess["function"])[:24],
             f"{low:.0f}-{high:.0f}",
             f"{excess['data']:.0f}",

@@ -956,12 +956,23 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
 # ---------------------------------------------------------------- assess and refine
 
 
+def _running_minutes(ctx: ScanContext) -> float:
+    """Minutes the scan's processes have spent in graph nodes: the sum of the `steps` rows.
+
+    Not the wall time since the start: a scan stopped (killed, or failed on a full disk)
+    and resumed later does not count the time it was stopped against --budget-minutes. The
+    part of a killed node that ran before the kill is not counted either.
+    """
+    rows = ctx.audit.db.query("select coalesce(sum(seconds), 0) as total from steps")
+    return float(next(iter(rows))["total"]) / 60.0
+
+
 def _assess(ctx: ScanContext) -> NodeBody:
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
         config = ctx.config
         pending = list(state["pending_pb"])
         scanned = [p["point_pb"] for p in state["points"]]
-        elapsed_min = (time.time() - float(state["started_at"])) / 60.0
+        elapsed_min = _running_minutes(ctx)
         if config.budget_minutes is not None and elapsed_min > config.budget_minutes:
             _record_decision(
                 ctx,
@@ -1086,7 +1097,7 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
                 (
                     "scan",
                     {
-                        "points_path": str(path),
+                        "points_path": str(path.relative_to(ctx.run_dir)),
                         "seed": ctx.config.seed,
                         "n_pseudo_scans": ctx.config.n_pseudo_scans,
                         "max_pseudo_scans": ctx.config.max_pseudo_scans,
@@ -1139,6 +1150,44 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
     return body
 
 
+def _same_excess(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (
+        a["window_gev"] == b["window_gev"]
+        and a["data"] == b["data"]
+        and a["function"] == b["function"]
+        and math.isclose(a["background"], b["background"], rel_tol=1e-9)
+    )
+
+
+def _merge_whole_stream_repeats(excesses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per repeated whole-stream result, as the scan-wide test counts it.
+
+    At every AR point whose region is a spectrum's whole stream the spectrum holds the
+    same events, so the fit and the bump are the same: the loosest such point is listed
+    and the tighter ones that repeat it go to its `repeated_at_pb` (every point stays in
+    `points_pb`). The loosest is the one core.lookelsewhere keeps, so `scan_global_z`
+    sits on the listed row.
+    """
+    kept: list[dict[str, Any]] = []
+    for excess in sorted(excesses, key=lambda e: (e["spectrum"], -e["xsec_pb"])):
+        twin = next(
+            (
+                k
+                for k in kept
+                if excess["whole_stream"]
+                and k["whole_stream"]
+                and k["spectrum"] == excess["spectrum"]
+                and _same_excess(k, excess)
+            ),
+            None,
+        )
+        if twin is None:
+            kept.append(excess)
+        else:
+            twin["repeated_at_pb"].append(excess["xsec_pb"])
+    return kept
+
+
 def collect_results(state: ScanState) -> dict[str, Any]:
     """results.json from the state and the per-point files (never from truth.json)."""
     lee = state.get("lee")
@@ -1177,8 +1226,13 @@ def collect_results(state: ScanState) -> dict[str, Any]:
                     "checks_passed": True,
                     "fit_p_value": spectrum["fit_p_value"],
                     "masked_window_gev": spectrum["masked_window_gev"],
+                    "whole_stream": bool(
+                        record["outcomes"].get(spectrum["spectrum"], {}).get("whole_stream")
+                    ),
+                    "repeated_at_pb": [],
                 }
             )
+    excesses = _merge_whole_stream_repeats(excesses)
     excesses.sort(key=lambda e: (-e["local_z"], e["spectrum"], -e["xsec_pb"]))
     return {
         "run_id": state["run_id"],

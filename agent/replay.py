@@ -4,6 +4,11 @@ Pure tools (agent/scan.py REPLAYABLE_TOOLS) are re-executed; their output's SHA-
 equal the logged one. Files a call reads by path (the look-elsewhere NPZs) are checked
 against their `artifacts` hash first. Tools that write files (sample generation, training)
 are listed as not replayed, with the reason.
+
+A run folder may be moved or copied: a path in a logged input that is relative is read
+from the run folder (the scan logs run-folder files so), and an absolute one that lay
+inside the folder where the scan ran (config.json's `run_dir`, runs before the relative
+paths) is read from the same place in the folder given.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_file, sha256_text
-from agent.scan import REPLAYABLE_TOOLS, run_tool
+from agent.scan import REPLAYABLE_TOOLS, relocate_paths, run_tool
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,15 @@ def _paths(value: Any) -> list[str]:
     if isinstance(value, list):
         return [path for item in value for path in _paths(item)]
     return []
+
+
+def _original_run_dir(run_dir: Path) -> Path | None:
+    """Where the scan ran (config.json's run_dir), or None without a config."""
+    config = run_dir / "config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("run_dir")
+    return None if value is None else Path(str(value))
 
 
 def _first_difference(logged: Any, now: Any, where: str = "") -> str:
@@ -69,6 +83,7 @@ def replay(run_dir: Path, *, tools: set[str] | None = None) -> ReplayReport:
     not_replayed: dict[str, int] = {}
     n_replayed = 0
     checked: dict[str, bool] = {}
+    original = _original_run_dir(run_dir)
     for call in calls:
         name = str(call["tool"])
         if not call["replayable"] or name not in REPLAYABLE_TOOLS:
@@ -76,7 +91,7 @@ def replay(run_dir: Path, *, tools: set[str] | None = None) -> ReplayReport:
             continue
         if tools is not None and name not in tools:
             continue
-        payload = json.loads(call["input"])
+        payload = relocate_paths(json.loads(call["input"]), run_dir, original)
         where = f"tool_calls seq {call['seq']} ({call['key']})"
         stale = []
         for path in _paths(payload):

@@ -258,7 +258,8 @@ def spectrum_story(run: RunRecord, spectrum: str, index: int) -> dict[str, Any]:
         (
             e
             for e in run.results["excesses"]
-            if e["spectrum"] == spectrum and _same(e["xsec_pb"], point_pb)
+            if e["spectrum"] == spectrum
+            and any(_same(p, point_pb) for p in [e["xsec_pb"], *e.get("repeated_at_pb", [])])
         ),
         None,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import glob
 import hashlib
 import json
@@ -38,7 +39,7 @@ from agent.audit import (
 )
 from agent.executor import Executor, FanOut
 from agent.policy import Policy, RulesPolicy
-from core.errors import AnomscanError, InvalidInputError
+from core.errors import AnomscanError, InvalidInputError, StorageError
 from tools.registry import get_tool
 
 CONFIG_FILE = "config.json"
@@ -247,6 +248,32 @@ def run_tool(call: tuple[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def locate_path(path: str, run_dir: Path, original: Path | None) -> Path:
+    """The file a logged input path names, in the run folder as it is now."""
+    named = Path(path)
+    if not named.is_absolute():
+        return run_dir / named
+    if original is not None and named.is_relative_to(original):
+        return run_dir / named.relative_to(original)
+    return named
+
+
+def relocate_paths(value: Any, run_dir: Path, original: Path | None) -> Any:
+    """`value` with every path field pointing at its file in the run folder as it is now."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                str(locate_path(item, run_dir, original))
+                if (key == "path" or key.endswith("_path")) and isinstance(item, str)
+                else relocate_paths(item, run_dir, original)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [relocate_paths(item, run_dir, original) for item in value]
+    return value
+
+
 @dataclass(frozen=True)
 class ToolResult:
     """The outcome of one logged tool call."""
@@ -331,8 +358,14 @@ class ScanContext:
     def call_tools(
         self, step_id: str, tool: str, calls: Sequence[tuple[str, dict[str, Any]]]
     ) -> list[ToolResult]:
-        """Run `tool` on every (label, input) through the executor and log each call."""
-        outputs = self.fan_out.map(run_tool, [(tool, payload) for _, payload in calls])
+        """Run `tool` on every (label, input) through the executor and log each call.
+
+        A relative path field of an input names a file of the run folder: it is logged as
+        given (so a moved folder replays) and resolved against the run folder to run.
+        """
+        outputs = self.fan_out.map(
+            run_tool, [(tool, relocate_paths(payload, self.run_dir, None)) for _, payload in calls]
+        )
         results = []
         for (label, payload), outcome in zip(calls, outputs, strict=True):
             self.log_tool_call(step_id, label, tool, payload, outcome)
@@ -420,7 +453,11 @@ RESULT_COLUMNS = (
     "scan_global_z",
     "function",
     "checks_passed",
+    "whole_stream",
+    "repeated_at_pb",
 )
+"""results.csv columns; `repeated_at_pb` holds the tighter whole-stream points a row stands
+for, separated by spaces."""
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
@@ -432,6 +469,7 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
     for excess in results["excesses"]:
         row = {key: excess.get(key) for key in RESULT_COLUMNS}
         row["window_lo_gev"], row["window_hi_gev"] = excess["window_gev"]
+        row["repeated_at_pb"] = " ".join(f"{p:g}" for p in excess.get("repeated_at_pb") or [])
         rows.append(row)
     temporary = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.partial")
     with temporary.open("w", newline="") as stream:
@@ -465,6 +503,42 @@ def _log_failure(audit: AuditLog, run_id: str, attempt: int, error: AnomscanErro
             model_sha256=None,
             seed=None,
         )
+
+
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+)
+"""OSError numbers of a full disk, a file size limit, a read-only or unwritable folder."""
+_SQLITE_STORAGE_MESSAGES = (
+    "disk is full",
+    "disk i/o error",
+    "readonly database",
+    "unable to open database file",
+)
+
+
+def storage_fault(error: BaseException, run_dir: Path) -> StorageError | None:
+    """A StorageError for a write that failed for lack of space or permission, else None.
+
+    Covers the run folder's plain files (OSError) and its SQLite files (the checkpointer's
+    sqlite3 errors), so a full disk or a read-only folder ends in one line that says how to
+    continue, wherever in the graph the write happened.
+    """
+    import sqlite3
+
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        where = error.filename or run_dir
+        what = error.strerror or str(error)
+    elif isinstance(error, sqlite3.Error) and any(
+        text in str(error).lower() for text in _SQLITE_STORAGE_MESSAGES
+    ):
+        where, what = run_dir, f"SQLite: {error}"
+    else:
+        return None
+    return StorageError(
+        f"cannot write in the run folder ({where}: {what}); free disk space or make "
+        f"{run_dir} writable, then continue with `anomscan scan --resume {run_dir}`"
+    )
 
 
 class _ProgressLine:
@@ -513,7 +587,24 @@ def make_policy(config: ScanConfig) -> Policy:
 def run_scan(
     config: ScanConfig, *, resume: bool = False, show_progress: bool = True
 ) -> ScanOutcome:
-    """Run (or resume) the scan of `config` in its run folder and return its results."""
+    """Run (or resume) the scan of `config` in its run folder and return its results.
+
+    A full disk or an unwritable run folder raises StorageError (one line, exit 2); what
+    was written stays consistent (audit rows go in per-step transactions, checkpoints per
+    superstep), so `--resume` continues once the cause is fixed.
+    """
+    import sqlite3
+
+    try:
+        return _run_scan(config, resume=resume, show_progress=show_progress)
+    except (OSError, sqlite3.Error) as error:
+        fault = storage_fault(error, Path(config.run_dir))
+        if fault is None:
+            raise
+        raise fault from error
+
+
+def _run_scan(config: ScanConfig, *, resume: bool, show_progress: bool) -> ScanOutcome:
     import sqlite3
 
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -585,6 +676,12 @@ def run_scan(
             except AnomscanError as error:
                 _log_failure(audit, run_id, len(previous), error)
                 raise
+            except (OSError, sqlite3.Error) as error:
+                fault = storage_fault(error, run_dir)
+                if fault is None:
+                    raise
+                _log_failure(audit, run_id, len(previous), fault)
+                raise fault from error
         audit.add(
             "runs",
             f"run:finish:{len(previous)}",

@@ -42,12 +42,13 @@ from tools.registry import get_tool
 XSEC_POINTS_PB = (0.1, 0.32, 1.0, 3.2, 10.0, 100.0)
 
 
-def _signal(text: str) -> tuple[SignalSpec, str]:
-    """pair:mass:width:n[:kind=count,...]@stream, e.g. jm:500:10:60:photons=1,electrons=1@T2."""
-    spec, _, stream = text.partition("@")
+def _signal(text: str) -> tuple[SignalSpec, tuple[str, ...]]:
+    """pair:mass:width:n[:kind=count,...]@stream[,stream], e.g. jm:500:10:60:photons=1@T2,T3."""
+    spec, _, streams = text.partition("@")
     pair, mass, width, n, *rest = spec.split(":")
     extra = {k: int(v) for k, v in (item.split("=") for item in rest[0].split(","))} if rest else {}
-    return SignalSpec(pair, float(mass), float(width), n_events=int(n), extra=extra), stream
+    signal = SignalSpec(pair, float(mass), float(width), n_events=int(n), extra=extra)
+    return signal, tuple(streams.split(","))
 
 
 def _asimov_z(s: int, b: int) -> float:
@@ -132,7 +133,11 @@ def main() -> None:
         score = trained.score(features)
         floored = int((trained.feature_scale <= floor * 1.0001).sum())
         print(f"floor {floor:g} fraction {fraction:g} epochs {int(epochs)}: {floored} floored")
-        for k, (signal, stream) in enumerate(signals, start=1):
+        for k, signal, stream in (
+            (k, signal, stream)
+            for k, (signal, streams) in enumerate(signals, start=1)
+            for stream in streams
+        ):
             in_stream = bits[:, STREAMS.index(stream)] & ~picked
             mass = masses[:, MASS_COLUMNS.index(f"m_{signal.pair}")]
             window = (mass > 0.96 * signal.mass) & (mass < 1.04 * signal.mass)

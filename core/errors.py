@@ -42,5 +42,9 @@ class OutputError(AnomscanError):
     """An output can not be written where asked, or a folder is not anomscan's to replace."""
 
 
+class StorageError(OutputError):
+    """The disk is full, a file size limit is reached, or a folder is read-only."""
+
+
 class FolderInUseError(OutputError):
     """Another live process holds the lock of a run folder or event-table folder."""

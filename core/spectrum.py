@@ -241,7 +241,12 @@ def _masked_choice(
     background = np.zeros_like(counts)
     background[first:stop] = fit.expected
     low, high, _ = masked_window(
-        edges, counts, background, first + probe.first_bin, first + probe.stop_bin
+        edges,
+        counts,
+        background,
+        first + probe.first_bin,
+        first + probe.stop_bin,
+        within=(first, stop),
     )
     window = (float(edges[low]), float(edges[high]))
     notes.append(

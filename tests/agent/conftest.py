@@ -20,6 +20,17 @@ SIGNAL = SignalSpec("jm", 1500.0, 30.0, n_events=60, extra={"photons": 1, "elect
 """X(1500) -> jet muon with an extra photon and electron, so the autoencoder flags it."""
 N_BACKGROUND = 30_000
 LUMI_PB = 1000.0
+GAIN_SIGNAL = SignalSpec("jm", 500.0, 10.0, n_events=25, extra={"photons": 1, "electrons": 1})
+"""X(500) -> jet muon with an extra photon and electron, 25 events on 100k background.
+
+The sample on which the scan must show the autoencoder's gain (issue 13): the peak sits on
+real background (T3/jm whole stream, 492-512 GeV: 26 events on 8.0 expected, local Z 5.0)
+and a muon with an electron is a combination no background process makes, so the AR keeps
+the signal and drops the background (1 pb: 23 on 3.6, local Z 6.8). The X(1500) signal
+sits where the window holds almost no background, so there no AR can raise the local Z
+(bench/results/ae_enrichment.md). 25 events is the top of the validation set's 10-25.
+"""
+N_GAIN_BACKGROUND = 100_000
 
 
 @dataclass(frozen=True)
@@ -52,10 +63,16 @@ def results_of(run_dir: Path) -> dict[str, object]:
     return results
 
 
-def _sample(folder: Path, signals: tuple[SignalSpec, ...], seed: int, model: Path | None) -> Sample:
+def _sample(
+    folder: Path,
+    signals: tuple[SignalSpec, ...],
+    seed: int,
+    model: Path | None,
+    n_background: int = N_BACKGROUND,
+) -> Sample:
     info = generate_sample(
         folder / "data",
-        SampleConfig(n_events=N_BACKGROUND, seed=seed, signals=signals, lumi_pb=LUMI_PB),
+        SampleConfig(n_events=n_background, seed=seed, signals=signals, lumi_pb=LUMI_PB),
     )
     files = tuple(str(p) for p in info.files)
     if model is None:
@@ -71,6 +88,12 @@ def _sample(folder: Path, signals: tuple[SignalSpec, ...], seed: int, model: Pat
 def signal_sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
     """30k background events plus 60 X(1500) -> j mu events, and an autoencoder trained on 1 %."""
     return _sample(tmp_path_factory.mktemp("signal"), (SIGNAL,), 3, None)
+
+
+@pytest.fixture(scope="session")
+def gain_sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    """100k background events plus 25 X(500) -> j mu (+ photon, electron), its own model."""
+    return _sample(tmp_path_factory.mktemp("gain"), (GAIN_SIGNAL,), 3, None, N_GAIN_BACKGROUND)
 
 
 @pytest.fixture(scope="session")

@@ -36,3 +36,82 @@ def test_graph_nodes_edges_and_recursion_limit(tmp_path: Path) -> None:
     assert config.point_budget() == 27
     # 4 supersteps per point and the fixed nodes must fit in the limit
     assert recursion_limit(config.point_budget()) >= 4 * 27 + 4
+
+
+def _assess_after(tmp_path: Path, step_seconds: list[float], stopped_s: float) -> dict[str, object]:
+    """Run the assess node once: steps that took `step_seconds`, a start `stopped_s` + their
+    sum ago (the scan was stopped in between), a 1-minute budget and one pending point."""
+    import time
+
+    from agent.graph import _assess
+
+    tmp_path.mkdir()
+    config = ScanConfig(run_dir=str(tmp_path), budget_minutes=1.0)
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    now = time.time()
+    for k, seconds in enumerate(step_seconds):
+        audit.add("steps", f"{k:04d}-x", step_id=f"{k:04d}-x", node="x", seconds=seconds)
+    state = {
+        "started_at": now - stopped_s - sum(step_seconds),
+        "pending_pb": [1.0],
+        "points": [],
+    }
+    with FanOut("serial") as fan_out, audit.transaction():
+        update = _assess(ScanContext(config, audit, fan_out))(state, "0009-assess")  # type: ignore[arg-type]
+    audit.close()
+    return update
+
+
+def test_time_budget_counts_running_time_not_time_stopped_before_a_resume(
+    tmp_path: Path,
+) -> None:
+    """40 s of nodes and an hour stopped: within a 1-minute budget. 70 s of nodes: spent."""
+    kept = _assess_after(tmp_path / "a", [10.0, 30.0], stopped_s=3600.0)
+    assert kept.get("stop_reason") is None, kept
+    assert kept["stage"] == "1 point(s) pending"
+    spent = _assess_after(tmp_path / "b", [40.0, 30.0], stopped_s=0.0)
+    assert spent["stop_reason"] == "time budget"
+
+
+def test_a_whole_stream_result_repeated_at_tighter_points_is_listed_once(tmp_path: Path) -> None:
+    """T2/jm is its whole stream at 100, 31.6 and 10 pb (same events, same fit, same bump)
+    and an AR at 1 pb: two rows, the loosest whole-stream point standing for the others."""
+    import json
+
+    from agent.graph import collect_results
+
+    def bump(local_z: float, data: float) -> dict[str, object]:
+        return {
+            "spectrum": "T2/jm",
+            "status": "excess",
+            "window_gev": [492.0, 512.0],
+            "data": data,
+            "background": 8.0,
+            "local_p": 1e-6,
+            "local_z": local_z,
+            "global_z": 3.0,
+            "global_z_is_lower_limit": False,
+            "function": "p3",
+            "fit_p_value": 0.5,
+            "masked_window_gev": None,
+        }
+
+    points = []
+    for index, (point, whole, z, data) in enumerate(
+        [(100.0, True, 5.0, 26.0), (31.6, True, 5.0, 26.0), (10.0, True, 5.0, 26.0),
+         (1.0, False, 6.8, 23.0)]
+    ):  # fmt: skip
+        path = tmp_path / f"point-{index}.json"
+        path.write_text(json.dumps({"spectra": [bump(z, data)]}))
+        points.append(
+            {
+                "point_pb": point,
+                "results_file": str(path),
+                "outcomes": {"T2/jm": {"status": "excess", "whole_stream": whole}},
+            }
+        )
+    state = {"run_id": "r", "lumi_pb": 1000.0, "points": points, "lee": None}
+    results = collect_results(state)  # type: ignore[arg-type]
+    assert results["points_pb"] == [100.0, 31.6, 10.0, 1.0]
+    rows = [(e["xsec_pb"], e["whole_stream"], e["repeated_at_pb"]) for e in results["excesses"]]
+    assert rows == [(1.0, False, []), (100.0, True, [31.6, 10.0])]

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.agent.conftest import SIGNAL, Sample, run_cli, scan_arguments
+from core.synth import SampleConfig, SignalSpec, generate_sample
+from tests.agent.conftest import CHEAP, GAIN_SIGNAL, LUMI_PB, Sample, run_cli, scan_arguments
 
 RANGE = ("--xsec-range", "0.1", "10", "--points-per-decade", "1", "--max-points", "4")
 
@@ -35,15 +36,15 @@ def _whole_stream_local_z(run_dir: Path, results: dict[str, Any], spectrum: str)
 
 
 @pytest.fixture(scope="module")
-def signal_run(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A scan of the injected-resonance sample, with its truth file out of the scan's reach."""
+def signal_run(gain_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scan of the X(500) -> jm sample, with its truth file out of the scan's reach."""
     out = tmp_path_factory.mktemp("signal-run") / "run"
-    hidden = signal_sample.truth.with_suffix(".hidden")
-    signal_sample.truth.rename(hidden)
+    hidden = gain_sample.truth.with_suffix(".hidden")
+    gain_sample.truth.rename(hidden)
     try:
-        done = run_cli(*scan_arguments(signal_sample, out, *RANGE, "--executor", "serial"))
+        done = run_cli(*scan_arguments(gain_sample, out, *RANGE, "--executor", "serial"))
     finally:
-        hidden.rename(signal_sample.truth)
+        hidden.rename(gain_sample.truth)
     assert done.returncode == 0, done.stderr
     assert str(out) in done.stdout and "audit.sqlite" in done.stdout
     return out
@@ -70,9 +71,9 @@ def test_scan_finds_the_injected_resonance_without_reading_the_truth(signal_run:
     assert local_z == sorted(local_z, reverse=True)
 
     top = results["excesses"][0]
-    assert top["spectrum"].endswith("/" + SIGNAL.pair)
+    assert top["spectrum"].endswith("/" + GAIN_SIGNAL.pair)
     low, high = top["window_gev"]
-    assert abs((low + high) / 2 - SIGNAL.mass) <= 1.5 * (high - low), top
+    assert abs((low + high) / 2 - GAIN_SIGNAL.mass) <= 1.5 * (high - low), top
     assert top["checks_passed"] is True
     assert top["scan_global_z"] is not None and top["scan_global_z"] > 3.0
 
@@ -105,17 +106,19 @@ def test_scan_finds_the_injected_resonance_without_reading_the_truth(signal_run:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="not shown at test size: the anomaly region loses signal events faster than "
-    "background near 1.5 TeV (T3/jm 13.6 at the whole stream, 13.6 at 1 pb, 11.5 at 0.32 pb; "
-    "an X -> jj variant 12.7 vs 10.1, also with a 10x larger training set)",
-)
 def test_local_z_at_the_best_ar_point_is_above_the_whole_stream(signal_run: Path) -> None:
+    """The AE gain (PHYSICS.md 6): the injected excess is stronger in an anomaly region than
+    in the whole stream, by at least 1 sigma of local Z.
+
+    Measured (seed 3, 100k events): T3/jm 492-512 GeV, 23 events on 3.6 at 1 pb (local Z
+    6.8) against 26 on 8.0 in the whole stream (5.0); T2/jm 5.4 against 2.7. With the
+    scores negated (the AR keeps the most typical events) the top excess is the
+    whole-stream T3/jm itself and this test fails.
+    """
     results = json.loads((signal_run / "results.json").read_text())
     top = results["excesses"][0]
     whole = _whole_stream_local_z(signal_run, results, top["spectrum"])
-    assert top["local_z"] > whole, (top["local_z"], whole)
+    assert top["local_z"] > whole + 1.0, (top, whole)
 
 
 @pytest.mark.slow
@@ -174,32 +177,33 @@ def test_unreadable_data_gives_one_line_and_a_consistent_audit(tmp_path: Path) -
     assert events == ["start", "failed"]
 
 
-def test_an_autoencoder_that_fails_to_load(signal_sample: Sample, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_an_autoencoder_that_fails_to_load_then_resume(
+    signal_sample: Sample, tmp_path: Path
+) -> None:
+    """A corrupt --model stops the scan in prepare with one line; once the file is put
+    right, `--resume` finishes the run."""
     model = tmp_path / "model" / "autoencoder.onnx"
     model.parent.mkdir()
-    shutil.copy(signal_sample.model, model)
-    card = signal_sample.model.with_name(signal_sample.model.name.replace(".onnx", ".card.json"))
     for path in signal_sample.model.parent.iterdir():
-        if path != signal_sample.model:
-            shutil.copy(path, model.parent / path.name)
+        shutil.copy(path, model.parent / path.name)
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     out = tmp_path / "run"
-    done = run_cli(
-        "scan",
-        *signal_sample.files,
-        "--lumi-pb",
-        "1000",
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--quiet",
-    )
-    line = _one_line_exit_2(done)
-    assert "autoencoder" in line.lower() or "model" in line.lower()
-    assert card is not None
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    arguments[arguments.index("--model") + 1] = str(model)
+    line = _one_line_exit_2(run_cli(*arguments))
+    assert "autoencoder" in line.lower() and str(model) in line
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+    shutil.copy(signal_sample.model, model)
+    resumed = run_cli("scan", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "results.json").read_text())["points_pb"]
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        events = [row[0] for row in db.execute("select event from runs order by seq")]
+    assert events == ["start", "failed", "resume", "finish"]
     assert run_cli("audit", "verify", str(out)).returncode == 0
 
 
@@ -255,3 +259,38 @@ def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) 
     rows = list(audit.db.query("select * from decisions where spectrum = ?", [name]))
     assert rows and rows[0]["chosen"] is None
     audit.close()
+
+
+@pytest.mark.slow
+def test_every_fit_failing_in_a_spectrum_through_the_cli(
+    signal_sample: Sample, tmp_path: Path
+) -> None:
+    """T5/bm holds only 200 events of a zero-width X(2000) -> b mu (+ 2 photons; no
+    background process has a muon and two photons with a b-jet): every event in one bin,
+    so no smooth function describes it. The scan finishes, the spectrum is skipped at each
+    point with every failed check named, it is never ranked, and the audit verifies."""
+    info = generate_sample(
+        tmp_path / "data",
+        SampleConfig(
+            n_events=30_000,
+            seed=9,
+            lumi_pb=LUMI_PB,
+            signals=(SignalSpec("bm", 2000.0, 0.0, n_events=200, extra={"photons": 2}),),
+        ),
+    )
+    out = tmp_path / "run"
+    sample = Sample(tuple(str(p) for p in info.files), info.truth_path, signal_sample.model)
+    done = run_cli(*scan_arguments(sample, out, *CHEAP, "--executor", "serial"))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    reasons = {s["point_pb"]: s["reason"] for s in results["skipped"] if s["spectrum"] == "T5/bm"}
+    assert set(reasons) == set(results["points_pb"]), reasons
+    for reason in reasons.values():
+        assert reason.startswith(("no candidate passed", "fit failed")), reason
+    assert all(e["spectrum"] != "T5/bm" for e in results["excesses"])
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        chosen = db.execute(
+            "select chosen from decisions where spectrum = 'T5/bm' and kind = 'background'"
+        ).fetchall()
+    assert len(chosen) == len(results["points_pb"]) and all(c[0] is None for c in chosen)
+    assert run_cli("audit", "verify", str(out)).returncode == 0

@@ -4,7 +4,9 @@ caught row by row, and replay finds no difference."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -205,6 +207,28 @@ def test_replay_reports_no_difference(reference: Path) -> None:
     assert n_replayed == n_pure > 0
 
 
+def test_replay_of_a_moved_run_folder(reference: Path, tmp_path: Path) -> None:
+    """The run folder moved away from where the scan ran: the look-elsewhere input is found
+    in the folder as it is now (logged relative; an older absolute path is mapped)."""
+    moved = tmp_path / "moved"
+    shutil.move(reference, moved)
+    try:
+        replayed = run_cli("replay", str(moved), "--tool", "scan_significance")
+    finally:
+        shutil.move(moved, reference)
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "replayed 1 " in replayed.stdout and ": 0 difference(s)" in replayed.stdout
+
+
+def test_logged_paths_are_found_in_a_moved_folder(tmp_path: Path) -> None:
+    from agent.scan import locate_path
+
+    now, then = tmp_path / "now", Path("/somewhere/else/run")
+    assert locate_path("lee/points.npz", now, then) == now / "lee" / "points.npz"
+    assert locate_path(str(then / "lee" / "points.npz"), now, then) == now / "lee" / "points.npz"
+    assert locate_path("/data/a.root", now, then) == Path("/data/a.root")
+
+
 def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(reference, copy)
@@ -240,3 +264,144 @@ def test_the_checkpointed_state_holds_references_not_arrays(reference: Path) -> 
     for record in state["points"]:
         assert Path(record["results_file"]).is_file()
         assert len(record["results_sha256"]) == 64
+
+
+def _start_scan(arguments: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for(process: subprocess.Popen[str], out: Path, node: str, count: int) -> None:
+    deadline = time.monotonic() + 600
+    while _steps(out, node) < count:
+        assert process.poll() is None, f"the scan ended before {count} {node} steps"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def _stopped_with_one_line(process: subprocess.Popen[str], *words: str) -> str:
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 2, (process.returncode, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def _resume_completes_like(reference: Path, out: Path) -> None:
+    """verify passes on what was written; --resume finishes with the reference's results."""
+    assert not (out / "results.json").exists()
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+    resumed = run_cli("scan", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert results_of(out) == results_of(reference)
+    keys = _decision_keys(out)
+    assert len(keys) == len(set(keys)), "a decision was written twice"
+    assert keys == _decision_keys(reference), "decisions lost or different after the resume"
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        events = [row[0] for row in db.execute("select event from runs order by seq")]
+    assert events[0] == "start" and events[-2:] == ["resume", "finish"], events
+    assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_disk_full_while_writing_the_audit_then_resume(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """A full disk, made with RLIMIT_FSIZE on the running scan (no root, no mount needed):
+    once the first AR point is done, no file of the scan may grow past the audit's size
+    plus 64 KiB. The audit is the largest file the rest of the scan writes, so its next
+    growth fails (EFBIG, as ENOSPC would): one line, exit 2, and the resume finishes."""
+    import resource
+
+    out = tmp_path / "run"
+    process = _start_scan(scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
+    _wait_for(process, out, "hunt_bumps", 1)
+    limit = (out / "audit.sqlite").stat().st_size + 64 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (limit, hard))
+    line = _stopped_with_one_line(process, "--resume", str(out))
+    assert "audit log" in line or "run folder" in line
+    assert (out / "audit.sqlite").stat().st_size <= limit
+    _resume_completes_like(reference, out)
+
+
+def test_run_folder_made_read_only_mid_scan_then_resume(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """The run folder and its two databases turn immutable after the first AR point."""
+    out = tmp_path / "run"
+    process = _start_scan(scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
+    _wait_for(process, out, "hunt_bumps", 1)
+    frozen = [out / "audit.sqlite", out / "checkpoints.sqlite", out]
+    for path in frozen:
+        _set_immutable(path, True)
+    try:
+        _stopped_with_one_line(process, "--resume", str(out))
+    finally:
+        for path in frozen:
+            _set_immutable(path, False)
+    _resume_completes_like(reference, out)
+
+
+def _parent(pid: int) -> int:
+    """The parent process id of `pid` (0 when it is gone)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _ray_tasks(scan_pid: int) -> list[int]:
+    """Ray workers started by the scan `scan_pid` (its descendants) running a batch."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if not command.startswith(b"ray::_run_batch"):
+            continue
+        ancestor = int(entry.name)
+        while ancestor > 1 and ancestor != scan_pid:
+            ancestor = _parent(ancestor)
+        if ancestor == scan_pid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_ray_workers_killed_inside_a_real_scan(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """Every Ray task of the first AR point's fits is SIGKILLed while it runs: Ray retries
+    it, then the fan-out runs the batch serially and logs it; later points run on Ray. The
+    results equal the serial scan's."""
+    out = tmp_path / "run"
+    process = _start_scan(scan_arguments(signal_sample, out, *CHEAP, "--executor", "ray"))
+    killed = 0
+    while process.poll() is None and _steps(out, "choose_backgrounds") < 1:
+        for pid in _ray_tasks(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        time.sleep(0.05)
+    _, stderr = process.communicate()
+    assert process.returncode == 0, stderr
+    assert killed >= 3, f"only {killed} Ray tasks were seen running"
+    assert results_of(out) == results_of(reference)
+    with sqlite3.connect(out / "audit.sqlite") as db:
+        events = [
+            row[0] for row in db.execute("select rationale from decisions where kind = 'executor'")
+        ]
+    assert events, "no lost Ray batch was logged"
+    assert all("ran it serially" in text for text in events), events
+    assert run_cli("audit", "verify", str(out)).returncode == 0

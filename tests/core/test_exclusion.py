@@ -37,9 +37,28 @@ def test_mask_is_capped_at_three_resolutions_around_the_largest_excess() -> None
     assert EDGES[stop] - EDGES[first] <= limit * (1 + 1e-9)
     assert EDGES[first] <= 1500.0 <= EDGES[stop]
     narrow = masked_window(EDGES, counts, background, centre_bin, centre_bin + 1)
-    assert narrow[:2] == (centre_bin, centre_bin + 1)
+    assert narrow[0] <= centre_bin < narrow[1]
+    assert EDGES[narrow[1]] - EDGES[narrow[0]] <= limit * (1 + 1e-9)
     with pytest.raises(InvalidInputError, match="first_bin < stop_bin"):
         masked_window(EDGES, counts, background, 5, 5)
+
+
+def test_a_narrow_window_is_grown_to_the_signal_width_over_the_tails() -> None:
+    """The demo's X(900) -> bg in T4/bg: BumpHunter flags the 2-bin core (30 and 15 events);
+    the tails (4 below, 5 and 3 above, ~1 expected each) must be masked too. The mask grows
+    by the neighbour with the larger excess up to 3 w(m), and never leaves the fit range."""
+    background = np.full(EDGES.size - 1, 1.0)
+    core = int(np.searchsorted(EDGES, 900.0)) - 1
+    counts = background.copy()
+    counts[core - 1 : core + 4] = [4.0, 30.0, 15.0, 5.0, 3.0]
+    first, stop, limit = masked_window(EDGES, counts, background, core, core + 2)
+    assert (first, stop) == (core, core + 3), (EDGES[first], EDGES[stop])
+    assert EDGES[stop] - EDGES[first] <= limit * (1 + 1e-9)
+    assert EDGES[core + 4] - EDGES[core - 1] > limit  # the cap stops the growth
+    edge_of_range = masked_window(
+        EDGES, counts, background, core, core + 2, within=(core - 1, core + 2)
+    )
+    assert edge_of_range[:2] == (core - 1, core + 2)
 
 
 def test_window_prediction_error_matches_the_fit_covariance() -> None:
