@@ -239,7 +239,7 @@ def set_run_limits(
     ctx.artifact(points_path, "limits input")
     payload = {
         "lumi_pb": search_lumi,
-        "points_path": str(points_path),
+        "points_path": str(points_path.relative_to(run_dir)),  # replay survives a move
         "widths": list(widths),
         "method": method,
     }
