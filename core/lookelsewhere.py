@@ -281,16 +281,18 @@ def max_window_statistic(
     """Max t over `windows` for each toy (rows of full-length bin counts).
 
     Exact where it is >= `floor`; toys whose every window stays below `floor` get 0.
-    With numba, a compiled loop compares each window count with its threshold and looks
-    its t up in one pass (`table`, from `floor_table(windows, floor)`, may be built once
-    for many batches); counts beyond the table get a longer table, then the exact tail.
-    Without numba, numpy does the comparison (`toys_reaching`) and the look-up.
+    With a floor and numba, a compiled loop compares each window count with its threshold
+    and looks its t up in one pass (`table`, from `floor_table(windows, floor)`, may be
+    built once for many batches); counts beyond the table get a longer table, then the
+    exact tail. Without numba, numpy does the comparison (`toys_reaching`) and the look-up.
+    Without a floor every excess is needed and numpy's per-width tables are used: there
+    most counts lie beyond a short table (bench/results/lee.json).
     """
     inside = toys[:, windows.first_bin : windows.stop_bin]
     cumulative = np.zeros((inside.shape[0], inside.shape[1] + 1), dtype=np.int64)
     np.cumsum(inside, axis=1, out=cumulative[:, 1:])
     floor = floor if floor is not None and floor > 0 else None
-    kernel = _numba_floor_maxima()
+    kernel = _numba_floor_maxima() if floor is not None else None
     if kernel is not None:
         table = table if table is not None else floor_table(windows, floor)
         result, beyond, needed = _run_floor_kernel(kernel, table, cumulative)
@@ -468,9 +470,8 @@ def spectrum_toy_maxima(
     result = np.zeros(n_toys, dtype=np.float64)
     batch = max(1, _ENTRIES_PER_BATCH // max(spectrum.counts.size, 1))
     tables: list[FloorTable | None] = [None] * len(spectrum.windows)
-    if _numba_floor_maxima() is not None:
-        level = floor if floor is not None and floor > 0 else None
-        tables = [floor_table(windows, level) for windows in spectrum.windows]
+    if floor is not None and floor > 0 and _numba_floor_maxima() is not None:
+        tables = [floor_table(windows, floor) for windows in spectrum.windows]
     for start in range(0, n_toys, batch):
         size = min(batch, n_toys - start)
         toys = nested_pseudo_counts(spectrum, size, rng, sampler=sampler)
