@@ -287,10 +287,33 @@ class AuditLog:
 
 
 def open_readonly(path: Path) -> sqlite_utils.Database:
-    """The log opened for reading only (verify, export, tables never write)."""
+    """The log opened for reading only (verify, export, tables never write).
+
+    A scan stopped inside a write (killed, disk full, folder made read-only) leaves a hot
+    journal that SQLite must roll back before anyone can read, and a read-only connection
+    cannot: then one read-write connection rolls the unfinished transaction back (only
+    uncommitted changes are undone; no committed row is touched) and the log is reopened
+    read-only.
+    """
     if not path.is_file():
         raise AuditError(f"no audit log at {path}; give the run folder of a scan")
     connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        connection.execute("select count(*) from sqlite_master").fetchone()
+    except sqlite3.OperationalError as error:
+        connection.close()
+        if "readonly" not in str(error):
+            raise AuditError(f"cannot read the audit log {path}: {error}") from error
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as recovery:
+                recovery.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.OperationalError as again:
+            raise AuditError(
+                f"the audit log {path} holds an interrupted write that must be rolled back "
+                f"before it can be read, and that failed ({again}); make the run folder "
+                "writable and run the command again"
+            ) from again
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     return sqlite_utils.Database(connection)
 
 

@@ -117,3 +117,31 @@ def test_unknown_column_and_missing_log_are_errors(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(AuditError, match="no audit log"):
         verify(tmp_path / "elsewhere.sqlite")
+
+
+def test_verify_reads_a_log_left_inside_a_write(tmp_path: Path) -> None:
+    # A writer killed inside a transaction large enough to spill pages into the file
+    # leaves a hot journal; a read-only connection cannot roll it back ("attempt to write
+    # a readonly database", exit 1 in CI). verify rolls it back and sees the committed rows.
+    import subprocess
+    import sys
+
+    path = tmp_path / "audit.sqlite"
+    _log(path).close()
+    before = verify(path)
+    writer = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1])\n"
+        "c.execute('pragma cache_size=1')\n"
+        "c.execute('begin')\n"
+        "for i in range(2000):\n"
+        "    c.execute('insert into runs (seq, key) values (?, ?)', (10**6 + i, str(i) + 'x' * 500))\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
+    assert path.with_name("audit.sqlite-journal").exists()
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        sqlite3.connect(f"file:{path}?mode=ro", uri=True).execute("select * from runs").fetchall()
+    report = verify(path)
+    assert report.ok, report.problems
+    assert report.n_rows == before.n_rows
