@@ -135,7 +135,8 @@ def test_verify_reads_a_log_left_inside_a_write(tmp_path: Path) -> None:
         "c.execute('pragma cache_size=1')\n"
         "c.execute('begin')\n"
         "for i in range(2000):\n"
-        "    c.execute('insert into runs (seq, key) values (?, ?)', (10**6 + i, str(i) + 'x' * 500))\n"
+        "    key = str(i) + 'x' * 500\n"
+        "    c.execute('insert into runs (seq, key) values (?, ?)', (10**6 + i, key))\n"
         "os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
