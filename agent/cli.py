@@ -607,7 +607,7 @@ def add_reinterpretation_commands(commands: Any) -> None:
 
 def _command_limits(arguments: argparse.Namespace) -> int:
     """`anomscan limits RUN`: 95 % CL limits on Gaussian signals, RUN/limits.json and .csv."""
-    from agent.limits import parse_widths, run_limits
+    from agent.limits import low_count_text, parse_widths, run_limits
 
     run_dir = Path(arguments.run)
     widths = parse_widths(arguments.widths)
@@ -618,8 +618,7 @@ def _command_limits(arguments: argparse.Namespace) -> int:
         f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
         f"{outcome.csv_path}"
         + (f"; plots in {outcome.plots[0].parent}" if outcome.plots else "")
-        + f"\n{outcome.n_low_count} limits have fewer than 5 background events in their window: "
-        "there the asymptotic limits are optimistic (column window_background)"
+        + f"\n{low_count_text(outcome.n_low_count, outcome.n_counting)}"
     )
     return 0
 
@@ -635,7 +634,11 @@ def _add_limits_parser(commands: Any) -> None:
         "--widths", default="0,5,10,15", help="signal widths, percent of the mass (0: resolution)"
     )
     limits.add_argument(
-        "--method", choices=["asymptotic", "pyhf"], default="asymptotic", help="pyhf: reference"
+        "--method",
+        choices=["auto", "asymptotic", "poisson", "pyhf"],
+        default="auto",
+        help="auto: exact CLs of the window count below 5 background events, asymptotic "
+        "above; asymptotic, poisson: one of them for every limit; pyhf: the reference",
     )
     limits.set_defaults(handler=_command_limits)
 

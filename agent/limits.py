@@ -51,6 +51,7 @@ CSV_COLUMNS = (
     "observed_events",
     "expected_events",
     "window_background",
+    "counting",
 )
 BAND_KEYS = ("-2", "-1", "0", "+1", "+2")
 
@@ -199,6 +200,7 @@ def csv_text(output: dict[str, Any]) -> str:
                     repr(curve["observed_events"][k]),
                     repr(curve["expected_events"]["0"][k]),
                     repr(curve["window_background"][k]),
+                    str(curve["counting"][k]).lower(),
                 ]
             )
     return stream.getvalue()
@@ -214,7 +216,9 @@ class LimitsOutcome:
     n_limits: int
     n_curves: int
     n_low_count: int
-    """Limits whose window expects fewer than LOW_COUNT_BACKGROUND events (optimistic)."""
+    """Limits whose window expects fewer than LOW_COUNT_BACKGROUND events."""
+    n_counting: int
+    """Limits solved as the exact CL_s of their window count."""
 
 
 def set_run_limits(
@@ -223,7 +227,7 @@ def set_run_limits(
     *,
     spectrum: str | None = None,
     widths: Sequence[float] = DEFAULT_WIDTHS,
-    method: str = "asymptotic",
+    method: str = "auto",
     lumi_pb: float | None = None,
 ) -> LimitsOutcome:
     """The limits step inside an open audit transaction: tool call, files, artifacts, decision."""
@@ -250,6 +254,7 @@ def set_run_limits(
     n_low = sum(
         sum(1 for b in c["window_background"] if b < LOW_COUNT_BACKGROUND) for c in output["curves"]
     )
+    n_counting = sum(sum(c["counting"]) for c in output["curves"])
     document = {
         "run_id": run_dir.resolve().name,
         "luminosity_pb": lumi,
@@ -288,13 +293,40 @@ def set_run_limits(
             f"{len({(s.spectrum, s.point_pb) for s in spectra})} accepted (spectrum, AR point) "
             f"pairs, widths {[round(100 * w, 3) for w in widths]} % of the mass, search "
             f"luminosity {search_lumi:.6g} pb^-1; {len(output['skipped'])} (mass, width) left "
-            f"out (window outside the fit range); {n_low} limits have a window background "
-            f"below {LOW_COUNT_BACKGROUND:g} events, where the asymptotic limits are optimistic"
+            f"out (window outside the fit range); {low_count_text(n_low, n_counting)}"
         ),
-        numbers={"search_luminosity_pb": search_lumi, "luminosity_pb": lumi},
+        numbers={
+            "search_luminosity_pb": search_lumi,
+            "luminosity_pb": lumi,
+            "n_low_count": n_low,
+            "n_counting": n_counting,
+        },
     )
     return LimitsOutcome(
-        json_path, csv_path, tuple(plots), output["n_limits"], len(output["curves"]), n_low
+        json_path,
+        csv_path,
+        tuple(plots),
+        output["n_limits"],
+        len(output["curves"]),
+        n_low,
+        n_counting,
+    )
+
+
+def low_count_text(n_low: int, n_counting: int) -> str:
+    """What the limits with little background in their window are (decision, CLI)."""
+    if n_low == 0:
+        return f"no window has less than {LOW_COUNT_BACKGROUND:g} background events"
+    if n_counting >= n_low:
+        return (
+            f"{n_low} limits have less than {LOW_COUNT_BACKGROUND:g} background events in "
+            "their window: there the limit is the exact CL_s of the window count (column "
+            "counting), not the asymptotic one"
+        )
+    return (
+        f"{n_low} limits have less than {LOW_COUNT_BACKGROUND:g} background events in their "
+        f"window and {n_low - n_counting} of them are asymptotic (this method): optimistic "
+        "there (column window_background); the default method counts them exactly"
     )
 
 
@@ -310,7 +342,7 @@ def run_limits(
     *,
     spectrum: str | None = None,
     widths: Sequence[float] = DEFAULT_WIDTHS,
-    method: str = "asymptotic",
+    method: str = "auto",
 ) -> LimitsOutcome:
     """`anomscan limits RUN`: one audited step appended to the run's log."""
     from agent.audit import AuditLog

@@ -1034,6 +1034,17 @@ def _tool_calls_page(run: RunRecord) -> str:
     return _page("tool calls", "".join(parts))
 
 
+def _counting_note(limits: dict[str, Any]) -> str:
+    """How many limits are the exact CLs of their window count (older files: none said)."""
+    flags = [flag for c in limits["curves"] for flag in c.get("counting", [])]
+    if not flags:
+        return ""
+    return (
+        f"{sum(flags)} of them, whose window expects less than 5 background events, are the "
+        "exact CLs of the window count (column counting); the others asymptotic."
+    )
+
+
 def _limits_section(
     run_dir: Path, folder: Path, figures: _Figures, style: plots.PlotStyle
 ) -> list[str]:
@@ -1052,7 +1063,8 @@ def _limits_section(
         f'<p class="note">{limits["n_limits"]} limits ({_e(limits["method"])} CLs, '
         f"{_e(limits['test_statistic'])}; background uncertainty: {_e(limits['nuisance'])}), "
         f"search luminosity {limits['search_luminosity_pb']:.6g} pb^-1; solid: observed, "
-        "dashed: expected median, shaded: +-1 and +-2 sigma. Numbers: "
+        "dashed: expected median, shaded: +-1 and +-2 sigma. "
+        f"{_counting_note(limits)} Numbers: "
         f'<a href="{_e(link)}">limits.json</a>, <a href="{_e(csv_link)}">limits.csv</a>.</p>',
     ]
     for k, point in enumerate(points):

@@ -64,7 +64,13 @@ class SetLimitsInput(StrictModel):
     )
     n_masses: int = Field(DEFAULT_N_MASSES, ge=1, le=200, description="masses per fit range")
     cl: float = Field(DEFAULT_CL, ge=0.6, le=0.999, description="confidence level")
-    method: Literal["asymptotic", "pyhf"] = "asymptotic"
+    method: Literal["auto", "asymptotic", "poisson", "pyhf"] = Field(
+        "auto",
+        description=(
+            "auto: exact CLs of the window count below 5 background events, asymptotic CLs "
+            "above; asymptotic or poisson: one of them everywhere; pyhf: the asymptotic reference"
+        ),
+    )
 
     @model_validator(mode="after")
     def _spectra_or_path(self) -> SetLimitsInput:
@@ -134,6 +140,9 @@ class LimitCurveOutput(StrictModel):
     window_background: list[float] = Field(
         description="fitted background in the window, events (asymptotics optimistic below 5)"
     )
+    counting: list[bool] = Field(
+        description="true where the limit is the exact CLs of the window count (a low count)"
+    )
     observed_events: list[float]
     expected_events: dict[str, list[float]] = Field(description="bands -2, -1, 0, +1, +2")
     observed_pb: list[float] = Field(description="sigma x A x eff, pb")
@@ -159,7 +168,9 @@ class SetLimitsOutput(StrictModel):
     lumi_pb: float
     cl: float
     method: str
-    test_statistic: str = Field(description="qtilde (Cowan et al. 2011), asymptotic CLs")
+    test_statistic: str = Field(
+        description="qtilde (Cowan et al. 2011), asymptotic CLs; the count where `counting`"
+    )
     nuisance: str
     window_sigmas: float
     bands: list[int] = Field(description="the expected bands, in sigma")
@@ -196,6 +207,7 @@ def run_set_limits(arguments: SetLimitsInput) -> SetLimitsOutput:
                 sigma_gev=c.sigma.tolist(),
                 signal_in_window=c.signal_in_window.tolist(),
                 window_background=c.window_background.tolist(),
+                counting=c.counting.tolist(),
                 observed_events=c.observed_events.tolist(),
                 expected_events=_bands(c.expected_events),
                 observed_pb=c.observed_pb.tolist(),

@@ -52,7 +52,7 @@ def test_scan_with_limits_writes_audited_replayable_limits(limits_run: Path) -> 
     injected X(1500) raises the observed limit above the expected +2 sigma there, and the
     limits far above the data approach the zero-background 3 events / L."""
     document = json.loads((limits_run / "limits.json").read_text())
-    assert document["method"] == "asymptotic" and document["test_statistic"] == "qtilde"
+    assert document["method"] == "auto" and document["test_statistic"] == "qtilde"
     assert document["widths"] == [0.0, 0.05, 0.10, 0.15]
     lumi = document["search_luminosity_pb"]
     assert 0.98 * LUMI_PB < lumi < LUMI_PB  # (1 - f) L with f ~ 1 % of training events
@@ -73,11 +73,13 @@ def test_scan_with_limits_writes_audited_replayable_limits(limits_run: Path) -> 
             assert math.isclose(observed * lumi, curve["observed_events"][k], rel_tol=1e-9)
             bands = [curve["expected_pb"][key][k] for key in ("-2", "-1", "0", "+1", "+2")]
             assert bands == sorted(bands)
-        # the highest mass of a narrow signal sees (almost) no background: the asymptotic
-        # median limit there is sqrt(2 S f) = 1.96, S f = 1.92 events (f: signal in window)
+        # below 5 background events the limit is the exact CLs of the window count
+        assert curve["counting"] == [b < 5.0 for b in curve["window_background"]]
+        # the highest mass of a narrow signal sees (almost) no background: the median count
+        # is 0 there, and no event excludes S f = -ln 0.05 = 3.00 events (f: signal in window)
         if curve["width"] == 0.0 and curve["window_background"][-1] < 0.05:
             in_window = curve["expected_events"]["0"][-1] * curve["signal_in_window"][-1]
-            assert 1.92 < in_window < 2.1, curve["window_background"][-1]
+            assert abs(in_window + math.log(0.05)) < 1e-4, curve["window_background"][-1]
     jm = [c for c in curves if c["spectrum"].endswith("/jm") and c["width"] == 0.0]
     assert jm, "the injected X(1500) -> j mu spectra have accepted backgrounds"
     excess_seen = False

@@ -6,14 +6,15 @@ import math
 
 import numpy as np
 import pytest
-from scipy import optimize
-from scipy.special import ndtr
+from scipy import integrate, optimize
+from scipy.special import gammaincc, gammainccinv, ndtr, ndtri
 
 from core.errors import InvalidInputError
 from core.fit import expected_errors, fit_background, prepare_spectrum
 from core.fitfunctions import bin_integrals, get_function
 from core.limits import (
     EXPECTED_SIGMAS,
+    LOW_COUNT_BACKGROUND,
     LimitInputs,
     SpectrumBackground,
     cls_hypotest,
@@ -25,7 +26,7 @@ from core.limits import (
     signal_windows,
     spectrum_limits,
 )
-from core.masses import mass_resolution
+from core.masses import mass_bin_edges, mass_resolution
 from core.significance import gaussian_bin_fractions
 from tests.spectra import EDGES, FIT_RANGE, SHAPES
 
@@ -74,7 +75,7 @@ def test_counting_expected_limits_equal_the_closed_form(b: float, relative_error
         )
         for t in targets
     ]
-    limits = cls_upper_limits(LimitInputs.build([b], [b], [delta], [1.0]))
+    limits = cls_upper_limits(LimitInputs.build([b], [b], [delta], [1.0]), method="asymptotic")
     np.testing.assert_allclose(limits.expected[0], closed, rtol=1e-4)
     # observing exactly b events: the observed limit is the median expected one
     assert limits.observed[0] == pytest.approx(closed[2], rel=1e-4)
@@ -85,7 +86,7 @@ def test_counting_expected_limits_equal_the_closed_form(b: float, relative_error
 def test_counting_limits_equal_pyhf(b: float, n: int, relative_error: float) -> None:
     """The same one-bin model in pyhf (histosys, qtilde, toms748) gives the same limits (1 %)."""
     inputs = LimitInputs.build([float(n)], [b], [relative_error * b], [1.0])
-    ours = cls_upper_limits(inputs)
+    ours = cls_upper_limits(inputs, method="asymptotic")
     reference = cls_upper_limits(inputs, method="pyhf")
     np.testing.assert_allclose(ours.observed, reference.observed, rtol=0.01)
     np.testing.assert_allclose(ours.expected, reference.expected, rtol=0.01)
@@ -116,7 +117,7 @@ def test_vectorised_limits_and_cls_equal_pyhf_on_multibin_windows(case: int) -> 
     """Observed and five expected limits, and CLs at a tested yield, against pyhf (1 %)."""
     n, b, d, g = _multibin_cases()[case]
     inputs = LimitInputs.build(n, b, d, g)
-    ours = cls_upper_limits(inputs)
+    ours = cls_upper_limits(inputs, method="asymptotic")
     reference = cls_upper_limits(inputs, method="pyhf")
     np.testing.assert_allclose(ours.observed, reference.observed, rtol=0.01)
     np.testing.assert_allclose(ours.expected, reference.expected, rtol=0.01)
@@ -140,10 +141,11 @@ def test_batch_rows_are_independent() -> None:
             [padded(c[1], 1.0) for c in cases],
             [padded(c[2], 0.0) for c in cases],
             [padded(c[3], 0.0) for c in cases],
-        )
+        ),
+        method="asymptotic",
     )
     for k, case in enumerate(cases):
-        alone = cls_upper_limits(LimitInputs.build(*case))
+        alone = cls_upper_limits(LimitInputs.build(*case), method="asymptotic")
         np.testing.assert_allclose(together.observed[k], alone.observed[0], rtol=1e-5)
         np.testing.assert_allclose(together.expected[k], alone.expected[0], rtol=1e-5)
 
@@ -237,6 +239,133 @@ def test_observed_limits_fall_in_the_expected_bands_on_background_only_toys() ->
             assert abs(inside_2 - 0.954) < 3 * math.sqrt(0.954 * 0.046 / BAND_TOYS), where
 
 
+# ---------------------------------------------------------------- (e) exact CLs of low counts
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 4])
+def test_low_count_limits_at_zero_background_are_the_textbook_values(n: int) -> None:
+    """b -> 0: CL_s = P(N <= n | S), so S_up = 3.00, 4.74, 6.30, 9.15 events (PDG table)."""
+    limits = cls_upper_limits(LimitInputs.build([float(n)], [1e-7], [0.0], [1.0]))
+    assert limits.counting[0]
+    assert limits.observed[0] == pytest.approx(float(gammainccinv(n + 1, 0.05)), rel=1e-5)
+    # no background: every expected count is zero, every expected limit 3.00
+    np.testing.assert_allclose(limits.expected[0], -math.log(0.05), rtol=1e-5)
+
+
+def _hybrid_cls(strength: float, n: int, b: float, delta: float) -> float:
+    """CL_s of a count, both probabilities averaged over b' ~ N(b, delta), b' >= 0 (quad)."""
+    if delta == 0:
+        return float(gammaincc(n + 1, strength + b) / gammaincc(n + 1, b))
+
+    def averaged(shift: float) -> float:
+        def density(x: float) -> float:
+            return math.exp(-0.5 * ((x - b) / delta) ** 2) * float(gammaincc(n + 1, shift + x))
+
+        return integrate.quad(density, 0.0, b + 12 * delta, epsabs=0, epsrel=1e-10)[0]
+
+    return averaged(strength) / averaged(0.0)
+
+
+@pytest.mark.parametrize(("n", "b"), [(0, 0.5), (1, 2.0), (3, 4.5), (7, 3.0)])
+@pytest.mark.parametrize("relative_error", [0.0, 0.5])
+def test_low_count_limits_equal_the_integrated_cls(n: int, b: float, relative_error: float) -> None:
+    """Observed limits against CL_s computed independently (quad over the prior, brentq).
+
+    Without uncertainty CL_s of a count is also Helene's Bayesian limit with a flat prior;
+    with it the 64-node prior rule must agree with the integral to 0.2 %.
+    """
+    delta = relative_error * b
+    limits = cls_upper_limits(LimitInputs.build([float(n)], [b], [delta], [1.0]))
+    reference = optimize.brentq(
+        lambda s: _hybrid_cls(s, n, b, delta) - 0.05, 1e-6, 100.0, xtol=1e-10
+    )
+    assert limits.counting[0]
+    assert limits.observed[0] == pytest.approx(reference, rel=2e-3 if delta else 1e-5)
+    if delta == 0:
+        posterior = (
+            integrate.quad(
+                lambda s: (s + b) ** n * math.exp(-(s + b)), 0.0, reference, epsrel=1e-12
+            )[0]
+            / integrate.quad(lambda s: (s + b) ** n * math.exp(-(s + b)), 0.0, np.inf)[0]
+        )
+        assert posterior == pytest.approx(0.95, abs=1e-6)
+
+
+LOW_TOYS = 2000
+
+
+@pytest.mark.parametrize("total", [0.5, 3.0])
+def test_low_count_limits_cover_and_their_bands_are_the_count_quantiles(total: float) -> None:
+    """Windows of a steep spectrum expecting `total` background events in all, at two
+    masses and two widths (resolution and 10 %), 10 % background uncertainty, 2000 toys.
+
+    Coverage: with s = 0 and s = the median expected limit injected (true background fixed)
+    the limit exceeds s in >= 95 % of toys (exact CL_s over-covers; 2 binomial sigma
+    allowed). Bands: on background-only toys drawn from the prior predictive (the
+    hypothesis the bands are made for) the observed limit lies at or below the band of
+    probability q in >= q of toys and strictly below it in < q of toys (the quantiles of a
+    count; 3 binomial sigma).
+    """
+    edges = mass_bin_edges()
+    edges = edges[(edges >= 1000.0) & (edges <= 6000.0)]
+    shape = np.diff(edges) * np.exp(-np.sqrt(edges[:-1] / 200.0))
+    rng = np.random.default_rng(31)
+    for mass in (2000.0, 3500.0):
+        for width in (0.0, 0.10):
+            probe, _ = signal_windows(edges, shape, shape, 0.1 * shape, [mass], [width])
+            b = shape * total / probe.window_background[0]
+            packed, _ = signal_windows(edges, b, b, 0.1 * b, [mass], [width])
+            one = packed.inputs
+            reference = cls_upper_limits(one)
+            assert reference.counting[0]
+            median = float(reference.expected[0, 2])
+            where = f"{total} events, {mass} GeV, width {width}"
+            for s in (0.0, median):
+                counts = rng.poisson(one.background + s * one.signal, (LOW_TOYS, one.signal.size))
+                limits = cls_upper_limits(_toys(one, counts)).observed
+                floor = 0.95 - 2 * math.sqrt(0.95 * 0.05 / LOW_TOYS)
+                assert np.mean(limits > s) >= floor, (where, s)
+            z = ndtri(rng.uniform(ndtr(-10.0), 1.0, LOW_TOYS))  # truncated at b' = 0 (10 %)
+            scale = np.maximum(1.0 + 0.1 * z, 0.0)[:, None]
+            counts = rng.poisson(scale * one.background, (LOW_TOYS, one.signal.size))
+            observed = cls_upper_limits(_toys(one, counts)).observed
+            for q, band in zip(
+                ndtr(np.asarray(EXPECTED_SIGMAS)), reference.expected[0], strict=True
+            ):
+                tolerance = 3 * math.sqrt(q * (1 - q) / LOW_TOYS)
+                assert np.mean(observed <= band * (1 + 1e-6)) >= q - tolerance, (where, q)
+                assert np.mean(observed < band * (1 - 1e-6)) <= q + tolerance, (where, q)
+
+
+def _toys(one: LimitInputs, counts: np.ndarray) -> LimitInputs:
+    rows = counts.shape[0]
+    return LimitInputs.build(
+        counts.astype(float),
+        np.repeat(one.background, rows, axis=0),
+        np.repeat(one.delta, rows, axis=0),
+        np.repeat(one.signal, rows, axis=0),
+    )
+
+
+def test_the_default_counts_low_windows_and_profiles_the_others() -> None:
+    """One batch with windows of 0.8, 4.9, 5.1 and 300 background events: the two below
+    LOW_COUNT_BACKGROUND get exactly the forced exact-count limits, the others exactly the
+    asymptotic ones, and `counting` says which.
+    """
+    g = np.diff(ndtr(np.linspace(-2.0, 2.0, 6)))
+    rows = [(np.full(5, t / 5), np.round(np.full(5, t / 5) + 1)) for t in (0.8, 4.9, 5.1, 300.0)]
+    inputs = LimitInputs.build(
+        [n for _, n in rows], [b for b, _ in rows], [0.1 * b for b, _ in rows], [g] * 4
+    )
+    mixed = cls_upper_limits(inputs)
+    np.testing.assert_array_equal(mixed.counting, [True, True, False, False])
+    for method, picked in (("poisson", [0, 1]), ("asymptotic", [2, 3])):
+        forced = cls_upper_limits(inputs.take(np.asarray(picked)), method=method)
+        np.testing.assert_allclose(mixed.observed[picked], forced.observed, rtol=1e-12)
+        np.testing.assert_allclose(mixed.expected[picked], forced.expected, rtol=1e-12)
+    assert LOW_COUNT_BACKGROUND == 5.0
+
+
 # ---------------------------------------------------------------- spectra, windows, errors
 
 
@@ -282,7 +411,13 @@ def test_spectrum_limits_convert_events_to_pb_with_the_luminosity() -> None:
         np.testing.assert_allclose(curve.observed_pb, curve.observed_events / 250.0)
         np.testing.assert_allclose(curve.expected_pb, curve.expected_events / 250.0)
         assert curve.expected_pb.shape == (curve.masses.size, len(EXPECTED_SIGMAS))
-        assert np.all(np.diff(curve.expected_pb, axis=1) > 0)
+        np.testing.assert_array_equal(
+            curve.counting, curve.window_background < LOW_COUNT_BACKGROUND
+        )
+        # a count's bands can coincide (several quantiles at one count), never cross
+        steps = np.diff(curve.expected_pb, axis=1)
+        assert np.all(steps[~curve.counting] > 0) and np.all(steps >= 0)
+    assert any(c.counting.any() for c in curves) and any((~c.counting).any() for c in curves)
 
 
 @pytest.mark.parametrize(
@@ -329,9 +464,15 @@ def test_empty_window_with_a_band_as_large_as_the_background() -> None:
     b = np.geomspace(0.033, 0.007, 12)
     d = np.linspace(0.030, 0.014, 12)
     g = np.diff(ndtr(np.linspace(-2.0, 2.0, 13)))
-    limits = cls_upper_limits(LimitInputs.build(np.zeros(12), b, d, g))
+    inputs = LimitInputs.build(np.zeros(12), b, d, g)
+    limits = cls_upper_limits(inputs, method="asymptotic")
     assert np.all(np.isfinite(limits.expected)) and np.isfinite(limits.observed[0])
     assert np.all(np.diff(limits.expected[0]) > 0)
     assert limits.observed[0] <= limits.expected[0, 2] * (1 + 1e-6)
     # almost no background: S g_total ~ 1.92 events (sqrt(2 S g) = 1.96)
     assert 1.9 < limits.expected[0, 2] * g.sum() < 2.3
+    # the default solves this window by its count: no event gives CL_s = exp(-S G) whatever
+    # the background and its prior, so S G = -ln 0.05 = 3.00 events
+    exact = cls_upper_limits(inputs)
+    assert exact.counting[0]
+    assert exact.observed[0] * g.sum() == pytest.approx(-math.log(0.05), rel=1e-5)
