@@ -1,4 +1,4 @@
-"""Limits benchmark: the vectorised asymptotic CLs of core.limits at full scan size, and pyhf.
+"""Limits benchmark: the vectorised CLs of core.limits at full scan size, and pyhf.
 
 Run: nice -n 10 .venv/bin/python bench/bench_limits.py [--workers 2] [--pyhf-limits 24]
 
@@ -11,9 +11,12 @@ uncertainty per bin sigma_i = b_i r_i sqrt(N_ref / N), r_i the relative band
 (`core.fit.expected_errors`) of a real p4 fit to a reference spectrum of N_ref = 1e5
 events of the same shape (the fit uncertainty scales as 1 / sqrt(N)).
 
-Timed in one run: (1) `core.limits.spectrum_limits` on everything in one process, (2) the
+Timed in one run: (1) `core.limits.spectrum_limits` on everything in one process (default
+method: exact CLs of the count below 5 background events, asymptotic above; also timed with
+the asymptotic formulae everywhere), (2) the
 same split over `--workers` processes (spectra in contiguous halves), (3) the pyhf path
-(`method="pyhf"`: the same model, pyhf's toms748 upper-limit scan per limit) on
+(`method="pyhf"`: the same asymptotic model, pyhf's toms748 upper-limit scan per limit,
+against `method="asymptotic"`) on
 `--pyhf-limits` limits drawn at random from the full set; the pyhf time for the whole set
 is its mean per limit times the number of limits, and the speed-up is that over (1) and
 (2). The agreement of both paths on the pyhf subset is recorded. Writes
@@ -39,6 +42,7 @@ from core.fitfunctions import bin_integrals, get_function
 from core.limits import (
     DEFAULT_WIDTHS,
     LimitInputs,
+    LimitMethod,
     SpectrumBackground,
     cls_upper_limits,
     limit_masses,
@@ -96,10 +100,14 @@ def synthetic_backgrounds(seed: int = 1) -> list[SpectrumBackground]:
     return spectra
 
 
-def _limits_of(spectra: list[SpectrumBackground]) -> tuple[int, float]:
+def _limits_of(
+    spectra: list[SpectrumBackground], method: LimitMethod = "auto"
+) -> tuple[int, float, int]:
+    """Number of limits, seconds, and how many were solved as exact counts."""
     start = time.perf_counter()
-    curves, _ = spectrum_limits(spectra, LUMI_PB, widths=DEFAULT_WIDTHS, n_masses=30)
-    return sum(c.masses.size for c in curves), time.perf_counter() - start
+    curves, _ = spectrum_limits(spectra, LUMI_PB, widths=DEFAULT_WIDTHS, n_masses=30, method=method)
+    counting = sum(int(c.counting.sum()) for c in curves)
+    return sum(c.masses.size for c in curves), time.perf_counter() - start, counting
 
 
 def main() -> None:
@@ -113,8 +121,13 @@ def main() -> None:
     start = time.perf_counter()
     spectra = synthetic_backgrounds(arguments.seed)
     build_seconds = time.perf_counter() - start
-    n_limits, serial_seconds = _limits_of(spectra)
-    print(f"{len(spectra)} spectra, {n_limits} limits: one process {serial_seconds:.1f} s")
+    n_limits, serial_seconds, n_counting = _limits_of(spectra)
+    print(
+        f"{len(spectra)} spectra, {n_limits} limits ({n_counting} exact counts): one process "
+        f"{serial_seconds:.1f} s"
+    )
+    _, asymptotic_seconds, _ = _limits_of(spectra, "asymptotic")
+    print(f"asymptotic everywhere, one process: {asymptotic_seconds:.1f} s")
 
     halves = np.array_split(np.arange(len(spectra)), arguments.workers)
     start = time.perf_counter()
@@ -122,6 +135,7 @@ def main() -> None:
         parts = list(pool.map(_limits_of, [[spectra[i] for i in h] for h in halves]))
     parallel_seconds = time.perf_counter() - start
     assert sum(p[0] for p in parts) == n_limits
+    assert sum(p[2] for p in parts) == n_counting
     print(f"{arguments.workers} processes: {parallel_seconds:.1f} s")
 
     # the pyhf baseline on a random subset of the same limits
@@ -152,7 +166,7 @@ def main() -> None:
         )
     )
     start = time.perf_counter()
-    vectorised = cls_upper_limits(subset)
+    vectorised = cls_upper_limits(subset, method="asymptotic")  # what pyhf computes
     subset_vectorised_seconds = time.perf_counter() - start
     start = time.perf_counter()
     reference = cls_upper_limits(subset, method="pyhf")
@@ -186,6 +200,8 @@ def main() -> None:
         "backgrounds": "synthetic p4 truths with scaled real-fit bands (module docstring)",
         "build_seconds": build_seconds,
         "vectorised_one_process_seconds": serial_seconds,
+        "exact_count_limits": n_counting,
+        "asymptotic_everywhere_one_process_seconds": asymptotic_seconds,
         "vectorised_parallel_seconds": parallel_seconds,
         "workers": arguments.workers,
         "pyhf_subset_limits": int(subset.size),
