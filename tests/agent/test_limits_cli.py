@@ -124,6 +124,10 @@ def test_limits_command_on_one_spectrum_appends_a_step_and_feeds_the_report(
     assert report.returncode == 0, report.stderr
     page = (run / "report" / "index.html").read_text()
     assert 'id="limits"' in page and 'data-plot="limits-000"' in page
+    counted = sum(sum(c["counting"]) for c in document["curves"])
+    assert (f"{counted} of them, whose window expects less than 5" in page) == (counted > 0)
+    if counted:
+        assert "exact CL_s of the window count" in done.stdout, done.stdout
 
 
 @pytest.mark.slow
