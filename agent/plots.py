@@ -245,7 +245,9 @@ def limit_curves_plot(
 
     Each panel overlays the widths: the observed limit (solid), the expected median
     (dashed) and its +-1 sigma and +-2 sigma bands (shaded, darker for +-1 sigma), one
-    colour per width. `curves` are `set_limits` output curves of this point.
+    colour per width; open circles mark the observed limits that are the exact CLs of their
+    window count (under 5 background events). `curves` are `set_limits` output curves of
+    this point.
     """
     if not curves:
         raise InvalidInputError(f"no limit curve to draw at the AR point {point_pb:g} pb")
@@ -269,6 +271,10 @@ def limit_curves_plot(
             ax.fill_between(masses, band["-1"], band["+1"], color=colour, alpha=0.25, linewidth=0)
             ax.plot(masses, band["0"], color=colour, linestyle="--", linewidth=1)
             ax.plot(masses, curve["observed_pb"], color=colour, linewidth=1.5, label=label)
+            counted = np.asarray(curve.get("counting", [False] * masses.size), dtype=bool)
+            if counted.any():  # the exact CLs of a window count: marked, the method changes
+                observed = np.asarray(curve["observed_pb"], dtype=float)
+                ax.plot(masses[counted], observed[counted], "o", color=colour, ms=2.5, mfc="none")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.minorticks_off()  # a log axis over decades: minor ticks cost seconds to lay out
@@ -283,9 +289,10 @@ def limit_curves_plot(
         handles,
         labels,
         fontsize=8,
-        title="width (solid: observed, dashed: expected)",
+        title="width (solid: observed, dashed: expected;\no: exact CLs of the window count)",
         title_fontsize=7,
     )
     figure.suptitle(f"AR point {point_pb:g} pb: Gaussian-signal limits, CLs", fontsize=11)
-    figure.subplots_adjust(hspace=0.45, wspace=0.3)
+    # room for the title above the panels' own titles (one row leaves the least)
+    figure.subplots_adjust(hspace=0.45, wspace=0.3, top=0.84 if rows == 1 else 0.92)
     return cast("Figure", figure)
