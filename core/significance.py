@@ -40,6 +40,9 @@ _SERIES_BELOW: Final = 1e-4
 
 _BAD_NLL: Final = 1e300
 
+UNDERFLOW_FLOOR: Final = 1e-12
+"""A background bin at exactly 0 is raised to this fraction of the largest bin."""
+
 MAX_TOTAL_COUNT: Final = 1e15
 """Largest total of a spectrum's data or background: window sums stay exact below 2^53."""
 
@@ -286,7 +289,9 @@ def fit_signal_and_background(
 ) -> SignalAndBackgroundFit:
     """Fit mu_i = B P_i + s g_i to the counts n_i of the bins in the likelihood (Poisson).
 
-    `background` b_i (> 0, expected events) gives the start B0 = sum b and, without a
+    `background` b_i (>= 0, expected events; a bin at exactly 0, an underflowed tail of a
+    fitted function, is raised to `UNDERFLOW_FLOOR` of the largest) gives the start
+    B0 = sum b and, without a
     `floating_shape`, the fixed fractions P_i = b_i / B0; `template` g_i is the fraction of
     the signal in each bin. B floats when `floating_normalisation`, s (events of the whole
     signal) is fixed at 0 when `fix_signal` and bounded below so that no bin's expectation
@@ -296,11 +301,20 @@ def fit_signal_and_background(
     n = np.asarray(counts, dtype=np.float64)
     b = np.asarray(background, dtype=np.float64)
     g = np.asarray(template, dtype=np.float64)
-    if not (n.shape == b.shape == g.shape and n.ndim == 1 and np.all(b > 0)):
+    if not (
+        n.shape == b.shape == g.shape
+        and n.ndim == 1
+        and np.all(np.isfinite(b))
+        and np.all(b >= 0)
+        and np.any(b > 0)
+    ):
         raise InvalidInputError(
-            f"counts, background and template must be 1-D of one length with background > 0; "
-            f"found shapes {n.shape}, {b.shape}, {g.shape}"
+            f"counts, background and template must be 1-D of one length with background >= 0 "
+            f"(not all 0); found shapes {n.shape}, {b.shape}, {g.shape}"
         )
+    # a fitted function can underflow to exactly 0 far in its tail: such a bin expects
+    # (almost) nothing, and a signal there may not drive its mean negative
+    b = np.maximum(b, UNDERFLOW_FLOOR * float(b.max()))
     signal_scale = math.sqrt(max(float(b @ g), 1.0))
     objective = _SignalAndBackgroundNLL(n, b, g, floating_shape, signal_scale)
     k = objective.n_shape

@@ -135,6 +135,26 @@ def test_signal_plus_background_fit_recovers_an_injected_signal():
     assert abs(empty.pull) < 0.01
 
 
+def test_signal_plus_background_fit_takes_a_background_that_underflows_in_its_tail():
+    """A fitted function can reach exactly 0 far in its tail (seen on injection toys: the
+    spurious-signal check then stopped the whole background choice with an input error).
+    With the last used bins at 0 the fit at 1500 GeV is unchanged."""
+    background = expected_counts("p4", 1.0e4)
+    width = float(mass_resolution(1500.0))
+    signal = 200.0 * gaussian_bin_fractions(EDGES, 1500.0, width)
+    problem = prepare_spectrum(EDGES, background + signal, FIT_RANGE)
+    nominal = fit_spectrum(prepare_spectrum(EDGES, background, FIT_RANGE), "p4")
+    tail = np.flatnonzero(problem.used)[-3:]
+    expected = nominal.expected.copy()
+    expected[tail] = 0.0
+    underflowed = dataclasses.replace(nominal, expected=expected)
+    reference = fit_signal_plus_background(problem, nominal, 1500.0, width)
+    result = fit_signal_plus_background(problem, underflowed, 1500.0, width)
+    assert result.valid and reference.valid
+    assert result.signal == pytest.approx(reference.signal, rel=1e-6)
+    assert result.signal_error == pytest.approx(reference.signal_error, rel=1e-4)
+
+
 def test_spurious_signal_passes_the_true_model_and_fails_a_deliberately_wrong_one():
     counts = toy("p4", 2.0e5, seed=17)
     problem = prepare_spectrum(EDGES, counts, FIT_RANGE)
