@@ -122,6 +122,8 @@ def test_limits_command_on_one_spectrum_appends_a_step_and_feeds_the_report(
     assert report.returncode == 0, report.stderr
     page = (run / "report" / "index.html").read_text()
     assert 'id="limits"' in page and 'data-plot="limits-000"' in page
+    contents = page.split('<p id="contents">', 1)[1].split("</p>", 1)[0]
+    assert '<a href="#limits">limits</a>' in contents  # the contents line links the section
 
 
 @pytest.mark.slow
