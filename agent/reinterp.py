@@ -735,6 +735,8 @@ def _realisation_jobs(
                 injected.masses, injected.stream_bits, stream, request.pair, mask[n_data:]
             )
             expected = _run_row(inputs.run_rows, point, name)
+            if expected is not None and not np.any(expected > 0):
+                expected = None  # nothing predicted: as if no background was accepted
             background = data.astype(np.float64)
             draw, scale = "data", None
             if request.background == "fit" and realisation.observed:
