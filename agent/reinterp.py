@@ -217,6 +217,8 @@ def check_request(request: InjectionRequest) -> list[str]:
         )
     if request.toys < 1 or request.toys > 1000:
         raise InvalidInputError(f"--toys must be in 1..1000, got {request.toys}")
+    if request.seed < 0:
+        raise InvalidInputError(f"--seed must be a non-negative integer, got {request.seed}")
     if request.rule_toys is not None and not 0 <= request.rule_toys <= request.toys:
         raise InvalidInputError(
             f"--rule-toys must be in 0..--toys ({request.toys}), got {request.rule_toys}"

@@ -287,6 +287,8 @@ def test_bad_input_exits_2_with_one_line(
         "--rule-toys", "3",
     )  # fmt: skip
     assert "--rule-toys" in text and "0..--toys (2)" in text
+    text = line("inject", run, "--pair", "jm", "--mass", "2000", "--xsec", "0.1", "--seed", "-1")
+    assert "--seed" in text and "-1" in text
     garbage = tmp_path / "broken.root"
     garbage.write_bytes(b"not a ROOT file" * 50)
     text = line("acceptance", run, str(garbage))
