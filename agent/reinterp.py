@@ -37,7 +37,9 @@ free yield, pull = (fitted - expected) / fit error against the expected yield:
   the rule accepts a background, which it does less often with more signal: these pulls are
   conditional on acceptance (`accepted_fraction` of the toys).
 - `run_function_*`: the function the run accepted for that spectrum and point refitted to
-  the injected spectrum (start: the run's parameters; no new choice), then the same fit.
+  the injected spectrum (start: the run's parameters; no new choice), then the same fit; for
+  a spectrum whose background the run found only after excluding its excess window, the
+  final function of points/point-NNN.json (no start parameters).
 - `fixed_shape_*`: the Gaussian over the run's own background prediction, its shape fixed
   and normalisation free (made before the injection: cannot absorb the signal; with
   `background="fit"` the toys are drawn from it, so this is the reference).
@@ -439,7 +441,7 @@ def _fixed_function_fit(job: SpectrumJob) -> dict[str, Any]:
             job.counts,
             entry["name"],
             tuple(entry["fit_range"]),
-            starts=[entry["parameters"]],
+            starts=None if entry["parameters"] is None else [entry["parameters"]],
             seed=job.seed,
         )
         recovered = fit_injected_signal(job.edges, job.counts, fit, job.mass, job.sigma)
@@ -518,13 +520,36 @@ def _run_row(
 
 
 def _run_accepted_backgrounds(run: RunInputs) -> dict[tuple[float, str], dict[str, Any]]:
-    """(point, spectrum) -> the background the run accepted there (points/*-backgrounds.json)."""
+    """(point, spectrum) -> the background the run accepted there (function, fit range).
+
+    From points/*-backgrounds.json (with the fitted parameters as the refit's start); a
+    spectrum whose first background was provisional and whose window exclusion found the
+    final one (status "excess" in points/point-NNN.json) takes that final function and the
+    bins of its fit range, without start parameters.
+    """
     found = {}
     for path in sorted((run.run_dir / "points").glob("point-*-backgrounds.json")):
         record = json.loads(path.read_text())
         for name, entry in record["backgrounds"].items():
             if entry.get("status") == "accepted":
                 found[(float(record["point_pb"]), name)] = entry
+    for path in sorted((run.run_dir / "points").glob("point-[0-9][0-9][0-9].json")):
+        record = json.loads(path.read_text())
+        point = float(record["point_pb"])
+        with np.load(path.with_name(record["arrays"])) as data:
+            edges = np.asarray(data["edges"], dtype=np.float64)
+        for entry in record["spectra"]:
+            key = (point, entry["spectrum"])
+            if key in found or entry["status"] != "excess" or not entry.get("function"):
+                continue
+            first, stop = (int(v) for v in entry["bins"])
+            found[key] = {
+                "name": entry["function"],
+                "function": entry["function"],
+                "fit_range": [float(edges[first]), float(edges[stop])],
+                "parameters": None,
+                "status": "accepted after the window exclusion",
+            }
     return found
 
 
@@ -740,7 +765,7 @@ def _realisation_jobs(
             if expected is not None and not np.any(expected > 0):
                 expected = None  # nothing predicted: as if no background was accepted
             background = data.astype(np.float64)
-            draw, scale = "data", None
+            draw, scale, kept, kept_run = "data", None, None, None
             if request.background == "fit" and realisation.observed:
                 draw = "data (observed realisation)"
             elif request.background == "fit" and expected is None:
@@ -749,10 +774,9 @@ def _realisation_jobs(
                 inside = np.flatnonzero(expected > 0)
                 first, stop = int(inside[0]), int(inside[-1]) + 1
                 kept_run = float(inputs.run_kept[(point, stream)][first:stop].sum())
+                kept = float(data[first:stop].sum())
                 rng = np.random.default_rng([request.seed, 11, realisation.toy, p, k])
-                drawn, scale = background_toy(
-                    expected[first:stop], float(data[first:stop].sum()), kept_run, rng
-                )
+                drawn, scale = background_toy(expected[first:stop], kept, kept_run, rng)
                 background[first:stop] = drawn
                 draw = "fit"
             in_spectrum = mask[n_data:] & injected.stream_bits[:, k]
@@ -789,6 +813,8 @@ def _realisation_jobs(
                 "whole_stream": bool(regions[k].whole_stream),
                 "background": draw,
                 "background_scale": scale,
+                "background_data_kept": kept,
+                "background_data_kept_run": kept_run,
                 "n_injected_total": len(rows),
                 "n_injected_in_spectrum": int(np.count_nonzero(in_spectrum)),
                 "injected_yield": int(np.count_nonzero(in_spectrum & injected_paired)),

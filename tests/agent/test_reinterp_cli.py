@@ -502,3 +502,33 @@ def test_cli_step_writes_its_rows_only_on_success(run_dir: Path, tmp_path: Path)
     with sqlite3.connect(copy / "audit.sqlite") as db:
         assert not list(db.execute("select key from decisions where kind = 'x'"))
     assert run_cli("audit", "verify", str(copy)).returncode == 0
+
+
+@pytest.mark.slow
+def test_background_toys_keep_the_data_the_injected_events_displace(run_dir: Path) -> None:
+    """X(2000) -> j mu in T2: the injected events above the AR cut push ~3 % of T2/jm's data
+    events out of the AR (N fixed); the toy's background is scaled by that fraction.
+
+    The run's count is the scan's own (points/point-000.npz counts over the fit range), the
+    toy's is below it, and the scale is their ratio.
+    """
+    from core.masses import SPECTRUM_NAMES
+
+    done = run_cli(
+        "inject", str(run_dir), "--pair", "jm", "--mass", "2000", "--width", "0.05",
+        "--xsec", "0.2", "--stream", "T2", "--seed", "3", "--toys", "4", "--rule-toys", "0",
+        "--name", "displaced",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    output = json.loads((run_dir / "injection" / "displaced.json").read_text())
+    with np.load(run_dir / "points" / "point-000.npz") as data:
+        k = SPECTRUM_NAMES.index("T2/jm")
+        inside = np.flatnonzero(data["background"][k] > 0)
+        scan_count = float(data["counts"][k][inside[0] : inside[-1] + 1].sum())
+    for fit in output["fits"]:
+        assert fit["background"] == "fit" and fit["n_injected_in_spectrum"] > 100
+        assert fit["background_data_kept_run"] == scan_count
+        assert fit["background_data_kept"] < scan_count
+        assert fit["background_scale"] == fit["background_data_kept"] / scan_count
+        assert 0.9 < fit["background_scale"] < 1.0
+        assert fit["run_function_status"] == "fitted"  # the run's function after its exclusion
