@@ -549,6 +549,8 @@ def _command_inject(arguments: argparse.Namespace) -> int:
         extra=arguments.extra or {},
         executor=arguments.executor,
         name=arguments.name or "",
+        background=arguments.background,
+        rule_toys=arguments.rule_toys,
     )
     output = run_injection(Path(arguments.run), request)
     for summary in output["strengths"]:
@@ -561,6 +563,7 @@ def _command_inject(arguments: argparse.Namespace) -> int:
             f"dZ = {row['dz_percent']:+.0f} %"
         )
     print(f"injection: {output['json_path']} (plot {output['plots']['linearity']})")
+    print(f"sensitivity of every injection of the run: {Path(arguments.run) / 'sensitivity.json'}")
     return 0
 
 
@@ -602,6 +605,19 @@ def add_reinterpretation_commands(commands: Any) -> None:
     inject.add_argument("--extra", type=_parse_extra, help="extra objects, e.g. photons=1")
     inject.add_argument("--executor", choices=["serial", "ray", "auto"], default="serial")
     inject.add_argument("--name", help="output name (RUN/injection/NAME.json)")
+    inject.add_argument(
+        "--background",
+        choices=["fit", "data"],
+        default="fit",
+        help="toys' background: fit = a Poisson draw of the run's accepted background "
+        "prediction per toy (default), data = the run's data in every toy",
+    )
+    inject.add_argument(
+        "--rule-toys",
+        type=int,
+        help="rerun the scan's rule (choice, checks, bump hunt) in the first N toys only "
+        "(default: all); the run's function and background are refitted in every toy",
+    )
     inject.set_defaults(handler=_command_inject)
 
 

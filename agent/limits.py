@@ -18,7 +18,6 @@ import csv
 import io
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from agent.scan import RESULTS_JSON, ScanConfig, ScanContext, read_config
+from agent.scan import RESULTS_JSON, ScanConfig, ScanContext, cli_step, read_config
 from core.errors import InvalidInputError
-from core.files import write_json, write_text
+from core.files import write_bytes, write_json, write_text
 from core.limits import DEFAULT_WIDTHS, LOW_COUNT_BACKGROUND
 from core.masses import SPECTRUM_NAMES
 
@@ -176,8 +175,6 @@ def write_points(path: Path, spectra: Sequence[AcceptedSpectrum]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    from core.files import write_bytes
-
     write_bytes(path, buffer.getvalue(), what="limits input")
 
 
@@ -277,7 +274,9 @@ def set_run_limits(
         from agent.plots import encode
 
         figure = limit_curves_plot(curves, point, "ATLAS")
-        plot = write_bytes_atomic(folder / f"limits-point-{index:03d}.png", encode(figure, "png"))
+        plot = write_bytes(
+            folder / f"limits-point-{index:03d}.png", encode(figure, "png"), what="plot"
+        )
         ctx.artifact(plot, "limits plot")
         plots.append(plot)
     ctx.audit.add(
@@ -330,13 +329,6 @@ def low_count_text(n_low: int, n_counting: int) -> str:
     )
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Write a plot through core.files (a unique temporary, then a rename)."""
-    from core.files import write_bytes
-
-    return write_bytes(path, data, what="plot")
-
-
 def run_limits(
     run_dir: Path,
     *,
@@ -344,43 +336,12 @@ def run_limits(
     widths: Sequence[float] = DEFAULT_WIDTHS,
     method: str = "auto",
 ) -> LimitsOutcome:
-    """`anomscan limits RUN`: one audited step appended to the run's log."""
-    from agent.audit import AuditLog
-    from agent.executor import FanOut
-    from agent.runlock import run_folder_lock
-
-    if not (run_dir / "config.json").is_file():
-        raise InvalidInputError(
-            f"{run_dir} is not a scan's run folder (no config.json); give the --out of a scan"
+    """`anomscan limits RUN`: one audited step (limits-NN) appended to the run's log."""
+    read_config(run_dir)  # not a run folder: refused before the log is opened
+    accepted_spectra(run_dir, spectrum)  # nor bad input
+    with cli_step(run_dir, "limits", step_ids="per_node") as step:
+        outcome = set_run_limits(
+            step.ctx, step.step_id, spectrum=spectrum, widths=widths, method=method
         )
-    config = read_config(run_dir)
-    accepted_spectra(run_dir, spectrum)  # refuse bad input before the log is opened
-    config = config.model_copy(update={"run_dir": str(run_dir.resolve())})
-    with run_folder_lock(run_dir, "limits"):
-        audit = AuditLog(run_dir / "audit.sqlite")
-        try:
-            with FanOut("serial") as fan_out:
-                ctx = ScanContext(config, audit, fan_out)
-                previous = sum(1 for row in audit.rows("steps") if row["node"] == "limits")
-                step_id = f"limits-{previous:02d}"
-                ctx.step_id = step_id
-                started = time.time()
-                with audit.transaction():
-                    outcome = set_run_limits(
-                        ctx, step_id, spectrum=spectrum, widths=widths, method=method
-                    )
-                    ended = time.time()
-                    audit.add(
-                        "steps",
-                        step_id,
-                        step_id=step_id,
-                        node="limits",
-                        point_pb=None,
-                        started_at=round(started, 3),
-                        ended_at=round(ended, 3),
-                        seconds=round(ended - started, 3),
-                        summary=f"{outcome.n_limits} limits",
-                    )
-        finally:
-            audit.close()
+        step.summary = f"{outcome.n_limits} limits"
     return outcome

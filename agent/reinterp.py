@@ -1,9 +1,10 @@
 """`anomscan acceptance` and `anomscan inject`: reinterpretation of a finished scan.
 
 Both read the run folder and never change what the scan wrote (event table, model, spectra,
-points, results.json): they write RUN/acceptance/ or RUN/injection/ and append their rows to
-the run's audit log (a `steps` row, the tool calls, a `decisions` row, the `artifacts`),
-so `anomscan audit verify` still passes. Definitions and methods: core/reinterp.py.
+points, results.json): they write RUN/acceptance/ or RUN/injection/ (and RUN/sensitivity.json
+and .csv) and append their rows to the run's audit log (a `steps` row, the tool calls, a
+`decisions` row, the `artifacts`), so `anomscan audit verify` still passes. Definitions and
+methods: core/reinterp.py.
 
 Injection: signal events X -> pair of the requested mass and Gaussian width (with the
 generator's extra objects) are generated (`generate_sample`, no background) and scored
@@ -11,32 +12,63 @@ with the run's model; per injected cross-section and toy a Poisson number of the
 sigma x L_search) is added to an in-memory copy of the run's event table, every AR point's
 cut is taken again on the injected table (N = sigma_AR L_search fixed, so signal displaces
 data events at the cut), and the spectra of the injected pair in the affected streams are
-analysed again with the scan's rule (`agent.pipeline.analyse_spectrum`: background choice,
-checks, bump hunt, window exclusion). The other spectra keep the run's results: they see
-the injected events only through their non-resonant masses. Toys vary the number and the
-choice of injected events (disjoint blocks of the generated pool); the run's data are the
-same in every toy.
+analysed again. The other spectra keep the run's results: they see the injected events only
+through their non-resonant masses. Toys differ in the number and choice of injected events
+(disjoint blocks of the generated pool) and, with `background="fit"` (the default), in the
+background: the run's data of each re-analysed spectrum in its fit range are replaced by a
+Poisson draw of the run's own accepted background prediction for that spectrum and AR point
+(points/point-NNN.npz `background`), scaled by the data events the toy's cut keeps in the fit
+range over those the run's cut kept (`core.reinterp.background_toy`); a spectrum the run
+accepted no background for at that point keeps the data (its row says so). With
+`background="data"` every toy has the run's data as background (one fluctuation of the data
+under the peak biases every toy alike: this measures the data, not the method). Random
+streams: toy t of strength i draws its signal count from numpy's generator seeded
+[seed, 7, i, t] and the background of AR point p, stream k from [seed, 11, t, p, k] (the same
+background for every strength), all in the driver, so serial and Ray runs are identical.
+With `fit`, each strength also has one "observed" realisation: the run's data plus toy 0's
+signal, for the local Z and the top-excess check on the real data (`observed`, not in the
+pulls).
+
+Three recoveries per spectrum and realisation, each a Gaussian of fixed mass and width with
+free yield, pull = (fitted - expected) / fit error against the expected yield:
+- `signal_yield`/`pull` ("rule rerun"): the scan's rule run again on the injected spectrum
+  (`agent.pipeline.analyse_spectrum`: background choice, checks, bump hunt, window
+  exclusion), then background (the chosen function, floating) + Gaussian. Defined only when
+  the rule accepts a background, which it does less often with more signal: these pulls are
+  conditional on acceptance (`accepted_fraction` of the toys).
+- `run_function_*`: the function the run accepted for that spectrum and point refitted to
+  the injected spectrum (start: the run's parameters; no new choice), then the same fit; for
+  a spectrum whose background the run found only after excluding its excess window, the
+  final function of points/point-NNN.json (no start parameters).
+- `fixed_shape_*`: the Gaussian over the run's own background prediction, its shape fixed
+  and normalisation free (made before the injection: cannot absorb the signal; with
+  `background="fit"` the toys are drawn from it, so this is the reference).
+
+The expected Z with the AR cut and on the whole stream and dZ per AR point and pair are in
+RUN/injection/NAME.json and, for all injections of the run, in RUN/sensitivity.json and
+RUN/sensitivity.csv (rebuilt from every RUN/injection/*.json at each `anomscan inject`,
+registered as artifacts, shown by the report). They are not added to results.json: that is
+the scan's own output (its hash is in the audit and inject leaves every scan file unchanged).
 """
 
 from __future__ import annotations
 
-import contextlib
+import csv
 import dataclasses
+import io
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from agent.audit import AuditLog
-from agent.executor import Executor, FanOut, map_batched
-from agent.runlock import run_folder_lock
-from agent.scan import ScanConfig, ScanContext
+from agent.executor import Executor, map_batched
+from agent.scan import ScanContext, cli_step
 from core.anomaly import stream_anomaly_regions
 from core.errors import AnomscanError, InvalidInputError
 from core.files import json_text, write_bytes, write_text
@@ -44,6 +76,7 @@ from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram, mass_bin_edge
 from core.reinterp import (
     RegionCut,
     ae_gain,
+    background_toy,
     correctly_paired,
     fit_injected_signal,
     region_mask,
@@ -59,21 +92,11 @@ from tools.reinterp import RunInputs, fit_ranges, read_run, run_region_cuts
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
+BackgroundToys = Literal["fit", "data"]
+"""The background of an injection toy: the run's prediction drawn anew, or the run's data."""
 
-@contextlib.contextmanager
-def _run_step(run: RunInputs, node: str, folder: Path) -> Iterator[tuple[ScanContext, str]]:
-    """The output folder locked, the run's audit log open, one step id for this command."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(folder, f"anomscan {node}"), FanOut("serial") as fan_out:
-        audit = AuditLog(run.run_dir / "audit.sqlite")
-        try:
-            config = ScanConfig.model_validate(run.config)
-            ctx = ScanContext(config, audit, fan_out)
-            step_id = f"{len(audit.rows('steps')):04d}-{node}-{time.strftime('%Y%m%dT%H%M%S')}"
-            ctx.step_id = step_id
-            yield ctx, step_id
-        finally:
-            audit.close()
+SENSITIVITY_JSON = "sensitivity.json"
+SENSITIVITY_CSV = "sensitivity.csv"
 
 
 def _call_logged(
@@ -93,20 +116,6 @@ def _call_logged(
     ctx.log_tool_call(step_id, label, tool, payload, outcome)
     output: dict[str, Any] = outcome["output"]
     return output
-
-
-def _step_row(ctx: ScanContext, step_id: str, node: str, started: float, summary: str) -> None:
-    ended = time.time()
-    ctx.audit.add(
-        "steps",
-        step_id,
-        step_id=step_id,
-        node=node,
-        started_at=round(started, 3),
-        ended_at=round(ended, 3),
-        seconds=round(ended - started, 3),
-        summary=summary,
-    )
 
 
 # ---------------------------------------------------------------- acceptance
@@ -133,9 +142,8 @@ def run_acceptance(
         payload["tree"] = tree
     if mapping is not None:
         payload["mapping"] = mapping
-    started = time.time()
-    folder = run.run_dir / "acceptance"
-    with _run_step(run, "acceptance", folder) as (ctx, step_id), ctx.audit.transaction():
+    with cli_step(run.run_dir, "acceptance") as step:
+        ctx, step_id = step.ctx, step.step_id
         output = _call_logged(ctx, step_id, name or "sample", "signal_acceptance", payload)
         for key in ("json_path", "csv_path"):
             ctx.artifact(Path(output[key]), "acceptance")
@@ -163,7 +171,7 @@ def run_acceptance(
                 for row in output["streams"]
             },
         )
-        _step_row(ctx, step_id, "acceptance", started, f"acceptance of {output['name']}")
+        step.summary = f"acceptance of {output['name']}"
     return output
 
 
@@ -184,6 +192,13 @@ class InjectionRequest:
     extra: dict[str, int] = field(default_factory=dict)
     executor: Executor = "serial"
     name: str = ""
+    background: BackgroundToys = "fit"
+    """Toys' background: "fit" a Poisson draw of the run's accepted prediction, "data" the
+    run's data (module docstring)."""
+    rule_toys: int | None = None
+    """The scan's rule is rerun in the first `rule_toys` toys of each strength (None: all);
+    the run-function and fixed-shape recoveries run in every toy. The rule (choice, checks,
+    bump hunt) costs ~1 s a spectrum, the two fits a fraction of it."""
 
     def label(self) -> str:
         """The output name: NAME or pair-mass-width."""
@@ -204,6 +219,17 @@ def check_request(request: InjectionRequest) -> list[str]:
         )
     if request.toys < 1 or request.toys > 1000:
         raise InvalidInputError(f"--toys must be in 1..1000, got {request.toys}")
+    if request.seed < 0:
+        raise InvalidInputError(f"--seed must be a non-negative integer, got {request.seed}")
+    if request.rule_toys is not None and not 0 <= request.rule_toys <= request.toys:
+        raise InvalidInputError(
+            f"--rule-toys must be in 0..--toys ({request.toys}), got {request.rule_toys}"
+        )
+    if request.background not in ("fit", "data"):
+        raise InvalidInputError(
+            f"--background {request.background!r}: expected 'fit' (toys drawn from the run's "
+            "background prediction) or 'data' (the run's data in every toy)"
+        )
     signal_sigma_gev(request.mass, request.width)
     ranges = fit_ranges()
     if request.streams is not None:
@@ -364,6 +390,8 @@ class SpectrumJob:
     """The run's accepted background of this spectrum at this point (function, fit_range)."""
     run_expected: FloatArray | None = None
     """The run's final expected background per bin (0 outside its fit range), if accepted."""
+    rerun_rule: bool = True
+    """Whether the scan's rule runs again here (else only the two fixed recoveries)."""
 
 
 def _fixed_shape_fit(job: SpectrumJob) -> dict[str, Any]:
@@ -413,7 +441,7 @@ def _fixed_function_fit(job: SpectrumJob) -> dict[str, Any]:
             job.counts,
             entry["name"],
             tuple(entry["fit_range"]),
-            starts=[entry["parameters"]],
+            starts=None if entry["parameters"] is None else [entry["parameters"]],
             seed=job.seed,
         )
         recovered = fit_injected_signal(job.edges, job.counts, fit, job.mass, job.sigma)
@@ -428,6 +456,10 @@ def _fixed_function_fit(job: SpectrumJob) -> dict[str, Any]:
     }
 
 
+RULE_NOT_RERUN = "rule not rerun"
+"""The status of a toy beyond --rule-toys (its spectrum only refitted, module docstring)."""
+
+
 def analyse_injected(job: SpectrumJob) -> dict[str, Any]:
     """Background choice + bump hunt (the scan's rule), then the background + Gaussian fit.
 
@@ -438,6 +470,11 @@ def analyse_injected(job: SpectrumJob) -> dict[str, Any]:
     from agent.pipeline import FAST_CHECKS, analyse_spectrum
 
     fixed = _fixed_function_fit(job) | _fixed_shape_fit(job)
+    if not job.rerun_rule:
+        return {
+            "status": RULE_NOT_RERUN,
+            "reason": "the rule runs in the first --rule-toys toys",
+        } | fixed
     checks = dataclasses.replace(FAST_CHECKS, n_gof_toys=job.gof_toys)
     result = analyse_spectrum(
         job.name,
@@ -483,13 +520,36 @@ def _run_row(
 
 
 def _run_accepted_backgrounds(run: RunInputs) -> dict[tuple[float, str], dict[str, Any]]:
-    """(point, spectrum) -> the background the run accepted there (points/*-backgrounds.json)."""
+    """(point, spectrum) -> the background the run accepted there (function, fit range).
+
+    From points/*-backgrounds.json (with the fitted parameters as the refit's start); a
+    spectrum whose first background was provisional and whose window exclusion found the
+    final one (status "excess" in points/point-NNN.json) takes that final function and the
+    bins of its fit range, without start parameters.
+    """
     found = {}
     for path in sorted((run.run_dir / "points").glob("point-*-backgrounds.json")):
         record = json.loads(path.read_text())
         for name, entry in record["backgrounds"].items():
             if entry.get("status") == "accepted":
                 found[(float(record["point_pb"]), name)] = entry
+    for path in sorted((run.run_dir / "points").glob("point-[0-9][0-9][0-9].json")):
+        record = json.loads(path.read_text())
+        point = float(record["point_pb"])
+        with np.load(path.with_name(record["arrays"])) as data:
+            edges = np.asarray(data["edges"], dtype=np.float64)
+        for entry in record["spectra"]:
+            key = (point, entry["spectrum"])
+            if key in found or entry["status"] != "excess" or not entry.get("function"):
+                continue
+            first, stop = (int(v) for v in entry["bins"])
+            found[key] = {
+                "name": entry["function"],
+                "function": entry["function"],
+                "fit_range": [float(edges[first]), float(edges[stop])],
+                "parameters": None,
+                "status": "accepted after the window exclusion",
+            }
     return found
 
 
@@ -628,13 +688,199 @@ def _summary(values: list[float]) -> dict[str, float | None]:
     }
 
 
+@dataclass(frozen=True)
+class Realisation:
+    """One injected event table: toy `toy` of strength `strength` (or the observed one)."""
+
+    strength: int
+    xsec_pb: float
+    toy: int
+    observed: bool = False
+
+
+@dataclass(frozen=True)
+class InjectionInputs:
+    """What every realisation of one injection shares (read once in the driver)."""
+
+    run: RunInputs
+    request: InjectionRequest
+    streams: list[str]
+    table: EventTable
+    exclude: BoolArray
+    training_fraction: float
+    lumi_search: float
+    pool: SignalPool
+    run_kept: dict[tuple[float, str], FloatArray]
+    """(point, stream) -> the run's data spectrum of the pair under the run's own AR cut."""
+    run_rows: dict[float, tuple[FloatArray, dict[str, str]]]
+    run_backgrounds: dict[tuple[float, str], dict[str, Any]]
+
+
+def _realisations(request: InjectionRequest) -> list[Realisation]:
+    """Every strength's toys, then (background "fit") its observed realisation."""
+    found = []
+    for i, xsec in enumerate(request.xsec_pb):
+        found += [Realisation(i, xsec, toy) for toy in range(request.toys)]
+        if request.background == "fit":
+            found.append(Realisation(i, xsec, 0, observed=True))
+    return found
+
+
+def _realisation_jobs(
+    inputs: InjectionInputs, realisation: Realisation
+) -> list[tuple[SpectrumJob, dict[str, Any]]]:
+    """The spectra of one realisation to analyse again, each with its row's known numbers."""
+    run, request, pool, table = inputs.run, inputs.request, inputs.pool, inputs.table
+    signal_rng = np.random.default_rng([request.seed, 7, realisation.strength, realisation.toy])
+    count = int(signal_rng.poisson(realisation.xsec_pb * inputs.lumi_search))
+    rows = pool.rows(realisation.toy, count)
+    injected = dataclasses.replace(
+        _take(pool.table, rows), training=np.zeros(len(rows), dtype=np.bool_)
+    )
+    combined = _joined(table, injected)
+    combined_exclude = np.concatenate([inputs.exclude, np.zeros(len(rows), dtype=np.bool_)])
+    n_data = len(table)
+    column = PAIRS.index(request.pair)
+    sigma = signal_sigma_gev(request.mass, request.width)
+    assert pool.table.score is not None
+    pool_paired = pool.paired & np.isfinite(pool.table.masses[:, column])
+    injected_paired = pool.paired[rows] & np.isfinite(injected.masses[:, column])
+    gof_toys = int(run.config.get("gof_toys", 100))
+    found = []
+    for p, point in enumerate(run.points_pb):
+        regions = stream_anomaly_regions(
+            combined, point, run.lumi_pb, combined_exclude, inputs.training_fraction
+        )
+        for stream in inputs.streams:
+            k = STREAMS.index(stream)
+            name = f"{stream}/{request.pair}"
+            mask = regions[k].selected
+            data, edges = histogram(
+                table.masses, table.stream_bits, stream, request.pair, mask[:n_data]
+            )
+            signal, _ = histogram(
+                injected.masses, injected.stream_bits, stream, request.pair, mask[n_data:]
+            )
+            expected = _run_row(inputs.run_rows, point, name)
+            if expected is not None and not np.any(expected > 0):
+                expected = None  # nothing predicted: as if no background was accepted
+            background = data.astype(np.float64)
+            draw, scale, kept, kept_run = "data", None, None, None
+            if request.background == "fit" and realisation.observed:
+                draw = "data (observed realisation)"
+            elif request.background == "fit" and expected is None:
+                draw = "data (the run accepted no background here)"
+            elif request.background == "fit" and expected is not None:
+                inside = np.flatnonzero(expected > 0)
+                first, stop = int(inside[0]), int(inside[-1]) + 1
+                kept_run = float(inputs.run_kept[(point, stream)][first:stop].sum())
+                kept = float(data[first:stop].sum())
+                rng = np.random.default_rng([request.seed, 11, realisation.toy, p, k])
+                drawn, scale = background_toy(expected[first:stop], kept, kept_run, rng)
+                background[first:stop] = drawn
+                draw = "fit"
+            in_spectrum = mask[n_data:] & injected.stream_bits[:, k]
+            in_spectrum &= np.isfinite(injected.masses[:, column])
+            pool_passes = region_mask(
+                pool.table.score,
+                pool.table.stream_bits,
+                RegionCut(point, stream, regions[k].cut, bool(regions[k].whole_stream)),
+            )
+            acceptance = float(np.mean(pool_passes & pool_paired))
+            job = SpectrumJob(
+                name,
+                edges,
+                background + signal,
+                point,
+                request.seed * 1000 + realisation.toy,
+                request.mass,
+                sigma,
+                gof_toys,
+                bool(regions[k].whole_stream),
+                inputs.run_backgrounds.get((point, name)),
+                expected,
+                realisation.observed
+                or request.rule_toys is None
+                or realisation.toy < request.rule_toys,
+            )
+            key = {
+                "expected_yield": realisation.xsec_pb * inputs.lumi_search * acceptance,
+                "xsec_pb": realisation.xsec_pb,
+                "toy": realisation.toy,
+                "realisation": "observed" if realisation.observed else "toy",
+                "spectrum": name,
+                "point_pb": point,
+                "whole_stream": bool(regions[k].whole_stream),
+                "background": draw,
+                "background_scale": scale,
+                "background_data_kept": kept,
+                "background_data_kept_run": kept_run,
+                "n_injected_total": len(rows),
+                "n_injected_in_spectrum": int(np.count_nonzero(in_spectrum)),
+                "injected_yield": int(np.count_nonzero(in_spectrum & injected_paired)),
+            }
+            found.append((job, key))
+    return found
+
+
+def _with_pulls(row: dict[str, Any]) -> dict[str, Any]:
+    """Bias and pull against the expected yield for each recovery the row holds."""
+    for prefix, yield_key in (
+        ("", "signal_yield"),
+        ("fixed_shape_", "fixed_shape_yield"),
+        ("run_function_", "run_function_yield"),
+    ):
+        if yield_key in row:
+            bias = row[yield_key] - row["expected_yield"]
+            row[f"{prefix}bias"] = bias
+            row[f"{prefix}pull"] = bias / row[f"{yield_key}_error"]
+    return row
+
+
+METHOD = (
+    "per injected cross-section and toy: Poisson(sigma x L_search) generated events "
+    "(Gaussian lineshape, scored with the run's model) added to a copy of the run's table; "
+    "AR cuts retaken on it; background of each re-analysed spectrum: {background}; "
+    "injected yield = injected events in the spectrum whose pair is the decay's; expected "
+    "yield = sigma x L_search x the fraction of the whole pool that enters the spectrum so "
+    "(under the toy's AR cut); bias = fitted - expected, pull = bias / fit error (the fit "
+    "error holds the signal's Poisson spread, so the pull is taken against the "
+    "expectation). Three fits of a Gaussian of fixed mass and width, free yield: "
+    "signal_yield/pull = the scan's rule rerun (background choice, checks, bump hunt), "
+    "then its accepted function floating + Gaussian; defined only when the rule accepts, "
+    "which it does less often with more signal, so conditional on acceptance "
+    "(accepted_fraction of the toys); run_function_* = the function the run accepted for "
+    "the spectrum and point refitted (no new choice) + Gaussian, in every toy; "
+    "fixed_shape_* = the Gaussian over the run's own background prediction (made before the "
+    "injection; shape fixed, normalisation free), the reference free of the background "
+    "absorbing signal. Local Z = sqrt(q0) of the rule's fit; expected Z in the +-2 sigma "
+    "window (Asimov), dZ = (Z_AE / Z - 1) x 100 %"
+)
+BACKGROUND_METHOD = {
+    "fit": (
+        "in its fit range a Poisson draw of the run's accepted background prediction for "
+        "that spectrum and AR point, scaled by (data events the toy's AR cut keeps in the "
+        "fit range) / (data events the run's cut kept there), the same draw for every "
+        "strength; the run's data outside the fit range and where the run accepted no "
+        "background (row 'background' says which); plus one 'observed' realisation per "
+        "strength on the run's data with toy 0's signal (local Z, top excess; not in the "
+        "pulls)"
+    ),
+    "data": (
+        "the run's data, the same in every toy (a fluctuation of the data under the peak "
+        "shifts every toy's pull alike)"
+    ),
+}
+
+
 def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
     """`anomscan inject RUN ...`: inject, re-analyse, recover; RUN/injection/NAME.json."""
-    run = read_run(run_dir)
+    run = read_run(Path(run_dir).resolve())
     streams = check_request(request)
-    started = time.time()
     folder = run.run_dir / "injection" / request.label()
-    with _run_step(run, "inject", folder) as (ctx, step_id), ctx.audit.transaction():
+    with cli_step(run.run_dir, "inject") as step:
+        ctx, step_id = step.ctx, step.step_id
+        folder.mkdir(parents=True, exist_ok=True)
         table = run.read_table()
         lumi_search = run.lumi_search_pb(table)
         exclude = run.training(table)
@@ -644,98 +890,39 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
         if request.streams is None:
             streams = _reached_streams(pool, request, streams)
         sigma = signal_sigma_gev(request.mass, request.width)
-        column = PAIRS.index(request.pair)
-        rng = np.random.default_rng([request.seed, 7])
-        assert pool.table.score is not None
-        pool_score = pool.table.score
-        pool_paired = pool.paired & np.isfinite(pool.table.masses[:, column])
-        gof_toys = int(run.config.get("gof_toys", 100))
-        run_backgrounds = _run_accepted_backgrounds(run)
-        run_rows = _run_backgrounds(run)
-        jobs: list[SpectrumJob] = []
-        keys: list[dict[str, Any]] = []
-        for xsec in request.xsec_pb:
-            for toy in range(request.toys):
-                count = int(rng.poisson(xsec * lumi_search))
-                rows = pool.rows(toy, count)
-                injected = _take(pool.table, rows)
-                injected = dataclasses.replace(
-                    injected, training=np.zeros(len(rows), dtype=np.bool_)
+        run_kept = {}
+        for point in run.points_pb:
+            regions = stream_anomaly_regions(table, point, run.lumi_pb, exclude, training_fraction)
+            for stream in streams:
+                counts, _ = histogram(
+                    table.masses,
+                    table.stream_bits,
+                    stream,
+                    request.pair,
+                    regions[STREAMS.index(stream)].selected,
                 )
-                combined = _joined(table, injected)
-                combined_exclude = np.concatenate([exclude, np.zeros(len(rows), dtype=np.bool_)])
-                is_injected = np.concatenate(
-                    [np.zeros(len(table), dtype=np.bool_), np.ones(len(rows), dtype=np.bool_)]
-                )
-                paired = np.concatenate([np.zeros(len(table), dtype=np.bool_), pool.paired[rows]])
-                for point in run.points_pb:
-                    regions = stream_anomaly_regions(
-                        combined, point, run.lumi_pb, combined_exclude, training_fraction
-                    )
-                    for stream in streams:
-                        k = list(STREAMS).index(stream)
-                        mask = regions[k].selected
-                        counts, edges = histogram(
-                            combined.masses, combined.stream_bits, stream, request.pair, mask
-                        )
-                        in_spectrum = mask & combined.stream_bits[:, k]
-                        in_spectrum &= np.isfinite(combined.masses[:, column])
-                        name = f"{stream}/{request.pair}"
-                        jobs.append(
-                            SpectrumJob(
-                                name,
-                                edges,
-                                counts.astype(float),
-                                point,
-                                request.seed * 1000 + toy,
-                                request.mass,
-                                sigma,
-                                gof_toys,
-                                bool(regions[k].whole_stream),
-                                run_backgrounds.get((point, name)),
-                                _run_row(run_rows, point, name),
-                            )
-                        )
-                        pool_passes = region_mask(
-                            pool_score,
-                            pool.table.stream_bits,
-                            RegionCut(point, stream, regions[k].cut, bool(regions[k].whole_stream)),
-                        )
-                        acceptance = float(np.mean(pool_passes & pool_paired))
-                        keys.append(
-                            {
-                                "expected_yield": xsec * lumi_search * acceptance,
-                                "xsec_pb": xsec,
-                                "toy": toy,
-                                "spectrum": name,
-                                "point_pb": point,
-                                "whole_stream": bool(regions[k].whole_stream),
-                                "n_injected_total": len(rows),
-                                "n_injected_in_spectrum": int(
-                                    np.count_nonzero(in_spectrum & is_injected)
-                                ),
-                                "injected_yield": int(
-                                    np.count_nonzero(in_spectrum & is_injected & paired)
-                                ),
-                            }
-                        )
-        outcomes = map_batched(analyse_injected, jobs, request.executor)
-        fits = []
-        for key, outcome in zip(keys, outcomes, strict=True):
-            row = key | outcome
-            if "signal_yield" in row:
-                row["bias"] = row["signal_yield"] - row["expected_yield"]
-                row["pull"] = row["bias"] / row["signal_yield_error"]
-            if "fixed_shape_yield" in row:
-                row["fixed_shape_bias"] = row["fixed_shape_yield"] - row["expected_yield"]
-                row["fixed_shape_pull"] = row["fixed_shape_bias"] / row["fixed_shape_yield_error"]
-            if "run_function_yield" in row:
-                row["run_function_bias"] = row["run_function_yield"] - row["expected_yield"]
-                row["run_function_pull"] = (
-                    row["run_function_bias"] / row["run_function_yield_error"]
-                )
-            fits.append(row)
-        strengths = _strength_summaries(run, request, fits, sigma)
+                run_kept[(point, stream)] = counts.astype(np.float64)
+        inputs = InjectionInputs(
+            run,
+            request,
+            streams,
+            table,
+            exclude,
+            training_fraction,
+            lumi_search,
+            pool,
+            run_kept,
+            _run_backgrounds(run),
+            _run_accepted_backgrounds(run),
+        )
+        pairs = [pair for r in _realisations(request) for pair in _realisation_jobs(inputs, r)]
+        outcomes = map_batched(analyse_injected, [job for job, _ in pairs], request.executor)
+        rows = [
+            _with_pulls(key | outcome) for (_, key), outcome in zip(pairs, outcomes, strict=True)
+        ]
+        fits = [row for row in rows if row["realisation"] == "toy"]
+        observed = [row for row in rows if row["realisation"] == "observed"]
+        strengths = _strength_summaries(run, request, fits, observed, sigma)
         sensitivity = _sensitivity(run, table, cuts, pool, request, streams, lumi_search)
         output: dict[str, Any] = {
             "name": request.label(),
@@ -751,27 +938,10 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
                 "block": pool.block,
                 "paired_fraction": float(np.mean(pool.paired)),
             },
-            "method": (
-                "per injected cross-section and toy: Poisson(sigma x L_search) generated "
-                "events (Gaussian lineshape, scored with the run's model) added to a copy of "
-                "the run's table; AR cuts retaken; the injected pair's spectra analysed with "
-                "the scan's rule; yield from a binned extended Poisson fit of the accepted "
-                "background (normalisation and shape floating) plus a Gaussian of fixed mass "
-                "and width; injected yield = injected events in the spectrum whose pair is the "
-                "decay's; expected yield = sigma x L_search x the fraction of the whole pool "
-                "that enters the spectrum so (under the toy's AR cut); bias = fitted - expected, "
-                "pull = bias / fit error (the fit error holds the signal's Poisson spread, so "
-                "the pull is taken against the expectation); these follow the rule, which "
-                "rejects more often the toys with more signal, so they are conditional on an "
-                "accepted background; run_function_* refit the function the run accepted for "
-                "the spectrum and point (no new choice) in every toy; fixed_shape_* fit the "
-                "Gaussian over the run's own background prediction (made before the injection; "
-                "shape fixed, normalisation free), the reference free of the background "
-                "absorbing signal; local Z = sqrt(q0) of that "
-                "fit; expected Z in the +-2 sigma window (Asimov), dZ = (Z_AE / Z - 1) x 100 %"
-            ),
+            "method": METHOD.format(background=BACKGROUND_METHOD[request.background]),
             "strengths": strengths,
             "fits": fits,
+            "observed": observed,
             "sensitivity": sensitivity,
         }
         json_path = run.run_dir / "injection" / f"{request.label()}.json"
@@ -785,6 +955,8 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
         write_text(json_path, json_text(output, indent=1), what="injection results")
         ctx.artifact(json_path, "injection")
         ctx.artifact(plot_path, "injection plot")
+        for path in write_sensitivity(run.run_dir):
+            ctx.artifact(path, "sensitivity")
         for summary in strengths:
             ctx.audit.add(
                 "decisions",
@@ -796,14 +968,140 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
                 chosen={"top_is_injected": summary["top_is_injected_fraction"]},
                 policy="rules",
                 rationale=summary["text"],
-                numbers={k: v for k, v in summary.items() if k != "text"},
+                numbers={k: v for k, v in summary.items() if k not in ("text", "observed")},
             )
-        _step_row(ctx, step_id, "inject", started, f"injection {request.label()}")
+        step.summary = f"injection {request.label()}"
     return output
 
 
+SENSITIVITY_COLUMNS = (
+    "injection",
+    "pair",
+    "mass_gev",
+    "width",
+    "sigma_gev",
+    "spectrum",
+    "point_pb",
+    "whole_stream",
+    "xsec_pb",
+    "window_lo_gev",
+    "window_hi_gev",
+    "signal_ae",
+    "background_ae",
+    "z_ae",
+    "signal_whole_stream",
+    "background_whole_stream",
+    "z_whole_stream",
+    "dz_percent",
+)
+"""RUN/sensitivity.csv columns (sensitivity.json rows hold the same keys and the statuses)."""
+
+
+def sensitivity_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Every injection's expected-Z rows (RUN/injection/*.json), with what was injected."""
+    rows = []
+    for path in sorted((run_dir / "injection").glob("*.json")):
+        output = json.loads(path.read_text())
+        request = output["request"]
+        for row in output.get("sensitivity", []):
+            window = row["window_gev"]
+            rows.append(
+                {
+                    "injection": output["name"],
+                    "pair": request["pair"],
+                    "mass_gev": request["mass"],
+                    "width": request["width"],
+                    "sigma_gev": output["sigma_gev"],
+                    **{k: v for k, v in row.items() if k != "window_gev"},
+                    "window_lo_gev": window[0],
+                    "window_hi_gev": window[1],
+                }
+            )
+    return rows
+
+
+def write_sensitivity(run_dir: Path) -> tuple[Path, Path]:
+    """RUN/sensitivity.json and .csv from all injections of the run (rebuilt each time)."""
+    rows = sensitivity_rows(run_dir)
+    document = {
+        "definition": (
+            "expected Z = sqrt(2((s + b) ln(1 + s/b) - s)) in the +-2 sigma window around the "
+            "injected mass, s = sigma x L_search x the signal's acceptance into the window, b "
+            "the accepted background there: with the AR cut (z_ae) and on the whole stream "
+            "(z_whole_stream); dz_percent = (Z_AE / Z - 1) x 100 % (PHYSICS.md 6). One row "
+            "per injection, spectrum, AR point and injected cross-section"
+        ),
+        "sources": sorted(
+            str(p.relative_to(run_dir)) for p in (run_dir / "injection").glob("*.json")
+        ),
+        "rows": rows,
+    }
+    json_path = write_text(
+        run_dir / SENSITIVITY_JSON, json_text(document, indent=1), what="sensitivity"
+    )
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SENSITIVITY_COLUMNS)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in SENSITIVITY_COLUMNS])
+    csv_path = write_text(run_dir / SENSITIVITY_CSV, buffer.getvalue(), what="sensitivity table")
+    return json_path, csv_path
+
+
+def _spectrum_summary(group: list[dict[str, Any]]) -> dict[str, Any]:
+    """The toys of one spectrum and point: yields, pulls of the three recoveries."""
+    fitted = [f for f in group if "signal_yield" in f]
+    ruled = [f for f in group if f["status"] != RULE_NOT_RERUN]
+
+    def values(key: str) -> list[float]:
+        return [float(f[key]) for f in group if key in f]
+
+    return {
+        "spectrum": group[0]["spectrum"],
+        "point_pb": group[0]["point_pb"],
+        "whole_stream": group[0]["whole_stream"],
+        "n_toys": len(group),
+        "n_rule_toys": len(ruled),
+        "n_fitted": len(fitted),
+        "accepted_fraction": len(fitted) / len(ruled) if ruled else None,
+        "n_background_drawn": sum(f["background"] == "fit" for f in group),
+        "backgrounds": sorted({f["background"] for f in group}),
+        "injected_yield": _summary(values("injected_yield")),
+        "expected_yield": _summary(values("expected_yield")),
+        "fitted_yield": _summary(values("signal_yield")),
+        "bias": _summary(values("bias")),
+        "pull": _summary(values("pull")),
+        "local_z": _summary(values("local_z")),
+        "n_fixed_shape": sum("fixed_shape_yield" in f for f in group),
+        "fixed_shape_yield": _summary(values("fixed_shape_yield")),
+        "fixed_shape_pull": _summary(values("fixed_shape_pull")),
+        "fixed_shape_bias": _summary(values("fixed_shape_bias")),
+        "n_run_function": sum("run_function_yield" in f for f in group),
+        "run_function_yield": _summary(values("run_function_yield")),
+        "run_function_pull": _summary(values("run_function_pull")),
+        "run_function_bias": _summary(values("run_function_bias")),
+        "statuses": sorted({f["status"] for f in group}),
+    }
+
+
+def _top_is_injected(
+    rows: list[dict[str, Any]], mass: float, sigma: float, best_other: float
+) -> tuple[bool, bool]:
+    """Whether the largest bump of these spectra is the injected one, and tops the scan."""
+    candidates = [f for f in rows if "bump_local_z" in f]
+    if not candidates:
+        return False, False
+    top = max(candidates, key=lambda f: f["bump_local_z"])
+    hit = _window_overlaps(top["window_gev"], mass, sigma)
+    return hit, hit and top["bump_local_z"] > best_other
+
+
 def _strength_summaries(
-    run: RunInputs, request: InjectionRequest, fits: list[dict[str, Any]], sigma: float
+    run: RunInputs,
+    request: InjectionRequest,
+    fits: list[dict[str, Any]],
+    observed: list[dict[str, Any]],
+    sigma: float,
 ) -> list[dict[str, Any]]:
     """Per injected cross-section: yields and pulls per spectrum/point, the top excess."""
     others = [
@@ -815,68 +1113,48 @@ def _strength_summaries(
     summaries = []
     for xsec in request.xsec_pb:
         rows = [f for f in fits if f["xsec_pb"] == xsec]
-        per_spectrum = []
-        for name, point in dict.fromkeys((f["spectrum"], f["point_pb"]) for f in rows):
-            group = [f for f in rows if f["spectrum"] == name and f["point_pb"] == point]
-            fitted = [f for f in group if "signal_yield" in f]
-            per_spectrum.append(
-                {
-                    "spectrum": name,
-                    "point_pb": point,
-                    "whole_stream": group[0]["whole_stream"],
-                    "n_toys": len(group),
-                    "n_fitted": len(fitted),
-                    "injected_yield": _summary([float(f["injected_yield"]) for f in group]),
-                    "expected_yield": _summary([f["expected_yield"] for f in group]),
-                    "fitted_yield": _summary([f["signal_yield"] for f in fitted]),
-                    "bias": _summary([f["bias"] for f in fitted]),
-                    "pull": _summary([f["pull"] for f in fitted]),
-                    "local_z": _summary([f["local_z"] for f in fitted]),
-                    "n_fixed_shape": sum("fixed_shape_yield" in f for f in group),
-                    "fixed_shape_yield": _summary(
-                        [f["fixed_shape_yield"] for f in group if "fixed_shape_yield" in f]
-                    ),
-                    "fixed_shape_pull": _summary(
-                        [f["fixed_shape_pull"] for f in group if "fixed_shape_pull" in f]
-                    ),
-                    "n_run_function": sum("run_function_yield" in f for f in group),
-                    "run_function_yield": _summary(
-                        [f["run_function_yield"] for f in group if "run_function_yield" in f]
-                    ),
-                    "run_function_pull": _summary(
-                        [f["run_function_pull"] for f in group if "run_function_pull" in f]
-                    ),
-                    "statuses": sorted({f["status"] for f in group}),
-                }
-            )
-        top_injected, top_scan = [], []
-        for toy in range(request.toys):
-            candidates = [f for f in rows if f["toy"] == toy and "bump_local_z" in f]
-            if not candidates:
-                top_injected.append(False)
-                top_scan.append(False)
-                continue
-            top = max(candidates, key=lambda f: f["bump_local_z"])
-            hit = _window_overlaps(top["window_gev"], request.mass, sigma)
-            top_injected.append(hit)
-            top_scan.append(hit and top["bump_local_z"] > best_other)
+        per_spectrum = [
+            _spectrum_summary([f for f in rows if f["spectrum"] == name and f["point_pb"] == point])
+            for name, point in dict.fromkeys((f["spectrum"], f["point_pb"]) for f in rows)
+        ]
+        n_ruled = request.toys if request.rule_toys is None else request.rule_toys
+        tops = [
+            _top_is_injected([f for f in rows if f["toy"] == toy], request.mass, sigma, best_other)
+            for toy in range(n_ruled)
+        ]
+        top_injected = [hit for hit, _ in tops]
+        top_scan = [scan for _, scan in tops]
+        seen = [f for f in observed if f["xsec_pb"] == xsec]
+        observed_summary = None
+        if seen:
+            hit, scan = _top_is_injected(seen, request.mass, sigma, best_other)
+            observed_summary = {
+                "top_is_injected": hit,
+                "top_of_scan_is_injected": scan,
+                "spectra": [
+                    {
+                        key: f.get(key)
+                        for key in (
+                            "spectrum",
+                            "point_pb",
+                            "status",
+                            "expected_yield",
+                            "injected_yield",
+                            "signal_yield",
+                            "signal_yield_error",
+                            "local_z",
+                            "bump_local_z",
+                            "run_function_yield",
+                            "fixed_shape_yield",
+                        )
+                    }
+                    for f in seen
+                ],
+            }
         reference = max(
-            (s for s in per_spectrum if s["n_fitted"]),
-            key=lambda s: s["local_z"]["mean"] or 0.0,
+            (s for s in per_spectrum if s["n_run_function"] or s["n_fitted"]),
+            key=lambda s: s["expected_yield"]["mean"] or 0.0,
             default=None,
-        )
-        text = f"{xsec:g} pb: " + (
-            "no spectrum with an accepted background"
-            if reference is None
-            else (
-                f"{reference['spectrum']} at {reference['point_pb']:g} pb: injected "
-                f"{reference['injected_yield']['mean']:.1f} (expected "
-                f"{reference['expected_yield']['mean']:.1f}), fitted "
-                f"{reference['fitted_yield']['mean']:.1f} events, local Z "
-                f"{reference['local_z']['mean']:.2f}; top excess of the injected spectra is "
-                f"the injected one in {sum(top_injected)}/{request.toys} toys, of the scan in "
-                f"{sum(top_scan)}/{request.toys}"
-            )
         )
         summaries.append(
             {
@@ -884,13 +1162,69 @@ def _strength_summaries(
                 "spectra": per_spectrum,
                 "reference_spectrum": None if reference is None else reference["spectrum"],
                 "reference_point_pb": None if reference is None else reference["point_pb"],
-                "top_is_injected_fraction": sum(top_injected) / request.toys,
-                "top_of_scan_is_injected_fraction": sum(top_scan) / request.toys,
+                "n_rule_toys": n_ruled,
+                "top_is_injected_fraction": sum(top_injected) / n_ruled if n_ruled else None,
+                "top_of_scan_is_injected_fraction": sum(top_scan) / n_ruled if n_ruled else None,
                 "largest_other_local_z": None if not math.isfinite(best_other) else best_other,
-                "text": text,
+                "observed": observed_summary,
+                "text": _strength_text(
+                    xsec, reference, request.toys, top_injected, top_scan, observed_summary
+                ),
             }
         )
     return summaries
+
+
+def _pull_text(summary: dict[str, Any], key: str) -> str:
+    pull = summary[key]
+    if pull["mean"] is None:
+        return "-"
+    spread = "" if pull["std"] is None else f", width {pull['std']:.2f}"
+    return f"{pull['mean']:+.2f}{spread}"
+
+
+def _strength_text(
+    xsec: float,
+    reference: dict[str, Any] | None,
+    toys: int,
+    top_injected: list[bool],
+    top_scan: list[bool],
+    observed: dict[str, Any] | None,
+) -> str:
+    if reference is None:
+        return f"{xsec:g} pb: no spectrum of the injected pair"
+    fitted = reference["fitted_yield"]["mean"]
+    ruled = len(top_injected)
+    text = (
+        f"{xsec:g} pb: {reference['spectrum']} at {reference['point_pb']:g} pb: injected "
+        f"{reference['injected_yield']['mean']:.1f} (expected "
+        f"{reference['expected_yield']['mean']:.1f}) over {toys} toy(s); mean pull: rule rerun "
+        f"{_pull_text(reference, 'pull')} (accepted in {reference['n_fitted']}/{ruled} toys"
+        + ("" if fitted is None else f", fitted {fitted:.1f}")
+        + f"), run's function {_pull_text(reference, 'run_function_pull')}, run's background "
+        f"fixed {_pull_text(reference, 'fixed_shape_pull')}"
+    )
+    if ruled:
+        text += (
+            f"; top excess of the injected spectra is the injected one in "
+            f"{sum(top_injected)}/{ruled} toys, of the scan in {sum(top_scan)}/{ruled}"
+        )
+    if observed is not None:
+        row = next(
+            (
+                r
+                for r in observed["spectra"]
+                if r["spectrum"] == reference["spectrum"] and r["point_pb"] == reference["point_pb"]
+            ),
+            None,
+        )
+        z = None if row is None else row.get("local_z")
+        text += (
+            "; on the run's data: "
+            + ("no accepted background" if z is None else f"local Z {z:.2f}")
+            + (", the top excess of the scan" if observed["top_of_scan_is_injected"] else "")
+        )
+    return text
 
 
 def _affected(fits: list[dict[str, Any]]) -> set[str]:

@@ -1,7 +1,9 @@
 """The review report's reinterpretation section: acceptances, injections and the AE gain.
 
-Drawn from RUN/acceptance/*.json and RUN/injection/*.json when present (agent/reinterp.py
-writes them); the report shows their numbers and plots, it computes nothing.
+Drawn from RUN/acceptance/*.json, RUN/injection/*.json and RUN/sensitivity.json when present
+(agent/reinterp.py writes them); the report shows their numbers and plots, it computes
+nothing. Anchors: #reinterpretation, #acceptance-NAME, #injection-NAME, #sensitivity
+(`reinterpretation_contents` lists them for the report's contents line).
 """
 
 from __future__ import annotations
@@ -51,11 +53,38 @@ def reinterpretation_outputs(run_dir: Path) -> tuple[list[dict[str, Any]], list[
     return acceptances, injections
 
 
+def _pull(summary: dict[str, Any], key: str) -> str:
+    """Mean pull and its toys' width, e.g. "-0.05 (1.02)"."""
+    found = summary.get(key, {})
+    if found.get("mean") is None:
+        return "-"
+    width = found.get("std")
+    return f"{found['mean']:+.2f}" + ("" if width is None else f" ({width:.2f})")
+
+
+def _anchor(kind: str, name: str) -> str:
+    return f"{kind}-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def reinterpretation_contents(run_dir: Path) -> list[tuple[str, str]]:
+    """(anchor, label) of every part of the section, in its order (empty: no section)."""
+    acceptances, injections = reinterpretation_outputs(run_dir)
+    if not acceptances and not injections:
+        return []
+    found = [("reinterpretation", "reinterpretation")]
+    found += [(_anchor("acceptance", a["name"]), f"acceptance {a['name']}") for a in acceptances]
+    found += [(_anchor("injection", i["name"]), f"injection {i['name']}") for i in injections]
+    if injections:
+        found.append(("sensitivity", "sensitivity gain"))
+    return found
+
+
 def _acceptance_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle) -> str:
     figure = acceptance_map_figure(output, style=style)
     image = img(figure, f"acceptance-{output['name']}", f"acceptance map of {output['name']}")
     return (
-        f"<h3>Acceptance of {_e(output['name'])}</h3>"
+        f'<h3 id="{_anchor("acceptance", output["name"])}">Acceptance of '
+        f"{_e(output['name'])}</h3>"
         f"<p>{output['n_events']} events ({_e(', '.join(Path(f).name for f in output['inputs']))}"
         f") through the run's selection, RMM and autoencoder (model "
         f"{_e(output['model_sha256'][:12])}); L_search = {output['lumi_search_pb']:g} pb^-1. "
@@ -75,26 +104,27 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
                     _n(spectrum["point_pb"]),
                     _n(_mean(spectrum, "expected_yield")),
                     _n(spectrum["injected_yield"]["mean"]),
-                    f"{spectrum['n_fitted']}/{spectrum['n_toys']}",
+                    f"{spectrum['n_fitted']}/{spectrum.get('n_rule_toys', spectrum['n_toys'])}",
                     _n(spectrum["fitted_yield"]["mean"]),
-                    _n(spectrum["pull"]["mean"], 2),
+                    _pull(spectrum, "pull"),
                     _n(spectrum["local_z"]["mean"], 3),
                     _n(_mean(spectrum, "run_function_yield")),
-                    _n(_mean(spectrum, "run_function_pull"), 2),
+                    _pull(spectrum, "run_function_pull"),
                     _n(_mean(spectrum, "fixed_shape_yield")),
-                    _n(_mean(spectrum, "fixed_shape_pull"), 2),
+                    _pull(spectrum, "fixed_shape_pull"),
                 ]
             )
     recovery = _table(
         [
+            "injection",
             "xsec pb",
             "spectrum",
             "AR pb",
             "expected",
             "injected",
-            "accepted",
-            "fitted",
-            "pull",
+            "rule accepted",
+            "fitted (rule)",
+            "pull (rule)",
             "local Z",
             "fitted (run fn)",
             "pull (run fn)",
@@ -104,12 +134,40 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
         rows,
         'class="injection"',
     )
-    tops = "; ".join(
-        f"{s['xsec_pb']:g} pb: top excess of the injected spectra is the injected one in "
-        f"{s['top_is_injected_fraction']:.0%} of toys, of the whole scan in "
-        f"{s['top_of_scan_is_injected_fraction']:.0%}"
-        for s in output["strengths"]
+    tops = "; ".join(_e(s["text"]) for s in output["strengths"])
+    figure = linearity_figure(output, style=style)
+    image = img(figure, f"linearity-{output['name']}", f"injection linearity {output['name']}")
+    background = request.get("background", "data")
+    return (
+        f'<h3 id="{_anchor("injection", output["name"])}">Injection {_e(output["name"])}: '
+        f"X({request['mass']:g}) -&gt; {_e(request['pair'])}, sigma {output['sigma_gev']:.3g} "
+        f"GeV, {request['toys']} toy(s), background {_e(background)}</h3>"
+        f'<p class="note">{_e(output["method"])}. Pulls: mean (width) over the toys. Numbers: '
+        f"{_e(output['json_path'])}.</p>" + recovery + f"<p>{tops}</p>" + image
     )
+
+
+def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:
+    """The expected Z with and without the AR cut and dZ of every injection of the run."""
+    import os
+
+    path = run_dir / "sensitivity.json"
+    if path.is_file():
+        document = json.loads(path.read_text())
+        rows, definition = document["rows"], document["definition"]
+    else:  # a run folder injected before sensitivity.json existed
+        from agent.reinterp import sensitivity_rows
+
+        rows, definition = sensitivity_rows(run_dir), "(from RUN/injection/*.json)"
+    links = ""
+    if path.is_file():
+        where = folder or run_dir
+        json_link = os.path.relpath(path, where)
+        csv_link = os.path.relpath(run_dir / "sensitivity.csv", where)
+        links = (
+            f' Numbers: <a href="{_e(json_link)}">sensitivity.json</a>, '
+            f'<a href="{_e(csv_link)}">sensitivity.csv</a>.'
+        )
     gains = _table(
         [
             "xsec pb",
@@ -125,6 +183,7 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
         ],
         [
             [
+                _e(r["injection"]),
                 _n(r["xsec_pb"]),
                 _e(r["spectrum"]),
                 _n(r["point_pb"]) + (" (whole)" if r["whole_stream"] else ""),
@@ -136,30 +195,29 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
                 _n(r["z_whole_stream"]),
                 _n(r["dz_percent"], 3),
             ]
-            for r in output["sensitivity"]
+            for r in rows
         ],
         'class="sensitivity"',
     )
-    figure = linearity_figure(output, style=style)
-    image = img(figure, f"linearity-{output['name']}", f"injection linearity {output['name']}")
     return (
-        f"<h3>Injection {_e(output['name'])}: X({request['mass']:g}) -&gt; {_e(request['pair'])}"
-        f", sigma {output['sigma_gev']:.3g} GeV, {request['toys']} toy(s)</h3>"
-        f'<p class="note">{_e(output["method"])}</p>'
-        + recovery
-        + f"<p>{_e(tops)}</p>"
-        + "<h4>Sensitivity gain of the anomaly cut (PHYSICS.md 6)</h4>"
-        + gains
-        + image
+        '<h3 id="sensitivity">Sensitivity gain of the anomaly cut (PHYSICS.md 6)</h3>'
+        f'<p class="note">{_e(definition)}.{links}</p>' + gains
     )
 
 
-def reinterpretation_section(run_dir: Path, img: ImageMaker, style: PlotStyle) -> str:
-    """The section's HTML (empty when the run has no acceptance or injection results)."""
+def reinterpretation_section(
+    run_dir: Path, img: ImageMaker, style: PlotStyle, folder: Path | None = None
+) -> str:
+    """The section's HTML (empty when the run has no acceptance or injection results).
+
+    `folder` is where the page is written (links to the run's files are relative to it).
+    """
     acceptances, injections = reinterpretation_outputs(run_dir)
     if not acceptances and not injections:
         return ""
     parts = ['<h2 id="reinterpretation">Reinterpretation</h2>']
     parts += [_acceptance_markup(a, img, style) for a in acceptances]
     parts += [_injection_markup(i, img, style) for i in injections]
+    if injections:
+        parts.append(_sensitivity_markup(run_dir, folder))
     return "".join(parts)

@@ -1126,14 +1126,26 @@ def write_report(
         )
         + (f" for {lee['best']['spectrum']}" if lee else "")
     )
+    from agent.reinterp_report import reinterpretation_contents, reinterpretation_section
+
+    contents = [
+        ("#map", "significance map"),
+        ("#excess-table", "excesses"),
+        ("#lee", "look-elsewhere"),
+        *([("#limits", "limits")] if (run_dir / "limits.json").is_file() else []),
+        ("#timeline-section", "decisions"),
+        ("#run", "run"),
+        ("#ae", "autoencoder"),
+        *((f"#{anchor}", label) for anchor, label in reinterpretation_contents(run_dir)),
+        ("tool_calls.html", "tool calls"),
+    ]
     body = [
         f"<h1>anomscan report: {_e(results['run_id'])}</h1>",
         f'<p id="headline">{_e(headline)}. Luminosity {results["luminosity_pb"]:g} pb^-1. '
         f"Stop: {_e(results['stop_reason'])}</p>",
-        '<p><a href="#map">significance map</a> | <a href="#excess-table">excesses</a> | '
-        '<a href="#lee">look-elsewhere</a> | <a href="#timeline-section">decisions</a> | '
-        '<a href="#run">run</a> | <a href="#ae">autoencoder</a> | '
-        '<a href="tool_calls.html">tool calls</a></p>',
+        '<p id="contents">'
+        + " | ".join(f'<a href="{_e(href)}">{_e(label)}</a>' for href, label in contents)
+        + "</p>",
         '<h2 id="map">Significance map</h2>',
         map_image,
         '<p class="note">Each cell links to its spectrum page: data, background, window, '
@@ -1156,14 +1168,7 @@ def write_report(
         '<h2 id="ae">Autoencoder</h2>',
         _autoencoder_section(run, figures, style),
     ]
-    from agent.reinterp_report import reinterpretation_section
-
-    reinterpretation = reinterpretation_section(run_dir, figures.img, style)
-    if reinterpretation:
-        body[2] = body[2].replace(
-            "</p>", ' | <a href="#reinterpretation">reinterpretation</a></p>', 1
-        )
-        body.append(reinterpretation)
+    body.append(reinterpretation_section(run_dir, figures.img, style, folder))
     (folder / "index.html").write_text(_page(f"anomscan report {results['run_id']}", "".join(body)))
     pages = 1
     for index in range(len(run.points)):

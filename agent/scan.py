@@ -425,6 +425,62 @@ class ScanContext:
         return digest
 
 
+StepIds = Literal["per_node", "in_log"]
+"""How a command numbers its step: "per_node" NODE-NN (NN the node's earlier steps: limits),
+"in_log" NNNN-NODE-TIME (NNNN the log's earlier steps: acceptance, inject)."""
+
+
+@dataclass
+class CliStep:
+    """One audited step of a command on a finished run: its context, id and summary."""
+
+    ctx: ScanContext
+    step_id: str
+    summary: str = ""
+
+
+@contextlib.contextmanager
+def cli_step(run_dir: Path, node: str, *, step_ids: StepIds = "in_log") -> Iterator[CliStep]:
+    """A command's step on the run folder: lock, audit log, serial context, `steps` row.
+
+    The run folder is locked and its audit log opened; the block runs inside one audit
+    transaction with a ScanContext (serial executor, the run's config with `run_dir` set to
+    where the folder is now). On a normal exit the `steps` row (with `summary` as the block
+    set it) is written with the block's rows; on an exception nothing of the step is written.
+    """
+    from agent.runlock import run_folder_lock
+
+    config = read_config(run_dir).model_copy(update={"run_dir": str(run_dir.resolve())})
+    with run_folder_lock(run_dir, f"anomscan {node}"), FanOut("serial") as fan_out:
+        audit = AuditLog(run_dir / "audit.sqlite")
+        try:
+            steps = audit.rows("steps")
+            if step_ids == "per_node":
+                step_id = f"{node}-{sum(1 for row in steps if row['node'] == node):02d}"
+            else:
+                step_id = f"{len(steps):04d}-{node}-{time.strftime('%Y%m%dT%H%M%S')}"
+            ctx = ScanContext(config, audit, fan_out)
+            ctx.step_id = step_id
+            step = CliStep(ctx, step_id)
+            started = time.time()
+            with audit.transaction():
+                yield step
+                ended = time.time()
+                audit.add(
+                    "steps",
+                    step_id,
+                    step_id=step_id,
+                    node=node,
+                    point_pb=None,
+                    started_at=round(started, 3),
+                    ended_at=round(ended, 3),
+                    seconds=round(ended - started, 3),
+                    summary=step.summary,
+                )
+        finally:
+            audit.close()
+
+
 def folder_sha256(folder: Path, pattern: str = "*.parquet") -> str:
     """One hash for a folder of parts: SHA-256 over the sorted (name, part hash) pairs."""
     digest = hashlib.sha256()

@@ -30,6 +30,15 @@ The fit error holds the Poisson spread of the signal itself, so a pull is taken 
 expected yield (sigma x A x L_search, A of the paired events), the injected count varying
 from toy to toy around it; against the realised count its width would be below 1.
 
+Background toys. An injection test on the run's own data measures the data, not the method:
+a fluctuation of the data under the peak is the same in every toy and biases every pull
+alike. A background toy (`background_toy`) replaces the data of a spectrum in its fit range
+by Poisson counts of the run's own accepted background prediction B (made before anything
+was injected) scaled by k = (data events the injected table's AR cut keeps in the fit range)
+/ (data events the run's cut kept there): with the AR's size fixed (N = sigma_AR L_search),
+injected events above the cut displace data events, and k < 1 keeps that. The toy's truth
+is then known: B k plus the injected events.
+
 Sensitivity gain (PHYSICS.md 6). Expected Z = sqrt(2((s + b) ln(1 + s/b) - s)) with s the
 expected signal and b the accepted background in the +-2 sigma_m window around the mass, with
 the AR cut (Z_AE) and on the whole stream (Z); dZ = (Z_AE / Z - 1) x 100 %.
@@ -348,6 +357,28 @@ def ae_gain(z_ae: float | None, z_whole: float | None) -> float | None:
     if z_ae is None or z_whole is None or not z_whole > 0:
         return None
     return ae_gain_percent(z_ae, z_whole)
+
+
+def background_toy(
+    expected: npt.ArrayLike,
+    kept: float,
+    kept_run: float,
+    rng: np.random.Generator,
+) -> tuple[FloatArray, float]:
+    """Background-only counts: Poisson(expected x k) per bin, k = kept / kept_run (module).
+
+    `expected` is the run's accepted background per bin (events), `kept` and `kept_run` the
+    data events in its fit range under the injected table's and the run's AR cut. Returns
+    the counts and k.
+    """
+    b = np.asarray(expected, dtype=np.float64)
+    if not (kept_run > 0 and kept >= 0) or not np.all(np.isfinite(b)) or np.any(b < 0):
+        raise InvalidInputError(
+            f"a background toy needs a finite non-negative prediction and kept / kept_run with "
+            f"kept_run > 0; got kept {kept}, kept_run {kept_run}"
+        )
+    scale = float(kept) / float(kept_run)
+    return rng.poisson(b * scale).astype(np.float64), scale
 
 
 def score_sample(

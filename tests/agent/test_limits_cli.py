@@ -128,6 +128,8 @@ def test_limits_command_on_one_spectrum_appends_a_step_and_feeds_the_report(
     assert (f"{counted} of them, whose window expects less than 5" in page) == (counted > 0)
     if counted:
         assert "exact CL_s of the window count" in done.stdout, done.stdout
+    contents = page.split('<p id="contents">', 1)[1].split("</p>", 1)[0]
+    assert '<a href="#limits">limits</a>' in contents  # the contents line links the section
 
 
 @pytest.mark.slow

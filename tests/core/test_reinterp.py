@@ -14,6 +14,7 @@ from core.masses import PAIRS, STREAMS, leading_pair_masses, mass_bin_edges, str
 from core.reinterp import (
     RegionCut,
     ae_gain,
+    background_toy,
     clopper_pearson,
     correctly_paired,
     fit_injected_signal,
@@ -198,3 +199,28 @@ def test_a_mass_outside_the_fit_range_is_refused() -> None:
     fit = fit_background(EDGES, counts, "p3", (300.0, 8535.0))
     with pytest.raises(InvalidInputError, match="outside the fit range"):
         fit_injected_signal(EDGES, counts, fit, 11_000.0, 100.0)
+
+
+def test_background_toy_draws_the_scaled_prediction() -> None:
+    """Poisson(B k), k = kept / kept_run: the mean over many toys is B k, each toy integer."""
+    expected = np.array([200.0, 50.0, 5.0, 0.5, 0.0])
+    rng = np.random.default_rng(3)
+    toys = []
+    for _ in range(4000):
+        counts, scale = background_toy(expected, 90.0, 100.0, rng)
+        toys.append(counts)
+    assert scale == pytest.approx(0.9)
+    draws = np.array(toys)
+    assert np.all(draws == np.round(draws)) and np.all(draws[:, -1] == 0)
+    # mean within 4 standard errors of B k in every bin, variance that of a Poisson
+    error = np.sqrt(expected * 0.9 / len(toys))
+    assert np.all(np.abs(draws.mean(axis=0) - expected * 0.9) <= 4 * error + 1e-12)
+    assert draws[:, 0].var() == pytest.approx(180.0, rel=0.1)
+    # the same seed gives the same toy
+    a, _ = background_toy(expected, 90.0, 100.0, np.random.default_rng([1, 2]))
+    b, _ = background_toy(expected, 90.0, 100.0, np.random.default_rng([1, 2]))
+    assert np.array_equal(a, b)
+    with pytest.raises(InvalidInputError, match="kept_run > 0"):
+        background_toy(expected, 1.0, 0.0, rng)
+    with pytest.raises(InvalidInputError, match="non-negative"):
+        background_toy(-expected, 1.0, 1.0, rng)
