@@ -26,9 +26,9 @@ def _gaussian(mass: float, sigma: float, n: float) -> np.ndarray:
     return np.asarray(n * np.diff(norm.cdf(EDGES, mass, sigma)))
 
 
-def test_mask_is_capped_at_three_resolutions_around_the_largest_excess() -> None:
+def test_mask_is_capped_at_six_resolutions_around_the_largest_excess() -> None:
     # A 12-bin BumpHunter window around 1.5 TeV: the mask keeps the contiguous sub-window of
-    # at most 3 w(m) holding the largest excess (the injected peak at 1500 GeV).
+    # at most MAX_MASK_RESOLUTIONS = 6 w(m) holding the largest excess (the peak at 1500 GeV).
     background = expected_counts("p4", 1e5)
     counts = background + _gaussian(1500.0, 40.0, 300.0)
     centre_bin = int(np.searchsorted(EDGES, 1500.0)) - 1
