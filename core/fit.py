@@ -10,7 +10,9 @@ for any other shape (symbolic-regression expressions, strongly non-linear in ~10
 with the expected information of the likelihood itself (`shape_directions`, which also
 drops exact redundancies such as a constant term next to p1), after a Levenberg-Marquardt
 pre-fit on the deviance residuals, re-whitened at the point reached when Hesse is not
-accurate. ln p1 and its covariance follow from N_hat and the integral of the shape.
+accurate. The least-squares start of such a shape moves only those directions too, so an
+exact redundancy stays where the start put it at every step. ln p1 and its covariance
+follow from N_hat and the integral of the shape.
 
 Fit range (`fit_range`, PHYSICS.md 5, issue 11). The range is set by the spectrum's
 physics, never by where its last event happens to fall:
@@ -666,7 +668,9 @@ def _least_squares_start(
     """Weighted least squares of ln(n / width) at bin centres: (theta, covariance) or None.
 
     Exact linear algebra for log-linear functions; otherwise Levenberg-Marquardt from
-    `initial` (or the function's defaults), with the Gauss-Newton covariance.
+    `initial` (or the function's defaults) along the directions the data determine there
+    (`shape_directions`: exact redundancies stay at their start), with the Gauss-Newton
+    covariance (zero along the redundancies).
     """
     range_edges = problem.range_edges
     lower = range_edges[:-1]
@@ -688,15 +692,29 @@ def _least_squares_start(
         covariance = (right.T / singular**2) @ right
         return solution[1:], covariance[1:, 1:]
     start = np.asarray(function.start if initial is None else initial, dtype=np.float64)
+    # Levenberg-Marquardt in (offset, psi), theta = start + directions psi: only the shape
+    # directions the data determine move, so an exact redundancy with the offset (a constant
+    # term of ln g, a global factor times coefficients) stays at its start. Unrestricted, LM
+    # walked along it: the P4 expression's c0 went from 0 to 4482 with the offset at -4487
+    # (finite-difference Jacobian, relative singular value 5e-11, above the 1e-12 cut below),
+    # an equal fit whose exp(ln p1) underflows. Without finite information at the start,
+    # nothing tells a redundancy apart, and every parameter moves.
+    try:
+        directions = shape_directions(BinnedShape(problem, function), start)
+    except FitError:
+        directions = np.eye(start.size)
+    if directions.shape[1] == 0:
+        return None
 
     def residuals(beta: FloatArray) -> FloatArray:
         with np.errstate(all="ignore"):
-            values = (target - beta[0] - function.log_shape(x_centre, beta[1:])) * sqrt_weights
+            theta = start + directions @ beta[1:]
+            values = (target - beta[0] - function.log_shape(x_centre, theta)) * sqrt_weights
         return np.asarray(np.where(np.isfinite(values), values, _BAD_RESIDUAL), dtype=np.float64)
 
     with np.errstate(all="ignore"):
         offset = float(np.mean(target - function.log_shape(x_centre, start)))
-    beta = np.concatenate([[offset], start])
+    beta = np.concatenate([[offset], np.zeros(directions.shape[1])])
     if not (np.isfinite(offset) and np.all(np.abs(residuals(beta)) < _BAD_RESIDUAL)):
         return None
     solution = optimize.least_squares(residuals, beta, method="lm")
@@ -708,7 +726,9 @@ def _least_squares_start(
     if not (np.all(np.isfinite(singular)) and singular.min() > 1e-12 * singular.max()):
         return None
     covariance = (right.T / singular**2) @ right
-    return beta[1:], covariance[1:, 1:]
+    theta = start + directions @ beta[1:]
+    # no variance along the redundancies left out (only the log-linear path whitens with it)
+    return theta, directions @ covariance[1:, 1:] @ directions.T
 
 
 def _whitening(covariance: FloatArray | None, theta: FloatArray) -> FloatArray:

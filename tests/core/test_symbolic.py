@@ -207,6 +207,33 @@ def test_wrapped_expression_matches_core_fit_integrals() -> None:
     np.testing.assert_allclose(wrapped, fit.expected, rtol=1e-9)
 
 
+def test_refit_keeps_a_constant_redundant_with_p1_at_its_start() -> None:
+    """P4's c0 is redundant with the profiled p1: no step of the fit moves it.
+
+    The least-squares start once walked it (and ln p1 the other way) by ~4482 on a 1e6-event
+    spectrum: the same curve, but exp(ln p1) underflowed to 0.
+    """
+    truth = np.array([0.0, 9.0, -4.5, -0.25])
+    expression = parse_expression(P4_TEXT)
+    counts = spectrum_from_density(
+        lambda x: np.exp(expression.log_density(x, truth)), 1e6, 300.0, seed=4
+    )
+    problem = prepare_spectrum(EDGES, counts, (300.0, None))
+    for start in (truth, truth + np.array([2.0, 0.5, -0.3, 0.02])):
+        fit = refit_expression(problem, expression, start)
+        assert fit.n_free == 4
+        assert fit.parameters[1] == pytest.approx(start[0], abs=1e-3)
+        norm = np.exp(fit.parameters[0])
+        assert np.isfinite(norm) and norm > 0
+        # ln p1 + c0 is the fitted level: the law integrates to the observed events
+        unit = np.sum(
+            np.exp(expression.log_density(problem.nodes, np.array([0.0, *fit.parameters[2:]])))
+            * problem.weights
+        )
+        level = np.exp(fit.parameters[0] + fit.parameters[1]) * unit
+        assert level == pytest.approx(problem.range_counts.sum(), rel=1e-6)
+
+
 # --------------------------------------------------------------------------- backends
 
 
