@@ -152,27 +152,9 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
 ) -> None:
     before = _hashes(run_dir, signal_sample.model)
     done = run_cli(
-        "inject",
-        str(run_dir),
-        "--pair",
-        "jg",
-        "--mass",
-        "2000",
-        "--width",
-        "0.05",
-        "--xsec",
-        "0.02,0.06",
-        "--stream",
-        "T2",
-        "--extra",
-        "muons=1",
-        "--seed",
-        "3",
-        "--name",
-        "g2000",
-        "--background",
-        "data",
-    )
+        "inject", str(run_dir), *INJECT_JG, "--xsec", "0.02,0.06", "--name", "g2000",
+        "--background", "data",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert _hashes(run_dir, signal_sample.model) == before
     output = json.loads((run_dir / "injection" / "g2000.json").read_text())
