@@ -510,16 +510,51 @@ def analyse_injected(job: SpectrumJob) -> dict[str, Any]:
     return row
 
 
-def _run_row(
-    rows: dict[float, tuple[FloatArray, dict[str, str]]], point: float, name: str
-) -> FloatArray | None:
-    """The run's final background of `name` at `point` when it was accepted there."""
-    if point not in rows or rows[point][1].get(name) != "excess":
-        return None
-    return np.asarray(rows[point][0][SPECTRUM_NAMES.index(name)], dtype=np.float64)
+@dataclass(frozen=True)
+class RunPoint:
+    """One AR point as the run wrote it (points/point-NNN.json and its NPZ).
+
+    `counts` and `background` are (63, bins) over the whole histogram, rows in
+    SPECTRUM_NAMES order: the data under the run's AR cut and the final accepted background
+    (0 where none); `spectra` the JSON's per-spectrum records.
+    """
+
+    point_pb: float
+    edges: FloatArray
+    counts: FloatArray
+    background: FloatArray
+    spectra: list[dict[str, Any]]
+
+    def status(self, name: str) -> str | None:
+        """The spectrum's status at this point ("excess": a background was accepted)."""
+        return next((s["status"] for s in self.spectra if s["spectrum"] == name), None)
+
+    def accepted_background(self, name: str) -> FloatArray | None:
+        """The run's final background of `name` here when it was accepted, else None."""
+        if self.status(name) != "excess":
+            return None
+        return np.asarray(self.background[SPECTRUM_NAMES.index(name)], dtype=np.float64)
 
 
-def _run_accepted_backgrounds(run: RunInputs) -> dict[tuple[float, str], dict[str, Any]]:
+def _run_points(run: RunInputs) -> dict[float, RunPoint]:
+    """Every AR point of the run (points/point-NNN.json), read once."""
+    found = {}
+    for path in sorted((run.run_dir / "points").glob("point-[0-9][0-9][0-9].json")):
+        record = json.loads(path.read_text())
+        with np.load(path.with_name(record["arrays"])) as data:
+            found[float(record["point_pb"])] = RunPoint(
+                float(record["point_pb"]),
+                np.asarray(data["edges"], dtype=np.float64),
+                np.asarray(data["counts"], dtype=np.float64),
+                np.asarray(data["background"], dtype=np.float64),
+                list(record["spectra"]),
+            )
+    return found
+
+
+def _run_accepted_backgrounds(
+    run: RunInputs, points: dict[float, RunPoint]
+) -> dict[tuple[float, str], dict[str, Any]]:
     """(point, spectrum) -> the background the run accepted there (function, fit range).
 
     From points/*-backgrounds.json (with the fitted parameters as the refit's start); a
@@ -533,12 +568,9 @@ def _run_accepted_backgrounds(run: RunInputs) -> dict[tuple[float, str], dict[st
         for name, entry in record["backgrounds"].items():
             if entry.get("status") == "accepted":
                 found[(float(record["point_pb"]), name)] = entry
-    for path in sorted((run.run_dir / "points").glob("point-[0-9][0-9][0-9].json")):
-        record = json.loads(path.read_text())
-        point = float(record["point_pb"])
-        with np.load(path.with_name(record["arrays"])) as data:
-            edges = np.asarray(data["edges"], dtype=np.float64)
-        for entry in record["spectra"]:
+    for point, record in points.items():
+        edges = record.edges
+        for entry in record.spectra:
             key = (point, entry["spectrum"])
             if key in found or entry["status"] != "excess" or not entry.get("function"):
                 continue
@@ -555,18 +587,6 @@ def _run_accepted_backgrounds(run: RunInputs) -> dict[tuple[float, str], dict[st
 
 def _window_overlaps(window: Sequence[float], mass: float, sigma: float) -> bool:
     return bool(window[0] < mass + 2 * sigma and window[1] > mass - 2 * sigma)
-
-
-def _run_backgrounds(run: RunInputs) -> dict[float, tuple[FloatArray, dict[str, str]]]:
-    """The run's accepted background rows (63, bins) per AR point, and each spectrum's status."""
-    found: dict[float, tuple[FloatArray, dict[str, str]]] = {}
-    for path in sorted((run.run_dir / "points").glob("point-[0-9][0-9][0-9].json")):
-        record = json.loads(path.read_text())
-        with np.load(path.with_name(record["arrays"])) as data:
-            background = np.asarray(data["background"], dtype=np.float64)
-        statuses = {s["spectrum"]: s["status"] for s in record["spectra"]}
-        found[float(record["point_pb"])] = (background, statuses)
-    return found
 
 
 def _whole_stream_background(
@@ -607,6 +627,7 @@ def _sensitivity(
     request: InjectionRequest,
     streams: list[str],
     lumi_search: float,
+    backgrounds: dict[float, RunPoint],
 ) -> list[dict[str, Any]]:
     """Expected Z with the AR cut and on the whole stream, dZ, per strength, stream and point."""
     sigma = signal_sigma_gev(request.mass, request.width)
@@ -618,7 +639,6 @@ def _sensitivity(
     values = signal.masses[:, column]
     in_window = np.isfinite(values) & (values >= edges[first]) & (values < edges[stop])
     n_pool = len(signal)
-    backgrounds = _run_backgrounds(run)
     rows = []
     for stream in streams:
         name = f"{stream}/{request.pair}"
@@ -628,9 +648,9 @@ def _sensitivity(
         whole_b, whole_status = None, "not fitted"
         for cut in cuts:
             if cut.stream == stream and cut.whole_stream and cut.point_pb in backgrounds:
-                rows_b, statuses = backgrounds[cut.point_pb]
-                if statuses.get(name) == "excess":
-                    whole_b, whole_status = rows_b[list(SPECTRUM_NAMES).index(name)], "run point"
+                whole_b = backgrounds[cut.point_pb].accepted_background(name)
+                if whole_b is not None:
+                    whole_status = "run point"
                     break
         if whole_b is None:
             whole_b, whole_status = _whole_stream_background(
@@ -645,10 +665,10 @@ def _sensitivity(
             b_ae = None
             status = "not in the run"
             if cut.point_pb in backgrounds:
-                rows_b, statuses = backgrounds[cut.point_pb]
-                status = statuses.get(name, "not in the run")
-                if status == "excess":
-                    b_ae = float(rows_b[list(SPECTRUM_NAMES).index(name)][first:stop].sum())
+                status = backgrounds[cut.point_pb].status(name) or "not in the run"
+                accepted = backgrounds[cut.point_pb].accepted_background(name)
+                if accepted is not None:
+                    b_ae = float(accepted[first:stop].sum())
                     status = "accepted"
             for xsec in request.xsec_pb:
                 mu = xsec * lumi_search
@@ -710,9 +730,7 @@ class InjectionInputs:
     training_fraction: float
     lumi_search: float
     pool: SignalPool
-    run_kept: dict[tuple[float, str], FloatArray]
-    """(point, stream) -> the run's data spectrum of the pair under the run's own AR cut."""
-    run_rows: dict[float, tuple[FloatArray, dict[str, str]]]
+    run_points: dict[float, RunPoint]
     run_backgrounds: dict[tuple[float, str], dict[str, Any]]
 
 
@@ -761,7 +779,8 @@ def _realisation_jobs(
             signal, _ = histogram(
                 injected.masses, injected.stream_bits, stream, request.pair, mask[n_data:]
             )
-            expected = _run_row(inputs.run_rows, point, name)
+            run_point = inputs.run_points.get(point)
+            expected = None if run_point is None else run_point.accepted_background(name)
             if expected is not None and not np.any(expected > 0):
                 expected = None  # nothing predicted: as if no background was accepted
             background = data.astype(np.float64)
@@ -773,7 +792,9 @@ def _realisation_jobs(
             elif request.background == "fit" and expected is not None:
                 inside = np.flatnonzero(expected > 0)
                 first, stop = int(inside[0]), int(inside[-1]) + 1
-                kept_run = float(inputs.run_kept[(point, stream)][first:stop].sum())
+                assert run_point is not None  # expected came from it
+                run_counts = run_point.counts[SPECTRUM_NAMES.index(name)]
+                kept_run = float(run_counts[first:stop].sum())
                 kept = float(data[first:stop].sum())
                 rng = np.random.default_rng([request.seed, 11, realisation.toy, p, k])
                 drawn, scale = background_toy(expected[first:stop], kept, kept_run, rng)
@@ -890,18 +911,7 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
         if request.streams is None:
             streams = _reached_streams(pool, request, streams)
         sigma = signal_sigma_gev(request.mass, request.width)
-        run_kept = {}
-        for point in run.points_pb:
-            regions = stream_anomaly_regions(table, point, run.lumi_pb, exclude, training_fraction)
-            for stream in streams:
-                counts, _ = histogram(
-                    table.masses,
-                    table.stream_bits,
-                    stream,
-                    request.pair,
-                    regions[STREAMS.index(stream)].selected,
-                )
-                run_kept[(point, stream)] = counts.astype(np.float64)
+        run_points = _run_points(run)
         inputs = InjectionInputs(
             run,
             request,
@@ -911,9 +921,8 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
             training_fraction,
             lumi_search,
             pool,
-            run_kept,
-            _run_backgrounds(run),
-            _run_accepted_backgrounds(run),
+            run_points,
+            _run_accepted_backgrounds(run, run_points),
         )
         pairs = [pair for r in _realisations(request) for pair in _realisation_jobs(inputs, r)]
         outcomes = map_batched(analyse_injected, [job for job, _ in pairs], request.executor)
@@ -923,7 +932,9 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
         fits = [row for row in rows if row["realisation"] == "toy"]
         observed = [row for row in rows if row["realisation"] == "observed"]
         strengths = _strength_summaries(run, request, fits, observed, sigma)
-        sensitivity = _sensitivity(run, table, cuts, pool, request, streams, lumi_search)
+        sensitivity = _sensitivity(
+            run, table, cuts, pool, request, streams, lumi_search, run_points
+        )
         output: dict[str, Any] = {
             "name": request.label(),
             "run_dir": str(run.run_dir),
