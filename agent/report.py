@@ -24,6 +24,7 @@ import numpy as np
 from agent import plots
 from agent.audit import AUDIT_FILE, AuditError, open_readonly
 from core.errors import InvalidInputError
+from core.limits import LOW_COUNT_BACKGROUND
 from core.masses import PAIRS, STREAMS
 
 SPECTRUM_NAMES = tuple(f"{stream}/{pair}" for stream in STREAMS for pair in PAIRS)
@@ -1040,7 +1041,8 @@ def _counting_note(limits: dict[str, Any]) -> str:
     if not flags:
         return ""
     return (
-        f"{sum(flags)} of them, whose window expects less than 5 background events, are the "
+        f"{sum(flags)} of them, whose window expects less than {LOW_COUNT_BACKGROUND:g} "
+        "background events, are the "
         "exact CLs of the window count (column counting); the others asymptotic."
     )
 

@@ -14,7 +14,7 @@ Rule (PHYSICS.md section 5, the statistics issue 11 item 3):
   a Gaussian) is grown to that width; one in between is masked as it is. A 9-bin mask
   (0.9-1.4 TeV in issue 11, ~15 w(m)) let the refit pull the background down over a whole
   region and manufacture an excess; a signal-sized mask can not. The trim limit was 3 w(m)
-  until a wide resonance showed it too narrow (helper rule, `anomscan inject` X(2000) -> jg
+  until a wide resonance showed it too narrow (`anomscan inject` X(2000) -> jg
   of width 5 %, sigma 111 GeV = 2.3 w(m), ~47 events on ~250 in T2/jg): a 3 w(m) mask holds
   +-0.66 sigma, 49 % of the signal, the ~24 events left in the neighbouring bins (on ~1
   expected each) failed every masked fit's goodness of fit (deviance 110-125 against a toy

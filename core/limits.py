@@ -939,7 +939,7 @@ def signal_windows(
             sigma=np.array([r[2] for r in rows]),
             bins=np.array([[r[3], r[4]] for r in rows], dtype=np.int64),
             signal_in_window=inputs.signal.sum(axis=1),
-            window_background=np.array([b[r[3] : r[4]].sum() for r in rows]),
+            window_background=window_background(inputs),
             inputs=inputs,
         ),
         skipped,

@@ -22,6 +22,7 @@ from core.limits import (
     DEFAULT_N_MASSES,
     DEFAULT_WIDTHS,
     EXPECTED_SIGMAS,
+    LOW_COUNT_BACKGROUND,
     WINDOW_SIGMAS,
     SpectrumBackground,
     spectrum_limits,
@@ -67,7 +68,8 @@ class SetLimitsInput(StrictModel):
     method: Literal["auto", "asymptotic", "poisson", "pyhf"] = Field(
         "auto",
         description=(
-            "auto: exact CLs of the window count below 5 background events, asymptotic CLs "
+            f"auto: exact CLs of the window count below {LOW_COUNT_BACKGROUND:g} background "
+            "events, asymptotic CLs "
             "above; asymptotic or poisson: one of them everywhere; pyhf: the asymptotic reference"
         ),
     )
@@ -138,7 +140,8 @@ class LimitCurveOutput(StrictModel):
     sigma_gev: list[float] = Field(description="Gaussian sigma of the signal")
     signal_in_window: list[float] = Field(description="fraction of the signal in the window")
     window_background: list[float] = Field(
-        description="fitted background in the window, events (asymptotics optimistic below 5)"
+        description="fitted background in the window, events (below "
+        f"{LOW_COUNT_BACKGROUND:g} the default limit is the exact CLs of the count)"
     )
     counting: list[bool] = Field(
         description="true where the limit is the exact CLs of the window count (a low count)"
