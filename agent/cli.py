@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import json
+import math
+import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, InternalError, guarded
 from core.errors import AnomscanError, InvalidInputError, OutputError
-from core.files import json_text
+from core.files import atomic_path, json_text
+from core.masses import SPECTRUM_NAMES
 from core.synth import PAIR_TYPES
 from tools.registry import all_tools, get_tool
 
@@ -50,7 +55,19 @@ def _print_json(data: Any) -> None:
 
 
 def _run_tool(name: str, payload: dict[str, Any]) -> int:
-    _print_json(get_tool(name).call(payload))
+    output = get_tool(name).call(payload)
+    _print_json(output)
+    if output.get("non_finite") or output.get("dropped_non_finite"):
+        values = output.get("non_finite") or {}
+        dropped = output.get("dropped_non_finite") or {}
+        print(
+            "anomscan: note: non-finite values read ("
+            + (", ".join(f"{n} in {branch}" for branch, n in values.items()) or "none")
+            + "); dropped "
+            + (", ".join(f"{n} {what}" for what, n in dropped.items()) or "nothing")
+            + " (see 'notes' in the output)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -113,7 +130,8 @@ def _command_tool(arguments: argparse.Namespace) -> int:
         path = Path(arguments.input)
         where = f"--input {path}"
         if not path.is_file():
-            raise InvalidInputError(f"input file {path} does not exist; give a JSON file")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise InvalidInputError(f"input file {path} {what}; give a JSON file")
         if path.stat().st_size > MAX_INPUT_BYTES:
             raise InvalidInputError(
                 f"input file {path} is larger than {MAX_INPUT_BYTES} bytes; pass large arrays "
@@ -302,13 +320,50 @@ AUDIT_USAGE = (
 )
 
 
+def canonical_spectrum(text: str) -> str:
+    """The spectrum name as written in the results (``t2/JM`` -> ``T2/jm``); else unchanged."""
+    by_lower = {name.lower(): name for name in SPECTRUM_NAMES}
+    return by_lower.get(text.strip().lower(), text)
+
+
+def _ar_point(text: str) -> str:
+    """An AR point as given to --why: a positive cross-section in pb or #INDEX."""
+    if text.startswith("#") and text[1:].isdigit():
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(
+            f"--why POINT {text!r}: give the AR point as a cross-section in pb (e.g. 0.3) or "
+            "as #INDEX (e.g. #0)"
+        )
+    return text
+
+
+@contextlib.contextmanager
+def _audit_log_read(path: Path) -> Iterator[None]:
+    """Turn an unreadable audit log (corrupt, truncated, not SQLite) into one line, exit 2."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        raise InvalidInputError(
+            f"the audit log {path} can not be read ({error}): it is corrupt, truncated or not "
+            "an anomscan audit log; restore it from a copy of the run folder"
+        ) from error
+
+
 def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
     """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
     from agent.report import check_spectrum, load_run, spectrum_story, why_text
 
+    spectrum = canonical_spectrum(spectrum)
     check_spectrum(spectrum)
-    run = load_run(run_dir)
-    story = spectrum_story(run, spectrum, run.point_index(point))
+    point = _ar_point(point)
+    with _audit_log_read(run_dir / "audit.sqlite"):
+        run = load_run(run_dir)
+        story = spectrum_story(run, spectrum, run.point_index(point))
     print(why_text(story))
     return 0
 
@@ -321,9 +376,10 @@ def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
     path = Path(words[0]) / audit.AUDIT_FILE
-    row = audit.annotate(
-        path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
-    )
+    with _audit_log_read(path):
+        row = audit.annotate(
+            path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
+        )
     print(f"annotation seq {row['seq']} on decision {row['decision_seq']}: {row['verdict']}")
     return 0
 
@@ -352,16 +408,18 @@ def _command_audit(arguments: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if action == "export":
         output = Path(arguments.output or Path(words[0]) / "audit.jsonl")
-        n_rows = audit.export_jsonl(path, output)
+        with _audit_log_read(path), atomic_path(output, what="audit export") as partial:
+            n_rows = audit.export_jsonl(path, partial)
         print(f"{n_rows} rows -> {output}")
         return 0
-    rows = audit.decisions(
-        path,
-        step=arguments.step,
-        spectrum=arguments.spectrum,
-        point_pb=arguments.point,
-        policy=arguments.policy,
-    )
+    with _audit_log_read(path):
+        rows = audit.decisions(
+            path,
+            step=arguments.step,
+            spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
+            point_pb=arguments.point,
+            policy=arguments.policy,
+        )
     from rich.console import Console
     from rich.table import Table
 
@@ -628,7 +686,10 @@ def _command_limits(arguments: argparse.Namespace) -> int:
     run_dir = Path(arguments.run)
     widths = parse_widths(arguments.widths)
     outcome = run_limits(
-        run_dir, spectrum=arguments.spectrum, widths=widths, method=arguments.method
+        run_dir,
+        spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
+        widths=widths,
+        method=arguments.method,
     )
     print(
         f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
@@ -642,7 +703,8 @@ def _command_limits(arguments: argparse.Namespace) -> int:
 def _add_limits_parser(commands: Any) -> None:
     """The `limits` subcommand."""
     limits = commands.add_parser(
-        "limits", help="95 % CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)"
+        "limits",
+        help="95 %% CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)",
     )
     limits.add_argument("run", help="run folder")
     limits.add_argument("--spectrum", help="only this spectrum, e.g. T2/jm")
@@ -665,9 +727,49 @@ def _command_mcp(arguments: argparse.Namespace) -> int:
     return serve_stdio(arguments.root)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) pointing at ``--help``; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `message` as one line and exit with the status of a bad input."""
+        self.exit(EXIT_INVALID_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def unknown(self, extras: Sequence[str]) -> NoReturn:
+        """Refuse the words this (sub)command does not know, naming its closest option."""
+        options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+        flags = [word for word in extras if word.startswith("-")]
+        if not flags:
+            self.error(f"unexpected argument(s) {' '.join(map(repr, extras))}")
+        name = flags[0].split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        self.error(f"unknown option {name}{hint}")
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` (the main parser when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[name]
+            return chosen
+    return parser
+
+
+def parse_arguments(words: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; an unknown option exits 2 naming the closest one."""
+    parser = build_parser()
+    arguments, extras = parser.parse_known_args(words)
+    if extras:
+        chosen = _subcommand(parser, getattr(arguments, "command", None))
+        if isinstance(chosen, CommandParser):
+            chosen.unknown(extras)
+        chosen.error(f"unknown argument(s): {' '.join(extras)}")
+    return arguments
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `anomscan` command."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="anomscan",
         description="Model-agnostic anomaly search: RMM + autoencoder + bump hunt in 63 spectra.",
     )
@@ -797,7 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    arguments = build_parser().parse_args(words)
+    arguments = parse_arguments(words)
     status: int = guarded(lambda: int(arguments.handler(arguments)), words)
     return status
 

@@ -36,6 +36,7 @@ from core.autoencoder import (
 )
 from core.errors import InvalidInputError, ToolError
 from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
+from core.files import exclusive_output
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
 from tools.common import StrictModel, npz_integers, npz_numbers, open_npz
@@ -257,6 +258,11 @@ def _feature_chunks(
 )
 def train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
     """Collect the features of the training events, train, export (and quantise)."""
+    with exclusive_output(arguments.output, what="autoencoder model"):
+        return _train(arguments)
+
+
+def _train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
     keep = (arguments.fraction, arguments.seed)
     parts = list(_feature_chunks(arguments, keep))
     if not parts:
@@ -348,6 +354,11 @@ def _training_mask(model: Path, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.b
 )
 def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     """Score every event of the source, match them to the table by event id, write back."""
+    with exclusive_output(arguments.table, what="event table"):
+        return _score_events(arguments)
+
+
+def _score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     table_events = read_event_table(arguments.table).keys()
     scorer = load_scorer(
         arguments.model, threads=arguments.threads, batch_size=arguments.batch_size

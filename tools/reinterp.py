@@ -31,7 +31,7 @@ from core.anomaly import stream_anomaly_regions
 from core.autoencoder import ModelCard, read_model_card, training_selection
 from core.errors import InvalidInputError, ModelError
 from core.events import SchemaName, Selection
-from core.files import file_sha256, json_text, write_text
+from core.files import exclusive_output, file_sha256, json_text, write_text
 from core.fit import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
@@ -360,6 +360,13 @@ def signal_acceptance_tool(arguments: SignalAcceptanceInput) -> SignalAcceptance
     name = arguments.name or Path(files[0]).stem
     folder = run.run_dir / "acceptance"
     folder.mkdir(exist_ok=True)
+    with exclusive_output(folder / f"{name}.json", what="acceptance"):
+        return _signal_acceptance(arguments, run, files, name, folder)
+
+
+def _signal_acceptance(
+    arguments: SignalAcceptanceInput, run: RunInputs, files: list[str], name: str, folder: Path
+) -> SignalAcceptanceOutput:
     table = run.read_table()
     cuts = run_region_cuts(run, table)
     lumi_search = run.lumi_search_pb(table)

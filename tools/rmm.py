@@ -11,8 +11,15 @@ import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
 from core.errors import InvalidInputError
-from core.events import SchemaName, iterate_events, load_events, plan_read
-from core.files import atomic_path
+from core.events import (
+    NON_FINITE_RULE,
+    SchemaName,
+    iterate_events,
+    load_events,
+    non_finite_note,
+    plan_read,
+)
+from core.files import atomic_path, exclusive_output
 from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
@@ -72,6 +79,15 @@ class ComputeRMMOutput(StrictModel):
     output: Path
     n_events: int
     schema_name: str = Field(alias="schema")
+    non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="objects per type, and events ('events'), dropped for a non-finite value",
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArray[np.float64]]:
@@ -95,7 +111,17 @@ def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArra
     ComputeRMMOutput,
 )
 def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
-    """Compute the RMMs of the (first `max_events`) events of the inputs."""
+    """Compute the RMMs of the (first `max_events`) events of the inputs.
+
+    The output is locked for the whole computation: a second writer of the same NPZ fails at
+    once (OutputInUseError) instead of both reporting success for one file.
+    """
+    _make_folder(arguments.output)
+    with exclusive_output(arguments.output, what="NPZ output"):
+        return _compute_rmm(arguments)
+
+
+def _compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
     schemas = sorted({plan_read(path, arguments.schema_name).schema for path in arguments.inputs})
     chunk = load_events(arguments.inputs, arguments.schema_name, arguments.max_events)
     layout = RMMLayout(sqrt_s=arguments.sqrt_s)
@@ -117,7 +143,15 @@ def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
         "met_phi": np.asarray(chunk.met_phi, dtype=np.float64),
     }
     _save_npz(arguments.output, arrays)
-    return ComputeRMMOutput(output=arguments.output, n_events=len(chunk), schema=",".join(schemas))
+    note = non_finite_note(chunk.non_finite, chunk.dropped_non_finite)
+    return ComputeRMMOutput(
+        output=arguments.output,
+        n_events=len(chunk),
+        schema=",".join(schemas),
+        non_finite=dict(chunk.non_finite),
+        dropped_non_finite=dict(chunk.dropped_non_finite),
+        notes=[note] if note else [],
+    )
 
 
 class EventTableInput(StrictModel):
@@ -159,6 +193,11 @@ class EventTableOutput(StrictModel):
 def event_table(arguments: EventTableInput) -> EventTableOutput:
     """Read, select and write the streams and masses of every event, chunk by chunk."""
     _make_folder(arguments.output)
+    with exclusive_output(arguments.output, what="event table"):
+        return _event_table(arguments)
+
+
+def _event_table(arguments: EventTableInput) -> EventTableOutput:
     total = sum(plan_read(path, arguments.schema_name).num_entries for path in arguments.inputs)
     if arguments.max_events is not None:
         total = min(total, arguments.max_events)
@@ -228,6 +267,12 @@ class SpectraOutput(StrictModel):
 )
 def spectra(arguments: SpectraInput) -> SpectraOutput:
     """Cut the event table on the score and histogram every stream and pair."""
+    _make_folder(arguments.output)
+    with exclusive_output(arguments.output, what="spectra NPZ"):
+        return _spectra(arguments)
+
+
+def _spectra(arguments: SpectraInput) -> SpectraOutput:
     result = table_spectra(
         arguments.table, arguments.score_min, include_training=arguments.include_training
     )

@@ -40,7 +40,14 @@ def test_compute_rmm_writes_matrices_features_and_the_objects_that_went_in(
     result = get_tool("compute_rmm").call(
         {"inputs": [path], "schema": "auto", "max_events": 150, "output": str(output)}
     )
-    assert result == {"output": str(output), "n_events": 150, "schema": "nanoaod"}
+    assert result == {
+        "output": str(output),
+        "n_events": 150,
+        "schema": "nanoaod",
+        "non_finite": {},
+        "dropped_non_finite": {},
+        "notes": [],
+    }
     chunk = load_events(path, max_events=150)
     with np.load(output) as data:
         assert data["rmm"].shape == (150, 36, 36)
