@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from core.errors import ToolError
+from tests.nanofiles import nanoaod_with_nan_muons
 from tools.registry import all_tools, get_tool
 
 
@@ -71,3 +78,41 @@ def test_registry_lists_and_rejects_unknown_names():
     assert names == sorted(names)
     with pytest.raises(ToolError, match="no tool called 'nope'"):
         get_tool("nope")
+
+
+def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, tmp_path):
+    """A third of Muon_pt set to NaN: counted per branch, never dropped silently."""
+    path, n_nan = nanoaod_with_nan_muons(
+        shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root", tmp_path / "nan.root"
+    )
+    summary = get_tool("read_events").call({"inputs": [str(path)]})
+    assert summary["non_finite"] == {"Muon_pt": n_nan}
+    assert summary["dropped_non_finite"] == {"muons": n_nan}
+    assert len(summary["notes"]) == 1
+    assert f"{n_nan} in Muon_pt" in summary["notes"][0]
+    assert "an object with a non-finite pt" in summary["notes"][0]
+    rmm = get_tool("compute_rmm").call({"inputs": [str(path)], "output": str(tmp_path / "r.npz")})
+    assert rmm["non_finite"] == {"Muon_pt": n_nan}
+    assert rmm["dropped_non_finite"] == {"muons": n_nan}
+    assert rmm["n_events"] == 200
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tool",
+            "read_events",
+            "--json",
+            json.dumps({"inputs": [str(path)]}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"anomscan: note: non-finite values read ({n_nan} in Muon_pt); dropped {n_nan} muons "
+        "(see 'notes' in the output)"
+    )
+    assert json.loads(result.stdout)["non_finite"] == {"Muon_pt": n_nan}
