@@ -39,7 +39,7 @@ from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
 from core.files import exclusive_output
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
-from tools.common import StrictModel, npz_integers, npz_numbers, open_npz
+from tools.common import StrictModel, npz_integers, npz_numbers, open_npz, require_file
 from tools.events import SelectionInput
 from tools.registry import (
     ChunkSize,
@@ -210,8 +210,7 @@ def _feature_chunks(
     if source.features is not None:
         refuse_duplicate_inputs(source.features)
         for path in source.features:
-            if not path.is_file():
-                raise ToolError(f"feature file {path} does not exist; run compute_rmm first")
+            require_file(path, "feature file", "; run compute_rmm first", ToolError)
             with open_npz(path) as data:
                 missing = [key for key in ("features", "key") if key not in data]
                 if missing:

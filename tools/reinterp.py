@@ -36,7 +36,7 @@ from core.fit import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
 from core.table import EventTable, read_event_table
-from tools.common import StrictModel
+from tools.common import StrictModel, require_file
 from tools.registry import FilePath, PathText, register
 
 SQRT_S_GEV = 13000.0
@@ -339,10 +339,7 @@ def _checked_inputs(inputs: list[str]) -> list[str]:
             files.append(text)
             continue
         path = Path(text)
-        if not path.is_file():
-            raise InvalidInputError(
-                f"signal file {path} does not exist; give ROOT files of the signal sample"
-            )
+        require_file(path, "signal file", "; give ROOT files of the signal sample")
         files.append(str(path.resolve()))
     return files
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.errors import ToolError
+from core.errors import InvalidInputError, ToolError
 from tests.nanofiles import nanoaod_with_nan_muons
 from tools.registry import all_tools, get_tool
 
@@ -116,3 +116,41 @@ def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, t
         "(see 'notes' in the output)"
     )
     assert json.loads(result.stdout)["non_finite"] == {"Muon_pt": n_nan}
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_given_as_input_is_refused_at_once_not_read(tmp_path):
+    """`read_events` on a FIFO hung forever; every tool input path is checked before opening."""
+    fifo = tmp_path / "events.root"
+    os.mkfifo(fifo)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tool",
+            "read_events",
+            "--json",
+            json.dumps({"inputs": [str(fifo)]}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"anomscan: input file {fifo} is a FIFO (named pipe), not a regular file; give a file "
+        "on disk"
+    )
+    npz = tmp_path / "h.npz"
+    os.mkfifo(npz)
+    with pytest.raises(InvalidInputError, match=r"histogram file .*h\.npz is a FIFO"):
+        get_tool("fit_background").call({"histogram": {"path": str(npz)}})
+    with pytest.raises(ToolError, match=r"feature file .*h\.npz is a FIFO"):
+        get_tool("train_autoencoder").call(
+            {"features": [str(npz)], "output": str(tmp_path / "m.onnx")}
+        )
+    with pytest.raises(InvalidInputError, match="is a folder, not a file"):
+        get_tool("fit_background").call({"histogram": {"path": str(tmp_path)}})
