@@ -45,6 +45,7 @@ __all__ = [
     "exclusive_output",
     "file_sha256",
     "json_text",
+    "make_parent_folder",
     "read_manifest",
     "read_user_text",
     "recover_folder",
@@ -177,7 +178,8 @@ def exclusive_output(path: str | Path, *, what: str = "output") -> Iterator[Path
 
     The lock is an `flock` on a file beside the output, taken without waiting: a second
     writer of the same output (another process or thread) gets OutputInUseError at once,
-    before it computes anything. The lock file is removed on release; a writer that opened
+    before it computes anything. The output's folder is created first (as every writing tool
+    does) so that the lock has a place. The lock file is removed on release; a writer that opened
     a lock file another writer had just removed retries on the new one, so two writers can
     never hold locks on two different files of one path. A killed writer's lock is released
     by the kernel.
@@ -194,11 +196,10 @@ def exclusive_output(path: str | Path, *, what: str = "output") -> Iterator[Path
 
 
 def _lock(lock_path: Path, target: Path, what: str) -> int:
+    make_parent_folder(target, what)
     while True:
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except FileNotFoundError:
-            return _no_lock_folder(target, what)
         except OSError as error:
             raise _write_error(target, what, error) from error
         try:
@@ -219,11 +220,21 @@ def _lock(lock_path: Path, target: Path, what: str) -> int:
         os.close(descriptor)
 
 
-def _no_lock_folder(target: Path, what: str) -> int:
-    raise InvalidInputError(
-        f"cannot write the {what} to {target}: folder {target.parent} does not exist; create "
-        "it or choose another output path"
-    )
+def make_parent_folder(target: str | Path, what: str = "output") -> None:
+    """Create the folder of output `target` (and its parents); InvalidInputError if impossible."""
+    path = Path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise InvalidInputError(
+            f"cannot write the {what} to {path}: a file is in the way of its folder "
+            f"{path.parent}; choose another output path"
+        ) from error
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write the {what} to {path}: its folder can not be created "
+            f"({error.strerror}); choose another output path"
+        ) from error
 
 
 def _remove_dead_temporaries(target: Path) -> None:

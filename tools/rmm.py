@@ -10,7 +10,6 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
-from core.errors import InvalidInputError
 from core.events import (
     NON_FINITE_RULE,
     SchemaName,
@@ -19,7 +18,7 @@ from core.events import (
     non_finite_note,
     plan_read,
 )
-from core.files import atomic_path, exclusive_output
+from core.files import atomic_path, exclusive_output, make_parent_folder
 from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
@@ -43,18 +42,7 @@ def _save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
 
 def _make_folder(path: Path) -> None:
     """Create the folder of an output file; InvalidInputError when that is impossible."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as error:
-        raise InvalidInputError(
-            f"cannot write {path}: a file is in the way of its folder {path.parent}; choose "
-            "another output path"
-        ) from error
-    except OSError as error:
-        raise InvalidInputError(
-            f"cannot write {path}: its folder can not be created ({error.strerror}); choose "
-            "another output path"
-        ) from error
+    make_parent_folder(path)
 
 
 class ComputeRMMInput(StrictModel):
@@ -116,7 +104,6 @@ def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
     The output is locked for the whole computation: a second writer of the same NPZ fails at
     once (OutputInUseError) instead of both reporting success for one file.
     """
-    _make_folder(arguments.output)
     with exclusive_output(arguments.output, what="NPZ output"):
         return _compute_rmm(arguments)
 
@@ -192,7 +179,6 @@ class EventTableOutput(StrictModel):
 )
 def event_table(arguments: EventTableInput) -> EventTableOutput:
     """Read, select and write the streams and masses of every event, chunk by chunk."""
-    _make_folder(arguments.output)
     with exclusive_output(arguments.output, what="event table"):
         return _event_table(arguments)
 
@@ -267,7 +253,6 @@ class SpectraOutput(StrictModel):
 )
 def spectra(arguments: SpectraInput) -> SpectraOutput:
     """Cut the event table on the score and histogram every stream and pair."""
-    _make_folder(arguments.output)
     with exclusive_output(arguments.output, what="spectra NPZ"):
         return _spectra(arguments)
 

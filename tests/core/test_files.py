@@ -200,10 +200,13 @@ def test_two_locks_in_one_process_conflict_too(tmp_path):
         pass
 
 
-def test_lock_in_a_missing_folder_says_so(tmp_path):
+def test_lock_creates_the_output_folder_or_says_why_not(tmp_path):
+    with exclusive_output(tmp_path / "new" / "a.npz"):
+        assert (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
     with (
-        pytest.raises(InvalidInputError, match="does not exist"),
-        exclusive_output(tmp_path / "no" / "a.npz"),
+        pytest.raises(InvalidInputError, match="a file is in the way of its folder"),
+        exclusive_output(tmp_path / "file" / "a.npz"),
     ):
         pass
 

@@ -154,3 +154,28 @@ def test_a_fifo_given_as_input_is_refused_at_once_not_read(tmp_path):
         )
     with pytest.raises(InvalidInputError, match="is a folder, not a file"):
         get_tool("fit_background").call({"histogram": {"path": str(tmp_path)}})
+
+
+def test_an_output_the_tool_built_wrong_is_a_bug_not_the_users_fault():
+    """A tool whose output model refuses what it built raises ToolOutputError (exit 1, log)."""
+    from tools import registry
+    from tools.common import StrictModel
+
+    class Empty(StrictModel):
+        pass
+
+    class Finite(StrictModel):
+        value: float
+
+    def broken(arguments: Empty) -> Finite:
+        return Finite(value=float("inf"))
+
+    registry.register("test_broken_output", "a tool that builds an infinite output", Empty, Finite)(
+        broken
+    )
+    try:
+        with pytest.raises(registry.ToolOutputError, match=r"'test_broken_output' built an out"):
+            get_tool("test_broken_output").call({})
+        assert not issubclass(registry.ToolOutputError, ValidationError)
+    finally:
+        del registry._REGISTRY["test_broken_output"]
