@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from pydantic import ConfigDict, Field, field_validator
 from core.events import (
     NON_FINITE_RULE,
     SchemaName,
+    add_counts,
     iterate_events,
     load_events,
     non_finite_note,
@@ -168,6 +170,15 @@ class EventTableOutput(StrictModel):
     n_events: int
     n_chunks: int
     streams: dict[str, int]
+    non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="objects per type, and events ('events'), dropped for a non-finite value",
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 @register(
@@ -193,14 +204,27 @@ def _event_table(arguments: EventTableInput) -> EventTableOutput:
         step_size=arguments.step_size,
         max_events=arguments.max_events,
     )
+    non_finite: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+
+    def counted(chunks: Iterator[EventChunk]) -> Iterator[EventChunk]:
+        for chunk in chunks:
+            add_counts(non_finite, chunk.non_finite)
+            add_counts(dropped, chunk.dropped_non_finite)
+            yield chunk
+
     summary = write_event_table(
-        chunks, arguments.output, progress=arguments.progress, total_events=total
+        counted(chunks), arguments.output, progress=arguments.progress, total_events=total
     )
+    note = non_finite_note(non_finite, dropped)
     return EventTableOutput(
         output=summary.path,
         n_events=summary.n_events,
         n_chunks=summary.n_chunks,
         streams={stream: summary.stream_counts[stream] for stream in STREAMS},
+        non_finite=non_finite,
+        dropped_non_finite=dropped,
+        notes=[note] if note else [],
     )
 
 

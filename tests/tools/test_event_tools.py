@@ -95,6 +95,12 @@ def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, t
     assert rmm["non_finite"] == {"Muon_pt": n_nan}
     assert rmm["dropped_non_finite"] == {"muons": n_nan}
     assert rmm["n_events"] == 200
+    table = get_tool("event_table").call(
+        {"inputs": [str(path)], "output": str(tmp_path / "t.parquet"), "step_size": 70}
+    )
+    assert table["non_finite"] == {"Muon_pt": n_nan}
+    assert table["dropped_non_finite"] == {"muons": n_nan}
+    assert table["n_events"] == 200
     result = subprocess.run(
         [
             sys.executable,
