@@ -7,6 +7,7 @@ import contextlib
 import difflib
 import json
 import math
+import re
 import sqlite3
 import sys
 import time
@@ -732,6 +733,13 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print `message` as one line and exit with the status of a bad input."""
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice is not None:
+            listed = choice.group(2)
+            choices = re.findall(r"'([^']*)'", listed) or [c.strip() for c in listed.split(",")]
+            close = difflib.get_close_matches(choice.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
         self.exit(EXIT_INVALID_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
     def unknown(self, extras: Sequence[str]) -> NoReturn:

@@ -194,6 +194,17 @@ def test_unknown_option_of_another_subcommand_is_matched_there(capsys):
     assert "did you mean --spectrum?" in line
 
 
+@pytest.mark.parametrize(
+    ("words", "suggestion"),
+    [(["scna"], "'scan'"), (["scan", "--executor", "rey"], "'ray'")],
+)
+def test_a_mistyped_choice_names_the_closest_one(words, suggestion, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(words)
+    line = _one_line_exit_2(int(stop.value.code), capsys.readouterr().err)
+    assert "invalid choice" in line and f"did you mean {suggestion}?" in line
+
+
 def test_unknown_option_without_a_close_one_is_still_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["report", "run", "--zzzzzz"])
