@@ -215,6 +215,7 @@ def _lock(lock_path: Path, target: Path, what: str) -> int:
         except FileNotFoundError:
             same = False
         if same:
+            os.ftruncate(descriptor, 0)  # a killed writer's lock file may still hold its pid
             os.write(descriptor, f"{os.getpid()}\n".encode())
             return descriptor
         os.close(descriptor)

@@ -185,8 +185,9 @@ def test_lock_of_a_killed_writer_is_released(tmp_path):
     assert ready.wait(60)
     holder.kill()
     holder.join(30)
+    assert (tmp_path / "table.parquet.lock").read_text().strip() == str(holder.pid)
     with exclusive_output(target):  # the kernel dropped the dead writer's flock
-        pass
+        assert (tmp_path / "table.parquet.lock").read_text() == f"{os.getpid()}\n"
 
 
 def test_two_locks_in_one_process_conflict_too(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -206,20 +207,35 @@ def _tool_process(name: str, payload: dict) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.slow
+def _holds(lock: Path, pid: int) -> bool:
+    """Whether process `pid` holds `lock` (it writes its pid once its flock is taken)."""
+    try:
+        return lock.read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
+
+
 def test_two_processes_writing_one_npz_never_both_succeed(tmp_path):
-    """The second writer fails at once (exit 2, one line); the file is the first's."""
-    info = generate_sample(tmp_path / "sample", SampleConfig(n_events=20_000, seed=11))
+    """The second writer fails at once (exit 2, one line); the file is the first's.
+
+    The first writer is paused (SIGSTOP) once it holds the lock, so the second surely
+    arrives while the first is computing, however fast the machine.
+    """
+    info = generate_sample(tmp_path / "sample", SampleConfig(n_events=10_000, seed=11))
     output = tmp_path / "out" / "rmm.npz"
     payload = {"inputs": [str(info.files[0])], "output": str(output)}
     first = _tool_process("compute_rmm", payload)
     lock = output.with_name("rmm.npz.lock")
     deadline = time.monotonic() + 120
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lock.exists(), "the first writer never took the lock"
-    second = _tool_process("compute_rmm", {**payload, "max_events": 15_000})
-    second_out, second_err = second.communicate(timeout=300)
+    while not _holds(lock, first.pid) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert _holds(lock, first.pid), "the first writer never took the lock"
+        second = _tool_process("compute_rmm", {**payload, "max_events": 5_000})
+        second_out, second_err = second.communicate(timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     first_out, first_err = first.communicate(timeout=600)
     assert first.returncode == 0, first_err
     assert second.returncode == 2, second_err
@@ -230,7 +246,7 @@ def test_two_processes_writing_one_npz_never_both_succeed(tmp_path):
     assert f"{output} is being written by another process" in lines[0]
     reported = json.loads(first_out)["n_events"]
     with np.load(output) as written:
-        assert len(written["event"]) == reported == 20_000
+        assert len(written["event"]) == reported == 10_000
     assert not lock.exists()
 
 
