@@ -134,6 +134,14 @@ def _write_error(target: Path, what: str, error: OSError) -> OutputError:
     return OutputError(f"cannot write the {what} to {target}: {reason}; choose another path")
 
 
+_SPECIAL_KINDS: Final = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
 def check_regular_file(path: str | Path, what: str = "input file") -> Path:
     """`path` when it is a regular file; InvalidInputError for a FIFO, device or folder.
 
@@ -155,17 +163,7 @@ def check_regular_file(path: str | Path, what: str = "input file") -> Path:
             f"{source}/*.root)"
         )
     if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO (named pipe)"
-            if stat.S_ISFIFO(mode)
-            else "a character device"
-            if stat.S_ISCHR(mode)
-            else "a block device"
-            if stat.S_ISBLK(mode)
-            else "a socket"
-            if stat.S_ISSOCK(mode)
-            else "not a regular file"
-        )
+        kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
         raise InvalidInputError(
             f"{what} {source} is {kind}, not a regular file; give a file on disk"
         )
@@ -178,11 +176,11 @@ def exclusive_output(path: str | Path, *, what: str = "output") -> Iterator[Path
 
     The lock is an `flock` on a file beside the output, taken without waiting: a second
     writer of the same output (another process or thread) gets OutputInUseError at once,
-    before it computes anything. The output's folder is created first (as every writing tool
-    does) so that the lock has a place. The lock file is removed on release; a writer that opened
-    a lock file another writer had just removed retries on the new one, so two writers can
-    never hold locks on two different files of one path. A killed writer's lock is released
-    by the kernel.
+    before it computes anything. The output's folder is created first (as every writing
+    tool does) so that the lock has a place. The lock file is removed on release; a writer
+    that opened a lock file another writer had just removed retries on the new one, so two
+    writers never hold locks on two different files of one path. The kernel releases the
+    lock of a killed writer.
     """
     target = Path(path)
     lock_path = target.with_name(target.name + LOCK_SUFFIX)
