@@ -12,7 +12,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, InternalError, guarded
+from agent.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    InternalError,
+    guarded,
+)
 from core.errors import AnomscanError, InvalidInputError, OutputError
 from core.files import json_text
 from core.synth import PAIR_TYPES
@@ -164,7 +170,7 @@ SCAN_INPUT_ERRORS = (
     "AuditError",
     "InputFileError",
     "SchemaError",
-    "StorageError",
+    "OutputError",
 )
 """Anticipated faults of a scan's inputs or run folder: one line, exit status 2."""
 
@@ -263,26 +269,92 @@ def _scan_config(arguments: argparse.Namespace) -> Any:
         ) from error
 
 
-def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
-    from agent.scan import read_config, resolve_inputs, run_scan, write_config
+RESUME_KEEPS = frozenset({"resume", "quiet", "handler", "command"})
+"""Options that may be given with --resume: the rest would change the run and are refused."""
 
+_OPTION_NAMES = {"data": "DATA", "llm_timeout_s": "--llm-timeout"}
+
+
+def _changed_on_resume(arguments: argparse.Namespace) -> list[str]:
+    """The scan options given with --resume (a resumed run keeps its recorded config)."""
+    defaults = vars(build_parser().parse_args(["scan"]))
+    return [
+        _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        for name, value in vars(arguments).items()
+        if name not in RESUME_KEEPS and name in defaults and value != defaults[name]
+    ]
+
+
+def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
+    from agent.scan import read_config, resolve_inputs, run_scan
+
+    config: Any = None
     try:
         if arguments.resume is not None:
+            changed = _changed_on_resume(arguments)
+            if changed:
+                raise InvalidInputError(
+                    f"{', '.join(changed)} given with --resume: a resumed scan keeps the config "
+                    f"it was started with ({Path(arguments.resume) / 'config.json'}); drop "
+                    "the option, or start a new scan with another --out"
+                )
             config = read_config(Path(arguments.resume))
             outcome = run_scan(config, resume=True, show_progress=not arguments.quiet)
         else:
             config = _scan_config(arguments)
-            if config.xsec_range[0] >= config.xsec_range[1]:
-                raise InvalidInputError(
-                    f"--xsec-range {config.xsec_range[0]:g} {config.xsec_range[1]:g}: the low "
-                    "end must be below the high end"
-                )
             resolve_inputs(config)
-            write_config(config)
-            outcome = run_scan(config, show_progress=not arguments.quiet)
+            outcome = _new_scan(config, show_progress=not arguments.quiet)
     except AnomscanError as error:
         return _scan_error(error), None
+    except KeyboardInterrupt:
+        folder = Path(arguments.resume or (config.run_dir if config is not None else ""))
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            print("anomscan scan: interrupted before the run folder was made", file=sys.stderr)
+        else:
+            print(
+                f"anomscan scan: interrupted; {folder} keeps every completed step: continue "
+                f"with `anomscan scan --resume {folder}`",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED, None
     return 0, outcome
+
+
+def _new_scan(config: Any, *, show_progress: bool) -> Any:
+    """A new scan; a folder it made and that holds no tool call yet is removed on failure.
+
+    A scan refused before it did any work (bad input found by the first node) leaves
+    nothing that would block the same --out; once it has work in its folder, the folder
+    stays and `anomscan scan --resume` continues it after the cause is fixed.
+    """
+    import shutil
+
+    from agent.scan import run_scan
+
+    folder = Path(config.run_dir)
+    existed = folder.exists()
+    try:
+        return run_scan(config, show_progress=show_progress)
+    except AnomscanError:
+        if not existed and folder.is_dir() and not _holds_work(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether a run folder's audit log has a tool call or a decision (work to resume)."""
+    from agent.audit import open_readonly
+
+    log = folder / "audit.sqlite"
+    if not log.is_file():
+        return False
+    db = open_readonly(log)
+    try:
+        return any(
+            db[table].exists() and db[table].count > 0 for table in ("tool_calls", "decisions")
+        )
+    finally:
+        db.close()
 
 
 def _command_scan(arguments: argparse.Namespace) -> int:
@@ -320,10 +392,14 @@ def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
     if len(words) != 2 or not words[1].isdigit() or arguments.verdict is None:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
+    from agent.runlock import run_folder_lock
+
     path = Path(words[0]) / audit.AUDIT_FILE
-    row = audit.annotate(
-        path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
-    )
+    audit.open_readonly(path).close()  # not a run folder: refused before the lock makes one
+    with run_folder_lock(path.parent, "anomscan audit annotate"):
+        row = audit.annotate(
+            path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
+        )
     print(f"annotation seq {row['seq']} on decision {row['decision_seq']}: {row['verdict']}")
     return 0
 

@@ -228,9 +228,9 @@ def _prepare(ctx: ScanContext) -> NodeBody:
             "stage": "prepared",
             "lumi_pb": lumi,
             "inputs": hashes,
-            "model": str(model_path),
+            "model": ctx.relative(model_path),
             "model_sha256": model_hash,
-            "table": str(run_dir / "events"),
+            "table": ctx.relative(run_dir / "events"),
             "table_sha256": table_hash,
         }
 
@@ -324,8 +324,8 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
             point=f"AR point {index + 1} ({point:g} pb)",
             spectra_total=ctx.progress.spectra_total or 0,
         )
-        table = ctx.cached("table", lambda: read_event_table(Path(state["table"])))
-        card = read_model_card(Path(state["model"]))
+        table = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
+        card = read_model_card(ctx.at(state["model"]))
         exclude = ctx.cached(
             "exclude", lambda: training_selection(table.keys(), card.fraction, card.seed)
         )
@@ -385,7 +385,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
             "current": {
                 "index": index,
                 "point_pb": point,
-                "spectra_file": str(path),
+                "spectra_file": ctx.relative(path),
                 "spectra_sha256": digest,
                 "skipped": skipped,
                 "whole_stream": {
@@ -563,7 +563,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
         index = int(current["index"])
-        with np.load(current["spectra_file"]) as data:
+        with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
         names = [n for n in SPECTRUM_NAMES if n not in current["skipped"]]
         calls = [
@@ -655,7 +655,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         path = ctx.run_dir / "points" / f"point-{index:03d}-backgrounds.json"
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, json.dumps({"point_pb": point, "backgrounds": backgrounds}))
-        current["backgrounds_file"] = str(path)
+        current["backgrounds_file"] = ctx.relative(path)
         current["backgrounds_sha256"] = ctx.artifact(path, "backgrounds")
         ctx.progress.update(spectra_done=ctx.progress.spectra_done + len(names))
         return {
@@ -791,9 +791,9 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
         index = int(current["index"])
-        with np.load(current["spectra_file"]) as data:
+        with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
-        backgrounds = json.loads(Path(current["backgrounds_file"]).read_text())["backgrounds"]
+        backgrounds = json.loads(ctx.at(current["backgrounds_file"]).read_text())["backgrounds"]
         accepted = [
             n
             for n in SPECTRUM_NAMES
@@ -940,7 +940,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
             "point_pb": point,
             "spectra_file": current["spectra_file"],
             "spectra_sha256": current["spectra_sha256"],
-            "results_file": str(results_path),
+            "results_file": ctx.relative(results_path),
             "results_sha256": ctx.artifact(results_path, "point results"),
             "outcomes": outcomes,
         }
@@ -1045,8 +1045,8 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
             "min_window_background": [],
         }
         for record in state["points"]:
-            results = json.loads(Path(record["results_file"]).read_text())
-            with np.load(Path(record["results_file"]).with_name(results["arrays"])) as data:
+            results = json.loads(ctx.at(record["results_file"]).read_text())
+            with np.load(ctx.at(record["results_file"]).with_name(results["arrays"])) as data:
                 edges, counts, background = data["edges"], data["counts"], data["background"]
             for spectrum in results["spectra"]:
                 if spectrum["status"] != "excess":
@@ -1188,13 +1188,16 @@ def _merge_whole_stream_repeats(excesses: list[dict[str, Any]]) -> list[dict[str
     return kept
 
 
-def collect_results(state: ScanState) -> dict[str, Any]:
-    """results.json from the state and the per-point files (never from truth.json)."""
+def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, Any]:
+    """results.json from the state and the per-point files (never from truth.json).
+
+    `at` finds a path recorded in the state in the run folder as it is now.
+    """
     lee = state.get("lee")
     excesses = []
     skipped = []
     for record in state["points"]:
-        results = json.loads(Path(record["results_file"]).read_text())
+        results = json.loads(at(record["results_file"]).read_text())
         for spectrum in results["spectra"]:
             if spectrum["status"] != "excess":
                 skipped.append(
@@ -1252,7 +1255,7 @@ def collect_results(state: ScanState) -> dict[str, Any]:
 
 def _summarise(ctx: ScanContext) -> NodeBody:
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
-        results = collect_results(state)
+        results = collect_results(state, ctx.at)
         json_path, csv_path = write_results(ctx.run_dir, results)
         ctx.artifact(json_path, "results")
         ctx.artifact(csv_path, "results")

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.audit import (
     INLINE_OUTPUT_BYTES,
@@ -66,7 +66,7 @@ whose hashes are in `artifacts`). Training and generation write files and are no
 class ScanConfig(BaseModel):
     """What a scan was asked to do; written to RUN/config.json and the `runs` table."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: list[str] = Field(default_factory=list, description="ROOT files or globs")
     manifest: str | None = None
@@ -97,6 +97,14 @@ class ScanConfig(BaseModel):
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
     limits: bool = Field(False, description="set 95 % CL limits as the last node")
+
+    @field_validator("xsec_range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high:
+            raise ValueError(f"expected 0 < LO < HI pb, found {low:g} {high:g}")
+        return value
 
     def grid_size(self) -> int:
         """Points of the initial log-uniform grid."""
@@ -216,16 +224,22 @@ def write_config(config: ScanConfig) -> Path:
 
 
 def read_config(run_dir: Path) -> ScanConfig:
-    """The config of the scan in `run_dir` (for --resume)."""
+    """The config of the scan in `run_dir`, acting on `run_dir` as it is now.
+
+    A run folder is self-contained: the `run_dir` recorded when it was made is replaced by
+    the folder given, so a copied run resumes (or is reported, limited, injected) in the
+    copy, and a moved one where it is now.
+    """
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InvalidInputError(
             f"{run_dir} is not a scan's run folder (no {CONFIG_FILE}); give the --out of a scan"
         )
     try:
-        return ScanConfig.model_validate_json(path.read_text())
+        config = ScanConfig.model_validate_json(path.read_text())
     except ValidationError as error:
         raise InvalidInputError(f"{path} is not a valid scan config: {error}") from error
+    return config.model_copy(update={"run_dir": str(run_dir.resolve())})
 
 
 def run_tool(call: tuple[str, dict[str, Any]]) -> dict[str, Any]:
@@ -333,8 +347,20 @@ class ScanContext:
         self.rules = RulesPolicy()
         self.progress = progress or Progress()
         self.step_id = "-"
+        self.recorded_dir: Path | None = None
+        """Where the run folder was when its checkpoints were written (set on resume)."""
         self._events = 0
         self._cache: dict[str, Any] = {}
+
+    def at(self, path: str | Path) -> Path:
+        """A path recorded in the scan's state, in the run folder as it is now."""
+        return locate_path(str(path), self.run_dir, self.recorded_dir)
+
+    def relative(self, path: Path) -> str:
+        """How the state records a path: relative inside the run folder, else absolute."""
+        return (
+            str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
+        )
 
     def executor_event(self, message: str) -> None:
         """Log what the executor did on its own (a lost Ray batch run serially)."""
@@ -450,7 +476,7 @@ def cli_step(run_dir: Path, node: str, *, step_ids: StepIds = "in_log") -> Itera
     """
     from agent.runlock import run_folder_lock
 
-    config = read_config(run_dir).model_copy(update={"run_dir": str(run_dir.resolve())})
+    config = read_config(run_dir)
     with run_folder_lock(run_dir, f"anomscan {node}"), FanOut("serial") as fan_out:
         audit = AuditLog(run_dir / "audit.sqlite")
         try:
@@ -645,16 +671,26 @@ def run_scan(
 ) -> ScanOutcome:
     """Run (or resume) the scan of `config` in its run folder and return its results.
 
-    A full disk or an unwritable run folder raises StorageError (one line, exit 2); what
-    was written stays consistent (audit rows go in per-step transactions, checkpoints per
-    superstep), so `--resume` continues once the cause is fixed.
+    The run folder is locked for the scan's whole life (`agent.runlock`): a second scan,
+    resume, limits, injection or annotation of the same folder is refused (exit 2) before
+    it writes anything. A new scan writes RUN/config.json under that lock (refused when the
+    folder already holds a scan). A full disk or an unwritable run folder raises
+    StorageError (one line, exit 2); what was written stays consistent (audit rows go in
+    per-step transactions, checkpoints per superstep), so `--resume` continues once the
+    cause is fixed.
     """
     import sqlite3
 
+    from agent.runlock import run_folder_lock
+
+    run_dir = Path(config.run_dir)
     try:
-        return _run_scan(config, resume=resume, show_progress=show_progress)
+        with run_folder_lock(run_dir, "anomscan scan --resume" if resume else "anomscan scan"):
+            if not resume:
+                write_config(config)
+            return _run_scan(config, resume=resume, show_progress=show_progress)
     except (OSError, sqlite3.Error) as error:
-        fault = storage_fault(error, Path(config.run_dir))
+        fault = storage_fault(error, run_dir)
         if fault is None:
             raise
         raise fault from error
@@ -713,6 +749,8 @@ def _run_scan(config: ScanConfig, *, resume: bool, show_progress: bool) -> ScanO
         final: dict[str, Any] | None = None
         if resume:
             snapshot = graph.get_state(thread)  # type: ignore[arg-type]
+            if snapshot.values.get("run_dir"):
+                ctx.recorded_dir = Path(snapshot.values["run_dir"])
             if snapshot.values and not snapshot.next:
                 final = dict(snapshot.values)
             elif snapshot.values:

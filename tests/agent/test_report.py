@@ -26,7 +26,7 @@ import pytest
 from agent import plots
 from agent.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
 from agent.report import SPECTRUM_NAMES, _number, flagged_excesses, load_run, spectrum_slug
-from agent.scan import ScanConfig, run_scan, write_config
+from agent.scan import ScanConfig, run_scan
 from core.errors import InvalidInputError
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import LUMI_PB, SIGNAL, run_cli
@@ -90,7 +90,6 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory) -> ReviewedRun:
         n_pseudo_scans=200,
         max_pseudo_scans=500,
     )
-    write_config(config)
     run_scan(config, show_progress=False)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["excesses"], "the tiny scan must yield at least one excess"
@@ -154,7 +153,9 @@ def _parse(path: Path, table_id: str = "excesses") -> _Collector:
 
 
 def _chromium(*arguments: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM.is_file(), "install Chromium: apt-get install -y chromium (.ci/run does)"
+    assert CHROMIUM.is_file(), (
+        "install Chromium: apt-get install -y chromium (make test does: scripts/ensure-chromium)"
+    )
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],

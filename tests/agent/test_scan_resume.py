@@ -107,10 +107,80 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "audit log" in refused.stderr and "--resume" in refused.stderr
 
-    _resume_completes_like(reference, out)
-    with sqlite3.connect(out / "audit.sqlite") as db:
+    # the killed run is moved before it is resumed: the resume acts on the folder given
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    _resume_completes_like(reference, moved)
+    assert not out.exists(), "the resume wrote into the folder's old place"
+    with sqlite3.connect(moved / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
     assert events == ["start", "resume", "finish"], "the refused resume left a runs row"
+
+
+def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while _steps(out, "build_spectra") < 1:  # inside the first AR point
+        assert process.poll() is None, "the scan ended before its first AR point"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=300)
+    assert process.returncode == 130, error
+    assert error.strip().splitlines()[-1] == (
+        f"anomscan scan: interrupted; {out} keeps every completed step: continue with "
+        f"`anomscan scan --resume {out}`"
+    )
+    _resume_completes_like(reference, out)
+
+
+def test_resume_during_the_running_scan_is_refused_and_the_chain_holds(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """One writer per run folder for its whole life: `scan --resume RUN` while the first scan
+    of RUN runs exits 2 before it writes; the first scan finishes with an intact chain."""
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "audit.sqlite").exists():  # the scan has written its first row
+            assert process.poll() is None, "the scan ended before it wrote its audit log"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for command in (
+            ("scan", "--resume", str(out), "--quiet"),
+            ("audit", "annotate", str(out), "1", "--verdict", "agree", "--by", "me"),
+        ):
+            refused = run_cli(*command)
+            assert refused.returncode == 2, refused.stderr
+            assert "in use" in refused.stderr and str(process.pid) in refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            assert process.poll() is None, "the first scan ended before the refusal was tested"
+        assert process.wait(timeout=900) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert results_of(out) == results_of(reference)
+    report = run_cli("audit", "verify", str(out))
+    assert report.returncode == 0, report.stdout
 
 
 def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
@@ -255,7 +325,8 @@ def test_the_checkpointed_state_holds_references_not_arrays(reference: Path) -> 
 
     assert longest_list(state) <= 64  # AR points and per-spectrum outcomes, never bins
     for record in state["points"]:
-        assert Path(record["results_file"]).is_file()
+        assert not Path(record["results_file"]).is_absolute(), "the state names a folder"
+        assert (reference / record["results_file"]).is_file()
         assert len(record["results_sha256"]) == 64
 
 
