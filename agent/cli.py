@@ -790,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped scan")
     scan.add_argument("--model", help="a trained autoencoder (.onnx with its card)")
-    scan.add_argument("--events", type=int, default=100_000, help="built-in sample size")
+    scan.add_argument("--events", type=int, help="built-in sample size (default 100000)")
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
     scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
     scan.add_argument("--quiet", action="store_true", help="no progress display")

@@ -33,7 +33,7 @@ from agent.policy import (
     PointsProposal,
     SpectrumOutcome,
 )
-from agent.scan import ScanContext, folder_sha256, write_atomic, write_results
+from agent.scan import BUILTIN_EVENTS, ScanContext, folder_sha256, write_atomic, write_results
 from agent.state import PointRecord, ScanState
 from core.errors import AnomscanError, InvalidInputError, ModelError
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
@@ -146,7 +146,7 @@ def _prepare(ctx: ScanContext) -> NodeBody:
                         "built-in sample",
                         {
                             "output_dir": str(run_dir / "data"),
-                            "n_events": config.events,
+                            "n_events": config.events or BUILTIN_EVENTS,
                             "seed": config.seed,
                             "signals": [
                                 {

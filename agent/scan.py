@@ -18,6 +18,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -40,6 +41,7 @@ from agent.audit import (
 from agent.executor import Executor, FanOut
 from agent.policy import Policy, RulesPolicy
 from core.errors import AnomscanError, InvalidInputError, StorageError
+from core.files import MANIFEST_NAME, read_manifest
 from tools.registry import get_tool
 
 CONFIG_FILE = "config.json"
@@ -61,6 +63,10 @@ REPLAYABLE_TOOLS = frozenset(
 )
 """Pure tools: their output is a function of their logged input (and the files it names,
 whose hashes are in `artifacts`). Training and generation write files and are not replayed."""
+
+
+BUILTIN_EVENTS = 100_000
+"""Background events of the built-in synthetic sample (a scan without DATA)."""
 
 
 class ScanConfig(BaseModel):
@@ -88,7 +94,9 @@ class ScanConfig(BaseModel):
     llm_max_rejections: int = Field(3, ge=0, description="refused proposals sent back per decision")
     llm_max_calls: int = Field(2000, ge=0, description="LLM requests per scan")
     llm_max_tokens: int = Field(3_000_000, ge=0, description="LLM tokens per scan")
-    events: int = Field(100_000, ge=1000, description="size of the built-in synthetic sample")
+    events: int | None = Field(
+        None, ge=1000, description="size of the built-in sample (null: 100 000; or data given)"
+    )
     epochs: int = Field(30, ge=1, description="autoencoder training epochs (when trained)")
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
     fallback_time_s: float = Field(60.0, gt=0)
@@ -154,14 +162,20 @@ class Inputs:
 def resolve_inputs(config: ScanConfig) -> Inputs | None:
     """Files and luminosity of a scan on given data (None: the built-in sample is generated).
 
-    Raises InvalidInputError for a missing or unreadable file, an empty glob, or no
-    luminosity from either the manifest or `lumi_pb`.
+    DATA may be ROOT files, globs, URLs or folders: a folder stands for its *.root files,
+    and a folder written by `anomscan generate` also gives its luminosity (its manifest.json)
+    when none is given. `manifest` is a dataset manifest (TOML), or the manifest.json of a
+    generated sample. Raises InvalidInputError for a missing or unreadable file, an empty
+    glob or folder, or no luminosity from the manifest, the sample or `lumi_pb`.
     """
     files: list[str] = []
     lumi = config.lumi_pb
     schema = "auto"
     source = "files"
-    if config.manifest is not None:
+    patterns = list(config.data)
+    if config.manifest is not None and Path(config.manifest).name == MANIFEST_NAME:
+        patterns.append(str(Path(config.manifest).parent))
+    elif config.manifest is not None:
         from core.datasets import load_manifest
 
         datasets = load_manifest(config.manifest)
@@ -171,28 +185,16 @@ def resolve_inputs(config: ScanConfig) -> Inputs | None:
         if lumi is None:
             lumi = sum(d.lumi_pb for d in datasets.values() if d.kind == "data") or None
         source = f"manifest {config.manifest}"
-    for pattern in config.data:
+    for pattern in patterns:
         if "://" in pattern:
             files.append(pattern)
             continue
-        matches = (
-            sorted(glob.glob(pattern))  # noqa: PTH207 (absolute patterns too)
-            if glob.has_magic(pattern)
-            else [pattern]
-        )
-        if not matches:
-            raise InvalidInputError(
-                f"no file matches {pattern!r}; give ROOT files, globs or --manifest"
-            )
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise InvalidInputError(
-                    f"data file {path} does not exist; check the path (or give --manifest)"
-                )
-            if not os.access(path, os.R_OK):
-                raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
-            files.append(str(path.resolve()))
+        if Path(pattern).is_dir():
+            folder_files, folder_lumi = _sample_folder(Path(pattern))
+            files.extend(folder_files)
+            lumi = lumi if lumi is not None else folder_lumi
+            continue
+        files.extend(_matching_files(pattern))
     if not files:
         if config.manifest is not None:
             raise InvalidInputError(f"manifest {config.manifest} lists no files")
@@ -203,6 +205,44 @@ def resolve_inputs(config: ScanConfig) -> Inputs | None:
             "regions (N = sigma x L events) need it"
         )
     return Inputs(tuple(files), float(lumi), schema, source)
+
+
+def _matching_files(pattern: str) -> list[str]:
+    """The readable files a path or glob names (absolute)."""
+    matches = (
+        sorted(glob.glob(pattern))  # noqa: PTH207 (absolute patterns too)
+        if glob.has_magic(pattern)
+        else [pattern]
+    )
+    if not matches:
+        raise InvalidInputError(
+            f"no file matches {pattern!r}; give ROOT files, globs or --manifest"
+        )
+    files = []
+    for match in matches:
+        path = Path(match)
+        if not path.is_file():
+            raise InvalidInputError(
+                f"data file {path} does not exist; check the path (or give --manifest)"
+            )
+        if not os.access(path, os.R_OK):
+            raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
+        files.append(str(path.resolve()))
+    return files
+
+
+def _sample_folder(folder: Path) -> tuple[list[str], float | None]:
+    """A folder's *.root files, and the luminosity its `anomscan generate` manifest records."""
+    files = [file for path in sorted(folder.glob("*.root")) for file in _matching_files(str(path))]
+    if not files:
+        raise InvalidInputError(
+            f"folder {folder} holds no .root file; give ROOT files, a folder of them or --manifest"
+        )
+    manifest = read_manifest(folder)
+    lumi = None if manifest is None else manifest.get("lumi_pb")
+    if isinstance(lumi, int | float) and math.isfinite(lumi) and lumi > 0:
+        return files, float(lumi)
+    return files, None
 
 
 def write_config(config: ScanConfig) -> Path:

@@ -317,3 +317,23 @@ def test_every_fit_failing_in_a_spectrum_through_the_cli(
         ).fetchall()
     assert len(chosen) == len(results["points_pb"]) and all(c[0] is None for c in chosen)
     assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_a_folder_or_its_manifest_gives_files_and_luminosity(tmp_path: Path) -> None:
+    from agent.scan import ScanConfig, resolve_inputs
+
+    folder = tmp_path / "data"
+    generate_sample(folder, SampleConfig(n_events=2000, seed=2, lumi_pb=250.0))
+    run = str(tmp_path / "run")
+    by_folder = resolve_inputs(ScanConfig(run_dir=run, data=[str(folder)]))
+    by_manifest = resolve_inputs(ScanConfig(run_dir=run, manifest=str(folder / "manifest.json")))
+    assert by_folder is not None and by_manifest is not None
+    assert by_folder.files == by_manifest.files == (str(folder / "synthetic_000.root"),)
+    assert by_folder.lumi_pb == by_manifest.lumi_pb == 250.0
+    given = resolve_inputs(ScanConfig(run_dir=run, data=[str(folder)], lumi_pb=10.0))
+    assert given is not None and given.lumi_pb == 10.0  # the user's luminosity wins
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _one_line_exit_2(run_cli("scan", str(empty), "--lumi-pb", "1", "--out", run))
+    assert str(empty) in line and "no .root file" in line

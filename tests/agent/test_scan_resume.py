@@ -19,6 +19,7 @@ import pytest
 
 from tests.agent.conftest import (
     CHEAP,
+    LUMI_PB,
     ROOT,
     Sample,
     results_of,
@@ -31,11 +32,30 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def reference(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted serial scan with the cheap settings."""
+    """An uninterrupted serial scan with the cheap settings, given the sample's folder as
+    `anomscan generate` wrote it (its luminosity from the folder's manifest)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    folder = str(Path(signal_sample.files[0]).parent)
+    for file in signal_sample.files:
+        arguments.remove(file)
+    lumi = arguments.index("--lumi-pb")
+    del arguments[lumi : lumi + 2]
+    done = run_cli(arguments[0], folder, *arguments[1:])
     assert done.returncode == 0, done.stderr
     return out
+
+
+def test_a_generated_folder_gives_its_files_and_luminosity(reference: Path) -> None:
+    results = json.loads((reference / "results.json").read_text())
+    assert results["luminosity_pb"] == LUMI_PB
+    config = json.loads((reference / "config.json").read_text())
+    assert config["lumi_pb"] is None and config["events"] is None  # nothing untrue recorded
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        inputs = db.execute("select inputs from runs where event = 'finish'").fetchone()[0]
+    assert sorted(json.loads(inputs)) == sorted(
+        str(p) for p in Path(config["data"][0]).glob("*.root")
+    )
 
 
 def _decision_keys(run_dir: Path) -> list[str]:
