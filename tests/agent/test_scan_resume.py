@@ -219,6 +219,7 @@ def _middle_decision(reference: Path) -> tuple[int, str]:
     return int(seq), str(key)
 
 
+@pytest.mark.tampers_audit
 def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -312,6 +313,7 @@ def test_logged_paths_are_found_in_a_moved_folder(tmp_path: Path) -> None:
     assert locate_path("/data/a.root", now, then) == Path("/data/a.root")
 
 
+@pytest.mark.tampers_audit
 def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(reference, copy)
