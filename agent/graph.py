@@ -320,9 +320,13 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
         pending = list(state["pending_pb"])
         point = pending.pop(0)
         index = len(state["points"])
+        planned = index + 1 + len(pending)
         ctx.progress.update(
-            point=f"AR point {index + 1} ({point:g} pb)",
-            spectra_total=ctx.progress.spectra_total or 0,
+            point=f"AR point {index + 1} of {planned} ({point:g} pb)",
+            points_done=index,
+            points_planned=planned,
+            spectra_done=0,
+            spectra_total=0,
         )
         table = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
         card = read_model_card(ctx.at(state["model"]))
@@ -348,6 +352,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
                         f"(< {ctx.config.min_events})"
                     )
         assert edges is not None
+        ctx.progress.update(spectra_total=len(SPECTRUM_NAMES) - len(skipped))
         folder = ctx.run_dir / "spectra"
         folder.mkdir(exist_ok=True)
         path = folder / f"point-{index:03d}.npz"
@@ -944,6 +949,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
             "results_sha256": ctx.artifact(results_path, "point results"),
             "outcomes": outcomes,
         }
+        ctx.progress.update(points_done=index + 1, spectra_done=ctx.progress.spectra_total)
         return {
             "stage": f"bumps at {point:g} pb",
             "points": [*state["points"], record],
@@ -1035,6 +1041,13 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
     """
 
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
+        ctx.progress.update(
+            stage=f"look-elsewhere over {len(state['points'])} AR points (pseudo-scans)",
+            point="",
+            spectra_total=0,
+            points_done=len(state["points"]),
+            points_planned=len(state["points"]),
+        )
         arrays: dict[str, Any] = {}
         names: list[str] = []
         rows: dict[str, list[float]] = {

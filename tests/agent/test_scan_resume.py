@@ -491,3 +491,46 @@ def test_ray_workers_killed_inside_a_real_scan(
     assert events, "no lost Ray batch was logged"
     assert all("ran it serially" in text for text in events), events
     assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_the_progress_screen_in_a_terminal_shows_points_and_an_eta(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """The scan in a real pseudo-terminal: its progress shows AR points done / planned, the
+    spectra of the point, the elapsed time and an ETA once a point is done."""
+    import pty
+    import re
+    import threading
+
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    arguments.remove("--quiet")
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "TERM": "xterm", "COLUMNS": "160"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    screen = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the scan has closed the terminal
+            while chunk := os.read(leader, 65536):
+                screen.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert process.wait(timeout=900) == 0
+    reader.join(timeout=30)
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert "AR point 1 of 2 (3 pb)" in text and "AR point 2 of 2 (0.3 pb)" in text
+    assert "0/2 points" in text and "1/2 points" in text
+    assert re.search(r"spectra \d+/\d+", text)
+    assert re.search(r"ETA \d+ s", text), "no ETA after the first point"
+    assert "look-elsewhere over 2 AR points" in text
+    assert results_of(out) == results_of(reference)
