@@ -831,7 +831,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="static HTML report of a run (RUN/report/)")
     report.add_argument("run", help="run folder")
     report.add_argument("-o", "--output", help="report folder (default RUN/report)")
-    report.add_argument("--style", choices=["ATLAS", "CMS"], default="ATLAS")
+    report.add_argument(
+        "--style",
+        choices=["Simulation", "ATLAS", "CMS"],
+        default="Simulation",
+        help="plot labels: neutral (default), or an experiment's on its own data",
+    )
     report.add_argument("--format", choices=["png", "svg"], default="png")
     report.add_argument(
         "--plots", choices=["embedded", "beside"], default="embedded", help="data URIs or files"
