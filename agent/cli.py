@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -484,11 +485,36 @@ def _command_export(arguments: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich bar on stderr (done / total, elapsed, ETA) when it is a terminal; else None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(
+        f"[bold cyan]{what}[/]", *columns, console=Console(stderr=True), transient=True
+    ) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _command_replay(arguments: argparse.Namespace) -> int:
     from agent.replay import replay
 
     run_dir = Path(arguments.run)
-    report = replay(run_dir, tools=set(arguments.tool) if arguments.tool else None)
+    tools = set(arguments.tool) if arguments.tool else None
+    with _progress_bar("replaying tool calls") as advance:
+        report = replay(run_dir, tools=tools, progress=advance)
     for difference in report.differences:
         print(difference)
     skipped = ", ".join(f"{name} x{n}" for name, n in sorted(report.not_replayed.items()))
