@@ -3,7 +3,10 @@
 The tests point the real `openai` client at it (no mocking of the client). Each request to
 `/v1/chat/completions` takes the next reply of the script (or asks a `responder` function);
 a reply is a tool call (arguments as a dict or as raw, possibly malformed, text), plain text,
-an HTTP error (500, 429), a slow answer (past the client's timeout) or a dropped connection.
+an HTTP error (500, 429, 503), a slow answer (past the client's timeout), a dropped connection,
+or any body sent as it is (`raw`: not JSON, truncated JSON, a wrong Content-Type, a completion
+of the wrong shape, nesting thousands of levels deep) and a body cut short (`cut`: the
+Content-Length announces more than is sent before the connection closes).
 Every request body and its headers are kept in `requests` for the tests to inspect.
 """
 
@@ -25,7 +28,7 @@ from typing import Any
 class Reply:
     """One scripted answer of the server."""
 
-    kind: str  # "tool", "text", "http", "drop"
+    kind: str  # "tool", "text", "http", "drop", "raw", "cut"
     tool: str = ""
     arguments: str = ""
     text: str = ""
@@ -33,6 +36,9 @@ class Reply:
     delay_s: float = 0.0
     prompt_tokens: int = 100
     completion_tokens: int = 20
+    body: bytes = b""
+    content_type: str = "application/json"
+    declared_length: int | None = None
 
 
 def tool_call(name: str, arguments: dict[str, Any] | str, **extra: Any) -> Reply:
@@ -54,6 +60,30 @@ def http_error(status: int, message: str = "scripted error") -> Reply:
 def slow(reply: Reply, delay_s: float) -> Reply:
     """`reply`, sent after `delay_s` seconds."""
     return Reply(**{**reply.__dict__, "delay_s": delay_s})
+
+
+def raw(body: str | bytes, content_type: str = "application/json", status: int = 200) -> Reply:
+    """`body` sent as it is, with this Content-Type and status (JSON or not, any shape)."""
+    data = body.encode() if isinstance(body, str) else body
+    return Reply("raw", body=data, content_type=content_type, status=status)
+
+
+def json_body(payload: Any, content_type: str = "application/json") -> Reply:
+    """`payload` serialised as the whole body (a completion of the wrong shape, say)."""
+    return raw(json.dumps(payload), content_type)
+
+
+def cut(body: str | bytes, declared_length: int) -> Reply:
+    """The start of `body`, a Content-Length of `declared_length`, then the connection closes."""
+    data = body.encode() if isinstance(body, str) else body
+    if declared_length <= len(data):
+        raise ValueError(f"declared_length {declared_length} must exceed the {len(data)} bytes")
+    return Reply("cut", body=data, declared_length=declared_length)
+
+
+def completion(reply: Reply, model: str = "scripted", number: int = 1) -> dict[str, Any]:
+    """The chat-completion JSON the server sends for a "tool" or "text" reply (to edit)."""
+    return _completion({"model": model}, reply, number)
 
 
 DROP = Reply("drop")
@@ -143,6 +173,17 @@ def _handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _send_bytes(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(reply.declared_length or len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+            if reply.kind == "cut":
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
@@ -156,6 +197,9 @@ def _handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             if reply.kind == "drop":
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if reply.kind in ("raw", "cut"):
+                self._send_bytes(reply)
                 return
             if reply.kind == "http":
                 error = {"message": reply.text, "type": "server_error", "code": reply.status}
