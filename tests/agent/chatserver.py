@@ -12,6 +12,7 @@ Every request body and its headers are kept in `requests` for the tests to inspe
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import sys
@@ -39,6 +40,7 @@ class Reply:
     body: bytes = b""
     content_type: str = "application/json"
     declared_length: int | None = None
+    pause_s: float = 0.0  # "raw": between the bytes of the body (a trickle)
 
 
 def tool_call(name: str, arguments: dict[str, Any] | str, **extra: Any) -> Reply:
@@ -86,8 +88,112 @@ def completion(reply: Reply, model: str = "scripted", number: int = 1) -> dict[s
     return _completion({"model": model}, reply, number)
 
 
+def trickle(body: str | bytes, pause_s: float) -> Reply:
+    """`body` sent one byte at a time, `pause_s` seconds apart (each pause within the timeout)."""
+    return Reply(**{**raw(body).__dict__, "pause_s": pause_s})
+
+
 DROP = Reply("drop")
 """Close the connection without an answer."""
+
+DEEP = 5000
+"""Nesting of the deep replies: far past CPython's recursion limit for json.loads."""
+
+
+def deep_json(depth: int = DEEP) -> str:
+    """Valid JSON nested `depth` arrays deep."""
+    return "[" * depth + "]" * depth
+
+
+@functools.cache
+def endpoint_failures(tool: str = "accept_background") -> dict[str, tuple[Reply, str]]:
+    """Every way found for an endpoint to answer without a usable completion, by name.
+
+    Each comes with the words the policy's audit must show for it; the policy must fall back
+    to the rules at once on every one. `tool` names the tool in the (broken) calls.
+    """
+    good = completion(tool_call(tool, {}))
+    body = json.dumps(good)
+
+    def with_message(message: Any) -> Reply:
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+        return json_body({**good, "choices": [choice]})
+
+    def with_calls(calls: Any) -> Reply:
+        return with_message({"role": "assistant", "content": None, "tool_calls": calls})
+
+    huge = json.dumps(completion(text("x" * 20_000_000))).encode()
+    not_choices = {key: value for key, value in good.items() if key != "choices"}
+    return {
+        "text-plain": (
+            raw("upstream is warming up, try again", "text/plain"),
+            "reply is not JSON (Content-Type 'text/plain')",
+        ),
+        "html": (
+            raw("<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
+            "reply is not JSON (Content-Type 'text/html')",
+        ),
+        "text-declared-json": (raw("Internal hiccup"), "reply body is not valid JSON"),
+        "truncated-json": (raw(body[: len(body) // 2]), "reply body is not valid JSON"),
+        "json-as-html": (raw(body, "text/html"), "Content-Type 'text/html'"),
+        "json-as-octet-stream": (
+            raw(body, "application/octet-stream"),
+            "Content-Type 'application/octet-stream'",
+        ),
+        "not-utf8": (raw(b'{"choices": "\xff\xfe"}'), "reply is not UTF-8"),
+        "missing-choices": (json_body(not_choices), "choices: Field required"),
+        "empty-choices": (
+            json_body({**good, "choices": []}),
+            "choices: List should have at least 1",
+        ),
+        "null-message": (with_message(None), "choices.0.message: Input should be"),
+        "tool-calls-not-a-list": (
+            with_calls("call it"),
+            "tool_calls: Input should be a valid list",
+        ),
+        "tool-call-wrong-types": (
+            with_calls([{"id": 7, "type": "function", "function": "x"}]),
+            "tool_calls.0.id: Input should be a valid string",
+        ),
+        "arguments-not-a-string": (
+            with_calls(
+                [{"id": "c1", "type": "function", "function": {"name": tool, "arguments": {}}}]
+            ),
+            "function.arguments: Input should be a valid string",
+        ),
+        "error-with-200": (
+            json_body({"error": {"message": "model not loaded", "code": 503}}),
+            "reply is an error, not a completion",
+        ),
+        "body-nested-5000": (
+            raw('{"padding": ' + deep_json() + ", " + body[1:]),
+            "reply nested deeper than 64 levels",
+        ),
+        "huge-20mb": (raw(huge), "reply longer than 1000000 bytes"),
+        "closed-mid-body": (cut(body[:40], len(body)), "reply cut short (RemoteProtocolError"),
+        "dropped": (DROP, "APIConnectionError"),
+        "http-500": (http_error(500), "HTTP 500"),
+        "http-500-html": (raw("<html>Internal Server Error</html>", "text/html", 500), "HTTP 500"),
+        "http-429": (http_error(429, "rate limited"), "HTTP 429"),
+        "http-503": (http_error(503, "overloaded"), "HTTP 503"),
+    }
+
+
+def garbage_calls(tool: str = "accept_background") -> dict[str, tuple[Reply, str]]:
+    """Well-formed completions whose tool call is garbage, by name, with the refusal's words.
+
+    The policy sends each back to the model with the error, like any refused call.
+    """
+    return {
+        "unknown-tool-broken-json": (
+            tool_call("run_shell", '{"command": "rm -rf /", "args": [1, '),
+            "unknown tool 'run_shell'",
+        ),
+        "arguments-nested-5000": (
+            tool_call(tool, deep_json()),
+            f"the arguments of {tool} are nested deeper than 64 levels",
+        ),
+    }
 
 
 @dataclass
@@ -178,7 +284,13 @@ def _handler(server: ChatServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(reply.declared_length or len(reply.body)))
             self.end_headers()
-            self.wfile.write(reply.body)
+            if reply.pause_s:
+                for byte in reply.body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    server.wait(reply.pause_s)
+            else:
+                self.wfile.write(reply.body)
             if reply.kind == "cut":
                 self.wfile.flush()
                 self.close_connection = True
