@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import httpx2  # the openai client's HTTP library: its errors surface while a body streams in
 import openai
@@ -201,7 +202,7 @@ def _validation_summary(error: ValidationError, shown: int = 3) -> str:
     return "; ".join(parts)
 
 
-def read_body(chunks: Iterable[bytes], timeout_s: float) -> bytes:
+def _read_body(chunks: Iterable[bytes], timeout_s: float) -> bytes:
     """The body from its chunks, at most MAX_REPLY_BYTES of it, within `timeout_s` seconds."""
     deadline = time.perf_counter() + timeout_s
     body = bytearray()
@@ -220,7 +221,7 @@ def read_body(chunks: Iterable[bytes], timeout_s: float) -> bytes:
     return bytes(body)
 
 
-def parse_completion(body: bytes, content_type: str) -> Completion:
+def _parse_completion(body: bytes, content_type: str) -> Completion:
     """A chat completion from a 200 reply's body, or `_BadReply` saying what is wrong with it."""
     media = content_type.partition(";")[0].strip().lower()
     if not media.endswith(("/json", "+json")):
@@ -325,6 +326,8 @@ class LLMSettings:
                 )
         if settings.timeout_s <= 0:
             raise InvalidInputError(f"LLM timeout must be > 0 s, got {settings.timeout_s}")
+        if settings.base_url is not None:
+            _check_base_url(settings.base_url)
         return settings
 
     def public(self) -> dict[str, Any]:
@@ -340,6 +343,22 @@ class LLMSettings:
             "max_consecutive_errors": self.max_consecutive_errors,
             "temperature": self.temperature,
         }
+
+
+def _check_base_url(url: str) -> None:
+    """Refuse a base URL the client could never reach (no http(s) scheme, no host, bad port)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as error:
+        raise InvalidInputError(
+            f"LLM base URL {url!r} is not a URL ({error}); give e.g. http://127.0.0.1:8000/v1"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise InvalidInputError(
+            f"LLM base URL {url!r} is not an http(s) URL with a host; "
+            "give e.g. http://127.0.0.1:8000/v1 (--llm-base-url or ANOMSCAN_LLM_BASE_URL)"
+        )
 
 
 @dataclass(frozen=True)
@@ -565,8 +584,8 @@ class LLMPolicy:
             temperature=self.settings.temperature,
         ) as response:
             content_type = str(response.headers.get("content-type", ""))
-            body = read_body(response.iter_bytes(), self.settings.timeout_s)
-        return parse_completion(body, content_type)
+            body = _read_body(response.iter_bytes(), self.settings.timeout_s)
+        return _parse_completion(body, content_type)
 
     def _endpoint_error(self, error: Exception, kind: str, latency: float) -> NoReturn:
         """Log why the endpoint failed (with the start of a bad body) and fall back at once."""
@@ -725,7 +744,7 @@ class LLMPolicy:
                     spectrum=spectrum,
                     point_pb=point_pb,
                     chosen=[clip(c["name"] + " " + c["arguments"], MAX_AUDIT_CHARS) for c in calls]
-                    or clip(str(content), MAX_AUDIT_CHARS),
+                    or (None if content is None else clip(content, MAX_AUDIT_CHARS)),
                     rationale=reason,
                     gate="refused",
                 )

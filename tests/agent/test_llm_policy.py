@@ -375,6 +375,14 @@ def test_settings_need_a_model_and_hide_the_key() -> None:
         LLMSettings.from_environment(model="m", environ={}, timeout_s=0)
 
 
+@pytest.mark.parametrize(
+    "url", ["127.0.0.1:8000/v1", "ftp://host/v1", "http://[::1", "http://:8000/v1", "http://h:0/v1"]
+)
+def test_settings_refuse_a_base_url_the_client_could_never_reach(url: str) -> None:
+    with pytest.raises(InvalidInputError, match=r"LLM base URL .* give e\.g\. http://"):
+        LLMSettings.from_environment(base_url=url, model="m", environ={})
+
+
 def test_prompts_are_versioned_and_hashed() -> None:
     prompts = load_prompts()
     assert set(prompts.texts) == {
