@@ -596,13 +596,16 @@ class LLMPolicy:
             detail = "; " + _excerpt(error.body, complete=error.complete)
         elif isinstance(error, openai.APIStatusError):
             what = f"HTTP {error.status_code}: {clip(error.message, MAX_ERROR_CHARS)}"
+            if isinstance(error.body, str) and error.body:  # not JSON: an HTML page, say
+                detail = "; " + _excerpt(error.body.encode(), complete=True)
         elif isinstance(error, openai.APIError):
             cause = error.__cause__
             what = f"{type(error).__name__}: {error}"
             if cause is not None and str(cause):
                 what += f" ({type(cause).__name__}: {clip(str(cause), MAX_ERROR_CHARS)})"
         else:
-            what = f"reply cut short ({type(error).__name__}: {clip(str(error), MAX_ERROR_CHARS)})"
+            said = clip(str(error), MAX_ERROR_CHARS)
+            what = f"reading the reply failed ({type(error).__name__}: {said})"
         reason = self._secret(f"LLM endpoint error ({what}) after {latency:.2f} s")
         self._message_row("error", reason + self._secret(detail), kind=kind, latency_s=latency)
         disable = self.consecutive_errors >= max(1, self.settings.max_consecutive_errors)

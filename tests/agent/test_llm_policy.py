@@ -516,13 +516,16 @@ def test_every_endpoint_failure_falls_back_at_once_and_says_why(run_dir: Path, n
 
 
 def test_a_bad_body_is_kept_in_the_audit_cut_and_says_so(run_dir: Path) -> None:
-    with chat_server([FAILURES["html"][0], FAILURES["huge-20mb"][0]]) as server:
+    script = [FAILURES[name][0] for name in ("html", "huge-20mb", "http-500-html")]
+    with chat_server(script) as server:
         policy = _policy(server, run_dir)
-        policy.accept_background(SPECTRUM, POINT, CANDIDATES)
-        policy.accept_background(SPECTRUM, POINT, CANDIDATES)
+        for _ in script:
+            policy.accept_background(SPECTRUM, POINT, CANDIDATES)
         messages, _decisions = _split(policy)
-    html, huge = (m["content"] for m in messages if m["role"] == "error")
+    html, huge, status = (m["content"] for m in messages if m["role"] == "error")
     assert "body (50 bytes): '<html><body><h1>502 Bad Gateway</h1></body></html>'" in html
+    assert "HTTP 500" in status
+    assert "body (34 bytes): '<html>Internal Server Error</html>'" in status
     assert re.search(r"body \(truncated: first 2000 of more than \d{7} bytes\)", huge)
     assert len(huge) < 2 * 2000 + 200
 
