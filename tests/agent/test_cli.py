@@ -289,6 +289,7 @@ def garbage_run(tmp_path: Path) -> Path:
     return run
 
 
+@pytest.mark.tampers_audit
 @pytest.mark.parametrize("run_fixture", ["truncated_run", "garbage_run"])
 @pytest.mark.parametrize("action", [[], ["export"]], ids=["table", "export"])
 def test_unreadable_audit_log_exits_2_naming_it(run_fixture, action, request, capsys):
