@@ -1013,8 +1013,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    arguments = parse_arguments(words)
-    status: int = guarded(lambda: int(arguments.handler(arguments)), words)
+
+    def command() -> int:
+        # Parsing runs guarded too: a fault of the parser itself (a help text argparse can
+        # not format) is reported with a log, never as a traceback.
+        arguments = parse_arguments(words)
+        return int(arguments.handler(arguments))
+
+    status: int = guarded(command, words)
     return status
 
 
