@@ -50,8 +50,9 @@ FloatArray = npt.NDArray[np.float64]
 
 NON_FINITE_RULE: Final = (
     "a non-finite value (NaN or infinity) is counted per branch; an object with a non-finite "
-    "pt, eta, phi or mass is dropped, an event with a non-finite MET or weight is dropped, and "
-    "a jet with a non-finite b-tag score is a light jet"
+    "pt, eta, phi or mass is dropped, an event with a non-finite MET or weight is dropped, a "
+    "jet with a non-finite b-tag score is a light jet, and an object with a non-finite "
+    "isolation fails the identification"
 )
 """What the reader does with non-finite inputs (reported with every result that has any)."""
 

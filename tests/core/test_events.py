@@ -333,3 +333,41 @@ def test_character_device_and_folder_are_refused(tmp_path):
         load_events("/dev/null")
     with pytest.raises(InputFileError, match=r"is a folder, not a file; give the files inside"):
         load_events(tmp_path)
+
+
+def test_non_finite_btag_and_isolation_follow_the_rule(tmp_path):
+    """A NaN or +inf b-tag score makes a light jet; a NaN isolation fails the muon's ID."""
+    jets = ak.zip(
+        {
+            "pt": ak.Array([[50.0, 60.0], [70.0]]),
+            "eta": ak.Array([[0.0, 0.0], [0.0]]),
+            "phi": ak.Array([[0.0, 1.0], [0.0]]),
+            "mass": ak.Array([[5.0, 5.0], [5.0]]),
+            "btagDeepB": ak.Array([[0.9, np.nan], [np.inf]]),
+        }
+    )
+    muons = ak.zip(
+        {
+            "pt": ak.Array([[40.0], [45.0]]),
+            "eta": ak.Array([[2.0], [2.0]]),
+            "phi": ak.Array([[3.0], [3.0]]),
+            "mass": ak.Array([[0.1], [0.1]]),
+            "pfRelIso04_all": ak.Array([[np.nan], [0.05]]),
+        }
+    )
+    nothing = ak.values_astype(ak.Array([[], []]), np.float64)
+    empty = ak.zip(dict.fromkeys(("pt", "eta", "phi", "mass"), nothing))
+    branches = {
+        "Jet": jets,
+        "Muon": muons,
+        "Electron": empty,
+        "Photon": empty,
+        "MET_pt": np.array([40.0, 50.0]),
+        "MET_phi": np.array([0.1, 0.2]),
+    }
+    chunk = load_events(_write_tree(tmp_path / "tags.root", branches), schema="nanoaod")
+    assert dict(chunk.non_finite) == {"Jet_btagDeepB": 2, "Muon_pfRelIso04_all": 1}
+    assert dict(chunk.dropped_non_finite) == {}
+    assert ak.to_list(ak.num(chunk.bjets)) == [1, 0]
+    assert ak.to_list(ak.num(chunk.jets)) == [1, 1]
+    assert ak.to_list(ak.num(chunk.muons)) == [0, 1]
