@@ -10,6 +10,7 @@ import math
 import re
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -325,17 +326,18 @@ def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
             outcome = _new_scan(config, show_progress=not arguments.quiet)
     except AnomscanError as error:
         return _scan_error(error), None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        how = "terminated" if _terminated(stop) else "interrupted"
         folder = Path(arguments.resume or (config.run_dir if config is not None else ""))
         if not folder.is_dir() or not (folder / "config.json").is_file():
-            print("anomscan scan: interrupted before the run folder was made", file=sys.stderr)
+            print(f"anomscan scan: {how} before the run folder was made", file=sys.stderr)
         else:
             print(
-                f"anomscan scan: interrupted; {folder} keeps every completed step: continue "
+                f"anomscan scan: {how}; {folder} keeps every completed step: continue "
                 f"with `anomscan scan --resume {folder}`",
                 file=sys.stderr,
             )
-        return EXIT_INTERRUPTED, None
+        return (EXIT_TERMINATED if _terminated(stop) else EXIT_INTERRUPTED), None
     return 0, outcome
 
 
@@ -1010,9 +1012,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the command stops as on Ctrl-C (what was completed is kept), exit 143."""
+
+
+EXIT_TERMINATED = 143
+_TERMINATED = threading.Event()
+"""Set by SIGTERM: a library (Ray's `get`) may turn `Terminated` into a plain interrupt."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _TERMINATED.set()
+    raise Terminated
+
+
+def _terminated(stop: KeyboardInterrupt) -> bool:
+    return isinstance(stop, Terminated) or _TERMINATED.is_set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
+    import signal
+
     words = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
 
     def command() -> int:
         # Parsing runs guarded too: a fault of the parser itself (a help text argparse can
