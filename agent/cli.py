@@ -383,6 +383,8 @@ def _command_scan(arguments: argparse.Namespace) -> int:
     if outcome is None:
         return status
     _print_excesses(outcome.results)
+    for note in outcome.results.get("input_notes") or []:
+        print(f"inputs: {note}")
     print(f"run folder: {outcome.run_dir}")
     print(f"audit: {outcome.run_dir / 'audit.sqlite'} (anomscan audit {outcome.run_dir})")
     return status

@@ -36,6 +36,7 @@ from agent.policy import (
 from agent.scan import BUILTIN_EVENTS, ScanContext, folder_sha256, write_atomic, write_results
 from agent.state import PointRecord, ScanState
 from core.errors import AnomscanError, InvalidInputError, ModelError
+from core.events import non_finite_note
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
 
 NodeBody = Callable[[ScanState, str], dict[str, Any]]
@@ -211,21 +212,29 @@ def _prepare(ctx: ScanContext) -> NodeBody:
         table_hash = folder_sha256(run_dir / "events")
         for part in sorted((run_dir / "events").glob("*.parquet")):
             ctx.artifact(part, "event table part")
+        note = non_finite_note(summary.non_finite, summary.dropped_non_finite)
         _record_decision(
             ctx,
             step_id,
             "event_pass",
-            chosen={"n_events": summary.n_events, "stream_counts": summary.stream_counts},
+            chosen={
+                "n_events": summary.n_events,
+                "stream_counts": summary.stream_counts,
+                "non_finite": summary.non_finite,
+                "dropped_non_finite": summary.dropped_non_finite,
+            },
             options={"executor": summary.executor, "model": model_source},
             policy="config",
             rationale=(
                 f"{summary.n_events} events scored with the autoencoder ({model_source}, card "
                 f"seed {card.seed}, trained on {card.fraction:.0%}) in {summary.seconds:.1f} s "
-                f"({summary.executor})"
+                f"({summary.executor})" + (f"; {note}" if note else "")
             ),
         )
         return {
             "stage": "prepared",
+            "n_events": summary.n_events,
+            "input_notes": [note] if note else [],
             "lumi_pb": lumi,
             "inputs": hashes,
             "model": ctx.relative(model_path),
@@ -1261,6 +1270,8 @@ def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, An
         "stop_reason": state.get("stop_reason", ""),
         "model_sha256": state.get("model_sha256"),
         "table_sha256": state.get("table_sha256"),
+        "n_events": state.get("n_events"),
+        "input_notes": state.get("input_notes", []),
         "excesses": excesses,
         "skipped": skipped,
     }
