@@ -780,8 +780,12 @@ def _read_log(path: Path) -> _Stored:
         db.close()
 
 
+MAX_MOVED_SEARCH = 64
+"""Up to this many rows that fail their hash, each is tried at the others' seqs (a swap)."""
+
+
 class _Chain:
-    """Checks one row against its hash in the form it was written in."""
+    """Every row checked against its hash in the form it was written in."""
 
     def __init__(self, rows: Sequence[tuple[str, dict[str, Any]]], meta: Mapping[str, str]):
         self.since = _form2_since(meta)
@@ -791,6 +795,9 @@ class _Chain:
             if name.startswith("anchor:") and name.split(":", 1)[1].isdigit()
         }
         self.seq_of_hash = {str(row["hash"]): int(row["seq"]) for _, row in rows}
+        self.intact = {id(row): self.matches(table, int(row["seq"]), row) for table, row in rows}
+        broken = sorted({int(row["seq"]) for _, row in rows if not self.intact[id(row)]})
+        self.broken_seqs = broken if len(broken) <= MAX_MOVED_SEARCH else []
 
     def matches(self, table: str, seq: int, row: Mapping[str, Any]) -> bool:
         """Whether `row` matches its hash were it written at `seq`."""
@@ -805,11 +812,12 @@ class _Chain:
         return bool(digest == row["hash"])
 
     def moved_from(self, table: str, seq: int, row: Mapping[str, Any]) -> int | None:
-        """The seq an edited-looking row was written at, when it was moved there intact."""
+        """The seq a row that fails its hash was written at, when it was moved intact."""
         prev = str(row["prev_hash"])
-        origin = 1 if prev == GENESIS_HASH else self.seq_of_hash.get(prev, -1) + 1
-        if origin not in (0, seq) and self.matches(table, origin, row):
-            return origin
+        after = 1 if prev == GENESIS_HASH else self.seq_of_hash.get(prev, -1) + 1
+        for origin in dict.fromkeys([after, *self.broken_seqs]):
+            if origin not in (0, seq) and self.matches(table, origin, row):
+                return origin
         return None
 
 
@@ -836,6 +844,7 @@ def verify(path: Path) -> VerifyReport:
     expected_prev = GENESIS_HASH
     previous_seq = 0
     previous_name = "the start of the log"
+    previous_intact = True
     for index, seq in enumerate(seqs):
         here = by_seq[seq]
         names = {id(row): f"{table} row seq {seq} (key {row['key']!r})" for table, row in here}
@@ -849,33 +858,24 @@ def verify(path: Path) -> VerifyReport:
             links = {str(row["prev_hash"]) for _, row in by_seq[seqs[index + 1]]}
         else:
             links = set() if head_file is None else {head_file.head.hash}
-        chosen = _genuine(here, links)
-        if chosen is None and len(here) > 1:
-            # no later row to decide by (the end of the log without a head file)
-            intact = [
-                row
-                for table, row in here
-                if chain.matches(table, seq, row) and row["prev_hash"] == expected_prev
-            ]
-            chosen = intact[0] if len(intact) == 1 else None
+        chosen = _genuine(here, links, chain.intact, expected_prev)
         if len(here) > 1:
             times = "twice" if len(here) == 2 else f"{len(here)} times"
-            for _, row in here:
-                if row is chosen:
-                    continue
-                reason = (
-                    "this row does not link"
-                    if chosen is not None
-                    else "no later row links to any of them"
-                )
-                problems.append(
-                    f"{names[id(row)]}: seq {seq} appears {times} and {reason}: inserted"
-                )
+            reason = (
+                "this row does not link"
+                if chosen is not None
+                else "no later row links to any of them"
+            )
+            problems.extend(
+                f"{names[id(row)]}: seq {seq} appears {times} and {reason}: inserted"
+                for _, row in here
+                if row is not chosen
+            )
         for table, row in here:
             if chosen is not None and row is not chosen:
                 continue
             name = names[id(row)]
-            if not chain.matches(table, seq, row):
+            if not chain.intact[id(row)]:
                 origin = chain.moved_from(table, seq, row)
                 if origin is not None:
                     problems.append(
@@ -884,7 +884,7 @@ def verify(path: Path) -> VerifyReport:
                     )
                 else:
                     problems.append(f"{name}: its content does not match its hash: edited")
-            elif row["prev_hash"] != expected_prev and seq == previous_seq + 1:
+            elif row["prev_hash"] != expected_prev and seq == previous_seq + 1 and previous_intact:
                 problems.append(
                     f"{name}: prev_hash does not match the hash of {previous_name}: inserted "
                     "or re-linked"
@@ -893,7 +893,8 @@ def verify(path: Path) -> VerifyReport:
         expected_prev = str(last["hash"])
         previous_seq = seq
         previous_name = names[id(last)]
-    log_head = ChainHead(previous_seq, expected_prev if seqs else GENESIS_HASH, stored.head.rows)
+        previous_intact = chain.intact[id(last)]
+    log_head = ChainHead(previous_seq, expected_prev, stored.head.rows)
     notes: list[str] = []
     if head_file is not None:
         if not head_file.matches(log_head):
@@ -911,12 +912,25 @@ def verify(path: Path) -> VerifyReport:
     return VerifyReport(len(rows), tuple(problems), tuple(notes))
 
 
-def _genuine(here: Sequence[tuple[str, dict[str, Any]]], links: set[str]) -> dict[str, Any] | None:
-    """The row of a seq the chain goes on from: the one the next row links to."""
+def _genuine(
+    here: Sequence[tuple[str, dict[str, Any]]],
+    links: set[str],
+    intact: Mapping[int, bool],
+    expected_prev: str,
+) -> dict[str, Any] | None:
+    """The row of a seq the chain goes on from: the one the next row (or the head) links to.
+
+    When no one row is linked to (the last row without a head file, or the next row
+    tampered with too), the one intact row that links to its predecessor.
+    """
     if len(here) == 1:
         return here[0][1]
     linked = [row for _, row in here if str(row["hash"]) in links]
-    return linked[0] if len(linked) == 1 else None
+    if len(linked) == 1:
+        return linked[0]
+    pool = linked or [row for _, row in here]
+    chained = [row for row in pool if intact[id(row)] and row["prev_hash"] == expected_prev]
+    return chained[0] if len(chained) == 1 else None
 
 
 def export_jsonl(path: Path, output: Path) -> int:
