@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import sqlite_utils
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -414,49 +413,3 @@ def test_a_writer_killed_between_head_and_commit_leaves_a_log_that_verifies(
     log.close()
     assert verify(path).ok
     assert "pending_from" not in json.loads(head_path(path).read_text())
-
-
-def _write_form1_log(path: Path) -> None:
-    """A log as anomscan wrote it before hash form 2 (no audit_meta, no head file)."""
-    db = sqlite_utils.Database(path)
-    for table, columns in TABLE_COLUMNS.items():
-        db[table].create(  # type: ignore[union-attr]
-            {"seq": int, "key": str, "written_at": float, **columns}
-            | {"prev_hash": str, "hash": str},
-            pk="seq",
-        )
-    rows = [
-        ("runs", {"run_id": "r", "event": "start", "config": '{"seed":1}', "seed": 1}),
-        ("bumps", {"spectrum": "T1/jj", "global_z": -0.0, "local_p": math.nan, "data": 3.0}),
-        ("fits", {"spectrum": "T1/jj", "p_value": math.nan, "chi2": -0.0, "ndf": 4}),
-        ("decisions", {"kind": "background", "chosen": "p4", "point_pb": 1.0}),
-    ]
-    last = "0" * 64
-    for seq, (table, values) in enumerate(rows, start=1):
-        content = {"key": f"k{seq}", "written_at": 1.5} | {
-            name: values.get(name) for name in TABLE_COLUMNS[table]
-        }
-        text = json.dumps([table, seq, last, content], sort_keys=True, separators=(",", ":"))
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        db[table].insert({"seq": seq, **content, "prev_hash": last, "hash": digest})  # type: ignore[union-attr]
-        last = digest
-    db.close()
-
-
-def test_a_form1_log_verifies_with_its_own_rule_and_takes_form2_rows(tmp_path: Path) -> None:
-    path = tmp_path / "audit.sqlite"
-    _write_form1_log(path)
-    report = verify(path)
-    assert report.ok, report.problems
-    assert "hash form 1" in report.notes[0]
-
-    log = AuditLog(path)  # a resumed old run: its new rows are form 2, anchored
-    log.add("bumps", "new", global_z=-0.0)
-    log.close()
-    report = verify(path)
-    assert report.ok and report.n_rows == 5 and not report.notes, report
-    with sqlite3.connect(path) as db:
-        db.execute("update fits set ndf = 5 where seq = 3")
-    assert verify(path).problems == (
-        "fits row seq 3 (key 'k3'): its content does not match its hash: edited",
-    )
