@@ -70,7 +70,7 @@ import numpy as np
 import rfc8785
 import sqlite_utils
 
-from core.errors import AnomscanError, OutputError
+from core.errors import AnomscanError
 from core.files import json_text, write_text
 
 AUDIT_FILE = "audit.sqlite"
@@ -518,6 +518,9 @@ class AuditLog:
         self.path = path
         try:
             self.db = sqlite_utils.Database(path)
+        except sqlite3.Error as error:
+            raise self._error("open", error) from error
+        try:
             self._create_tables()
             self._keys = {
                 (table, str(row["key"]))
@@ -526,17 +529,17 @@ class AuditLog:
             }
             meta = _read_meta(self.db)
             head = _log_head(self.db)
+            self._since = _form2_since(meta)
+            self._anchor = self._check_head(head)
         except sqlite3.Error as error:
+            self.db.close()
             raise self._error("open", error) from error
+        except AuditError:
+            self.db.close()
+            raise
         self._head = head
-        self._since = _form2_since(meta)
-        self._anchor = self._check_head(head)
         self._head_stale = False
         self._pending: list[PendingRow] | None = None
-
-    @property
-    def _seq(self) -> int:
-        return self._head.seq
 
     def _error(self, action: str, error: Exception) -> AuditError:
         return AuditError(
@@ -671,7 +674,7 @@ class AuditLog:
         self._head_stale = True
         try:
             write_text(head_path(self.path), json_text(record), what="audit head file")
-        except OutputError as error:
+        except (AnomscanError, OSError) as error:
             raise self._error("write the head file of", error) from error
         self._head_stale = pending_from is not None
 
@@ -680,10 +683,15 @@ class AuditLog:
         return list(self.db.query(f"select * from [{table}] order by seq"))
 
     def close(self) -> None:
-        """Write the head file if a failed write left it behind, and close the connection."""
+        """Close the connection; first rewrite a head file a failed write left pending.
+
+        Best effort: a pending head file still matches the log (the log is at the head or
+        at `pending_from`), so a folder that has become unwritable loses nothing here.
+        """
         try:
             if self._head_stale:
-                self._write_head(self._head)
+                with contextlib.suppress(AuditError):
+                    self._write_head(self._head)
         finally:
             self.db.close()
 
