@@ -255,13 +255,10 @@ def json_value(value: Any) -> Any:
                 )
             converted[name] = json_value(item)
         return converted
-    if isinstance(value, list | tuple | np.ndarray):
-        return [
-            json_value(item)
-            for item in (value.tolist() if isinstance(value, np.ndarray) else value)
-        ]
-    if isinstance(value, np.generic):
-        return json_value(value.item())
+    if isinstance(value, list | tuple):
+        return [json_value(item) for item in value]
+    if isinstance(value, np.ndarray | np.generic):
+        return json_value(value.tolist())
     return str(value)
 
 

@@ -324,19 +324,21 @@ def test_values_are_stored_and_hashed_as_sqlite_gives_them_back(tmp_path: Path) 
             "i": -math.inf,
             "big": 2**60,
             "t": (1, np.float32(0.5)),
+            "v": np.array([[-0.0, 2.5]]),
             1: "x",
         },
         fit_range=[np.float32(2.0), 1e308],
     )
     log.close()
-    bump = AuditLog(path).rows("bumps")[0]
+    reader = AuditLog(path)
+    bump, fit = reader.rows("bumps")[0], reader.rows("fits")[0]
+    reader.close()
     assert math.copysign(1.0, bump["global_z"]) == 1.0 and bump["global_z"] == 0.0
     assert bump["local_p"] is None and bump["background"] == math.inf
     assert bump["data"] == float(np.float32(0.1)) and bump["window_lo"] == 2.0
-    fit = AuditLog(path).rows("fits")[0]
     assert (fit["ndf"], fit["passed"], fit["p_value"]) == (3, 1, 0.0)
     assert fit["parameters"] == (
-        '{"1":"x","a":0,"big":"1152921504606846976","i":"-Infinity","n":"NaN","t":[1,0.5]}'
+        '{"1":"x","a":0,"big":"1152921504606846976","i":"-Infinity","n":"NaN","t":[1,0.5],"v":[[0,2.5]]}'
     )
     assert fit["fit_range"] == "[2,1e+308]"
     assert verify(path).ok
