@@ -38,6 +38,13 @@ SHA-256 of the head file it found into the hash of its first new row (table
 `audit_meta`, name `anchor:SEQ`). Someone who rewrites both the log and the head file is
 not detectable without a secret; nothing here claims otherwise.
 
+What `verify` names: a row that fails its hash (edited; or moved/swapped when its hash
+matches at another seq), a gap in seq (deleted), rows missing after the last one (from
+the head file), a seq held by more than one row (inserted: the genuine one is the one
+the next row's prev_hash, or for the last seq the head file, links to; every other one
+is named), and an intact row whose prev_hash is not its predecessor's hash (inserted or
+re-linked). A log `verify` can not open or read as SQLite is an AuditError.
+
 Older logs. Rows written before hash form 2 (the `audit_meta` table records from which
 seq on form 2 holds; a log without it is all form 1) are checked with the form they were
 written in: SHA-256 of `canonical_json([table, seq, prev_hash, row])` over the row as
