@@ -497,6 +497,12 @@ def _read_meta(db: sqlite_utils.Database) -> dict[str, str]:
 
 def _form2_since(meta: Mapping[str, str]) -> int | None:
     """The first seq hashed in form 2 (None: every row is form 1)."""
+    form = meta.get("hash_form", str(HASH_FORM))
+    if form != str(HASH_FORM):
+        raise AuditError(
+            f"the audit log is hashed in form {form!r}; this anomscan knows forms 1 and "
+            f"{HASH_FORM}: use the anomscan version that wrote it"
+        )
     since = meta.get("hash_form_since_seq")
     return None if since is None else int(since)
 

@@ -415,3 +415,14 @@ def test_a_writer_killed_between_head_and_commit_leaves_a_log_that_verifies(
     log.close()
     assert verify(path).ok
     assert "pending_from" not in json.loads(head_path(path).read_text())
+
+
+def test_a_log_of_an_unknown_hash_form_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite"
+    _log(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("update audit_meta set value = '3' where name = 'hash_form'")
+    with pytest.raises(AuditError, match="hashed in form '3'; this anomscan knows forms 1 and 2"):
+        verify(path)
+    with pytest.raises(AuditError, match="hashed in form '3'"):
+        AuditLog(path)
