@@ -21,6 +21,7 @@ from agent.audit import (
     TABLE_COLUMNS,
     AuditError,
     AuditLog,
+    annotate,
     export_jsonl,
     head_path,
     row_hash,
@@ -426,3 +427,15 @@ def test_a_log_of_an_unknown_hash_form_is_refused(tmp_path: Path) -> None:
         verify(path)
     with pytest.raises(AuditError, match="hashed in form '3'"):
         AuditLog(path)
+
+
+def test_annotate_appends_an_anchored_row_and_refuses_a_truncated_log(tmp_path: Path) -> None:
+    path = tmp_path / "audit.sqlite"
+    _log(path).close()
+    row = annotate(path, 3, "question", "why p4?", "reviewer")
+    assert (row["seq"], row["decision_seq"], row["verdict"]) == (8, 3, "question")
+    assert verify(path).ok
+    with sqlite3.connect(path) as db:
+        db.execute("delete from annotations where seq = 8")
+    with pytest.raises(AuditError, match="rows after seq 7 were deleted"):
+        annotate(path, 3, "agree", "", "reviewer")
