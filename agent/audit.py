@@ -744,6 +744,18 @@ def _unreadable(path: Path, error: Exception) -> AuditError:
     )
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite_utils.Database]:
+    """The log opened read-only; a damaged file read inside the block is an AuditError."""
+    db = open_readonly(path)
+    try:
+        yield db
+    except sqlite3.DatabaseError as error:
+        raise _unreadable(path, error) from error
+    finally:
+        db.close()
+
+
 def all_rows(db: sqlite_utils.Database) -> list[tuple[str, dict[str, Any]]]:
     """(table, row) for every row of every audit table, in chain order."""
     rows: list[tuple[str, dict[str, Any]]] = []
@@ -784,18 +796,13 @@ class _Stored:
 
 
 def _read_log(path: Path) -> _Stored:
-    db = open_readonly(path)
-    try:
+    with _reading(path) as db:
         missing_tables = [
             table
             for table in TABLE_COLUMNS
             if table not in OPTIONAL_TABLES and not db[table].exists()
         ]
         return _Stored(all_rows(db), missing_tables, _read_meta(db), _log_head(db))
-    except sqlite3.DatabaseError as error:
-        raise _unreadable(path, error) from error
-    finally:
-        db.close()
 
 
 MAX_MOVED_SEARCH = 64
@@ -953,11 +960,8 @@ def _genuine(
 
 def export_jsonl(path: Path, output: Path) -> int:
     """Write every row as one JSON object per line (with its `table`); returns the count."""
-    db = open_readonly(path)
-    try:
+    with _reading(path) as db:
         rows = all_rows(db)
-    finally:
-        db.close()
     with output.open("w") as stream:
         for table, row in rows:
             stream.write(json.dumps({"table": table, **row}, sort_keys=True) + "\n")
@@ -976,11 +980,8 @@ def decisions(
 
     `policy="llm"` gives what the model decided, every proposal refused and every fallback.
     """
-    db = open_readonly(path)
-    try:
+    with _reading(path) as db:
         rows = list(db.query("select * from decisions order by seq"))
-    finally:
-        db.close()
     selected = []
     for row in rows:
         if step is not None and step not in str(row["step_id"]):
@@ -999,11 +1000,8 @@ def decisions(
 
 def tool_calls(path: Path) -> list[dict[str, Any]]:
     """Every logged tool call, in order."""
-    db = open_readonly(path)
-    try:
+    with _reading(path) as db:
         return list(db.query("select * from tool_calls order by seq"))
-    finally:
-        db.close()
 
 
 def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) -> dict[str, Any]:
@@ -1016,11 +1014,8 @@ def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) ->
         raise AuditError(f"verdict {verdict!r}: expected one of {list(VERDICTS)}")
     if not by.strip():
         raise AuditError("an annotation needs the reviewer's name: give --by NAME")
-    reader = open_readonly(path)
-    try:
+    with _reading(path) as reader:
         found = list(reader.query("select seq from decisions where seq = ?", [decision_seq]))
-    finally:
-        reader.close()
     if not found:
         raise AuditError(
             f"no decision with seq {decision_seq} in {path}; `anomscan audit "
@@ -1038,10 +1033,7 @@ def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) ->
 
 def read_annotations(path: Path) -> list[dict[str, Any]]:
     """Every annotation, in the order written (empty for a log without the table)."""
-    db = open_readonly(path)
-    try:
+    with _reading(path) as db:
         if not db["annotations"].exists():
             return []
         return list(db.query("select * from annotations order by seq"))
-    finally:
-        db.close()
