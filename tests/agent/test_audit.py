@@ -439,3 +439,26 @@ def test_annotate_appends_an_anchored_row_and_refuses_a_truncated_log(tmp_path: 
         db.execute("delete from annotations where seq = 8")
     with pytest.raises(AuditError, match="rows after seq 7 were deleted"):
         annotate(path, 3, "agree", "", "reviewer")
+
+
+def test_a_row_appended_behind_the_writers_back_is_reported(tmp_path: Path) -> None:
+    """Linked and hashed correctly, but the head file does not know it."""
+    path = tmp_path / "audit.sqlite"
+    _log(path).close()
+    with sqlite3.connect(path) as db:
+        (last,) = db.execute("select hash from tool_calls where seq = 7").fetchone()
+        content = {"key": "late", "written_at": 1.0} | dict.fromkeys(TABLE_COLUMNS["runs"])
+        record = {
+            "seq": 8,
+            **content,
+            "prev_hash": last,
+            "hash": row_hash("runs", 8, last, content),
+        }
+        db.execute(
+            f"insert into runs ({', '.join(record)}) values ({', '.join('?' * len(record))})",
+            list(record.values()),
+        )
+    problems = verify(path).problems
+    assert problems[0].startswith("rows seq 8..8 were appended after the head"), problems
+    with pytest.raises(AuditError, match=r"rows seq 8\.\.8 were appended"):
+        AuditLog(path)
