@@ -93,6 +93,7 @@ def test_a_failed_step_writes_nothing(tmp_path: Path) -> None:
     assert verify(path).ok and verify(path).n_rows == 7
 
 
+@pytest.mark.tampers_audit
 @pytest.mark.parametrize(
     ("statement", "expected"),
     [
@@ -365,6 +366,7 @@ def test_values_sqlite_can_not_hold_are_refused(
     log.close()
 
 
+@pytest.mark.tampers_audit
 def test_the_head_file_anchors_the_chain_and_a_reopening_writer_checks_it(
     tmp_path: Path,
 ) -> None:
@@ -418,6 +420,7 @@ def test_a_writer_killed_between_head_and_commit_leaves_a_log_that_verifies(
     assert "pending_from" not in json.loads(head_path(path).read_text())
 
 
+@pytest.mark.tampers_audit
 def test_a_log_of_an_unknown_hash_form_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite"
     _log(path).close()
@@ -429,6 +432,7 @@ def test_a_log_of_an_unknown_hash_form_is_refused(tmp_path: Path) -> None:
         AuditLog(path)
 
 
+@pytest.mark.tampers_audit
 def test_annotate_appends_an_anchored_row_and_refuses_a_truncated_log(tmp_path: Path) -> None:
     path = tmp_path / "audit.sqlite"
     _log(path).close()
@@ -441,6 +445,7 @@ def test_annotate_appends_an_anchored_row_and_refuses_a_truncated_log(tmp_path: 
         annotate(path, 3, "agree", "", "reviewer")
 
 
+@pytest.mark.tampers_audit
 def test_a_row_appended_behind_the_writers_back_is_reported(tmp_path: Path) -> None:
     """Linked and hashed correctly, but the head file does not know it."""
     path = tmp_path / "audit.sqlite"

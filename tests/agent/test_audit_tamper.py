@@ -20,6 +20,9 @@ import sqlite_utils
 from agent.audit import GENESIS_HASH, TABLE_COLUMNS, AuditLog, head_path, row_hash, verify
 from tests.agent.conftest import run_cli
 
+pytestmark = pytest.mark.tampers_audit
+"""Each test breaks a copy of the log in its tmp_path (the module's own log stays intact)."""
+
 TABLES = sorted(TABLE_COLUMNS)
 ROUNDS = 3
 N_ROWS = ROUNDS * len(TABLES)
