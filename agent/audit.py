@@ -1,4 +1,4 @@
-"""The append-only, hash-chained SQLite audit log of a scan: RUN/audit.sqlite.
+r"""The append-only, hash-chained SQLite audit log of a scan: RUN/audit.sqlite.
 
 Tables (DESIGN.md "Audit log"): `runs`, `steps`, `decisions`, `tool_calls`,
 `llm_messages`, `fits`, `bumps`, `artifacts`, `annotations`. Every row carries a global
@@ -20,8 +20,10 @@ normalises every value once, and both hashes and inserts the normalised value:
   Python values and lists, tuples -> lists, -0.0 -> 0.0, NaN/+inf/-inf -> the strings
   "NaN"/"Infinity"/"-Infinity" (`float()` reads them back), integers beyond +-(2**53 - 1)
   (JSON's exact range) -> decimal strings, mapping keys -> strings as `json.dumps`
-  makes them, anything else -> `str(value)`. Text with unpaired surrogates cannot be
-  stored as UTF-8 and is refused.
+  makes them, anything else -> `str(value)`.
+- text (str columns, keys, strings inside JSON): an unpaired surrogate, which UTF-8 can
+  not hold (a model's reply may carry one), is written as its escape `\udXXX`; all
+  other text is kept as given.
 - the row hash is SHA-256 of the RFC 8785 JSON of ["anomscan-audit/2", table, seq,
   prev_hash, {column: value}, anchor], each value tagged with its SQLite type (["s",
   text], ["i", decimal], ["f", float.hex()], null), so no two stored rows share a hash
@@ -243,8 +245,10 @@ def _json_key(key: Any) -> str:
 
 def json_value(value: Any) -> Any:
     """`value` as the JSON value the log stores (module docstring: str columns)."""
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
+    if isinstance(value, str):
+        return storable_text(value)
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
@@ -255,7 +259,7 @@ def json_value(value: Any) -> Any:
     if isinstance(value, Mapping):
         converted: dict[str, Any] = {}
         for key, item in value.items():
-            name = _json_key(key)
+            name = storable_text(_json_key(key))
             if name in converted:
                 raise AuditError(
                     f"two keys of a mapping are both {name!r} in JSON; give distinct keys"
@@ -282,14 +286,12 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _storable_text(text: str, where: str) -> str:
+def storable_text(text: str) -> str:
+    r"""`text` as SQLite stores it: an unpaired surrogate becomes its escape `\udXXX`."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise AuditError(
-            f"{where}: text with an unpaired surrogate ({error.reason}) can not be stored as "
-            "UTF-8; decode the text with errors='replace' before logging it"
-        ) from error
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
@@ -298,7 +300,7 @@ def column_value(kind: type, value: Any, where: str) -> str | int | float | None
     if value is None:
         return None
     if kind is str:
-        return _storable_text(value if isinstance(value, str) else audit_json(value), where)
+        return storable_text(value) if isinstance(value, str) else audit_json(value)
     if kind is int:
         return _int_value(value, where)
     return _float_value(value, where)
@@ -614,7 +616,7 @@ class AuditLog:
         unknown = set(content) - set(columns)
         if unknown:
             raise AuditError(f"audit table {table!r} has no columns {sorted(unknown)}")
-        key = _storable_text(str(key), f"{table}.key")
+        key = storable_text(str(key))
         row = {
             name: column_value(kind, content.get(name), f"{table}.{name} (key {key!r})")
             for name, kind in columns.items()
