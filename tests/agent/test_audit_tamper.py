@@ -32,7 +32,7 @@ REOPENED_AT = N_ROWS // 3 + 1
 SAMPLE: dict[type, list[Any]] = {
     float: [-0.0, 1, np.float32(0.1), math.nan, math.inf, 5e-324],
     int: [np.int64(7), True, 3.0, 2**62],
-    str: ["text", {"z": -0.0, "nested": [np.float32(1.5), (1, 2)]}, None],
+    str: ["text \ud800", {"z": -0.0, "nested": [np.float32(1.5), (1, 2)]}, None],
 }
 
 
