@@ -137,11 +137,23 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
     assert events == ["start", "resume", "finish"], "the refused resume left a runs row"
 
 
-def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
-    reference: Path, signal_sample: Sample, tmp_path: Path
+@pytest.mark.parametrize(
+    ("stop", "executor", "status", "how"),
+    [(signal.SIGINT, "serial", 130, "interrupted"), (signal.SIGTERM, "ray", 143, "terminated")],
+)
+def test_ctrl_c_or_sigterm_says_what_was_kept_and_the_resume_completes(
+    stop: signal.Signals,
+    executor: str,
+    status: int,
+    how: str,
+    reference: Path,
+    signal_sample: Sample,
+    tmp_path: Path,
 ) -> None:
+    """Ctrl-C (serial) or SIGTERM (with Ray's workers running) ends the scan with one line
+    saying what was kept and how to go on; no Ray stack frames; the resume completes."""
     out = tmp_path / "run"
-    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", executor)
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", *arguments],
         cwd=ROOT,
@@ -155,13 +167,13 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
         assert process.poll() is None, "the scan ended before its first AR point"
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, error = process.communicate(timeout=300)
-    assert process.returncode == 130, error
-    assert error.strip().splitlines()[-1] == (
-        f"anomscan scan: interrupted; {out} keeps every completed step: continue with "
+    assert process.returncode == status, error
+    assert error.strip().splitlines() == [
+        f"anomscan scan: {how}; {out} keeps every completed step: continue with "
         f"`anomscan scan --resume {out}`"
-    )
+    ]
     _resume_completes_like(reference, out)
 
 
