@@ -741,8 +741,8 @@ def open_readonly(path: Path) -> sqlite_utils.Database:
 
 def _unreadable(path: Path, error: Exception) -> AuditError:
     return AuditError(
-        f"cannot read the audit log {path}: {error}; the file is damaged or truncated, or "
-        "not an audit log (restore it from a copy)"
+        f"cannot read the audit log {path} ({error}): it is corrupt, truncated or not an "
+        "anomscan audit log; restore it from a copy of the run folder"
     )
 
 
