@@ -482,6 +482,8 @@ def _command_audit(arguments: argparse.Namespace) -> int:
         report = audit.verify(path)
         for problem in report.problems:
             print(problem)
+        for note in report.notes:
+            print(note)
         if report.ok:
             print(f"{path}: {report.n_rows} rows, hash chain intact")
             return 0
