@@ -223,6 +223,7 @@ def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
     copy = tmp_path / "copy"
     copy.mkdir(parents=True)
     shutil.copy(reference / "audit.sqlite", copy / "audit.sqlite")
+    shutil.copy(reference / "audit.head.json", copy / "audit.head.json")
     with sqlite3.connect(copy / "audit.sqlite") as db:
         db.execute(statement)
     return copy
