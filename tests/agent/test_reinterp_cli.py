@@ -24,7 +24,7 @@ import pytest
 import uproot
 
 from agent.cli import main
-from agent.pipeline import stream_regions
+from core.anomaly import stream_regions
 from core.autoencoder import read_model_card, training_selection
 from core.masses import PAIRS, STREAMS, mass_bin_edges
 from core.synth import load_truth, write_nanoaod
