@@ -167,7 +167,6 @@ def stream_anomaly_regions(
     ]
 
 
-
 def stream_regions(
     table: EventTable, xsec_pb: float, lumi_pb: float, exclude: npt.NDArray[np.bool_]
 ) -> tuple[BoolArray, list[bool]]:
