@@ -10,7 +10,8 @@ rules` in a subprocess: the graph of agent/graph.py, which trains the autoencode
 the events, sweeps the AR points log-uniform in 0.01-100 pb (K per decade, then the rules'
 refinements) and runs the scan-wide look-elsewhere test. `anomscan audit verify` then checks
 the run's hash chain. The summary is read from RUN/results.json, RUN/points/*.json (the
-status of every spectrum at every point) and RUN/audit.sqlite (seconds per graph node).
+status of every spectrum at every point) and RUN/audit.sqlite (seconds per graph node, the
+logged output of the scan's `scan_significance` call).
 
 (a) background-only samples (400k events, L = 1000 pb^-1): the scan-global p and Z of
     each; no Z above 3 expected.
@@ -194,12 +195,20 @@ def _statuses(run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def _node_seconds(run_dir: Path) -> dict[str, float]:
-    """Seconds the scan spent in each graph node (the audit's `steps` rows)."""
+def _from_audit(run_dir: Path) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Seconds per graph node (`steps` rows) and the scan's `scan_significance` output."""
     uri = f"file:{run_dir / 'audit.sqlite'}?mode=ro"
     with sqlite3.connect(uri, uri=True) as db:
         rows = db.execute("select node, sum(seconds) from steps group by node").fetchall()
-    return {str(node): round(float(seconds), 1) for node, seconds in rows}
+        calls = db.execute(
+            "select output, output_path from tool_calls where tool = 'scan_significance'"
+        ).fetchall()
+    seconds = {str(node): round(float(total), 1) for node, total in rows}
+    if not calls:
+        return seconds, None
+    (inline, path), *_ = calls
+    text = inline if inline is not None else (run_dir / path).read_text()
+    return seconds, json.loads(text)
 
 
 def _near(excess: dict[str, Any], signal: SignalSpec) -> bool:
@@ -235,6 +244,7 @@ def _summarise(run_dir: Path, signals: tuple[SignalSpec, ...]) -> dict[str, Any]
         }
         for excess in excesses[:5]
     ]
+    node_seconds, scan_wide = _from_audit(run_dir)
     summary: dict[str, Any] = {
         "status_counts": _statuses(run_dir),
         "points_pb": results["points_pb"],
@@ -244,13 +254,18 @@ def _summarise(run_dir: Path, signals: tuple[SignalSpec, ...]) -> dict[str, Any]
         "scan_global_p": results["scan_global_p"],
         "scan_global_z": results["scan_global_z"],
         "scan_global_z_is_lower_limit": results["scan_global_z_is_lower_limit"],
-        "scan_global_p_method": None if lee is None else lee["method"],
+        "scan_global_p_error": None if scan_wide is None else scan_wide["global_p_error"],
+        "scan_global_p_method": None if scan_wide is None else scan_wide["global_p_method"],
         "scan_best_local_z": None if lee is None else lee["local_z"],
+        "n_spectra_in_lee": None if scan_wide is None else scan_wide["n_spectra"],
         "n_tests_in_lee": None if lee is None else lee["n_tests"],
+        "n_merged_whole_stream_points": (
+            None if scan_wide is None else len(scan_wide["merged_points"])
+        ),
         "effective_trials": None if lee is None else lee["effective_trials"],
         "n_pseudo_scans": None if lee is None else lee["n_pseudo_scans"],
         "n_left_out_of_lee": len(results["skipped"]),
-        "node_seconds": _node_seconds(run_dir),
+        "node_seconds": node_seconds,
     }
     if signals:
         signal = signals[0]
