@@ -24,10 +24,11 @@ accepted no background for at that point keeps the data (its row says so). With
 under the peak biases every toy alike: this measures the data, not the method). Random
 streams: toy t of strength i draws its signal count from numpy's generator seeded
 [seed, 7, i, t] and the background of AR point p, stream k from [seed, 11, t, p, k] (the same
-background for every strength), all in the driver, so serial and Ray runs are identical.
-With `fit`, each strength also has one "observed" realisation: the run's data plus toy 0's
-signal, for the local Z and the top-excess check on the real data (`observed`, not in the
-pulls).
+background for every strength), all in the driver, so serial and Ray runs are identical;
+the rule rerun and the refits of a spectrum at AR point p take the seed the scan gave that
+spectrum at p (`ScanRule.seed`), in every toy. With `fit`, each strength also has one
+"observed" realisation: the run's data plus toy 0's signal, for the local Z and the
+top-excess check on the real data (`observed`, not in the pulls).
 
 Three recoveries per spectrum and realisation, each a Gaussian of fixed mass and width with
 free yield, pull = (fitted - expected) / fit error against the expected yield:

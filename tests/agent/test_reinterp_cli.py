@@ -450,6 +450,25 @@ def test_inject_with_ray_gives_the_serial_output(run_dir: Path) -> None:
     assert run_cli("audit", "verify", str(run_dir)).returncode == 0
 
 
+def test_the_rule_rerun_takes_the_settings_and_seeds_of_the_runs_config(tmp_path: Path) -> None:
+    """The rule rerun's checks, hunt, fit threshold and seeds are the run's graph's."""
+    from types import SimpleNamespace
+
+    from agent.graph import _spectrum_seed
+    from agent.reinterp import scan_rule
+    from agent.scan import ScanConfig
+    from core.bumphunt import DEFAULT_HUNT
+    from core.selection import CheckOptions
+
+    config = ScanConfig(run_dir=str(tmp_path), gof_toys=37, min_events=12, seed=5)
+    rule = scan_rule(SimpleNamespace(config=config))  # type: ignore[arg-type]
+    assert rule.checks == CheckOptions(n_gof_toys=37)
+    assert rule.hunt == DEFAULT_HUNT
+    assert rule.min_events == 12
+    assert rule.seed(2, "T2/jm") == _spectrum_seed(5, 2, "T2/jm")
+    assert rule.seed(2, "T2/jm") != rule.seed(3, "T2/jm") != rule.seed(3, "T2/je")
+
+
 @pytest.mark.slow
 def test_the_rule_rerun_on_the_runs_own_spectrum_repeats_the_scan(run_dir: Path) -> None:
     """Nothing injected, the run's data as background: the rule rerun is the scan's own
