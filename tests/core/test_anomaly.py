@@ -115,13 +115,14 @@ def test_stream_regions_are_the_per_stream_regions_as_mask_columns() -> None:
     rng = np.random.default_rng(5)
     n = 3000
     bits = rng.random((n, 7)) < [0.5, 0.3, 0.2, 0.1, 0.05, 0.4, 0.01]
+    score = rng.normal(size=n)
     table = EventTable(
         event=np.arange(n),
         run=np.ones(n, dtype=np.int64),
         weight=np.ones(n),
         stream_bits=bits,
         masses=np.full((n, 9), np.nan),
-        score=rng.normal(size=n),
+        score=score,
         key=np.arange(n),
     )
     exclude = np.zeros(n, dtype=bool)
@@ -134,8 +135,8 @@ def test_stream_regions_are_the_per_stream_regions_as_mask_columns() -> None:
         assert whole[k] == (in_stream.sum() <= 99)
         assert masks[:, k].sum() == min(99, in_stream.sum())
         if not whole[k]:
-            cut = np.sort(table.score[in_stream])[-99]
-            assert np.array_equal(masks[:, k], in_stream & (table.score >= cut))
+            cut = np.sort(score[in_stream])[-99]
+            assert np.array_equal(masks[:, k], in_stream & (score >= cut))
     assert whole[6] and not whole[0]
 
 
