@@ -341,7 +341,7 @@ def test_background_toys_recover_the_injected_yield_without_bias(run_dir: Path) 
 
     Measured (seed 3): run's function refitted -0.10 (width 1.00), run's background fixed
     -0.07 (0.98). The rule rerun is not asserted: its pulls are conditional on the rule
-    accepting a background, which it does in ~73 % of the toys at this strength (README).
+    accepting a background, which it does in 77 % of the toys at this strength (README).
     0.06 pb gives ~47 events, where the pull's small-count asymmetry (the fit error grows
     with the fitted yield: about -0.5 / sqrt(s + b)) is -0.07; at 0.02 pb it is -0.12.
     """
