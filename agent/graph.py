@@ -137,7 +137,7 @@ def _prepare(ctx: ScanContext) -> NodeBody:
         run_dir = ctx.run_dir
         inputs = resolve_inputs(config)
         if inputs is None:
-            from agent.pipeline import DEMO_SIGNALS
+            from core.synth import DEMO_SIGNALS
 
             (generated,) = ctx.call_tools(
                 step_id,
@@ -320,7 +320,7 @@ def _plan(ctx: ScanContext) -> NodeBody:
 
 
 def _build_spectra(ctx: ScanContext) -> NodeBody:
-    from agent.pipeline import stream_regions
+    from core.anomaly import stream_regions
     from core.autoencoder import read_model_card, training_selection
     from core.masses import histogram
     from core.table import read_event_table
