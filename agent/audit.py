@@ -550,6 +550,7 @@ class AuditLog:
             self.db.close()
             raise
         self._head = head
+        self._failed: str | None = None
         self._head_stale = False
         self._pending: list[PendingRow] | None = None
 
@@ -657,6 +658,11 @@ class AuditLog:
         )
         if anchor is not None:
             meta.append((f"anchor:{first}", anchor))
+        if self._failed is not None:
+            raise AuditError(
+                f"the audit log {self.path} takes no more rows after a failed write "
+                f"({self._failed}); continue with `anomscan scan --resume {self.path.parent}`"
+            )
         self._write_head(after, pending_from=before)
         try:
             with self.db.conn:
@@ -669,8 +675,19 @@ class AuditLog:
                         f"insert into {META_TABLE} (name, value) values (?, ?)", meta
                     )
                 for table, record in prepared:
-                    self.db[table].insert(record)  # type: ignore[union-attr]
+                    # plain SQL: sqlite-utils' insert commits on its own, which would split
+                    # the step's transaction into one commit per row
+                    columns = ", ".join(f"[{name}]" for name in record)
+                    marks = ", ".join("?" for _ in record)
+                    self.db.conn.execute(
+                        f"insert into [{table}] ({columns}) values ({marks})", list(record.values())
+                    )
         except sqlite3.Error as error:
+            # SQLite may have made the transaction durable before it failed (a full disk
+            # while it ends its journal), or not: the head file, written with both heads,
+            # matches either, and this writer writes nothing more (a later commit would
+            # stand on a head it can not know).
+            self._failed = str(error)
             raise self._error("write", error) from error
         self._head = after
         self._since = first if self._since is None else self._since
@@ -701,7 +718,7 @@ class AuditLog:
         at `pending_from`), so a folder that has become unwritable loses nothing here.
         """
         try:
-            if self._head_stale:
+            if self._head_stale and self._failed is None:
                 with contextlib.suppress(AuditError):
                     self._write_head(self._head)
         finally:

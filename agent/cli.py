@@ -369,7 +369,10 @@ def _holds_work(folder: Path) -> bool:
     log = folder / "audit.sqlite"
     if not log.is_file():
         return False
-    db = open_readonly(log)
+    try:
+        db = open_readonly(log)
+    except AnomscanError:
+        return True  # unreadable now (a folder made read-only mid-write): keep it
     try:
         return any(
             db[table].exists() and db[table].count > 0 for table in ("tool_calls", "decisions")

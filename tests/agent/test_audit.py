@@ -93,6 +93,36 @@ def test_a_failed_step_writes_nothing(tmp_path: Path) -> None:
     assert verify(path).ok and verify(path).n_rows == 7
 
 
+def test_a_step_whose_commit_fails_half_way_leaves_none_of_its_rows(tmp_path: Path) -> None:
+    """One transaction per step: SQLite refusing the third row of a step (a trigger here,
+    a full disk in a scan) leaves none of its rows, the head file matches, the writer
+    takes no more rows, and the log verifies."""
+    path = tmp_path / "audit.sqlite"
+    log = _log(path)
+    before = verify(path).n_rows
+    log.db.execute(
+        "create trigger refuse before insert on fits when new.key = 'poison' "
+        "begin select raise(abort, 'disk full (simulated)'); end"
+    )
+
+    def step() -> None:
+        with log.transaction():
+            log.add("decisions", "0009-step:a", kind="refine")
+            log.add("steps", "0009-step", node="assess")
+            log.add("fits", "poison", spectrum="T1/jj")
+
+    with pytest.raises(AuditError, match="disk full"):
+        step()
+    with pytest.raises(AuditError, match="no more rows"):
+        log.add("decisions", "0010-step:a", kind="refine")
+    log.close()
+    with sqlite3.connect(path) as db:
+        db.execute("drop trigger refuse")
+    report = verify(path)
+    assert report.ok, report.problems
+    assert report.n_rows == before
+
+
 @pytest.mark.tampers_audit
 @pytest.mark.parametrize(
     ("statement", "expected"),
