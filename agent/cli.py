@@ -25,6 +25,7 @@ from agent.errors import (
     InternalError,
     guarded,
 )
+from core.anomaly import point_text
 from core.errors import AnomscanError, InvalidInputError, OutputError
 from core.files import atomic_path, json_text
 from core.masses import SPECTRUM_NAMES
@@ -207,8 +208,8 @@ def _point_text(excess: dict[str, Any]) -> str:
     """The AR point of an excess row: a range for a repeated whole-stream row."""
     repeats = excess.get("repeated_at_pb") or []
     if not repeats:
-        return f"{excess['xsec_pb']:g}"
-    return f"{min(repeats):g}-{excess['xsec_pb']:g} whole"
+        return point_text(excess["xsec_pb"])
+    return f"{point_text(min(repeats))}-{point_text(excess['xsec_pb'])} whole"
 
 
 def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
@@ -236,7 +237,7 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
         lee = results["look_elsewhere"]
         console.print(
             f"scan-wide: largest excess {lee['best']['spectrum']} at "
-            f"{lee['best']['cross_section_pb']:g} pb, local Z = {lee['local_z']:.2f}, "
+            f"{point_text(lee['best']['cross_section_pb'])} pb, local Z = {lee['local_z']:.2f}, "
             f"scan-global Z = {results['scan_global_z']:.2f}"
             f"{' (lower limit)' if results['scan_global_z_is_lower_limit'] else ''} "
             f"({lee['n_pseudo_scans']} pseudo-scans)"
@@ -507,9 +508,53 @@ def _command_audit(arguments: argparse.Namespace) -> int:
             policy=arguments.policy,
         )
     from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # a file or pipe
+    console.print(_decision_summary(path, rows))
+    filtered = any(
+        value is not None
+        for value in (arguments.step, arguments.spectrum, arguments.point, arguments.policy)
+    )
+    shown = rows if filtered or arguments.all else [r for r in rows if r["kind"] != "skip"]
+    if len(shown) > AUDIT_ROWS_SHOWN and not arguments.all:
+        console.print(
+            f"the first {AUDIT_ROWS_SHOWN} of {len(shown)} rows below; --all shows every row, "
+            "--spectrum/--point/--step/--policy select, `audit export` writes them all"
+        )
+        shown = shown[:AUDIT_ROWS_SHOWN]
+    elif len(shown) < len(rows):
+        console.print(f"{len(rows) - len(shown)} skip rows hidden (--all shows them)")
+    console.print(_decision_table(shown))
+    return 0
+
+
+AUDIT_ROWS_SHOWN = 200
+"""Rows `anomscan audit RUN` prints without --all (after its summary)."""
+
+
+def _decision_summary(path: Path, rows: list[dict[str, Any]]) -> Any:
+    """Counts per decision kind, with the refusals by a gate and the policy fallbacks."""
     from rich.table import Table
 
-    table = Table(title=f"decisions in {path} ({len(rows)})")
+    kinds: dict[str, list[int]] = {}
+    for row in rows:
+        counts = kinds.setdefault(str(row["kind"]), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += str(row["gate"] or "").startswith(("refused", "no candidate"))
+        counts[2] += "fell back" in str(row["rationale"] or "")
+    table = Table(title=f"{len(rows)} decisions in {path}")
+    for column in ("kind", "rows", "refused or no candidate", "fallback to rules"):
+        table.add_column(column, justify="left" if column == "kind" else "right")
+    for kind, (n, refused, fallback) in sorted(kinds.items()):
+        table.add_row(kind, str(n), str(refused or ""), str(fallback or ""))
+    return table
+
+
+def _decision_table(rows: list[dict[str, Any]]) -> Any:
+    """The decision rows; long text folds inside its cell, whole."""
+    from rich.table import Table
+
+    table = Table()
     for column in ("seq", "step", "kind", "spectrum", "AR pb", "chosen", "policy", "why", "gate"):
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -518,14 +563,13 @@ def _command_audit(arguments: argparse.Namespace) -> int:
             str(row["step_id"]),
             str(row["kind"]),
             row["spectrum"] or "",
-            "" if row["point_pb"] is None else f"{row['point_pb']:g}",
-            str(row["chosen"] or "")[:60],
+            "" if row["point_pb"] is None else point_text(float(row["point_pb"])),
+            str(row["chosen"] or ""),
             str(row["policy"] or ""),
             str(row["rationale"] or ""),
             str(row["gate"] or ""),
         )
-    Console(width=200).print(table)
-    return 0
+    return table
 
 
 def _command_report(arguments: argparse.Namespace) -> int:
@@ -633,7 +677,7 @@ def _command_demo(arguments: argparse.Namespace) -> int:
         found.append(
             f"{signal['label']}: "
             + (
-                f"found in {best['spectrum']} at {best['xsec_pb']:g} pb, "
+                f"found in {best['spectrum']} at {point_text(best['xsec_pb'])} pb, "
                 f"local Z {best['local_z']:.1f}"
                 if best
                 else "not among the excesses"
@@ -664,7 +708,7 @@ def _command_acceptance(arguments: argparse.Namespace) -> int:
     table = Table(title=f"acceptance of {output['name']} ({output['n_events']} events)")
     table.add_column("stream")
     for point in points:
-        table.add_column(f"{point:g} pb", justify="right")
+        table.add_column(f"{point_text(point)} pb", justify="right")
     for stream in dict.fromkeys(row["stream"] for row in output["streams"]):
         cells = {r["point_pb"]: r for r in output["streams"] if r["stream"] == stream}
         table.add_row(
@@ -727,7 +771,8 @@ def _command_inject(arguments: argparse.Namespace) -> int:
     gains = [row for row in output["sensitivity"] if row["dz_percent"] is not None]
     for row in gains:
         print(
-            f"  {row['spectrum']} @ {row['point_pb']:g} pb, {row['xsec_pb']:g} pb: expected Z "
+            f"  {row['spectrum']} @ {point_text(row['point_pb'])} pb, {row['xsec_pb']:g} pb: "
+            "expected Z "
             f"{row['z_ae']:.2f} with the AE cut, {row['z_whole_stream']:.2f} whole stream, "
             f"dZ = {row['dz_percent']:+.0f} %"
         )
@@ -970,6 +1015,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--verdict", choices=["agree", "question", "reject"], help="annotate")
     audit.add_argument("--note", help="annotate: the reviewer's note")
     audit.add_argument("--by", help="annotate: the reviewer's name")
+    audit.add_argument(
+        "--all", action="store_true", help=f"every row (default: the first {AUDIT_ROWS_SHOWN})"
+    )
     audit.set_defaults(handler=_command_audit)
 
     report = commands.add_parser("report", help="static HTML report of a run (RUN/report/)")

@@ -35,6 +35,7 @@ from agent.policy import (
 )
 from agent.scan import BUILTIN_EVENTS, ScanContext, folder_sha256, write_atomic, write_results
 from agent.state import PointRecord, ScanState
+from core.anomaly import point_text
 from core.errors import AnomscanError, InvalidInputError, ModelError
 from core.events import non_finite_note
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
@@ -331,7 +332,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
         index = len(state["points"])
         planned = index + 1 + len(pending)
         ctx.progress.update(
-            point=f"AR point {index + 1} of {planned} ({point:g} pb)",
+            point=f"AR point {index + 1} of {planned} ({point_text(point)} pb)",
             points_done=index,
             points_planned=planned,
             spectra_done=0,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import numpy.typing as npt
 
+from core.anomaly import point_text
 from core.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def score_distributions(
         for k, (point, per_stream) in enumerate(sorted(cuts.items())):
             cut = per_stream.get(stream)
             if cut is not None:
-                ax.axvline(cut, color=colours[k % len(colours)], label=f"{point:g} pb")
+                ax.axvline(cut, color=colours[k % len(colours)], label=f"{point_text(point)} pb")
         ax.set_yscale("log")
         if positive:
             ax.set_xscale("log")
@@ -256,7 +257,7 @@ def limit_curves_plot(
     this point.
     """
     if not curves:
-        raise InvalidInputError(f"no limit curve to draw at the AR point {point_pb:g} pb")
+        raise InvalidInputError(f"no limit curve to draw at the AR point {point_text(point_pb)} pb")
     plt = _pyplot(style)
     spectra = sorted({str(c["spectrum"]) for c in curves})
     widths = sorted({float(c["width"]) for c in curves})
@@ -298,7 +299,7 @@ def limit_curves_plot(
         title="width (solid: observed, dashed: expected;\no: exact CLs of the window count)",
         title_fontsize=7,
     )
-    figure.suptitle(f"AR point {point_pb:g} pb: Gaussian-signal limits, CLs", fontsize=11)
+    figure.suptitle(f"AR point {point_text(point_pb)} pb: Gaussian-signal limits, CLs", fontsize=11)
     # room for the title above the panels' own titles (one row leaves the least)
     figure.subplots_adjust(hspace=0.45, wspace=0.3, top=0.84 if rows == 1 else 0.92)
     return cast("Figure", figure)

@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.anomaly import log_uniform_xsec_grid
+from core.anomaly import log_uniform_xsec_grid, point_text
 
 REFINE_LOCAL_Z = 2.5
 REFINE_PER_ROUND = 2
@@ -190,9 +190,10 @@ class RulesPolicy:
                                 (
                                     values[best],
                                     _midpoint(low, high),
-                                    f"{name}: local Z {values[best]:.2f} at {xsecs[best]:g} pb "
+                                    f"{name}: local Z {values[best]:.2f} at "
+                                    f"{point_text(xsecs[best])} pb "
                                     f"grows from {max(values[neighbour], 0):.2f} at "
-                                    f"{xsecs[neighbour]:g} pb",
+                                    f"{point_text(xsecs[neighbour])} pb",
                                 )
                             )
             for i in range(len(ordered) - 1):
@@ -211,7 +212,7 @@ class RulesPolicy:
                         (
                             _midpoint(xsecs[i], xsecs[i + 1]),
                             f"{name}: a background passed at one of {xsecs[i]:g} and "
-                            f"{xsecs[i + 1]:g} pb and none at the other",
+                            f"{point_text(xsecs[i + 1])} pb and none at the other",
                         )
                     )
         growing.sort(key=lambda item: -item[0])
@@ -223,7 +224,7 @@ class RulesPolicy:
             if any(abs(point / known - 1.0) < 1e-9 for known in chosen + xsecs):
                 continue
             chosen.append(point)
-            reasons.append(f"{point:g} pb ({reason})")
+            reasons.append(f"{point_text(point)} pb ({reason})")
         if not chosen:
             why = "no point budget left" if remaining <= 0 else "no excess grows between points"
             return PointsProposal(points_pb=[], stop=True, rationale=f"stop: {why}")

@@ -236,6 +236,11 @@ def anomaly_regions_per_stream(
     }
 
 
+def point_text(xsec_pb: float) -> str:
+    """An AR point (pb) as every output writes it: four significant digits (3.162, 0.001)."""
+    return f"{xsec_pb:.4g}"
+
+
 def log_uniform_xsec_grid(
     points_per_decade: int = 2,
     low_pb: float = XSEC_MIN_PB,

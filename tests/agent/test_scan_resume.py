@@ -289,6 +289,20 @@ def test_audit_table_filters_and_export(reference: Path, tmp_path: Path) -> None
     assert "background" in table.stdout
     other = next(s for s in ("T1/jj", "T7/bb") if s != top["spectrum"])
     assert other not in table.stdout
+
+    # the whole log: a summary per decision kind first, the skip rows hidden unless --all
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        kinds = dict(db.execute("select kind, count(*) from decisions group by kind").fetchall())
+    overview = run_cli("audit", str(reference))
+    assert overview.returncode == 0, overview.stderr
+    lines = overview.stdout.splitlines()
+    assert f"{sum(kinds.values())} decisions in" in lines[0]
+    for kind, count in kinds.items():
+        row = [kind, str(count)]
+        assert any([cell.strip() for cell in line.split("│")[1:3]] == row for line in lines[:30])
+    assert f"{kinds['skip']} skip rows hidden (--all shows them)" in overview.stdout
+    every = run_cli("audit", str(reference), "--all")
+    assert every.stdout.count(" skip ") > overview.stdout.count(" skip ")
     output = tmp_path / "audit.jsonl"
     exported = run_cli("audit", "export", str(reference), "-o", str(output))
     assert exported.returncode == 0
