@@ -704,21 +704,25 @@ def _command_acceptance(arguments: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    points = output["points_pb"]
+    # one row per AR point and one column per stream: 8 columns fit any terminal, however
+    # many points the run scanned
+    streams = list(dict.fromkeys(row["stream"] for row in output["streams"]))
+    cells = {(r["point_pb"], r["stream"]): r for r in output["streams"]}
     table = Table(title=f"acceptance of {output['name']} ({output['n_events']} events)")
-    table.add_column("stream")
-    for point in points:
-        table.add_column(f"{point_text(point)} pb", justify="right")
-    for stream in dict.fromkeys(row["stream"] for row in output["streams"]):
-        cells = {r["point_pb"]: r for r in output["streams"] if r["stream"] == stream}
+    table.add_column("AR pb", justify="right", no_wrap=True)
+    for stream in streams:
+        table.add_column(stream, justify="right", no_wrap=True)
+    for point in output["points_pb"]:
         table.add_row(
-            stream,
+            point_text(point),
             *(
-                f"{cells[p]['acceptance']:.4g}" + (" (whole)" if cells[p]["whole_stream"] else "")
-                for p in points
+                f"{cells[point, stream]['acceptance']:.3f}"
+                + ("*" if cells[point, stream]["whole_stream"] else "")
+                for stream in streams
             ),
         )
     Console().print(table)
+    print("* the whole stream (the AR holds every event of the stream at that point)")
     print(f"acceptance: {output['json_path']} and {output['csv_path']}")
     return 0
 

@@ -104,6 +104,11 @@ def test_acceptance_of_the_injected_events_equals_the_scan_ar_fraction(
     assert done.returncode == 0, done.stderr
     output = json.loads((run_dir / "acceptance" / "own.json").read_text())
     assert output["n_events"] == len(signal_events) > 40
+    # the terminal table (80 columns here) shows every stream's value, none cut
+    row = next(line for line in done.stdout.splitlines() if line.count("│") == 9)
+    shown = [cell.strip().rstrip("*") for cell in row.split("│")[2:9]]
+    by_stream = {r["stream"]: r["acceptance"] for r in output["streams"]}
+    assert shown == [f"{by_stream[stream]:.3f}" for stream in STREAMS]
 
     results = json.loads((run_dir / "results.json").read_text())
     (point,) = results["points_pb"]
