@@ -1382,6 +1382,7 @@ def collect_results(state: ScanState) -> dict[str, Any]:
                     "function": spectrum["function"],
                     "checks_passed": spectrum["checks_passed"],
                     "fit_p_value": spectrum["fit_p_value"],
+                    "checks": spectrum.get("checks"),
                     "gof_p_value": spectrum.get("gof_p_value"),
                     "background_choice": spectrum.get("background_choice"),
                     "masked_window_gev": spectrum["masked_window_gev"],
