@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEV_STAMP := $(VENV)/.dev-stamp
 
-.PHONY: demo test lint typecheck layers pytest bench clean
+.PHONY: demo test browser lint typecheck layers pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ $(DEV_STAMP): $(STAMP)
 demo: $(STAMP)
 	$(BIN)/anomscan demo
 
-test: $(DEV_STAMP) lint typecheck layers pytest
+test: $(DEV_STAMP) browser lint typecheck layers pytest
+
+browser:
+	scripts/ensure-chromium
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff format --check core tools agent tests bench

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT, InternalError, guarded
+from agent.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_INVALID_INPUT,
+    InternalError,
+    guarded,
+)
 from core.errors import AnomscanError, InvalidInputError, OutputError
 from core.files import json_text
 from core.synth import PAIR_TYPES
@@ -164,7 +171,7 @@ SCAN_INPUT_ERRORS = (
     "AuditError",
     "InputFileError",
     "SchemaError",
-    "StorageError",
+    "OutputError",
 )
 """Anticipated faults of a scan's inputs or run folder: one line, exit status 2."""
 
@@ -263,26 +270,92 @@ def _scan_config(arguments: argparse.Namespace) -> Any:
         ) from error
 
 
-def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
-    from agent.scan import read_config, resolve_inputs, run_scan, write_config
+RESUME_KEEPS = frozenset({"resume", "quiet", "handler", "command"})
+"""Options that may be given with --resume: the rest would change the run and are refused."""
 
+_OPTION_NAMES = {"data": "DATA", "llm_timeout_s": "--llm-timeout"}
+
+
+def _changed_on_resume(arguments: argparse.Namespace) -> list[str]:
+    """The scan options given with --resume (a resumed run keeps its recorded config)."""
+    defaults = vars(build_parser().parse_args(["scan"]))
+    return [
+        _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        for name, value in vars(arguments).items()
+        if name not in RESUME_KEEPS and name in defaults and value != defaults[name]
+    ]
+
+
+def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
+    from agent.scan import read_config, resolve_inputs, run_scan
+
+    config: Any = None
     try:
         if arguments.resume is not None:
+            changed = _changed_on_resume(arguments)
+            if changed:
+                raise InvalidInputError(
+                    f"{', '.join(changed)} given with --resume: a resumed scan keeps the config "
+                    f"it was started with ({Path(arguments.resume) / 'config.json'}); drop "
+                    "the option, or start a new scan with another --out"
+                )
             config = read_config(Path(arguments.resume))
             outcome = run_scan(config, resume=True, show_progress=not arguments.quiet)
         else:
             config = _scan_config(arguments)
-            if config.xsec_range[0] >= config.xsec_range[1]:
-                raise InvalidInputError(
-                    f"--xsec-range {config.xsec_range[0]:g} {config.xsec_range[1]:g}: the low "
-                    "end must be below the high end"
-                )
             resolve_inputs(config)
-            write_config(config)
-            outcome = run_scan(config, show_progress=not arguments.quiet)
+            outcome = _new_scan(config, show_progress=not arguments.quiet)
     except AnomscanError as error:
         return _scan_error(error), None
+    except KeyboardInterrupt:
+        folder = Path(arguments.resume or (config.run_dir if config is not None else ""))
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            print("anomscan scan: interrupted before the run folder was made", file=sys.stderr)
+        else:
+            print(
+                f"anomscan scan: interrupted; {folder} keeps every completed step: continue "
+                f"with `anomscan scan --resume {folder}`",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED, None
     return 0, outcome
+
+
+def _new_scan(config: Any, *, show_progress: bool) -> Any:
+    """A new scan; a folder it made and that holds no tool call yet is removed on failure.
+
+    A scan refused before it did any work (bad input found by the first node) leaves
+    nothing that would block the same --out; once it has work in its folder, the folder
+    stays and `anomscan scan --resume` continues it after the cause is fixed.
+    """
+    import shutil
+
+    from agent.scan import run_scan
+
+    folder = Path(config.run_dir)
+    existed = folder.exists()
+    try:
+        return run_scan(config, show_progress=show_progress)
+    except AnomscanError:
+        if not existed and folder.is_dir() and not _holds_work(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _holds_work(folder: Path) -> bool:
+    """Whether a run folder's audit log has a tool call or a decision (work to resume)."""
+    from agent.audit import open_readonly
+
+    log = folder / "audit.sqlite"
+    if not log.is_file():
+        return False
+    db = open_readonly(log)
+    try:
+        return any(
+            db[table].exists() and db[table].count > 0 for table in ("tool_calls", "decisions")
+        )
+    finally:
+        db.close()
 
 
 def _command_scan(arguments: argparse.Namespace) -> int:
@@ -320,10 +393,14 @@ def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
     if len(words) != 2 or not words[1].isdigit() or arguments.verdict is None:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
+    from agent.runlock import run_folder_lock
+
     path = Path(words[0]) / audit.AUDIT_FILE
-    row = audit.annotate(
-        path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
-    )
+    audit.open_readonly(path).close()  # not a run folder: refused before the lock makes one
+    with run_folder_lock(path.parent, "anomscan audit annotate"):
+        row = audit.annotate(
+            path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
+        )
     print(f"annotation seq {row['seq']} on decision {row['decision_seq']}: {row['verdict']}")
     return 0
 
@@ -408,11 +485,36 @@ def _command_export(arguments: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich bar on stderr (done / total, elapsed, ETA) when it is a terminal; else None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(
+        f"[bold cyan]{what}[/]", *columns, console=Console(stderr=True), transient=True
+    ) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 def _command_replay(arguments: argparse.Namespace) -> int:
     from agent.replay import replay
 
     run_dir = Path(arguments.run)
-    report = replay(run_dir, tools=set(arguments.tool) if arguments.tool else None)
+    tools = set(arguments.tool) if arguments.tool else None
+    with _progress_bar("replaying tool calls") as advance:
+        report = replay(run_dir, tools=tools, progress=advance)
     for difference in report.differences:
         print(difference)
     skipped = ", ".join(f"{name} x{n}" for name, n in sorted(report.not_replayed.items()))
@@ -714,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped scan")
     scan.add_argument("--model", help="a trained autoencoder (.onnx with its card)")
-    scan.add_argument("--events", type=int, default=100_000, help="built-in sample size")
+    scan.add_argument("--events", type=int, help="built-in sample size (default 100000)")
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
     scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
     scan.add_argument("--quiet", action="store_true", help="no progress display")
@@ -755,7 +857,12 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="static HTML report of a run (RUN/report/)")
     report.add_argument("run", help="run folder")
     report.add_argument("-o", "--output", help="report folder (default RUN/report)")
-    report.add_argument("--style", choices=["ATLAS", "CMS"], default="ATLAS")
+    report.add_argument(
+        "--style",
+        choices=["Simulation", "ATLAS", "CMS"],
+        default="Simulation",
+        help="plot labels: neutral (default), or an experiment's on its own data",
+    )
     report.add_argument("--format", choices=["png", "svg"], default="png")
     report.add_argument(
         "--plots", choices=["embedded", "beside"], default="embedded", help="data URIs or files"

@@ -33,7 +33,14 @@ from agent.policy import (
     PointsProposal,
     SpectrumOutcome,
 )
-from agent.scan import ScanConfig, ScanContext, folder_sha256, write_atomic, write_results
+from agent.scan import (
+    BUILTIN_EVENTS,
+    ScanConfig,
+    ScanContext,
+    folder_sha256,
+    write_atomic,
+    write_results,
+)
 from agent.state import PointRecord, ScanState
 from core.errors import AnomscanError, InvalidInputError, ModelError
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
@@ -150,7 +157,7 @@ def _prepare(ctx: ScanContext) -> NodeBody:
                         "built-in sample",
                         {
                             "output_dir": str(run_dir / "data"),
-                            "n_events": config.events,
+                            "n_events": config.events or BUILTIN_EVENTS,
                             "seed": config.seed,
                             "signals": [
                                 {
@@ -232,9 +239,9 @@ def _prepare(ctx: ScanContext) -> NodeBody:
             "stage": "prepared",
             "lumi_pb": lumi,
             "inputs": hashes,
-            "model": str(model_path),
+            "model": ctx.relative(model_path),
             "model_sha256": model_hash,
-            "table": str(run_dir / "events"),
+            "table": ctx.relative(run_dir / "events"),
             "table_sha256": table_hash,
         }
 
@@ -324,12 +331,16 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
         pending = list(state["pending_pb"])
         point = pending.pop(0)
         index = len(state["points"])
+        planned = index + 1 + len(pending)
         ctx.progress.update(
-            point=f"AR point {index + 1} ({point:g} pb)",
-            spectra_total=ctx.progress.spectra_total or 0,
+            point=f"AR point {index + 1} of {planned} ({point:g} pb)",
+            points_done=index,
+            points_planned=planned,
+            spectra_done=0,
+            spectra_total=0,
         )
-        table = ctx.cached("table", lambda: read_event_table(Path(state["table"])))
-        card = read_model_card(Path(state["model"]))
+        table = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
+        card = read_model_card(ctx.at(state["model"]))
         exclude = ctx.cached(
             "exclude", lambda: training_selection(table.keys(), card.fraction, card.seed)
         )
@@ -352,6 +363,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
                         f"(< {ctx.config.min_events})"
                     )
         assert edges is not None
+        ctx.progress.update(spectra_total=len(SPECTRUM_NAMES) - len(skipped))
         folder = ctx.run_dir / "spectra"
         folder.mkdir(exist_ok=True)
         path = folder / f"point-{index:03d}.npz"
@@ -389,7 +401,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
             "current": {
                 "index": index,
                 "point_pb": point,
-                "spectra_file": str(path),
+                "spectra_file": ctx.relative(path),
                 "spectra_sha256": digest,
                 "skipped": skipped,
                 "whole_stream": {
@@ -749,7 +761,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
         index = int(current["index"])
-        with np.load(current["spectra_file"]) as data:
+        with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
         names = [n for n in SPECTRUM_NAMES if n not in current["skipped"]]
         calls = [
@@ -858,7 +870,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         path = ctx.run_dir / "points" / f"point-{index:03d}-backgrounds.json"
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, json.dumps({"point_pb": point, "backgrounds": backgrounds}))
-        current["backgrounds_file"] = str(path)
+        current["backgrounds_file"] = ctx.relative(path)
         current["backgrounds_sha256"] = ctx.artifact(path, "backgrounds")
         ctx.progress.update(spectra_done=ctx.progress.spectra_done + len(names))
         return {
@@ -910,9 +922,9 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
         index = int(current["index"])
-        with np.load(current["spectra_file"]) as data:
+        with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
-        backgrounds = json.loads(Path(current["backgrounds_file"]).read_text())["backgrounds"]
+        backgrounds = json.loads(ctx.at(current["backgrounds_file"]).read_text())["backgrounds"]
         accepted = [n for n in SPECTRUM_NAMES if backgrounds.get(n, {}).get("status") == "accepted"]
         calls = [
             (
@@ -1089,10 +1101,11 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
             "point_pb": point,
             "spectra_file": current["spectra_file"],
             "spectra_sha256": current["spectra_sha256"],
-            "results_file": str(results_path),
+            "results_file": ctx.relative(results_path),
             "results_sha256": ctx.artifact(results_path, "point results"),
             "outcomes": outcomes,
         }
+        ctx.progress.update(points_done=index + 1, spectra_done=ctx.progress.spectra_total)
         return {
             "stage": f"bumps at {point:g} pb",
             "points": [*state["points"], record],
@@ -1184,6 +1197,13 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
     """
 
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
+        ctx.progress.update(
+            stage=f"look-elsewhere over {len(state['points'])} AR points (pseudo-scans)",
+            point="",
+            spectra_total=0,
+            points_done=len(state["points"]),
+            points_planned=len(state["points"]),
+        )
         arrays: dict[str, Any] = {}
         names: list[str] = []
         rows: dict[str, list[float]] = {
@@ -1194,8 +1214,8 @@ def _look_elsewhere(ctx: ScanContext) -> NodeBody:
             "min_window_background": [],
         }
         for record in state["points"]:
-            results = json.loads(Path(record["results_file"]).read_text())
-            with np.load(Path(record["results_file"]).with_name(results["arrays"])) as data:
+            results = json.loads(ctx.at(record["results_file"]).read_text())
+            with np.load(ctx.at(record["results_file"]).with_name(results["arrays"])) as data:
                 edges, counts, background = data["edges"], data["counts"], data["background"]
             for spectrum in results["spectra"]:
                 if spectrum["status"] != "excess":
@@ -1337,18 +1357,19 @@ def _merge_whole_stream_repeats(excesses: list[dict[str, Any]]) -> list[dict[str
     return kept
 
 
-def collect_results(state: ScanState) -> dict[str, Any]:
+def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, Any]:
     """results.json from the state and the per-point files (never from truth.json).
 
-    Each excess carries what its point's file recorded of the background the hunt used
-    (function, final fit p, checks, GOF p, mask); an "excess" whose recorded checks did not
-    pass is listed as skipped, never ranked.
+    `at` finds a path recorded in the state in the run folder as it is now. Each excess
+    carries what its point's file recorded of the background the hunt used (function, final
+    fit p, checks, GOF p, mask); an "excess" whose recorded checks did not pass is listed as
+    skipped, never ranked.
     """
     lee = state.get("lee")
     excesses = []
     skipped = []
     for record in state["points"]:
-        results = json.loads(Path(record["results_file"]).read_text())
+        results = json.loads(at(record["results_file"]).read_text())
         for spectrum in results["spectra"]:
             if spectrum["status"] != "excess" or spectrum.get("checks_passed") is not True:
                 skipped.append(
@@ -1413,7 +1434,7 @@ def collect_results(state: ScanState) -> dict[str, Any]:
 
 def _summarise(ctx: ScanContext) -> NodeBody:
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
-        results = collect_results(state)
+        results = collect_results(state, ctx.at)
         json_path, csv_path = write_results(ctx.run_dir, results)
         ctx.artifact(json_path, "results")
         ctx.artifact(csv_path, "results")

@@ -273,7 +273,7 @@ def set_run_limits(
             continue
         from agent.plots import encode
 
-        figure = limit_curves_plot(curves, point, "ATLAS")
+        figure = limit_curves_plot(curves, point, "Simulation")
         plot = write_bytes(
             folder / f"limits-point-{index:03d}.png", encode(figure, "png"), what="plot"
         )

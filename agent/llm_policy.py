@@ -8,9 +8,12 @@ agent/policy.py (one source of truth), plus a few read-only analysis tools of th
 Every proposal is validated by its pydantic model and then by the same gates as `rules`
 (agent/gates.py, plus "the spectrum and point you were asked about"). A refused proposal goes
 back to the model with the reason, up to `max_rejections` times; then the decision is the
-`rules` one. An unreachable endpoint, a timeout or an HTTP error falls back at once (the
-client makes no retries); `max_consecutive_errors` failures in a row stop asking for the rest
-of the scan. Budgets of calls and tokens per scan fall back the same way. Each message, its
+`rules` one. Every other failure of the endpoint falls back at once (the client makes no
+retries): unreachable, a timeout, an HTTP error, a connection closed mid-body, a body that is not
+JSON, not declared as JSON, nested deeper than MAX_NESTING, longer than MAX_REPLY_BYTES or not a
+chat completion (`Completion`); the one place that turns them into a fallback is
+`LLMPolicy._complete`. `max_consecutive_errors` failures in a row stop asking for the rest of
+the scan. Budgets of calls and tokens per scan fall back the same way. Each message, its
 tokens and latency, each refusal and each fallback is queued as an audit row (`take_rows`),
 with the API key redacted; the key is never logged, stored or put in a message.
 
@@ -24,15 +27,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
+import httpx2  # the openai client's HTTP library: its errors surface while a body streams in
 import openai
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.gates import GateResult, background_gate, fallback_gate, points_gate
 from agent.policy import (
@@ -75,10 +81,169 @@ INSPECTION_TOOLS = ("fit_background", "robustness_checks", "bump_hunt", "signal_
 MAX_TOOL_OUTPUT_CHARS = 20_000
 MAX_INSPECTIONS = 3
 """Replies per decision spent on read-only tools before the model must decide."""
+MAX_REPLY_BYTES = 1_000_000
+"""Bytes of a reply read at most: a longer one is an endpoint error (reading stops there)."""
+MAX_NESTING = 64
+"""Deepest JSON nesting (objects, arrays) parsed, in a reply and in tool-call arguments."""
+MAX_AUDIT_CHARS = 20_000
+"""Characters of a reply's text or arguments kept in an audit row (the rest is cut, and said)."""
+MAX_BODY_EXCERPT_CHARS = 2_000
+"""Characters of a body that was not a chat completion kept in the audit's error row."""
+MAX_ERROR_CHARS = 500
+"""Characters of an error message kept in a fallback reason."""
 
 
 class PromptError(AnomscanError):
     """A prompt file is missing or unreadable."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class ReplyFunction(_Strict):
+    """The function a tool call names; `arguments` is JSON text, parsed by the policy."""
+
+    name: str
+    arguments: str
+
+
+class ReplyToolCall(_Strict):
+    """One tool call of a reply."""
+
+    id: str
+    function: ReplyFunction
+
+
+class ReplyMessage(_Strict):
+    """The assistant's message: text, tool calls, or both."""
+
+    content: str | None = None
+    tool_calls: list[ReplyToolCall] | None = None
+
+
+class ReplyChoice(_Strict):
+    """A choice of a completion (the policy reads the first)."""
+
+    message: ReplyMessage
+
+
+class ReplyUsage(_Strict):
+    """Tokens the endpoint counted, when it says."""
+
+    prompt_tokens: int | None = Field(default=None, ge=0)
+    completion_tokens: int | None = Field(default=None, ge=0)
+    total_tokens: int | None = Field(default=None, ge=0)
+
+
+class Completion(_Strict):
+    """What the policy reads of a chat completion, with strict types; other fields are ignored."""
+
+    model: str | None = None
+    choices: list[ReplyChoice] = Field(min_length=1)
+    usage: ReplyUsage | None = None
+
+
+class _BadReply(Exception):
+    """The endpoint answered with something that is not a chat completion; `body` as read."""
+
+    def __init__(self, reason: str, body: bytes = b"", *, complete: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.body = body
+        self.complete = complete
+
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
+
+
+def nesting_depth(text: str, limit: int = MAX_NESTING) -> int:
+    """Deepest nesting of arrays and objects in JSON `text`, counted up to `limit` + 1.
+
+    Strings are skipped; nothing is parsed, so any depth is safe (json.loads raises
+    RecursionError near 1000 levels).
+    """
+    depth = deepest = 0
+    for token in _JSON_TOKENS.finditer(text):
+        mark = token.group()
+        if mark in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif mark in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters and how many there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} ... (truncated: {limit} of {len(text)} characters kept)"
+
+
+def _excerpt(body: bytes, *, complete: bool) -> str:
+    """The start of a body for the audit, saying how much of it there was."""
+    shown = body[:MAX_BODY_EXCERPT_CHARS].decode("utf-8", errors="replace")
+    if len(body) <= MAX_BODY_EXCERPT_CHARS and complete:
+        return f"body ({len(body)} bytes): {shown!r}"
+    total = f"{len(body)}" if complete else f"more than {len(body)}"
+    return f"body (truncated: first {MAX_BODY_EXCERPT_CHARS} of {total} bytes): {shown!r}"
+
+
+def _validation_summary(error: ValidationError, shown: int = 3) -> str:
+    parts = [
+        f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
+        for item in error.errors(include_url=False)[:shown]
+    ]
+    if error.error_count() > shown:
+        parts.append(f"{error.error_count() - shown} more")
+    return "; ".join(parts)
+
+
+def _read_body(chunks: Iterable[bytes], timeout_s: float) -> bytes:
+    """The body from its chunks, at most MAX_REPLY_BYTES of it, within `timeout_s` seconds."""
+    deadline = time.perf_counter() + timeout_s
+    body = bytearray()
+    for chunk in chunks:
+        body += chunk
+        if len(body) > MAX_REPLY_BYTES:
+            raise _BadReply(
+                f"reply longer than {MAX_REPLY_BYTES} bytes (reading stopped there)",
+                bytes(body),
+                complete=False,
+            )
+        if time.perf_counter() > deadline:
+            raise _BadReply(
+                f"reply body still arriving after {timeout_s:g} s", bytes(body), complete=False
+            )
+    return bytes(body)
+
+
+def _parse_completion(body: bytes, content_type: str) -> Completion:
+    """A chat completion from a 200 reply's body, or `_BadReply` saying what is wrong with it."""
+    media = content_type.partition(";")[0].strip().lower()
+    if not media.endswith(("/json", "+json")):
+        raise _BadReply(f"reply is not JSON (Content-Type {media or 'missing'!r})", body)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _BadReply(f"reply is not UTF-8 text ({error})", body) from None
+    if nesting_depth(text) > MAX_NESTING:
+        raise _BadReply(f"reply nested deeper than {MAX_NESTING} levels (not parsed)", body)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _BadReply(f"reply body is not valid JSON ({error})", body) from None
+    if isinstance(data, dict) and "choices" not in data and "error" in data:
+        said = clip(json.dumps(data["error"]), MAX_ERROR_CHARS)
+        raise _BadReply(f"reply is an error, not a completion ({said})", body)
+    try:
+        return Completion.model_validate(data)
+    except ValidationError as error:
+        summary = _validation_summary(error)
+        raise _BadReply(f"reply is not a chat completion ({summary})", body) from None
 
 
 @dataclass(frozen=True)
@@ -161,6 +326,8 @@ class LLMSettings:
                 )
         if settings.timeout_s <= 0:
             raise InvalidInputError(f"LLM timeout must be > 0 s, got {settings.timeout_s}")
+        if settings.base_url is not None:
+            _check_base_url(settings.base_url)
         return settings
 
     def public(self) -> dict[str, Any]:
@@ -176,6 +343,22 @@ class LLMSettings:
             "max_consecutive_errors": self.max_consecutive_errors,
             "temperature": self.temperature,
         }
+
+
+def _check_base_url(url: str) -> None:
+    """Refuse a base URL the client could never reach (no http(s) scheme, no host, bad port)."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError as error:
+        raise InvalidInputError(
+            f"LLM base URL {url!r} is not a URL ({error}); give e.g. http://127.0.0.1:8000/v1"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise InvalidInputError(
+            f"LLM base URL {url!r} is not an http(s) URL with a host; "
+            "give e.g. http://127.0.0.1:8000/v1 (--llm-base-url or ANOMSCAN_LLM_BASE_URL)"
+        )
 
 
 @dataclass(frozen=True)
@@ -350,62 +533,88 @@ class LLMPolicy:
 
     def _complete(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], kind: str
-    ) -> Any:
+    ) -> tuple[str | None, list[dict[str, str]]]:
+        """One request: the reply's text and tool calls, or `_Fallback` on any endpoint failure.
+
+        The one place where whatever the endpoint does (no answer, an HTTP error, a body cut
+        short, not JSON, the wrong shape) becomes a fallback to the rules with its reason.
+        """
         self._budget_left()
         self.calls += 1
         started = time.perf_counter()
         try:
-            response = self.client.chat.completions.create(  # type: ignore[call-overload]
-                model=self.settings.model,
-                messages=messages,
-                tools=tools,
-                tool_choice="auto",
-                temperature=self.settings.temperature,
-            )
-        except openai.APIError as error:
-            latency = time.perf_counter() - started
-            self.consecutive_errors += 1
-            status = getattr(error, "status_code", None)
-            what = f"HTTP {status}" if status is not None else type(error).__name__
-            reason = self._secret(f"LLM endpoint error ({what}: {error}) after {latency:.2f} s")
-            self._message_row("error", reason, kind=kind, latency_s=latency)
-            disable = self.consecutive_errors >= max(1, self.settings.max_consecutive_errors)
-            if disable:
-                reason += (
-                    f"; {self.consecutive_errors} endpoint errors in a row: rules decide the "
-                    "rest of the scan"
-                )
-            raise _Fallback(reason, disable=disable) from None
+            reply = self._request(messages, tools)
+        except (openai.APIError, httpx2.HTTPError, _BadReply) as error:
+            self._endpoint_error(error, kind, time.perf_counter() - started)
         latency = time.perf_counter() - started
         self.consecutive_errors = 0
-        usage = getattr(response, "usage", None)
-        prompt_tokens = getattr(usage, "prompt_tokens", None)
-        completion_tokens = getattr(usage, "completion_tokens", None)
-        total = getattr(usage, "total_tokens", None)
+        usage = reply.usage
+        prompt_tokens = usage.prompt_tokens if usage else None
+        completion_tokens = usage.completion_tokens if usage else None
+        total = usage.total_tokens if usage else None
         if total is None:
             total = sum(len(str(m.get("content") or "")) for m in messages) // 4
-        self.tokens += int(total)
-        choices = getattr(response, "choices", None) or []
-        if not choices:
-            self._message_row("error", "reply without choices", kind=kind, latency_s=latency)
-            raise _Fallback("the LLM endpoint replied without a message")
-        message = choices[0].message
+        self.tokens += total
+        message = reply.choices[0].message
         calls = [
             {"id": call.id, "name": call.function.name, "arguments": call.function.arguments}
-            for call in (message.tool_calls or [])
-            if getattr(call, "function", None) is not None
+            for call in message.tool_calls or []
         ]
+        kept = [{**call, "arguments": clip(call["arguments"], MAX_AUDIT_CHARS)} for call in calls]
+        content = None if message.content is None else clip(message.content, MAX_AUDIT_CHARS)
         self._message_row(
             "assistant",
-            {"content": message.content, "tool_calls": calls},
+            {"content": content, "tool_calls": kept},
             kind=kind,
-            tokens=int(total),
+            tokens=total,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_s=latency,
-            served_model=getattr(response, "model", None),
+            served_model=reply.model,
         )
         return message.content, calls
+
+    def _request(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Completion:
+        """Send the request, read at most MAX_REPLY_BYTES of the body and parse it strictly."""
+        with self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+            model=self.settings.model,
+            messages=messages,
+            tools=tools,
+            tool_choice="auto",
+            temperature=self.settings.temperature,
+        ) as response:
+            content_type = str(response.headers.get("content-type", ""))
+            body = _read_body(response.iter_bytes(), self.settings.timeout_s)
+        return _parse_completion(body, content_type)
+
+    def _endpoint_error(self, error: Exception, kind: str, latency: float) -> NoReturn:
+        """Log why the endpoint failed (with the start of a bad body) and fall back at once."""
+        self.consecutive_errors += 1
+        detail = ""
+        if isinstance(error, _BadReply):
+            what = error.reason
+            detail = "; " + _excerpt(error.body, complete=error.complete)
+        elif isinstance(error, openai.APIStatusError):
+            what = f"HTTP {error.status_code}: {clip(error.message, MAX_ERROR_CHARS)}"
+            if isinstance(error.body, str) and error.body:  # not JSON: an HTML page, say
+                detail = "; " + _excerpt(error.body.encode(), complete=True)
+        elif isinstance(error, openai.APIError):
+            cause = error.__cause__
+            what = f"{type(error).__name__}: {error}"
+            if cause is not None and str(cause):
+                what += f" ({type(cause).__name__}: {clip(str(cause), MAX_ERROR_CHARS)})"
+        else:
+            said = clip(str(error), MAX_ERROR_CHARS)
+            what = f"reading the reply failed ({type(error).__name__}: {said})"
+        reason = self._secret(f"LLM endpoint error ({what}) after {latency:.2f} s")
+        self._message_row("error", reason + self._secret(detail), kind=kind, latency_s=latency)
+        disable = self.consecutive_errors >= max(1, self.settings.max_consecutive_errors)
+        if disable:
+            reason += (
+                f"; {self.consecutive_errors} endpoint errors in a row: rules decide the "
+                "rest of the scan"
+            )
+        raise _Fallback(reason, disable=disable) from None
 
     def _run_inspection(self, name: str, arguments: dict[str, Any]) -> str:
         tool = get_tool(name)
@@ -537,7 +746,8 @@ class LLMPolicy:
                     f"{kind}:rejected",
                     spectrum=spectrum,
                     point_pb=point_pb,
-                    chosen=[c["name"] + " " + c["arguments"] for c in calls] or content,
+                    chosen=[clip(c["name"] + " " + c["arguments"], MAX_AUDIT_CHARS) for c in calls]
+                    or (None if content is None else clip(content, MAX_AUDIT_CHARS)),
                     rationale=reason,
                     gate="refused",
                 )
@@ -563,11 +773,17 @@ class LLMPolicy:
         name = call["name"]
         if name not in allowed:
             return (
-                f"refused: unknown tool {name!r}; the tools are {sorted(allowed)}",
+                f"refused: unknown tool {clip(name, 100)!r}; the tools are {sorted(allowed)}",
+                None,
+            )
+        text = call["arguments"] or "{}"
+        if nesting_depth(text) > MAX_NESTING:
+            return (
+                f"refused: the arguments of {name} are nested deeper than {MAX_NESTING} levels",
                 None,
             )
         try:
-            arguments = json.loads(call["arguments"] or "{}")
+            arguments = json.loads(text)
         except json.JSONDecodeError as error:
             return f"refused: the arguments of {name} are not valid JSON ({error})", None
         if not isinstance(arguments, dict):

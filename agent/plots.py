@@ -1,4 +1,7 @@
-"""The report's figures (matplotlib + mplhep, ATLAS or CMS style, PNG or SVG).
+"""The report's figures (matplotlib + mplhep; neutral, ATLAS or CMS style; PNG or SVG).
+
+The default style is neutral ("Simulation"): anomscan's own synthetic samples and a
+user's open data carry no experiment's label; `--style ATLAS|CMS` adds one on request.
 
 Every function draws numbers it is given (from the audit, the run folder's NPZ files and
 the model card) and returns the encoded figure; nothing here fits or tests anything.
@@ -18,7 +21,7 @@ from core.errors import InvalidInputError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PlotStyle = Literal["ATLAS", "CMS"]
+PlotStyle = Literal["Simulation", "ATLAS", "CMS"]
 PlotFormat = Literal["png", "svg"]
 
 MARKS = {"failed": "F", "fallback": "S", "skipped": "·"}
@@ -32,7 +35,7 @@ def _pyplot(style: PlotStyle) -> Any:
     import matplotlib.pyplot as plt
     import mplhep
 
-    plt.style.use(mplhep.style.ATLAS if style == "ATLAS" else mplhep.style.CMS)
+    plt.style.use(mplhep.style.CMS if style == "CMS" else mplhep.style.ATLAS)
     # fonts of the style may be absent offline: fall back silently to DejaVu (bundled)
     plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"], "DejaVu Sans"]
     plt.rcParams["svg.fonttype"] = "path"
@@ -42,8 +45,11 @@ def _pyplot(style: PlotStyle) -> Any:
 def _label(ax: Any, style: PlotStyle, text: str) -> None:
     import mplhep
 
-    module = mplhep.atlas if style == "ATLAS" else mplhep.cms
-    module.text("Internal" if style == "ATLAS" else "Preliminary", ax=ax, loc=0, fontsize=12)
+    if style == "Simulation":
+        ax.text(0.02, 0.98, "anomscan Simulation", transform=ax.transAxes, va="top", fontsize=12)
+    else:
+        module = mplhep.atlas if style == "ATLAS" else mplhep.cms
+        module.text("Internal" if style == "ATLAS" else "Preliminary", ax=ax, loc=0, fontsize=12)
     ax.set_title(text, fontsize=11, loc="right")
 
 

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 
 
 def acceptance_map(
-    acceptance: dict[str, Any], *, style: PlotStyle = "ATLAS", fmt: PlotFormat = "png"
+    acceptance: dict[str, Any], *, style: PlotStyle = "Simulation", fmt: PlotFormat = "png"
 ) -> bytes:
     """The acceptance map, encoded."""
     return encode(acceptance_map_figure(acceptance, style=style), fmt)
 
 
-def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "ATLAS") -> Figure:
+def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "Simulation") -> Figure:
     """Acceptance (fraction of the sample passing the AR, any pair) per stream x AR point."""
     plt = _pyplot(style)
     points = list(acceptance["points_pb"])
@@ -53,13 +53,13 @@ def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "ATL
 
 
 def linearity_plot(
-    injection: dict[str, Any], *, style: PlotStyle = "ATLAS", fmt: PlotFormat = "png"
+    injection: dict[str, Any], *, style: PlotStyle = "Simulation", fmt: PlotFormat = "png"
 ) -> bytes:
     """The injection linearity plot, encoded."""
     return encode(linearity_figure(injection, style=style), fmt)
 
 
-def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "ATLAS") -> Figure:
+def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "Simulation") -> Figure:
     """Fitted vs expected signal yield per injected cross-section, per spectrum and AR point.
 
     Markers are the toys' mean fitted yield against the expected one, with the toys' spread

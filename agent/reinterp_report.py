@@ -147,6 +147,15 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
     )
 
 
+def _no_gain(row: dict[str, Any]) -> str:
+    """Why a sensitivity row has no dZ (it needs both Z, and Z > 0 without the AE)."""
+    if row.get("z_whole_stream") is None:
+        return f"none: whole stream {row.get('background_whole_stream_status') or 'has no Z'}"
+    if row.get("z_ae") is None:
+        return f"none: AE region {row.get('background_ae_status') or 'has no Z'}"
+    return "none: Z = 0 without the AE"
+
+
 def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:
     """The expected Z with and without the AR cut and dZ of every injection of the run."""
     import os
@@ -170,6 +179,7 @@ def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:
         )
     gains = _table(
         [
+            "injection",
             "xsec pb",
             "spectrum",
             "AR pb",
@@ -193,7 +203,7 @@ def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:
                 _n(r["signal_whole_stream"]),
                 _n(r["background_whole_stream"]),
                 _n(r["z_whole_stream"]),
-                _n(r["dz_percent"], 3),
+                _n(r["dz_percent"], 3) if r["dz_percent"] is not None else _e(_no_gain(r)),
             ]
             for r in rows
         ],

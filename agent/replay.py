@@ -14,12 +14,14 @@ paths) is read from the same place in the folder given.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_file, sha256_text
 from agent.scan import REPLAYABLE_TOOLS, relocate_paths, run_tool
+from core.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,17 @@ def _first_difference(logged: Any, now: Any, where: str = "") -> str:
     return f"{where or 'output'}: logged {str(logged)[:80]}, now {str(now)[:80]}"
 
 
-def replay(run_dir: Path, *, tools: set[str] | None = None) -> ReplayReport:
-    """Re-run the logged calls of the scan in `run_dir` (optionally only some tools)."""
+def replay(
+    run_dir: Path,
+    *,
+    tools: set[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReplayReport:
+    """Re-run the logged calls of the scan in `run_dir` (optionally only some tools).
+
+    `tools` naming a tool the run never called is refused with the tools it did call;
+    `progress(done, total)` is called after each replayed call.
+    """
     db = open_readonly(run_dir / AUDIT_FILE)
     try:
         calls = list(db.query("select * from tool_calls order by seq"))
@@ -79,6 +90,19 @@ def replay(run_dir: Path, *, tools: set[str] | None = None) -> ReplayReport:
         }
     finally:
         db.close()
+    logged = sorted({str(call["tool"]) for call in calls})
+    if tools is not None and not tools <= set(logged):
+        raise InvalidInputError(
+            f"--tool {', '.join(sorted(tools - set(logged)))}: the run logged no such call; "
+            f"it called {', '.join(logged) or 'no tool'}"
+        )
+    total = sum(
+        1
+        for call in calls
+        if call["replayable"]
+        and call["tool"] in REPLAYABLE_TOOLS
+        and (tools is None or call["tool"] in tools)
+    )
     differences: list[str] = []
     not_replayed: dict[str, int] = {}
     n_replayed = 0
@@ -116,6 +140,8 @@ def replay(run_dir: Path, *, tools: set[str] | None = None) -> ReplayReport:
         outcome = run_tool((name, payload))
         value = outcome["output"] if outcome["error"] is None else {"error": outcome["error"]}
         n_replayed += 1
+        if progress is not None:
+            progress(n_replayed, total)
         if sha256_text(canonical_json(value)) == call["output_sha256"]:
             continue
         if call["output"] is not None:

@@ -712,6 +712,12 @@ def _config_section(run: RunRecord) -> str:
     return "".join(parts)
 
 
+def _stop_text(reason: str) -> str:
+    """Why the AR sweep ended, without a policy's own "stop:" prefix."""
+    text = reason.strip().removeprefix("stop:").strip()
+    return text or "the planned points were scanned"
+
+
 def _model_path(run: RunRecord) -> Path | None:
     for artifact in run.artifacts:
         if artifact["kind"] == "model":
@@ -721,7 +727,7 @@ def _model_path(run: RunRecord) -> Path | None:
 
 
 def _autoencoder_section(run: RunRecord, figures: _Figures, style: plots.PlotStyle) -> str:
-    from core.autoencoder import read_model_card
+    from core.autoencoder import read_model_card, training_warnings
     from core.errors import ModelError
 
     parts = []
@@ -738,6 +744,9 @@ def _autoencoder_section(run: RunRecord, figures: _Figures, style: plots.PlotSty
             f"{card.fraction:g}, seed {card.seed}), hidden {list(card.hidden_sizes)}, best epoch "
             f"{card.best_epoch + 1} of {len(card.loss_train)}, ONNX sha256 "
             f'<span class="mono">{_e(card.onnx_sha256)}</span></p>'
+        )
+        parts.extend(
+            f'<p class="note warning">Warning: {_e(text)}.</p>' for text in training_warnings(card)
         )
         figure = plots.loss_curves(card.loss_train, card.loss_validation, card.best_epoch, style)
         parts.append(figures.img(figure, "loss", "autoencoder loss curves"))
@@ -1095,7 +1104,7 @@ def write_report(
     run_dir: Path,
     output: Path | None = None,
     *,
-    style: plots.PlotStyle = "ATLAS",
+    style: plots.PlotStyle = "Simulation",
     fmt: plots.PlotFormat = "png",
     placement: PlotPlacement = "embedded",
 ) -> ReportOutcome:
@@ -1144,7 +1153,7 @@ def write_report(
     body = [
         f"<h1>anomscan report: {_e(results['run_id'])}</h1>",
         f'<p id="headline">{_e(headline)}. Luminosity {results["luminosity_pb"]:g} pb^-1. '
-        f"Stop: {_e(results['stop_reason'])}</p>",
+        f"Sweep ended: {_e(_stop_text(results['stop_reason']))}</p>",
         '<p id="contents">'
         + " | ".join(f'<a href="{_e(href)}">{_e(label)}</a>' for href, label in contents)
         + "</p>",

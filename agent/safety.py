@@ -98,10 +98,15 @@ def confine_paths(
         check_path(text, allowed, files, field)
 
 
+MIN_SECRET_LENGTH = 8
+"""Shorter keys (a dummy `OPENAI_API_KEY=k` for a local server) are no secret to hide, and
+replacing every "k" in the audit would mangle it; real API keys are far longer."""
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with every occurrence of each (non-empty) secret replaced by a marker."""
+    """`text` with every secret of `MIN_SECRET_LENGTH` characters or more replaced."""
     for secret in secrets:
-        if secret:
+        if secret and len(secret) >= MIN_SECRET_LENGTH:
             text = text.replace(secret, REDACTED)
     return text
 

@@ -18,6 +18,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -28,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.audit import (
     INLINE_OUTPUT_BYTES,
@@ -40,6 +41,7 @@ from agent.audit import (
 from agent.executor import Executor, FanOut
 from agent.policy import Policy, RulesPolicy
 from core.errors import AnomscanError, InvalidInputError, StorageError
+from core.files import MANIFEST_NAME, read_manifest
 from tools.registry import get_tool
 
 CONFIG_FILE = "config.json"
@@ -63,10 +65,14 @@ REPLAYABLE_TOOLS = frozenset(
 whose hashes are in `artifacts`). Training and generation write files and are not replayed."""
 
 
+BUILTIN_EVENTS = 100_000
+"""Background events of the built-in synthetic sample (a scan without DATA)."""
+
+
 class ScanConfig(BaseModel):
     """What a scan was asked to do; written to RUN/config.json and the `runs` table."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: list[str] = Field(default_factory=list, description="ROOT files or globs")
     manifest: str | None = None
@@ -88,7 +94,9 @@ class ScanConfig(BaseModel):
     llm_max_rejections: int = Field(3, ge=0, description="refused proposals sent back per decision")
     llm_max_calls: int = Field(2000, ge=0, description="LLM requests per scan")
     llm_max_tokens: int = Field(3_000_000, ge=0, description="LLM tokens per scan")
-    events: int = Field(100_000, ge=1000, description="size of the built-in synthetic sample")
+    events: int | None = Field(
+        None, ge=1000, description="size of the built-in sample (null: 100 000; or data given)"
+    )
     epochs: int = Field(30, ge=1, description="autoencoder training epochs (when trained)")
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
     fallback_time_s: float = Field(60.0, gt=0)
@@ -97,6 +105,14 @@ class ScanConfig(BaseModel):
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
     limits: bool = Field(False, description="set 95 % CL limits as the last node")
+
+    @field_validator("xsec_range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high:
+            raise ValueError(f"expected 0 < LO < HI pb, found {low:g} {high:g}")
+        return value
 
     def grid_size(self) -> int:
         """Points of the initial log-uniform grid."""
@@ -146,14 +162,20 @@ class Inputs:
 def resolve_inputs(config: ScanConfig) -> Inputs | None:
     """Files and luminosity of a scan on given data (None: the built-in sample is generated).
 
-    Raises InvalidInputError for a missing or unreadable file, an empty glob, or no
-    luminosity from either the manifest or `lumi_pb`.
+    DATA may be ROOT files, globs, URLs or folders: a folder stands for its *.root files,
+    and a folder written by `anomscan generate` also gives its luminosity (its manifest.json)
+    when none is given. `manifest` is a dataset manifest (TOML), or the manifest.json of a
+    generated sample. Raises InvalidInputError for a missing or unreadable file, an empty
+    glob or folder, or no luminosity from the manifest, the sample or `lumi_pb`.
     """
     files: list[str] = []
     lumi = config.lumi_pb
     schema = "auto"
     source = "files"
-    if config.manifest is not None:
+    patterns = list(config.data)
+    if config.manifest is not None and Path(config.manifest).name == MANIFEST_NAME:
+        patterns.append(str(Path(config.manifest).parent))
+    elif config.manifest is not None:
         from core.datasets import load_manifest
 
         datasets = load_manifest(config.manifest)
@@ -163,28 +185,16 @@ def resolve_inputs(config: ScanConfig) -> Inputs | None:
         if lumi is None:
             lumi = sum(d.lumi_pb for d in datasets.values() if d.kind == "data") or None
         source = f"manifest {config.manifest}"
-    for pattern in config.data:
+    for pattern in patterns:
         if "://" in pattern:
             files.append(pattern)
             continue
-        matches = (
-            sorted(glob.glob(pattern))  # noqa: PTH207 (absolute patterns too)
-            if glob.has_magic(pattern)
-            else [pattern]
-        )
-        if not matches:
-            raise InvalidInputError(
-                f"no file matches {pattern!r}; give ROOT files, globs or --manifest"
-            )
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise InvalidInputError(
-                    f"data file {path} does not exist; check the path (or give --manifest)"
-                )
-            if not os.access(path, os.R_OK):
-                raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
-            files.append(str(path.resolve()))
+        if Path(pattern).is_dir():
+            folder_files, folder_lumi = _sample_folder(Path(pattern))
+            files.extend(folder_files)
+            lumi = lumi if lumi is not None else folder_lumi
+            continue
+        files.extend(_matching_files(pattern))
     if not files:
         if config.manifest is not None:
             raise InvalidInputError(f"manifest {config.manifest} lists no files")
@@ -195,6 +205,44 @@ def resolve_inputs(config: ScanConfig) -> Inputs | None:
             "regions (N = sigma x L events) need it"
         )
     return Inputs(tuple(files), float(lumi), schema, source)
+
+
+def _matching_files(pattern: str) -> list[str]:
+    """The readable files a path or glob names (absolute)."""
+    matches = (
+        sorted(glob.glob(pattern))  # noqa: PTH207 (absolute patterns too)
+        if glob.has_magic(pattern)
+        else [pattern]
+    )
+    if not matches:
+        raise InvalidInputError(
+            f"no file matches {pattern!r}; give ROOT files, globs or --manifest"
+        )
+    files = []
+    for match in matches:
+        path = Path(match)
+        if not path.is_file():
+            raise InvalidInputError(
+                f"data file {path} does not exist; check the path (or give --manifest)"
+            )
+        if not os.access(path, os.R_OK):
+            raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
+        files.append(str(path.resolve()))
+    return files
+
+
+def _sample_folder(folder: Path) -> tuple[list[str], float | None]:
+    """A folder's *.root files, and the luminosity its `anomscan generate` manifest records."""
+    files = [file for path in sorted(folder.glob("*.root")) for file in _matching_files(str(path))]
+    if not files:
+        raise InvalidInputError(
+            f"folder {folder} holds no .root file; give ROOT files, a folder of them or --manifest"
+        )
+    manifest = read_manifest(folder)
+    lumi = None if manifest is None else manifest.get("lumi_pb")
+    if isinstance(lumi, int | float) and math.isfinite(lumi) and lumi > 0:
+        return files, float(lumi)
+    return files, None
 
 
 def write_config(config: ScanConfig) -> Path:
@@ -216,16 +264,22 @@ def write_config(config: ScanConfig) -> Path:
 
 
 def read_config(run_dir: Path) -> ScanConfig:
-    """The config of the scan in `run_dir` (for --resume)."""
+    """The config of the scan in `run_dir`, acting on `run_dir` as it is now.
+
+    A run folder is self-contained: the `run_dir` recorded when it was made is replaced by
+    the folder given, so a copied run resumes (or is reported, limited, injected) in the
+    copy, and a moved one where it is now.
+    """
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise InvalidInputError(
             f"{run_dir} is not a scan's run folder (no {CONFIG_FILE}); give the --out of a scan"
         )
     try:
-        return ScanConfig.model_validate_json(path.read_text())
+        config = ScanConfig.model_validate_json(path.read_text())
     except ValidationError as error:
         raise InvalidInputError(f"{path} is not a valid scan config: {error}") from error
+    return config.model_copy(update={"run_dir": str(run_dir.resolve())})
 
 
 def run_tool(call: tuple[str, dict[str, Any]]) -> dict[str, Any]:
@@ -285,32 +339,67 @@ class ToolResult:
 
 @dataclass
 class Progress:
-    """What the progress line shows: stage, AR point, spectra done / total, elapsed."""
+    """What the progress display shows: stage, AR points done / planned, and more.
+
+    Also the spectra of the current point done / to fit, the elapsed time and the ETA of
+    the planned points (from the mean time per point done; refinements add points).
+    """
 
     stage: str = "starting"
     point: str = ""
+    points_done: int = 0
+    points_planned: int = 0
     spectra_done: int = 0
     spectra_total: int = 0
     started: float = field(default_factory=time.monotonic)
+    sweep_started: float | None = None
     callback: Callable[[Progress], None] | None = None
 
     def update(self, **changes: Any) -> None:
         """Change some fields and redraw."""
         for key, value in changes.items():
             setattr(self, key, value)
+        if self.points_planned and self.sweep_started is None:
+            self.sweep_started = time.monotonic()
         if self.callback is not None:
             self.callback(self)
 
+    def fraction(self) -> float:
+        """The share of the planned AR points done (the current point by its spectra)."""
+        if not self.points_planned:
+            return 0.0
+        current = self.spectra_done / self.spectra_total if self.spectra_total else 0.0
+        return min(1.0, (self.points_done + current) / self.points_planned)
+
+    def eta_s(self) -> float | None:
+        """Seconds left for the planned points, from the mean time of the points done."""
+        if self.sweep_started is None or self.points_done == 0:
+            return None
+        per_point = (time.monotonic() - self.sweep_started) / self.points_done
+        return max(0.0, per_point * (self.points_planned - self.points_done))
+
     def line(self) -> str:
         """One line of progress."""
-        elapsed = time.monotonic() - self.started
         parts = [self.stage]
         if self.point:
             parts.append(self.point)
         if self.spectra_total:
             parts.append(f"spectra {self.spectra_done}/{self.spectra_total}")
-        parts.append(f"{elapsed:.0f} s")
+        parts.append(f"elapsed {_duration(time.monotonic() - self.started)}")
+        eta = self.eta_s()
+        if self.points_done < self.points_planned:  # the look-elsewhere has no estimate
+            parts.append("ETA " + ("after the first point" if eta is None else _duration(eta)))
         return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """A duration as a person reads it: 42 s, 3 min 05 s, 1 h 02 min."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
 
 
 class ScanContext:
@@ -333,8 +422,20 @@ class ScanContext:
         self.rules = RulesPolicy()
         self.progress = progress or Progress()
         self.step_id = "-"
+        self.recorded_dir: Path | None = None
+        """Where the run folder was when its checkpoints were written (set on resume)."""
         self._events = 0
         self._cache: dict[str, Any] = {}
+
+    def at(self, path: str | Path) -> Path:
+        """A path recorded in the scan's state, in the run folder as it is now."""
+        return locate_path(str(path), self.run_dir, self.recorded_dir)
+
+    def relative(self, path: Path) -> str:
+        """How the state records a path: relative inside the run folder, else absolute."""
+        return (
+            str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
+        )
 
     def executor_event(self, message: str) -> None:
         """Log what the executor did on its own (a lost Ray batch run serially)."""
@@ -450,7 +551,7 @@ def cli_step(run_dir: Path, node: str, *, step_ids: StepIds = "in_log") -> Itera
     """
     from agent.runlock import run_folder_lock
 
-    config = read_config(run_dir).model_copy(update={"run_dir": str(run_dir.resolve())})
+    config = read_config(run_dir)
     with run_folder_lock(run_dir, f"anomscan {node}"), FanOut("serial") as fan_out:
         audit = AuditLog(run_dir / "audit.sqlite")
         try:
@@ -603,8 +704,19 @@ class _ProgressLine:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
 
-    def __rich__(self) -> str:
-        return f"[bold cyan]anomscan scan[/] {self.progress.line()}"
+    def __rich__(self) -> Any:
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        grid = Table.grid(padding=(0, 1))
+        progress = self.progress
+        if progress.points_planned:
+            done = f"{progress.points_done}/{progress.points_planned} points"
+            bar = ProgressBar(total=1.0, completed=progress.fraction(), width=24)
+            grid.add_row("[bold cyan]anomscan scan[/]", bar, done, progress.line())
+        else:
+            grid.add_row("[bold cyan]anomscan scan[/]", progress.line())
+        return grid
 
 
 @dataclass(frozen=True)
@@ -645,16 +757,26 @@ def run_scan(
 ) -> ScanOutcome:
     """Run (or resume) the scan of `config` in its run folder and return its results.
 
-    A full disk or an unwritable run folder raises StorageError (one line, exit 2); what
-    was written stays consistent (audit rows go in per-step transactions, checkpoints per
-    superstep), so `--resume` continues once the cause is fixed.
+    The run folder is locked for the scan's whole life (`agent.runlock`): a second scan,
+    resume, limits, injection or annotation of the same folder is refused (exit 2) before
+    it writes anything. A new scan writes RUN/config.json under that lock (refused when the
+    folder already holds a scan). A full disk or an unwritable run folder raises
+    StorageError (one line, exit 2); what was written stays consistent (audit rows go in
+    per-step transactions, checkpoints per superstep), so `--resume` continues once the
+    cause is fixed.
     """
     import sqlite3
 
+    from agent.runlock import run_folder_lock
+
+    run_dir = Path(config.run_dir)
     try:
-        return _run_scan(config, resume=resume, show_progress=show_progress)
+        with run_folder_lock(run_dir, "anomscan scan --resume" if resume else "anomscan scan"):
+            if not resume:
+                write_config(config)
+            return _run_scan(config, resume=resume, show_progress=show_progress)
     except (OSError, sqlite3.Error) as error:
-        fault = storage_fault(error, Path(config.run_dir))
+        fault = storage_fault(error, run_dir)
         if fault is None:
             raise
         raise fault from error
@@ -713,6 +835,8 @@ def _run_scan(config: ScanConfig, *, resume: bool, show_progress: bool) -> ScanO
         final: dict[str, Any] | None = None
         if resume:
             snapshot = graph.get_state(thread)  # type: ignore[arg-type]
+            if snapshot.values.get("run_dir"):
+                ctx.recorded_dir = Path(snapshot.values["run_dir"])
             if snapshot.values and not snapshot.next:
                 final = dict(snapshot.values)
             elif snapshot.values:

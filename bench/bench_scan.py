@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.scan import ScanConfig, run_scan, write_config
+from agent.scan import ScanConfig, run_scan
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import SIGNAL
 
@@ -53,7 +53,6 @@ def _scan(folder: Path, files: list[str], executor: str, model: str | None) -> d
         model=model,
         seed=1,
     )
-    write_config(config)
     start = time.perf_counter()
     outcome = run_scan(config, show_progress=False)
     total = time.perf_counter() - start

@@ -464,6 +464,41 @@ def quantize_int8(model_path: Path, output_path: Path) -> ModelCard:
     return card
 
 
+MIN_TRAINING_EVENTS: Final = 2000
+"""Below this many training events the learned typicality is noisy: the card warns."""
+
+MAX_VALIDATION_RATIO: Final = 3.0
+"""A validation loss above this multiple of the training loss (best epoch) warns of
+overfitting: the model learned its training events, not what is typical."""
+
+
+def training_warnings(card: ModelCard) -> tuple[str, ...]:
+    """What a reader of the model card should know before trusting its scores (may be empty).
+
+    Warns when the autoencoder learned from fewer than `MIN_TRAINING_EVENTS` events, and
+    when its validation loss at the best epoch exceeds `MAX_VALIDATION_RATIO` times its
+    training loss (losses are the mean squared error of the standardised features).
+    """
+    warnings = []
+    if card.n_training_events < MIN_TRAINING_EVENTS:
+        warnings.append(
+            f"the autoencoder learned from {card.n_training_events} events (fewer than "
+            f"{MIN_TRAINING_EVENTS}): its scores are noisy; train it on a larger sample "
+            "(a larger --events, or --model with a model trained on more data)"
+        )
+    best = card.best_epoch
+    if best < len(card.loss_train) and best < len(card.loss_validation):
+        train, validation = card.loss_train[best], card.loss_validation[best]
+        if train > 0 and validation > MAX_VALIDATION_RATIO * train:
+            warnings.append(
+                f"at its best epoch the validation loss ({validation:.3g}) is "
+                f"{validation / train:.0f} times the training loss ({train:.3g}): the model "
+                "learned its training events rather than what is typical (too few events, "
+                "or too many epochs)"
+            )
+    return tuple(warnings)
+
+
 def read_model_card(model_path: Path) -> ModelCard:
     """Read the card beside `model_path`; ModelError when it is missing or malformed."""
     path = card_path(model_path)

@@ -516,7 +516,8 @@ def generate_sample(
 
     Signal events are spread evenly over the files and shuffled among the background.
     `truth.json` lists, per signal, its specification, event count, event numbers and the
-    true masses; both it and every file carry the nominal luminosity (pb^-1).
+    true masses; both it and every file carry the nominal luminosity (pb^-1), and so does
+    the folder's manifest.json (with the event count), from which `anomscan scan DIR` takes it.
 
     The whole folder is committed at once (`core.files.committed_folder`, manifest last):
     an interrupted run leaves the previous sample whole, a rerun with fewer files leaves no
@@ -537,8 +538,10 @@ def generate_sample(
         ) from error
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()  # an empty folder given by the user: ours to fill
-    with committed_folder(output, what="synthetic sample", info={"seed": config.seed}) as staging:
+    info: dict[str, object] = {"seed": config.seed, "lumi_pb": config.lumi_pb}
+    with committed_folder(output, what="synthetic sample", info=info) as staging:
         written = _write_sample(staging, config, progress)
+        info["n_events"] = written.n_background + sum(written.n_signal)
     return replace(
         written,
         files=tuple(output / p.name for p in written.files),

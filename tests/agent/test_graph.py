@@ -112,7 +112,7 @@ def test_a_whole_stream_result_repeated_at_tighter_points_is_listed_once(tmp_pat
             }
         )
     state = {"run_id": "r", "lumi_pb": 1000.0, "points": points, "lee": None}
-    results = collect_results(state)  # type: ignore[arg-type]
+    results = collect_results(state, Path)  # type: ignore[arg-type]
     assert results["points_pb"] == [100.0, 31.6, 10.0, 1.0]
     rows = [(e["xsec_pb"], e["whole_stream"], e["repeated_at_pb"]) for e in results["excesses"]]
     assert rows == [(1.0, False, []), (100.0, True, [31.6, 10.0])]
@@ -153,7 +153,7 @@ def test_an_excess_whose_background_failed_its_checks_is_never_ranked(tmp_path: 
     )
     point = {"point_pb": 1.0, "results_file": str(path), "outcomes": {}}
     state = {"run_id": "r", "lumi_pb": 1000.0, "points": [point], "lee": None}
-    results = collect_results(state)  # type: ignore[arg-type]
+    results = collect_results(state, Path)  # type: ignore[arg-type]
     assert [(e["spectrum"], e["checks_passed"]) for e in results["excesses"]] == [("T2/jm", True)]
     assert {s["spectrum"] for s in results["skipped"]} == {"T3/jm", "T4/jm"}
     assert all("did not pass its checks" in s["reason"] for s in results["skipped"])

@@ -103,6 +103,21 @@ _GENERATE = (
 )
 
 
+_HELD_GENERATE = (
+    "import sys, time\nfrom pathlib import Path\nimport tools.events\n"
+    "real = tools.events.generate_sample\n"
+    "def held(*args, **options):\n"
+    "    def after_each_file(done, total):\n"
+    "        Path(sys.argv[2]).write_text(f'{done}/{total}')\n"
+    "        time.sleep(600)  # the first file is staged: wait here for the test's SIGINT\n"
+    "    return real(*args, **(options | {'progress': after_each_file}))\n"
+    "tools.events.generate_sample = held\n"
+    "from agent.cli import main\n"
+)
+"""A `generate` that stops after its first staged file and signals it, so the test's Ctrl-C
+lands mid-write however loaded the machine is (argv[2]: the file it writes then)."""
+
+
 def _sample_state(folder: Path) -> str | None:
     """Content of a committed sample (None if absent); fails on any inconsistency."""
     if not folder.exists():
@@ -256,11 +271,13 @@ def test_ctrl_c_during_generate_exits_130_and_keeps_the_previous_sample(tmp_path
     old = SampleConfig(n_events=30_000, seed=4, events_per_file=10_000, signals=SIGNAL)
     generate_sample(target, old)
     previous = _sample_state(target)
-    code = _GENERATE.replace("'60000'", "'3000000'").replace("'20000'", "'500000'")
-    process = _run(code, str(target))
-    time.sleep(2.0)
-    while _sample_state(target) == previous and not list(tmp_path.glob(".anomscan-tmp-*")):
-        time.sleep(0.2)  # wait until the writer has started staging its files
+    staged = tmp_path.parent / f"{tmp_path.name}-staged"
+    process = _run(_HELD_GENERATE + _GENERATE.split("\n", 2)[2], str(target), str(staged))
+    deadline = time.monotonic() + 300
+    while not staged.exists():  # the writer says: first file staged, the rest to come
+        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, error = process.communicate(timeout=120)
     assert process.returncode == 130, error.decode()[-2000:]

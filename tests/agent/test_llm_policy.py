@@ -7,6 +7,7 @@ taken, what the model was sent back, and the audit rows the policy queued.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.llm_policy import DECISION_TOOLS, LLMPolicy, LLMSettings, load_prompts
+from agent.llm_policy import DECISION_TOOLS, LLMPolicy, LLMSettings, load_prompts, nesting_depth
 from agent.policy import Candidate, CheckSummary, PointOutcome, SpectrumOutcome
 from core.errors import InvalidInputError
 from tests.agent.chatserver import (
@@ -23,10 +24,15 @@ from tests.agent.chatserver import (
     ChatServer,
     Reply,
     chat_server,
+    completion,
+    deep_json,
+    endpoint_failures,
+    garbage_calls,
     http_error,
     slow,
     text,
     tool_call,
+    trickle,
 )
 from tools.registry import get_tool
 
@@ -59,7 +65,7 @@ CANDIDATES = [
 FAILED_ONLY = [c for c in CANDIDATES if not c.passed]
 
 
-def _accept(function: str | None, **extra: Any) -> Reply:
+def _accept(function: Any, **extra: Any) -> Reply:
     arguments = {
         "spectrum": SPECTRUM,
         "point_pb": POINT,
@@ -228,10 +234,11 @@ def test_plain_text_refusal_falls_back_after_the_limit(run_dir: Path) -> None:
     [
         (http_error(500), "HTTP 500"),
         (http_error(429, "rate limited"), "HTTP 429"),
+        (http_error(503, "overloaded"), "HTTP 503"),
         (DROP, "APIConnectionError"),
         (slow(_accept("p5"), 5.0), "APITimeoutError"),
     ],
-    ids=["http-500", "http-429", "dropped-connection", "slow-past-timeout"],
+    ids=["http-500", "http-429", "http-503", "dropped-connection", "slow-past-timeout"],
 )
 def test_endpoint_failures_fall_back_at_once(run_dir: Path, reply: Reply, what: str) -> None:
     with chat_server([reply]) as server:
@@ -368,6 +375,14 @@ def test_settings_need_a_model_and_hide_the_key() -> None:
         LLMSettings.from_environment(model="m", environ={}, timeout_s=0)
 
 
+@pytest.mark.parametrize(
+    "url", ["127.0.0.1:8000/v1", "ftp://host/v1", "http://[::1", "http://:8000/v1", "http://h:0/v1"]
+)
+def test_settings_refuse_a_base_url_the_client_could_never_reach(url: str) -> None:
+    with pytest.raises(InvalidInputError, match=r"LLM base URL .* give e\.g\. http://"):
+        LLMSettings.from_environment(base_url=url, model="m", environ={})
+
+
 def test_prompts_are_versioned_and_hashed() -> None:
     prompts = load_prompts()
     assert set(prompts.texts) == {
@@ -467,3 +482,101 @@ def test_initial_points_respect_the_scan_point_budget(run_dir: Path) -> None:
         assert policy.initial_points((0.1, 10.0), 1).points_pb == [10.0, 1.0]
         _messages, decisions = _split(policy)
     assert "the point budget is spent" in decisions[0]["rationale"]
+
+
+FAILURES = endpoint_failures()
+
+
+@pytest.mark.parametrize("name", list(FAILURES))
+def test_every_endpoint_failure_falls_back_at_once_and_says_why(run_dir: Path, name: str) -> None:
+    """Issue 21: no endpoint behaviour raises; the rules decide at once, the audit says why."""
+    bad, reason = FAILURES[name]
+    with chat_server([bad, _accept("p5")]) as server:
+        policy = _policy(server, run_dir, timeout_s=2.0)
+        started = time.perf_counter()
+        proposal = policy.accept_background(SPECTRUM, POINT, CANDIDATES)
+        elapsed = time.perf_counter() - started
+        messages, decisions = _split(policy)
+    assert proposal == policy.rules.accept_background(SPECTRUM, POINT, CANDIDATES)
+    assert policy.last is not None
+    assert policy.last.policy == "rules"
+    assert policy.last.fallback_reason is not None
+    assert reason in policy.last.fallback_reason
+    assert len(server.requests) == 1  # at once: no retry, and p5 never asked for
+    assert elapsed < 3.0
+    assert [d["kind"] for d in decisions] == ["accept_background:fallback"]
+    assert decisions[0]["rationale"].startswith("fell back to rules: LLM endpoint error (")
+    assert reason in decisions[0]["rationale"]
+    assert len(decisions[0]["rationale"]) < 1000
+    errors = [m for m in messages if m["role"] == "error"]
+    assert len(errors) == 1
+    assert reason in errors[0]["content"]
+    assert len(errors[0]["content"]) < 4000  # the body's start at most, never all of it
+    assert not [m for m in messages if m["role"] == "assistant"]
+
+
+def test_a_bad_body_is_kept_in_the_audit_cut_and_says_so(run_dir: Path) -> None:
+    script = [FAILURES[name][0] for name in ("html", "huge-20mb", "http-500-html")]
+    with chat_server(script) as server:
+        policy = _policy(server, run_dir)
+        for _ in script:
+            policy.accept_background(SPECTRUM, POINT, CANDIDATES)
+        messages, _decisions = _split(policy)
+    html, huge, status = (m["content"] for m in messages if m["role"] == "error")
+    assert "body (50 bytes): '<html><body><h1>502 Bad Gateway</h1></body></html>'" in html
+    assert "HTTP 500" in status
+    assert "body (34 bytes): '<html>Internal Server Error</html>'" in status
+    assert re.search(r"body \(truncated: first 2000 of more than \d{7} bytes\)", huge)
+    assert len(huge) < 2 * 2000 + 200
+
+
+def test_a_long_reply_within_the_limit_is_cut_in_the_audit(run_dir: Path) -> None:
+    chatter = "y" * 500_000
+    with chat_server([text(chatter), _accept("p4")]) as server:
+        policy = _policy(server, run_dir)
+        assert policy.accept_background(SPECTRUM, POINT, CANDIDATES).function == "p4"
+        messages, decisions = _split(policy)
+    first = json.loads(next(m for m in messages if m["role"] == "assistant")["content"])
+    assert first["content"].endswith("(truncated: 20000 of 500000 characters kept)")
+    assert len(first["content"]) < 20_100
+    assert all(len(str(d["chosen"])) < 20_100 for d in decisions)
+    assert "no tool call in the reply" in _sent_back(server, 1)
+
+
+def test_a_body_trickling_past_the_timeout_falls_back(run_dir: Path) -> None:
+    body = json.dumps(completion(_accept("p5")))
+    with chat_server([trickle(body, 0.05)]) as server:
+        policy = _policy(server, run_dir, timeout_s=0.4)
+        started = time.perf_counter()
+        assert policy.accept_background(SPECTRUM, POINT, CANDIDATES).function == "p4"
+        assert time.perf_counter() - started < 3.0
+        _messages, decisions = _split(policy)
+    assert "reply body still arriving after 0.4 s" in decisions[0]["rationale"]
+
+
+@pytest.mark.parametrize("name", list(garbage_calls()))
+def test_a_garbage_tool_call_goes_back_to_the_model_then_rules_decide(
+    run_dir: Path, name: str
+) -> None:
+    bad, reason = garbage_calls()[name]
+    with chat_server([bad] * 3) as server:
+        policy = _policy(server, run_dir, max_rejections=2)
+        proposal = policy.accept_background(SPECTRUM, POINT, CANDIDATES)
+        messages, decisions = _split(policy)
+    assert proposal == policy.rules.accept_background(SPECTRUM, POINT, CANDIDATES)
+    assert policy.last is not None
+    assert policy.last.policy == "rules"
+    assert len(server.requests) == 3  # returned to the model with the error, twice
+    assert reason in _sent_back(server, 1)
+    assert [d["kind"] for d in decisions] == ["accept_background:rejected"] * 3 + [
+        "accept_background:fallback"
+    ]
+    assert all(reason in d["rationale"] for d in decisions)
+    assert "3 proposals refused (limit 2)" in decisions[-1]["rationale"]
+    assert not [m for m in messages if m["role"] == "error"]
+
+
+def test_nesting_depth_skips_strings_and_stops_past_the_limit() -> None:
+    assert nesting_depth('{"a": [1, {"b": "[[[{{{"}], "c": "\\"]"}') == 3
+    assert nesting_depth(deep_json(), limit=64) == 65
+    assert nesting_depth("plain text") == 0

@@ -1,10 +1,12 @@
 """`anomscan scan --policy llm` end to end against the scripted chat server.
 
-Three tiny scans of the built-in sample with the same seed: `rules`; a scripted model that
+Four tiny scans of the built-in sample with the same seed: `rules`; a scripted model that
 decides sensibly (same top excess as rules); a scripted model that proposes only invalid
 decisions (every one refused, the rules decide, the results equal rules', every refusal and
-fallback in the audit). The invalid run uses a recognisable fake API key: it must not appear
-in any file of the run folder nor in the captured output.
+fallback in the audit); an endpoint that never answers with a usable completion (every failure
+of `endpoint_failures`, garbage tool calls between them: the scan ends, as rules, saying why).
+The invalid run uses a recognisable fake API key: it must not appear in any file of the run
+folder nor in the captured output.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Any
 import pytest
 
 from core.anomaly import log_uniform_xsec_grid
-from tests.agent.chatserver import Reply, chat_server, text, tool_call
+from tests.agent.chatserver import (
+    Reply,
+    chat_server,
+    endpoint_failures,
+    garbage_calls,
+    text,
+    tool_call,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY = "sk-anomscan-FAKE-KEY-31415926535"
@@ -265,3 +274,85 @@ def test_invalid_model_ends_in_the_rules_result_and_leaks_no_key(
     assert listing.returncode == 0, listing.stderr
     assert "rejected" in listing.stdout
     assert "fallback" in listing.stdout
+
+
+class BrokenEndpoint:
+    """Every endpoint failure in turn, a garbage tool call between two (issue 21).
+
+    The garbage calls are well-formed completions, so the errors are never three in a row and
+    the policy keeps asking: every failure is met within the first 2 x 22 requests.
+    """
+
+    def __init__(self) -> None:
+        self.failures = list(endpoint_failures())
+        self.garbage = list(garbage_calls())
+        self.served: list[tuple[str, str]] = []  # (name, what the audit must say)
+
+    def __call__(self, body: dict[str, Any]) -> Reply:
+        tool = body["tools"][0]["function"]["name"]
+        turn = len(self.served)
+        if turn % 2:
+            name = self.garbage[turn // 2 % len(self.garbage)]
+            reply, reason = garbage_calls(tool)[name]
+        else:
+            name = self.failures[turn // 2 % len(self.failures)]
+            reply, reason = endpoint_failures(tool)[name]
+        self.served.append((name, reason))
+        return reply
+
+
+def test_a_broken_endpoint_ends_in_the_rules_result_saying_why(
+    tmp_path: Path, rules_run: Path
+) -> None:
+    endpoint = BrokenEndpoint()
+    with chat_server(responder=endpoint) as server:
+        run, _output = _scan(
+            tmp_path,
+            "llm-broken",
+            "--policy",
+            "llm",
+            "--llm-base-url",
+            server.url,
+            "--llm-model",
+            "scripted-broken",
+            "--llm-timeout",
+            "5",
+            "--llm-max-rejections",
+            "1",
+            key="sk-local",
+        )
+    served = {name for name, _reason in endpoint.served}
+    assert served == set(endpoint.failures) | set(endpoint.garbage), "scan too short to meet all"
+
+    rules, llm = _results(rules_run), _results(run)
+    assert [_excess(e) for e in llm["excesses"]] == [_excess(e) for e in rules["excesses"]]
+    strip = ("run_id", "seconds", "run_dir", "timings", "table_sha256")
+    assert {k: v for k, v in llm.items() if k not in strip} == {
+        k: v for k, v in rules.items() if k not in strip
+    }
+
+    decisions = _table(run, "select * from decisions order by seq")
+    assert not [d for d in decisions if str(d["kind"]).endswith(":proposal")]
+    assert all(d["policy"] == "rules" for d in decisions if d["kind"] == "background")
+    said = [str(d["rationale"]) for d in decisions if str(d["kind"]).endswith(":fallback")]
+    refused = [str(d["rationale"]) for d in decisions if str(d["kind"]).endswith(":rejected")]
+    errors = [str(m["content"]) for m in _table(run, "select * from llm_messages")]
+    for name, reason in endpoint.served:
+        if name in endpoint.garbage:
+            assert any(reason in r for r in refused), f"{name}: {reason!r} not among refusals"
+        else:
+            assert any(reason in r for r in said), f"{name}: {reason!r} not among fallbacks"
+            assert any(reason in e for e in errors), f"{name}: {reason!r} not among messages"
+    assert max(len(e) for e in errors) < 100_000  # a 20 MB reply leaves a short row
+    verify = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "audit", "verify", str(run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _excess(excess: dict[str, Any]) -> tuple[Any, ...]:
+    return (excess["spectrum"], tuple(excess["window_gev"]), excess["function"])

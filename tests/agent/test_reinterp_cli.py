@@ -222,6 +222,16 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
     assert "linearity-g2000" in names
     assert f"{strong['expected_yield']:.3g}" in page
     assert reinterpretation_section(tmp_path, img, "ATLAS") == ""  # nothing to show
+    table = re.search(r'<table class="sensitivity">(.*?)</table>', page, re.DOTALL)
+    assert table is not None
+    header, *body = re.findall(r"<tr>(.*?)</tr>", table.group(1), re.DOTALL)
+    columns = re.findall(r"<th[^>]*>(.*?)</th>", header)
+    assert columns[0] == "injection" and columns[-1] == "dZ %"
+    for row in body:  # every cell under its header; a missing dZ says why
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert len(cells) == len(columns) and cells[0] == "g2000"
+        if not cells[-1].startswith("none: "):
+            float(cells[-1])  # a number, or the reason there is none
 
     # the report's contents line links the injection, the sensitivity and every section
     assert run_cli("report", str(run_dir)).returncode == 0

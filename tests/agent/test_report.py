@@ -26,7 +26,7 @@ import pytest
 from agent import plots
 from agent.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
 from agent.report import SPECTRUM_NAMES, _number, flagged_excesses, load_run, spectrum_slug
-from agent.scan import ScanConfig, run_scan, write_config
+from agent.scan import ScanConfig, run_scan
 from core.errors import InvalidInputError
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import LUMI_PB, SIGNAL, run_cli
@@ -90,7 +90,6 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory) -> ReviewedRun:
         n_pseudo_scans=200,
         max_pseudo_scans=500,
     )
-    write_config(config)
     run_scan(config, show_progress=False)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["excesses"], "the tiny scan must yield at least one excess"
@@ -154,7 +153,9 @@ def _parse(path: Path, table_id: str = "excesses") -> _Collector:
 
 
 def _chromium(*arguments: str) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM.is_file(), "install Chromium: apt-get install -y chromium (.ci/run does)"
+    assert CHROMIUM.is_file(), (
+        "install Chromium: apt-get install -y chromium (make test does: scripts/ensure-chromium)"
+    )
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *arguments],
@@ -255,10 +256,10 @@ def test_every_number_of_the_excess_table_is_the_one_in_results_json(
             if key == "global_z":
                 prefix = "> " if excess["global_z_is_lower_limit"] else ""
                 assert text == prefix + _number(excess[key])
-    assert (
-        html.escape(reviewed.results["look_elsewhere"]["method"])
-        in (reviewed.run_dir / "report" / "index.html").read_text()
-    )
+    index = (reviewed.run_dir / "report" / "index.html").read_text()
+    assert html.escape(reviewed.results["look_elsewhere"]["method"]) in index
+    stop = reviewed.results["stop_reason"].removeprefix("stop:").strip()
+    assert f"Sweep ended: {html.escape(stop)}</p>" in index and "stop: stop" not in index
 
 
 @pytest.mark.slow
@@ -412,6 +413,20 @@ def test_datasette_metadata_describes_every_audit_column(tmp_path: Path) -> None
         check=False,
     )
     assert rows.returncode == 0 and '"run:start:0"' in rows.stdout
+
+
+@pytest.mark.parametrize(
+    ("style", "label"),
+    [("Simulation", "anomscan Simulation"), ("ATLAS", "ATLAS"), ("CMS", "CMS")],
+)
+def test_figures_carry_an_experiments_label_only_when_asked(style: str, label: str) -> None:
+    """Synthetic or open data are never labelled as an experiment's (the default is neutral)."""
+    figure = plots.loss_curves([1.0, 0.5], [1.1, 0.6], 1, style)  # type: ignore[arg-type]
+    texts = " ".join(text.get_text() for ax in figure.axes for text in ax.texts)
+    plots.encode(figure, "png")
+    assert label in texts
+    for other in {"ATLAS", "CMS"} - {style}:
+        assert other not in texts
 
 
 @pytest.mark.parametrize(("style", "fmt"), [("ATLAS", "png"), ("CMS", "svg")])

@@ -64,3 +64,12 @@ def test_redaction_reaches_keys_values_and_lists() -> None:
     cleaned = redact_data(data, [secret, None, ""])
     assert secret not in repr(cleaned)
     assert cleaned == {"auth": f"Bearer {REDACTED}", REDACTED: [f"x{REDACTED}y", 3, None]}
+
+
+def test_a_dummy_short_key_does_not_mangle_the_audit() -> None:
+    from agent.safety import redact
+
+    assert redact("kept key k in the log", ["k"]) == "kept key k in the log"
+    assert redact("key sk-0123456789abcdef here", ["sk-0123456789abcdef"]) == (
+        "key [redacted] here"
+    )

@@ -178,27 +178,23 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
     assert "no file matches" in line
 
 
-def test_unreadable_data_gives_one_line_and_a_consistent_audit(tmp_path: Path) -> None:
+def test_unreadable_data_gives_one_line_and_leaves_no_folder(tmp_path: Path) -> None:
+    """Refused before any work was done: nothing is left that would block the same --out."""
     garbage = tmp_path / "broken.root"
     garbage.write_bytes(b"this is not a ROOT file" * 100)
-    model = tmp_path / "model.onnx"
     out = tmp_path / "run"
     done = run_cli("scan", str(garbage), "--lumi-pb", "10", "--out", str(out), "--quiet")
     line = _one_line_exit_2(done)
     assert "broken.root" in line
-    assert not model.exists()
-    assert run_cli("audit", "verify", str(out)).returncode == 0
-    with sqlite3.connect(out / "audit.sqlite") as db:
-        events = [row[0] for row in db.execute("select event from runs order by seq")]
-    assert events == ["start", "failed"]
+    assert not out.exists()
 
 
 @pytest.mark.slow
-def test_an_autoencoder_that_fails_to_load_then_resume(
+def test_an_autoencoder_that_fails_to_load_then_the_same_command(
     signal_sample: Sample, tmp_path: Path
 ) -> None:
-    """A corrupt --model stops the scan in prepare with one line; once the file is put
-    right, `--resume` finishes the run."""
+    """A corrupt --model stops the scan in prepare with one line and leaves no folder behind
+    (no work was done); once the file is put right, the same command runs the scan."""
     model = tmp_path / "model" / "autoencoder.onnx"
     model.parent.mkdir()
     for path in signal_sample.model.parent.iterdir():
@@ -211,21 +207,48 @@ def test_an_autoencoder_that_fails_to_load_then_resume(
     arguments[arguments.index("--model") + 1] = str(model)
     line = _one_line_exit_2(run_cli(*arguments))
     assert "autoencoder" in line.lower() and str(model) in line
-    assert run_cli("audit", "verify", str(out)).returncode == 0
+    assert not out.exists()
 
     shutil.copy(signal_sample.model, model)
-    resumed = run_cli("scan", "--resume", str(out), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    done = run_cli(*arguments)
+    assert done.returncode == 0, done.stderr
     assert json.loads((out / "results.json").read_text())["points_pb"]
     with sqlite3.connect(out / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
-    assert events == ["start", "failed", "resume", "finish"]
+    assert events == ["start", "finish"]
     assert run_cli("audit", "verify", str(out)).returncode == 0
 
 
 def test_resume_of_a_folder_that_is_no_scan(tmp_path: Path) -> None:
     line = _one_line_exit_2(run_cli("scan", "--resume", str(tmp_path)))
     assert "not a scan's run folder" in line
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--xsec-range", "nan", "10"), ("--xsec-range", "10", "1"), ("--lumi-pb", "inf")],
+)
+def test_a_non_finite_option_is_refused_and_leaves_no_folder(
+    option: tuple[str, ...], signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    arguments = ["scan", *signal_sample.files, "--lumi-pb", "1000", "--out", str(out), *option]
+    line = _one_line_exit_2(run_cli(*arguments))
+    assert option[0] in line
+    assert not out.exists(), "a refused scan left a folder that blocks its --out"
+
+
+def test_options_that_would_change_a_resumed_run_are_refused(tmp_path: Path) -> None:
+    from agent.scan import ScanConfig, write_config
+
+    out = tmp_path / "run"
+    write_config(ScanConfig(run_dir=str(out), lumi_pb=1000.0))
+    before = (out / "config.json").read_text()
+    line = _one_line_exit_2(
+        run_cli("scan", "--resume", str(out), "--lumi-pb", "5", "--llm-base-url", "http://x")
+    )
+    assert "--lumi-pb" in line and "--llm-base-url" in line and "keeps the config" in line
+    assert (out / "config.json").read_text() == before
 
 
 def test_existing_run_folder_is_not_overwritten(signal_sample: Sample, tmp_path: Path) -> None:
@@ -268,7 +291,7 @@ def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) 
         }
         with audit.transaction():
             update = _choose_backgrounds(ctx)(state, "0003-choose_backgrounds")  # type: ignore[arg-type]
-    backgrounds = json.loads(Path(update["current"]["backgrounds_file"]).read_text())
+    backgrounds = json.loads((tmp_path / update["current"]["backgrounds_file"]).read_text())
     entry = backgrounds["backgrounds"][name]
     assert entry["status"] in ("no background", "provisional")
     assert entry["reason"]
@@ -310,3 +333,23 @@ def test_every_fit_failing_in_a_spectrum_through_the_cli(
         ).fetchall()
     assert len(chosen) == len(results["points_pb"]) and all(c[0] is None for c in chosen)
     assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_a_folder_or_its_manifest_gives_files_and_luminosity(tmp_path: Path) -> None:
+    from agent.scan import ScanConfig, resolve_inputs
+
+    folder = tmp_path / "data"
+    generate_sample(folder, SampleConfig(n_events=2000, seed=2, lumi_pb=250.0))
+    run = str(tmp_path / "run")
+    by_folder = resolve_inputs(ScanConfig(run_dir=run, data=[str(folder)]))
+    by_manifest = resolve_inputs(ScanConfig(run_dir=run, manifest=str(folder / "manifest.json")))
+    assert by_folder is not None and by_manifest is not None
+    assert by_folder.files == by_manifest.files == (str(folder / "synthetic_000.root"),)
+    assert by_folder.lumi_pb == by_manifest.lumi_pb == 250.0
+    given = resolve_inputs(ScanConfig(run_dir=run, data=[str(folder)], lumi_pb=10.0))
+    assert given is not None and given.lumi_pb == 10.0  # the user's luminosity wins
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = _one_line_exit_2(run_cli("scan", str(empty), "--lumi-pb", "1", "--out", run))
+    assert str(empty) in line and "no .root file" in line

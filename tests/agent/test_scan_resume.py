@@ -19,6 +19,7 @@ import pytest
 
 from tests.agent.conftest import (
     CHEAP,
+    LUMI_PB,
     ROOT,
     Sample,
     results_of,
@@ -31,11 +32,30 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def reference(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted serial scan with the cheap settings."""
+    """An uninterrupted serial scan with the cheap settings, given the sample's folder as
+    `anomscan generate` wrote it (its luminosity from the folder's manifest)."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    folder = str(Path(signal_sample.files[0]).parent)
+    for file in signal_sample.files:
+        arguments.remove(file)
+    lumi = arguments.index("--lumi-pb")
+    del arguments[lumi : lumi + 2]
+    done = run_cli(arguments[0], folder, *arguments[1:])
     assert done.returncode == 0, done.stderr
     return out
+
+
+def test_a_generated_folder_gives_its_files_and_luminosity(reference: Path) -> None:
+    results = json.loads((reference / "results.json").read_text())
+    assert results["luminosity_pb"] == LUMI_PB
+    config = json.loads((reference / "config.json").read_text())
+    assert config["lumi_pb"] is None and config["events"] is None  # nothing untrue recorded
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        inputs = db.execute("select inputs from runs where event = 'finish'").fetchone()[0]
+    assert sorted(json.loads(inputs)) == sorted(
+        str(p) for p in Path(config["data"][0]).glob("*.root")
+    )
 
 
 def _decision_keys(run_dir: Path) -> list[str]:
@@ -107,10 +127,80 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "audit log" in refused.stderr and "--resume" in refused.stderr
 
-    _resume_completes_like(reference, out)
-    with sqlite3.connect(out / "audit.sqlite") as db:
+    # the killed run is moved before it is resumed: the resume acts on the folder given
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    _resume_completes_like(reference, moved)
+    assert not out.exists(), "the resume wrote into the folder's old place"
+    with sqlite3.connect(moved / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
     assert events == ["start", "resume", "finish"], "the refused resume left a runs row"
+
+
+def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while _steps(out, "build_spectra") < 1:  # inside the first AR point
+        assert process.poll() is None, "the scan ended before its first AR point"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, error = process.communicate(timeout=300)
+    assert process.returncode == 130, error
+    assert error.strip().splitlines()[-1] == (
+        f"anomscan scan: interrupted; {out} keeps every completed step: continue with "
+        f"`anomscan scan --resume {out}`"
+    )
+    _resume_completes_like(reference, out)
+
+
+def test_resume_during_the_running_scan_is_refused_and_the_chain_holds(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """One writer per run folder for its whole life: `scan --resume RUN` while the first scan
+    of RUN runs exits 2 before it writes; the first scan finishes with an intact chain."""
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "audit.sqlite").exists():  # the scan has written its first row
+            assert process.poll() is None, "the scan ended before it wrote its audit log"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        for command in (
+            ("scan", "--resume", str(out), "--quiet"),
+            ("audit", "annotate", str(out), "1", "--verdict", "agree", "--by", "me"),
+        ):
+            refused = run_cli(*command)
+            assert refused.returncode == 2, refused.stderr
+            assert "in use" in refused.stderr and str(process.pid) in refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            assert process.poll() is None, "the first scan ended before the refusal was tested"
+        assert process.wait(timeout=900) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert results_of(out) == results_of(reference)
+    report = run_cli("audit", "verify", str(out))
+    assert report.returncode == 0, report.stdout
 
 
 def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
@@ -129,6 +219,7 @@ def _middle_decision(reference: Path) -> tuple[int, str]:
     return int(seq), str(key)
 
 
+@pytest.mark.tampers_audit
 def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -222,6 +313,7 @@ def test_logged_paths_are_found_in_a_moved_folder(tmp_path: Path) -> None:
     assert locate_path("/data/a.root", now, then) == Path("/data/a.root")
 
 
+@pytest.mark.tampers_audit
 def test_replay_reports_a_changed_output(reference: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(reference, copy)
@@ -255,7 +347,8 @@ def test_the_checkpointed_state_holds_references_not_arrays(reference: Path) -> 
 
     assert longest_list(state) <= 64  # AR points and per-spectrum outcomes, never bins
     for record in state["points"]:
-        assert Path(record["results_file"]).is_file()
+        assert not Path(record["results_file"]).is_absolute(), "the state names a folder"
+        assert (reference / record["results_file"]).is_file()
         assert len(record["results_sha256"]) == 64
 
 
@@ -398,3 +491,46 @@ def test_ray_workers_killed_inside_a_real_scan(
     assert events, "no lost Ray batch was logged"
     assert all("ran it serially" in text for text in events), events
     assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+def test_the_progress_screen_in_a_terminal_shows_points_and_an_eta(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """The scan in a real pseudo-terminal: its progress shows AR points done / planned, the
+    spectra of the point, the elapsed time and an ETA once a point is done."""
+    import pty
+    import re
+    import threading
+
+    out = tmp_path / "run"
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    arguments.remove("--quiet")
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *arguments],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "TERM": "xterm", "COLUMNS": "160"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    screen = bytearray()
+
+    def read() -> None:
+        with contextlib.suppress(OSError):  # EIO once the scan has closed the terminal
+            while chunk := os.read(leader, 65536):
+                screen.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert process.wait(timeout=900) == 0
+    reader.join(timeout=30)
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    assert "AR point 1 of 2 (3 pb)" in text and "AR point 2 of 2 (0.3 pb)" in text
+    assert "0/2 points" in text and "1/2 points" in text
+    assert re.search(r"spectra \d+/\d+", text)
+    assert re.search(r"ETA \d+ s", text), "no ETA after the first point"
+    assert "look-elsewhere over 2 AR points" in text
+    assert results_of(out) == results_of(reference)

@@ -449,3 +449,22 @@ def test_diverging_training_is_a_model_error() -> None:
             hidden_sizes=(8,),
             threads=1,
         )
+
+
+def test_the_card_warns_of_few_training_events_and_of_overfitting(exported: Exported) -> None:
+    from dataclasses import replace
+
+    from core.autoencoder import MIN_TRAINING_EVENTS, training_warnings
+
+    card = exported.card  # 750 training events
+    assert card.n_training_events < MIN_TRAINING_EVENTS
+    (few,) = (w for w in training_warnings(card) if "learned from" in w)
+    assert f"learned from {card.n_training_events} events" in few
+    fine = replace(
+        card, n_training_events=10_000, loss_train=(1.0, 0.5), loss_validation=(1.1, 0.6),
+        best_epoch=1,
+    )  # fmt: skip
+    assert training_warnings(fine) == ()
+    overfit = replace(fine, loss_validation=(1.1, 50.0))
+    (warning,) = training_warnings(overfit)
+    assert "validation loss (50) is 100 times the training loss (0.5)" in warning

@@ -255,3 +255,15 @@ def test_any_json_in_one_field_exits_0_or_2(
 
 def _no_constants(name: str) -> float:
     raise AssertionError(f"the output holds {name}, which is not JSON")
+
+
+def test_the_readme_lists_exactly_the_registered_tools() -> None:
+    """The README's tool list is the registry's: a new tool is documented, none is invented."""
+    import re
+
+    from tools.registry import all_tools
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    paragraph = readme.split("Tools today (`anomscan tool list`):", 1)[1].split("Every tool", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", paragraph))
+    assert listed == {tool.name for tool in all_tools()}
