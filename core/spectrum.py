@@ -358,8 +358,8 @@ def analyse_spectrum(
     stream_start_gev: float,
     *,
     checks: CheckOptions,
-    fallback: Fallback | None,
     hunt: HuntOptions,
+    fallback: Fallback | None = None,
     sqrt_s: float = 13000.0,
     upper_gev: float | None = None,
     exclusion_trigger_p: float = EXCLUSION_TRIGGER_P,
@@ -369,9 +369,9 @@ def analyse_spectrum(
     """The rule of the module docstring on one spectrum: choice, masked choice, fallback, search.
 
     `stream_start_gev` is the stream's fit start (PHYSICS.md 3); the range follows
-    `core.fit.fit_range`. `checks`, `fallback` (None: no fallback) and `hunt` are the scan's
-    settings, given explicitly so that a caller states the rule it runs; `seed` seeds every
-    step. Errors of the fits become status "fit failed" with the reason; bad histograms still
+    `core.fit.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
+    that a caller states the rule it runs; `fallback` None runs no fallback (a scan whose
+    fallback budget is spent); `seed` seeds every step. Errors of the fits become status "fit failed" with the reason; bad histograms still
     raise InvalidInputError.
     """
     e = np.asarray(edges, dtype=np.float64)
