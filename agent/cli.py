@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
+import math
+import re
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
@@ -21,7 +26,8 @@ from agent.errors import (
     guarded,
 )
 from core.errors import AnomscanError, InvalidInputError, OutputError
-from core.files import json_text
+from core.files import atomic_path, json_text
+from core.masses import SPECTRUM_NAMES
 from core.synth import PAIR_TYPES
 from tools.registry import all_tools, get_tool
 
@@ -57,7 +63,19 @@ def _print_json(data: Any) -> None:
 
 
 def _run_tool(name: str, payload: dict[str, Any]) -> int:
-    _print_json(get_tool(name).call(payload))
+    output = get_tool(name).call(payload)
+    _print_json(output)
+    if output.get("non_finite") or output.get("dropped_non_finite"):
+        values = output.get("non_finite") or {}
+        dropped = output.get("dropped_non_finite") or {}
+        print(
+            "anomscan: note: non-finite values read ("
+            + (", ".join(f"{n} in {branch}" for branch, n in values.items()) or "none")
+            + "); dropped "
+            + (", ".join(f"{n} {what}" for what, n in dropped.items()) or "nothing")
+            + " (see 'notes' in the output)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -120,7 +138,8 @@ def _command_tool(arguments: argparse.Namespace) -> int:
         path = Path(arguments.input)
         where = f"--input {path}"
         if not path.is_file():
-            raise InvalidInputError(f"input file {path} does not exist; give a JSON file")
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise InvalidInputError(f"input file {path} {what}; give a JSON file")
         if path.stat().st_size > MAX_INPUT_BYTES:
             raise InvalidInputError(
                 f"input file {path} is larger than {MAX_INPUT_BYTES} bytes; pass large arrays "
@@ -307,17 +326,18 @@ def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
             outcome = _new_scan(config, show_progress=not arguments.quiet)
     except AnomscanError as error:
         return _scan_error(error), None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        how = "terminated" if _terminated(stop) else "interrupted"
         folder = Path(arguments.resume or (config.run_dir if config is not None else ""))
         if not folder.is_dir() or not (folder / "config.json").is_file():
-            print("anomscan scan: interrupted before the run folder was made", file=sys.stderr)
+            print(f"anomscan scan: {how} before the run folder was made", file=sys.stderr)
         else:
             print(
-                f"anomscan scan: interrupted; {folder} keeps every completed step: continue "
+                f"anomscan scan: {how}; {folder} keeps every completed step: continue "
                 f"with `anomscan scan --resume {folder}`",
                 file=sys.stderr,
             )
-        return EXIT_INTERRUPTED, None
+        return (EXIT_TERMINATED if _terminated(stop) else EXIT_INTERRUPTED), None
     return 0, outcome
 
 
@@ -349,7 +369,10 @@ def _holds_work(folder: Path) -> bool:
     log = folder / "audit.sqlite"
     if not log.is_file():
         return False
-    db = open_readonly(log)
+    try:
+        db = open_readonly(log)
+    except AnomscanError:
+        return True  # unreadable now (a folder made read-only mid-write): keep it
     try:
         return any(
             db[table].exists() and db[table].count > 0 for table in ("tool_calls", "decisions")
@@ -363,6 +386,8 @@ def _command_scan(arguments: argparse.Namespace) -> int:
     if outcome is None:
         return status
     _print_excesses(outcome.results)
+    for note in outcome.results.get("input_notes") or []:
+        print(f"inputs: {note}")
     print(f"run folder: {outcome.run_dir}")
     print(f"audit: {outcome.run_dir / 'audit.sqlite'} (anomscan audit {outcome.run_dir})")
     return status
@@ -375,13 +400,50 @@ AUDIT_USAGE = (
 )
 
 
+def canonical_spectrum(text: str) -> str:
+    """The spectrum name as written in the results (``t2/JM`` -> ``T2/jm``); else unchanged."""
+    by_lower = {name.lower(): name for name in SPECTRUM_NAMES}
+    return by_lower.get(text.strip().lower(), text)
+
+
+def _ar_point(text: str) -> str:
+    """An AR point as given to --why: a positive cross-section in pb or #INDEX."""
+    if text.startswith("#") and text[1:].isdigit():
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidInputError(
+            f"--why POINT {text!r}: give the AR point as a cross-section in pb (e.g. 0.3) or "
+            "as #INDEX (e.g. #0)"
+        )
+    return text
+
+
+@contextlib.contextmanager
+def _audit_log_read(path: Path) -> Iterator[None]:
+    """Turn an unreadable audit log (corrupt, truncated, not SQLite) into one line, exit 2."""
+    try:
+        yield
+    except sqlite3.DatabaseError as error:
+        raise InvalidInputError(
+            f"the audit log {path} can not be read ({error}): it is corrupt, truncated or not "
+            "an anomscan audit log; restore it from a copy of the run folder"
+        ) from error
+
+
 def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
     """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
     from agent.report import check_spectrum, load_run, spectrum_story, why_text
 
+    spectrum = canonical_spectrum(spectrum)
     check_spectrum(spectrum)
-    run = load_run(run_dir)
-    story = spectrum_story(run, spectrum, run.point_index(point))
+    point = _ar_point(point)
+    with _audit_log_read(run_dir / "audit.sqlite"):
+        run = load_run(run_dir)
+        story = spectrum_story(run, spectrum, run.point_index(point))
     print(why_text(story))
     return 0
 
@@ -396,8 +458,9 @@ def _command_annotate(arguments: argparse.Namespace, words: list[str]) -> int:
     from agent.runlock import run_folder_lock
 
     path = Path(words[0]) / audit.AUDIT_FILE
-    audit.open_readonly(path).close()  # not a run folder: refused before the lock makes one
-    with run_folder_lock(path.parent, "anomscan audit annotate"):
+    with _audit_log_read(path):
+        audit.open_readonly(path).close()  # not a run folder: refused before the lock makes one
+    with _audit_log_read(path), run_folder_lock(path.parent, "anomscan audit annotate"):
         row = audit.annotate(
             path, int(words[1]), arguments.verdict, arguments.note or "", arguments.by or ""
         )
@@ -422,6 +485,8 @@ def _command_audit(arguments: argparse.Namespace) -> int:
         report = audit.verify(path)
         for problem in report.problems:
             print(problem)
+        for note in report.notes:
+            print(note)
         if report.ok:
             print(f"{path}: {report.n_rows} rows, hash chain intact")
             return 0
@@ -429,16 +494,18 @@ def _command_audit(arguments: argparse.Namespace) -> int:
         return EXIT_FAILURE
     if action == "export":
         output = Path(arguments.output or Path(words[0]) / "audit.jsonl")
-        n_rows = audit.export_jsonl(path, output)
+        with _audit_log_read(path), atomic_path(output, what="audit export") as partial:
+            n_rows = audit.export_jsonl(path, partial)
         print(f"{n_rows} rows -> {output}")
         return 0
-    rows = audit.decisions(
-        path,
-        step=arguments.step,
-        spectrum=arguments.spectrum,
-        point_pb=arguments.point,
-        policy=arguments.policy,
-    )
+    with _audit_log_read(path):
+        rows = audit.decisions(
+            path,
+            step=arguments.step,
+            spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
+            point_pb=arguments.point,
+            policy=arguments.policy,
+        )
     from rich.console import Console
     from rich.table import Table
 
@@ -730,7 +797,10 @@ def _command_limits(arguments: argparse.Namespace) -> int:
     run_dir = Path(arguments.run)
     widths = parse_widths(arguments.widths)
     outcome = run_limits(
-        run_dir, spectrum=arguments.spectrum, widths=widths, method=arguments.method
+        run_dir,
+        spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
+        widths=widths,
+        method=arguments.method,
     )
     print(
         f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
@@ -744,7 +814,8 @@ def _command_limits(arguments: argparse.Namespace) -> int:
 def _add_limits_parser(commands: Any) -> None:
     """The `limits` subcommand."""
     limits = commands.add_parser(
-        "limits", help="95 % CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)"
+        "limits",
+        help="95 %% CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)",
     )
     limits.add_argument("run", help="run folder")
     limits.add_argument("--spectrum", help="only this spectrum, e.g. T2/jm")
@@ -767,9 +838,56 @@ def _command_mcp(arguments: argparse.Namespace) -> int:
     return serve_stdio(arguments.root)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block) pointing at ``--help``; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `message` as one line and exit with the status of a bad input."""
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice is not None:
+            listed = choice.group(2)
+            choices = re.findall(r"'([^']*)'", listed) or [c.strip() for c in listed.split(",")]
+            close = difflib.get_close_matches(choice.group(1), choices, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        self.exit(EXIT_INVALID_INPUT, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def unknown(self, extras: Sequence[str]) -> NoReturn:
+        """Refuse the words this (sub)command does not know, naming its closest option."""
+        options = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+        flags = [word for word in extras if word.startswith("-")]
+        if not flags:
+            self.error(f"unexpected argument(s) {' '.join(map(repr, extras))}")
+        name = flags[0].split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        self.error(f"unknown option {name}{hint}")
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    """The parser of subcommand `name` (the main parser when there is none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            chosen: argparse.ArgumentParser = action.choices[name]
+            return chosen
+    return parser
+
+
+def parse_arguments(words: Sequence[str]) -> argparse.Namespace:
+    """The parsed command line; an unknown option exits 2 naming the closest one."""
+    parser = build_parser()
+    arguments, extras = parser.parse_known_args(words)
+    if extras:
+        chosen = _subcommand(parser, getattr(arguments, "command", None))
+        if isinstance(chosen, CommandParser):
+            chosen.unknown(extras)
+        chosen.error(f"unknown argument(s): {' '.join(extras)}")
+    return arguments
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `anomscan` command."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="anomscan",
         description="Model-agnostic anomaly search: RMM + autoencoder + bump hunt in 63 spectra.",
     )
@@ -901,11 +1019,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the command stops as on Ctrl-C (what was completed is kept), exit 143."""
+
+
+EXIT_TERMINATED = 143
+_TERMINATED = threading.Event()
+"""Set by SIGTERM: a library (Ray's `get`) may turn `Terminated` into a plain interrupt."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    _TERMINATED.set()
+    raise Terminated
+
+
+def _terminated(stop: KeyboardInterrupt) -> bool:
+    return isinstance(stop, Terminated) or _TERMINATED.is_set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
+    import signal
+
     words = list(sys.argv[1:] if argv is None else argv)
-    arguments = build_parser().parse_args(words)
-    status: int = guarded(lambda: int(arguments.handler(arguments)), words)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+
+    def command() -> int:
+        # Parsing runs guarded too: a fault of the parser itself (a help text argparse can
+        # not format) is reported with a log, never as a traceback.
+        arguments = parse_arguments(words)
+        return int(arguments.handler(arguments))
+
+    status: int = guarded(command, words)
     return status
 
 

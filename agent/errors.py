@@ -1,7 +1,8 @@
 """The one error path of the command line: every failure ends in one line and a known status.
 
-- an anticipated failure (any `AnomscanError`, a pydantic `ValidationError`, bad JSON):
-  exit 2 and one line saying what is wrong, where, and what to do;
+- an anticipated failure (any `AnomscanError`, a pydantic `ValidationError`, bad JSON, a
+  path the file system refuses: too long, not permitted, read-only, full): exit 2 and one
+  line saying what is wrong, where, and what to do; the line is a sentence, not a class name;
 - anything else is a bug: exit 1, one line naming the error and the path of a log file
   that holds the traceback (``$ANOMSCAN_LOG_DIR``, default ``~/.local/state/anomscan/logs``);
 - Ctrl-C: exit 130, "interrupted"; outputs are written atomically, so nothing half-written
@@ -12,6 +13,7 @@ No traceback reaches the terminal, and messages carry no install paths.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -33,6 +35,7 @@ __all__ = [
     "InternalError",
     "guarded",
     "one_line",
+    "path_error_text",
     "validation_summary",
 ]
 
@@ -116,14 +119,50 @@ def guarded(command: Callable[[], int], argv: list[str]) -> int:
         print(f"anomscan: invalid input: {one_line(validation_summary(error))}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except AnomscanError as error:
-        print(f"anomscan: {type(error).__name__}: {one_line(str(error))}", file=sys.stderr)
+        print(f"anomscan: {one_line(str(error) or type(error).__name__)}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    except OSError as error:
+        message = path_error_text(error)
+        if message is None:
+            return _internal(error, argv)
+        print(f"anomscan: {one_line(message)}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except Exception as error:  # the one place where a bug is turned into a report
-        log = _write_log(error, argv)
-        message = one_line(f"{type(error).__name__}: {error}")
-        print(
-            f"anomscan: internal error ({message}); this is a bug, please report it with the "
-            f"traceback in {log}",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+        return _internal(error, argv)
+
+
+def _internal(error: Exception, argv: list[str]) -> int:
+    log = _write_log(error, argv)
+    message = one_line(f"{type(error).__name__}: {error}")
+    print(
+        f"anomscan: internal error ({message}); this is a bug, please report it with the "
+        f"traceback in {log}",
+        file=sys.stderr,
+    )
+    return EXIT_FAILURE
+
+
+_PATH_ERRNOS: Final = {
+    errno.ENAMETOOLONG: "a name in it is longer than the file system allows (255 bytes per "
+    "folder or file name); shorten it",
+    errno.EACCES: "permission denied; choose a path you may read or write",
+    errno.EPERM: "operation not permitted; choose another path",
+    errno.EROFS: "the file system is read-only; choose another folder",
+    errno.ENOSPC: "the disk is full; free space or choose another folder",
+    errno.EDQUOT: "the disk quota is exceeded; free space or choose another folder",
+    errno.EISDIR: "it is a folder; give a file",
+    errno.ENOTDIR: "a part of it is a file, not a folder; check the path",
+    errno.ELOOP: "it has too many symbolic links (a loop?); check the path",
+}
+"""File-system failures of a path the user gave: anticipated, exit 2 with what to do."""
+
+
+def path_error_text(error: OSError) -> str | None:
+    """One line for an OSError about a user's path (too long, not permitted, ...), else None."""
+    advice = _PATH_ERRNOS.get(error.errno or 0)
+    if advice is None or error.filename is None:
+        return None
+    name = os.fsdecode(error.filename)
+    if len(name) > 120:
+        name = name[:60] + "..." + name[-40:]
+    return f"cannot use the path {name}: {advice}"

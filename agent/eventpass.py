@@ -23,7 +23,7 @@ import hashlib
 import json
 import resource
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from agent.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from agent.runlock import run_folder_lock
 from core.errors import AnomscanError, InputFileError, InvalidInputError
-from core.events import DistinctFiles, Selection, plan_read, read_entry_range
+from core.events import DistinctFiles, Selection, add_counts, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
 from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
 from core.goodruns import GoodRunList
@@ -101,6 +101,10 @@ class PartResult:
     reused: bool
     peak_rss_mb: float = 0.0
     """Peak resident memory of the process that ran the task (MB)."""
+    non_finite: dict[str, int] = field(default_factory=dict)
+    """Non-finite values read per branch (core.events.NON_FINITE_RULE)."""
+    dropped_non_finite: dict[str, int] = field(default_factory=dict)
+    """Objects and events dropped for them."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,10 @@ class PassSummary:
     seconds: float
     peak_rss_mb: float = 0.0
     """Largest peak resident memory of any process that ran a task (MB)."""
+    non_finite: dict[str, int] = field(default_factory=dict)
+    """Non-finite values read per branch, over every part."""
+    dropped_non_finite: dict[str, int] = field(default_factory=dict)
+    """Objects and events dropped for them, over every part."""
 
 
 def plan_chunks(
@@ -269,6 +277,7 @@ def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
     rows = chunk_columns(chunk, score=_score_function(spec), training=_training_function(spec))
     _check_unchanged(task)
     counts = {s: int(np.count_nonzero(rows[s].to_numpy())) for s in STREAMS}
+    non_finite, dropped = dict(chunk.non_finite), dict(chunk.dropped_non_finite)
     info = {
         "path": task.path,
         "entry_start": task.entry_start,
@@ -276,6 +285,8 @@ def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
         "n_events": len(chunk),
         "n_outside": chunk.n_outside_good_runs,
         "stream_counts": counts,
+        "non_finite": non_finite,
+        "dropped_non_finite": dropped,
         "provenance": task.provenance_record,
     }
     rows = rows.replace_schema_metadata(
@@ -292,6 +303,8 @@ def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
         time.perf_counter() - start_time,
         False,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        non_finite,
+        dropped,
     )
 
 
@@ -314,6 +327,8 @@ def _reusable_part(target: Path, task: ChunkTask) -> PartResult | None:
         info["stream_counts"],
         0.0,
         True,
+        non_finite=info.get("non_finite", {}),
+        dropped_non_finite=info.get("dropped_non_finite", {}),
     )
 
 
@@ -462,7 +477,16 @@ def _locked_event_pass(
         executor=executor,
         seconds=time.perf_counter() - start_time,
         peak_rss_mb=max((r.peak_rss_mb for r in results), default=0.0),
+        non_finite=_summed(r.non_finite for r in results),
+        dropped_non_finite=_summed(r.dropped_non_finite for r in results),
     )
+
+
+def _summed(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        add_counts(total, one)
+    return total
 
 
 def _remove_unowned(folder: Path, owned: set[str]) -> None:

@@ -13,6 +13,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Literal, TypeVar
@@ -33,6 +35,25 @@ BATCHES_PER_WORKER = 2
 
 
 @contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """Keep the process's SIGTERM and SIGINT handlers across `ray.init`.
+
+    Ray's core installs a C++ failure handler that answers SIGTERM with stack frames; the
+    command's own handlers (a clean stop that says what was kept) are put back after it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
 def ray_session(workers: int | None = None) -> Iterator[Any]:
     """The `ray` module, connected to a local instance or to the cluster at RAY_ADDRESS.
 
@@ -43,15 +64,16 @@ def ray_session(workers: int | None = None) -> Iterator[Any]:
     started = not ray.is_initialized()
     if started:
         address = os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-        else:
-            ray.init(
-                num_cpus=workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-            )
+        with _own_signal_handlers():
+            if address:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            else:
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                )
     try:
         yield ray
     finally:

@@ -43,6 +43,7 @@ from agent.scan import (
 )
 from agent.state import PointRecord, ScanState
 from core.errors import AnomscanError, InvalidInputError, ModelError
+from core.events import non_finite_note
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
 
 NodeBody = Callable[[ScanState, str], dict[str, Any]]
@@ -147,7 +148,7 @@ def _prepare(ctx: ScanContext) -> NodeBody:
         run_dir = ctx.run_dir
         inputs = resolve_inputs(config)
         if inputs is None:
-            from agent.pipeline import DEMO_SIGNALS
+            from core.synth import DEMO_SIGNALS
 
             (generated,) = ctx.call_tools(
                 step_id,
@@ -222,21 +223,29 @@ def _prepare(ctx: ScanContext) -> NodeBody:
         table_hash = folder_sha256(run_dir / "events")
         for part in sorted((run_dir / "events").glob("*.parquet")):
             ctx.artifact(part, "event table part")
+        note = non_finite_note(summary.non_finite, summary.dropped_non_finite)
         _record_decision(
             ctx,
             step_id,
             "event_pass",
-            chosen={"n_events": summary.n_events, "stream_counts": summary.stream_counts},
+            chosen={
+                "n_events": summary.n_events,
+                "stream_counts": summary.stream_counts,
+                "non_finite": summary.non_finite,
+                "dropped_non_finite": summary.dropped_non_finite,
+            },
             options={"executor": summary.executor, "model": model_source},
             policy="config",
             rationale=(
                 f"{summary.n_events} events scored with the autoencoder ({model_source}, card "
                 f"seed {card.seed}, trained on {card.fraction:.0%}) in {summary.seconds:.1f} s "
-                f"({summary.executor})"
+                f"({summary.executor})" + (f"; {note}" if note else "")
             ),
         )
         return {
             "stage": "prepared",
+            "n_events": summary.n_events,
+            "input_notes": [note] if note else [],
             "lumi_pb": lumi,
             "inputs": hashes,
             "model": ctx.relative(model_path),
@@ -322,7 +331,7 @@ def _plan(ctx: ScanContext) -> NodeBody:
 
 
 def _build_spectra(ctx: ScanContext) -> NodeBody:
-    from agent.pipeline import stream_regions
+    from core.anomaly import stream_regions
     from core.autoencoder import read_model_card, training_selection
     from core.masses import histogram
     from core.table import read_event_table
@@ -1427,6 +1436,8 @@ def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, An
         "stop_reason": state.get("stop_reason", ""),
         "model_sha256": state.get("model_sha256"),
         "table_sha256": state.get("table_sha256"),
+        "n_events": state.get("n_events"),
+        "input_notes": state.get("input_notes", []),
         "excesses": excesses,
         "skipped": skipped,
     }

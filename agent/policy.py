@@ -4,7 +4,7 @@ A policy proposes; agent/gates.py disposes; agent/audit.py records both. Every p
 plain, pydantic-validated data with a `rationale`, so a policy that answers in tool-call
 JSON (the LLM policy) builds the same objects with `Model.model_validate(json)`.
 
-The rules (the reference behaviour of agent/pipeline.py):
+The rules (the reference behaviour of the scan, agent/graph.py):
 - AR points: log-uniform from `xsec_range` with `points_per_decade` per decade.
 - Background: accept the first candidate that passed every check, in the order
   `choose_background` tried them (the F-test's choice, then larger functions).

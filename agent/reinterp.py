@@ -24,18 +24,22 @@ accepted no background for at that point keeps the data (its row says so). With
 under the peak biases every toy alike: this measures the data, not the method). Random
 streams: toy t of strength i draws its signal count from numpy's generator seeded
 [seed, 7, i, t] and the background of AR point p, stream k from [seed, 11, t, p, k] (the same
-background for every strength), all in the driver, so serial and Ray runs are identical.
-With `fit`, each strength also has one "observed" realisation: the run's data plus toy 0's
-signal, for the local Z and the top-excess check on the real data (`observed`, not in the
-pulls).
+background for every strength), all in the driver, so serial and Ray runs are identical;
+the rule rerun and the refits of a spectrum at AR point p take the seed the scan gave that
+spectrum at p (`ScanRule.seed`), in every toy. With `fit`, each strength also has one
+"observed" realisation: the run's data plus toy 0's signal, for the local Z and the
+top-excess check on the real data (`observed`, not in the pulls).
 
 Three recoveries per spectrum and realisation, each a Gaussian of fixed mass and width with
 free yield, pull = (fitted - expected) / fit error against the expected yield:
 - `signal_yield`/`pull` ("rule rerun"): the scan's rule run again on the injected spectrum
-  (`agent.pipeline.analyse_spectrum`: background choice, checks, bump hunt, window
-  exclusion), then background (the chosen function, floating) + Gaussian. Defined only when
-  the rule accepts a background, which it does less often with more signal: these pulls are
-  conditional on acceptance (`accepted_fraction` of the toys).
+  (`core.spectrum.analyse_spectrum`, the library function of the per-spectrum rule:
+  background choice, checks, bump hunt, window exclusion; no symbolic fallback) with the
+  run's own settings and seeds (`ScanRule`: the check and hunt settings the run's graph gave
+  its tools, read from the run's config, and the graph's per-spectrum seed of that spectrum
+  and AR point), then background (the chosen function, floating) + Gaussian. Defined only
+  when the rule accepts a background, which it does less often with more signal: these
+  pulls are conditional on acceptance (`accepted_fraction` of the toys).
 - `run_function_*`: the function the run accepted for that spectrum and point refitted to
   the injected spectrum (start: the run's parameters; no new choice), then the same fit; for
   a spectrum whose background the run found only after excluding its excess window, the
@@ -70,9 +74,17 @@ import numpy.typing as npt
 from agent.executor import Executor, map_batched
 from agent.scan import ScanContext, cli_step
 from core.anomaly import stream_anomaly_regions
+from core.bumphunt import HuntOptions
 from core.errors import AnomscanError, InvalidInputError
 from core.files import json_text, write_bytes, write_text
-from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram, mass_bin_edges
+from core.masses import (
+    PAIRS,
+    SPECTRUM_NAMES,
+    STREAM_FIT_FROM_GEV,
+    STREAMS,
+    histogram,
+    mass_bin_edges,
+)
 from core.reinterp import (
     RegionCut,
     ae_gain,
@@ -85,6 +97,8 @@ from core.reinterp import (
     window_bins,
     window_expected_z,
 )
+from core.selection import CheckOptions
+from core.spectrum import SpectrumAnalysis, analyse_spectrum
 from core.table import EventTable
 from tools.registry import get_tool
 from tools.reinterp import RunInputs, fit_ranges, read_run, run_region_cuts
@@ -374,6 +388,58 @@ def _joined(data: EventTable, signal: EventTable) -> EventTable:
 
 
 @dataclass(frozen=True)
+class ScanRule:
+    """The per-spectrum rule as the run's scan ran it: its settings and its seeds.
+
+    `checks` are the robustness-check settings the graph gives `choose_background`
+    (`agent.graph`'s check settings of the run's config), `hunt` those of its
+    `search_spectrum` calls (the tool's defaults, which the graph leaves unset) and
+    `min_events` the config's fit threshold; `seed` is the graph's per-spectrum seed, from
+    the config's seed. The symbolic fallback is not run (its budget is the scan's).
+    """
+
+    checks: CheckOptions
+    hunt: HuntOptions
+    min_events: int
+    config_seed: int
+
+    def seed(self, point_index: int, name: str) -> int:
+        """The seed the scan gave spectrum `name` at its AR point number `point_index`."""
+        from agent.graph import _spectrum_seed
+
+        return _spectrum_seed(self.config_seed, point_index, name)
+
+    def analyse(
+        self, name: str, edges: FloatArray, counts: FloatArray, seed: int
+    ) -> SpectrumAnalysis:
+        """`core.spectrum.analyse_spectrum` on one spectrum, from its stream's fit start."""
+        stream = name.split("/", maxsplit=1)[0]
+        return analyse_spectrum(
+            edges,
+            counts,
+            STREAM_FIT_FROM_GEV[stream],
+            checks=self.checks,
+            hunt=self.hunt,
+            min_events=self.min_events,
+            seed=seed,
+        )
+
+
+def scan_rule(ctx: ScanContext) -> ScanRule:
+    """The rule of the run whose config `ctx` holds, with the settings its graph used."""
+    from agent.graph import _checks
+    from tools.fits import CheckSettings
+    from tools.spectrum import HuntSettings
+
+    return ScanRule(
+        checks=CheckSettings.model_validate(_checks(ctx)).to_core(),
+        hunt=HuntSettings().to_core(),
+        min_events=ctx.config.min_events,
+        config_seed=ctx.config.seed,
+    )
+
+
+@dataclass(frozen=True)
 class SpectrumJob:
     """One injected spectrum at one AR point, analysed with the scan's rule (any worker)."""
 
@@ -384,7 +450,7 @@ class SpectrumJob:
     seed: int
     mass: float
     sigma: float
-    gof_toys: int
+    rule: ScanRule
     whole_stream: bool
     run_background: dict[str, Any] | None = None
     """The run's accepted background of this spectrum at this point (function, fit_range)."""
@@ -467,31 +533,19 @@ def analyse_injected(job: SpectrumJob) -> dict[str, Any]:
     spectrum, no new choice): the rule's checks reject more often the toys with more signal,
     so its yields are conditional on acceptance, the fixed function's are not.
     """
-    from agent.pipeline import FAST_CHECKS, analyse_spectrum
-
     fixed = _fixed_function_fit(job) | _fixed_shape_fit(job)
     if not job.rerun_rule:
         return {
             "status": RULE_NOT_RERUN,
             "reason": "the rule runs in the first --rule-toys toys",
         } | fixed
-    checks = dataclasses.replace(FAST_CHECKS, n_gof_toys=job.gof_toys)
-    result = analyse_spectrum(
-        job.name,
-        job.edges,
-        job.counts,
-        job.point_pb,
-        seed=job.seed,
-        checks=checks,
-        fallback=False,
-        whole_stream=job.whole_stream,
-    )
+    result = job.rule.analyse(job.name, job.edges, job.counts, job.seed)
     row: dict[str, Any] = {"status": result.status, "reason": result.reason, **fixed}
-    if result.status != "accepted" or result.search is None or result.bump is None:
+    if result.status != "accepted" or result.search is None:
         return row
-    bump = result.bump
+    bump = result.search.bump
     row.update(
-        function=result.function,
+        function=result.search.function,
         window_gev=[bump.mass_low, bump.mass_high],
         bump_local_z=bump.local_z,
         bump_global_p=bump.global_p,
@@ -594,24 +648,17 @@ def _whole_stream_background(
     table: EventTable,
     stream: str,
     pair: str,
-    seed: int,
+    rule: ScanRule,
 ) -> tuple[FloatArray | None, str]:
-    """The accepted background of the whole stream (training events left out), fitted here."""
-    from agent.pipeline import FAST_CHECKS, analyse_spectrum
+    """The accepted background of the whole stream (training events left out), fitted here.
 
+    The scan's rule with the seed the scan would give the spectrum at one AR point past its
+    last (the whole stream is not one of the run's points here).
+    """
     mask = ~run.training(table)
     counts, edges = histogram(table.masses, table.stream_bits, stream, pair, mask)
-    checks = dataclasses.replace(FAST_CHECKS, n_gof_toys=int(run.config.get("gof_toys", 100)))
-    result = analyse_spectrum(
-        f"{stream}/{pair}",
-        edges,
-        counts.astype(float),
-        0.0,
-        seed=seed,
-        checks=checks,
-        fallback=False,
-        whole_stream=True,
-    )
+    name = f"{stream}/{pair}"
+    result = rule.analyse(name, edges, counts.astype(float), rule.seed(len(run.points_pb), name))
     if result.status != "accepted" or result.search is None:
         return None, result.status
     background = np.zeros(len(edges) - 1)
@@ -628,6 +675,7 @@ def _sensitivity(
     streams: list[str],
     lumi_search: float,
     backgrounds: dict[float, RunPoint],
+    rule: ScanRule,
 ) -> list[dict[str, Any]]:
     """Expected Z with the AR cut and on the whole stream, dZ, per strength, stream and point."""
     sigma = signal_sigma_gev(request.mass, request.width)
@@ -653,9 +701,7 @@ def _sensitivity(
                     whole_status = "run point"
                     break
         if whole_b is None:
-            whole_b, whole_status = _whole_stream_background(
-                run, table, stream, request.pair, request.seed
-            )
+            whole_b, whole_status = _whole_stream_background(run, table, stream, request.pair, rule)
         b_whole = None if whole_b is None else float(whole_b[first:stop].sum())
         for cut in cuts:
             if cut.stream != stream:
@@ -732,6 +778,7 @@ class InjectionInputs:
     pool: SignalPool
     run_points: dict[float, RunPoint]
     run_backgrounds: dict[tuple[float, str], dict[str, Any]]
+    rule: ScanRule
 
 
 def _realisations(request: InjectionRequest) -> list[Realisation]:
@@ -763,7 +810,6 @@ def _realisation_jobs(
     assert pool.table.score is not None
     pool_paired = pool.paired & np.isfinite(pool.table.masses[:, column])
     injected_paired = pool.paired[rows] & np.isfinite(injected.masses[:, column])
-    gof_toys = int(run.config.get("gof_toys", 100))
     found = []
     for p, point in enumerate(run.points_pb):
         regions = stream_anomaly_regions(
@@ -813,10 +859,10 @@ def _realisation_jobs(
                 edges,
                 background + signal,
                 point,
-                request.seed * 1000 + realisation.toy,
+                inputs.rule.seed(p, name),
                 request.mass,
                 sigma,
-                gof_toys,
+                inputs.rule,
                 bool(regions[k].whole_stream),
                 inputs.run_backgrounds.get((point, name)),
                 expected,
@@ -923,6 +969,7 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
             pool,
             run_points,
             _run_accepted_backgrounds(run, run_points),
+            scan_rule(ctx),
         )
         pairs = [pair for r in _realisations(request) for pair in _realisation_jobs(inputs, r)]
         outcomes = map_batched(analyse_injected, [job for job, _ in pairs], request.executor)
@@ -933,7 +980,7 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
         observed = [row for row in rows if row["realisation"] == "observed"]
         strengths = _strength_summaries(run, request, fits, observed, sigma)
         sensitivity = _sensitivity(
-            run, table, cuts, pool, request, streams, lumi_search, run_points
+            run, table, cuts, pool, request, streams, lumi_search, run_points, inputs.rule
         )
         output: dict[str, Any] = {
             "name": request.label(),

@@ -41,7 +41,7 @@ from agent.audit import (
 from agent.executor import Executor, FanOut
 from agent.policy import Policy, RulesPolicy
 from core.errors import AnomscanError, InvalidInputError, StorageError
-from core.files import MANIFEST_NAME, read_manifest
+from core.files import MANIFEST_NAME, check_regular_file, read_manifest
 from tools.registry import get_tool
 
 CONFIG_FILE = "config.json"
@@ -220,11 +220,7 @@ def _matching_files(pattern: str) -> list[str]:
         )
     files = []
     for match in matches:
-        path = Path(match)
-        if not path.is_file():
-            raise InvalidInputError(
-                f"data file {path} does not exist; check the path (or give --manifest)"
-            )
+        path = check_regular_file(match, "data file")
         if not os.access(path, os.R_OK):
             raise InvalidInputError(f"data file {path} is not readable; fix its permissions")
         files.append(str(path.resolve()))

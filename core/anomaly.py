@@ -167,6 +167,22 @@ def stream_anomaly_regions(
     ]
 
 
+def stream_regions(
+    table: EventTable, xsec_pb: float, lumi_pb: float, exclude: npt.NDArray[np.bool_]
+) -> tuple[BoolArray, list[bool]]:
+    """Per stream, the events of its anomaly region (n, 7) and whether it is the whole stream.
+
+    The regions of `stream_anomaly_regions` at `xsec_pb` (pb) as one mask column per stream:
+    N = sigma x L_search events, L_search = (1 - f) L (pb^-1) with f the fraction of events
+    in `exclude` (the autoencoder's training events, PHYSICS.md 4).
+    """
+    regions = stream_anomaly_regions(table, xsec_pb, lumi_pb, exclude)
+    masks = np.zeros(table.stream_bits.shape, dtype=bool)
+    for k, region in enumerate(regions):
+        masks[:, k] = region.selected
+    return masks, [region.whole_stream for region in regions]
+
+
 def search_luminosity(lumi_pb: float, training_fraction: float) -> float:
     """L_search = (1 - f) L in pb^-1: the luminosity left once a fraction f is trained on."""
     _check_positive("lumi_pb", lumi_pb, "pb^-1")

@@ -48,3 +48,7 @@ class StorageError(OutputError):
 
 class FolderInUseError(OutputError):
     """Another live process holds the lock of a run folder or event-table folder."""
+
+
+class OutputInUseError(OutputError):
+    """Another live process is writing the same output file or folder (its lock is held)."""

@@ -6,6 +6,10 @@ work the same way. A schema maps the branches of one file format onto raw object
 `Selection` then applies the kinematic cuts, the identification flags, the b-tag split,
 the overlap removal and the MET threshold, and returns an `EventChunk`.
 
+Non-finite inputs (NaN, +-inf) are never dropped silently: every value read is checked, the
+count per branch travels with the chunk (`EventChunk.non_finite`) and the objects and events
+removed for it in `EventChunk.dropped_non_finite`; the rule is `NON_FINITE_RULE`.
+
 Schemas: ``nanoaod`` (CMS NanoAOD), ``atlas_opendata`` (ATLAS 13 TeV open-data ntuples,
 MeV), ``cartesian`` (Px/Py/Pz/E branches as in uproot-HZZ.root), and ``mapping`` (a user
 TOML that maps any flat or jagged ntuple, see `ColumnMapping`). ``auto`` picks the first
@@ -31,7 +35,7 @@ import numpy.typing as npt
 import uproot
 
 from core.errors import AnomscanError, InputFileError, InvalidInputError, SchemaError
-from core.files import read_user_text
+from core.files import check_regular_file, read_user_text
 from core.goodruns import GoodRunList
 from core.objects import OBJECT_TYPES, EventChunk, event_keys, file_id, make_collection
 
@@ -43,6 +47,14 @@ EVENT_TREE_NAMES: Final = ("Events", "events", "EventData", "CollectionTree", "m
 """Tree names taken first when a file holds several trees (NanoAOD, PHYSLITE, open data)."""
 
 FloatArray = npt.NDArray[np.float64]
+
+NON_FINITE_RULE: Final = (
+    "a non-finite value (NaN or infinity) is counted per branch; an object with a non-finite "
+    "pt, eta, phi or mass is dropped, an event with a non-finite MET or weight is dropped, a "
+    "jet with a non-finite b-tag score is a light jet, and an object with a non-finite "
+    "isolation fails the identification"
+)
+"""What the reader does with non-finite inputs (reported with every result that has any)."""
 
 
 @dataclass(frozen=True)
@@ -787,11 +799,19 @@ def builtin_mappings() -> list[MappingSchema]:
 # --------------------------------------------------------------------------- reading
 
 
+def _check_local_input(path: str) -> None:
+    """InputFileError unless `path` is a regular file (a FIFO would block, a device stream)."""
+    try:
+        check_regular_file(path, "input file")
+    except InvalidInputError as error:
+        raise InputFileError(str(error)) from error
+
+
 def _open_tree(path: str, tree_name: str | None) -> Any:
     """Open `path` and return its event tree, with one clear error per failure."""
     is_remote = "://" in path
-    if not is_remote and not Path(path).exists():
-        raise InputFileError(f"input file {path} does not exist")
+    if not is_remote:
+        _check_local_input(path)
     try:
         file = uproot.open(path)
     except Exception as error:
@@ -1166,6 +1186,7 @@ def _read_range(
             f"reading entries {start}..{stop} of {path} failed "
             f"({type(error).__name__}: {error}); the file may be truncated or corrupt"
         ) from error
+    non_finite = count_non_finite(arrays, plan.branches)
     raw = schema.convert(arrays, start, plan.btag_branch)
     if selection.met_branches is not None:
         px, py = (_per_event(arrays, b, path) * schema.energy_scale for b in selection.met_branches)
@@ -1174,6 +1195,7 @@ def _read_range(
         raw = replace(
             raw, lumi_block=_per_event(arrays, schema.lumi_block_branch, path).astype(np.int64)
         )
+    raw, dropped = _drop_non_finite(raw)
     n_outside = 0
     if good_runs is not None:
         assert raw.lumi_block is not None
@@ -1188,7 +1210,74 @@ def _read_range(
         lumi_block=raw.lumi_block,
         source_id=source_id,
         key=event_keys(raw.run, raw.lumi_block, raw.event, source_id),
+        non_finite=non_finite,
+        dropped_non_finite=dropped,
     )
+
+
+def count_non_finite(arrays: ak.Array, branches: Iterable[str]) -> dict[str, int]:
+    """Non-finite values (NaN, +-inf) per floating-point branch of one chunk (zeros left out)."""
+    counts: dict[str, int] = {}
+    for branch in branches:
+        if branch not in arrays.fields:
+            continue
+        try:
+            values = np.asarray(ak.to_numpy(ak.flatten(arrays[branch], axis=None)))
+        except (TypeError, ValueError):  # a type without numbers (strings, objects)
+            continue
+        if values.dtype.kind != "f":
+            continue
+        n_bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if n_bad:
+            counts[branch] = n_bad
+    return counts
+
+
+def _drop_non_finite(raw: RawEvents) -> tuple[RawEvents, dict[str, int]]:
+    """`raw` without the objects and events that hold a non-finite value (NON_FINITE_RULE)."""
+    dropped: dict[str, int] = {}
+    collections = dict(raw.collections)
+    for name, read in raw.collections.items():
+        objects = read
+        finite = np.isfinite(objects.pt) & np.isfinite(objects.eta)
+        finite = finite & np.isfinite(objects.phi) & np.isfinite(objects.mass)
+        n_bad = int(ak.count_nonzero(~finite, axis=None))
+        if n_bad:
+            dropped[name] = n_bad
+            objects = objects[finite]
+        if "btag" in objects.fields:
+            untagged = np.isnan(objects.btag) | (objects.btag == np.inf)
+            if ak.any(untagged):
+                btag = ak.where(untagged, -np.inf, objects.btag)
+                objects = ak.with_field(objects, btag, "btag")
+        collections[name] = objects
+    keep = np.isfinite(raw.met_pt) & np.isfinite(raw.met_phi) & np.isfinite(raw.weight)
+    if raw.soft_met is not None:
+        keep &= np.isfinite(raw.soft_met[0]) & np.isfinite(raw.soft_met[1])
+    raw = replace(raw, collections=collections)
+    n_events = int(keep.size - np.count_nonzero(keep))
+    if n_events:
+        dropped["events"] = n_events
+        raw = _mask_raw(raw, keep)
+    return raw, dropped
+
+
+def non_finite_note(non_finite: Mapping[str, int], dropped: Mapping[str, int]) -> str | None:
+    """One sentence on the non-finite values read and what was dropped, or None if none."""
+    if not non_finite and not dropped:
+        return None
+    values = ", ".join(f"{n} in {branch}" for branch, n in sorted(non_finite.items()))
+    removed = ", ".join(f"{n} {what}" for what, n in dropped.items())
+    return (
+        f"non-finite values (NaN or infinity) read: {values or 'none'}; dropped: "
+        f"{removed or 'nothing'} (rule: {NON_FINITE_RULE})"
+    )
+
+
+def add_counts(total: dict[str, int], counts: Mapping[str, int]) -> None:
+    """Add `counts` into `total`, key by key."""
+    for key, value in counts.items():
+        total[key] = total.get(key, 0) + value
 
 
 def tree_file_uuid(event_tree: Any) -> uuid.UUID | None:
@@ -1311,6 +1400,13 @@ def count_certified(
     return certified, plan.num_entries
 
 
+def _summed(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for counts in parts:
+        add_counts(total, counts)
+    return total
+
+
 def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
     """Join chunks into one (for small inputs)."""
     if not chunks:
@@ -1329,6 +1425,8 @@ def concatenate_chunks(chunks: list[EventChunk]) -> EventChunk:
         key=np.concatenate([c.keys() for c in chunks]),
         lumi_block=None if any(b is None for b in lumi_blocks) else joined("lumi_block"),
         n_outside_good_runs=sum(c.n_outside_good_runs for c in chunks),
+        non_finite=_summed(c.non_finite for c in chunks),
+        dropped_non_finite=_summed(c.dropped_non_finite for c in chunks),
         met_pt=joined("met_pt"),
         met_phi=joined("met_phi"),
         run=joined("run"),

@@ -6,6 +6,10 @@ final `os.replace` is one atomic rename on the same file system); a reader sees 
 previous file or the new complete one, and two concurrent writers never touch each other's
 temporary file (the last rename wins with a complete file).
 
+Two writers of the same output never both succeed: a tool holds `exclusive_output` (an
+exclusive `flock` on ``OUTPUT.lock``) for its whole computation, and a second writer of the
+same path is refused at once with `OutputInUseError`.
+
 A folder of several files is committed as a whole by `committed_folder`: the files are
 written into a unique staging folder beside the target, a manifest (`MANIFEST_NAME`, with
 the size and SHA-256 of every file) is written last, and the staging folder replaces the
@@ -19,24 +23,29 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from core.errors import InvalidInputError, OutputError
+from core.errors import InvalidInputError, OutputError, OutputInUseError, StorageError
 
 __all__ = [
     "MANIFEST_NAME",
     "atomic_path",
+    "check_regular_file",
     "committed_folder",
+    "exclusive_output",
     "file_sha256",
     "json_text",
+    "make_parent_folder",
     "read_manifest",
     "read_user_text",
     "recover_folder",
@@ -48,6 +57,9 @@ __all__ = [
 
 MANIFEST_NAME: Final = "manifest.json"
 """The commit record of a multi-file output: written last, lists every file it owns."""
+
+LOCK_SUFFIX: Final = ".lock"
+"""The lock file of an output sits beside it: ``OUTPUT.lock``."""
 
 _TEMP_MARK: Final = ".anomscan-tmp-"
 _OLD_MARK: Final = ".anomscan-old-"
@@ -88,7 +100,12 @@ def atomic_path(path: str | Path, *, what: str = "output") -> Iterator[Path]:
     _remove_dead_temporaries(target)
     temporary = target.with_name(f"{_TEMP_MARK}{_unique_token()}-{target.name}")
     try:
-        yield temporary
+        try:
+            yield temporary
+        except OSError as error:
+            if error.filename is None or Path(os.fsdecode(error.filename)) != temporary:
+                raise
+            raise _write_error(target, what, error) from error
         if not temporary.exists():
             raise OutputError(f"the {what} writer produced no file for {target}")
         _fsync_file(temporary)
@@ -102,6 +119,121 @@ def atomic_path(path: str | Path, *, what: str = "output") -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
+
+
+_STORAGE_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _write_error(target: Path, what: str, error: OSError) -> OutputError:
+    """The one-line error of a failed write of `target` (disk full, read-only, no such place)."""
+    reason = error.strerror or type(error).__name__
+    if error.errno in _STORAGE_ERRNOS:
+        return StorageError(
+            f"cannot write the {what} to {target}: {reason}; free space or choose another folder"
+        )
+    return OutputError(f"cannot write the {what} to {target}: {reason}; choose another path")
+
+
+_SPECIAL_KINDS: Final = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path: str | Path, what: str = "input file") -> Path:
+    """`path` when it is a regular file; InvalidInputError for a FIFO, device or folder.
+
+    Opening a FIFO blocks until a writer appears and a character device can stream forever,
+    so anything but a regular file is refused before it is opened (InvalidInputError).
+    """
+    source = Path(path)
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError as error:
+        raise InvalidInputError(f"{what} {source} does not exist; check the path") from error
+    except OSError as error:
+        raise InvalidInputError(
+            f"{what} {source} can not be opened ({error.strerror}); check the path"
+        ) from error
+    if stat.S_ISDIR(mode):
+        raise InvalidInputError(
+            f"{what} {source} is a folder, not a file; give the files inside it (e.g. "
+            f"{source}/*.root)"
+        )
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), "a special file")
+        raise InvalidInputError(
+            f"{what} {source} is {kind}, not a regular file; give a file on disk"
+        )
+    return source
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | Path, *, what: str = "output") -> Iterator[Path]:
+    """Hold the exclusive lock of output `path` (``path.lock``) while the body runs.
+
+    The lock is an `flock` on a file beside the output, taken without waiting: a second
+    writer of the same output (another process or thread) gets OutputInUseError at once,
+    before it computes anything. The output's folder is created first (as every writing
+    tool does) so that the lock has a place. The lock file is removed on release; a writer
+    that opened a lock file another writer had just removed retries on the new one, so two
+    writers never hold locks on two different files of one path. The kernel releases the
+    lock of a killed writer.
+    """
+    target = Path(path)
+    lock_path = target.with_name(target.name + LOCK_SUFFIX)
+    descriptor = _lock(lock_path, target, what)
+    try:
+        yield target
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_path.unlink()
+        os.close(descriptor)
+
+
+def _lock(lock_path: Path, target: Path, what: str) -> int:
+    make_parent_folder(target, what)
+    while True:
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise _write_error(target, what, error) from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            os.close(descriptor)
+            raise OutputInUseError(
+                f"the {what} {target} is being written by another process right now (lock "
+                f"{lock_path} is held); wait for it to finish or choose another output path"
+            ) from error
+        try:
+            same = os.fstat(descriptor).st_ino == lock_path.stat().st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(descriptor, 0)  # a killed writer's lock file may still hold its pid
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+            return descriptor
+        os.close(descriptor)
+
+
+def make_parent_folder(target: str | Path, what: str = "output") -> None:
+    """Create the folder of output `target` (and its parents); InvalidInputError if impossible."""
+    path = Path(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise InvalidInputError(
+            f"cannot write the {what} to {path}: a file is in the way of its folder "
+            f"{path.parent}; choose another output path"
+        ) from error
+    except OSError as error:
+        raise InvalidInputError(
+            f"cannot write the {what} to {path}: its folder can not be created "
+            f"({error.strerror}); choose another output path"
+        ) from error
 
 
 def _remove_dead_temporaries(target: Path) -> None:

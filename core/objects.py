@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 import awkward as ak
@@ -113,6 +114,10 @@ class EventChunk:
     """`file_id` of the file the events were read from (0 for hand-made events)."""
     key: IntArray | None = None
     """Per-event identity (`event_keys`); set by the readers, which may join several files."""
+    non_finite: Mapping[str, int] = field(default_factory=dict)
+    """Non-finite values (NaN, inf) read per branch (core.events.NON_FINITE_RULE)."""
+    dropped_non_finite: Mapping[str, int] = field(default_factory=dict)
+    """Objects per type, and events (key "events"), dropped for a non-finite value."""
 
     def __len__(self) -> int:
         return len(self.met_pt)

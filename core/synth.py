@@ -82,6 +82,14 @@ class SignalSpec:
         return self.name or f"X({self.mass:g})->{self.pair}"
 
 
+DEMO_SIGNALS: Final = (
+    SignalSpec("jm", 1500.0, 30.0, n_events=80, extra={"photons": 1, "electrons": 1}),
+    SignalSpec("bg", 900.0, 20.0, n_events=80, extra={"muons": 1}),
+)
+"""The built-in sample's injected truth (`anomscan scan` without data, `anomscan demo`):
+X -> jet muon at 1.5 TeV and X -> b photon at 0.9 TeV, widths in GeV."""
+
+
 @dataclass(frozen=True)
 class SampleConfig:
     """What to generate: background size, signals, seed, sqrt(s) in GeV, luminosity in pb^-1."""

@@ -36,9 +36,10 @@ from core.autoencoder import (
 )
 from core.errors import InvalidInputError, ToolError
 from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
+from core.files import exclusive_output
 from core.objects import OBJECT_TYPES, EventChunk
 from core.table import STREAMS, add_score_column, read_event_table
-from tools.common import StrictModel, npz_integers, npz_numbers, open_npz
+from tools.common import StrictModel, npz_integers, npz_numbers, open_npz, require_file
 from tools.events import SelectionInput
 from tools.registry import (
     ChunkSize,
@@ -209,8 +210,7 @@ def _feature_chunks(
     if source.features is not None:
         refuse_duplicate_inputs(source.features)
         for path in source.features:
-            if not path.is_file():
-                raise ToolError(f"feature file {path} does not exist; run compute_rmm first")
+            require_file(path, "feature file", "; run compute_rmm first", ToolError)
             with open_npz(path) as data:
                 missing = [key for key in ("features", "key") if key not in data]
                 if missing:
@@ -257,6 +257,11 @@ def _feature_chunks(
 )
 def train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
     """Collect the features of the training events, train, export (and quantise)."""
+    with exclusive_output(arguments.output, what="autoencoder model"):
+        return _train(arguments)
+
+
+def _train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
     keep = (arguments.fraction, arguments.seed)
     parts = list(_feature_chunks(arguments, keep))
     if not parts:
@@ -348,6 +353,11 @@ def _training_mask(model: Path, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.b
 )
 def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     """Score every event of the source, match them to the table by event id, write back."""
+    with exclusive_output(arguments.table, what="event table"):
+        return _score_events(arguments)
+
+
+def _score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     table_events = read_event_table(arguments.table).keys()
     scorer = load_scorer(
         arguments.model, threads=arguments.threads, batch_size=arguments.batch_size

@@ -28,7 +28,7 @@ from core.lookelsewhere import (
 )
 from core.masses import mass_resolution
 from core.significance import BackgroundNormalisation, signal_fit
-from tools.common import HistogramInput, StrictModel
+from tools.common import HistogramInput, StrictModel, require_file
 from tools.registry import register
 
 FloatArray = npt.NDArray[np.float64]
@@ -229,8 +229,7 @@ class ScanSpectrumInput(StrictModel):
     def to_core(self) -> NestedSpectrum:
         """The validated core spectrum, loosest AR point first."""
         if self.path is not None:
-            if not self.path.is_file():
-                raise InvalidInputError(f"spectrum file {self.path} does not exist")
+            require_file(self.path, "spectrum file")
             keys = ("edges", "counts", "background", "cross_sections_pb")
             with np.load(self.path) as data:
                 missing = [key for key in keys if key not in data]
@@ -336,8 +335,7 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
     (0 = none), `min_window_background`, and per point i `edges_i`, `counts_i`,
     `background_i`.
     """
-    if not path.is_file():
-        raise InvalidInputError(f"points file {path} does not exist")
+    require_file(path, "points file")
     try:
         with np.load(path, allow_pickle=False) as data:
             names = [str(name) for name in data["spectrum"]]

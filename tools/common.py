@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
-from core.errors import InvalidInputError
+from core.errors import AnomscanError, InvalidInputError
+from core.files import check_regular_file
 
 
 def _wants_number(annotation: Any) -> bool:
@@ -47,6 +48,24 @@ class StrictModel(BaseModel):
         if _holds_bool(value) and annotation is not bool and _wants_number(annotation):
             raise ValueError("expected a number, got a boolean")
         return value
+
+
+def require_file(
+    path: Path, what: str, advice: str = "", error: type[AnomscanError] = InvalidInputError
+) -> None:
+    """Raise `error` unless `path` is a regular file.
+
+    A missing file reads "WHAT PATH does not exist{advice}"; a folder, FIFO or device is
+    refused naming its kind, before anything opens it (a FIFO would block the tool).
+    """
+    if path.is_file():
+        return
+    if not path.exists():
+        raise error(f"{what} {path} does not exist{advice}")
+    try:
+        check_regular_file(path, what)
+    except InvalidInputError as refusal:
+        raise error(str(refusal)) from refusal
 
 
 @contextlib.contextmanager
@@ -116,8 +135,7 @@ class HistogramInput(StrictModel):
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64] | None]:
         """Return (edges in GeV, counts, background or None) as float arrays."""
         if self.path is not None:
-            if not self.path.is_file():
-                raise InvalidInputError(f"histogram file {self.path} does not exist")
+            require_file(self.path, "histogram file")
             with open_npz(self.path) as data:
                 missing = [key for key in ("edges", "counts") if key not in data]
                 if missing:

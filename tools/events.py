@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import awkward as ak
 import numpy as np
 from pydantic import Field
 
-from core.events import SchemaName, Selection, iterate_events, plan_read
+from core.events import (
+    NON_FINITE_RULE,
+    SchemaName,
+    Selection,
+    add_counts,
+    iterate_events,
+    non_finite_note,
+    plan_read,
+)
+from core.files import exclusive_output
 from core.masses import STREAMS, stream_bits
 from core.objects import OBJECT_TYPES
 from core.synth import SampleConfig, SignalSpec, generate_sample
@@ -75,7 +85,10 @@ class FileSummary(StrictModel):
     schema_name: str = Field(alias="schema")
     entries: int
     btag_branch: str | None
-    btag_working_point: float
+    btag_working_point: float | None = Field(
+        description="b-tag cut of `btag_branch`; null when the file has no filled b-tagger "
+        "(every jet is a light jet)"
+    )
     notes: list[str]
 
 
@@ -89,6 +102,13 @@ class ReadEventsOutput(StrictModel):
     met_nonzero: int
     streams: dict[str, int]
     selection: dict[str, Any]
+    non_finite: dict[str, int] = Field(
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        description="objects per type, and events ('events'), dropped for a non-finite value"
+    )
+    notes: list[str] = Field(description="what the reader did that changes the counts")
 
 
 @register(
@@ -112,7 +132,7 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
                 schema=plan.schema,
                 entries=plan.num_entries,
                 btag_branch=plan.btag_branch,
-                btag_working_point=plan.btag_working_point,
+                btag_working_point=finite_or_none(plan.btag_working_point),
                 notes=list(plan.notes),
             )
         )
@@ -120,6 +140,8 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
     events_with = dict.fromkeys(OBJECT_TYPES, 0)
     streams = dict.fromkeys(STREAMS, 0)
     n_events = met_nonzero = 0
+    non_finite: dict[str, int] = {}
+    dropped: dict[str, int] = {}
     for chunk in iterate_events(
         arguments.inputs,
         arguments.schema_name,
@@ -130,6 +152,8 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
         mapping=arguments.mapping,
     ):
         n_events += len(chunk)
+        add_counts(non_finite, chunk.non_finite)
+        add_counts(dropped, chunk.dropped_non_finite)
         met_nonzero += int(np.count_nonzero(chunk.met_pt))
         for name in OBJECT_TYPES:
             counts = ak.to_numpy(ak.num(chunk.collection(name)))
@@ -146,7 +170,15 @@ def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
         met_nonzero=met_nonzero,
         streams=streams,
         selection=selection.as_dict(),
+        non_finite=non_finite,
+        dropped_non_finite=dropped,
+        notes=[note] if (note := non_finite_note(non_finite, dropped)) else [],
     )
+
+
+def finite_or_none(value: float) -> float | None:
+    """`value`, or None for infinity (a cut that nothing passes, e.g. no b-tagger)."""
+    return value if math.isfinite(value) else None
 
 
 class SignalInput(StrictModel):
@@ -198,7 +230,12 @@ class GenerateSampleOutput(StrictModel):
     GenerateSampleOutput,
 )
 def generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
-    """Generate the sample described by the input."""
+    """Generate the sample described by the input (its folder locked while it is written)."""
+    with exclusive_output(arguments.output_dir, what="synthetic sample"):
+        return _generate(arguments)
+
+
+def _generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
     config = SampleConfig(
         n_events=arguments.n_events,
         seed=arguments.seed,

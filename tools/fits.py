@@ -22,7 +22,7 @@ from core.selection import (
 from core.symbolic import SearchOptions, fitted_formula
 from core.symbolic import symbolic_fallback as core_symbolic_fallback
 from tools.common import HistogramInput, StrictModel
-from tools.registry import register
+from tools.registry import Seed, register
 
 FunctionName = Literal["p2", "p3", "p4", "p5", "p6", "ua2", "ua2_5"]
 NestedName = Literal["p2", "p3", "p4", "p5", "p6"]
@@ -102,7 +102,7 @@ class FitBackgroundInput(SpectrumInput):
     starts: list[list[float]] | None = Field(
         None, description="full parameter vectors (ln p1 first, ignored) to start from"
     )
-    seed: int = 0
+    seed: Seed = 0
 
 
 class FitBackgroundOutput(StrictModel):
@@ -478,7 +478,7 @@ class RobustnessChecksInput(SpectrumInput):
 
     function: FunctionName
     checks: CheckSettings = Field(default_factory=CheckSettings)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class RobustnessChecksOutput(StrictModel):

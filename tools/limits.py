@@ -28,7 +28,7 @@ from core.limits import (
     spectrum_limits,
 )
 from core.masses import SPECTRUM_NAMES
-from tools.common import StrictModel, npz_numbers, open_npz
+from tools.common import StrictModel, npz_numbers, open_npz, require_file
 from tools.registry import CrossSectionPb, LumiPb, PathText, register
 
 BAND_KEYS = tuple(f"{n:+d}" if n else "0" for n in EXPECTED_SIGMAS)
@@ -108,8 +108,7 @@ class SetLimitsInput(StrictModel):
 
 
 def _read_points(path: Path) -> list[LimitSpectrumInput]:
-    if not path.is_file():
-        raise InvalidInputError(f"limits input {path} does not exist; give an NPZ of spectra")
+    require_file(path, "limits input", "; give an NPZ of spectra")
     with open_npz(path) as data:
         missing = [key for key in ("spectrum", "point_pb") if key not in data]
         if missing:

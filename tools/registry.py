@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from core.errors import ToolError
 
@@ -34,6 +34,7 @@ __all__ = [
     "SqrtSGeV",
     "Threads",
     "Tool",
+    "ToolOutputError",
     "WidthGeV",
     "all_tools",
     "get_tool",
@@ -96,6 +97,10 @@ InT = TypeVar("InT", bound=BaseModel)
 OutT = TypeVar("OutT", bound=BaseModel)
 
 
+class ToolOutputError(Exception):
+    """A tool built an output its own model refuses: a bug, not a fault of the input."""
+
+
 @dataclass(frozen=True)
 class Tool:
     """One registered tool: validated JSON in, validated JSON out."""
@@ -109,7 +114,13 @@ class Tool:
     def call(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Validate `payload`, run the tool and return its output as JSON-ready data."""
         arguments = self.input_model.model_validate(payload)
-        result = self.run(arguments)
+        try:
+            result = self.run(arguments)
+        except ValidationError as error:
+            # The input was valid: an output that is not is the tool's fault, never the user's.
+            raise ToolOutputError(
+                f"tool {self.name!r} built an output its model refuses: {error}"
+            ) from error
         if not isinstance(result, self.output_model):
             raise ToolError(
                 f"tool {self.name!r} returned {type(result).__name__}, "

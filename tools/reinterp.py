@@ -31,12 +31,12 @@ from core.anomaly import stream_anomaly_regions
 from core.autoencoder import ModelCard, read_model_card, training_selection
 from core.errors import InvalidInputError, ModelError
 from core.events import SchemaName, Selection
-from core.files import file_sha256, json_text, write_text
+from core.files import exclusive_output, file_sha256, json_text, write_text
 from core.fit import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
 from core.table import EventTable, read_event_table
-from tools.common import StrictModel
+from tools.common import StrictModel, require_file
 from tools.registry import FilePath, PathText, register
 
 SQRT_S_GEV = 13000.0
@@ -339,10 +339,7 @@ def _checked_inputs(inputs: list[str]) -> list[str]:
             files.append(text)
             continue
         path = Path(text)
-        if not path.is_file():
-            raise InvalidInputError(
-                f"signal file {path} does not exist; give ROOT files of the signal sample"
-            )
+        require_file(path, "signal file", "; give ROOT files of the signal sample")
         files.append(str(path.resolve()))
     return files
 
@@ -360,6 +357,13 @@ def signal_acceptance_tool(arguments: SignalAcceptanceInput) -> SignalAcceptance
     name = arguments.name or Path(files[0]).stem
     folder = run.run_dir / "acceptance"
     folder.mkdir(exist_ok=True)
+    with exclusive_output(folder / f"{name}.json", what="acceptance"):
+        return _signal_acceptance(arguments, run, files, name, folder)
+
+
+def _signal_acceptance(
+    arguments: SignalAcceptanceInput, run: RunInputs, files: list[str], name: str, folder: Path
+) -> SignalAcceptanceOutput:
     table = run.read_table()
     cuts = run_region_cuts(run, table)
     lumi_search = run.lumi_search_pb(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,16 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
-from core.errors import InvalidInputError
-from core.events import SchemaName, iterate_events, load_events, plan_read
-from core.files import atomic_path
+from core.events import (
+    NON_FINITE_RULE,
+    SchemaName,
+    add_counts,
+    iterate_events,
+    load_events,
+    non_finite_note,
+    plan_read,
+)
+from core.files import atomic_path, exclusive_output, make_parent_folder
 from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
@@ -36,18 +44,7 @@ def _save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
 
 def _make_folder(path: Path) -> None:
     """Create the folder of an output file; InvalidInputError when that is impossible."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as error:
-        raise InvalidInputError(
-            f"cannot write {path}: a file is in the way of its folder {path.parent}; choose "
-            "another output path"
-        ) from error
-    except OSError as error:
-        raise InvalidInputError(
-            f"cannot write {path}: its folder can not be created ({error.strerror}); choose "
-            "another output path"
-        ) from error
+    make_parent_folder(path)
 
 
 class ComputeRMMInput(StrictModel):
@@ -72,6 +69,15 @@ class ComputeRMMOutput(StrictModel):
     output: Path
     n_events: int
     schema_name: str = Field(alias="schema")
+    non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="objects per type, and events ('events'), dropped for a non-finite value",
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArray[np.float64]]:
@@ -95,7 +101,16 @@ def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArra
     ComputeRMMOutput,
 )
 def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
-    """Compute the RMMs of the (first `max_events`) events of the inputs."""
+    """Compute the RMMs of the (first `max_events`) events of the inputs.
+
+    The output is locked for the whole computation: a second writer of the same NPZ fails at
+    once (OutputInUseError) instead of both reporting success for one file.
+    """
+    with exclusive_output(arguments.output, what="NPZ output"):
+        return _compute_rmm(arguments)
+
+
+def _compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
     schemas = sorted({plan_read(path, arguments.schema_name).schema for path in arguments.inputs})
     chunk = load_events(arguments.inputs, arguments.schema_name, arguments.max_events)
     layout = RMMLayout(sqrt_s=arguments.sqrt_s)
@@ -117,7 +132,15 @@ def compute_rmm(arguments: ComputeRMMInput) -> ComputeRMMOutput:
         "met_phi": np.asarray(chunk.met_phi, dtype=np.float64),
     }
     _save_npz(arguments.output, arrays)
-    return ComputeRMMOutput(output=arguments.output, n_events=len(chunk), schema=",".join(schemas))
+    note = non_finite_note(chunk.non_finite, chunk.dropped_non_finite)
+    return ComputeRMMOutput(
+        output=arguments.output,
+        n_events=len(chunk),
+        schema=",".join(schemas),
+        non_finite=dict(chunk.non_finite),
+        dropped_non_finite=dict(chunk.dropped_non_finite),
+        notes=[note] if note else [],
+    )
 
 
 class EventTableInput(StrictModel):
@@ -147,6 +170,15 @@ class EventTableOutput(StrictModel):
     n_events: int
     n_chunks: int
     streams: dict[str, int]
+    non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="objects per type, and events ('events'), dropped for a non-finite value",
+    )
+    notes: list[str] = Field(default_factory=list)
 
 
 @register(
@@ -158,7 +190,11 @@ class EventTableOutput(StrictModel):
 )
 def event_table(arguments: EventTableInput) -> EventTableOutput:
     """Read, select and write the streams and masses of every event, chunk by chunk."""
-    _make_folder(arguments.output)
+    with exclusive_output(arguments.output, what="event table"):
+        return _event_table(arguments)
+
+
+def _event_table(arguments: EventTableInput) -> EventTableOutput:
     total = sum(plan_read(path, arguments.schema_name).num_entries for path in arguments.inputs)
     if arguments.max_events is not None:
         total = min(total, arguments.max_events)
@@ -168,14 +204,27 @@ def event_table(arguments: EventTableInput) -> EventTableOutput:
         step_size=arguments.step_size,
         max_events=arguments.max_events,
     )
+    non_finite: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+
+    def counted(chunks: Iterator[EventChunk]) -> Iterator[EventChunk]:
+        for chunk in chunks:
+            add_counts(non_finite, chunk.non_finite)
+            add_counts(dropped, chunk.dropped_non_finite)
+            yield chunk
+
     summary = write_event_table(
-        chunks, arguments.output, progress=arguments.progress, total_events=total
+        counted(chunks), arguments.output, progress=arguments.progress, total_events=total
     )
+    note = non_finite_note(non_finite, dropped)
     return EventTableOutput(
         output=summary.path,
         n_events=summary.n_events,
         n_chunks=summary.n_chunks,
         streams={stream: summary.stream_counts[stream] for stream in STREAMS},
+        non_finite=non_finite,
+        dropped_non_finite=dropped,
+        notes=[note] if note else [],
     )
 
 
@@ -228,6 +277,11 @@ class SpectraOutput(StrictModel):
 )
 def spectra(arguments: SpectraInput) -> SpectraOutput:
     """Cut the event table on the score and histogram every stream and pair."""
+    with exclusive_output(arguments.output, what="spectra NPZ"):
+        return _spectra(arguments)
+
+
+def _spectra(arguments: SpectraInput) -> SpectraOutput:
     result = table_spectra(
         arguments.table, arguments.score_min, include_training=arguments.include_training
     )

@@ -170,3 +170,21 @@ def test_partitioned_table_reads_like_a_single_file(sample, tmp_path):
     np.testing.assert_array_equal(rescored.score, scores)
     cut = table_spectra(tmp_path / "parts", score_min=float(len(parts) - 1001))
     assert cut.n_selected == 1000
+
+
+def test_non_finite_values_are_counted_through_the_pass_and_its_resume(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A third of the muons' pt set to NaN: the pass reports every one and the muons it
+    dropped, and a resumed pass (parts reused) reports the same counts."""
+    from tests.nanofiles import nanoaod_with_nan_muons
+
+    source = shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
+    path, n_nan = nanoaod_with_nan_muons(source, tmp_path / "nan.root")
+    assert n_nan > 0
+    first = event_pass([path], tmp_path / "table", step_size=5000)
+    again = event_pass([path], tmp_path / "table", step_size=5000)
+    assert again.n_reused == again.n_parts
+    for summary in (first, again):
+        assert summary.non_finite == {"Muon_pt": n_nan}
+        assert summary.dropped_non_finite == {"muons": n_nan}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -172,6 +173,12 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
         run_cli("scan", str(missing), "--lumi-pb", "10", "--out", str(tmp_path / "run"))
     )
     assert str(missing) in line and "does not exist" in line
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    line = _one_line_exit_2(
+        run_cli("scan", str(fifo), "--lumi-pb", "10", "--out", str(tmp_path / "f"), timeout=60)
+    )
+    assert str(fifo) in line and "FIFO" in line
     line = _one_line_exit_2(
         run_cli("scan", str(tmp_path / "*.root"), "--lumi-pb", "10", "--out", str(tmp_path / "r"))
     )

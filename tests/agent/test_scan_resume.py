@@ -49,6 +49,10 @@ def reference(signal_sample: Sample, tmp_path_factory: pytest.TempPathFactory) -
 def test_a_generated_folder_gives_its_files_and_luminosity(reference: Path) -> None:
     results = json.loads((reference / "results.json").read_text())
     assert results["luminosity_pb"] == LUMI_PB
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        (chosen,) = db.execute("select chosen from decisions where kind = 'event_pass'").fetchone()
+    assert results["n_events"] == json.loads(chosen)["n_events"] > 0  # the real event count
+    assert results["input_notes"] == []  # the generator writes no NaN
     config = json.loads((reference / "config.json").read_text())
     assert config["lumi_pb"] is None and config["events"] is None  # nothing untrue recorded
     with sqlite3.connect(reference / "audit.sqlite") as db:
@@ -106,11 +110,10 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 600
-    while _steps(out, "build_spectra") < 2:
+    while _steps(out, "build_spectra") < 2:  # then the second point's fits start at once
         assert process.poll() is None, "the scan ended before its second AR point"
         assert time.monotonic() < deadline
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside the second point's background fits
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert _steps(out, "choose_backgrounds") == 1, "the kill did not land during the fits"
@@ -137,11 +140,23 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
     assert events == ["start", "resume", "finish"], "the refused resume left a runs row"
 
 
-def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
-    reference: Path, signal_sample: Sample, tmp_path: Path
+@pytest.mark.parametrize(
+    ("stop", "executor", "status", "how"),
+    [(signal.SIGINT, "serial", 130, "interrupted"), (signal.SIGTERM, "ray", 143, "terminated")],
+)
+def test_ctrl_c_or_sigterm_says_what_was_kept_and_the_resume_completes(
+    stop: signal.Signals,
+    executor: str,
+    status: int,
+    how: str,
+    reference: Path,
+    signal_sample: Sample,
+    tmp_path: Path,
 ) -> None:
+    """Ctrl-C (serial) or SIGTERM (with Ray's workers running) ends the scan with one line
+    saying what was kept and how to go on; no Ray stack frames; the resume completes."""
     out = tmp_path / "run"
-    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", executor)
     process = subprocess.Popen(
         [sys.executable, "-m", "agent.cli", *arguments],
         cwd=ROOT,
@@ -155,13 +170,13 @@ def test_ctrl_c_says_what_was_kept_and_the_resume_completes(
         assert process.poll() is None, "the scan ended before its first AR point"
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, error = process.communicate(timeout=300)
-    assert process.returncode == 130, error
-    assert error.strip().splitlines()[-1] == (
-        f"anomscan scan: interrupted; {out} keeps every completed step: continue with "
+    assert process.returncode == status, error
+    assert error.strip().splitlines() == [
+        f"anomscan scan: {how}; {out} keeps every completed step: continue with "
         f"`anomscan scan --resume {out}`"
-    )
+    ]
     _resume_completes_like(reference, out)
 
 
@@ -207,6 +222,7 @@ def _tampered_copy(reference: Path, tmp_path: Path, statement: str) -> Path:
     copy = tmp_path / "copy"
     copy.mkdir(parents=True)
     shutil.copy(reference / "audit.sqlite", copy / "audit.sqlite")
+    shutil.copy(reference / "audit.head.json", copy / "audit.head.json")
     with sqlite3.connect(copy / "audit.sqlite") as db:
         db.execute(statement)
     return copy
@@ -384,7 +400,8 @@ def _stopped_with_one_line(process: subprocess.Popen[str], *words: str) -> str:
 def _resume_completes_like(reference: Path, out: Path) -> None:
     """verify passes on what was written; --resume finishes with the reference's results."""
     assert not (out / "results.json").exists()
-    assert run_cli("audit", "verify", str(out)).returncode == 0
+    verified = run_cli("audit", "verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     resumed = run_cli("scan", "--resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert results_of(out) == results_of(reference)

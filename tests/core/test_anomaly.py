@@ -14,6 +14,7 @@ from core.anomaly import (
     cut_for_xsec,
     log_uniform_xsec_grid,
     requested_count,
+    stream_regions,
     xsec_for_cut,
 )
 from core.errors import InvalidInputError
@@ -103,6 +104,40 @@ def test_per_stream_and_whole_stream(scores: np.ndarray) -> None:
     # the 100 best of the stream, not of all events
     expected = np.flatnonzero(large)[np.argsort(scores[large])[::-1][:100]]
     assert set(np.flatnonzero(regions["T6"].selected)) == set(expected)
+
+
+def test_stream_regions_are_the_per_stream_regions_as_mask_columns() -> None:
+    # 3000 events in 7 streams (some in several), 1 % excluded as training events: each
+    # column holds the N = sigma x L_search best-scoring events of its stream, none excluded;
+    # a stream with fewer events than N is taken whole.
+    from core.table import EventTable
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    bits = rng.random((n, 7)) < [0.5, 0.3, 0.2, 0.1, 0.05, 0.4, 0.01]
+    score = rng.normal(size=n)
+    table = EventTable(
+        event=np.arange(n),
+        run=np.ones(n, dtype=np.int64),
+        weight=np.ones(n),
+        stream_bits=bits,
+        masses=np.full((n, 9), np.nan),
+        score=score,
+        key=np.arange(n),
+    )
+    exclude = np.zeros(n, dtype=bool)
+    exclude[rng.choice(n, size=30, replace=False)] = True
+    masks, whole = stream_regions(table, 0.1, 1000.0, exclude)  # N = 0.1 x 990 = 99
+    assert masks.shape == (n, 7)
+    for k in range(7):
+        in_stream = bits[:, k] & ~exclude
+        assert not np.any(masks[:, k] & ~in_stream)
+        assert whole[k] == (in_stream.sum() <= 99)
+        assert masks[:, k].sum() == min(99, in_stream.sum())
+        if not whole[k]:
+            cut = np.sort(score[in_stream])[-99]
+            assert np.array_equal(masks[:, k], in_stream & (score >= cut))
+    assert whole[6] and not whole[0]
 
 
 def test_empty_region_and_empty_stream() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from core.events import (
     select_objects,
 )
 from core.objects import OBJECT_TYPES
+from tests.nanofiles import nanoaod_with_nan_muons
 
 NANO = "nanoAOD_2015_CMS_Open_Data_ttbar.root"
 
@@ -272,3 +274,100 @@ def test_copy_of_file_reads_identically(shared_data, tmp_path):
     copy = tmp_path / "copy.root"
     shutil.copy(shared_data / NANO, copy)
     assert _counts(load_events(copy)) == _counts(load_events(shared_data / NANO))
+
+
+# --------------------------------------------------------------- non-finite values, special files
+
+
+def test_nan_muon_pt_is_counted_and_the_muons_dropped(shared_data, tmp_path):
+    path, n_nan = nanoaod_with_nan_muons(shared_data / NANO, tmp_path / "nan_muons.root")
+    assert n_nan > 0
+    chunk = load_events(path)
+    assert dict(chunk.non_finite) == {"Muon_pt": n_nan}
+    assert dict(chunk.dropped_non_finite) == {"muons": n_nan}
+    assert len(chunk) == 200  # no event is lost for a bad muon
+    assert np.isfinite(ak.to_numpy(ak.flatten(chunk.muons.pt))).all()
+    # chunk by chunk, the counts add up to the same totals
+    chunks = list(iterate_events(path, step_size=37))
+    assert sum(c.non_finite.get("Muon_pt", 0) for c in chunks) == n_nan
+    assert sum(c.dropped_non_finite.get("muons", 0) for c in chunks) == n_nan
+
+
+def test_clean_file_reports_no_non_finite_value(shared_data):
+    chunk = load_events(shared_data / NANO)
+    assert dict(chunk.non_finite) == {}
+    assert dict(chunk.dropped_non_finite) == {}
+
+
+def test_event_with_non_finite_met_is_dropped_and_counted(tmp_path):
+    jets = ak.zip({k: ak.Array([[50.0], [60.0], [70.0]]) for k in ("pt", "eta", "phi", "mass")})
+    nothing = ak.values_astype(ak.Array([[], [], []]), np.float64)
+    empty = ak.zip(dict.fromkeys(("pt", "eta", "phi", "mass"), nothing))
+    branches = {
+        "Jet": jets,
+        "Muon": empty,
+        "Electron": empty,
+        "Photon": empty,
+        "MET_pt": np.array([40.0, np.inf, 50.0]),
+        "MET_phi": np.array([0.1, 0.2, np.nan]),
+    }
+    path = _write_tree(tmp_path / "bad_met.root", branches)
+    chunk = load_events(path, schema="nanoaod")
+    assert len(chunk) == 1
+    assert dict(chunk.non_finite) == {"MET_pt": 1, "MET_phi": 1}
+    assert dict(chunk.dropped_non_finite) == {"events": 2}
+
+
+@pytest.mark.timeout(30)
+def test_fifo_is_refused_before_it_is_opened(tmp_path):
+    fifo = tmp_path / "events.root"
+    os.mkfifo(fifo)
+    with pytest.raises(InputFileError, match=r"FIFO \(named pipe\), not a regular file"):
+        load_events(fifo)
+    with pytest.raises(InputFileError, match="FIFO"):
+        plan_read(fifo)
+
+
+def test_character_device_and_folder_are_refused(tmp_path):
+    with pytest.raises(InputFileError, match="/dev/null is a character device"):
+        load_events("/dev/null")
+    with pytest.raises(InputFileError, match=r"is a folder, not a file; give the files inside"):
+        load_events(tmp_path)
+
+
+def test_non_finite_btag_and_isolation_follow_the_rule(tmp_path):
+    """A NaN or +inf b-tag score makes a light jet; a NaN isolation fails the muon's ID."""
+    jets = ak.zip(
+        {
+            "pt": ak.Array([[50.0, 60.0], [70.0]]),
+            "eta": ak.Array([[0.0, 0.0], [0.0]]),
+            "phi": ak.Array([[0.0, 1.0], [0.0]]),
+            "mass": ak.Array([[5.0, 5.0], [5.0]]),
+            "btagDeepB": ak.Array([[0.9, np.nan], [np.inf]]),
+        }
+    )
+    muons = ak.zip(
+        {
+            "pt": ak.Array([[40.0], [45.0]]),
+            "eta": ak.Array([[2.0], [2.0]]),
+            "phi": ak.Array([[3.0], [3.0]]),
+            "mass": ak.Array([[0.1], [0.1]]),
+            "pfRelIso04_all": ak.Array([[np.nan], [0.05]]),
+        }
+    )
+    nothing = ak.values_astype(ak.Array([[], []]), np.float64)
+    empty = ak.zip(dict.fromkeys(("pt", "eta", "phi", "mass"), nothing))
+    branches = {
+        "Jet": jets,
+        "Muon": muons,
+        "Electron": empty,
+        "Photon": empty,
+        "MET_pt": np.array([40.0, 50.0]),
+        "MET_phi": np.array([0.1, 0.2]),
+    }
+    chunk = load_events(_write_tree(tmp_path / "tags.root", branches), schema="nanoaod")
+    assert dict(chunk.non_finite) == {"Jet_btagDeepB": 2, "Muon_pfRelIso04_all": 1}
+    assert dict(chunk.dropped_non_finite) == {}
+    assert ak.to_list(ak.num(chunk.bjets)) == [1, 0]
+    assert ak.to_list(ak.num(chunk.jets)) == [1, 1]
+    assert ak.to_list(ak.num(chunk.muons)) == [0, 1]

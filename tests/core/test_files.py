@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from core.errors import InvalidInputError, OutputError
+from core.errors import InvalidInputError, OutputError, OutputInUseError
 from core.files import (
     MANIFEST_NAME,
     atomic_path,
+    check_regular_file,
     committed_folder,
+    exclusive_output,
     json_text,
     read_manifest,
     recover_folder,
@@ -139,3 +142,103 @@ def test_dead_writers_staging_is_cleaned(tmp_path):
     recover_folder(target)
     assert not stale.exists()
     assert not Path(target).exists()
+
+
+# --------------------------------------------------------------- one writer per output
+
+
+def _hold_lock(path: str, ready, release) -> None:  # runs in a child process
+    with exclusive_output(path, what="NPZ output"):
+        ready.set()
+        release.wait(30)
+
+
+def test_second_writer_of_an_output_is_refused_while_the_first_holds_it(tmp_path):
+    target = tmp_path / "rmm.npz"
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(target), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with (
+            pytest.raises(OutputInUseError, match=r"rmm\.npz is being written by another"),
+            exclusive_output(target, what="NPZ output"),
+        ):
+            pass
+    finally:
+        release.set()
+        holder.join(30)
+    assert holder.exitcode == 0
+    with exclusive_output(target) as locked:  # released: the next writer gets it
+        assert locked == target
+        assert (tmp_path / "rmm.npz.lock").exists()
+    assert not (tmp_path / "rmm.npz.lock").exists()
+
+
+def test_lock_of_a_killed_writer_is_released(tmp_path):
+    target = tmp_path / "table.parquet"
+    context = multiprocessing.get_context("spawn")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(target), ready, release))
+    holder.start()
+    assert ready.wait(60)
+    holder.kill()
+    holder.join(30)
+    assert (tmp_path / "table.parquet.lock").read_text().strip() == str(holder.pid)
+    with exclusive_output(target):  # the kernel dropped the dead writer's flock
+        assert (tmp_path / "table.parquet.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_two_locks_in_one_process_conflict_too(tmp_path):
+    with (
+        exclusive_output(tmp_path / "a.npz"),
+        pytest.raises(OutputInUseError),
+        exclusive_output(tmp_path / "a.npz"),
+    ):
+        pass
+    with exclusive_output(tmp_path / "a.npz"), exclusive_output(tmp_path / "b.npz"):
+        pass
+
+
+def test_lock_creates_the_output_folder_or_says_why_not(tmp_path):
+    with exclusive_output(tmp_path / "new" / "a.npz"):
+        assert (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
+    with (
+        pytest.raises(InvalidInputError, match="a file is in the way of its folder"),
+        exclusive_output(tmp_path / "file" / "a.npz"),
+    ):
+        pass
+
+
+def test_write_failure_of_the_temporary_is_an_output_error(tmp_path):
+    target = tmp_path / "out.txt"
+
+    def fail(path: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    with (
+        pytest.raises(OutputError, match=r"cannot write the report to .*out\.txt: Permission"),
+        atomic_path(target, what="report") as partial,
+    ):
+        fail(partial)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "missing"])
+def test_check_regular_file_refuses_what_would_block_or_is_not_a_file(tmp_path, kind):
+    path = {"fifo": tmp_path / "p", "folder": tmp_path, "device": Path("/dev/zero")}.get(
+        kind, tmp_path / "missing"
+    )
+    if kind == "fifo":
+        os.mkfifo(path)
+    expected = {
+        "fifo": "FIFO",
+        "folder": "is a folder",
+        "device": "character device",
+        "missing": "does not exist",
+    }[kind]
+    with pytest.raises(InvalidInputError, match=expected):
+        check_regular_file(path)
+    assert check_regular_file(__file__) == Path(__file__)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
-from core.errors import ToolError
+from core.errors import InvalidInputError, ToolError
+from tests.nanofiles import nanoaod_with_nan_muons
 from tools.registry import all_tools, get_tool
 
 
@@ -71,3 +78,110 @@ def test_registry_lists_and_rejects_unknown_names():
     assert names == sorted(names)
     with pytest.raises(ToolError, match="no tool called 'nope'"):
         get_tool("nope")
+
+
+def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, tmp_path):
+    """A third of Muon_pt set to NaN: counted per branch, never dropped silently."""
+    path, n_nan = nanoaod_with_nan_muons(
+        shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root", tmp_path / "nan.root"
+    )
+    summary = get_tool("read_events").call({"inputs": [str(path)]})
+    assert summary["non_finite"] == {"Muon_pt": n_nan}
+    assert summary["dropped_non_finite"] == {"muons": n_nan}
+    assert len(summary["notes"]) == 1
+    assert f"{n_nan} in Muon_pt" in summary["notes"][0]
+    assert "an object with a non-finite pt" in summary["notes"][0]
+    rmm = get_tool("compute_rmm").call({"inputs": [str(path)], "output": str(tmp_path / "r.npz")})
+    assert rmm["non_finite"] == {"Muon_pt": n_nan}
+    assert rmm["dropped_non_finite"] == {"muons": n_nan}
+    assert rmm["n_events"] == 200
+    table = get_tool("event_table").call(
+        {"inputs": [str(path)], "output": str(tmp_path / "t.parquet"), "step_size": 70}
+    )
+    assert table["non_finite"] == {"Muon_pt": n_nan}
+    assert table["dropped_non_finite"] == {"muons": n_nan}
+    assert table["n_events"] == 200
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tool",
+            "read_events",
+            "--json",
+            json.dumps({"inputs": [str(path)]}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == (
+        f"anomscan: note: non-finite values read ({n_nan} in Muon_pt); dropped {n_nan} muons "
+        "(see 'notes' in the output)"
+    )
+    assert json.loads(result.stdout)["non_finite"] == {"Muon_pt": n_nan}
+
+
+@pytest.mark.timeout(120)
+def test_a_fifo_given_as_input_is_refused_at_once_not_read(tmp_path):
+    """`read_events` on a FIFO hung forever; every tool input path is checked before opening."""
+    fifo = tmp_path / "events.root"
+    os.mkfifo(fifo)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tool",
+            "read_events",
+            "--json",
+            json.dumps({"inputs": [str(fifo)]}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"anomscan: input file {fifo} is a FIFO (named pipe), not a regular file; give a file "
+        "on disk"
+    )
+    npz = tmp_path / "h.npz"
+    os.mkfifo(npz)
+    with pytest.raises(InvalidInputError, match=r"histogram file .*h\.npz is a FIFO"):
+        get_tool("fit_background").call({"histogram": {"path": str(npz)}})
+    with pytest.raises(ToolError, match=r"feature file .*h\.npz is a FIFO"):
+        get_tool("train_autoencoder").call(
+            {"features": [str(npz)], "output": str(tmp_path / "m.onnx")}
+        )
+    with pytest.raises(InvalidInputError, match="is a folder, not a file"):
+        get_tool("fit_background").call({"histogram": {"path": str(tmp_path)}})
+
+
+def test_an_output_the_tool_built_wrong_is_a_bug_not_the_users_fault():
+    """A tool whose output model refuses what it built raises ToolOutputError (exit 1, log)."""
+    from tools import registry
+    from tools.common import StrictModel
+
+    class Empty(StrictModel):
+        pass
+
+    class Finite(StrictModel):
+        value: float
+
+    def broken(arguments: Empty) -> Finite:
+        return Finite(value=float("inf"))
+
+    registry.register("test_broken_output", "a tool that builds an infinite output", Empty, Finite)(
+        broken
+    )
+    try:
+        with pytest.raises(registry.ToolOutputError, match=r"'test_broken_output' built an out"):
+            get_tool("test_broken_output").call({})
+        assert not issubclass(registry.ToolOutputError, ValidationError)
+    finally:
+        del registry._REGISTRY["test_broken_output"]

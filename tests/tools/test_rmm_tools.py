@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +46,14 @@ def test_compute_rmm_writes_matrices_features_and_the_objects_that_went_in(
     result = get_tool("compute_rmm").call(
         {"inputs": [path], "schema": "auto", "max_events": 150, "output": str(output)}
     )
-    assert result == {"output": str(output), "n_events": 150, "schema": "nanoaod"}
+    assert result == {
+        "output": str(output),
+        "n_events": 150,
+        "schema": "nanoaod",
+        "non_finite": {},
+        "dropped_non_finite": {},
+        "notes": [],
+    }
     chunk = load_events(path, max_events=150)
     with np.load(output) as data:
         assert data["rmm"].shape == (150, 36, 36)
@@ -174,3 +187,98 @@ def test_event_table_tool_writes_what_the_core_computes(shared_data: Path, tmp_p
     np.testing.assert_array_equal(table.masses, leading_pair_masses(chunk))
     with pytest.raises(ValidationError, match="parquet"):
         get_tool("event_table").call({"inputs": [path], "output": str(tmp_path / "t.csv")})
+
+
+# --------------------------------------------------------------- one writer per output
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool_process(name: str, payload: dict) -> subprocess.Popen[str]:
+    """`python -m agent.cli tool NAME --json PAYLOAD` as a separate process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "tool", name, "--json", json.dumps(payload)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+
+
+def _holds(lock: Path, pid: int) -> bool:
+    """Whether process `pid` holds `lock` (it writes its pid once its flock is taken)."""
+    try:
+        return lock.read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
+
+
+def test_two_processes_writing_one_npz_never_both_succeed(tmp_path):
+    """The second writer fails at once (exit 2, one line); the file is the first's.
+
+    The first writer is paused (SIGSTOP) once it holds the lock, so the second surely
+    arrives while the first is computing, however fast the machine.
+    """
+    info = generate_sample(tmp_path / "sample", SampleConfig(n_events=10_000, seed=11))
+    output = tmp_path / "out" / "rmm.npz"
+    payload = {"inputs": [str(info.files[0])], "output": str(output)}
+    first = _tool_process("compute_rmm", payload)
+    lock = output.with_name("rmm.npz.lock")
+    deadline = time.monotonic() + 120
+    while not _holds(lock, first.pid) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert _holds(lock, first.pid), "the first writer never took the lock"
+        second = _tool_process("compute_rmm", {**payload, "max_events": 5_000})
+        second_out, second_err = second.communicate(timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    first_out, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2, second_err
+    assert second_out == ""
+    lines = second_err.strip().splitlines()
+    assert len(lines) == 1, second_err
+    assert "Traceback" not in second_err
+    assert f"{output} is being written by another process" in lines[0]
+    reported = json.loads(first_out)["n_events"]
+    with np.load(output) as written:
+        assert len(written["event"]) == reported == 10_000
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("tool", "field", "name"),
+    [
+        ("compute_rmm", "output", "rmm.npz"),
+        ("event_table", "output", "table.parquet"),
+        ("spectra", "output", "spectra.npz"),
+        ("generate_sample", "output_dir", "sample"),
+        ("train_autoencoder", "output", "model.onnx"),
+        ("score_events", "table", "table.parquet"),
+    ],
+)
+def test_every_tool_that_writes_refuses_an_output_being_written(
+    shared_data, tmp_path, tool, field, name
+):
+    """While another writer holds an output, each writing tool stops before computing."""
+    from core.errors import OutputInUseError
+    from core.files import exclusive_output
+
+    nano = str(shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root")
+    payloads = {
+        "compute_rmm": {"inputs": [nano]},
+        "event_table": {"inputs": [nano]},
+        "spectra": {"table": str(tmp_path / "absent.parquet")},
+        "generate_sample": {"n_events": 10},
+        "train_autoencoder": {"inputs": [nano]},
+        "score_events": {"inputs": [nano], "model": str(tmp_path / "m.onnx")},
+    }
+    target = tmp_path / name
+    payload = {**payloads[tool], field: str(target)}
+    with exclusive_output(target), pytest.raises(OutputInUseError, match="another process"):
+        get_tool(tool).call(payload)
+    assert not target.exists()
