@@ -371,8 +371,8 @@ def analyse_spectrum(
     `stream_start_gev` is the stream's fit start (PHYSICS.md 3); the range follows
     `core.fit.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
     that a caller states the rule it runs; `fallback` None runs no fallback (a scan whose
-    fallback budget is spent); `seed` seeds every step. Errors of the fits become status "fit failed" with the reason; bad histograms still
-    raise InvalidInputError.
+    fallback budget is spent); `seed` seeds every step. Errors of the fits become status
+    "fit failed" with the reason; bad histograms still raise InvalidInputError.
     """
     e = np.asarray(edges, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
