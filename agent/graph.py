@@ -33,7 +33,14 @@ from agent.policy import (
     PointsProposal,
     SpectrumOutcome,
 )
-from agent.scan import BUILTIN_EVENTS, ScanContext, folder_sha256, write_atomic, write_results
+from agent.scan import (
+    BUILTIN_EVENTS,
+    ScanConfig,
+    ScanContext,
+    folder_sha256,
+    write_atomic,
+    write_results,
+)
 from agent.state import PointRecord, ScanState
 from core.anomaly import point_text
 from core.errors import AnomscanError, InvalidInputError, ModelError
@@ -43,9 +50,13 @@ from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS
 NodeBody = Callable[[ScanState, str], dict[str, Any]]
 
 
+def scan_checks(config: ScanConfig) -> dict[str, Any]:
+    """Robustness-check settings of a scan (a `CheckSettings`): defaults, GOF toys from config."""
+    return {"n_gof_toys": config.gof_toys}
+
+
 def _checks(ctx: ScanContext) -> dict[str, Any]:
-    """Robustness-check settings of the scan: core defaults, GOF toys from the config."""
-    return {"n_gof_toys": ctx.config.gof_toys}
+    return scan_checks(ctx.config)
 
 
 SPECTRUM_NAMES = tuple(f"{stream}/{pair}" for stream in STREAMS for pair in PAIRS)
@@ -520,27 +531,56 @@ def _fallback(
     return proposal
 
 
+def scan_fallback_settings(config: ScanConfig) -> dict[str, Any]:
+    """Symbolic-fallback settings of a scan (a `FallbackSettings`)."""
+    return {"time_budget_s": config.fallback_time_s, "n_seeds": 2}
+
+
 def _fallback_settings(ctx: ScanContext) -> dict[str, Any]:
-    return {"time_budget_s": ctx.config.fallback_time_s, "n_seeds": 2}
+    return scan_fallback_settings(ctx.config)
+
+
+def _check_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """What a candidate's checks said: passed overall, each check's status, the GOF p."""
+    gof = next((c for c in row["checks"] if c["name"] == "goodness_of_fit"), None)
+    return {
+        "checks_passed": bool(row["checked"]) and bool(row["passed"]),
+        "checks": {c["name"]: c["status"] for c in row["checks"]},
+        "gof_p_value": None if gof is None else gof["numbers"].get("p_value"),
+        "gof_passed": None if gof is None else bool(gof["passed"]),
+    }
 
 
 def _accepted(
-    ctx: ScanContext, step_id: str, name: str, output: dict[str, Any], function: str
+    ctx: ScanContext,
+    step_id: str,
+    name: str,
+    point: float,
+    output: dict[str, Any],
+    function: str,
+    choice: str,
+    masked_window_gev: list[float] | None = None,
 ) -> dict[str, Any]:
-    """The accepted candidate's row as the input of its bump hunt; logged in `fits`."""
+    """The accepted candidate's row as the input of its bump hunt; logged in `fits`.
+
+    `choice` is how it was chosen: "unmasked", "masked" (rule step 2, with
+    `masked_window_gev` left out of the fit) or "fallback".
+    """
     row = next(r for r in output["candidates"] if r["function"] == function)
+    summary = _check_summary(row)
     ctx.audit.add(
         "fits",
         f"{step_id}:{name}:{function}",
         step_id=step_id,
         spectrum=name,
+        point_pb=point,
         function=function,
         parameters=row["parameters"],
         p_value=row["p_value"],
         chi2=row["deviance"],
         ndf=row["ndf"],
         fit_range=row["fit_range"],
-        passed=True,
+        passed=summary["checks_passed"],
     )
     return {
         "status": "accepted",
@@ -548,6 +588,10 @@ def _accepted(
         "name": function,
         "fit_range": list(row["fit_range"]),
         "parameters": row["parameters"],
+        "choice": choice,
+        "masked_window_gev": masked_window_gev,
+        "fit_p_value": row["p_value"],
+        **summary,
     }
 
 
@@ -569,11 +613,160 @@ def _provisional(output: dict[str, Any], reason: str) -> dict[str, Any]:
         "name": row["function"],
         "fit_range": list(row["fit_range"]),
         "parameters": row["parameters"],
+        "fit_p_value": row["p_value"],
+        "failed_checks": [c["name"] for c in row["checks"] if c["status"] == "fail"],
         "reason": reason,
     }
 
 
+def _search_input(
+    edges: np.ndarray, values: np.ndarray, entry: dict[str, Any], seed: int
+) -> dict[str, Any]:
+    """A `search_spectrum` input: the background as chosen, with its mask when it had one."""
+    return {
+        "histogram": {"edges": edges.tolist(), "counts": values.tolist()},
+        "fit_range": entry["fit_range"],
+        "function": entry["function"],
+        "parameters": entry["parameters"],
+        "masked_window_gev": entry.get("masked_window_gev"),
+        "seed": seed,
+    }
+
+
+def _choose_masked(
+    ctx: ScanContext,
+    step_id: str,
+    point: float,
+    index: int,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    backgrounds: dict[str, dict[str, Any]],
+) -> None:
+    """Rule step 2 (core.spectrum) for spectra whose every unmasked fit failed its checks.
+
+    The hunt against the provisional (the F-test's rejected) function, `search_spectrum`
+    as the library's `flagged_window` runs it, flags a window when its global p is below
+    EXCLUSION_TRIGGER_P; the window exclusion's signal-width mask is then left out of every
+    fit of `choose_background`, and a function that passes every check is accepted through
+    the policy and the gates, to be searched with that mask. Both fits and the decision are
+    decision rows (`provisional`, `background_masked`).
+    """
+    from core.exclusion import EXCLUSION_TRIGGER_P
+
+    provisional = [
+        n for n in SPECTRUM_NAMES if backgrounds.get(n, {}).get("status") == "provisional"
+    ]
+    if not provisional:
+        return
+    ctx.progress.update(stage=f"flagged windows ({len(provisional)} spectra)")
+    probes = ctx.call_tools(
+        step_id,
+        "search_spectrum",
+        [
+            (
+                name,
+                _search_input(
+                    edges,
+                    counts[SPECTRUM_NAMES.index(name)],
+                    backgrounds[name],
+                    _spectrum_seed(ctx.config.seed, index, name),
+                ),
+            )
+            for name in provisional
+        ],
+    )
+    masked_calls = []
+    for name, probe in zip(provisional, probes, strict=True):
+        entry = backgrounds[name]
+        if probe.output is None:
+            entry["rescue"] = f"the provisional bump hunt failed: {probe.error}"
+            continue
+        bump = probe.output["bump_unmasked"]
+        exclusion = probe.output["window_exclusion"]
+        if exclusion is None:
+            entry["rescue"] = (
+                f"no window to mask: global p {bump['global_p']:.3g} >= {EXCLUSION_TRIGGER_P} "
+                f"against the provisional {entry['name']}"
+            )
+            continue
+        window = [float(v) for v in exclusion["window_gev"]]
+        entry["window"] = window
+        _record_decision(
+            ctx,
+            step_id,
+            "provisional",
+            spectrum=name,
+            point_pb=point,
+            chosen={"mask_gev": window},
+            policy="rules",
+            rationale=(
+                f"no function passed its checks; against the F-test's {entry['name']} (fit p "
+                f"{entry['fit_p_value']:.3g}, failed {', '.join(entry['failed_checks'])}; kept "
+                f"only to find a window) the best window {bump['window'][0]:.0f}-"
+                f"{bump['window'][1]:.0f} GeV has global p {bump['global_p']:.3g} < "
+                f"{EXCLUSION_TRIGGER_P}: masked and the background chosen again"
+            ),
+            numbers={
+                "unmasked_function": entry["name"],
+                "unmasked_fit_p_value": entry["fit_p_value"],
+                "unmasked_failed_checks": entry["failed_checks"],
+                "trigger_global_p": bump["global_p"],
+                "window_gev": window,
+            },
+        )
+        masked_calls.append(
+            (
+                name,
+                _spectrum_input(
+                    edges,
+                    counts[SPECTRUM_NAMES.index(name)],
+                    name,
+                    _spectrum_seed(ctx.config.seed, index, name),
+                    checks=_checks(ctx) | {"window": window},
+                    use_fallback=False,
+                ),
+            )
+        )
+    if not masked_calls:
+        return
+    ctx.progress.update(stage=f"masked choice ({len(masked_calls)} spectra)")
+    for (name, _), result in zip(
+        masked_calls, ctx.call_tools(step_id, "choose_background", masked_calls), strict=True
+    ):
+        entry = backgrounds[name]
+        low, high = entry["window"]
+        if result.output is None or not result.output["candidates"]:
+            entry["rescue"] = f"the fits with {low:.0f}-{high:.0f} GeV masked failed"
+            continue
+        proposal = _accept(
+            ctx, step_id, name, point, _candidates(result.output), kind="background_masked"
+        )
+        if proposal.function is None:
+            entry["rescue"] = f"no function passed every check with {low:.0f}-{high:.0f} GeV masked"
+            continue
+        accepted = _accepted(
+            ctx,
+            step_id,
+            name,
+            point,
+            result.output,
+            proposal.function,
+            "masked",
+            [low, high],
+        )
+        accepted["unmasked"] = {key: entry[key] for key in ("name", "fit_p_value", "failed_checks")}
+        backgrounds[name] = accepted
+
+
 def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
+    """The background of every spectrum by the rule of core.spectrum (steps 1-3).
+
+    1. `choose_background` unmasked, accepted through the policy and the gates; 2. where
+    none passed, the masked choice (`_choose_masked`); 3. where still none passed, the
+    symbolic fallback when the policy asks for it (the rules: `core.spectrum.
+    fallback_applies`) and the scan's budget allows (at most `fallback_budget` per scan).
+    """
+
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
         current = dict(state["current"] or {})
         point = float(current["point_pb"])
@@ -597,8 +790,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         ]
         results = ctx.call_tools(step_id, "choose_background", calls)
         backgrounds: dict[str, dict[str, Any]] = {}
-        fallback_calls = []
-        fallbacks_used = int(state.get("fallbacks_used", 0))
+        unmasked: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         for (name, payload), result in zip(calls, results, strict=True):
             if result.output is None or not result.output["candidates"]:
                 why = result.error if result.output is None else "no function could be fitted"
@@ -616,10 +808,19 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                     gate="no candidate",
                 )
                 continue
-            candidates = _candidates(result.output)
-            proposal = _accept(ctx, step_id, name, point, candidates)
+            proposal = _accept(ctx, step_id, name, point, _candidates(result.output))
             if proposal.function is not None:
-                backgrounds[name] = _accepted(ctx, step_id, name, result.output, proposal.function)
+                backgrounds[name] = _accepted(
+                    ctx, step_id, name, point, result.output, proposal.function, "unmasked"
+                )
+                continue
+            backgrounds[name] = _provisional(result.output, proposal.rationale)
+            unmasked[name] = (payload, result.output)
+        _choose_masked(ctx, step_id, point, index, edges, counts, backgrounds)
+        fallback_calls = []
+        fallbacks_used = int(state.get("fallbacks_used", 0))
+        for name, (payload, output) in unmasked.items():
+            if backgrounds[name]["status"] == "accepted":
                 continue
             values = counts[SPECTRUM_NAMES.index(name)]
             stream = name.split("/", maxsplit=1)[0]
@@ -629,11 +830,10 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                 step_id,
                 name,
                 point,
-                candidates,
+                _candidates(output),
                 n_in_range,
                 ctx.config.fallback_budget - fallbacks_used,
             )
-            backgrounds[name] = _provisional(result.output, proposal.rationale)
             if decision.use_fallback:
                 fallbacks_used += 1
                 fallback_calls.append(
@@ -651,7 +851,10 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                 strict=True,
             ):
                 if result.output is None:
-                    backgrounds[name]["reason"] += f"; the fallback failed: {result.error}"
+                    backgrounds[name]["rescue"] = (
+                        backgrounds[name].get("rescue", "no window to mask")
+                        + f"; the fallback failed: {result.error}"
+                    )
                     continue
                 proposal = _accept(
                     ctx,
@@ -663,10 +866,17 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
                 )
                 if proposal.function is not None:
                     backgrounds[name] = _accepted(
-                        ctx, step_id, name, result.output, proposal.function
+                        ctx, step_id, name, point, result.output, proposal.function, "fallback"
                     )
                 else:
-                    backgrounds[name]["reason"] += "; the symbolic fallback did not pass either"
+                    backgrounds[name]["rescue"] = (
+                        backgrounds[name].get("rescue", "no window to mask")
+                        + "; the symbolic fallback did not pass either"
+                    )
+        for entry in backgrounds.values():
+            if entry["status"] == "provisional":
+                entry["status"] = "no background"
+                entry["reason"] += "; " + entry.pop("rescue", "no window to mask")
         path = ctx.run_dir / "points" / f"point-{index:03d}-backgrounds.json"
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, json.dumps({"point_pb": point, "backgrounds": backgrounds}))
@@ -685,122 +895,38 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
 # ---------------------------------------------------------------- bump hunt
 
 
-def _search_input(
-    edges: np.ndarray, values: np.ndarray, entry: dict[str, Any], seed: int
-) -> dict[str, Any]:
-    return {
-        "histogram": {"edges": edges.tolist(), "counts": values.tolist()},
-        "fit_range": entry["fit_range"],
-        "function": entry["function"],
-        "parameters": entry["parameters"],
-        "seed": seed,
-    }
+def _used_background(entry: dict[str, Any], out: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the background the hunt used is the one that passed its checks, and why not.
 
-
-def _rescue_provisional(
-    ctx: ScanContext,
-    step_id: str,
-    point: float,
-    index: int,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    backgrounds: dict[str, dict[str, Any]],
-    searches: dict[str, Any],
-) -> None:
-    """Window exclusion for spectra whose every fit failed: mask, choose again, search again.
-
-    A provisional spectrum whose hunt finds global p < EXCLUSION_TRIGGER_P gets its window
-    (with the signal-width mask of core.exclusion) masked in `choose_background`; a function
-    that then passes every check is accepted through the policy and the gates, and its
-    `search_spectrum` replaces the provisional one. Otherwise the spectrum has no background.
+    The hunt must use the accepted function with the mask it was chosen with; a background
+    that passed unmasked may be replaced by its masked refit only through the window
+    exclusion's agreement test (`mask_from` "exclusion").
     """
-    from core.exclusion import EXCLUSION_TRIGGER_P
-
-    masked_calls = []
-    for name, entry in backgrounds.items():
-        if entry.get("status") != "provisional":
-            continue
-        search = searches.pop(name, None)
-        if search is None or search.output is None:
-            entry["rescue"] = f"the provisional bump hunt failed: {search.error if search else ''}"
-            continue
-        bump = search.output["bump_unmasked"]
-        if bump["global_p"] >= EXCLUSION_TRIGGER_P:
-            entry["rescue"] = (
-                f"no window to mask: global p {bump['global_p']:.3g} >= {EXCLUSION_TRIGGER_P} "
-                f"against the provisional {entry['name']}"
-            )
-            continue
-        exclusion = search.output["window_exclusion"]
-        window = list(exclusion["window_gev"] if exclusion else bump["window"])
-        entry["window"] = window
-        _record_decision(
-            ctx,
-            step_id,
-            "provisional",
-            spectrum=name,
-            point_pb=point,
-            chosen={"mask_gev": window},
-            policy="rules",
-            rationale=(
-                f"no function passed its checks; against the F-test's {entry['name']} (kept "
-                f"only to find a window) the best window {bump['window'][0]:.0f}-"
-                f"{bump['window'][1]:.0f} GeV has global p {bump['global_p']:.3g} < "
-                f"{EXCLUSION_TRIGGER_P}: masked and the background chosen again"
-            ),
-        )
-        masked_calls.append(
-            (
-                name,
-                _spectrum_input(
-                    edges,
-                    counts[SPECTRUM_NAMES.index(name)],
-                    name,
-                    _spectrum_seed(ctx.config.seed, index, name),
-                    checks=_checks(ctx) | {"window": window},
-                    use_fallback=False,
-                ),
-            )
-        )
-    if not masked_calls:
-        return
-    ctx.progress.update(stage=f"window exclusion ({len(masked_calls)} spectra)")
-    rescued = []
-    for (name, _), result in zip(
-        masked_calls, ctx.call_tools(step_id, "choose_background", masked_calls), strict=True
+    chosen_mask = entry.get("masked_window_gev")
+    used_mask = out.get("masked_window_gev")
+    if not entry.get("checks_passed"):
+        return False, f"the accepted {entry['name']} did not pass its checks"
+    if chosen_mask is not None and (
+        out.get("mask_from") != "choice"
+        or used_mask is None
+        or not np.allclose(used_mask, chosen_mask, rtol=1e-9)
     ):
-        entry = backgrounds[name]
-        low, high = entry["window"]
-        if result.output is None or not result.output["candidates"]:
-            entry["rescue"] = f"the fits with {low:.0f}-{high:.0f} GeV masked failed"
-            continue
-        proposal = _accept(
-            ctx, step_id, name, point, _candidates(result.output), kind="background_masked"
+        return False, (
+            f"{entry['name']} was chosen with {chosen_mask[0]:.0f}-{chosen_mask[1]:.0f} GeV "
+            f"masked but the hunt used the mask {used_mask}"
         )
-        if proposal.function is None:
-            entry["rescue"] = f"no function passed every check with {low:.0f}-{high:.0f} GeV masked"
-            continue
-        backgrounds[name] = _accepted(ctx, step_id, name, result.output, proposal.function)
-        backgrounds[name]["masked_for_choice_gev"] = [low, high]
-        rescued.append(name)
-    calls = [
-        (
-            name,
-            _search_input(
-                edges,
-                counts[SPECTRUM_NAMES.index(name)],
-                backgrounds[name],
-                _spectrum_seed(ctx.config.seed, index, name),
-            ),
-        )
-        for name in rescued
-    ]
-    for result in ctx.call_tools(step_id, "search_spectrum", calls):
-        searches[result.label] = result
+    if chosen_mask is None and out.get("mask_from") == "choice":
+        return False, f"the hunt masked {used_mask} though {entry['name']} was chosen unmasked"
+    return True, ""
 
 
 def _hunt_bumps(ctx: ScanContext) -> NodeBody:
-    """`search_spectrum` against every accepted background: bump hunt, window exclusion."""
+    """`search_spectrum` against every accepted background (rule step 4 of core.spectrum).
+
+    A background chosen with a mask is searched with it (no second exclusion); one chosen
+    unmasked goes through the window exclusion. Each spectrum's row in the point's results
+    file records the background the hunt used: function, final fit p, its checks, mask.
+    """
 
     def body(state: ScanState, step_id: str) -> dict[str, Any]:
         current = dict(state["current"] or {})
@@ -809,29 +935,20 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
         backgrounds = json.loads(ctx.at(current["backgrounds_file"]).read_text())["backgrounds"]
-        accepted = [
-            n
-            for n in SPECTRUM_NAMES
-            if backgrounds.get(n, {}).get("status") in ("accepted", "provisional")
-        ]
+        accepted = [n for n in SPECTRUM_NAMES if backgrounds.get(n, {}).get("status") == "accepted"]
         calls = [
             (
                 name,
-                {
-                    "histogram": {
-                        "edges": edges.tolist(),
-                        "counts": counts[SPECTRUM_NAMES.index(name)].tolist(),
-                    },
-                    "fit_range": backgrounds[name]["fit_range"],
-                    "function": backgrounds[name]["function"],
-                    "parameters": backgrounds[name]["parameters"],
-                    "seed": _spectrum_seed(ctx.config.seed, index, name),
-                },
+                _search_input(
+                    edges,
+                    counts[SPECTRUM_NAMES.index(name)],
+                    backgrounds[name],
+                    _spectrum_seed(ctx.config.seed, index, name),
+                ),
             )
             for name in accepted
         ]
         searches = {r.label: r for r in ctx.call_tools(step_id, "search_spectrum", calls)}
-        _rescue_provisional(ctx, step_id, point, index, edges, counts, backgrounds, searches)
         spectra: list[dict[str, Any]] = []
         background_rows = np.zeros_like(counts)
         background_error_rows = np.zeros_like(counts)
@@ -839,6 +956,14 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
 
         def whole(name: str) -> bool:
             return bool(current.get("whole_stream", {}).get(name.split("/", maxsplit=1)[0]))
+
+        def no_background(name: str, reason: str) -> None:
+            outcomes[name] = {
+                "status": "no background",
+                "local_z": None,
+                "whole_stream": whole(name),
+            }
+            spectra.append({"spectrum": name, "status": "no background", "reason": reason})
 
         for k, name in enumerate(SPECTRUM_NAMES):
             if name in current["skipped"]:
@@ -849,20 +974,17 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                 continue
             entry = backgrounds.get(name, {"status": "no background", "reason": "not fitted"})
             search = searches.get(name)
-            if entry["status"] != "accepted" or search is None or search.output is None:
-                if entry["status"] == "provisional":
-                    entry["reason"] += "; " + entry.get("rescue", "no window to mask")
-                reason = (
-                    entry.get("reason") or f"bump hunt failed: {search.error if search else ''}"
-                )
-                outcomes[name] = {
-                    "status": "no background",
-                    "local_z": None,
-                    "whole_stream": whole(name),
-                }
-                spectra.append({"spectrum": name, "status": "no background", "reason": reason})
+            if entry["status"] != "accepted":
+                no_background(name, entry.get("reason") or "no accepted background")
+                continue
+            if search is None or search.output is None:
+                no_background(name, f"bump hunt failed: {search.error if search else ''}")
                 continue
             out = search.output
+            passed, why = _used_background(entry, out)
+            if not passed:
+                no_background(name, f"no accepted background: {why}")
+                continue
             exclusion = out["window_exclusion"]
             if exclusion is not None:
                 _record_decision(
@@ -882,7 +1004,36 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                             "background_unmasked",
                             "background_masked",
                             "agreement_sigma",
+                            "unmasked_p_value",
+                            "masked_p_value",
                         )
+                    },
+                )
+            if out["mask_from"] == "choice":
+                unmasked = entry.get("unmasked", {})
+                _record_decision(
+                    ctx,
+                    step_id,
+                    "masked_background",
+                    spectrum=name,
+                    point_pb=point,
+                    chosen="masked background",
+                    policy="rules",
+                    rationale=(
+                        f"every unmasked function failed its checks ({unmasked.get('name')}: fit "
+                        f"p {unmasked.get('fit_p_value')}); {entry['name']} chosen with "
+                        f"{out['masked_window_gev'][0]:.0f}-{out['masked_window_gev'][1]:.0f} GeV "
+                        "masked passed every check: the hunt uses it with that mask, no "
+                        "agreement test against the failed unmasked fit"
+                    ),
+                    numbers={
+                        "window_gev": out["masked_window_gev"],
+                        "masked_function": entry["name"],
+                        "masked_fit_p_value": out["p_value"],
+                        "masked_gof_p_value": entry.get("gof_p_value"),
+                        "unmasked_function": unmasked.get("name"),
+                        "unmasked_fit_p_value": unmasked.get("fit_p_value"),
+                        "unmasked_failed_checks": unmasked.get("failed_checks"),
                     },
                 )
             first, stop = out["first_bin"], out["stop_bin"]
@@ -900,6 +1051,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                     "status": "excess",
                     "function": entry["name"],
                     "bins": [first, stop],
+                    "fit_range": list(out["fit_range"]),
                     "window_gev": list(bump["window"]),
                     "data": bump["data"],
                     "background": bump["background"],
@@ -909,13 +1061,17 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
                     "global_z": bump["global_z"],
                     "global_z_is_lower_limit": bump["global_z_is_lower_limit"],
                     "fit_p_value": out["p_value"],
+                    "checks_passed": passed,
+                    "checks": entry["checks"],
+                    "gof_p_value": entry["gof_p_value"],
+                    "gof_passed": entry["gof_passed"],
+                    "background_choice": entry["choice"],
                     "hunt": {
                         key: bump[key]
                         for key in ("width_min", "width_max", "min_window_background")
                     },
-                    "masked_window_gev": (
-                        exclusion["window_gev"] if exclusion and exclusion["accepted"] else None
-                    ),
+                    "masked_window_gev": out["masked_window_gev"],
+                    "mask_from": out["mask_from"],
                 }
             )
             ctx.audit.add(
@@ -1214,7 +1370,10 @@ def _merge_whole_stream_repeats(excesses: list[dict[str, Any]]) -> list[dict[str
 def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, Any]:
     """results.json from the state and the per-point files (never from truth.json).
 
-    `at` finds a path recorded in the state in the run folder as it is now.
+    `at` finds a path recorded in the state in the run folder as it is now. Each excess
+    carries what its point's file recorded of the background the hunt used (function, final
+    fit p, checks, GOF p, mask); an "excess" whose recorded checks did not pass is listed as
+    skipped, never ranked.
     """
     lee = state.get("lee")
     excesses = []
@@ -1222,12 +1381,15 @@ def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, An
     for record in state["points"]:
         results = json.loads(at(record["results_file"]).read_text())
         for spectrum in results["spectra"]:
-            if spectrum["status"] != "excess":
+            if spectrum["status"] != "excess" or spectrum.get("checks_passed") is not True:
                 skipped.append(
                     {
                         "spectrum": spectrum["spectrum"],
                         "point_pb": record["point_pb"],
-                        "reason": spectrum["reason"],
+                        "reason": spectrum["reason"]
+                        if spectrum["status"] != "excess"
+                        else "no accepted background: the background the hunt used did not "
+                        "pass its checks",
                     }
                 )
                 continue
@@ -1249,9 +1411,13 @@ def collect_results(state: ScanState, at: Callable[[str], Path]) -> dict[str, An
                     "global_z_is_lower_limit": spectrum["global_z_is_lower_limit"],
                     "scan_global_z": lee["global_z"] if is_best and lee else None,
                     "function": spectrum["function"],
-                    "checks_passed": True,
+                    "checks_passed": spectrum["checks_passed"],
                     "fit_p_value": spectrum["fit_p_value"],
+                    "checks": spectrum.get("checks"),
+                    "gof_p_value": spectrum.get("gof_p_value"),
+                    "background_choice": spectrum.get("background_choice"),
                     "masked_window_gev": spectrum["masked_window_gev"],
+                    "mask_from": spectrum.get("mask_from"),
                     "whole_stream": bool(
                         record["outcomes"].get(spectrum["spectrum"], {}).get("whole_stream")
                     ),

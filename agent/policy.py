@@ -8,11 +8,10 @@ The rules (the reference behaviour of the scan, agent/graph.py):
 - AR points: log-uniform from `xsec_range` with `points_per_decade` per decade.
 - Background: accept the first candidate that passed every check, in the order
   `choose_background` tried them (the F-test's choice, then larger functions).
-- Symbolic fallback: only when no candidate passed, every nested function failed the
-  goodness of fit (a shape the family can not describe; a spurious-signal or stability
-  failure on a sparse spectrum is not cured by a freer function), the spectrum holds at
-  least `FALLBACK_MIN_EVENTS` events in its fit range, and the scan's fallback budget
-  is not spent (each search costs ~15 s).
+- Symbolic fallback: only when no candidate passed (unmasked, nor with a flagged window
+  masked), `core.spectrum.fallback_applies` (every nested function failed the goodness of
+  fit, at least `FALLBACK_MIN_EVENTS` events in the fit range: the library's rule) and the
+  scan's fallback budget is not spent (each search costs ~15 s).
 - Refinement: after the planned points, the geometric midpoint between a spectrum's
   best point and each neighbour where its local Z >= `REFINE_LOCAL_Z` and grows towards
   the best point; then midpoints between neighbours where a background was accepted at
@@ -29,12 +28,15 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.anomaly import log_uniform_xsec_grid, point_text
+from core.spectrum import FALLBACK_MIN_EVENTS as LIBRARY_FALLBACK_MIN_EVENTS
+from core.spectrum import fallback_applies
 
 REFINE_LOCAL_Z = 2.5
 REFINE_PER_ROUND = 2
 MIN_POINT_RATIO = 1.15
 """Two AR points closer than this factor in cross-section are not split further."""
-FALLBACK_MIN_EVENTS = 1000
+FALLBACK_MIN_EVENTS = LIBRARY_FALLBACK_MIN_EVENTS
+"""Events above the stream's start the symbolic fallback needs (core.spectrum's rule)."""
 
 
 class Proposal(BaseModel):
@@ -267,28 +269,17 @@ class RulesPolicy:
         fallbacks_left: int,
     ) -> FallbackProposal:
         """Symbolic fallback for a shape the nested family can not describe (see the rules)."""
-        nested = [c for c in candidates if c.source == "nested"]
-        gof_failed = bool(nested) and all(
-            any(k.name == "goodness_of_fit" and not k.passed for k in c.checks) for c in nested
-        )
+        gof_failed = [
+            any(k.name == "goodness_of_fit" and not k.passed for k in c.checks)
+            for c in candidates
+            if c.source == "nested"
+        ]
         if any(c.passed for c in candidates):
             use, why = False, "a candidate passed"
         elif fallbacks_left <= 0:
             use, why = False, "the scan's fallback budget is spent"
-        elif n_in_range < FALLBACK_MIN_EVENTS:
-            use, why = (
-                False,
-                f"{n_in_range} events in the fit range < {FALLBACK_MIN_EVENTS}: too sparse for a "
-                "shape search",
-            )
-        elif not gof_failed:
-            use, why = (
-                False,
-                "a nested function fits the shape (goodness of fit passed); its failing checks "
-                "are not cured by a freer function",
-            )
         else:
-            use, why = True, "every nested function failed the goodness of fit"
+            use, why = fallback_applies(gof_failed, n_in_range)
         return FallbackProposal(
             spectrum=spectrum, point_pb=point_pb, use_fallback=use, rationale=why
         )

@@ -382,6 +382,12 @@ def why_text(story: dict[str, Any]) -> str:
                 else f"; window exclusion {exclusion.get('window_gev')} GeV accepted "
                 f"{_number(exclusion.get('accepted'))}"
             )
+            + (
+                ""
+                if not output.get("masked_window_gev")
+                else f"; fitted with {output['masked_window_gev']} GeV masked (mask from "
+                f"{output.get('mask_from')})"
+            )
         )
     bump = story["bump"]
     if bump is not None:

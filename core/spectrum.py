@@ -3,21 +3,47 @@
 Half 1 is `core.selection.choose_background` (fit range, F-test along the nested family,
 robustness checks, symbolic fallback). Half 2 is `search_spectrum`: the bump hunt against
 the accepted background over the fit range, window exclusion when the spectrum's global p
-is below 0.01 (`core.exclusion`), and the final background. `analyse_spectrum` runs both and
-gives the spectrum one status:
+is below 0.01 (`core.exclusion`), and the final background.
+
+The rule, in this order (`analyse_spectrum`; agent/graph.py runs the same steps through the
+tools, with the same seed, check options and hunt options):
+
+1. Choose: the nested family with every check, no fallback, nothing masked. A function that
+   passes is the background (unmasked); go to 4.
+2. Masked choice, when no function passed: the bump hunt against the F-test's (rejected)
+   function flags a window when its global p is below `EXCLUSION_TRIGGER_P` = 0.01; the mask
+   is that of `core.exclusion` (grown to 3 w(m), trimmed to 6 w(m)); the choice is made again
+   with the mask left out of every fit. A function that passes every check is the background,
+   chosen with the mask. A strong resonance makes every smooth function fail its goodness of
+   fit (the demo's T3/jm: every unmasked fit at p ~ 1e-20), so its masked fit, not a failed
+   unmasked one, is what it is measured against.
+3. Symbolic fallback, when still none passed and `fallback_applies` (every nested function
+   failed the goodness of fit, at least `FALLBACK_MIN_EVENTS` = 1000 events above the
+   stream's start: a shape the family can not describe, with events enough to learn one).
+   The fallback fits the spectrum unmasked. A scan may cap the number of fallbacks (the
+   graph: 4 per scan); that budget is the caller's.
+4. Search (`search_spectrum`) against the background of 1-3. A background chosen with a mask
+   is fitted with the mask and hunted against as it is: no second exclusion, and no
+   agreement test against an unmasked fit that failed its checks (that test rejects the mask
+   exactly when a real signal pulls the unmasked fit, by 4.3 sigma in the demo's T3/jm). A
+   background that passed unmasked goes through the window exclusion of `core.exclusion`: the
+   masked refit replaces it only when the two agree within 2 sigma in the window.
+
+Statuses:
 
 - "accepted": a background passed every check; the bump hunt ran against it. Only these
   spectra enter the ranking of excesses and the scan-wide look-elsewhere test.
-- "no accepted background": every analytic function and the fallback failed a check; the
-  failed checks are listed; no bump is hunted (issue 11: an excess against a background that
-  failed its checks was ranked first on a background-only sample).
+- "no accepted background": every analytic function, the masked choice and the fallback
+  failed a check (or did not run); the failed checks are listed; no bump is hunted (an
+  excess against a background that failed its checks was ranked first on a background-only
+  sample).
 - "too few events": fewer than `MIN_EVENTS_IN_FIT_RANGE` events above the stream's start.
 - "fit failed": the range or the fits could not be built (the reason is kept).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
@@ -26,8 +52,8 @@ import numpy.typing as npt
 
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
 from core.errors import AnomscanError, InvalidInputError
-from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, masked_window, window_exclusion
-from core.fit import FitResult, expected_errors, fit_background
+from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
+from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
 from core.selection import BackgroundDecision, CheckOptions, Fallback, choose_background
 
@@ -38,6 +64,11 @@ STATUSES: Final = ("accepted", "no accepted background", "too few events", "fit 
 
 MIN_EVENTS_IN_FIT_RANGE: Final = 40
 """Spectra with fewer events above the stream's start are recorded, not fitted."""
+
+FALLBACK_MIN_EVENTS: Final = 1000
+"""The symbolic fallback needs at least this many events above the stream's start."""
+
+MaskSource = Literal["choice", "exclusion"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +81,9 @@ class SpectrumSearch:
     histogram; `bump`
     is the hunt against the final background (bins relative to `first_bin`);
     `bump_unmasked` the hunt against the unmasked one (the same object without exclusion).
+    `masked_window_gev` is the window the final fit leaves out (None: none), `mask_from` says
+    whether the background was chosen with it ("choice", no exclusion ran) or the window
+    exclusion's agreement test accepted it ("exclusion").
     """
 
     fit: FitResult
@@ -64,6 +98,8 @@ class SpectrumSearch:
     exclusion: WindowExclusion | None
     hunt: HuntOptions
     trail: tuple[str, ...]
+    masked_window_gev: tuple[float, float] | None = None
+    mask_from: MaskSource | None = None
 
     @property
     def function(self) -> str:
@@ -88,6 +124,20 @@ def _resolve_function(
     return symbolic_background(expression, constants)
 
 
+def _check_mask(
+    edges: FloatArray, counts: FloatArray, fit: FitResult, window: tuple[float, float]
+) -> None:
+    """Raise unless `fit` left out exactly the bins of `window` (GeV)."""
+    expected = prepare_spectrum(
+        edges, counts, fit.fit_range, sqrt_s=fit.sqrt_s, exclude=window
+    ).used
+    if expected.shape != fit.used.shape or not np.array_equal(expected, fit.used):
+        raise InvalidInputError(
+            f"the background {fit.name} was not fitted with {window[0]:.0f}-{window[1]:.0f} "
+            "GeV masked; give the fit made with that window excluded, or the function"
+        )
+
+
 def search_spectrum(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -95,6 +145,7 @@ def search_spectrum(
     fit_range: tuple[float, float] | None = None,
     *,
     parameters: tuple[float, ...] | None = None,
+    masked_window_gev: tuple[float, float] | None = None,
     sqrt_s: float = 13000.0,
     hunt: HuntOptions = DEFAULT_HUNT,
     exclusion_trigger_p: float = EXCLUSION_TRIGGER_P,
@@ -104,13 +155,26 @@ def search_spectrum(
 
     `background` is an accepted fit (its range is used), or a function (family name,
     BackgroundFunction or symbolic expression; `parameters` (ln p1, ...) start it) fitted
-    here over `fit_range` [lo, hi] GeV. Edges in GeV. Window exclusion runs when the global
-    p of the hunt is below `exclusion_trigger_p` (module docstring of core.exclusion).
+    here over `fit_range` [lo, hi] GeV. Edges in GeV. `masked_window_gev` [lo, hi] GeV: the
+    background was chosen with that window masked (rule step 2, module docstring); a function
+    is fitted with it left out, a fit must have left it out, and no window exclusion runs.
+    Otherwise window exclusion runs when the global p of the hunt is below
+    `exclusion_trigger_p` (module docstring of core.exclusion).
     """
     e = np.asarray(edges, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
+    window = (
+        None
+        if masked_window_gev is None
+        else (
+            float(masked_window_gev[0]),
+            float(masked_window_gev[1]),
+        )
+    )
     if isinstance(background, FitResult):
         fit = background
+        if window is not None:
+            _check_mask(e, n, fit, window)
     else:
         if fit_range is None:
             raise InvalidInputError(
@@ -119,7 +183,9 @@ def search_spectrum(
             )
         function = _resolve_function(background, parameters)
         starts = None if parameters is None else [parameters]
-        fit = fit_background(e, n, function, fit_range, sqrt_s=sqrt_s, starts=starts, seed=seed)
+        fit = fit_background(
+            e, n, function, fit_range, sqrt_s=sqrt_s, starts=starts, exclude=window, seed=seed
+        )
     first, stop = fit.first_bin, fit.stop_bin
     if n.shape != (e.size - 1,) or stop > n.size:
         raise InvalidInputError(
@@ -141,18 +207,27 @@ def search_spectrum(
         )
 
     bump = hunt_against(np.asarray(fit.expected, dtype=np.float64))
+    masked_name = "masked " if window is not None else ""
     trail = [
-        f"bump hunt against {fit.name}: best window {bump.mass_low:.0f}-{bump.mass_high:.0f} "
-        f"GeV, {bump.data:.0f} events on {bump.background:.1f}, local Z {bump.local_z:.2f}, "
-        f"global p {bump.global_p:.3g} ({bump.n_toys} toys, {bump.global_p_method})"
+        f"bump hunt against the {masked_name}{fit.name}: best window {bump.mass_low:.0f}-"
+        f"{bump.mass_high:.0f} GeV, {bump.data:.0f} events on {bump.background:.1f}, local Z "
+        f"{bump.local_z:.2f}, global p {bump.global_p:.3g} ({bump.n_toys} toys, "
+        f"{bump.global_p_method})"
     ]
     exclusion = None
     final_fit, final_bump = fit, bump
-    if bump.global_p < exclusion_trigger_p:
+    mask_from: MaskSource | None = None if window is None else "choice"
+    if window is not None:
+        trail.append(
+            f"no window exclusion: the background was chosen with {window[0]:.0f}-"
+            f"{window[1]:.0f} GeV masked (every unmasked function failed its checks)"
+        )
+    elif bump.global_p < exclusion_trigger_p:
         exclusion = window_exclusion(e, n, fit, bump, seed=seed)
         trail.append("window exclusion: " + exclusion.reason)
         if exclusion.accepted and exclusion.masked is not None:
             final_fit = exclusion.masked
+            window, mask_from = exclusion.window_gev, "exclusion"
             final_bump = hunt_against(np.asarray(final_fit.expected, dtype=np.float64))
             trail.append(
                 f"bump hunt against the masked {final_fit.name}: local Z {final_bump.local_z:.2f}"
@@ -173,6 +248,8 @@ def search_spectrum(
         exclusion=exclusion,
         hunt=hunt,
         trail=tuple(trail),
+        masked_window_gev=window,
+        mask_from=mask_from,
     )
 
 
@@ -204,63 +281,75 @@ def _failed_checks(decision: BackgroundDecision) -> tuple[str, ...]:
     )
 
 
-def _masked_choice(
+def fallback_applies(nested_gof_failed: Sequence[bool], n_in_range: float) -> tuple[bool, str]:
+    """Whether the symbolic fallback runs (rule step 3), and why.
+
+    `nested_gof_failed` holds, per nested function tried, whether it failed its goodness
+    of fit; `n_in_range` is the number of events above the stream's start. A function that
+    describes the shape (goodness of fit passed) but fails another check is not cured by a
+    freer function; fewer than `FALLBACK_MIN_EVENTS` events are too few for a shape search.
+    """
+    if not nested_gof_failed or not all(nested_gof_failed):
+        return (
+            False,
+            "a nested function fits the shape (goodness of fit passed); its failing checks "
+            "are not cured by a freer function",
+        )
+    if n_in_range < FALLBACK_MIN_EVENTS:
+        return (
+            False,
+            f"{n_in_range:.0f} events in the fit range < {FALLBACK_MIN_EVENTS}: too sparse for "
+            "a shape search",
+        )
+    return True, "every nested function failed the goodness of fit"
+
+
+def _gof_failed(decision: BackgroundDecision) -> list[bool]:
+    """Per nested candidate: did it fail its goodness of fit (False when not checked)."""
+    return [
+        candidate.report is not None
+        and any(
+            check.name == "goodness_of_fit" and not check.passed
+            for check in candidate.report.checks
+        )
+        for candidate in decision.candidates
+        if candidate.source == "nested"
+    ]
+
+
+def flagged_window(
     edges: FloatArray,
     counts: FloatArray,
     decision: BackgroundDecision,
-    settings: CheckOptions,
-    choose: Callable[[CheckOptions, Fallback | None], BackgroundDecision],
+    *,
     hunt: HuntOptions,
-    notes: list[str],
+    exclusion_trigger_p: float,
     seed: int,
-) -> BackgroundDecision:
-    """Retry the choice with a significant window masked when no function passed.
+) -> tuple[tuple[float, float] | None, str]:
+    """Rule step 2's window: the mask to choose again with, or None, and a line for the trail.
 
-    A strong resonance makes every smooth function fail its goodness of fit. The hunt
-    against the F-test's (rejected) choice locates the window; when its global p is below
-    the exclusion trigger, the window (capped at the signal width, `core.exclusion`) is
-    left out of every fit and the choice is made again (PHYSICS.md 5, flagged window).
+    The hunt against the F-test's rejected function (`search_spectrum`, the agent's probe
+    too) flags a window when its global p is below `exclusion_trigger_p`; the mask is the
+    window exclusion's (signal width, `core.exclusion.masked_window`).
     """
     fit = decision.selection.fit
     if fit is None:
-        return decision
-    first, stop = fit.first_bin, fit.stop_bin
-    probe = bump_hunt(
-        counts[first:stop],
-        np.asarray(fit.expected, dtype=np.float64),
-        edges[first : stop + 1],
-        width_min=hunt.width_min,
-        width_max=hunt.width_max,
-        min_toys=hunt.min_toys,
-        max_toys=hunt.max_toys,
-        min_window_background=hunt.min_window_background,
-        seed=seed,
+        return None, "no function converged: no window to mask"
+    probe = search_spectrum(
+        edges, counts, fit, hunt=hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
     )
-    if probe.global_p >= EXCLUSION_TRIGGER_P:
-        return decision
-    background = np.zeros_like(counts)
-    background[first:stop] = fit.expected
-    low, high, _ = masked_window(
-        edges,
-        counts,
-        background,
-        first + probe.first_bin,
-        first + probe.stop_bin,
-        within=(first, stop),
-    )
-    window = (float(edges[low]), float(edges[high]))
-    notes.append(
+    bump = probe.bump_unmasked
+    if probe.exclusion is None:
+        return None, (
+            f"no window to mask: global p {bump.global_p:.3g} >= {exclusion_trigger_p} against "
+            f"the rejected {fit.name}"
+        )
+    low, high = probe.exclusion.window_gev
+    return (low, high), (
         f"no function passed; the hunt against the rejected {fit.name} flags "
-        f"{probe.mass_low:.0f}-{probe.mass_high:.0f} GeV (global p {probe.global_p:.3g}): "
-        f"choosing again with {window[0]:.0f}-{window[1]:.0f} GeV masked"
+        f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p:.3g}): "
+        f"choosing again with {low:.0f}-{high:.0f} GeV masked"
     )
-    masked = choose(replace(settings, window=window), None)
-    notes.append(
-        f"with the window masked {masked.chosen} passes every check"
-        if masked.passed
-        else "with the window masked no function passes either"
-    )
-    return masked if masked.passed else decision
 
 
 def analyse_spectrum(
@@ -268,20 +357,22 @@ def analyse_spectrum(
     counts: npt.ArrayLike,
     stream_start_gev: float,
     *,
+    checks: CheckOptions,
+    hunt: HuntOptions,
+    fallback: Fallback | None = None,
     sqrt_s: float = 13000.0,
     upper_gev: float | None = None,
-    checks: CheckOptions | None = None,
-    fallback: Fallback | None = None,
-    hunt: HuntOptions = DEFAULT_HUNT,
     exclusion_trigger_p: float = EXCLUSION_TRIGGER_P,
     min_events: int = MIN_EVENTS_IN_FIT_RANGE,
     seed: int = 0,
 ) -> SpectrumAnalysis:
-    """Fit range, background choice (with `fallback`), bump hunt and window exclusion.
+    """The rule of the module docstring on one spectrum: choice, masked choice, fallback, search.
 
     `stream_start_gev` is the stream's fit start (PHYSICS.md 3); the range follows
-    `core.fit.fit_range`. Errors of the fits become status "fit failed" with the reason; bad
-    histograms still raise InvalidInputError.
+    `core.fit.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
+    that a caller states the rule it runs; `fallback` None runs no fallback (a scan whose
+    fallback budget is spent); `seed` seeds every step. Errors of the fits become status
+    "fit failed" with the reason; bad histograms still raise InvalidInputError.
     """
     e = np.asarray(edges, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
@@ -299,7 +390,6 @@ def analyse_spectrum(
         return SpectrumAnalysis(
             "too few events", reason, n_events, n_in_range, None, None, None, (), (reason,)
         )
-    settings = checks or CheckOptions()
     notes: list[str] = []
 
     def choose(options: CheckOptions, with_fallback: Fallback | None) -> BackgroundDecision:
@@ -314,13 +404,28 @@ def analyse_spectrum(
             seed=seed,
         )
 
+    mask: tuple[float, float] | None = None
     try:
-        decision = choose(settings, None)
+        decision = choose(checks, None)
         if not decision.passed:
-            decision = _masked_choice(e, n, decision, settings, choose, hunt, notes, seed)
+            window, line = flagged_window(
+                e, n, decision, hunt=hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
+            )
+            notes.append(line)
+            if window is not None:
+                masked = choose(replace(checks, window=window), None)
+                notes.append(
+                    f"with the window masked {masked.chosen} passes every check"
+                    if masked.passed
+                    else "with the window masked no function passes either"
+                )
+                if masked.passed:
+                    decision, mask = masked, window
         if not decision.passed and fallback is not None:
-            notes.append("no analytic function passed; the symbolic fallback runs")
-            decision = choose(settings, fallback)
+            use, why = fallback_applies(_gof_failed(decision), n_in_range)
+            notes.append(("the symbolic fallback runs: " if use else "no fallback: ") + why)
+            if use:
+                decision = choose(checks, fallback)
     except AnomscanError as error:
         reason = f"background choice failed: {error}".splitlines()[0]
         return SpectrumAnalysis(
@@ -350,6 +455,7 @@ def analyse_spectrum(
             e,
             n,
             decision.fit,
+            masked_window_gev=mask,
             hunt=hunt,
             exclusion_trigger_p=exclusion_trigger_p,
             seed=seed,

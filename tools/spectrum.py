@@ -4,7 +4,9 @@
 given range), runs the window exclusion and returns the final background; its output is
 also a point of `scan_significance` (fields `first_bin`, `stop_bin`, `edges`, `counts`,
 `background`, `bump.width_min/width_max/min_window_background`); `background_error` is the
-1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`).
+1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`). A background
+chosen with a window masked is searched with `masked_window_gev`: fitted with the window left
+out and no second exclusion (core.spectrum, rule step 4).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from core.masses import STREAM_FIT_FROM_GEV
 from core.spectrum import SpectrumSearch, analyse_spectrum, search_spectrum
 from tools.bumps import BumpHuntOutput, bump_output
 from tools.common import HistogramInput, StrictModel
-from tools.fits import FallbackSettings, symbolic_fallback
+from tools.fits import CheckSettings, FallbackSettings, symbolic_fallback
 from tools.registry import register
 
 StreamName = Literal["T1", "T2", "T3", "T4", "T5", "T6", "T7"]
@@ -66,6 +68,11 @@ class SearchSpectrumInput(HuntSettings):
     )
     parameters: list[float] | None = Field(
         None, description="start (ln p1, p2, ...); a symbolic expression's constants"
+    )
+    masked_window_gev: tuple[float, float] | None = Field(
+        None,
+        description="[lo, hi] GeV the background was chosen with masked: the fit leaves it "
+        "out and no window exclusion runs; null = unmasked, window exclusion as usual",
     )
     sqrt_s: float = Field(13000.0, gt=0, le=1e6, description="collision energy in GeV")
     exclusion_trigger_p: float = Field(
@@ -139,6 +146,13 @@ class SearchSpectrumOutput(StrictModel):
     bump: BumpHuntOutput = Field(description="hunt against the final background")
     bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
     window_exclusion: WindowExclusionOutput | None
+    masked_window_gev: tuple[float, float] | None = Field(
+        description="window the final background leaves out (GeV); null = none"
+    )
+    mask_from: Literal["choice", "exclusion"] | None = Field(
+        description="choice: the background was chosen with the mask; exclusion: the window "
+        "exclusion's agreement test accepted the masked refit"
+    )
     trail: list[str]
 
 
@@ -158,6 +172,8 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         bump=bump_output(search.bump),
         bump_unmasked=bump_output(search.bump_unmasked),
         window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),
+        masked_window_gev=search.masked_window_gev,
+        mask_from=search.mask_from,
         trail=list(search.trail),
     )
 
@@ -177,6 +193,7 @@ def run_search_spectrum(arguments: SearchSpectrumInput) -> SearchSpectrumOutput:
         arguments.function,
         arguments.fit_range,
         parameters=None if arguments.parameters is None else tuple(arguments.parameters),
+        masked_window_gev=arguments.masked_window_gev,
         sqrt_s=arguments.sqrt_s,
         hunt=arguments.to_core(),
         exclusion_trigger_p=arguments.exclusion_trigger_p,
@@ -197,6 +214,7 @@ class AnalyseSpectrumInput(HuntSettings):
         None, gt=0, le=1e6, description="fixed upper mass; null = 0.65 sqrt_s"
     )
     sqrt_s: float = Field(13000.0, gt=0, le=1e6, description="collision energy in GeV")
+    checks: CheckSettings = Field(default_factory=CheckSettings)
     use_fallback: bool = True
     fallback_search: FallbackSettings = Field(default_factory=FallbackSettings)
     min_events: int = Field(40, ge=1, le=10**9)
@@ -241,6 +259,7 @@ def run_analyse_spectrum(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOutp
         start,
         sqrt_s=arguments.sqrt_s,
         upper_gev=arguments.upper_gev,
+        checks=arguments.checks.to_core(),
         fallback=symbolic_fallback(arguments.fallback_search) if arguments.use_fallback else None,
         hunt=arguments.to_core(),
         min_events=arguments.min_events,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,22 @@ def scan_arguments(sample: Sample, out: Path, *extra: str) -> list[str]:
         *FAST,
         *extra,
     ]
+
+
+GOF_ALPHA = 0.05
+"""The goodness-of-fit check passes at p > 0.05 (PHYSICS.md 5)."""
+
+
+def assert_no_excess_on_a_failed_background(results: dict[str, Any]) -> None:
+    """Every excess of results.json stands on a background whose recorded checks passed.
+
+    checks_passed must be true (a recorded fact, not a constant: the point's file has the
+    checks of the background the hunt used), the goodness of fit among them passed with
+    p > 0.05, and the excess lists each of its checks as passed or not applicable.
+    """
+    for excess in results["excesses"]:
+        where = (excess["spectrum"], excess["xsec_pb"], excess["function"])
+        assert excess["checks_passed"] is True, where
+        assert excess["gof_p_value"] is not None and excess["gof_p_value"] > GOF_ALPHA, where
+        assert excess["checks"], where
+        assert set(excess["checks"].values()) <= {"pass", "not_applicable"}, (where, excess)

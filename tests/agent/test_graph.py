@@ -93,6 +93,7 @@ def test_a_whole_stream_result_repeated_at_tighter_points_is_listed_once(tmp_pat
             "global_z_is_lower_limit": False,
             "function": "p3",
             "fit_p_value": 0.5,
+            "checks_passed": True,
             "masked_window_gev": None,
         }
 
@@ -115,3 +116,44 @@ def test_a_whole_stream_result_repeated_at_tighter_points_is_listed_once(tmp_pat
     assert results["points_pb"] == [100.0, 31.6, 10.0, 1.0]
     rows = [(e["xsec_pb"], e["whole_stream"], e["repeated_at_pb"]) for e in results["excesses"]]
     assert rows == [(1.0, False, []), (100.0, True, [31.6, 10.0])]
+
+
+def test_an_excess_whose_background_failed_its_checks_is_never_ranked(tmp_path: Path) -> None:
+    """results.json carries each excess's recorded checks; one with checks_passed false (or
+    not recorded) is listed as skipped with the reason, never as an excess."""
+    import json
+
+    from agent.graph import collect_results
+
+    row = {
+        "spectrum": "T3/jm",
+        "status": "excess",
+        "window_gev": [1450.0, 1560.0],
+        "data": 60.0,
+        "background": 3.0,
+        "local_p": 1e-20,
+        "local_z": 9.0,
+        "global_z": 8.0,
+        "global_z_is_lower_limit": True,
+        "function": "p2",
+        "fit_p_value": 5.8e-20,
+        "masked_window_gev": None,
+    }
+    path = tmp_path / "point-0.json"
+    path.write_text(
+        json.dumps(
+            {
+                "spectra": [
+                    row | {"checks_passed": False},
+                    row | {"spectrum": "T4/jm"},
+                    row | {"spectrum": "T2/jm", "checks_passed": True, "fit_p_value": 0.4},
+                ]
+            }
+        )
+    )
+    point = {"point_pb": 1.0, "results_file": str(path), "outcomes": {}}
+    state = {"run_id": "r", "lumi_pb": 1000.0, "points": [point], "lee": None}
+    results = collect_results(state, Path)  # type: ignore[arg-type]
+    assert [(e["spectrum"], e["checks_passed"]) for e in results["excesses"]] == [("T2/jm", True)]
+    assert {s["spectrum"] for s in results["skipped"]} == {"T3/jm", "T4/jm"}
+    assert all("did not pass its checks" in s["reason"] for s in results["skipped"])

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from core.synth import SampleConfig, SignalSpec, generate_sample
-from tests.agent.conftest import CHEAP, GAIN_SIGNAL, LUMI_PB, Sample, run_cli, scan_arguments
+from tests.agent.conftest import (
+    CHEAP,
+    GAIN_SIGNAL,
+    LUMI_PB,
+    Sample,
+    assert_no_excess_on_a_failed_background,
+    run_cli,
+    scan_arguments,
+)
 
 RANGE = ("--xsec-range", "0.1", "10", "--points-per-decade", "1", "--max-points", "4")
 
@@ -104,6 +112,14 @@ def test_scan_finds_the_injected_resonance_without_reading_the_truth(signal_run:
     } <= tables
     assert n_llm == 0
     assert run_cli("audit", "verify", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_no_excess_of_the_scan_stands_on_a_background_that_failed_its_checks(
+    signal_run: Path,
+) -> None:
+    results = json.loads((signal_run / "results.json").read_text())
+    assert_no_excess_on_a_failed_background(results)
 
 
 @pytest.mark.slow
