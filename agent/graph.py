@@ -406,7 +406,7 @@ def _build_spectra(ctx: ScanContext) -> NodeBody:
             ),
         )
         return {
-            "stage": f"spectra at {point:g} pb",
+            "stage": f"spectra at {point_text(point)} pb",
             "pending_pb": pending,
             "current": {
                 "index": index,
@@ -884,7 +884,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         current["backgrounds_sha256"] = ctx.artifact(path, "backgrounds")
         ctx.progress.update(spectra_done=ctx.progress.spectra_done + len(names))
         return {
-            "stage": f"backgrounds at {point:g} pb",
+            "stage": f"backgrounds at {point_text(point)} pb",
             "current": current,
             "fallbacks_used": fallbacks_used,
         }
@@ -1117,7 +1117,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
         }
         ctx.progress.update(points_done=index + 1, spectra_done=ctx.progress.spectra_total)
         return {
-            "stage": f"bumps at {point:g} pb",
+            "stage": f"bumps at {point_text(point)} pb",
             "points": [*state["points"], record],
             "current": None,
         }

@@ -23,6 +23,7 @@ import numpy as np
 
 from agent import plots
 from agent.audit import AUDIT_FILE, AuditError, open_readonly
+from core.anomaly import point_text
 from core.errors import InvalidInputError
 from core.limits import LOW_COUNT_BACKGROUND
 from core.masses import PAIRS, STREAMS
@@ -309,7 +310,9 @@ def _check_text(check: dict[str, Any]) -> str:
 
 def why_text(story: dict[str, Any]) -> str:
     """The `anomscan audit RUN --why SPECTRUM POINT` explanation, from the log alone."""
-    lines = [f"{story['spectrum']} at AR point {story['point_pb']:g} pb (#{story['index']})"]
+    lines = [
+        f"{story['spectrum']} at AR point {point_text(story['point_pb'])} pb (#{story['index']})"
+    ]
     inputs = story["inputs"]
     lines.append(
         f"input: {inputs['spectra_file']} (sha256 {inputs['sha256'] or 'not logged'}), "
@@ -533,7 +536,7 @@ def _map_table(run: RunRecord, local_z: np.ndarray, marks: list[list[str]]) -> s
             )
             text_colour = "#fff" if np.isfinite(z) and z / top < 0.6 else "#000"
             label = f"{z:.1f}" if np.isfinite(z) else marks[i][j]
-            title = f"{name} at {point['point_pb']:g} pb: " + (
+            title = f"{name} at {point_text(point['point_pb'])} pb: " + (
                 f"local Z {z:.2f}" if np.isfinite(z) else "no excess test"
             )
             cells.append(
@@ -1086,12 +1089,12 @@ def _limits_section(
     ]
     for k, point in enumerate(points):
         curves = [c for c in limits["curves"] if math.isclose(float(c["point_pb"]), point)]
-        parts.append(f"<h3>AR point {point:g} pb</h3>")
+        parts.append(f"<h3>AR point {point_text(point)} pb</h3>")
         parts.append(
             figures.img(
                 plots.limit_curves_plot(curves, point, style),
                 f"limits-{k:03d}",
-                f"95 % CL limits at the AR point {point:g} pb",
+                f"95 % CL limits at the AR point {point_text(point)} pb",
             )
         )
     return parts

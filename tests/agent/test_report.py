@@ -290,6 +290,7 @@ def test_why_lists_the_functions_tried_and_the_chosen_one(reviewed: ReviewedRun)
 
 
 @pytest.mark.slow
+@pytest.mark.tampers_audit
 def test_annotation_is_chained_and_shown(reviewed: ReviewedRun, tmp_path: Path) -> None:
     run_dir = reviewed.run_dir
     assert _decision_rows(run_dir) == reviewed.decisions_before
