@@ -4,9 +4,11 @@ serial against Ray in the same run.
     nice -n 10 .venv/bin/python bench/bench_scan.py        (BENCH_EVENTS to change the size)
 
 Run 1 (Ray) generates the sample, trains the autoencoder and scans; run 2 (serial) scans
-the same files with the model of run 1. Stage times come from the audit log of each run:
-event pass and training (prepare), fits (background choice and bump hunt over every AR
-point), look-elsewhere. Goal: under 10 minutes in all on 2 cores, the fits under 5.
+the same files with the model of run 1. Both run `anomscan scan` in a subprocess (the
+entry point users run), and `anomscan audit verify` checks each run folder. Stage times
+come from the audit log of each run: event pass and training (prepare), fits (background
+choice and bump hunt over every AR point), look-elsewhere. Goal: under 10 minutes in all
+on 2 cores, the fits under 5.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from agent.scan import ScanConfig, run_scan
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import SIGNAL
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results") / "scan.json"
 N_EVENTS = int(os.environ.get("BENCH_EVENTS", "1000000"))
 
@@ -45,27 +48,33 @@ def _stages(run_dir: Path) -> dict[str, float]:
 
 
 def _scan(folder: Path, files: list[str], executor: str, model: str | None) -> dict[str, object]:
-    config = ScanConfig(
-        data=files,
-        lumi_pb=1000.0,
-        run_dir=str(folder),
-        executor=executor,  # type: ignore[arg-type]
-        model=model,
-        seed=1,
-    )
+    command = [sys.executable, "-m", "agent.cli", "scan", *files, "--lumi-pb", "1000"]
+    command += ["--out", str(folder), "--executor", executor, "--seed", "1", "--quiet"]
+    command += [] if model is None else ["--model", model]
     start = time.perf_counter()
-    outcome = run_scan(config, show_progress=False)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     total = time.perf_counter() - start
-    top = outcome.results["excesses"][0] if outcome.results["excesses"] else None
+    verified = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "audit", "verify", str(folder)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    results = json.loads((folder / "results.json").read_text())
+    with sqlite3.connect(folder / "audit.sqlite") as db:
+        workers = {row[0] for row in db.execute("select distinct worker from tool_calls")}
+    top = results["excesses"][0] if results["excesses"] else None
     return {
         "executor": executor,
-        "executors_used": list(outcome.executors),
+        "worker_processes": len(workers),
         "total_s": round(total, 1),
         **_stages(folder),
-        "points": len(outcome.results["points_pb"]),
-        "excesses": len(outcome.results["excesses"]),
+        "points": len(results["points_pb"]),
+        "excesses": len(results["excesses"]),
         "top": None if top is None else {k: top[k] for k in ("spectrum", "xsec_pb", "local_z")},
-        "scan_global_z": outcome.results["scan_global_z"],
+        "scan_global_z": results["scan_global_z"],
+        "audit_verify": {"exit": verified.returncode, "last_line": verified.stdout.strip()[-200:]},
     }
 
 
