@@ -650,7 +650,7 @@ def _command_demo(arguments: argparse.Namespace) -> int:
     arguments.budget_minutes = None
     arguments.max_points = None
     arguments.epochs = 30
-    arguments.gof_toys = 100
+    arguments.gof_toys = 1000
     arguments.quiet = False
     if Path(arguments.out, "config.json").exists():
         import shutil
@@ -985,7 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--model", help="a trained autoencoder (.onnx with its card)")
     scan.add_argument("--events", type=int, help="built-in sample size (default 100000)")
     scan.add_argument("--epochs", type=int, default=30, help="autoencoder training epochs")
-    scan.add_argument("--gof-toys", type=int, default=100, help="goodness-of-fit toys per fit")
+    scan.add_argument(
+        "--gof-toys", type=int, default=1000, help="goodness-of-fit toys per fit (sparse bins)"
+    )
     scan.add_argument("--quiet", action="store_true", help="no progress display")
     scan.add_argument("--limits", action="store_true", help="set 95 %% CL limits as the last step")
     scan.add_argument("--policy", choices=["rules", "llm"], default="rules")

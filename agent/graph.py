@@ -51,8 +51,13 @@ NodeBody = Callable[[ScanState, str], dict[str, Any]]
 
 
 def scan_checks(config: ScanConfig) -> dict[str, Any]:
-    """Robustness-check settings of a scan (a `CheckSettings`): defaults, GOF toys from config."""
-    return {"n_gof_toys": config.gof_toys}
+    """Robustness-check settings of a scan (a `CheckSettings`): defaults, GOF toys from config.
+
+    The goodness of fit is asymptotic where the bins are well filled and otherwise from
+    `gof_toys` toys refitted to first order (`core.robustness.goodness_of_fit`, method
+    auto): the count the config records is the count the checks report.
+    """
+    return {"n_linear_toys": config.gof_toys}
 
 
 def _checks(ctx: ScanContext) -> dict[str, Any]:

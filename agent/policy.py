@@ -248,7 +248,12 @@ class RulesPolicy:
                     ),
                 )
         failed = [
-            f"{c.function}: {', '.join(k.name for k in c.checks if not k.passed)}"
+            f"{c.function}: "
+            + (
+                ", ".join(k.name for k in c.checks if not k.passed)
+                if c.checks
+                else "not checked (an earlier candidate was chosen to be checked)"
+            )
             for c in candidates
         ]
         return BackgroundProposal(

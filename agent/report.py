@@ -308,6 +308,17 @@ def _check_text(check: dict[str, Any]) -> str:
     return f"{check['name']}: {verdict} ({numbers})"
 
 
+def _deciding_gof(checks: list[dict[str, Any]]) -> str:
+    """The goodness-of-fit p that decided the check (toys where bins are sparse)."""
+    gof = next((c for c in checks if c.get("name") == "goodness_of_fit"), None)
+    if gof is None:
+        return ""
+    numbers = gof.get("numbers", {})
+    toys = numbers.get("n_toys")
+    source = f"{_number(toys)} toys" if toys else "asymptotic"
+    return f"; goodness-of-fit p {_number(numbers.get('p_value'))} ({source}) decides"
+
+
 def why_text(story: dict[str, Any]) -> str:
     """The `anomscan audit RUN --why SPECTRUM POINT` explanation, from the log alone."""
     lines = [
@@ -353,9 +364,10 @@ def why_text(story: dict[str, Any]) -> str:
                 quality = (
                     ""
                     if fit is None
-                    else f", deviance {_number(fit['deviance'])} / ndf {fit['ndf']}, fit p "
-                    f"{_number(fit['p_value'])}"
+                    else f", deviance {_number(fit['deviance'])} / ndf {fit['ndf']}, asymptotic "
+                    f"p {_number(fit['p_value'])}"
                 )
+                quality += _deciding_gof(candidate["checks"])
                 lines.append(
                     f"  {candidate['function']} ({candidate['source']}): {verdict}{quality}"
                 )

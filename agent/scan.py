@@ -101,7 +101,9 @@ class ScanConfig(BaseModel):
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
     fallback_time_s: float = Field(60.0, gt=0)
     min_events: int = Field(40, ge=1, description="events above the fit start to fit")
-    gof_toys: int = Field(100, ge=10, description="toys of the goodness-of-fit check")
+    gof_toys: int = Field(
+        1000, ge=10, description="toys of the goodness of fit where bins are sparse"
+    )
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
     limits: bool = Field(False, description="set 95 % CL limits as the last node")

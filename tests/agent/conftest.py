@@ -105,7 +105,7 @@ def background_sample(tmp_path_factory: pytest.TempPathFactory, signal_sample: S
 
 CHEAP = ("--xsec-range", "0.3", "3", "--points-per-decade", "1", "--max-points", "2")
 """Two AR points and no refinement: the scans that compare executors and resumes."""
-FAST = ("--gof-toys", "20", "--quiet", "--seed", "5")
+FAST = ("--quiet", "--seed", "5")
 
 
 def scan_arguments(sample: Sample, out: Path, *extra: str) -> list[str]:

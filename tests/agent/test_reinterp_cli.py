@@ -41,8 +41,6 @@ ONE_POINT = (
     "1",
     "--executor",
     "serial",
-    "--gof-toys",
-    "10",
 )
 """One AR point, the policy's first of the grid (3 pb: a real cut in T2, the whole stream in
 the smaller streams of the 30k-event sample)."""
@@ -477,7 +475,7 @@ def test_the_rule_rerun_takes_the_settings_and_seeds_of_the_runs_config(tmp_path
 
     config = ScanConfig(run_dir=str(tmp_path), gof_toys=37, min_events=12, seed=5)
     rule = scan_rule(SimpleNamespace(config=config))  # type: ignore[arg-type]
-    assert rule.checks == CheckOptions(n_gof_toys=37)
+    assert rule.checks == CheckOptions(n_linear_toys=37)
     assert rule.hunt == DEFAULT_HUNT
     assert rule.min_events == 12
     assert rule.seed(2, "T2/jm") == _spectrum_seed(5, 2, "T2/jm")

@@ -86,7 +86,6 @@ def reviewed(tmp_path_factory: pytest.TempPathFactory) -> ReviewedRun:
         max_points=2,
         executor="serial",
         seed=5,
-        gof_toys=10,
         n_pseudo_scans=200,
         max_pseudo_scans=500,
     )

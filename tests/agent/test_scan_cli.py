@@ -282,7 +282,7 @@ def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) 
     counts[SPECTRUM_NAMES.index(name), 40] = 500.0  # every event in one bin: no smooth fit
     spectra = tmp_path / "spectra.npz"
     np.savez(spectra, edges=edges, counts=counts, names=np.array(SPECTRUM_NAMES))
-    config = ScanConfig(run_dir=str(tmp_path), gof_toys=10)
+    config = ScanConfig(run_dir=str(tmp_path))
     audit = AuditLog(tmp_path / "audit.sqlite")
     with FanOut("serial") as fan_out:
         ctx = ScanContext(config, audit, fan_out)

@@ -565,3 +565,32 @@ def test_the_progress_screen_in_a_terminal_shows_points_and_an_eta(
     assert re.search(r"ETA \d+ s", text), "no ETA after the first point"
     assert "look-elsewhere over 2 AR points" in text
     assert results_of(out) == results_of(reference)
+
+
+def test_why_names_the_p_that_decided_and_the_toys_of_the_config(reference: Path) -> None:
+    """--why tells one story: each candidate's line shows the goodness-of-fit p that decided
+    its check (not only the asymptotic fit p), a failed candidate names its failed checks,
+    and every toy count a check reports is the config's gof_toys."""
+    config = json.loads((reference / "config.json").read_text())
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        rows = db.execute(
+            "select spectrum, point_pb, options, rationale from decisions where kind = 'background'"
+        ).fetchall()
+    toys = {
+        check["numbers"]["n_toys"]
+        for _, _, options, _ in rows
+        for candidate in json.loads(options or "[]")
+        if isinstance(candidate, dict)
+        for check in candidate.get("checks", [])
+        if check["name"] == "goodness_of_fit" and "n_toys" in check["numbers"]
+    }
+    assert toys == {float(config["gof_toys"])}, toys  # sparse bins: toys in every scan
+    for _, _, _, rationale in rows:
+        assert ": )" not in rationale and ": ;" not in rationale, rationale  # a named reason
+    spectrum, point, _, _ = rows[0]
+    why = run_cli("audit", str(reference), "--why", spectrum, str(point))
+    assert why.returncode == 0, why.stderr
+    candidate_lines = [line for line in why.stdout.splitlines() if " (nested): " in line]
+    assert candidate_lines
+    for line in candidate_lines:
+        assert "asymptotic p" in line and "goodness-of-fit p " in line and " decides" in line
