@@ -576,13 +576,15 @@ def _command_report(arguments: argparse.Namespace) -> int:
     """`anomscan report RUN`: RUN/report/index.html with its spectrum pages and plots."""
     from agent.report import write_report
 
-    outcome = write_report(
-        Path(arguments.run),
-        None if arguments.output is None else Path(arguments.output),
-        style=arguments.style,
-        fmt=arguments.format,
-        placement=arguments.plots,
-    )
+    with _progress_bar("writing the report's spectrum pages") as advance:
+        outcome = write_report(
+            Path(arguments.run),
+            None if arguments.output is None else Path(arguments.output),
+            style=arguments.style,
+            fmt=arguments.format,
+            placement=arguments.plots,
+            progress=advance,
+        )
     print(f"report: {outcome.index} ({outcome.pages} pages)")
     return 0
 
@@ -769,7 +771,8 @@ def _command_inject(arguments: argparse.Namespace) -> int:
         background=arguments.background,
         rule_toys=arguments.rule_toys,
     )
-    output = run_injection(Path(arguments.run), request)
+    with _progress_bar("injecting and re-analysing") as advance:
+        output = run_injection(Path(arguments.run), request, progress=advance)
     for summary in output["strengths"]:
         print(summary["text"])
     gains = [row for row in output["sensitivity"] if row["dz_percent"] is not None]

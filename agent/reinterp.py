@@ -63,7 +63,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -940,7 +940,35 @@ BACKGROUND_METHOD = {
 }
 
 
-def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
+def _analyse_all(
+    jobs: list[SpectrumJob],
+    executor: Executor,
+    progress: Callable[[int, int], None] | None,
+) -> list[Any]:
+    """`analyse_injected` on every job, in order; serially in 50 chunks to show progress.
+
+    Each result depends on its job alone, so chunking changes nothing; a parallel executor
+    gets every job at once (one Ray session) and reports progress when all are done.
+    """
+    if executor != "serial":
+        outcomes = map_batched(analyse_injected, jobs, executor)
+    else:
+        outcomes = []
+        chunk = max(1, len(jobs) // 50)
+        for start in range(0, len(jobs), chunk):
+            outcomes += map_batched(analyse_injected, jobs[start : start + chunk], "serial")
+            if progress is not None:
+                progress(len(outcomes), len(jobs))
+    if progress is not None:
+        progress(len(outcomes), len(jobs))
+    return outcomes
+
+
+def run_injection(
+    run_dir: Path,
+    request: InjectionRequest,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """`anomscan inject RUN ...`: inject, re-analyse, recover; RUN/injection/NAME.json."""
     run = read_run(Path(run_dir).resolve())
     streams = check_request(request)
@@ -972,7 +1000,7 @@ def run_injection(run_dir: Path, request: InjectionRequest) -> dict[str, Any]:
             scan_rule(ctx),
         )
         pairs = [pair for r in _realisations(request) for pair in _realisation_jobs(inputs, r)]
-        outcomes = map_batched(analyse_injected, [job for job, _ in pairs], request.executor)
+        outcomes = _analyse_all([job for job, _ in pairs], request.executor, progress)
         rows = [
             _with_pulls(key | outcome) for (_, key), outcome in zip(pairs, outcomes, strict=True)
         ]

@@ -14,7 +14,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1128,8 +1128,12 @@ def write_report(
     style: plots.PlotStyle = "Simulation",
     fmt: plots.PlotFormat = "png",
     placement: PlotPlacement = "embedded",
+    progress: Callable[[int, int], None] | None = None,
 ) -> ReportOutcome:
-    """Write RUN/report/index.html, a page per spectrum x point and the tool-call page."""
+    """Write RUN/report/index.html, a page per spectrum x point and the tool-call page.
+
+    `progress(pages_done, pages_total)` is called after each spectrum page.
+    """
     run = load_run(run_dir)
     folder = output or run_dir / "report"
     try:
@@ -1203,11 +1207,14 @@ def write_report(
     body.append(reinterpretation_section(run_dir, figures.img, style, folder))
     (folder / "index.html").write_text(_page(f"anomscan report {results['run_id']}", "".join(body)))
     pages = 1
+    total = len(run.points) * len(SPECTRUM_NAMES)
     for index in range(len(run.points)):
         for spectrum in SPECTRUM_NAMES:
             page = _spectrum_page(run, spectrum, index, figures, style)
             (folder / "spectra" / f"{spectrum_slug(spectrum, index)}.html").write_text(page)
             pages += 1
+            if progress is not None:
+                progress(pages - 1, total)
     (folder / "tool_calls.html").write_text(_tool_calls_page(run))
     return ReportOutcome(folder / "index.html", pages + 1, tuple(figures.written))
 
