@@ -10,9 +10,17 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import AnomscanError, InvalidInputError
+from core.events import NON_FINITE_RULE
 from core.files import check_regular_file
 
 
@@ -48,6 +56,22 @@ class StrictModel(BaseModel):
         if _holds_bool(value) and annotation is not bool and _wants_number(annotation):
             raise ValueError("expected a number, got a boolean")
         return value
+
+
+class NonFiniteReport(StrictModel):
+    """What a reader says about non-finite input values (core.events.NON_FINITE_RULE)."""
+
+    non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
+    )
+    dropped_non_finite: dict[str, int] = Field(
+        default_factory=dict,
+        description="objects per type, and events ('events'), dropped for a non-finite value",
+    )
+    notes: list[str] = Field(
+        default_factory=list, description="what the reader did that changes the counts"
+    )
 
 
 def require_file(

@@ -10,7 +10,6 @@ import numpy as np
 from pydantic import Field
 
 from core.events import (
-    NON_FINITE_RULE,
     SchemaName,
     Selection,
     add_counts,
@@ -22,7 +21,7 @@ from core.files import exclusive_output
 from core.masses import STREAMS, stream_bits
 from core.objects import OBJECT_TYPES
 from core.synth import SampleConfig, SignalSpec, generate_sample
-from tools.common import StrictModel
+from tools.common import NonFiniteReport, StrictModel
 from tools.registry import (
     AbsEta,
     ChunkSize,
@@ -92,7 +91,7 @@ class FileSummary(StrictModel):
     notes: list[str]
 
 
-class ReadEventsOutput(StrictModel):
+class ReadEventsOutput(NonFiniteReport):
     """Counts after selection: objects per type, events with at least one, events per stream."""
 
     n_events: int
@@ -102,13 +101,6 @@ class ReadEventsOutput(StrictModel):
     met_nonzero: int
     streams: dict[str, int]
     selection: dict[str, Any]
-    non_finite: dict[str, int] = Field(
-        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE
-    )
-    dropped_non_finite: dict[str, int] = Field(
-        description="objects per type, and events ('events'), dropped for a non-finite value"
-    )
-    notes: list[str] = Field(description="what the reader did that changes the counts")
 
 
 @register(

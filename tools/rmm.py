@@ -12,7 +12,6 @@ import numpy.typing as npt
 from pydantic import ConfigDict, Field, field_validator
 
 from core.events import (
-    NON_FINITE_RULE,
     SchemaName,
     add_counts,
     iterate_events,
@@ -25,7 +24,7 @@ from core.masses import SPECTRUM_NAMES, STREAMS
 from core.objects import OBJECT_FIELDS, OBJECT_TYPES, EventChunk
 from core.rmm import RMMLayout, rmm_features, rmm_matrices
 from core.table import table_spectra, write_event_table
-from tools.common import StrictModel
+from tools.common import NonFiniteReport, StrictModel
 from tools.registry import ChunkSize, FilePath, PathText, PositiveEventCount, SqrtSGeV, register
 
 
@@ -61,7 +60,7 @@ class ComputeRMMInput(StrictModel):
     _check_output = field_validator("output")(_npz_path)
 
 
-class ComputeRMMOutput(StrictModel):
+class ComputeRMMOutput(NonFiniteReport):
     """Where the RMMs went and how many events they cover."""
 
     model_config = ConfigDict(serialize_by_alias=True)
@@ -69,15 +68,6 @@ class ComputeRMMOutput(StrictModel):
     output: Path
     n_events: int
     schema_name: str = Field(alias="schema")
-    non_finite: dict[str, int] = Field(
-        default_factory=dict,
-        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
-    )
-    dropped_non_finite: dict[str, int] = Field(
-        default_factory=dict,
-        description="objects per type, and events ('events'), dropped for a non-finite value",
-    )
-    notes: list[str] = Field(default_factory=list)
 
 
 def padded_objects(chunk: EventChunk, layout: RMMLayout) -> dict[str, npt.NDArray[np.float64]]:
@@ -163,22 +153,13 @@ class EventTableInput(StrictModel):
         return value
 
 
-class EventTableOutput(StrictModel):
+class EventTableOutput(NonFiniteReport):
     """The table written: events, chunks (row groups) and events per trigger stream."""
 
     output: Path
     n_events: int
     n_chunks: int
     streams: dict[str, int]
-    non_finite: dict[str, int] = Field(
-        default_factory=dict,
-        description="non-finite values (NaN, infinity) read per branch; " + NON_FINITE_RULE,
-    )
-    dropped_non_finite: dict[str, int] = Field(
-        default_factory=dict,
-        description="objects per type, and events ('events'), dropped for a non-finite value",
-    )
-    notes: list[str] = Field(default_factory=list)
 
 
 @register(
