@@ -638,6 +638,29 @@ def _search_input(
     }
 
 
+def _search_calls(
+    ctx: ScanContext,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    backgrounds: dict[str, dict[str, Any]],
+    index: int,
+    names: list[str],
+) -> list[tuple[str, dict[str, Any]]]:
+    """The labelled `search_spectrum` inputs of `names` at the AR point `index`."""
+    return [
+        (
+            name,
+            _search_input(
+                edges,
+                counts[SPECTRUM_NAMES.index(name)],
+                backgrounds[name],
+                _spectrum_seed(ctx.config.seed, index, name),
+            ),
+        )
+        for name in names
+    ]
+
+
 def _choose_masked(
     ctx: ScanContext,
     step_id: str,
@@ -667,18 +690,7 @@ def _choose_masked(
     probes = ctx.call_tools(
         step_id,
         "search_spectrum",
-        [
-            (
-                name,
-                _search_input(
-                    edges,
-                    counts[SPECTRUM_NAMES.index(name)],
-                    backgrounds[name],
-                    _spectrum_seed(ctx.config.seed, index, name),
-                ),
-            )
-            for name in provisional
-        ],
+        _search_calls(ctx, edges, counts, backgrounds, index, provisional),
     )
     masked_calls = []
     for name, probe in zip(provisional, probes, strict=True):
@@ -941,18 +953,7 @@ def _hunt_bumps(ctx: ScanContext) -> NodeBody:
             edges, counts = data["edges"], data["counts"]
         backgrounds = json.loads(ctx.at(current["backgrounds_file"]).read_text())["backgrounds"]
         accepted = [n for n in SPECTRUM_NAMES if backgrounds.get(n, {}).get("status") == "accepted"]
-        calls = [
-            (
-                name,
-                _search_input(
-                    edges,
-                    counts[SPECTRUM_NAMES.index(name)],
-                    backgrounds[name],
-                    _spectrum_seed(ctx.config.seed, index, name),
-                ),
-            )
-            for name in accepted
-        ]
+        calls = _search_calls(ctx, edges, counts, backgrounds, index, accepted)
         searches = {r.label: r for r in ctx.call_tools(step_id, "search_spectrum", calls)}
         spectra: list[dict[str, Any]] = []
         background_rows = np.zeros_like(counts)
