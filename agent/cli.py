@@ -600,7 +600,10 @@ def _command_export(arguments: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _progress_bar(what: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich bar on stderr (done / total, elapsed, ETA) when it is a terminal; else None."""
+    """A rich bar on stderr (done / total, elapsed, ETA) when it is a terminal; else None.
+
+    Without calls to the function it yields, the bar pulses beside the elapsed time.
+    """
     if not sys.stderr.isatty():
         yield None
         return
@@ -848,12 +851,13 @@ def _command_limits(arguments: argparse.Namespace) -> int:
 
     run_dir = Path(arguments.run)
     widths = parse_widths(arguments.widths)
-    outcome = run_limits(
-        run_dir,
-        spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
-        widths=widths,
-        method=arguments.method,
-    )
+    with _progress_bar("setting limits (every accepted spectrum and point, one pass)"):
+        outcome = run_limits(
+            run_dir,
+            spectrum=None if arguments.spectrum is None else canonical_spectrum(arguments.spectrum),
+            widths=widths,
+            method=arguments.method,
+        )
     print(
         f"{outcome.n_limits} limits in {outcome.n_curves} curves -> {outcome.json_path}, "
         f"{outcome.csv_path}"
