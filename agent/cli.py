@@ -286,7 +286,10 @@ def _scan_config(arguments: argparse.Namespace) -> Any:
     except ValidationError as error:
         problem = error.errors()[0]
         raise InvalidInputError(
-            f"--{'-'.join(str(p) for p in problem['loc']).replace('_', '-')}: {problem['msg']}"
+            f"--{'-'.join(str(p) for p in problem['loc'] if not isinstance(p, int))}".replace(
+                "_", "-"
+            )
+            + f": {problem['msg']} (given {problem.get('input')!r})"
         ) from error
 
 
