@@ -205,22 +205,29 @@ def _scan_error(error: AnomscanError) -> int:
 
 
 def _point_text(excess: dict[str, Any]) -> str:
-    """The AR point of an excess row: a range for a repeated whole-stream row."""
-    repeats = excess.get("repeated_at_pb") or []
-    if not repeats:
-        return point_text(excess["xsec_pb"])
-    return f"{point_text(min(repeats))}-{point_text(excess['xsec_pb'])} whole"
+    """Where a distinct excess stands: its best AR point, and the range it appears in."""
+    points = excess["points_pb"]
+    best = point_text(excess["xsec_pb"])
+    if len(points) == 1:
+        return best
+    return f"{best} ({point_text(points[0])}-{point_text(points[-1])}, {len(points)} pts)"
 
 
 def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from agent.scan import distinct_excesses
+
     console = Console()
-    table = Table(title="largest local excesses (BumpHunter against the accepted background)")
+    distinct = distinct_excesses(results["excesses"])
+    table = Table(
+        title="largest local excesses (BumpHunter against the accepted background), one row "
+        "per spectrum and window: its best AR point (the points where it appears)"
+    )
     for column in ("spectrum", "AR pb", "function", "window GeV", "data", "bkg", "Z loc", "Z glob"):
         table.add_column(column, justify="left" if column in ("spectrum", "function") else "right")
-    for excess in results["excesses"][:top]:
+    for excess in distinct[:top]:
         low, high = excess["window_gev"]
         table.add_row(
             excess["spectrum"],
@@ -243,8 +250,8 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
             f"({lee['n_pseudo_scans']} pseudo-scans)"
         )
     console.print(
-        f"{len(results['points_pb'])} AR points, {len(results['excesses'])} (spectrum, point) "
-        f"excesses, {len(results['skipped'])} skipped"
+        f"{len(results['points_pb'])} AR points, {len(distinct)} distinct excesses in "
+        f"{len(results['excesses'])} (spectrum, point) rows, {len(results['skipped'])} skipped"
     )
 
 

@@ -615,6 +615,34 @@ RESULT_COLUMNS = (
 for, separated by spaces."""
 
 
+def distinct_excesses(excesses: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per distinct excess: a spectrum's windows that overlap are one excess.
+
+    `excesses` sorted by local Z (as in results.json); each row returned is the excess at
+    the AR point where its local Z is largest, with `points_pb`, every AR point (pb,
+    ascending) where the excess appears, whole-stream repeats included.
+    """
+    rows: list[dict[str, Any]] = []
+    for excess in excesses:
+        low, high = excess["window_gev"]
+        points = [excess["xsec_pb"], *(excess.get("repeated_at_pb") or [])]
+        same = next(
+            (
+                row
+                for row in rows
+                if row["spectrum"] == excess["spectrum"]
+                and low < row["window_gev"][1]
+                and row["window_gev"][0] < high
+            ),
+            None,
+        )
+        if same is None:
+            rows.append(excess | {"points_pb": sorted(points)})
+        else:
+            same["points_pb"] = sorted({*same["points_pb"], *points})
+    return rows
+
+
 def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
     """RUN/results.json (everything) and RUN/results.csv (one row per excess)."""
     json_path = run_dir / RESULTS_JSON

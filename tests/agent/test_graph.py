@@ -157,3 +157,28 @@ def test_an_excess_whose_background_failed_its_checks_is_never_ranked(tmp_path: 
     assert [(e["spectrum"], e["checks_passed"]) for e in results["excesses"]] == [("T2/jm", True)]
     assert {s["spectrum"] for s in results["skipped"]} == {"T3/jm", "T4/jm"}
     assert all("did not pass its checks" in s["reason"] for s in results["skipped"])
+
+
+def test_distinct_excesses_merge_overlapping_windows_of_a_spectrum() -> None:
+    """The terminal's table: one row per spectrum and window, at its best point, with every
+    point where it appears (issue: the demo's top six rows were one T3/jm window)."""
+    from agent.scan import distinct_excesses
+
+    def excess(spectrum: str, point: float, window: list[float], z: float) -> dict[str, object]:
+        return {"spectrum": spectrum, "xsec_pb": point, "window_gev": window, "local_z": z}
+
+    rows = distinct_excesses(
+        [
+            excess("T3/jm", 5.6, [1484, 1524], 13.7) | {"repeated_at_pb": [10.0, 100.0]},
+            excess("T3/jm", 4.2, [1465, 1524], 13.6),
+            excess("T4/bg", 1.2, [876, 934], 13.4),
+            excess("T3/jm", 0.3, [600, 640], 3.0),  # another window of the same spectrum
+            excess("T4/bg", 3.2, [934, 990], 3.0),  # touching, not overlapping
+        ]
+    )
+    assert [(r["spectrum"], r["xsec_pb"], r["points_pb"]) for r in rows] == [
+        ("T3/jm", 5.6, [4.2, 5.6, 10.0, 100.0]),
+        ("T4/bg", 1.2, [1.2]),
+        ("T3/jm", 0.3, [0.3]),
+        ("T4/bg", 3.2, [3.2]),
+    ]
