@@ -738,6 +738,7 @@ def _sensitivity(
                         "background_whole_stream_status": whole_status,
                         "z_whole_stream": z_whole,
                         "dz_percent": ae_gain(z_ae, z_whole),
+                        "dz_note": dz_note(z_ae, z_whole, status, whole_status),
                     }
                 )
     return rows
@@ -1079,8 +1080,20 @@ SENSITIVITY_COLUMNS = (
     "background_whole_stream",
     "z_whole_stream",
     "dz_percent",
+    "dz_note",
 )
 """RUN/sensitivity.csv columns (sensitivity.json rows hold the same keys and the statuses)."""
+
+
+def dz_note(z_ae: float | None, z_whole: float | None, status_ae: str, status_whole: str) -> str:
+    """Why a sensitivity row has no dZ (empty when it has one): dZ needs both Z, Z > 0."""
+    if z_whole is None:
+        return f"no dZ: the whole stream has no Z ({status_whole})"
+    if z_ae is None:
+        return f"no dZ: the AE region has no Z ({status_ae})"
+    if not z_whole > 0:
+        return "no dZ: Z = 0 without the AE cut"
+    return ""
 
 
 def sensitivity_rows(run_dir: Path) -> list[dict[str, Any]]:

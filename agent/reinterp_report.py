@@ -148,12 +148,15 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
 
 
 def _no_gain(row: dict[str, Any]) -> str:
-    """Why a sensitivity row has no dZ (it needs both Z, and Z > 0 without the AE)."""
-    if row.get("z_whole_stream") is None:
-        return f"none: whole stream {row.get('background_whole_stream_status') or 'has no Z'}"
-    if row.get("z_ae") is None:
-        return f"none: AE region {row.get('background_ae_status') or 'has no Z'}"
-    return "none: Z = 0 without the AE"
+    """Why a sensitivity row has no dZ (rows written before `dz_note` get it here)."""
+    from agent.reinterp import dz_note
+
+    return row.get("dz_note") or dz_note(
+        row.get("z_ae"),
+        row.get("z_whole_stream"),
+        str(row.get("background_ae_status")),
+        str(row.get("background_whole_stream_status")),
+    )
 
 
 def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:

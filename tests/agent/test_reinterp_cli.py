@@ -199,6 +199,7 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
     for row, original in zip(mine, output["sensitivity"], strict=True):
         assert row["dz_percent"] == original["dz_percent"] and row["z_ae"] == original["z_ae"]
         assert (row["pair"], row["mass_gev"], row["xsec_pb"]) == ("jg", 2000.0, original["xsec_pb"])
+        assert (row["dz_percent"] is None) == row["dz_note"].startswith("no dZ: ")  # or why not
     csv_rows = (run_dir / "sensitivity.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(sensitivity["rows"]) and csv_rows[0].startswith("injection,")
     assert run_cli("audit", "verify", str(run_dir)).returncode == 0
@@ -233,7 +234,7 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
     for row in body:  # every cell under its header; a missing dZ says why
         cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
         assert len(cells) == len(columns) and cells[0] == "g2000"
-        if not cells[-1].startswith("none: "):
+        if not cells[-1].startswith("no dZ: "):
             float(cells[-1])  # a number, or the reason there is none
 
     # the report's contents line links the injection, the sensitivity and every section
