@@ -172,7 +172,9 @@ def test_ctrl_c_or_sigterm_says_what_was_kept_and_the_resume_completes(
         time.sleep(0.1)
     process.send_signal(stop)
     _, error = process.communicate(timeout=300)
-    assert process.returncode == status, error
+    # a shell reports 128 + 2 = 130 both for exit(130) and for a death by SIGINT, which
+    # CPython chooses when an interrupt reaches it again while it shuts down
+    assert process.returncode in (status, -int(stop)), error
     assert error.strip().splitlines() == [
         f"anomscan scan: {how}; {out} keeps every completed step: continue with "
         f"`anomscan scan --resume {out}`"
