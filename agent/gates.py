@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.policy import BackgroundProposal, Candidate, FallbackProposal, PointsProposal
+from core.anomaly import point_text
 
 DUPLICATE_TOLERANCE = 1e-6
 """Two AR points within this relative difference are the same point."""
@@ -70,11 +71,11 @@ def points_gate(
         if not point > 0:
             refused.append(f"{point!r} pb: not a positive cross-section")
         elif point < low * (1 - DUPLICATE_TOLERANCE) or point > high * (1 + DUPLICATE_TOLERANCE):
-            refused.append(f"{point:g} pb: outside the scan range {low:g}..{high:g} pb")
+            refused.append(f"{point_text(point)} pb: outside the scan range {low:g}..{high:g} pb")
         elif any(abs(point / other - 1.0) <= DUPLICATE_TOLERANCE for other in known):
-            refused.append(f"{point:g} pb: already scanned or proposed")
+            refused.append(f"{point_text(point)} pb: already scanned or proposed")
         elif len(accepted) >= remaining:
-            refused.append(f"{point:g} pb: the point budget is spent")
+            refused.append(f"{point_text(point)} pb: the point budget is spent")
         else:
             accepted.append(point)
     return accepted, refused

@@ -73,7 +73,7 @@ import numpy.typing as npt
 
 from agent.executor import Executor, map_batched
 from agent.scan import ScanContext, cli_step
-from core.anomaly import stream_anomaly_regions
+from core.anomaly import point_text, stream_anomaly_regions
 from core.bumphunt import HuntOptions
 from core.errors import AnomscanError, InvalidInputError
 from core.files import json_text, write_bytes, write_text
@@ -178,7 +178,7 @@ def run_acceptance(
             rationale=(
                 f"{output['n_events']} signal events through the run's selection, RMM and "
                 f"autoencoder (model {output['model_sha256'][:12]}); largest acceptance "
-                f"{best['acceptance']:.3g} in {best['stream']} at {best['point_pb']:g} pb"
+                f"{best['acceptance']:.3g} in {best['stream']} at {point_text(best['point_pb'])} pb"
             ),
             numbers={
                 f"{row['stream']}@{row['point_pb']:g}": row["acceptance"]
@@ -1295,7 +1295,7 @@ def _strength_text(
     fitted = reference["fitted_yield"]["mean"]
     ruled = len(top_injected)
     text = (
-        f"{xsec:g} pb: {reference['spectrum']} at {reference['point_pb']:g} pb: injected "
+        f"{xsec:g} pb: {reference['spectrum']} at {point_text(reference['point_pb'])} pb: injected "
         f"{reference['injected_yield']['mean']:.1f} (expected "
         f"{reference['expected_yield']['mean']:.1f}) over {toys} toy(s); mean pull: rule rerun "
         f"{_pull_text(reference, 'pull')} (accepted in {reference['n_fitted']}/{ruled} toys"

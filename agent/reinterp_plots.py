@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from agent.plots import PlotFormat, PlotStyle, _label, _pyplot, encode
+from core.anomaly import point_text
 from core.masses import STREAMS
 
 if TYPE_CHECKING:
@@ -99,7 +100,9 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "Simulatio
             if not x or max(x) < 1.0:
                 continue  # a spectrum the signal does not reach
             largest = max(largest, *x, *y)
-            ax.errorbar(x, y, yerr=dy, label=f"{name} @ {point:g} pb ({label})", **line_style)
+            ax.errorbar(
+                x, y, yerr=dy, label=f"{name} @ {point_text(point)} pb ({label})", **line_style
+            )
     ax.plot(
         [0, largest * 1.1], [0, largest * 1.1], color="grey", ls="--", label="fitted = expected"
     )
