@@ -204,13 +204,16 @@ def _scan_error(error: AnomscanError) -> int:
     return EXIT_INVALID_INPUT if anticipated else EXIT_FAILURE
 
 
-def _point_text(excess: dict[str, Any]) -> str:
-    """Where a distinct excess stands: its best AR point, and the range it appears in."""
+def _points_text(excess: dict[str, Any]) -> str:
+    """The AR points where a distinct excess appears: their range (pb) and number."""
+
+    def short(pb: float) -> str:
+        return f"{pb:.2g}" if pb < 10 else f"{pb:.0f}"
+
     points = excess["points_pb"]
-    best = point_text(excess["xsec_pb"])
     if len(points) == 1:
-        return best
-    return f"{best} ({point_text(points[0])}-{point_text(points[-1])}, {len(points)} pts)"
+        return f"{short(points[0])} (1)"
+    return f"{short(points[0])}-{short(points[-1])} ({len(points)})"
 
 
 def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
@@ -219,19 +222,23 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
 
     from agent.scan import distinct_excesses
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=110)  # a file or pipe
     distinct = distinct_excesses(results["excesses"])
     table = Table(
-        title="largest local excesses (BumpHunter against the accepted background), one row "
-        "per spectrum and window: its best AR point (the points where it appears)"
+        title="largest local excesses (BumpHunter against the accepted background): one row "
+        "per spectrum and window, at its best AR point, and the AR points where it appears"
     )
-    for column in ("spectrum", "AR pb", "function", "window GeV", "data", "bkg", "Z loc", "Z glob"):
-        table.add_column(column, justify="left" if column in ("spectrum", "function") else "right")
+    columns = ("spectrum", "AR pb", "seen at pb", "function", "window GeV", "data", "bkg")
+    for column in (*columns, "Z loc", "Z glob"):
+        table.add_column(
+            column, justify="left" if column in ("spectrum", "function") else "right", no_wrap=True
+        )
     for excess in distinct[:top]:
         low, high = excess["window_gev"]
         table.add_row(
             excess["spectrum"],
-            _point_text(excess),
+            point_text(excess["xsec_pb"]),
+            _points_text(excess),
             str(excess["function"])[:24],
             f"{low:.0f}-{high:.0f}",
             f"{excess['data']:.0f}",

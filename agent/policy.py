@@ -252,7 +252,7 @@ class RulesPolicy:
             + (
                 ", ".join(k.name for k in c.checks if not k.passed)
                 if c.checks
-                else "not checked (an earlier candidate was chosen to be checked)"
+                else "not checked (the F-test preferred another function)"
             )
             for c in candidates
         ]
