@@ -60,10 +60,6 @@ def scan_checks(config: ScanConfig) -> dict[str, Any]:
     return {"n_linear_toys": config.gof_toys}
 
 
-def _checks(ctx: ScanContext) -> dict[str, Any]:
-    return scan_checks(ctx.config)
-
-
 SPECTRUM_NAMES = tuple(f"{stream}/{pair}" for stream in STREAMS for pair in PAIRS)
 
 
@@ -445,16 +441,30 @@ def _region_numbers(score: np.ndarray | None, masks: np.ndarray) -> dict[str, An
     }
 
 
-def _spectrum_input(
-    edges: np.ndarray, counts: np.ndarray, name: str, seed: int, **extra: Any
+def _choice_input(
+    ctx: ScanContext,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    index: int,
+    name: str,
+    window: list[float] | None = None,
 ) -> dict[str, Any]:
-    """A `choose_background` input: the histogram inline, the stream's fit start."""
+    """The `choose_background` input of `name` at AR point `index`, without the fallback.
+
+    The histogram inline, the stream's fit start, the spectrum's seed and the scan's checks,
+    with `window` (GeV) masked when given.
+    """
     stream = name.split("/", maxsplit=1)[0]
+    checks = scan_checks(ctx.config) | ({} if window is None else {"window": window})
     return {
-        "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "histogram": {
+            "edges": edges.tolist(),
+            "counts": counts[SPECTRUM_NAMES.index(name)].tolist(),
+        },
         "stream_start_gev": STREAM_FIT_FROM_GEV[stream],
-        "seed": seed,
-        **extra,
+        "seed": _spectrum_seed(ctx.config.seed, index, name),
+        "checks": checks,
+        "use_fallback": False,
     }
 
 
@@ -731,19 +741,7 @@ def _choose_masked(
                 "window_gev": window,
             },
         )
-        masked_calls.append(
-            (
-                name,
-                _spectrum_input(
-                    edges,
-                    counts[SPECTRUM_NAMES.index(name)],
-                    name,
-                    _spectrum_seed(ctx.config.seed, index, name),
-                    checks=_checks(ctx) | {"window": window},
-                    use_fallback=False,
-                ),
-            )
-        )
+        masked_calls.append((name, _choice_input(ctx, edges, counts, index, name, window)))
     if not masked_calls:
         return
     ctx.progress.update(stage=f"masked choice ({len(masked_calls)} spectra)")
@@ -791,20 +789,7 @@ def _choose_backgrounds(ctx: ScanContext) -> NodeBody:
         with np.load(ctx.at(current["spectra_file"])) as data:
             edges, counts = data["edges"], data["counts"]
         names = [n for n in SPECTRUM_NAMES if n not in current["skipped"]]
-        calls = [
-            (
-                name,
-                _spectrum_input(
-                    edges,
-                    counts[SPECTRUM_NAMES.index(name)],
-                    name,
-                    _spectrum_seed(ctx.config.seed, index, name),
-                    checks=_checks(ctx),
-                    use_fallback=False,
-                ),
-            )
-            for name in names
-        ]
+        calls = [(name, _choice_input(ctx, edges, counts, index, name)) for name in names]
         results = ctx.call_tools(step_id, "choose_background", calls)
         backgrounds: dict[str, dict[str, Any]] = {}
         unmasked: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}

@@ -427,12 +427,12 @@ class ScanRule:
 
 def scan_rule(ctx: ScanContext) -> ScanRule:
     """The rule of the run whose config `ctx` holds, with the settings its graph used."""
-    from agent.graph import _checks
+    from agent.graph import scan_checks
     from tools.fits import CheckSettings
     from tools.spectrum import HuntSettings
 
     return ScanRule(
-        checks=CheckSettings.model_validate(_checks(ctx)).to_core(),
+        checks=CheckSettings.model_validate(scan_checks(ctx.config)).to_core(),
         hunt=HuntSettings().to_core(),
         min_events=ctx.config.min_events,
         config_seed=ctx.config.seed,
