@@ -80,7 +80,7 @@ def replay(
     """Re-run the logged calls of the scan in `run_dir` (optionally only some tools).
 
     `tools` naming a tool the run never called is refused with the tools it did call;
-    `progress(done, total)` is called after each replayed call.
+    `progress(done, total)` is called as each selected call is taken up, and at the end.
     """
     db = open_readonly(run_dir / AUDIT_FILE)
     try:
@@ -96,25 +96,22 @@ def replay(
             f"--tool {', '.join(sorted(tools - set(logged)))}: the run logged no such call; "
             f"it called {', '.join(logged) or 'no tool'}"
         )
-    total = sum(
-        1
-        for call in calls
-        if call["replayable"]
-        and call["tool"] in REPLAYABLE_TOOLS
-        and (tools is None or call["tool"] in tools)
-    )
-    differences: list[str] = []
     not_replayed: dict[str, int] = {}
-    n_replayed = 0
-    checked: dict[str, bool] = {}
-    original = _original_run_dir(run_dir)
+    selected = []
     for call in calls:
         name = str(call["tool"])
         if not call["replayable"] or name not in REPLAYABLE_TOOLS:
             not_replayed[name] = not_replayed.get(name, 0) + 1
-            continue
-        if tools is not None and name not in tools:
-            continue
+        elif tools is None or name in tools:
+            selected.append(call)
+    differences: list[str] = []
+    n_replayed = 0
+    checked: dict[str, bool] = {}
+    original = _original_run_dir(run_dir)
+    for done, call in enumerate(selected, start=1):
+        if progress is not None:
+            progress(done - 1, len(selected))
+        name = str(call["tool"])
         payload = relocate_paths(json.loads(call["input"]), run_dir, original)
         where = f"tool_calls seq {call['seq']} ({call['key']})"
         stale = []
@@ -140,8 +137,6 @@ def replay(
         outcome = run_tool((name, payload))
         value = outcome["output"] if outcome["error"] is None else {"error": outcome["error"]}
         n_replayed += 1
-        if progress is not None:
-            progress(n_replayed, total)
         if sha256_text(canonical_json(value)) == call["output_sha256"]:
             continue
         if call["output"] is not None:
@@ -149,4 +144,6 @@ def replay(
         else:
             logged = json.loads((run_dir / str(call["output_path"])).read_text())
         differences.append(f"{where}: {_first_difference(logged, value)}")
+    if progress is not None:
+        progress(len(selected), len(selected))
     return ReplayReport(n_replayed, not_replayed, tuple(differences))
