@@ -30,6 +30,7 @@ from tests.agent.chatserver import (
     text,
     tool_call,
 )
+from tests.agent.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_KEY = "sk-anomscan-FAKE-KEY-31415926535"
@@ -207,13 +208,7 @@ def test_sensible_model_reaches_the_rules_top_excess(tmp_path: Path, rules_run: 
     prompts = json.loads(runs[0]["prompts"])
     assert set(prompts) >= {"system", "accept_background"}
     assert all(len(digest) == 64 for digest in prompts.values())
-    verify = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "audit", "verify", str(run)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
+    verify = run_cli("audit", "verify", str(run))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -344,13 +339,7 @@ def test_a_broken_endpoint_ends_in_the_rules_result_saying_why(
             assert any(reason in r for r in said), f"{name}: {reason!r} not among fallbacks"
             assert any(reason in e for e in errors), f"{name}: {reason!r} not among messages"
     assert max(len(e) for e in errors) < 100_000  # a 20 MB reply leaves a short row
-    verify = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "audit", "verify", str(run)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=False,
-    )
+    verify = run_cli("audit", "verify", str(run))
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 

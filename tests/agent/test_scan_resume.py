@@ -156,15 +156,7 @@ def test_ctrl_c_or_sigterm_says_what_was_kept_and_the_resume_completes(
     """Ctrl-C (serial) or SIGTERM (with Ray's workers running) ends the scan with one line
     saying what was kept and how to go on; no Ray stack frames; the resume completes."""
     out = tmp_path / "run"
-    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", executor)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", *arguments],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start_scan(scan_arguments(signal_sample, out, *CHEAP, "--executor", executor))
     deadline = time.monotonic() + 600
     while _steps(out, "build_spectra") < 1:  # inside the first AR point
         assert process.poll() is None, "the scan ended before its first AR point"
@@ -188,14 +180,7 @@ def test_resume_during_the_running_scan_is_refused_and_the_chain_holds(
     """One writer per run folder for its whole life: `scan --resume RUN` while the first scan
     of RUN runs exits 2 before it writes; the first scan finishes with an intact chain."""
     out = tmp_path / "run"
-    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", *arguments],
-        cwd=ROOT,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = _start_scan(scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial"))
     try:
         deadline = time.monotonic() + 600
         while not (out / "audit.sqlite").exists():  # the scan has written its first row
@@ -211,7 +196,8 @@ def test_resume_during_the_running_scan_is_refused_and_the_chain_holds(
             assert "in use" in refused.stderr and str(process.pid) in refused.stderr
             assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
             assert process.poll() is None, "the first scan ended before the refusal was tested"
-        assert process.wait(timeout=900) == 0
+        _, error = process.communicate(timeout=900)
+        assert process.returncode == 0, error
     finally:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

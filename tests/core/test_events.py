@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from pathlib import Path
 
 import awkward as ak
 import numpy as np
@@ -22,7 +21,7 @@ from core.events import (
     select_objects,
 )
 from core.objects import OBJECT_TYPES
-from tests.nanofiles import nanoaod_with_nan_muons
+from tests.nanofiles import nanoaod_with_nan_muons, write_events_tree
 
 NANO = "nanoAOD_2015_CMS_Open_Data_ttbar.root"
 
@@ -213,23 +212,9 @@ def test_truncated_file(shared_data, tmp_path):
         load_events(path)
 
 
-def _write_tree(path: Path, branches: dict) -> Path:
-    with uproot.recreate(path) as file:
-        file.mktree(
-            "Events",
-            {
-                k: v.type.content if isinstance(v, ak.Array) else v.dtype
-                for k, v in branches.items()
-            },
-            counter_name=lambda n: f"n{n}",
-        )
-        file["Events"].extend(branches)
-    return path
-
-
 def test_missing_branches_are_listed_with_the_schema(tmp_path):
     jets = ak.zip({"pt": ak.Array([[50.0]]), "eta": ak.Array([[0.1]]), "phi": ak.Array([[0.0]])})
-    path = _write_tree(tmp_path / "partial.root", {"Jet": jets, "MET_pt": np.array([10.0])})
+    path = write_events_tree(tmp_path / "partial.root", {"Jet": jets, "MET_pt": np.array([10.0])})
     with pytest.raises(SchemaError, match=r"Jet_mass.*nanoaod"):
         load_events(path, schema="nanoaod")
     with pytest.raises(SchemaError, match="cannot detect the schema"):
@@ -240,7 +225,9 @@ def test_empty_tree(tmp_path):
     objects = ak.zip({k: ak.Array([[1.0]])[:0] for k in ("pt", "eta", "phi", "mass")})
     empty = np.zeros(0)
     branches = dict.fromkeys(("Jet", "Muon", "Electron", "Photon"), objects)
-    path = _write_tree(tmp_path / "empty.root", {**branches, "MET_pt": empty, "MET_phi": empty})
+    path = write_events_tree(
+        tmp_path / "empty.root", {**branches, "MET_pt": empty, "MET_phi": empty}
+    )
     with pytest.raises(InvalidInputError, match="no entries"):
         load_events(path)
 
@@ -311,7 +298,7 @@ def test_event_with_non_finite_met_is_dropped_and_counted(tmp_path):
         "MET_pt": np.array([40.0, np.inf, 50.0]),
         "MET_phi": np.array([0.1, 0.2, np.nan]),
     }
-    path = _write_tree(tmp_path / "bad_met.root", branches)
+    path = write_events_tree(tmp_path / "bad_met.root", branches)
     chunk = load_events(path, schema="nanoaod")
     assert len(chunk) == 1
     assert dict(chunk.non_finite) == {"MET_pt": 1, "MET_phi": 1}
@@ -365,7 +352,7 @@ def test_non_finite_btag_and_isolation_follow_the_rule(tmp_path):
         "MET_pt": np.array([40.0, 50.0]),
         "MET_phi": np.array([0.1, 0.2]),
     }
-    chunk = load_events(_write_tree(tmp_path / "tags.root", branches), schema="nanoaod")
+    chunk = load_events(write_events_tree(tmp_path / "tags.root", branches), schema="nanoaod")
     assert dict(chunk.non_finite) == {"Jet_btagDeepB": 2, "Muon_pfRelIso04_all": 1}
     assert dict(chunk.dropped_non_finite) == {}
     assert ak.to_list(ak.num(chunk.bjets)) == [1, 0]

@@ -80,6 +80,26 @@ def test_registry_lists_and_rejects_unknown_names():
         get_tool("nope")
 
 
+def _read_events_cli(path: Path) -> subprocess.CompletedProcess[str]:
+    """`anomscan tool read_events` on one file, in a fresh process (60 s at most)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "tool",
+            "read_events",
+            "--json",
+            json.dumps({"inputs": [str(path)]}),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+
+
 def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, tmp_path):
     """A third of Muon_pt set to NaN: counted per branch, never dropped silently."""
     path, n_nan = nanoaod_with_nan_muons(
@@ -101,21 +121,7 @@ def test_non_finite_muon_pt_is_reported_by_both_tools_and_the_cli(shared_data, t
     assert table["non_finite"] == {"Muon_pt": n_nan}
     assert table["dropped_non_finite"] == {"muons": n_nan}
     assert table["n_events"] == 200
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "tool",
-            "read_events",
-            "--json",
-            json.dumps({"inputs": [str(path)]}),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    result = _read_events_cli(path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == (
         f"anomscan: note: non-finite values read ({n_nan} in Muon_pt); dropped {n_nan} muons "
@@ -129,22 +135,7 @@ def test_a_fifo_given_as_input_is_refused_at_once_not_read(tmp_path):
     """`read_events` on a FIFO hung forever; every tool input path is checked before opening."""
     fifo = tmp_path / "events.root"
     os.mkfifo(fifo)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent.cli",
-            "tool",
-            "read_events",
-            "--json",
-            json.dumps({"inputs": [str(fifo)]}),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
+    result = _read_events_cli(fifo)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"anomscan: input file {fifo} is a FIFO (named pipe), not a regular file; give a file "
