@@ -42,6 +42,8 @@ from agent.executor import Executor, FanOut
 from agent.policy import Policy, RulesPolicy
 from core.errors import AnomscanError, InvalidInputError, StorageError
 from core.files import MANIFEST_NAME, check_regular_file, read_manifest
+from core.selection import CheckOptions
+from core.spectrum import MIN_EVENTS_IN_FIT_RANGE
 from tools.registry import get_tool
 
 CONFIG_FILE = "config.json"
@@ -100,9 +102,13 @@ class ScanConfig(BaseModel):
     epochs: int = Field(30, ge=1, description="autoencoder training epochs (when trained)")
     fallback_budget: int = Field(4, ge=0, description="symbolic-fallback searches per scan")
     fallback_time_s: float = Field(60.0, gt=0)
-    min_events: int = Field(40, ge=1, description="events above the fit start to fit")
+    min_events: int = Field(
+        MIN_EVENTS_IN_FIT_RANGE, ge=1, description="events above the fit start to fit"
+    )
     gof_toys: int = Field(
-        1000, ge=10, description="toys of the goodness of fit where bins are sparse"
+        CheckOptions().n_linear_toys,
+        ge=10,
+        description="toys of the goodness of fit where bins are sparse",
     )
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
