@@ -29,7 +29,7 @@ from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from pydantic import ValidationError
 
-from agent.safety import PathConfinementError, confine_paths
+from agent.runtime.safety import PathConfinementError, confine_paths
 from core.errors import AnomscanError
 from tools.registry import Tool, all_tools
 

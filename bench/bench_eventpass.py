@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.eventpass import PassSpec, event_pass
+from agent.runtime.eventpass import PassSpec, event_pass
 from core.autoencoder import export_onnx, train_autoencoder
 from core.events import iterate_events
 from core.rmm import rmm_features, rmm_matrices

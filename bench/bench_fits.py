@@ -101,7 +101,7 @@ def fits_per_second(
 
 def choose_background_timing(n_spectra: int = 63, n_baseline: int = 12) -> dict[str, object]:
     """Seconds per `choose_background` call, new defaults against the previous settings."""
-    from core.selection import CheckOptions, choose_background
+    from core.background import CheckOptions, choose_background
 
     spectra = threshold_point(seed=2)[:n_spectra]
     settings = {

@@ -24,9 +24,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 
+from core.background import FallbackFit
 from core.fit import fit_spectrum, prepare_spectrum
 from core.masses import mass_bin_edges
-from core.selection import FallbackFit
 from core.symbolic import FALLBACK_SEARCH, symbolic_fallback
 
 RESULTS = Path(__file__).resolve().parent / "results" / "symbolic.json"

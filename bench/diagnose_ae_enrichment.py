@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from agent.eventpass import PassSpec, event_pass
+from agent.runtime.eventpass import PassSpec, event_pass
 from core.anomaly import anomaly_region
 from core.autoencoder import (
     feature_chunks,

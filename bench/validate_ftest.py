@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from core.background import TestMethod, nested_test, select_function
 from core.fit import prepare_spectrum
-from core.selection import TestMethod, nested_test, select_function
 from tests.spectra import EDGES, expected_counts
 
 RESULTS = Path(__file__).parent / "results" / "validation_ftest.json"

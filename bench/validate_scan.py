@@ -6,7 +6,7 @@ Run (heavy; resumable per sample, one sample at a time):
 
 Each sample is generated with core.synth (the signals carry extra objects, which `anomscan
 generate --signal` cannot give), then scanned by `anomscan scan FILES --lumi-pb L --policy
-rules` in a subprocess: the graph of agent/graph.py, which trains the autoencoder on 1 % of
+rules` in a subprocess: the graph of agent/scan/graph.py, which trains the autoencoder on 1 % of
 the events, sweeps the AR points log-uniform in 0.01-100 pb (K per decade, then the rules'
 refinements) and runs the scan-wide look-elsewhere test. `anomscan audit verify` then checks
 the run's hash chain. The summary is read from RUN/results.json, RUN/points/*.json (the

@@ -1,11 +1,11 @@
 """The whole per-spectrum rule of the scan, and its two halves for an agent's policy.
 
-Half 1 is `core.selection.choose_background` (fit range, F-test along the nested family,
+Half 1 is `core.background.choose_background` (fit range, F-test along the nested family,
 robustness checks, symbolic fallback). Half 2 is `search_spectrum`: the bump hunt against
 the accepted background over the fit range, window exclusion when the spectrum's global p
 is below 0.01 (`core.exclusion`), and the final background.
 
-The rule, in this order (`analyse_spectrum`; agent/graph.py runs the same steps through the
+The rule, in this order (`analyse_spectrum`; agent/scan/graph.py runs the same steps through the
 tools, with the same seed, check options and hunt options):
 
 1. Choose: the nested family with every check, no fallback, nothing masked. A function that
@@ -50,12 +50,12 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from core.background import BackgroundDecision, CheckOptions, Fallback, choose_background
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
 from core.errors import AnomscanError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
 from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
-from core.selection import BackgroundDecision, CheckOptions, Fallback, choose_background
 
 FloatArray = npt.NDArray[np.float64]
 

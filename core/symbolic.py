@@ -34,10 +34,10 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from core.background import FallbackFit
 from core.errors import FitDidNotConvergeError, FitError, InvalidInputError
 from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
 from core.fitfunctions import BackgroundFunction
-from core.selection import FallbackFit
 
 FloatArray = npt.NDArray[np.float64]
 SymbolicBackend = Literal["auto", "pyoperon", "pysr"]
@@ -773,7 +773,7 @@ def symbolic_fit(
 def symbolic_fallback(
     options: SearchOptions = FALLBACK_SEARCH, *, n_alternatives: int = 2
 ) -> Callable[[SpectrumFitProblem, int], FallbackFit]:
-    """A core.selection Fallback: (prepared spectrum, seed) -> the symbolic fit and its rivals.
+    """A core.background Fallback: (prepared spectrum, seed) -> the symbolic fit and its rivals.
 
     Runs `symbolic_fit_problem` with `options.n_seeds` searches derived from the seed
     (within `options.time_budget_s`) and keeps the best expression that passes the goodness

@@ -34,7 +34,7 @@ def _note_tampering(request: pytest.FixtureRequest) -> None:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every audit log the suite wrote verifies: the chain's own check must never cry wolf."""
-    from agent.audit import AuditError, verify
+    from agent.runtime.audit import AuditError, verify
 
     factory = getattr(session.config, "_tmp_path_factory", None)
     if factory is None or exitstatus not in (0, 1):

@@ -9,9 +9,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from core.fit import FitRange, FitResult, fit_background
-from core.robustness import CheckResult, RobustnessReport
-from core.selection import (
+from core.background import (
     Candidate,
     CheckOptions,
     Fallback,
@@ -19,6 +17,8 @@ from core.selection import (
     choose_background,
     run_checks,
 )
+from core.fit import FitRange, FitResult, fit_background
+from core.robustness import CheckResult, RobustnessReport
 from core.symbolic import SearchOptions, fitted_formula
 from core.symbolic import symbolic_fallback as core_symbolic_fallback
 from tools.common import HistogramInput, StrictModel

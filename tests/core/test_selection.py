@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from core.background import CheckOptions, choose_background, nested_test, select_function
 from core.errors import FitDidNotConvergeError, InvalidInputError
 from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
 from core.fitfunctions import BackgroundFunction, bin_integrals, get_function
-from core.selection import CheckOptions, choose_background, nested_test, select_function
 from tests.spectra import EDGES, FIT_RANGE, expected_counts
 
 
@@ -96,16 +96,16 @@ def _failing_shape(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
 
 def test_a_function_that_does_not_converge_is_recorded_and_the_lower_choice_stands(monkeypatch):
-    import core.selection
+    import core.background
 
-    original = core.selection.fit_spectrum
+    original = core.background.fit_spectrum
 
     def failing_p4(problem, function, **kwargs):
         if getattr(function, "name", function) == "p4":
             raise FitDidNotConvergeError("p4 did not converge (forced by the test)")
         return original(problem, function, **kwargs)
 
-    monkeypatch.setattr(core.selection, "fit_spectrum", failing_p4)
+    monkeypatch.setattr(core.background, "fit_spectrum", failing_p4)
     problem = prepare_spectrum(EDGES, expected_counts("p4", 1.0e5).round(), FIT_RANGE)
     choice = select_function(problem)
     assert choice.chosen == "p3"

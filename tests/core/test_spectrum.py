@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from core.background import CheckOptions
 from core.bumphunt import DEFAULT_HUNT
 from core.errors import InvalidInputError
 from core.masses import STREAM_FIT_FROM_GEV
-from core.selection import CheckOptions
 from core.significance import expected_significance
 from core.spectrum import STATUSES, analyse_spectrum, fallback_applies, search_spectrum
 from tests.spectra import EDGES, FIT_RANGE, expected_counts

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from core import symbolic
+from core.background import choose_background
 from core.errors import InvalidInputError
 from core.fit import fit_background, prepare_spectrum
 from core.fitfunctions import bin_integrals
-from core.selection import choose_background
 from core.symbolic import (
     FALLBACK_SEARCH,
     SearchOptions,

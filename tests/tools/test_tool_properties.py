@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.cli import main
+from agent.cli.main import main
 from core.events import iterate_events
 from core.synth import SampleConfig, SignalSpec, generate_sample
 from core.table import write_event_table

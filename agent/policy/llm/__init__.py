@@ -1,0 +1,1 @@
+"""The LLM policy: prompts, the chat-completions client and its budgets, audit records."""

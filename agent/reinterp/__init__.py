@@ -1,0 +1,1 @@
+"""Reinterpretation: signal acceptance, injection-recovery and sensitivity on a finished run."""

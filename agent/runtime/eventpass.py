@@ -1,0 +1,513 @@
+"""The one expensive pass over events: read -> select -> masses (-> RMM -> score) -> table.
+
+The work is cut into file-chunk tasks (a file and an entry range). Each task writes one
+Parquet part ``part-NNNNNN-<provenance>.parquet`` of a partitioned event table, atomically,
+so a pass that stops (a crash, a server that went away, SIGKILL) resumes from the parts
+already written. A part is reused only when its recorded provenance equals the task's
+exactly: the input file (size, modification time and ROOT UUID), the entry range, schema,
+tree, mapping and selection, the good-run list, the model (SHA-256 and card) and the code
+that computes the rows; anything else is recomputed under another name. The table is
+committed by ``table.json`` (the list of parts, written last): the previous table stays
+readable until then, and parts that the current pass does not own are never read (and are
+removed after the commit). One pass writes a folder at a time (`agent.runtime.runlock`).
+Executors: ``serial`` (in this process) or ``ray`` (a local Ray instance, or the cluster
+at RAY_ADDRESS). Ray retries a failing task; a task that still fails is reported by file
+and entry range once every other task has finished, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import resource
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from agent.runtime.executor import SMALL_JOB_EVENTS, Executor, ray_session
+from agent.runtime.runlock import run_folder_lock
+from core.errors import AnomscanError, InputFileError, InvalidInputError
+from core.events import DistinctFiles, Selection, add_counts, plan_read, read_entry_range
+from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
+from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
+from core.goodruns import GoodRunList
+from core.masses import STREAMS
+from core.table import PART_GLOB, chunk_columns, commit_table_parts
+
+PART_PATTERN = "part-{index:06d}-{provenance}.parquet"
+_CODE_MODULES = (
+    "core/events.py",
+    "core/objects.py",
+    "core/masses.py",
+    "core/rmm.py",
+    "core/table.py",
+    "core/goodruns.py",
+    "core/autoencoder.py",
+    "agent/runtime/eventpass.py",
+)
+
+
+class EventPassError(AnomscanError):
+    """One or more chunks failed after their retries; the message names each file and range."""
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Entries [entry_start, entry_stop) of one file: the unit of parallel work."""
+
+    index: int
+    path: str
+    entry_start: int
+    entry_stop: int
+    source: tuple[tuple[str, str], ...] = ()
+    """Identity of the input file when the pass was planned: size, mtime and ROOT UUID."""
+    provenance: str = ""
+    """SHA-256 (hex) of everything the part's rows depend on (see the module docstring)."""
+    provenance_record: str = ""
+    """The JSON of that provenance, stored in the part and compared on reuse."""
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """How to read and what to compute; travels to every worker."""
+
+    schema: str = "auto"
+    selection: Selection = field(default_factory=Selection)
+    tree: str | None = None
+    mapping: str | None = None
+    good_runs: GoodRunList | None = None
+    model: str | None = None
+    """ONNX autoencoder: when given, the pass computes RMMs and fills the score column."""
+    scoring_threads: int = 1
+
+
+@dataclass(frozen=True)
+class PartResult:
+    """What one task wrote (or found already written)."""
+
+    index: int
+    path: str
+    n_events: int
+    n_outside_good_runs: int
+    stream_counts: dict[str, int]
+    seconds: float
+    reused: bool
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of the process that ran the task (MB)."""
+    non_finite: dict[str, int] = field(default_factory=dict)
+    """Non-finite values read per branch (core.events.NON_FINITE_RULE)."""
+    dropped_non_finite: dict[str, int] = field(default_factory=dict)
+    """Objects and events dropped for them."""
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    """The whole pass: the table folder, counts, and how the work ran."""
+
+    table: Path
+    n_events: int
+    n_outside_good_runs: int
+    n_parts: int
+    n_reused: int
+    stream_counts: dict[str, int]
+    executor: str
+    seconds: float
+    peak_rss_mb: float = 0.0
+    """Largest peak resident memory of any process that ran a task (MB)."""
+    non_finite: dict[str, int] = field(default_factory=dict)
+    """Non-finite values read per branch, over every part."""
+    dropped_non_finite: dict[str, int] = field(default_factory=dict)
+    """Objects and events dropped for them, over every part."""
+
+
+def plan_chunks(
+    files: Sequence[str | Path],
+    step_size: int,
+    spec: PassSpec,
+    max_events: int | None = None,
+) -> list[ChunkTask]:
+    """Cut every file into tasks of at most `step_size` entries (schemas checked up front)."""
+    if step_size <= 0:
+        raise InvalidInputError(f"step_size must be positive, got {step_size}")
+    _refuse_duplicate_inputs(files)
+    distinct = DistinctFiles()
+    tasks: list[ChunkTask] = []
+    remaining = max_events
+    shared = _pass_provenance(spec)
+    for path in files:
+        plan = plan_read(path, spec.schema, spec.selection, tree=spec.tree, mapping=spec.mapping)
+        distinct.check(str(path), None if plan.file_uuid is None else _uuid(plan.file_uuid))
+        source = _file_identity(str(path), plan.file_uuid)
+        stop = plan.num_entries if remaining is None else min(plan.num_entries, remaining)
+        for start in range(0, stop, step_size):
+            end = min(start + step_size, stop)
+            record = json.dumps(
+                {**shared, "file": dict(source), "entry_start": start, "entry_stop": end},
+                sort_keys=True,
+            )
+            digest = hashlib.sha256(record.encode()).hexdigest()
+            tasks.append(ChunkTask(len(tasks), str(path), start, end, source, digest, record))
+        if remaining is not None:
+            remaining -= stop
+            if remaining <= 0:
+                break
+    return tasks
+
+
+def _uuid(text: str) -> Any:
+    import uuid
+
+    return uuid.UUID(text)
+
+
+def _file_identity(path: str, file_uuid: str | None) -> tuple[tuple[str, str], ...]:
+    """What names a file's content: its ROOT UUID, and size and mtime when it is local."""
+    identity = {"path": path, "uuid": file_uuid or ""}
+    if "://" not in path:
+        status = Path(path).stat()
+        identity.update(bytes=str(status.st_size), mtime_ns=str(status.st_mtime_ns))
+    return tuple(sorted(identity.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """SHA-256 of the source of the modules that compute the event table's rows."""
+    root = Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    for name in _CODE_MODULES:
+        digest.update(name.encode())
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _pass_provenance(spec: PassSpec) -> dict[str, Any]:
+    """Everything but the file and the entry range that a part's rows depend on."""
+    model: dict[str, Any] | None = None
+    if spec.model is not None:
+        from core.autoencoder import read_model_card
+
+        card = read_model_card(Path(spec.model))
+        model = {
+            "sha256": file_sha256(spec.model),
+            "training_fraction": card.fraction,
+            "training_seed": card.seed,
+        }
+    good_runs = None
+    if spec.good_runs is not None:
+        good_runs = hashlib.sha256(
+            json.dumps(
+                {
+                    str(run): np.asarray(r).tolist()
+                    for run, r in sorted(spec.good_runs.ranges.items())
+                }
+            ).encode()
+        ).hexdigest()
+    mapping = None
+    if spec.mapping is not None:
+        mapping = file_sha256(spec.mapping) if Path(spec.mapping).is_file() else spec.mapping
+    return {
+        "schema": spec.schema,
+        "tree": spec.tree,
+        "mapping": mapping,
+        "selection": spec.selection.as_dict(),
+        "good_runs": good_runs,
+        "model": model,
+        "code": code_version(),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_scorer(model: str, modified_ns: int, threads: int) -> Any:
+    """One onnxruntime session per model file (and version of it) per process."""
+    from core.autoencoder import load_scorer
+
+    return load_scorer(Path(model), threads=threads)
+
+
+def _training_function(spec: PassSpec) -> Callable[[Any], Any] | None:
+    """The model card's training selection over event keys (None for an unscored pass)."""
+    if spec.model is None:
+        return None
+    from core.autoencoder import read_model_card, training_selection
+
+    card = read_model_card(Path(spec.model))
+    return lambda keys: training_selection(keys, card.fraction, card.seed)
+
+
+def _score_function(spec: PassSpec) -> Callable[[Any], Any] | None:
+    if spec.model is None:
+        return None
+    from core.rmm import rmm_features, rmm_matrices
+
+    model = Path(spec.model)
+    modified_ns = model.stat().st_mtime_ns if model.is_file() else 0
+    scorer = _cached_scorer(spec.model, modified_ns, spec.scoring_threads)
+
+    def score(chunk: Any) -> Any:
+        return scorer.score(rmm_features(rmm_matrices(chunk)))
+
+    return score
+
+
+def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
+    """Process one task and write its part; reuse a part only of exactly the same provenance."""
+    start_time = time.perf_counter()
+    target = Path(folder) / PART_PATTERN.format(index=task.index, provenance=task.provenance[:20])
+    reused = _reusable_part(target, task)
+    if reused is not None:
+        return reused
+    _check_unchanged(task)
+    chunk = read_entry_range(
+        task.path,
+        task.entry_start,
+        task.entry_stop,
+        spec.schema,
+        spec.selection,
+        tree=spec.tree,
+        mapping=spec.mapping,
+        good_runs=spec.good_runs,
+    )
+    rows = chunk_columns(chunk, score=_score_function(spec), training=_training_function(spec))
+    _check_unchanged(task)
+    counts = {s: int(np.count_nonzero(rows[s].to_numpy())) for s in STREAMS}
+    non_finite, dropped = dict(chunk.non_finite), dict(chunk.dropped_non_finite)
+    info = {
+        "path": task.path,
+        "entry_start": task.entry_start,
+        "entry_stop": task.entry_stop,
+        "n_events": len(chunk),
+        "n_outside": chunk.n_outside_good_runs,
+        "stream_counts": counts,
+        "non_finite": non_finite,
+        "dropped_non_finite": dropped,
+        "provenance": task.provenance_record,
+    }
+    rows = rows.replace_schema_metadata(
+        {**(rows.schema.metadata or {}), "anomscan": json.dumps(info)}
+    )
+    with atomic_path(target, what="event-table part") as partial:
+        pq.write_table(rows, partial)
+    return PartResult(
+        task.index,
+        str(target),
+        len(chunk),
+        chunk.n_outside_good_runs,
+        counts,
+        time.perf_counter() - start_time,
+        False,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        non_finite,
+        dropped,
+    )
+
+
+def _reusable_part(target: Path, task: ChunkTask) -> PartResult | None:
+    """The result of an existing part whose provenance equals the task's, else None."""
+    if not target.is_file():
+        return None
+    try:
+        metadata = pq.read_schema(target).metadata or {}
+        info = json.loads(metadata.get(b"anomscan", b"{}"))
+    except (OSError, ValueError):
+        return None  # unreadable: recompute it
+    if info.get("provenance") != task.provenance_record:
+        return None
+    return PartResult(
+        task.index,
+        str(target),
+        int(info["n_events"]),
+        int(info["n_outside"]),
+        info["stream_counts"],
+        0.0,
+        True,
+        non_finite=info.get("non_finite", {}),
+        dropped_non_finite=info.get("dropped_non_finite", {}),
+    )
+
+
+def _check_unchanged(task: ChunkTask) -> None:
+    """InputFileError when a local input changed since the pass was planned."""
+    identity = dict(task.source)
+    if "bytes" not in identity:
+        return
+    try:
+        status = Path(task.path).stat()
+    except OSError as error:
+        raise InputFileError(f"input file {task.path} went away during the pass") from error
+    if (str(status.st_size), str(status.st_mtime_ns)) != (identity["bytes"], identity["mtime_ns"]):
+        raise InputFileError(
+            f"input file {task.path} changed during the event pass (size or modification "
+            "time); rerun the pass once the file is final"
+        )
+
+
+def _run_serial(
+    tasks: Sequence[ChunkTask], spec: PassSpec, folder: str, progress: Callable[[int], None]
+) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
+    results, failures = [], []
+    for task in tasks:
+        try:
+            results.append(run_chunk(task, spec, folder))
+        except AnomscanError as error:
+            failures.append((task, f"{type(error).__name__}: {error}"))
+        progress(task.entry_stop - task.entry_start)
+    return results, failures
+
+
+def _run_ray(
+    tasks: Sequence[ChunkTask],
+    spec: PassSpec,
+    folder: str,
+    progress: Callable[[int], None],
+    workers: int | None,
+    retries: int,
+) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
+    results, failures = [], []
+    with ray_session(workers) as ray:
+        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(run_chunk)
+        spec_ref = ray.put(spec)
+        pending = {remote.remote(task, spec_ref, folder): task for task in tasks}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for reference in done:
+                task = pending.pop(reference)
+                try:
+                    results.append(ray.get(reference))
+                except Exception as error:  # a RayTaskError wraps the worker's exception
+                    cause = getattr(error, "cause", None) or error
+                    failures.append((task, f"{type(cause).__name__}: {cause}"))
+                progress(task.entry_stop - task.entry_start)
+    return results, failures
+
+
+def event_pass(
+    files: Sequence[str | Path],
+    output: str | Path,
+    spec: PassSpec | None = None,
+    *,
+    executor: Executor = "serial",
+    step_size: int = 200_000,
+    max_events: int | None = None,
+    workers: int | None = None,
+    retries: int = 2,
+    progress: bool = False,
+) -> PassSummary:
+    """Run the event pass into the folder `output` (a partitioned event table) and summarise.
+
+    Parts already written by an earlier, interrupted pass over the same tasks are reused.
+    `executor="auto"` takes Ray from `SMALL_JOB_EVENTS` events on, serial below.
+    """
+    spec = spec or PassSpec()
+    folder = Path(output)
+    with run_folder_lock(folder, "event pass"):
+        return _locked_event_pass(
+            files, folder, spec, executor, step_size, max_events, workers, retries, progress
+        )
+
+
+def _locked_event_pass(
+    files: Sequence[str | Path],
+    folder: Path,
+    spec: PassSpec,
+    executor: Executor,
+    step_size: int,
+    max_events: int | None,
+    workers: int | None,
+    retries: int,
+    progress: bool,
+) -> PassSummary:
+    tasks = plan_chunks(files, step_size, spec, max_events)
+    write_json(
+        folder / "pass.json",
+        {
+            "tasks": [
+                {k: v for k, v in asdict(t).items() if k != "provenance_record"} for t in tasks
+            ],
+            "schema": spec.schema,
+            "selection": spec.selection.as_dict(),
+            "model": spec.model,
+        },
+        what="event-pass plan",
+    )
+    start_time = time.perf_counter()
+    total = sum(t.entry_stop - t.entry_start for t in tasks)
+    if executor == "auto":
+        executor = "ray" if total >= SMALL_JOB_EVENTS and len(tasks) > 1 else "serial"
+    with _progress(progress, total) as advance:
+        if executor == "ray":
+            results, failures = _run_ray(tasks, spec, str(folder), advance, workers, retries)
+        elif executor == "serial":
+            results, failures = _run_serial(tasks, spec, str(folder), advance)
+        else:
+            raise InvalidInputError(f"executor must be 'serial', 'ray' or 'auto', got {executor!r}")
+    if failures:
+        lines = [f"{t.path} entries {t.entry_start}..{t.entry_stop}: {why}" for t, why in failures]
+        raise EventPassError(
+            f"{len(failures)} of {len(tasks)} chunks failed after {retries} retries; the "
+            f"{len(results)} parts written are kept and a rerun resumes from them:\n  "
+            + "\n  ".join(lines)
+        )
+    results.sort(key=lambda r: r.index)
+    names = [Path(r.path).name for r in results]
+    commit_table_parts(
+        folder,
+        names,
+        {
+            "n_events": sum(r.n_events for r in results),
+            "scored": spec.model is not None,
+            "code": code_version(),
+        },
+    )
+    _remove_unowned(folder, set(names))
+    streams = {s: sum(r.stream_counts[s] for r in results) for s in STREAMS}
+    return PassSummary(
+        table=folder,
+        n_events=sum(r.n_events for r in results),
+        n_outside_good_runs=sum(r.n_outside_good_runs for r in results),
+        n_parts=len(results),
+        n_reused=sum(r.reused for r in results),
+        stream_counts=streams,
+        executor=executor,
+        seconds=time.perf_counter() - start_time,
+        peak_rss_mb=max((r.peak_rss_mb for r in results), default=0.0),
+        non_finite=_summed(r.non_finite for r in results),
+        dropped_non_finite=_summed(r.dropped_non_finite for r in results),
+    )
+
+
+def _summed(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        add_counts(total, one)
+    return total
+
+
+def _remove_unowned(folder: Path, owned: set[str]) -> None:
+    """Remove parts of earlier passes and temporaries of dead writers (after the commit)."""
+    for part in folder.glob(PART_GLOB):
+        if part.name not in owned:
+            part.unlink(missing_ok=True)
+    remove_dead_temporaries(folder)
+    for legacy in folder.glob(".part-*.partial"):
+        legacy.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar over events on stderr, or nothing."""
+    if not enabled:
+        yield lambda advance: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("event pass", total=total)
+        yield lambda advance: bar.advance(task, advance)

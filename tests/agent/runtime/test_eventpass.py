@@ -1,0 +1,190 @@
+"""The parallel event pass: serial and Ray agree, resume from parts, failures are named."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from agent.runtime.eventpass import EventPassError, PassSpec, event_pass, plan_chunks
+from core.synth import SampleConfig, SignalSpec, generate_sample
+from core.table import table_parts
+from tests.rangeserver import RangeServer
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left_running():
+    """Each test owns its Ray instance: a driver left connected dies with the next `ray stop`."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pass")
+    return generate_sample(
+        folder,
+        SampleConfig(
+            n_events=24_000,
+            seed=9,
+            events_per_file=12_500,
+            signals=(SignalSpec("jm", 1500.0, 30.0, n_events=500),),
+        ),
+    )
+
+
+def _table(folder: Path) -> pa.Table:
+    parts = table_parts(folder)
+    return pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in parts])
+
+
+def _assert_same(a: pa.Table, b: pa.Table) -> None:
+    assert a.schema.equals(b.schema)
+    for name in a.column_names:
+        np.testing.assert_array_equal(a[name].to_numpy(), b[name].to_numpy())  # NaN == NaN
+
+
+def test_tasks_cover_every_entry_once(sample):
+    tasks = plan_chunks(sample.files, 5_000, PassSpec())
+    covered = {}
+    for task in tasks:
+        covered.setdefault(task.path, []).append((task.entry_start, task.entry_stop))
+    assert [t.index for t in tasks] == list(range(len(tasks)))
+    for ranges in covered.values():
+        assert ranges[0][0] == 0
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert sum(t.entry_stop - t.entry_start for t in tasks) == 24_500
+
+
+@pytest.mark.slow
+def test_serial_and_ray_write_identical_tables(sample, tmp_path):
+    serial = event_pass(sample.files, tmp_path / "serial", step_size=5_000)
+    parallel = event_pass(
+        sample.files, tmp_path / "ray", executor="ray", step_size=5_000, workers=2
+    )
+    assert serial.n_events == parallel.n_events == 24_500
+    assert serial.stream_counts == parallel.stream_counts
+    _assert_same(_table(tmp_path / "serial"), _table(tmp_path / "ray"))
+
+
+def test_resume_reuses_written_parts(sample, tmp_path):
+    first = event_pass(sample.files, tmp_path, step_size=5_000)
+    before = _table(tmp_path)
+    (part,) = tmp_path.glob("part-000002-*.parquet")
+    part.unlink()
+    again = event_pass(sample.files, tmp_path, step_size=5_000)
+    assert again.n_reused == first.n_parts - 1
+    _assert_same(_table(tmp_path), before)
+
+
+def test_a_failing_chunk_is_named_and_the_rest_is_kept(sample, tmp_path):
+    folder = Path(sample.files[0]).parent
+    with RangeServer(folder) as server:
+        url = server.url(Path(sample.files[0]).name)
+        tasks = plan_chunks([url], 5_000, PassSpec())
+        before = server.requests
+        event_pass([url], tmp_path / "scratch", step_size=5_000)
+        needed = server.requests - before
+        server.fail_after = server.requests + needed // 2
+        with pytest.raises(EventPassError, match=r"entries \d+\.\.\d+: InputFileError") as error:
+            event_pass([url], tmp_path, step_size=5_000)
+    written = list(tmp_path.glob("part-*.parquet"))
+    assert 0 < len(written) < len(tasks)
+    assert url in str(error.value)
+
+
+@pytest.mark.slow
+def test_two_node_ray_cluster(sample, tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    # a test cluster on loopback: no usage stats, no token (a token file shared with other
+    # Ray instances on the host can change under the test)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.run(
+        [ray_bin, "start", "--head", "--port=6391", "--num-cpus=1", "--include-dashboard=false"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert head.returncode == 0, head.stderr
+    try:
+        worker = subprocess.run(
+            [ray_bin, "start", "--address=127.0.0.1:6391", "--num-cpus=1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        assert worker.returncode == 0, worker.stderr
+        script = (
+            "import ray, json, sys\n"
+            "from agent.runtime.eventpass import event_pass\n"
+            "ray.init()\n"
+            "s = event_pass(sys.argv[1:-1], sys.argv[-1], executor='ray', step_size=5000)\n"
+            "print(json.dumps({'n': s.n_events, 'nodes': len(ray.nodes())}))\n"
+        )
+        run = subprocess.run(
+            [sys.executable, "-c", script, *map(str, sample.files), str(tmp_path / "cluster")],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**env, "RAY_ADDRESS": "127.0.0.1:6391"},
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert '"n": 24500' in run.stdout
+        assert '"nodes": 2' in run.stdout
+        serial = event_pass(sample.files, tmp_path / "serial", step_size=5_000)
+        assert serial.n_events == 24_500
+        _assert_same(_table(tmp_path / "cluster"), _table(tmp_path / "serial"))
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, check=False)
+
+
+def test_partitioned_table_reads_like_a_single_file(sample, tmp_path):
+    from core.events import iterate_events
+    from core.table import add_score_column, read_event_table, table_spectra, write_event_table
+
+    event_pass(sample.files, tmp_path / "parts", step_size=5_000)
+    write_event_table(iterate_events(sample.files, step_size=5_000), tmp_path / "single.parquet")
+    parts = read_event_table(tmp_path / "parts")
+    single = read_event_table(tmp_path / "single.parquet")
+    np.testing.assert_array_equal(parts.event, single.event)
+    np.testing.assert_array_equal(parts.masses, single.masses)
+    np.testing.assert_array_equal(
+        table_spectra(tmp_path / "parts").spectra.counts,
+        table_spectra(tmp_path / "single.parquet").spectra.counts,
+    )
+    scores = np.arange(len(parts), dtype=float)
+    add_score_column(tmp_path / "parts", scores, np.zeros(len(parts), dtype=bool))
+    rescored = read_event_table(tmp_path / "parts")
+    np.testing.assert_array_equal(rescored.score, scores)
+    cut = table_spectra(tmp_path / "parts", score_min=float(len(parts) - 1001))
+    assert cut.n_selected == 1000
+
+
+def test_non_finite_values_are_counted_through_the_pass_and_its_resume(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """A third of the muons' pt set to NaN: the pass reports every one and the muons it
+    dropped, and a resumed pass (parts reused) reports the same counts."""
+    from tests.nanofiles import nanoaod_with_nan_muons
+
+    source = shared_data / "nanoAOD_2015_CMS_Open_Data_ttbar.root"
+    path, n_nan = nanoaod_with_nan_muons(source, tmp_path / "nan.root")
+    assert n_nan > 0
+    first = event_pass([path], tmp_path / "table", step_size=5000)
+    again = event_pass([path], tmp_path / "table", step_size=5000)
+    assert again.n_reused == again.n_parts
+    for summary in (first, again):
+        assert summary.non_finite == {"Muon_pt": n_nan}
+        assert summary.dropped_non_finite == {"muons": n_nan}
