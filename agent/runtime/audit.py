@@ -873,36 +873,65 @@ def verify(path: Path) -> VerifyReport:
     or swapped, and re-linked row.
     """
     stored = _read_log(path)
-    rows = stored.rows
-    chain = _Chain(rows, stored.meta)
+    chain = _Chain(stored.rows, stored.meta)
     problems = [f"table {table!r} is missing" for table in stored.missing_tables]
     by_seq: dict[int, list[tuple[str, dict[str, Any]]]] = {}
-    for table, row in rows:
+    for table, row in stored.rows:
         by_seq.setdefault(int(row["seq"]), []).append((table, row))
-    seqs = sorted(by_seq)
     try:
         head_file = read_head(path)
     except AuditError as error:
         problems.append(str(error))
         head_file = None
-    expected_prev = GENESIS_HASH
-    previous_seq = 0
-    previous_name = "the start of the log"
-    previous_intact = True
+    walk = _Walk(chain)
+    seqs = sorted(by_seq)
     for index, seq in enumerate(seqs):
-        here = by_seq[seq]
-        names = {id(row): f"{table} row seq {seq} (key {row['key']!r})" for table, row in here}
-        if seq != previous_seq + 1:
-            first = names[id(here[0][1])]
-            problems.append(
-                f"rows seq {previous_seq + 1}..{seq - 1} are missing between {previous_name} "
-                f"and {first}: deleted"
-            )
         if index + 1 < len(seqs):
             links = {str(row["prev_hash"]) for _, row in by_seq[seqs[index + 1]]}
         else:
             links = set() if head_file is None else {head_file.head.hash}
-        chosen = _genuine(here, links, chain.intact, expected_prev)
+        problems.extend(walk.step(seq, by_seq[seq], links))
+    log_head = ChainHead(walk.previous_seq, walk.expected_prev, stored.head.rows)
+    notes: list[str] = []
+    if head_file is not None:
+        if not head_file.matches(log_head):
+            problems.extend(log_head.differences(head_file.head))
+    elif chain.since is not None and walk.previous_seq >= chain.since:
+        problems.append(
+            f"the head file {head_path(path).name} is missing: it records the last row of "
+            "this log, so rows at its end may have been deleted"
+        )
+    elif seqs:
+        notes.append(
+            "this log was written before the head file existed (hash form 1): rows deleted "
+            "at its end can not be detected"
+        )
+    return VerifyReport(len(stored.rows), tuple(problems), tuple(notes))
+
+
+class _Walk:
+    """The walk along the chain in seq order: what the next row must link to."""
+
+    def __init__(self, chain: _Chain) -> None:
+        self.chain = chain
+        self.expected_prev = GENESIS_HASH
+        self.previous_seq = 0
+        self.previous_name = "the start of the log"
+        self.previous_intact = True
+
+    def step(
+        self, seq: int, here: Sequence[tuple[str, dict[str, Any]]], links: set[str]
+    ) -> list[str]:
+        """The problems of the rows holding `seq` (`links`: the hashes later rows link to)."""
+        problems: list[str] = []
+        names = {id(row): f"{table} row seq {seq} (key {row['key']!r})" for table, row in here}
+        if seq != self.previous_seq + 1:
+            first = names[id(here[0][1])]
+            problems.append(
+                f"rows seq {self.previous_seq + 1}..{seq - 1} are missing between "
+                f"{self.previous_name} and {first}: deleted"
+            )
+        chosen = _genuine(here, links, self.chain.intact, self.expected_prev)
         if len(here) > 1:
             times = "twice" if len(here) == 2 else f"{len(here)} times"
             reason = (
@@ -916,44 +945,34 @@ def verify(path: Path) -> VerifyReport:
                 if row is not chosen
             )
         for table, row in here:
-            if chosen is not None and row is not chosen:
-                continue
-            name = names[id(row)]
-            if not chain.intact[id(row)]:
-                origin = chain.moved_from(table, seq, row)
-                if origin is not None:
-                    problems.append(
-                        f"{name}: this row was written as seq {origin} (its hash matches "
-                        "there): moved or swapped"
-                    )
-                else:
-                    problems.append(f"{name}: its content does not match its hash: edited")
-            elif row["prev_hash"] != expected_prev and seq == previous_seq + 1 and previous_intact:
-                problems.append(
-                    f"{name}: prev_hash does not match the hash of {previous_name}: inserted "
-                    "or re-linked"
-                )
+            if chosen is None or row is chosen:
+                problems.extend(self._row_problems(table, seq, row, names[id(row)]))
         last = chosen if chosen is not None else here[0][1]
-        expected_prev = str(last["hash"])
-        previous_seq = seq
-        previous_name = names[id(last)]
-        previous_intact = chain.intact[id(last)]
-    log_head = ChainHead(previous_seq, expected_prev, stored.head.rows)
-    notes: list[str] = []
-    if head_file is not None:
-        if not head_file.matches(log_head):
-            problems.extend(log_head.differences(head_file.head))
-    elif chain.since is not None and previous_seq >= chain.since:
-        problems.append(
-            f"the head file {head_path(path).name} is missing: it records the last row of "
-            "this log, so rows at its end may have been deleted"
-        )
-    elif seqs:
-        notes.append(
-            "this log was written before the head file existed (hash form 1): rows deleted "
-            "at its end can not be detected"
-        )
-    return VerifyReport(len(rows), tuple(problems), tuple(notes))
+        self.expected_prev = str(last["hash"])
+        self.previous_seq = seq
+        self.previous_name = names[id(last)]
+        self.previous_intact = self.chain.intact[id(last)]
+        return problems
+
+    def _row_problems(self, table: str, seq: int, row: dict[str, Any], name: str) -> list[str]:
+        if not self.chain.intact[id(row)]:
+            origin = self.chain.moved_from(table, seq, row)
+            if origin is not None:
+                return [
+                    f"{name}: this row was written as seq {origin} (its hash matches "
+                    "there): moved or swapped"
+                ]
+            return [f"{name}: its content does not match its hash: edited"]
+        if (
+            row["prev_hash"] != self.expected_prev
+            and seq == self.previous_seq + 1
+            and self.previous_intact
+        ):
+            return [
+                f"{name}: prev_hash does not match the hash of {self.previous_name}: "
+                "inserted or re-linked"
+            ]
+        return []
 
 
 def _genuine(
