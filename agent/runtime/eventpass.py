@@ -23,6 +23,7 @@ import hashlib
 import json
 import resource
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,15 +31,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import Progress
 
 from agent.runtime.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from agent.runtime.runlock import run_folder_lock
+from core.autoencoder import load_scorer, read_model_card, training_selection
 from core.errors import AnomscanError, InputFileError, InvalidInputError
 from core.events import DistinctFiles, Selection, add_counts, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
 from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
 from core.goodruns import GoodRunList
 from core.masses import STREAMS
+from core.rmm import rmm_features, rmm_matrices
 from core.table import PART_GLOB, chunk_columns, commit_table_parts
 
 PART_PATTERN = "part-{index:06d}-{provenance}.parquet"
@@ -162,8 +167,6 @@ def plan_chunks(
 
 
 def _uuid(text: str) -> Any:
-    import uuid
-
     return uuid.UUID(text)
 
 
@@ -191,8 +194,6 @@ def _pass_provenance(spec: PassSpec) -> dict[str, Any]:
     """Everything but the file and the entry range that a part's rows depend on."""
     model: dict[str, Any] | None = None
     if spec.model is not None:
-        from core.autoencoder import read_model_card
-
         card = read_model_card(Path(spec.model))
         model = {
             "sha256": file_sha256(spec.model),
@@ -226,8 +227,6 @@ def _pass_provenance(spec: PassSpec) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4)
 def _cached_scorer(model: str, modified_ns: int, threads: int) -> Any:
     """One onnxruntime session per model file (and version of it) per process."""
-    from core.autoencoder import load_scorer
-
     return load_scorer(Path(model), threads=threads)
 
 
@@ -235,8 +234,6 @@ def _training_function(spec: PassSpec) -> Callable[[Any], Any] | None:
     """The model card's training selection over event keys (None for an unscored pass)."""
     if spec.model is None:
         return None
-    from core.autoencoder import read_model_card, training_selection
-
     card = read_model_card(Path(spec.model))
     return lambda keys: training_selection(keys, card.fraction, card.seed)
 
@@ -244,8 +241,6 @@ def _training_function(spec: PassSpec) -> Callable[[Any], Any] | None:
 def _score_function(spec: PassSpec) -> Callable[[Any], Any] | None:
     if spec.model is None:
         return None
-    from core.rmm import rmm_features, rmm_matrices
-
     model = Path(spec.model)
     modified_ns = model.stat().st_mtime_ns if model.is_file() else 0
     scorer = _cached_scorer(spec.model, modified_ns, spec.scoring_threads)
@@ -505,9 +500,6 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda advance: None
         return
-    from rich.console import Console
-    from rich.progress import Progress
-
     with Progress(console=Console(stderr=True)) as bar:
         task = bar.add_task("event pass", total=total)
         yield lambda advance: bar.advance(task, advance)
