@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from agent.policy import Candidate, CheckSummary, PointOutcome, SpectrumOutcome
-from agent.policy.llm.policy import (
+from agent.policy.llm import (
     DECISION_TOOLS,
     LLMPolicy,
     LLMSettings,
@@ -147,7 +147,7 @@ def test_good_tool_call_is_accepted_and_logged(run_dir: Path) -> None:
     # the request carried the schema generated from the pydantic model, and the key
     request = server.requests[0]
     offered = {tool["function"]["name"]: tool["function"] for tool in request["tools"]}
-    model, _ = DECISION_TOOLS["accept_background"]
+    model = DECISION_TOOLS["accept_background"].model
     assert offered["accept_background"]["parameters"] == model.model_json_schema()
     assert server.headers[0]["authorization"] == f"Bearer {FAKE_KEY}"
     # the numbers travel as JSON inside <data>
