@@ -9,7 +9,6 @@ validation, the policy's checks. Whatever policy decides, the graph relies on th
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,23 +32,17 @@ from agent.policy import (
 from agent.policy.gates import DUPLICATE_TOLERANCE
 from agent.policy.llm import LLMPolicy, LLMSettings
 from core.anomaly import log_uniform_xsec_grid
-from tests.agent.chatserver import Reply, chat_server, tool_call
+from tests.agent.chatserver import Reply, chat_server, request_data, tool_call
 
 SPECTRUM = "T2/jm"
 POINT = 1.0
 RULES = RulesPolicy()
 
 
-def _data(body: dict[str, Any]) -> dict[str, Any]:
-    user = next(m for m in body["messages"] if m["role"] == "user")["content"]
-    parsed: dict[str, Any] = json.loads(user.split("<data>")[1].split("</data>")[0])
-    return parsed
-
-
 def rules_minded_model(body: dict[str, Any]) -> Reply:
     """A scripted model whose every answer is the tool call the rules would make."""
     tool = body["tools"][0]["function"]["name"]
-    data = _data(body)
+    data = request_data(body)
     xsec_range = tuple(data.get("xsec_range_pb", (0.0, 0.0)))
     candidates = [Candidate.model_validate(c) for c in data.get("candidates", [])]
     proposal: Proposal
