@@ -2,6 +2,7 @@
 
 from agent.policy.gates import GateResult, background_gate, fallback_gate, points_gate
 from agent.policy.protocol import (
+    AuditRow,
     BackgroundProposal,
     Candidate,
     CheckSummary,
@@ -16,6 +17,7 @@ from agent.policy.rules import FALLBACK_MIN_EVENTS, RulesPolicy
 
 __all__ = [
     "FALLBACK_MIN_EVENTS",
+    "AuditRow",
     "BackgroundProposal",
     "Candidate",
     "CheckSummary",

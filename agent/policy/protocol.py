@@ -8,7 +8,7 @@ tool-call JSON (the LLM policy) builds the same objects with `Model.model_valida
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,10 @@ class Proposal(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     rationale: str = Field(min_length=1)
+
+
+ProposalT = TypeVar("ProposalT", bound=Proposal)
+"""Any one kind of proposal (a decision is typed by the proposal it returns)."""
 
 
 class PointsProposal(Proposal):
@@ -129,4 +133,8 @@ class Policy(Protocol):
 
     def decided_by(self) -> str:
         """The policy that took the last decision (`rules` when an LLM policy fell back)."""
+        ...
+
+    def prompts_sha256(self) -> dict[str, str] | None:
+        """SHA-256 of each prompt the policy sends to a model (recorded in the run), or None."""
         ...

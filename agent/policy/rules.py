@@ -46,6 +46,68 @@ def _midpoint(low: float, high: float) -> float:
     return float(f"{value:.4g}")
 
 
+def _growing_excess(name: str, ordered: list[PointOutcome]) -> list[tuple[float, float, str]]:
+    """(local Z, midpoint, reason) where spectrum `name`'s excess grows towards its best point.
+
+    Between the best point (local Z >= REFINE_LOCAL_Z) and each neighbour of lower local Z,
+    `ordered` being the scanned points sorted by cross-section.
+    """
+    xsecs = [o.point_pb for o in ordered]
+    z = [o.spectra[name].local_z if name in o.spectra else None for o in ordered]
+    values = [v if v is not None else -math.inf for v in z]
+    best = max(range(len(values)), key=lambda i: values[i]) if values else 0
+    whole = [o.spectra[name].whole_stream if name in o.spectra else False for o in ordered]
+    if not values or values[best] < REFINE_LOCAL_Z:
+        return []
+    growing: list[tuple[float, float, str]] = []
+    for neighbour in (best - 1, best + 1):
+        if not 0 <= neighbour < len(xsecs) or (whole[best] and whole[neighbour]):
+            continue  # both regions are the whole stream: the same events
+        if values[neighbour] < values[best]:
+            low, high = sorted((xsecs[best], xsecs[neighbour]))
+            if high / low >= MIN_POINT_RATIO:
+                growing.append(
+                    (
+                        values[best],
+                        _midpoint(low, high),
+                        f"{name}: local Z {values[best]:.2f} at "
+                        f"{point_text(xsecs[best])} pb "
+                        f"grows from {max(values[neighbour], 0):.2f} at "
+                        f"{point_text(xsecs[neighbour])} pb",
+                    )
+                )
+    return growing
+
+
+def _failing_neighbours(name: str, ordered: list[PointOutcome]) -> list[tuple[float, str]]:
+    """(midpoint, reason) between neighbours where a background passed at one and not the other.
+
+    For spectrum `name`; never between two points whose regions are both the whole stream.
+    """
+    xsecs = [o.point_pb for o in ordered]
+    failing: list[tuple[float, str]] = []
+    for i in range(len(ordered) - 1):
+        here = ordered[i].spectra.get(name)
+        there = ordered[i + 1].spectra.get(name)
+        if here is None or there is None:
+            continue
+        statuses = {here.status, there.status}
+        same_events = here.whole_stream and there.whole_stream
+        if (
+            statuses == {"excess", "no background"}
+            and not same_events
+            and xsecs[i + 1] / xsecs[i] >= MIN_POINT_RATIO
+        ):
+            failing.append(
+                (
+                    _midpoint(xsecs[i], xsecs[i + 1]),
+                    f"{name}: a background passed at one of {xsecs[i]:g} and "
+                    f"{point_text(xsecs[i + 1])} pb and none at the other",
+                )
+            )
+    return failing
+
+
 class RulesPolicy:
     """The deterministic reference policy (no network); see the module docstring."""
 
@@ -76,46 +138,8 @@ class RulesPolicy:
         growing: list[tuple[float, float, str]] = []
         failing: list[tuple[float, str]] = []
         for name in names:
-            z = [o.spectra[name].local_z if name in o.spectra else None for o in ordered]
-            values = [v if v is not None else -math.inf for v in z]
-            best = max(range(len(values)), key=lambda i: values[i]) if values else 0
-            whole = [o.spectra[name].whole_stream if name in o.spectra else False for o in ordered]
-            if values and values[best] >= REFINE_LOCAL_Z:
-                for neighbour in (best - 1, best + 1):
-                    if not 0 <= neighbour < len(xsecs) or (whole[best] and whole[neighbour]):
-                        continue  # both regions are the whole stream: the same events
-                    if values[neighbour] < values[best]:
-                        low, high = sorted((xsecs[best], xsecs[neighbour]))
-                        if high / low >= MIN_POINT_RATIO:
-                            growing.append(
-                                (
-                                    values[best],
-                                    _midpoint(low, high),
-                                    f"{name}: local Z {values[best]:.2f} at "
-                                    f"{point_text(xsecs[best])} pb "
-                                    f"grows from {max(values[neighbour], 0):.2f} at "
-                                    f"{point_text(xsecs[neighbour])} pb",
-                                )
-                            )
-            for i in range(len(ordered) - 1):
-                here = ordered[i].spectra.get(name)
-                there = ordered[i + 1].spectra.get(name)
-                if here is None or there is None:
-                    continue
-                statuses = {here.status, there.status}
-                same_events = here.whole_stream and there.whole_stream
-                if (
-                    statuses == {"excess", "no background"}
-                    and not same_events
-                    and xsecs[i + 1] / xsecs[i] >= MIN_POINT_RATIO
-                ):
-                    failing.append(
-                        (
-                            _midpoint(xsecs[i], xsecs[i + 1]),
-                            f"{name}: a background passed at one of {xsecs[i]:g} and "
-                            f"{point_text(xsecs[i + 1])} pb and none at the other",
-                        )
-                    )
+            growing += _growing_excess(name, ordered)
+            failing += _failing_neighbours(name, ordered)
         growing.sort(key=lambda item: -item[0])
         chosen: list[float] = []
         reasons: list[str] = []
@@ -195,3 +219,7 @@ class RulesPolicy:
     def decided_by(self) -> str:
         """Always the rules."""
         return self.name
+
+    def prompts_sha256(self) -> dict[str, str] | None:
+        """None: the rules send no prompt."""
+        return None

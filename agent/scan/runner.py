@@ -765,7 +765,7 @@ def make_policy(config: ScanConfig) -> Policy:
     """The scan's policy: `rules`, or the LLM one (endpoint from the config or environment)."""
     if config.policy == "rules":
         return RulesPolicy()
-    from agent.policy.llm.policy import LLMPolicy, LLMSettings
+    from agent.policy.llm import LLMPolicy, LLMSettings
 
     settings = LLMSettings.from_environment(
         base_url=config.llm_base_url,
@@ -844,7 +844,7 @@ def _run_scan(config: ScanConfig, *, resume: bool, show_progress: bool) -> ScanO
             inputs=None,
             model_sha256=None,
             seed=config.seed,
-            prompts=getattr(getattr(policy, "prompts", None), "sha256", None),
+            prompts=policy.prompts_sha256(),
         )
         connection = sqlite3.connect(run_dir / CHECKPOINT_FILE, check_same_thread=False)
         stack.callback(connection.close)

@@ -93,6 +93,13 @@ def trickle(body: str | bytes, pause_s: float) -> Reply:
     return Reply(**{**raw(body).__dict__, "pause_s": pause_s})
 
 
+def request_data(body: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a request carried: the JSON inside <data> of its (first) user message."""
+    user = next(m for m in body["messages"] if m["role"] == "user")["content"]
+    parsed: dict[str, Any] = json.loads(user.split("<data>")[1].split("</data>")[0])
+    return parsed
+
+
 DROP = Reply("drop")
 """Close the connection without an answer."""
 

@@ -7,7 +7,11 @@ taken, what the model was sent back, and the audit rows the policy queued.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ import numpy as np
 import pytest
 
 from agent.policy import Candidate, CheckSummary, PointOutcome, SpectrumOutcome
-from agent.policy.llm.policy import (
+from agent.policy.llm import (
     DECISION_TOOLS,
     LLMPolicy,
     LLMSettings,
@@ -147,7 +151,7 @@ def test_good_tool_call_is_accepted_and_logged(run_dir: Path) -> None:
     # the request carried the schema generated from the pydantic model, and the key
     request = server.requests[0]
     offered = {tool["function"]["name"]: tool["function"] for tool in request["tools"]}
-    model, _ = DECISION_TOOLS["accept_background"]
+    model = DECISION_TOOLS["accept_background"].model
     assert offered["accept_background"]["parameters"] == model.model_json_schema()
     assert server.headers[0]["authorization"] == f"Bearer {FAKE_KEY}"
     # the numbers travel as JSON inside <data>
@@ -424,8 +428,6 @@ def test_text_from_the_data_stays_inside_the_data_block(run_dir: Path) -> None:
 
 
 def test_unreachable_endpoint_falls_back_at_once(run_dir: Path) -> None:
-    import socket
-
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -442,10 +444,6 @@ def test_unreachable_endpoint_falls_back_at_once(run_dir: Path) -> None:
 
 
 def test_scan_with_llm_policy_and_no_model_exits_2_with_one_line(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     repo = Path(__file__).resolve().parents[3]
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMSCAN_LLM")}
     completed = subprocess.run(

@@ -27,6 +27,7 @@ from tests.agent.chatserver import (
     chat_server,
     endpoint_failures,
     garbage_calls,
+    request_data,
     text,
     tool_call,
 )
@@ -56,16 +57,10 @@ SCAN_ARGS = [
 pytestmark = pytest.mark.slow
 
 
-def _data(body: dict[str, Any]) -> dict[str, Any]:
-    user = next(m for m in body["messages"] if m["role"] == "user")["content"]
-    parsed: dict[str, Any] = json.loads(user.split("<data>")[1].split("</data>")[0])
-    return parsed
-
-
 def sensible_model(body: dict[str, Any]) -> Reply:
     """A scripted model that decides as a careful physicist would (and as rules do)."""
     tool = body["tools"][0]["function"]["name"]
-    data = _data(body)
+    data = request_data(body)
     if tool == "propose_points":
         if "scanned" in data:
             return tool_call(
@@ -115,7 +110,7 @@ def sensible_model(body: dict[str, Any]) -> Reply:
 def invalid_model(body: dict[str, Any]) -> Reply:
     """A scripted model whose every proposal breaks a gate (or is not a tool call)."""
     tool = body["tools"][0]["function"]["name"]
-    data = _data(body)
+    data = request_data(body)
     if tool == "propose_points":
         return tool_call(
             "propose_points", {"points_pb": [1e6], "stop": False, "rationale": "go big"}

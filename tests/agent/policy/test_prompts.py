@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.policy.llm.policy import PROMPT_NAMES, load_prompts
+from agent.policy.llm import PROMPT_NAMES, load_prompts
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -38,7 +38,7 @@ def test_the_wheel_ships_the_prompts_and_reads_them_there(tmp_path: Path) -> Non
     )
     # Run from an unrelated folder with only the unpacked wheel on the path.
     script = (
-        "from agent.policy.llm.policy import load_prompts; p = load_prompts(); "
+        "from agent.policy.llm import load_prompts; p = load_prompts(); "
         "print(p.folder); print(p.sha256['system'])"
     )
     completed = subprocess.run(
