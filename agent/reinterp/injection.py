@@ -89,6 +89,7 @@ METHOD = (
     "absorbing signal. Local Z = sqrt(q0) of the rule's fit; expected Z in the +-2 sigma "
     "window (Asimov), dZ = (Z_AE / Z - 1) x 100 %"
 )
+"""The method of every RUN/injection/NAME.json (`method`), its background part filled in."""
 BACKGROUND_METHOD = {
     "fit": (
         "in its fit range a Poisson draw of the run's accepted background prediction for "
@@ -104,6 +105,7 @@ BACKGROUND_METHOD = {
         "shifts every toy's pull alike)"
     ),
 }
+"""How the toys' background is made, by `InjectionRequest.background`."""
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,7 @@ from typing import Any
 
 from agent.figures import plots
 from agent.figures.common import PlotStyle
-from agent.review.markup import (
-    Figures,
-    annotation_list,
-    escape,
-    html_page,
-    html_table,
-    raw_td,
-    td,
-)
+from agent.review.markup import Figures, annotation_list, escape, html_page, html_table, raw_td, td
 from agent.review.run import RunRecord, spectrum_slug
 from agent.review.why import BACKGROUND_KINDS, number_text, spectrum_story, why_text
 from core.masses import SPECTRUM_NAMES
