@@ -454,7 +454,7 @@ def _audit_log_read(path: Path) -> Iterator[None]:
 
 def _command_why(run_dir: Path, spectrum: str, point: str) -> int:
     """`anomscan audit RUN --why SPECTRUM POINT`: one spectrum's result from the log alone."""
-    from agent.review.report import check_spectrum, load_run, spectrum_story, why_text
+    from agent.review import check_spectrum, load_run, spectrum_story, why_text
 
     spectrum = canonical_spectrum(spectrum)
     check_spectrum(spectrum)
@@ -713,7 +713,7 @@ def _command_demo(arguments: argparse.Namespace) -> int:
 
 def _command_acceptance(arguments: argparse.Namespace) -> int:
     """`anomscan acceptance RUN FILES...`: a signal sample through the run's AE and AR cuts."""
-    from agent.reinterp.injection import run_acceptance
+    from agent.reinterp import run_acceptance
 
     output = run_acceptance(
         Path(arguments.run),
@@ -775,7 +775,7 @@ def _parse_extra(text: str) -> dict[str, int]:
 
 def _command_inject(arguments: argparse.Namespace) -> int:
     """`anomscan inject RUN --pair P --mass M --width W --xsec X,...`: injection and recovery."""
-    from agent.reinterp.injection import InjectionRequest, run_injection
+    from agent.reinterp import InjectionRequest, run_injection
 
     request = InjectionRequest(
         pair=arguments.pair,

@@ -1,57 +1,28 @@
-"""The report's figures (matplotlib + mplhep; neutral, ATLAS or CMS style; PNG or SVG).
-
-The default style is neutral ("Simulation"): anomscan's own synthetic samples and a
-user's open data carry no experiment's label; `--style ATLAS|CMS` adds one on request.
+"""The report's figures: spectra, the significance map, scores, losses and limits.
 
 Every function draws numbers it is given (from the audit, the run folder's NPZ files and
-the model card) and returns the encoded figure; nothing here fits or tests anything.
+the model card) in the house style (`agent.figures.common`) and returns the figure;
+`encode` turns a figure into PNG or SVG bytes. Nothing here fits or tests anything.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
+from agent.figures.common import PlotFormat, PlotStyle, label_axes, pyplot
 from core.anomaly import point_text
 from core.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PlotStyle = Literal["Simulation", "ATLAS", "CMS"]
-PlotFormat = Literal["png", "svg"]
-
 MARKS = {"failed": "F", "fallback": "S", "skipped": "·"}
 """Letters drawn on the significance map: no background passed, symbolic fallback, skipped."""
-
-
-def _pyplot(style: PlotStyle) -> Any:
-    import matplotlib as mpl
-
-    mpl.use("Agg")
-    import matplotlib.pyplot as plt
-    import mplhep
-
-    plt.style.use(mplhep.style.CMS if style == "CMS" else mplhep.style.ATLAS)
-    # fonts of the style may be absent offline: fall back silently to DejaVu (bundled)
-    plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"], "DejaVu Sans"]
-    plt.rcParams["svg.fonttype"] = "path"
-    return plt
-
-
-def _label(ax: Any, style: PlotStyle, text: str) -> None:
-    import mplhep
-
-    if style == "Simulation":
-        ax.text(0.02, 0.98, "anomscan Simulation", transform=ax.transAxes, va="top", fontsize=12)
-    else:
-        module = mplhep.atlas if style == "ATLAS" else mplhep.cms
-        module.text("Internal" if style == "ATLAS" else "Preliminary", ax=ax, loc=0, fontsize=12)
-    ax.set_title(text, fontsize=11, loc="right")
 
 
 def encode(figure: Figure, fmt: PlotFormat) -> bytes:
@@ -68,7 +39,7 @@ def loss_curves(
     train: Sequence[float], validation: Sequence[float], best_epoch: int, style: PlotStyle
 ) -> Figure:
     """Training and validation loss (MSE) per epoch from the model card, best epoch marked."""
-    plt = _pyplot(style)
+    plt = pyplot(style)
     figure, ax = plt.subplots(figsize=(6, 4))
     epochs = np.arange(1, len(train) + 1)
     ax.plot(epochs, train, label="training")
@@ -79,7 +50,7 @@ def loss_curves(
     ax.set_ylabel("loss (MSE)")
     ax.set_yscale("log")
     ax.legend(fontsize=10)
-    _label(ax, style, "autoencoder")
+    label_axes(ax, style, "autoencoder")
     return cast("Figure", figure)
 
 
@@ -89,7 +60,7 @@ def score_distributions(
     style: PlotStyle,
 ) -> Figure:
     """Anomaly-score histogram per stream; a vertical line per AR point at its lowest score."""
-    plt = _pyplot(style)
+    plt = pyplot(style)
     streams = list(scores)
     columns = 4
     rows = (len(streams) + columns - 1) // columns
@@ -133,7 +104,7 @@ def significance_map(
     style: PlotStyle,
 ) -> Figure:
     """AR points x spectra, colour = local Z (NaN cells blank), with the letters of `MARKS`."""
-    plt = _pyplot(style)
+    plt = pyplot(style)
     figure, ax = plt.subplots(figsize=(16, 1.2 + 0.45 * len(points_pb)))
     masked = np.ma.masked_invalid(local_z)
     image = ax.imshow(masked, aspect="auto", cmap="viridis", vmin=0.0, interpolation="nearest")
@@ -169,7 +140,7 @@ def spectrum_plot(
     `core.fit.expected_errors`) is drawn as a shaded band B +- sigma around the background
     and as +- sigma / sqrt(B) around zero in the lower panel.
     """
-    plt = _pyplot(style)
+    plt = pyplot(style)
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05}
     )
@@ -185,54 +156,12 @@ def spectrum_plot(
         label="data",
     )
     if background is not None and bins is not None:
-        first, stop = bins
-        fit_edges = edges[first : stop + 1]
-        top.stairs(
-            background, fit_edges, baseline=None, color="tab:blue", label="chosen background"
-        )
-        if background_error is not None:
-            if background_error.shape != background.shape or not np.all(
-                np.isfinite(background_error)
-            ):
-                raise InvalidInputError(
-                    f"background_error has shape {background_error.shape} (background "
-                    f"{background.shape}) or non-finite values; it must be one finite error "
-                    "per background bin"
-                )
-            top.stairs(
-                background + background_error,
-                fit_edges,
-                baseline=np.clip(background - background_error, 0.0, None),
-                fill=True,
-                color="tab:blue",
-                alpha=0.3,
-                linewidth=0,
-                label="fit uncertainty (1 sigma)",
-            )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pull = np.where(
-                background > 0, (counts[first:stop] - background) / np.sqrt(background), 0.0
-            )
-        bottom.stairs(pull, fit_edges, fill=True, color="tab:blue", alpha=0.6)
-        if background_error is not None:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                relative = np.where(background > 0, background_error / np.sqrt(background), 0.0)
-            bottom.stairs(
-                relative, fit_edges, baseline=-relative, fill=True, color="grey", alpha=0.4
-            )
-    for ax in (top, bottom):
-        if window is not None:
-            ax.axvspan(*window, color="tab:orange", alpha=0.25)
-        if masked is not None:
-            ax.axvspan(*masked, facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
-    if window is not None:
-        top.plot([], [], color="tab:orange", alpha=0.4, linewidth=6, label="BumpHunter window")
-    if masked is not None:
-        top.plot([], [], color="grey", linewidth=1, linestyle=":", label="masked in the refit")
+        _draw_background(top, bottom, edges, counts, background, bins, background_error)
+    _draw_windows(top, bottom, window, masked)
     top.set_yscale("log")
     top.set_ylabel("events / bin")
     top.legend(fontsize=9)
-    _label(top, style, title)
+    label_axes(top, style, title)
     bottom.axhline(0, color="black", linewidth=0.8)
     bottom.set_ylabel("(n - B) / sqrt(B)", fontsize=10)
     bottom.set_xlabel("invariant mass [GeV]")
@@ -243,6 +172,65 @@ def spectrum_plot(
         bottom.set_xlim(low, high)
         bottom.set_xscale("log")
     return cast("Figure", figure)
+
+
+def _draw_background(
+    top: Any,
+    bottom: Any,
+    edges: npt.NDArray[np.float64],
+    counts: npt.NDArray[np.float64],
+    background: npt.NDArray[np.float64],
+    bins: tuple[int, int],
+    background_error: npt.NDArray[np.float64] | None,
+) -> None:
+    """The background over its fit range (with its band) on top, (n - B)/sqrt(B) below."""
+    first, stop = bins
+    fit_edges = edges[first : stop + 1]
+    top.stairs(background, fit_edges, baseline=None, color="tab:blue", label="chosen background")
+    if background_error is not None:
+        if background_error.shape != background.shape or not np.all(np.isfinite(background_error)):
+            raise InvalidInputError(
+                f"background_error has shape {background_error.shape} (background "
+                f"{background.shape}) or non-finite values; it must be one finite error "
+                "per background bin"
+            )
+        top.stairs(
+            background + background_error,
+            fit_edges,
+            baseline=np.clip(background - background_error, 0.0, None),
+            fill=True,
+            color="tab:blue",
+            alpha=0.3,
+            linewidth=0,
+            label="fit uncertainty (1 sigma)",
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pull = np.where(
+            background > 0, (counts[first:stop] - background) / np.sqrt(background), 0.0
+        )
+    bottom.stairs(pull, fit_edges, fill=True, color="tab:blue", alpha=0.6)
+    if background_error is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(background > 0, background_error / np.sqrt(background), 0.0)
+        bottom.stairs(relative, fit_edges, baseline=-relative, fill=True, color="grey", alpha=0.4)
+
+
+def _draw_windows(
+    top: Any,
+    bottom: Any,
+    window: tuple[float, float] | None,
+    masked: tuple[float, float] | None,
+) -> None:
+    """The BumpHunter window (shaded) and the window masked in the refit (hatched), legended."""
+    for ax in (top, bottom):
+        if window is not None:
+            ax.axvspan(*window, color="tab:orange", alpha=0.25)
+        if masked is not None:
+            ax.axvspan(*masked, facecolor="none", edgecolor="grey", hatch="//", linewidth=0)
+    if window is not None:
+        top.plot([], [], color="tab:orange", alpha=0.4, linewidth=6, label="BumpHunter window")
+    if masked is not None:
+        top.plot([], [], color="grey", linewidth=1, linestyle=":", label="masked in the refit")
 
 
 def limit_curves_plot(
@@ -258,7 +246,7 @@ def limit_curves_plot(
     """
     if not curves:
         raise InvalidInputError(f"no limit curve to draw at the AR point {point_text(point_pb)} pb")
-    plt = _pyplot(style)
+    plt = pyplot(style)
     spectra = sorted({str(c["spectrum"]) for c in curves})
     widths = sorted({float(c["width"]) for c in curves})
     columns = min(4, len(spectra))

@@ -1,7 +1,8 @@
 """Figures of the reinterpretation outputs: the acceptance map and the injection linearity.
 
-Each draws the numbers of an acceptance or injection JSON (agent/reinterp/injection.py) and returns
-the encoded figure (mplhep style of agent/figures/plots.py); nothing here computes a result.
+Each draws the numbers of an acceptance or injection JSON (agent/reinterp/acceptance.py,
+agent/reinterp/injection.py) in the house style (agent/figures/common.py) and returns the
+figure or its encoded bytes; nothing here computes a result.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from agent.figures.plots import PlotFormat, PlotStyle, _label, _pyplot, encode
+from agent.figures.common import PlotFormat, PlotStyle, label_axes, pyplot
+from agent.figures.plots import encode
 from core.anomaly import point_text
 from core.masses import STREAMS
 
@@ -27,7 +29,7 @@ def acceptance_map(
 
 def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "Simulation") -> Figure:
     """Acceptance (fraction of the sample passing the AR, any pair) per stream x AR point."""
-    plt = _pyplot(style)
+    plt = pyplot(style)
     points = list(acceptance["points_pb"])
     grid = np.full((len(STREAMS), len(points)), np.nan)
     for row in acceptance["streams"]:
@@ -49,7 +51,7 @@ def acceptance_map_figure(acceptance: dict[str, Any], *, style: PlotStyle = "Sim
     ax.set_xlabel(r"AR point $\sigma_{AR}$ [pb]")
     ax.set_ylabel("stream")
     figure.colorbar(image, ax=ax, label="acceptance", format="%.3g")
-    _label(ax, style, f"acceptance of {acceptance['name']}")
+    label_axes(ax, style, f"acceptance of {acceptance['name']}")
     return cast("Figure", figure)
 
 
@@ -68,7 +70,7 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "Simulatio
     squares for the run's own function refitted, triangles over the run's own background
     prediction; the diagonal is perfect recovery.
     """
-    plt = _pyplot(style)
+    plt = pyplot(style)
     figure, ax = plt.subplots(figsize=(6.4, 5.2))
     largest = 1.0
     kinds = (
@@ -110,5 +112,5 @@ def linearity_figure(injection: dict[str, Any], *, style: PlotStyle = "Simulatio
     ax.set_ylabel("fitted Gaussian signal yield")
     ax.legend(fontsize=7, loc="upper left")
     request = injection["request"]
-    _label(ax, style, f"X({request['mass']:g}) -> {request['pair']}, w = {request['width']:g}")
+    label_axes(ax, style, f"X({request['mass']:g}) -> {request['pair']}, w = {request['width']:g}")
     return cast("Figure", figure)

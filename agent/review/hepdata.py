@@ -1,6 +1,6 @@
 """`anomscan export RUN --hepdata DIR`: a HEPData submission (hepdata_lib, extra `review`).
 
-Tables: for every flagged excess (`agent.review.report.flagged_excesses`: a spectrum x AR point
+Tables: for every flagged excess (`agent.review.run.flagged_excesses`: a spectrum x AR point
 where the scan triggered a window exclusion, or the scan-wide largest excess) the
 observed counts per mass bin with Poisson errors and the accepted background in the fit
 range; then the significance map (local Z per spectrum x AR point, empty where no
@@ -16,11 +16,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from scipy.stats import chi2
 
-from agent.review.report import SPECTRUM_NAMES, flagged_excesses, load_run, spectrum_slug
+from agent.review.run import RunRecord, flagged_excesses, load_run, spectrum_slug
 from core.errors import AnomscanError, InvalidInputError
+from core.files import atomic_path
+from core.masses import SPECTRUM_NAMES
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,6 @@ class HepdataOutcome:
 
 def garwood_errors(counts: np.ndarray) -> list[tuple[float, float]]:
     """(-down, +up) of the central 68.27 % Poisson interval of each count (Garwood 1936)."""
-    from scipy.stats import chi2
-
     n = np.asarray(counts, dtype=float)
     with np.errstate(invalid="ignore"):
         low = np.where(n > 0, chi2.ppf(0.158655, 2 * n) / 2, 0.0)
@@ -42,68 +44,61 @@ def garwood_errors(counts: np.ndarray) -> list[tuple[float, float]]:
     return [(float(lo - k), float(hi - k)) for k, lo, hi in zip(n, low, high, strict=True)]
 
 
-def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
-    """Write DIR/submission.yaml and one YAML per table, and DIR.tar.gz beside DIR (validated)."""
-    try:
-        from hepdata_lib import Submission, Table, Uncertainty, Variable
-    except ImportError as error:
-        raise InvalidInputError(
-            "the HEPData export needs hepdata_lib: pip install 'anomscan[review]'"
-        ) from error
-    run = load_run(run_dir)
-    submission = Submission()
-    submission.comment = (
-        f"anomscan run {run.results['run_id']}: model-agnostic anomaly search, "
-        f"{len(run.results['points_pb'])} anomaly-region points, luminosity "
-        f"{run.results['luminosity_pb']:g} pb^-1"
+def _excess_table(run: RunRecord, excess: dict[str, Any]) -> Any:
+    """The observed counts (Poisson errors) and accepted background of one flagged excess.
+
+    None when the point has no background arrays (a run from before they were written).
+    """
+    from hepdata_lib import Table, Uncertainty, Variable
+
+    index = run.point_index(excess["xsec_pb"])
+    point = run.points[index]
+    if "background" not in point:
+        return None
+    k = SPECTRUM_NAMES.index(excess["spectrum"])
+    summary = next(s for s in point["summary"]["spectra"] if s["spectrum"] == excess["spectrum"])
+    first, stop = summary["bins"]
+    edges = point["edges"][first : stop + 1]
+    counts = point["counts"][k][first:stop]
+    background = point["background"][k][first:stop]
+    table = Table(spectrum_slug(excess["spectrum"], index))
+    low, high = excess["window_gev"]
+    table.description = (
+        f"Spectrum {excess['spectrum']} in the anomaly region of {excess['xsec_pb']:.4g} pb: "
+        f"observed events and the accepted background ({excess['function']}). BumpHunter "
+        f"window {low:.1f}-{high:.1f} GeV, local Z {excess['local_z']:.3f}."
     )
-    n_tables = 0
-    for excess in flagged_excesses(run):
-        index = run.point_index(excess["xsec_pb"])
-        point = run.points[index]
-        if "background" not in point:
-            continue
-        k = SPECTRUM_NAMES.index(excess["spectrum"])
-        summary = next(
-            s for s in point["summary"]["spectra"] if s["spectrum"] == excess["spectrum"]
-        )
-        first, stop = summary["bins"]
-        edges = point["edges"][first : stop + 1]
-        counts = point["counts"][k][first:stop]
-        background = point["background"][k][first:stop]
-        table = Table(spectrum_slug(excess["spectrum"], index))
-        low, high = excess["window_gev"]
-        table.description = (
-            f"Spectrum {excess['spectrum']} in the anomaly region of {excess['xsec_pb']:.4g} pb: "
-            f"observed events and the accepted background ({excess['function']}). BumpHunter "
-            f"window {low:.1f}-{high:.1f} GeV, local Z {excess['local_z']:.3f}."
-        )
-        table.location = "anomscan report, spectrum page"
-        table.keywords["observables"] = ["N"]
-        mass = Variable("invariant mass", is_independent=True, is_binned=True, units="GeV")
-        mass.values = [(float(a), float(b)) for a, b in itertools.pairwise(edges)]
-        observed = Variable("observed events", is_independent=False, is_binned=False, units="")
-        observed.values = [float(c) for c in counts]
-        poisson = Uncertainty("Poisson 68% (Garwood)", is_symmetric=False)
-        poisson.values = garwood_errors(counts)
-        observed.add_uncertainty(poisson)
-        expected = Variable(
-            "background",
-            is_independent=False,
-            is_binned=False,
-            units="",
-            zero_uncertainties_warning=False,
-        )
-        expected.values = [float(b) for b in background]
-        expected.digits = 12  # hepdata_lib rounds to 5 significant digits by default
-        if "background_error" in point:
-            fit_band = Uncertainty("fit uncertainty (1 sigma, covariance propagated)")
-            fit_band.values = [float(e) for e in point["background_error"][k][first:stop]]
-            expected.add_uncertainty(fit_band)
-        for variable in (mass, observed, expected):
-            table.add_variable(variable)
-        submission.add_table(table)
-        n_tables += 1
+    table.location = "anomscan report, spectrum page"
+    table.keywords["observables"] = ["N"]
+    mass = Variable("invariant mass", is_independent=True, is_binned=True, units="GeV")
+    mass.values = [(float(a), float(b)) for a, b in itertools.pairwise(edges)]
+    observed = Variable("observed events", is_independent=False, is_binned=False, units="")
+    observed.values = [float(c) for c in counts]
+    poisson = Uncertainty("Poisson 68% (Garwood)", is_symmetric=False)
+    poisson.values = garwood_errors(counts)
+    observed.add_uncertainty(poisson)
+    expected = Variable(
+        "background",
+        is_independent=False,
+        is_binned=False,
+        units="",
+        zero_uncertainties_warning=False,
+    )
+    expected.values = [float(b) for b in background]
+    expected.digits = 12  # hepdata_lib rounds to 5 significant digits by default
+    if "background_error" in point:
+        fit_band = Uncertainty("fit uncertainty (1 sigma, covariance propagated)")
+        fit_band.values = [float(e) for e in point["background_error"][k][first:stop]]
+        expected.add_uncertainty(fit_band)
+    for variable in (mass, observed, expected):
+        table.add_variable(variable)
+    return table
+
+
+def _significance_map_table(run: RunRecord) -> Any:
+    """Local Z per spectrum x AR point ('-' where skipped or no background passed)."""
+    from hepdata_lib import Table, Variable
+
     local_z = []
     spectrum_index = []
     point_values = []
@@ -134,8 +129,11 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
     z_variable.digits = 12
     for variable in (spectrum_variable, point_variable, z_variable):
         table.add_variable(variable)
-    submission.add_table(table)
-    n_tables += 1
+    return table
+
+
+def _write_submission(submission: Any, output: Path) -> None:
+    """DIR/*.yaml (stale ones removed) and DIR.tar.gz beside it, validated by hepdata_lib."""
     try:
         output.mkdir(parents=True, exist_ok=True)
         for stale in output.glob("*.yaml"):
@@ -145,11 +143,39 @@ def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
         # itself must hold only the YAML files the submission references
         with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
             submission.create_files(str(output.resolve()), validate=True, remove_old=False)
-            shutil.move(Path(scratch) / "submission.tar.gz", archive)
+            with atomic_path(archive, what="HEPData archive") as temporary:
+                shutil.move(Path(scratch) / "submission.tar.gz", temporary)
     except OSError as error:
         raise InvalidInputError(
             f"cannot write the HEPData folder {output}: {error.strerror}; give a writable DIR"
         ) from error
     except (AssertionError, ValueError, RuntimeError) as error:
         raise AnomscanError(f"hepdata_lib refused the submission: {error}") from error
+
+
+def export_hepdata(run_dir: Path, output: Path) -> HepdataOutcome:
+    """Write DIR/submission.yaml and one YAML per table, and DIR.tar.gz beside DIR (validated)."""
+    try:
+        from hepdata_lib import Submission
+    except ImportError as error:
+        raise InvalidInputError(
+            "the HEPData export needs hepdata_lib: pip install 'anomscan[review]'"
+        ) from error
+    run = load_run(run_dir)
+    submission = Submission()
+    submission.comment = (
+        f"anomscan run {run.results['run_id']}: model-agnostic anomaly search, "
+        f"{len(run.results['points_pb'])} anomaly-region points, luminosity "
+        f"{run.results['luminosity_pb']:g} pb^-1"
+    )
+    n_tables = 0
+    for excess in flagged_excesses(run):
+        table = _excess_table(run, excess)
+        if table is None:
+            continue
+        submission.add_table(table)
+        n_tables += 1
+    submission.add_table(_significance_map_table(run))
+    n_tables += 1
+    _write_submission(submission, output)
     return HepdataOutcome(output / "submission.yaml", n_tables)

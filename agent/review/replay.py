@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.runtime.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_file, sha256_text
+from agent.runtime.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_text
 from agent.scan.runner import REPLAYABLE_TOOLS, relocate_paths, run_tool
 from core.errors import InvalidInputError
+from core.files import file_sha256
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,31 @@ def _first_difference(logged: Any, now: Any, where: str = "") -> str:
     return f"{where or 'output'}: logged {str(logged)[:80]}, now {str(now)[:80]}"
 
 
+def _stale_inputs(
+    payload: Any, run_dir: Path, artifacts: dict[str, str], checked: dict[str, bool]
+) -> list[str]:
+    """The files a call reads whose hash is not the logged artifact's (or that are missing).
+
+    `checked` remembers each file's verdict across calls (a file is hashed once).
+    """
+    stale = []
+    for path in _paths(payload):
+        resolved = Path(path).resolve()
+        relative = (
+            str(resolved.relative_to(run_dir.resolve()))
+            if resolved.is_relative_to(run_dir.resolve())
+            else str(resolved)
+        )
+        if relative not in checked:
+            expected = artifacts.get(relative)
+            checked[relative] = (
+                expected is not None and Path(path).is_file() and file_sha256(path) == expected
+            )
+        if not checked[relative]:
+            stale.append(relative)
+    return stale
+
+
 def replay(
     run_dir: Path,
     *,
@@ -114,23 +140,7 @@ def replay(
         name = str(call["tool"])
         payload = relocate_paths(json.loads(call["input"]), run_dir, original)
         where = f"tool_calls seq {call['seq']} ({call['key']})"
-        stale = []
-        for path in _paths(payload):
-            resolved = Path(path).resolve()
-            relative = (
-                str(resolved.relative_to(run_dir.resolve()))
-                if resolved.is_relative_to(run_dir.resolve())
-                else str(resolved)
-            )
-            if relative not in checked:
-                expected = artifacts.get(relative)
-                checked[relative] = (
-                    expected is not None
-                    and Path(path).is_file()
-                    and sha256_file(Path(path)) == expected
-                )
-            if not checked[relative]:
-                stale.append(relative)
+        stale = _stale_inputs(payload, run_dir, artifacts, checked)
         if stale:
             differences.append(f"{where}: input file(s) {stale} changed or missing since the scan")
             continue

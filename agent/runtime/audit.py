@@ -1067,11 +1067,3 @@ def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) ->
         return dict(next(iter(log.db.query("select * from annotations where key = ?", [key]))))
     finally:
         log.close()
-
-
-def read_annotations(path: Path) -> list[dict[str, Any]]:
-    """Every annotation, in the order written (empty for a log without the table)."""
-    with _reading(path) as db:
-        if not db["annotations"].exists():
-            return []
-        return list(db.query("select * from annotations order by seq"))

@@ -11,7 +11,6 @@ the run's audit log, which still verifies; bad input exits 2 with one line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,6 +25,7 @@ import uproot
 from agent.cli.main import main
 from core.anomaly import stream_regions
 from core.autoencoder import read_model_card, training_selection
+from core.files import file_sha256
 from core.masses import PAIRS, STREAMS, mass_bin_edges
 from core.synth import load_truth, write_nanoaod
 from core.table import read_event_table
@@ -50,14 +50,14 @@ SCAN_OUTPUTS = ("events", "points", "spectra", "lee", "results.json", "results.c
 
 def _hashes(run_dir: Path, model: Path) -> dict[str, str]:
     """SHA-256 of every file the scan wrote (and of its model), lock files aside."""
-    found = {"model": hashlib.sha256(model.read_bytes()).hexdigest()}
+    found = {"model": file_sha256(model)}
     for name in SCAN_OUTPUTS:
         path = run_dir / name
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
             if file.name.startswith(".anomscan"):
                 continue
-            found[str(file.relative_to(run_dir))] = hashlib.sha256(file.read_bytes()).hexdigest()
+            found[str(file.relative_to(run_dir))] = file_sha256(file)
     return found
 
 
@@ -209,11 +209,11 @@ def test_inject_recovers_the_signal_and_leaves_the_run_unchanged(
         steps = [r[0] for r in db.execute("select step_id from steps where node = 'inject'")]
     assert len(kinds) == 2
     assert re.fullmatch(r"\d{4}-inject-\d{8}T\d{6}", steps[-1]), steps
-    digest = hashlib.sha256((run_dir / "sensitivity.json").read_bytes()).hexdigest()
+    digest = file_sha256(run_dir / "sensitivity.json")
     assert artifacts["sensitivity.json"] == digest and "sensitivity.csv" in artifacts
 
     # the review report's section shows the recovery, the gain and the linearity plot
-    from agent.review.reinterp import reinterpretation_section
+    from agent.review import reinterpretation_section
 
     names: list[str] = []
 
@@ -303,7 +303,7 @@ def test_bad_input_exits_2_with_one_line(
 
 def test_streams_without_stream_option_are_those_the_signal_reaches() -> None:
     """5 % of the generated events (paired, with the pair) in a stream make it affected."""
-    from agent.reinterp.injection import InjectionRequest, SignalPool, _reached_streams
+    from agent.reinterp import InjectionRequest, SignalPool, reached_streams
     from core.errors import InvalidInputError
     from core.table import EventTable
 
@@ -320,9 +320,9 @@ def test_streams_without_stream_option_are_those_the_signal_reaches() -> None:
     table = EventTable(ids, ids, np.ones(n), bits, masses, np.zeros(n), key=ids)
     pool = SignalPool(table, np.ones(n, dtype=bool), n)
     request = InjectionRequest("jg", 2000.0, 0.05, (0.1,))
-    assert _reached_streams(pool, request, list(STREAMS)) == ["T2", "T6"]
+    assert reached_streams(pool, request, list(STREAMS)) == ["T2", "T6"]
     with pytest.raises(InvalidInputError, match="reaches none"):
-        _reached_streams(pool, request, ["T1", "T4"])
+        reached_streams(pool, request, ["T1", "T4"])
 
 
 INJECT_JG = (
@@ -468,7 +468,7 @@ def test_the_rule_rerun_takes_the_settings_and_seeds_of_the_runs_config(tmp_path
     """The rule rerun's checks, hunt, fit threshold and seeds are the run's graph's."""
     from types import SimpleNamespace
 
-    from agent.reinterp.injection import scan_rule
+    from agent.reinterp import scan_rule
     from agent.scan.graph import _spectrum_seed
     from agent.scan.runner import ScanConfig
     from core.background import CheckOptions

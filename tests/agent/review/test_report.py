@@ -24,10 +24,18 @@ import numpy as np
 import pytest
 
 from agent.figures import plots
-from agent.review.report import SPECTRUM_NAMES, _number, flagged_excesses, load_run, spectrum_slug
+from agent.review import (
+    Figures,
+    flagged_excesses,
+    load_run,
+    number_text,
+    spectrum_page,
+    spectrum_slug,
+)
 from agent.runtime.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
 from agent.scan.runner import ScanConfig, run_scan
 from core.errors import InvalidInputError
+from core.masses import SPECTRUM_NAMES
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import LUMI_PB, SIGNAL, run_cli
 from tools.registry import get_tool
@@ -251,10 +259,10 @@ def test_every_number_of_the_excess_table_is_the_one_in_results_json(
             value = json.loads(attributes["data-value"])
             assert value == excess[key], (key, value, excess[key])
             if key in ("data", "background", "local_p", "local_z", "scan_global_z"):
-                assert text == _number(excess[key])
+                assert text == number_text(excess[key])
             if key == "global_z":
                 prefix = "> " if excess["global_z_is_lower_limit"] else ""
-                assert text == prefix + _number(excess[key])
+                assert text == prefix + number_text(excess[key])
     index = (reviewed.run_dir / "report" / "index.html").read_text()
     assert html.escape(reviewed.results["look_elsewhere"]["method"]) in index
     stop = reviewed.results["stop_reason"].removeprefix("stop:").strip()
@@ -280,7 +288,7 @@ def test_why_lists_the_functions_tried_and_the_chosen_one(reviewed: ReviewedRun)
         for candidate in json.loads(options):
             assert candidate["function"] in line
     assert f"chosen function: {top['function']}" in text
-    assert f"local Z {_number(top['local_z'])}" in text
+    assert f"local Z {number_text(top['local_z'])}" in text
     assert "goodness_of_fit" in text
     bad = run_cli("audit", str(reviewed.run_dir), "--why", "T9/xx", "1")
     assert bad.returncode == 2 and "T9/xx" in bad.stderr and "Traceback" not in bad.stderr
@@ -493,8 +501,6 @@ def test_spectrum_page_draws_the_band_from_the_run_folder(
     reviewed: ReviewedRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The top excess's page gets the run folder's propagated errors, non-zero, and draws them."""
-    from agent.review import report
-
     top = reviewed.results["excesses"][0]
     index = reviewed.results["points_pb"].index(top["xsec_pb"])
     summary = json.loads((reviewed.run_dir / "points" / f"point-{index:03d}.json").read_text())
@@ -517,8 +523,8 @@ def test_spectrum_page_draws_the_band_from_the_run_folder(
 
     monkeypatch.setattr(plots, "spectrum_plot", spy)
     run = load_run(reviewed.run_dir)
-    figures = report._Figures(tmp_path, "png", "embedded")
-    page = report._spectrum_page(run, top["spectrum"], index, figures, "ATLAS")
+    figures = Figures(tmp_path, "png", "embedded")
+    page = spectrum_page(run, top["spectrum"], index, figures, "ATLAS")
     assert "shaded band" in page
     ((given, figure),) = drawn
     np.testing.assert_array_equal(given, error)
@@ -534,14 +540,12 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_plots_beside_the_page_are_files_with_relative_links(tmp_path: Path) -> None:
-    from agent.review.report import _Figures
-
-    figures = _Figures(tmp_path, "svg", "beside")
+    figures = Figures(tmp_path, "svg", "beside")
     figure = plots.loss_curves([1.0, 0.5, 0.4], [1.1, 0.6, 0.5], 2, "CMS")
     tag = figures.img(figure, "loss", "loss curves", prefix="../")
     assert 'src="../plots/loss.svg"' in tag
     assert figures.written == [tmp_path / "plots" / "loss.svg"]
     assert b"<svg" in figures.written[0].read_bytes()[:2000]
-    embedded = _Figures(tmp_path, "png", "embedded")
+    embedded = Figures(tmp_path, "png", "embedded")
     tag = embedded.img(plots.loss_curves([1.0], [], 0, "ATLAS"), "loss", "loss")
     assert 'src="data:image/png;base64,' in tag and not embedded.written

@@ -1,8 +1,8 @@
 """The review report's reinterpretation section: acceptances, injections and the AE gain.
 
 Drawn from RUN/acceptance/*.json, RUN/injection/*.json and RUN/sensitivity.json when present
-(agent/reinterp/injection.py writes them); the report shows their numbers and plots, it computes
-nothing. Anchors: #reinterpretation, #acceptance-NAME, #injection-NAME, #sensitivity
+(agent/reinterp/ writes them); the report shows their numbers and plots, it computes nothing.
+Anchors: #reinterpretation, #acceptance-NAME, #injection-NAME, #sensitivity
 (`reinterpretation_contents` lists them for the report's contents line).
 """
 
@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.figures.plots import PlotStyle
+from agent.figures.common import PlotStyle
 from agent.figures.reinterp import acceptance_map_figure, linearity_figure
+from agent.reinterp.sensitivity import SENSITIVITY_CSV, SENSITIVITY_JSON, dz_note, sensitivity_rows
 
 ImageMaker = Callable[[Any, str, str], str]
-"""figure, name, alt text -> the <img> markup of the report (its _Figures.img)."""
+"""figure, name, alt text -> the <img> markup of the report (its `Figures.img`)."""
 
 
 def _e(value: Any) -> str:
+    """`value` as HTML text."""
     return html.escape(str(value))
 
 
 def _n(value: Any, digits: int = 3) -> str:
+    """A number of the section: `digits` significant digits, - for None."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -39,6 +43,7 @@ def _mean(summary: dict[str, Any], key: str) -> Any:
 
 
 def _table(header: list[str], rows: list[list[str]], attrs: str = "") -> str:
+    """A table of escaped `header` texts over rows of cell markup."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table {attrs}><tr>{head}</tr>{body}</table>"
@@ -149,8 +154,6 @@ def _injection_markup(output: dict[str, Any], img: ImageMaker, style: PlotStyle)
 
 def _no_gain(row: dict[str, Any]) -> str:
     """Why a sensitivity row has no dZ (rows written before `dz_note` get it here)."""
-    from agent.reinterp.injection import dz_note
-
     return row.get("dz_note") or dz_note(
         row.get("z_ae"),
         row.get("z_whole_stream"),
@@ -161,21 +164,17 @@ def _no_gain(row: dict[str, Any]) -> str:
 
 def _sensitivity_markup(run_dir: Path, folder: Path | None) -> str:
     """The expected Z with and without the AR cut and dZ of every injection of the run."""
-    import os
-
-    path = run_dir / "sensitivity.json"
+    path = run_dir / SENSITIVITY_JSON
     if path.is_file():
         document = json.loads(path.read_text())
         rows, definition = document["rows"], document["definition"]
     else:  # a run folder injected before sensitivity.json existed
-        from agent.reinterp.injection import sensitivity_rows
-
         rows, definition = sensitivity_rows(run_dir), "(from RUN/injection/*.json)"
     links = ""
     if path.is_file():
         where = folder or run_dir
         json_link = os.path.relpath(path, where)
-        csv_link = os.path.relpath(run_dir / "sensitivity.csv", where)
+        csv_link = os.path.relpath(run_dir / SENSITIVITY_CSV, where)
         links = (
             f' Numbers: <a href="{_e(json_link)}">sensitivity.json</a>, '
             f'<a href="{_e(csv_link)}">sensitivity.csv</a>.'
