@@ -10,8 +10,8 @@ import numpy as np
 from pydantic import Field
 
 from core.events import (
+    ObjectSelection,
     SchemaName,
-    Selection,
     add_counts,
     iterate_events,
     non_finite_note,
@@ -57,9 +57,9 @@ class SelectionInput(StrictModel):
     btag_branch: str = Field("auto", min_length=1, max_length=200)
     btag_working_point: float | None = Field(None, ge=-1e3, le=1e3)
 
-    def to_core(self) -> Selection:
+    def to_core(self) -> ObjectSelection:
         """The core selection these fields describe."""
-        return Selection(**self.model_dump())
+        return ObjectSelection(**self.model_dump())
 
 
 class ReadEventsInput(StrictModel):
