@@ -27,7 +27,7 @@ tests/core/test_selection.py):
   usable: the nested walk treats it as a function that did not converge (recorded in
   `failures` with the reason), and the check fails it.
 - Fit range: `choose_background` takes the stream's start (`stream_start_gev`) and
-  derives the range with `core.fit.fit_range` (start past the turn-on, fixed upper mass),
+  derives the range with `core.fitrange.fit_range` (start past the turn-on, fixed upper mass),
   or an explicit range; the range is recorded in the decision. The fit-start stability
   check moves the start only within that range (up only, unless the range starts above
   the stream's start).
@@ -48,16 +48,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from core.errors import FitError, InvalidInputError
-from core.fit import (
-    FitRange,
-    FitResult,
-    SpectrumFitProblem,
-    fit_spectrum,
-    prepare_spectrum,
-)
-from core.fit import (
-    fit_range as derive_fit_range,
-)
+from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
 from core.fitfunctions import (
     ALTERNATIVE_FUNCTIONS,
     NESTED_FAMILY,
@@ -65,6 +56,8 @@ from core.fitfunctions import (
     get_function,
     nested_start,
 )
+from core.fitrange import FitRange
+from core.fitrange import fit_range as derive_fit_range
 from core.robustness import (
     AlternativeCache,
     GofMethod,
@@ -481,7 +474,7 @@ def choose_background(
 ) -> BackgroundDecision:
     """The whole procedure for one spectrum: fit range, nested tests, checks, fallback.
 
-    The range: with `stream_start_gev` and no `fit_range`, `core.fit.fit_range` (start past
+    The range: with `stream_start_gev` and no `fit_range`, `core.fitrange.fit_range` (start past
     the turn-on, fixed upper mass `upper_gev`, default 0.65 sqrt_s); otherwise the explicit
     `fit_range` [lo, hi] GeV (hi None: `upper_gev` or the default upper mass). The function
     chosen by the nested tests is checked first; while it fails a check the next larger

@@ -17,7 +17,7 @@ and tests/core/test_selection.py):
   range ending at the last non-empty bin, D = 121.5 for 137 ndf (asymptotic p 0.83)
   while toys have mean D = 115.7 (toy p 0.31). (2) That range end is chosen by the data:
   the last bin holds an event where mu ~ 1e-4, adding ~27 to D, which no toy reproduces.
-  The fixed upper mass (core.fit.fit_range) removes (2): D = 94.2, toy p 0.91. For (1)
+  The fixed upper mass (core.fitrange.fit_range) removes (2): D = 94.2, toy p 0.91. For (1)
   `auto` uses toys when more than 20 % of bins expect < 5 events, now refitted to first
   order (`linearised_toy_deviances`: 1000 toys in one array operation instead of 100
   Minuit refits, mean and 90 % quantile within a few % of refitted toys at 80-1e6 events).

@@ -369,7 +369,7 @@ def analyse_spectrum(
     """The rule of the module docstring on one spectrum: choice, masked choice, fallback, search.
 
     `stream_start_gev` is the stream's fit start (PHYSICS.md 3); the range follows
-    `core.fit.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
+    `core.fitrange.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
     that a caller states the rule it runs; `fallback` None runs no fallback (a scan whose
     fallback budget is spent); `seed` seeds every step. Errors of the fits become status
     "fit failed" with the reason; bad histograms still raise InvalidInputError.

@@ -32,7 +32,7 @@ from core.autoencoder import ModelCard, read_model_card, training_selection
 from core.errors import InvalidInputError, ModelError
 from core.events import ObjectSelection, SchemaName
 from core.files import exclusive_output, file_sha256, json_text, write_text
-from core.fit import default_upper_edge
+from core.fitrange import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
 from core.table import EventTable, read_event_table
