@@ -44,7 +44,7 @@ from scipy import stats
 
 from core.anomaly import anomaly_region
 from core.errors import InvalidInputError, ModelError
-from core.files import atomic_path, write_text
+from core.files import atomic_path, file_sha256, write_text
 from core.objects import EventChunk
 from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_features, rmm_matrices
 
@@ -639,15 +639,6 @@ def score_agreement(
         )
     rho = float(stats.spearmanr(a, b).statistic)
     return ScoreAgreement(spearman_rho=rho, overlaps=tuple(overlaps))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_file_matches_card(path: Path, card: ModelCard) -> None:

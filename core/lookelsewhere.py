@@ -72,6 +72,7 @@ from core.bumphunt import (
     ScanWindows,
     best_window,
     check_toy_budget,
+    poisson_tail_statistic,
     significance_from_statistic,
     tabulate_poisson_tails,
     toys_reaching,
@@ -446,8 +447,6 @@ def _exact_maxima(windows: ScanWindows, cumulative: npt.NDArray[np.int64]) -> Fl
         values = np.where(reached, flat[index], 0.0)
         beyond = offset >= length
         if np.any(beyond):
-            from core.bumphunt import poisson_tail_statistic
-
             values[beyond] = poisson_tail_statistic(
                 counts[beyond], np.broadcast_to(window_b, counts.shape)[beyond]
             )

@@ -56,6 +56,7 @@ from core.errors import AnomscanError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
 from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
+from core.symbolic import lift_constants, symbolic_background
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -115,8 +116,6 @@ def _resolve_function(
         return function
     if function in FUNCTIONS:
         return FUNCTIONS[function]
-    from core.symbolic import lift_constants, symbolic_background
-
     text = function.removeprefix("symbolic: ").strip()
     if parameters is not None:
         return symbolic_background(text, parameters[1:])
