@@ -293,7 +293,7 @@ def max_window_statistic(
     cumulative = np.zeros((inside.shape[0], inside.shape[1] + 1), dtype=np.int64)
     np.cumsum(inside, axis=1, out=cumulative[:, 1:])
     floor = floor if floor is not None and floor > 0 else None
-    kernel = _numba_floor_maxima() if floor is not None else None
+    kernel = compiled_floor_maxima() if floor is not None else None
     if kernel is not None:
         table = table if table is not None else floor_table(windows, floor)
         result, beyond, needed = _run_floor_kernel(kernel, table, cumulative)
@@ -413,7 +413,7 @@ def _floor_maxima_loop(
 
 
 @functools.cache
-def _numba_floor_maxima() -> Callable[..., None] | None:
+def compiled_floor_maxima() -> Callable[..., None] | None:
     """`_floor_maxima_loop` compiled by numba (cached on disk), or None without numba."""
     try:
         numba = importlib.import_module("numba")
@@ -469,7 +469,7 @@ def spectrum_toy_maxima(
     result = np.zeros(n_toys, dtype=np.float64)
     batch = max(1, _ENTRIES_PER_BATCH // max(spectrum.counts.size, 1))
     tables: list[FloorTable | None] = [None] * len(spectrum.windows)
-    if floor is not None and floor > 0 and _numba_floor_maxima() is not None:
+    if floor is not None and floor > 0 and compiled_floor_maxima() is not None:
         tables = [floor_table(windows, floor) for windows in spectrum.windows]
     for start in range(0, n_toys, batch):
         size = min(batch, n_toys - start)

@@ -462,7 +462,7 @@ array operations, or "auto" (numba when it can be imported, else numpy). Both gi
 matrices; the validation and the kinematics are shared."""
 
 
-def _fill_cells_per_event(
+def fill_cells_per_event(
     matrices: npt.NDArray[np.float32],
     event_start: IntArray,
     slot: IntArray,
@@ -474,7 +474,7 @@ def _fill_cells_per_event(
     sqrt_s: float,
     rapidity_scale: float,
 ) -> None:
-    """Fill every non-zero cell event by event; compiled by numba (`_numba_fill`).
+    """Fill every non-zero cell event by event; compiled by numba (`compiled_fill_cells`).
 
     Objects of event e are `event_start[e]:event_start[e + 1]` in slot order, `kinematics`
     holds `_KINEMATIC_FIELDS` as rows. The arithmetic is the numpy path's, operation by
@@ -543,21 +543,21 @@ _FillKernel = Callable[
 
 
 @functools.cache
-def _numba_fill() -> _FillKernel | None:
-    """`_fill_cells_per_event` compiled by numba (cached on disk), or None without numba."""
+def compiled_fill_cells() -> _FillKernel | None:
+    """`fill_cells_per_event` compiled by numba (cached on disk), or None without numba."""
     try:
         numba = importlib.import_module("numba")
     except ImportError:
         return None
     kernel: _FillKernel = numba.njit(cache=True, nogil=True, error_model="numpy")(
-        _fill_cells_per_event
+        fill_cells_per_event
     )
     return kernel
 
 
 def numba_available() -> bool:
     """True when numba can be imported, i.e. `rmm_matrices(backend="auto")` uses it."""
-    return _numba_fill() is not None
+    return compiled_fill_cells() is not None
 
 
 def rmm_matrices(
@@ -575,7 +575,7 @@ def rmm_matrices(
     """
     if backend not in ("auto", "numba", "numpy"):
         raise InvalidInputError(f"backend must be 'auto', 'numba' or 'numpy', found {backend!r}")
-    kernel = None if backend == "numpy" else _numba_fill()
+    kernel = None if backend == "numpy" else compiled_fill_cells()
     if backend == "numba" and kernel is None:
         raise InvalidInputError(
             "backend='numba' was asked for but numba can not be imported; "

@@ -108,7 +108,7 @@ class SpectrumSearch:
         return self.fit.name
 
 
-def _resolve_function(
+def resolve_background_function(
     function: BackgroundFunction | str, parameters: tuple[float, ...] | None
 ) -> BackgroundFunction:
     """A function by family name, or a symbolic expression with its constants."""
@@ -180,7 +180,7 @@ def search_spectrum(
                 "search_spectrum needs a fit_range [lo, hi] GeV when given a function instead "
                 "of a fit"
             )
-        function = _resolve_function(background, parameters)
+        function = resolve_background_function(background, parameters)
         starts = None if parameters is None else [parameters]
         fit = fit_background(
             e, n, function, fit_range, sqrt_s=sqrt_s, starts=starts, exclude=window, seed=seed
