@@ -312,18 +312,9 @@ def train_autoencoder(
         raise InvalidInputError(
             f"got {len(values)} feature rows but {len(ids)} event ids; pass one id per event"
         )
-    for name, number in (("max_epochs", max_epochs), ("patience", patience)):
-        if number < 1:
-            raise InvalidInputError(f"{name} must be >= 1, got {number}")
-    if batch_size < 1 or learning_rate <= 0 or std_floor <= 0:
-        raise InvalidInputError(
-            f"batch_size, learning_rate and std_floor must be positive, got {batch_size}, "
-            f"{learning_rate}, {std_floor}"
-        )
-    if not (0.0 < validation_fraction < 1.0):
-        raise InvalidInputError(
-            f"validation_fraction must be in (0, 1), got {validation_fraction}; try 0.2"
-        )
+    _check_training_options(
+        max_epochs, patience, batch_size, learning_rate, std_floor, validation_fraction
+    )
     picked = np.flatnonzero(training_selection(ids, fraction, seed))
     if len(picked) < 2:
         raise InvalidInputError(
@@ -380,6 +371,29 @@ def train_autoencoder(
         batch_size=batch_size,
         loss=loss,
     )
+
+
+def _check_training_options(
+    max_epochs: int,
+    patience: int,
+    batch_size: int,
+    learning_rate: float,
+    std_floor: float,
+    validation_fraction: float,
+) -> None:
+    """InvalidInputError naming the first training option out of its range."""
+    for name, number in (("max_epochs", max_epochs), ("patience", patience)):
+        if number < 1:
+            raise InvalidInputError(f"{name} must be >= 1, got {number}")
+    if batch_size < 1 or learning_rate <= 0 or std_floor <= 0:
+        raise InvalidInputError(
+            f"batch_size, learning_rate and std_floor must be positive, got {batch_size}, "
+            f"{learning_rate}, {std_floor}"
+        )
+    if not (0.0 < validation_fraction < 1.0):
+        raise InvalidInputError(
+            f"validation_fraction must be in (0, 1), got {validation_fraction}; try 0.2"
+        )
 
 
 def card_path(model_path: Path) -> Path:

@@ -211,6 +211,27 @@ def window_prediction(
     return nominal, float(np.std(finite))
 
 
+def _bump_mask(
+    edges: FloatArray,
+    counts: FloatArray,
+    fit: FitResult,
+    bump: BumpHuntResult,
+    max_resolutions: float,
+) -> tuple[int, int, float]:
+    """`masked_window` of the bump found against `fit` (its bins are relative to the range)."""
+    background = np.zeros_like(counts)
+    background[fit.first_bin : fit.stop_bin] = fit.expected
+    return masked_window(
+        edges,
+        counts,
+        background,
+        fit.first_bin + bump.first_bin,
+        fit.first_bin + bump.stop_bin,
+        max_resolutions=max_resolutions,
+        within=(fit.first_bin, fit.stop_bin),
+    )
+
+
 def window_exclusion(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -230,17 +251,7 @@ def window_exclusion(
     """
     e = np.asarray(edges, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
-    background = np.zeros_like(n)
-    background[fit.first_bin : fit.stop_bin] = fit.expected
-    first, stop, limit = masked_window(
-        e,
-        n,
-        background,
-        fit.first_bin + bump.first_bin,
-        fit.first_bin + bump.stop_bin,
-        max_resolutions=max_resolutions,
-        within=(fit.first_bin, fit.stop_bin),
-    )
+    first, stop, limit = _bump_mask(e, n, fit, bump, max_resolutions)
     window = (float(e[first]), float(e[stop]))
     data = float(np.sum(n[first:stop]))
     draws_seed = np.random.default_rng(seed)

@@ -707,29 +707,7 @@ def fit_spectrum(
         raise InvalidInputError(f"max_attempts must be at least 1, got {max_attempts}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     shape = BinnedShape(problem, background)
-
-    candidates: list[tuple[str, FloatArray]] = []
-    for index, start in enumerate(starts or ()):
-        values = np.asarray(start, dtype=np.float64)
-        if values.shape != (n_params,) or not np.all(np.isfinite(values)):
-            raise InvalidInputError(
-                f"start {index} for {background.name} must be {n_params} finite values "
-                f"{background.parameter_names}, got {list(values)}"
-            )
-        candidates.append((f"user start {index}", values[1:]))
-    if lower is not None:
-        embedded = nested_start(lower.function, lower.theta, background)
-        if embedded is not None:
-            candidates.append((f"from {lower.name}", embedded))
-    least_squares = _least_squares_start(
-        problem, background, candidates[0][1] if candidates else None
-    )
-    covariance = None
-    if least_squares is not None:
-        candidates.append(("least squares", least_squares[0]))
-        covariance = least_squares[1]
-    candidates.append(("defaults", np.asarray(background.start, dtype=np.float64)))
-
+    candidates, covariance = _start_candidates(problem, background, starts, lower)
     attempts: list[_Attempt] = []
     best: _Attempt | None = None
     for label, origin in candidates:
@@ -740,8 +718,68 @@ def fit_spectrum(
         attempt = trail[-1]
         if attempt.valid and attempt.accurate and (best is None or attempt.nll < best.nll):
             best = attempt
+    if best is None:
+        best = _random_restarts(shape, covariance, attempts, rng, max_attempts)
+    if best is None:
+        trail_text = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
+        raise FitDidNotConvergeError(
+            f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
+            f"after {len(attempts)} attempts ({trail_text}); try another function, a "
+            "different fit range or explicit start values"
+        )
+    notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
+    return _full_result(problem, shape, best, notes)
+
+
+def _start_candidates(
+    problem: SpectrumFitProblem,
+    function: BackgroundFunction,
+    starts: Sequence[Sequence[float]] | None,
+    lower: FitResult | None,
+) -> tuple[list[tuple[str, FloatArray]], FloatArray | None]:
+    """The labelled shape starts of `fit_spectrum` in order, and the least-squares covariance.
+
+    User starts, the embedding of the `lower` fit, the weighted least squares (from the
+    first start when there is one), the function's defaults last.
+    """
+    n_params = function.n_params
+    candidates: list[tuple[str, FloatArray]] = []
+    for index, start in enumerate(starts or ()):
+        values = np.asarray(start, dtype=np.float64)
+        if values.shape != (n_params,) or not np.all(np.isfinite(values)):
+            raise InvalidInputError(
+                f"start {index} for {function.name} must be {n_params} finite values "
+                f"{function.parameter_names}, got {list(values)}"
+            )
+        candidates.append((f"user start {index}", values[1:]))
+    if lower is not None:
+        embedded = nested_start(lower.function, lower.theta, function)
+        if embedded is not None:
+            candidates.append((f"from {lower.name}", embedded))
+    least_squares = _least_squares_start(
+        problem, function, candidates[0][1] if candidates else None
+    )
+    covariance = None
+    if least_squares is not None:
+        candidates.append(("least squares", least_squares[0]))
+        covariance = least_squares[1]
+    candidates.append(("defaults", np.asarray(function.start, dtype=np.float64)))
+    return candidates, covariance
+
+
+def _random_restarts(
+    shape: BinnedShape,
+    covariance: FloatArray | None,
+    attempts: list[_Attempt],
+    rng: np.random.Generator,
+    max_attempts: int,
+) -> _Attempt | None:
+    """Restart at random around the best point of `attempts` until a minimum is valid.
+
+    Up to `max_attempts` restarts, each appended to `attempts`; the valid one, or None.
+    """
     retries = 0
-    while best is None and retries < max_attempts:
+    while retries < max_attempts:
         retries += 1
         centre = min(attempts, key=lambda item: item.nll).theta
         label = f"random restart {retries}"
@@ -755,22 +793,14 @@ def fit_spectrum(
                 directions = shape_directions(shape, centre)
             except FitError as error:
                 attempts.append(_failed_attempt(shape, centre, label, str(error)))
-                break
+                return None
             origin = centre + directions @ rng.normal(scale=2.0, size=directions.shape[1])
             trail = _descend(shape, origin, None, label)
             attempts.extend(trail)
             attempt = trail[-1]
         if attempt.valid and attempt.accurate:
-            best = attempt
-    if best is None:
-        trail_text = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
-        raise FitDidNotConvergeError(
-            f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
-            f"after {len(attempts)} attempts ({trail_text}); try another function, a "
-            "different fit range or explicit start values"
-        )
-    notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
-    return _full_result(problem, shape, best, notes)
+            return attempt
+    return None
 
 
 def fit_background(
@@ -816,22 +846,9 @@ def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 
     derivatives are not finite or the propagated variance is clearly negative (a
     covariance that is not positive semi-definite); it never returns NaN.
     """
-    edge_values = np.asarray(edges, dtype=np.float64)
+    edge_values = _fitted_edges(result, edges)
     first, stop = result.first_bin, result.stop_bin
-    if edge_values.ndim != 1 or edge_values.size < stop + 1:
-        raise InvalidInputError(
-            f"expected_errors needs the histogram's edges (at least {stop + 1}) of the fit over "
-            f"bins [{first}, {stop}), got shape {edge_values.shape}"
-        )
     range_edges = edge_values[first : stop + 1]
-    low, high = result.fit_range
-    scale = max(abs(low), abs(high))
-    if abs(range_edges[0] - low) > 1e-9 * scale or abs(range_edges[-1] - high) > 1e-9 * scale:
-        raise InvalidInputError(
-            f"the edges give the range [{range_edges[0]}, {range_edges[-1]}] GeV for bins "
-            f"[{first}, {stop}) but the fit was made over {result.fit_range} GeV; pass the "
-            "edges of the histogram that was fitted"
-        )
     covariance = np.asarray(result.covariance, dtype=np.float64)
     n_params = result.function.n_params
     if covariance.shape != (n_params, n_params) or not np.all(np.isfinite(covariance)):
@@ -879,3 +896,24 @@ def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 
     if not np.all(np.isfinite(errors)):
         raise FitError(f"{result.name}: the propagated uncertainty is not finite")
     return errors
+
+
+def _fitted_edges(result: FitResult, edges: npt.ArrayLike) -> FloatArray:
+    """`edges` (GeV) as an array; InvalidInputError unless they are those `result` was fitted on."""
+    edge_values = np.asarray(edges, dtype=np.float64)
+    first, stop = result.first_bin, result.stop_bin
+    if edge_values.ndim != 1 or edge_values.size < stop + 1:
+        raise InvalidInputError(
+            f"expected_errors needs the histogram's edges (at least {stop + 1}) of the fit over "
+            f"bins [{first}, {stop}), got shape {edge_values.shape}"
+        )
+    range_edges = edge_values[first : stop + 1]
+    low, high = result.fit_range
+    scale = max(abs(low), abs(high))
+    if abs(range_edges[0] - low) > 1e-9 * scale or abs(range_edges[-1] - high) > 1e-9 * scale:
+        raise InvalidInputError(
+            f"the edges give the range [{range_edges[0]}, {range_edges[-1]}] GeV for bins "
+            f"[{first}, {stop}) but the fit was made over {result.fit_range} GeV; pass the "
+            "edges of the histogram that was fitted"
+        )
+    return edge_values
