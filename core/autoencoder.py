@@ -316,16 +316,11 @@ def train_autoencoder(
         max_epochs, patience, batch_size, learning_rate, std_floor, validation_fraction
     )
     picked = np.flatnonzero(training_selection(ids, fraction, seed))
-    if len(picked) < 2:
-        raise InvalidInputError(
-            f"a fraction {fraction} of {len(ids)} events picks {len(picked)} events for "
-            "training; at least 2 are needed (one to fit, one to validate): "
-            "use more events or a larger fraction"
-        )
     rng = np.random.default_rng(seed)
-    order = rng.permutation(picked)
-    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
-    validation_rows, fit_rows = order[:n_validation], order[n_validation:]
+    fit_rows, validation_rows = _split_training_rows(
+        picked, validation_fraction, rng, fraction, len(ids)
+    )
+    n_validation = len(validation_rows)
 
     mean = values[fit_rows].astype(np.float64).mean(axis=0)
     scale = np.maximum(values[fit_rows].astype(np.float64).std(axis=0), std_floor)
@@ -339,12 +334,10 @@ def train_autoencoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             network = _build_network(n_features, sizes, mean, scale)
-            fit_z = network.standardise(torch.from_numpy(values[fit_rows]))
-            validation_z = network.standardise(torch.from_numpy(values[validation_rows]))
             loss = _fit(
                 network,
-                fit_z,
-                validation_z,
+                network.standardise(torch.from_numpy(values[fit_rows])),
+                network.standardise(torch.from_numpy(values[validation_rows])),
                 rng=rng,
                 max_epochs=max_epochs,
                 patience=patience,
@@ -371,6 +364,29 @@ def train_autoencoder(
         batch_size=batch_size,
         loss=loss,
     )
+
+
+def _split_training_rows(
+    picked: npt.NDArray[np.int64],
+    validation_fraction: float,
+    rng: np.random.Generator,
+    fraction: float,
+    n_events: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(fit rows, validation rows): a seeded `validation_fraction` of the picked events.
+
+    At least one event of each; InvalidInputError when fewer than 2 of the `n_events` were
+    picked by the training `fraction`.
+    """
+    if len(picked) < 2:
+        raise InvalidInputError(
+            f"a fraction {fraction} of {n_events} events picks {len(picked)} events for "
+            "training; at least 2 are needed (one to fit, one to validate): "
+            "use more events or a larger fraction"
+        )
+    order = rng.permutation(picked)
+    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
+    return order[n_validation:], order[:n_validation]
 
 
 def _check_training_options(
