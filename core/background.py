@@ -8,21 +8,18 @@ F(1, N_bins - n - 1) law; Wilks' test compares 2 (NLL_n - NLL_(n+1)) with chi2(1
 whole procedure (`choose_background`) then runs the robustness checks on the choice,
 moves up the family while they fail, and calls a fallback (symbolic regression) last.
 
-Rules added by issue 11, with the numbers that justify them (bench/validate_ftest.py,
-tests/core/test_selection.py):
+Rules beyond the plain F-test (measured in bench/validate_ftest.py and
+tests/core/test_selection.py; the numbers are in docs/physics-notes.md):
 
 - F-test at low counts. The F statistic divides by chi2_(n+1) / ndf, which is ~1 only
   when every bin expects many events; a bin with mu << 1 adds ~2 mu to the deviance and 1
-  to ndf, so over many sparse bins the denominator shrinks and F grows: on 80-event p3
-  spectra the F-test picked p4 in 28 % of toys (nominal 5 %). When more than
-  `SMALL_BIN_FRACTION` = 20 % of the bins of the lower fit expect fewer than 5 events (the
-  switch the goodness-of-fit check uses), the comparison uses Wilks' likelihood ratio,
-  whose chi2(1) law needs no per-bin asymptotics, only enough events to determine the
-  extra parameter; the test row records the switch. False-upgrade rate (p4 chosen over a
-  true p3, 400 toys each, binomial sigma 1.1 %; bench/validate_ftest.py ->
-  bench/results/validation_ftest.json): 4.8 % at 80 events, 5.0 % at 1000, 6.2 % at 1e5
-  (the plain F-test: 34.5 %, 18.2 %, 11.7 %). With the range ending at the fixed upper mass
-  the switch applies in every toy at these sizes: the empty tail is > 20 % of the bins.
+  to ndf, so over many sparse bins the denominator shrinks and F grows, and the F-test
+  upgrades far more often than its nominal 5 %. When more than `SMALL_BIN_FRACTION` = 20 %
+  of the bins of the lower fit expect fewer than 5 events (the switch the goodness-of-fit
+  check uses), the comparison uses Wilks' likelihood ratio, whose chi2(1) law needs no
+  per-bin asymptotics, only enough events to determine the extra parameter; the test row
+  records the switch. With the range ending at the fixed upper mass the switch applies in
+  most spectra: the empty tail is > 20 % of the bins.
 - A fit whose density rises with mass inside the range (`falling_background`) is not
   usable: the nested walk treats it as a function that did not converge (recorded in
   `failures` with the reason), and the check fails it.

@@ -7,20 +7,15 @@ and the window exclusion (refit with a flagged window masked), plus the falling-
 check. Every check returns a `CheckResult` for the audit log, with status pass, fail or
 not_applicable (a check that cannot run says why and does not fail the fit).
 
-Calibration (issue 11; each rule checked where its null is true, tests/core/test_robustness.py
-and tests/core/test_selection.py):
+Rules (each checked where its null is true, tests/core/test_robustness.py and
+tests/core/test_selection.py; the measurements behind them are in docs/physics-notes.md):
 
-- Goodness of fit. The reported "toy p 0.04 where the asymptotic p is 0.72" was not a toy
-  bug: refitted and linearised toys agree (0.307 and 0.325 on the case below). Two things
-  were wrong. (1) Over bins with mu << 1 the deviance has mean < 1 per bin, so chi2(ndf)
-  is too lenient: on a 1e6-event p4 spectrum with one isolated event at 11 TeV and the
-  range ending at the last non-empty bin, D = 121.5 for 137 ndf (asymptotic p 0.83)
-  while toys have mean D = 115.7 (toy p 0.31). (2) That range end is chosen by the data:
-  the last bin holds an event where mu ~ 1e-4, adding ~27 to D, which no toy reproduces.
-  The fixed upper mass (core.fitrange.fit_range) removes (2): D = 94.2, toy p 0.91. For (1)
-  `auto` uses toys when more than 20 % of bins expect < 5 events, now refitted to first
-  order (`linearised_toy_deviances`: 1000 toys in one array operation instead of 100
-  Minuit refits, mean and 90 % quantile within a few % of refitted toys at 80-1e6 events).
+- Goodness of fit. Over bins with mu << 1 the deviance has mean < 1 per bin, so chi2(ndf)
+  is too lenient; `auto` uses toys when more than 20 % of bins expect < 5 events, refitted
+  to first order (`linearised_toy_deviances`: 1000 toys in one array operation instead of
+  100 Minuit refits, mean and 90 % quantile within a few % of refitted toys at 80-1e6
+  events). The range ends at a fixed upper mass (core.fitrange), never at the last event,
+  whose bin the data choose and no toy reproduces.
 - Fit-start stability moves the start only within the range asked for and where there
   are data (`floor_bin`); the moved fit's goodness of fit is recorded, not required.
 - Spurious signal: only against an alternative that describes the spectrum
@@ -28,9 +23,6 @@ and tests/core/test_selection.py):
   criterion |median S_spur / sigma_S| < 0.5; passes on toys of the tested function itself.
 - Falling background: rejects fits predicting more than one event above their own falling
   envelope (`MAX_RISING_EXCESS`).
-
-Measured with these rules: the generating function (p3, p4 at 1e4/1e5/1e6 events, p5 at
-1e6) is chosen with every check passed in >= 8 of 10 toys at each size, no fallback.
 """
 
 from __future__ import annotations

@@ -560,11 +560,9 @@ class SearchOptions:
 FALLBACK_SEARCH: Final = SearchOptions(n_seeds=3, time_budget_s=120.0, max_passing=3)
 """Search options of `symbolic_fallback` by default: up to 3 seeded searches within 120 s,
 stopping once 3 front members (the choice and 2 rivals for the spurious-signal test) pass
-the goodness of fit. Profiled (bench/bench_symbolic.py spectrum, one search): the pyoperon
-search takes 2.6 s, the Poisson refits of its 12 front members 10.7 s (0.9 s each, the
-Levenberg-Marquardt pre-fit with finite-difference Jacobians of a 10-constant expression):
-refitting members from the simplest up and stopping at 3 passing ones, and not starting
-another search then, cuts the fallback from 12-15 s to a few seconds when it succeeds."""
+the goodness of fit. The Poisson refits of the front members, not the search, dominate the
+cost (bench/bench_symbolic.py), so members are refitted from the simplest up and no further
+search starts once 3 pass: a fallback that succeeds takes a few seconds."""
 
 
 def _check_search_options(seed: int, options: SearchOptions) -> None:
