@@ -8,9 +8,11 @@ any event is read, and a damaged file fails with one error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -211,8 +213,15 @@ def plan_file(
 
     A file whose metadata uproot can not read is an InputFileError that names it.
     """
-    try:
+    with _damaged_file_error(path):
         return _plan_unchecked(path, schema, selection, tree, mapping, good_runs)
+
+
+@contextlib.contextmanager
+def _damaged_file_error(path: str) -> Iterator[None]:
+    """Turn what uproot raises on a truncated or corrupt `path` into one InputFileError."""
+    try:
+        yield
     except AnomscanError:
         raise
     except _DAMAGED_FILE_ERRORS as error:
@@ -229,7 +238,7 @@ def _plan_unchecked(
     selection: ObjectSelection,
     tree: str | None,
     mapping: str | Path | None,
-    good_runs: GoodRunList | None = None,
+    good_runs: GoodRunList | None,
 ) -> tuple[ReadPlan, Schema, Any]:
     chosen, event_tree, available = _schema_and_tree(path, schema, tree, mapping)
     needed = chosen.branches(available, selection) + list(selection.met_branches or ())
