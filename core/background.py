@@ -9,7 +9,7 @@ whole procedure (`choose_background`) then runs the robustness checks on the cho
 moves up the family while they fail, and calls a fallback (symbolic regression) last.
 
 Rules beyond the plain F-test (measured in bench/validate_ftest.py and
-tests/core/test_selection.py; the numbers are in docs/physics-notes.md):
+tests/core/test_background.py; the numbers are in docs/physics-notes.md):
 
 - F-test at low counts. The F statistic divides by chi2_(n+1) / ndf, which is ~1 only
   when every bin expects many events; a bin with mu << 1 adds ~2 mu to the deviance and 1

@@ -8,7 +8,7 @@ check. Every check returns a `CheckResult` for the audit log, with status pass, 
 not_applicable (a check that cannot run says why and does not fail the fit).
 
 Rules (each checked where its null is true, tests/core/test_robustness.py and
-tests/core/test_selection.py; the measurements behind them are in docs/physics-notes.md):
+tests/core/test_background.py; the measurements behind them are in docs/physics-notes.md):
 
 - Goodness of fit. Over bins with mu << 1 the deviance has mean < 1 per bin, so chi2(ndf)
   is too lenient; `auto` uses toys when more than 20 % of bins expect < 5 events, refitted
