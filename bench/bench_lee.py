@@ -61,15 +61,15 @@ def main() -> int:
     arguments = parser.parse_args()
     spectra = _spectra(arguments.spectra, arguments.points)
     _run(spectra[:1], 1)  # compile (or load) the numba kernel outside the timings
-    kernel = lookelsewhere._numba_floor_maxima
+    kernel = lookelsewhere.compiled_floor_maxima
     times: dict[str, list[float]] = {"numpy": [], "numba": [], "numba_2_workers": []}
     values: dict[str, float] = {}
     for _ in range(2):  # interleaved, best of two: the machine's load changes
-        lookelsewhere._numba_floor_maxima = lambda: None  # type: ignore[assignment]
+        lookelsewhere.compiled_floor_maxima = lambda: None  # type: ignore[assignment]
         try:
             seconds, values["numpy"] = _run(spectra, 1)
         finally:
-            lookelsewhere._numba_floor_maxima = kernel
+            lookelsewhere.compiled_floor_maxima = kernel
         times["numpy"].append(seconds)
         seconds, values["numba"] = _run(spectra, 1)
         times["numba"].append(seconds)

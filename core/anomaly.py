@@ -103,7 +103,7 @@ def anomaly_region(
     values = _finite_scores(scores)
     stream = _stream_mask(in_stream, len(values))
     ids = _tie_break_keys(event_ids, len(values))
-    n_requested = requested_count(xsec_pb, search_luminosity(lumi_pb, training_fraction))
+    n_requested = requested_count(xsec_pb, luminosity_after_training(lumi_pb, training_fraction))
 
     positions = np.flatnonzero(stream)
     stream_scores = values[positions]
@@ -126,7 +126,7 @@ def anomaly_region(
             selected[positions[tied[tie_order[:n_pass_at_cut]]]] = True
     return AnomalyRegion(
         xsec_pb=float(xsec_pb),
-        lumi_pb=float(search_luminosity(lumi_pb, training_fraction)),
+        lumi_pb=float(luminosity_after_training(lumi_pb, training_fraction)),
         n_requested=n_requested,
         n_stream=n_stream,
         n_pass=n_pass,
@@ -183,7 +183,7 @@ def stream_regions(
     return masks, [region.whole_stream for region in regions]
 
 
-def search_luminosity(lumi_pb: float, training_fraction: float) -> float:
+def luminosity_after_training(lumi_pb: float, training_fraction: float) -> float:
     """L_search = (1 - f) L in pb^-1: the luminosity left once a fraction f is trained on."""
     _check_positive("lumi_pb", lumi_pb, "pb^-1")
     if not (math.isfinite(training_fraction) and 0.0 <= training_fraction < 1.0):

@@ -44,7 +44,7 @@ from scipy import stats
 
 from core.anomaly import anomaly_region
 from core.errors import InvalidInputError, ModelError
-from core.files import atomic_path, write_text
+from core.files import atomic_path, file_sha256, write_text
 from core.objects import EventChunk
 from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_features, rmm_matrices
 
@@ -312,29 +312,15 @@ def train_autoencoder(
         raise InvalidInputError(
             f"got {len(values)} feature rows but {len(ids)} event ids; pass one id per event"
         )
-    for name, number in (("max_epochs", max_epochs), ("patience", patience)):
-        if number < 1:
-            raise InvalidInputError(f"{name} must be >= 1, got {number}")
-    if batch_size < 1 or learning_rate <= 0 or std_floor <= 0:
-        raise InvalidInputError(
-            f"batch_size, learning_rate and std_floor must be positive, got {batch_size}, "
-            f"{learning_rate}, {std_floor}"
-        )
-    if not (0.0 < validation_fraction < 1.0):
-        raise InvalidInputError(
-            f"validation_fraction must be in (0, 1), got {validation_fraction}; try 0.2"
-        )
+    _check_training_options(
+        max_epochs, patience, batch_size, learning_rate, std_floor, validation_fraction
+    )
     picked = np.flatnonzero(training_selection(ids, fraction, seed))
-    if len(picked) < 2:
-        raise InvalidInputError(
-            f"a fraction {fraction} of {len(ids)} events picks {len(picked)} events for "
-            "training; at least 2 are needed (one to fit, one to validate): "
-            "use more events or a larger fraction"
-        )
     rng = np.random.default_rng(seed)
-    order = rng.permutation(picked)
-    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
-    validation_rows, fit_rows = order[:n_validation], order[n_validation:]
+    fit_rows, validation_rows = _split_training_rows(
+        picked, validation_fraction, rng, fraction, len(ids)
+    )
+    n_validation = len(validation_rows)
 
     mean = values[fit_rows].astype(np.float64).mean(axis=0)
     scale = np.maximum(values[fit_rows].astype(np.float64).std(axis=0), std_floor)
@@ -348,12 +334,10 @@ def train_autoencoder(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             network = _build_network(n_features, sizes, mean, scale)
-            fit_z = network.standardise(torch.from_numpy(values[fit_rows]))
-            validation_z = network.standardise(torch.from_numpy(values[validation_rows]))
             loss = _fit(
                 network,
-                fit_z,
-                validation_z,
+                network.standardise(torch.from_numpy(values[fit_rows])),
+                network.standardise(torch.from_numpy(values[validation_rows])),
                 rng=rng,
                 max_epochs=max_epochs,
                 patience=patience,
@@ -380,6 +364,52 @@ def train_autoencoder(
         batch_size=batch_size,
         loss=loss,
     )
+
+
+def _split_training_rows(
+    picked: npt.NDArray[np.int64],
+    validation_fraction: float,
+    rng: np.random.Generator,
+    fraction: float,
+    n_events: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(fit rows, validation rows): a seeded `validation_fraction` of the picked events.
+
+    At least one event of each; InvalidInputError when fewer than 2 of the `n_events` were
+    picked by the training `fraction`.
+    """
+    if len(picked) < 2:
+        raise InvalidInputError(
+            f"a fraction {fraction} of {n_events} events picks {len(picked)} events for "
+            "training; at least 2 are needed (one to fit, one to validate): "
+            "use more events or a larger fraction"
+        )
+    order = rng.permutation(picked)
+    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
+    return order[n_validation:], order[:n_validation]
+
+
+def _check_training_options(
+    max_epochs: int,
+    patience: int,
+    batch_size: int,
+    learning_rate: float,
+    std_floor: float,
+    validation_fraction: float,
+) -> None:
+    """InvalidInputError naming the first training option out of its range."""
+    for name, number in (("max_epochs", max_epochs), ("patience", patience)):
+        if number < 1:
+            raise InvalidInputError(f"{name} must be >= 1, got {number}")
+    if batch_size < 1 or learning_rate <= 0 or std_floor <= 0:
+        raise InvalidInputError(
+            f"batch_size, learning_rate and std_floor must be positive, got {batch_size}, "
+            f"{learning_rate}, {std_floor}"
+        )
+    if not (0.0 < validation_fraction < 1.0):
+        raise InvalidInputError(
+            f"validation_fraction must be in (0, 1), got {validation_fraction}; try 0.2"
+        )
 
 
 def card_path(model_path: Path) -> Path:
@@ -639,15 +669,6 @@ def score_agreement(
         )
     rho = float(stats.spearmanr(a, b).statistic)
     return ScoreAgreement(spearman_rho=rho, overlaps=tuple(overlaps))
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_file_matches_card(path: Path, card: ModelCard) -> None:

@@ -8,26 +8,23 @@ F(1, N_bins - n - 1) law; Wilks' test compares 2 (NLL_n - NLL_(n+1)) with chi2(1
 whole procedure (`choose_background`) then runs the robustness checks on the choice,
 moves up the family while they fail, and calls a fallback (symbolic regression) last.
 
-Rules added by issue 11, with the numbers that justify them (bench/validate_ftest.py,
-tests/core/test_selection.py):
+Rules beyond the plain F-test (measured in bench/validate_ftest.py and
+tests/core/test_background.py; the numbers are in docs/physics-notes.md):
 
 - F-test at low counts. The F statistic divides by chi2_(n+1) / ndf, which is ~1 only
   when every bin expects many events; a bin with mu << 1 adds ~2 mu to the deviance and 1
-  to ndf, so over many sparse bins the denominator shrinks and F grows: on 80-event p3
-  spectra the F-test picked p4 in 28 % of toys (nominal 5 %). When more than
-  `SMALL_BIN_FRACTION` = 20 % of the bins of the lower fit expect fewer than 5 events (the
-  switch the goodness-of-fit check uses), the comparison uses Wilks' likelihood ratio,
-  whose chi2(1) law needs no per-bin asymptotics, only enough events to determine the
-  extra parameter; the test row records the switch. False-upgrade rate (p4 chosen over a
-  true p3, 400 toys each, binomial sigma 1.1 %; bench/validate_ftest.py ->
-  bench/results/validation_ftest.json): 4.8 % at 80 events, 5.0 % at 1000, 6.2 % at 1e5
-  (the plain F-test: 34.5 %, 18.2 %, 11.7 %). With the range ending at the fixed upper mass
-  the switch applies in every toy at these sizes: the empty tail is > 20 % of the bins.
+  to ndf, so over many sparse bins the denominator shrinks and F grows, and the F-test
+  upgrades far more often than its nominal 5 %. When more than `SMALL_BIN_FRACTION` = 20 %
+  of the bins of the lower fit expect fewer than 5 events (the switch the goodness-of-fit
+  check uses), the comparison uses Wilks' likelihood ratio, whose chi2(1) law needs no
+  per-bin asymptotics, only enough events to determine the extra parameter; the test row
+  records the switch. With the range ending at the fixed upper mass the switch applies in
+  most spectra: the empty tail is > 20 % of the bins.
 - A fit whose density rises with mass inside the range (`falling_background`) is not
   usable: the nested walk treats it as a function that did not converge (recorded in
   `failures` with the reason), and the check fails it.
 - Fit range: `choose_background` takes the stream's start (`stream_start_gev`) and
-  derives the range with `core.fit.fit_range` (start past the turn-on, fixed upper mass),
+  derives the range with `core.fitrange.fit_range` (start past the turn-on, fixed upper mass),
   or an explicit range; the range is recorded in the decision. The fit-start stability
   check moves the start only within that range (up only, unless the range starts above
   the stream's start).
@@ -48,16 +45,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from core.errors import FitError, InvalidInputError
-from core.fit import (
-    FitRange,
-    FitResult,
-    SpectrumFitProblem,
-    fit_spectrum,
-    prepare_spectrum,
-)
-from core.fit import (
-    fit_range as derive_fit_range,
-)
+from core.fit import FitResult, SpectrumFitProblem, fit_spectrum, prepare_spectrum
 from core.fitfunctions import (
     ALTERNATIVE_FUNCTIONS,
     NESTED_FAMILY,
@@ -65,6 +53,8 @@ from core.fitfunctions import (
     get_function,
     nested_start,
 )
+from core.fitrange import FitRange
+from core.fitrange import fit_range as derive_fit_range
 from core.robustness import (
     AlternativeCache,
     GofMethod,
@@ -224,6 +214,42 @@ def _nested_chain(functions: Sequence[BackgroundFunction | str]) -> list[Backgro
     return chain
 
 
+def _usable_fit(
+    problem: SpectrumFitProblem,
+    function: BackgroundFunction,
+    current: FitResult | None,
+    rng: np.random.Generator,
+    fits: dict[str, FitResult],
+    failures: dict[str, str],
+) -> tuple[FitResult | None, str]:
+    """The fit of `function` from `current` when it converges and falls with mass.
+
+    A converged fit enters `fits`, a failure `failures`; an unusable fit gives None and the
+    reason why `current` stands (empty when there is no current choice).
+    """
+    try:
+        result = fit_spectrum(problem, function, lower=current, seed=rng)
+    except FitError as error:
+        failures[function.name] = str(error)
+        if current is None:
+            return None, ""
+        return None, (
+            f"{function.name} did not converge, so {current.name} stands "
+            "(its extension could not be tested)"
+        )
+    fits[function.name] = result
+    rising = falling_background(problem, result)
+    if not rising.passed:
+        failures[function.name] = rising.message
+        if current is None:
+            return None, ""
+        return None, (
+            f"{function.name} rises with mass in the range, so {current.name} stands "
+            "(its extension is not usable)"
+        )
+    return result, ""
+
+
 def select_function(
     problem: SpectrumFitProblem,
     functions: Sequence[BackgroundFunction | str] = NESTED_FAMILY,
@@ -250,26 +276,10 @@ def select_function(
     current: FitResult | None = None
     reason = ""
     for function in chain:
-        try:
-            result = fit_spectrum(problem, function, lower=current, seed=rng)
-        except FitError as error:
-            failures[function.name] = str(error)
+        result, unusable = _usable_fit(problem, function, current, rng, fits, failures)
+        if result is None:
             if current is not None:
-                reason = (
-                    f"{function.name} did not converge, so {current.name} stands "
-                    "(its extension could not be tested)"
-                )
-                break
-            continue
-        fits[function.name] = result
-        rising = falling_background(problem, result)
-        if not rising.passed:
-            failures[function.name] = rising.message
-            if current is not None:
-                reason = (
-                    f"{function.name} rises with mass in the range, so {current.name} stands "
-                    "(its extension is not usable)"
-                )
+                reason = unusable
                 break
             continue
         if current is None:
@@ -481,7 +491,7 @@ def choose_background(
 ) -> BackgroundDecision:
     """The whole procedure for one spectrum: fit range, nested tests, checks, fallback.
 
-    The range: with `stream_start_gev` and no `fit_range`, `core.fit.fit_range` (start past
+    The range: with `stream_start_gev` and no `fit_range`, `core.fitrange.fit_range` (start past
     the turn-on, fixed upper mass `upper_gev`, default 0.65 sqrt_s); otherwise the explicit
     `fit_range` [lo, hi] GeV (hi None: `upper_gev` or the default upper mass). The function
     chosen by the nested tests is checked first; while it fails a check the next larger
@@ -495,8 +505,6 @@ def choose_background(
     problem = prepare_spectrum(
         edges, counts, chosen_range.bounds, sqrt_s=sqrt_s, exclude=settings.window
     )
-    edge_values = np.asarray(edges, dtype=np.float64)
-    count_values = np.asarray(counts, dtype=np.float64)
     selection = select_function(
         problem, functions, method=method, chi2_kind=chi2_kind, alpha=settings.alpha, seed=seed
     )
@@ -505,96 +513,151 @@ def choose_background(
         low, high = settings.window
         trail.insert(0, f"fits exclude the flagged window {low:.0f}-{high:.0f} GeV")
     trail += [f"{name} not usable: {text}" for name, text in selection.failures.items()]
-    reports: list[RobustnessReport] = []
-    report_of: dict[str, RobustnessReport] = {}
     nested_fits: dict[str, FitResult] = dict(selection.fits)
-    alternative_cache: AlternativeCache = {}
-
-    def checked(
-        fit: FitResult,
-        offset: int,
-        rivals: tuple[BackgroundFunction, ...] = (),
-        spurious_method: SpuriousMethod = settings.spurious_method,
-    ) -> bool:
-        report = run_checks(
-            edge_values,
-            count_values,
-            fit,
-            settings,
-            rivals=rivals,
-            spurious_method=spurious_method,
-            seed=seed + offset,
-            floor_bin=chosen_range.floor_bin,
-            alternative_cache=alternative_cache,
-        )
-        reports.append(report)
-        report_of[fit.name] = report
-        verdict = "passes every check" if report.passed else f"fails {', '.join(report.failed)}"
-        skipped = [check.name for check in report.checks if check.status == "not_applicable"]
-        if skipped:
-            verdict += f" ({', '.join(skipped)} not applicable)"
-        trail.append(f"{fit.name} {verdict}")
-        return report.passed
-
+    checks = _Checks(
+        np.asarray(edges, dtype=np.float64),
+        np.asarray(counts, dtype=np.float64),
+        settings,
+        seed,
+        chosen_range.floor_bin,
+        trail,
+    )
     chain = _nested_chain(functions)
-    names = [function.name for function in chain]
-    result: tuple[str | None, FitResult | None, FitResult | None] = (None, None, None)
-    fallback_fit: FitResult | None = None
+    accepted: FitResult | None = None
     if selection.fit is not None:
-        current = selection.fit
-        index = names.index(current.name)
-        while not checked(current, index):
-            following: FitResult | None = None
-            while following is None and index + 1 < len(chain):
-                index += 1
-                following = nested_fits.get(names[index])
-                if following is None:
-                    try:
-                        following = fit_spectrum(problem, chain[index], lower=current, seed=seed)
-                    except FitError as error:
-                        trail.append(f"{names[index]} did not converge: {error}")
-                    else:
-                        nested_fits[names[index]] = following
-            if following is None:
-                break
-            trail.append(f"trying {following.name} after {current.name} failed its checks")
-            current = following
-        else:
-            result = (current.name, current, None)
-    if result[0] is None and fallback is None:
+        accepted = _accepted_nested_fit(problem, chain, selection.fit, nested_fits, checks, seed)
+    fallback_fit: FitResult | None = None
+    if accepted is None and fallback is None:
         trail.append("no analytic function passed and no fallback was given")
-    elif result[0] is None and fallback is not None:
-        trail.append("no analytic function passed; calling the fallback")
-        try:
-            outcome = fallback(problem, seed)
-        except FitError as error:
-            trail.append(f"the fallback failed: {error}")
-        else:
-            if isinstance(outcome, FitResult):
-                outcome = FallbackFit(outcome)
-            fallback_fit = outcome.fit
-            trail.append(f"fallback fitted {fallback_fit.name}")
-            trail.extend(outcome.notes)
-            fallback_method = settings.fallback_spurious_method or settings.spurious_method
-            if fallback_method != settings.spurious_method:
-                trail.append(f"spurious-signal test of the fallback with {fallback_method} data")
-            if checked(fallback_fit, 100, outcome.alternatives, fallback_method):
-                result = (fallback_fit.name, fallback_fit, fallback_fit)
-            else:
-                result = (None, None, fallback_fit)
+    elif accepted is None and fallback is not None:
+        accepted, fallback_fit = _fallback_choice(problem, fallback, checks, seed)
     candidates = _candidates(
-        names, nested_fits, selection, report_of, fallback_fit, method, chi2_kind, settings.alpha
+        [function.name for function in chain],
+        nested_fits,
+        selection,
+        checks.report_of,
+        fallback_fit,
+        method,
+        chi2_kind,
+        settings.alpha,
     )
     return BackgroundDecision(
-        chosen=result[0],
-        fit=result[1],
+        chosen=None if accepted is None else accepted.name,
+        fit=accepted,
         selection=selection,
-        checks=tuple(reports),
-        fallback=result[2] if result[2] is not None else fallback_fit,
+        checks=tuple(checks.reports),
+        fallback=fallback_fit,
         trail=tuple(trail),
         candidates=candidates,
         fit_range=chosen_range,
     )
+
+
+@dataclass
+class _Checks:
+    """The robustness checks of one `choose_background` call and what they found.
+
+    Every report is kept in order, by function name, and as a line of `trail`; the
+    alternative fits are shared between the checks through `alternative_cache`.
+    """
+
+    edges: npt.NDArray[np.float64]
+    counts: npt.NDArray[np.float64]
+    settings: CheckOptions
+    seed: int
+    floor_bin: int
+    trail: list[str]
+    reports: list[RobustnessReport] = field(default_factory=list)
+    report_of: dict[str, RobustnessReport] = field(default_factory=dict)
+    alternative_cache: AlternativeCache = field(default_factory=dict)
+
+    def passes(
+        self,
+        fit: FitResult,
+        offset: int,
+        rivals: tuple[BackgroundFunction, ...] = (),
+        spurious_method: SpuriousMethod | None = None,
+    ) -> bool:
+        """Check `fit` (seed + `offset`); True when it passes every applicable check."""
+        report = run_checks(
+            self.edges,
+            self.counts,
+            fit,
+            self.settings,
+            rivals=rivals,
+            spurious_method=spurious_method or self.settings.spurious_method,
+            seed=self.seed + offset,
+            floor_bin=self.floor_bin,
+            alternative_cache=self.alternative_cache,
+        )
+        self.reports.append(report)
+        self.report_of[fit.name] = report
+        verdict = "passes every check" if report.passed else f"fails {', '.join(report.failed)}"
+        skipped = [check.name for check in report.checks if check.status == "not_applicable"]
+        if skipped:
+            verdict += f" ({', '.join(skipped)} not applicable)"
+        self.trail.append(f"{fit.name} {verdict}")
+        return report.passed
+
+
+def _accepted_nested_fit(
+    problem: SpectrumFitProblem,
+    chain: Sequence[BackgroundFunction],
+    chosen: FitResult,
+    nested_fits: dict[str, FitResult],
+    checks: _Checks,
+    seed: int,
+) -> FitResult | None:
+    """The first function from the nested tests' choice up that passes every check.
+
+    A larger function not fitted yet is fitted from the one below (and added to
+    `nested_fits`); one that does not converge is skipped. None when none passes.
+    """
+    names = [function.name for function in chain]
+    current = chosen
+    index = names.index(current.name)
+    while not checks.passes(current, index):
+        following: FitResult | None = None
+        while following is None and index + 1 < len(chain):
+            index += 1
+            following = nested_fits.get(names[index])
+            if following is None:
+                try:
+                    following = fit_spectrum(problem, chain[index], lower=current, seed=seed)
+                except FitError as error:
+                    checks.trail.append(f"{names[index]} did not converge: {error}")
+                else:
+                    nested_fits[names[index]] = following
+        if following is None:
+            return None
+        checks.trail.append(f"trying {following.name} after {current.name} failed its checks")
+        current = following
+    return current
+
+
+def _fallback_choice(
+    problem: SpectrumFitProblem, fallback: Fallback, checks: _Checks, seed: int
+) -> tuple[FitResult | None, FitResult | None]:
+    """(accepted fit, fallback fit): the fallback's fit, accepted when it passes every check."""
+    trail = checks.trail
+    trail.append("no analytic function passed; calling the fallback")
+    try:
+        outcome = fallback(problem, seed)
+    except FitError as error:
+        trail.append(f"the fallback failed: {error}")
+        return None, None
+    if isinstance(outcome, FitResult):
+        outcome = FallbackFit(outcome)
+    fallback_fit = outcome.fit
+    trail.append(f"fallback fitted {fallback_fit.name}")
+    trail.extend(outcome.notes)
+    settings = checks.settings
+    fallback_method = settings.fallback_spurious_method or settings.spurious_method
+    if fallback_method != settings.spurious_method:
+        trail.append(f"spurious-signal test of the fallback with {fallback_method} data")
+    if checks.passes(fallback_fit, 100, outcome.alternatives, fallback_method):
+        return fallback_fit, fallback_fit
+    return None, fallback_fit
 
 
 def _candidates(

@@ -12,22 +12,20 @@ Method (PHYSICS.md section 6):
   minimum, scanning widths from small to large and positions from low to high mass.
 - The global p-value is the fraction of background-only Poisson pseudo-experiments with
   t_toy >= t_obs; Z = Phi^-1(1 - p) (`core.significance`), clipped at 0 when p >= 0.5.
-- Sparse tails (PHYSICS.md 6, issue 11 item 5): a window whose summed background is below
+- Sparse tails (PHYSICS.md 6): a window whose summed background is below
   `MIN_WINDOW_BACKGROUND` = 1 expected event is not scanned, for the data and every toy
-  alike (its t is 0), so the window set is the same and the global p stays exact. Without
-  it one event on B = 3e-7 gave p = 3e-7 (local Z 5.0) and two on B = 5e-4 Z 4.8, where
-  the fitted tail (extrapolated over empty bins) is uncertain by orders of magnitude. With
-  B >= 1 a window needs 4 events for p = 0.019 (Z 2.1), 6 for p = 6e-4 (Z 3.2) and 9 for
-  Z 4.7, so 1-2 events in a tail claim nothing (P(n >= 2 | 1) = 0.26), while a real narrow
-  resonance of 10-25 events is still found in the window widened to B >= 1 (10 events on
-  B = 1: Z 5.2). The minimum expected count was chosen over integrating B over its fit
-  uncertainty because it keeps the toys exact and cheap (thresholds as below) and does
-  not depend on a covariance that is itself unreliable far outside the data.
+  alike (its t is 0), so the window set is the same and the global p stays exact. The
+  fitted tail, extrapolated over empty bins, is uncertain by orders of magnitude, so 1-2
+  events there must claim nothing: with B >= 1 a window needs 4 events for p = 0.019
+  (Z 2.1), 6 for p = 6e-4 (Z 3.2) and 9 for Z 4.7 (P(n >= 2 | 1) = 0.26), while a real
+  narrow resonance of 10-25 events is still found in the window widened to B >= 1. A
+  minimum expected count keeps the toys exact and cheap (thresholds as below) and needs no
+  covariance, which is itself unreliable far outside the data (integrating B over its fit
+  uncertainty would).
 - Bonferroni bound: each window's p is super-uniform, so P(max t >= t_obs) <= n_windows
   e^-t_obs. When that is below 1 / max(max_toys, 10 000) no toy budget could resolve the
   global p; the bound is then quoted as an upper limit on p (Z a lower limit) and no toy
-  is drawn. Before, such an excess ran the adaptive loop to `max_toys` for a lower limit
-  Z(1/n) of ~4: the bump_hunt tool's 10x slower path in bench/bench_bumphunt.py.
+  is drawn.
 - Bounded work: totals above `core.significance.MAX_TOTAL_COUNT` (1e15) are refused, toy
   budgets above `MAX_TOYS` (1e7) too, and the threshold search stops where float steps
   exceed 1 (a bin content of 1e20 used to loop forever).

@@ -29,7 +29,10 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from core.errors import AnomscanError, InvalidInputError, SchemaError
-from core.events import SCHEMA_NAMES, Selection, count_certified, plan_read
+from core.events.planning import plan_read
+from core.events.reading import count_certified
+from core.events.schemas import SCHEMA_NAMES
+from core.events.selection import ObjectSelection
 from core.files import read_user_text
 from core.goodruns import GoodRunList, load_good_run_list
 
@@ -192,14 +195,14 @@ def _file_size(path: str) -> int | None:
 
 
 def validate_dataset(
-    dataset: Dataset, selection: Selection | None = None, *, check_good_runs: bool = True
+    dataset: Dataset, selection: ObjectSelection | None = None, *, check_good_runs: bool = True
 ) -> list[FileReport]:
     """Open every file, check its schema against the declared one, and count certified events.
 
     Raises SchemaError when a file has another schema than declared, InputFileError when a
     file cannot be read, and InvalidInputError when the good-run list excludes every event.
     """
-    selection = selection or Selection()
+    selection = selection or ObjectSelection()
     reports = []
     certified_total = 0
     for path in dataset.files:

@@ -1,6 +1,6 @@
 """Window exclusion as the resonance searches do it: mask a significant excess and refit.
 
-Rule (PHYSICS.md section 5, the statistics issue 11 item 3):
+Rule (PHYSICS.md section 5):
 
 - Trigger: the spectrum's trials-corrected p (the BumpHunter global p of the window set,
   `core.bumphunt`) below `EXCLUSION_TRIGGER_P` = 0.01, not the local p. On background-only
@@ -11,23 +11,13 @@ Rule (PHYSICS.md section 5, the statistics issue 11 item 3):
   `MAX_MASK_RESOLUTIONS` = 6 mass resolutions w(m) (PHYSICS.md 3) at its centre is trimmed
   to the contiguous sub-window of that width with the largest excess D - B; one narrower
   than `GROWN_MASK_RESOLUTIONS` = 3 w(m) (about +-1.5 sigma of a narrow resonance, 87 % of
-  a Gaussian) is grown to that width; one in between is masked as it is. A 9-bin mask
-  (0.9-1.4 TeV in issue 11, ~15 w(m)) let the refit pull the background down over a whole
-  region and manufacture an excess; a signal-sized mask can not. The trim limit was 3 w(m)
-  until a wide resonance showed it too narrow (`anomscan inject` X(2000) -> jg
-  of width 5 %, sigma 111 GeV = 2.3 w(m), ~47 events on ~250 in T2/jg): a 3 w(m) mask holds
-  +-0.66 sigma, 49 % of the signal, the ~24 events left in the neighbouring bins (on ~1
-  expected each) failed every masked fit's goodness of fit (deviance 110-125 against a toy
-  mean of 75-85) and the rule accepted a background in 2 of 20 toys, reporting no excess;
-  with 6 w(m) (+-1.3 sigma, 82 %) in 13 of 20. A narrow resonance's BumpHunter window is at
-  most ~3-4 w(m), so its mask does not change. Growing: a narrower window is grown to
-  `GROWN_MASK_RESOLUTIONS`, one neighbouring bin at a time
-  (the one with the larger D - B), inside the fit range: BumpHunter picks a resonance's
-  core, and a mask of the core alone leaves its tails in the neighbouring bins, where they
-  fail the masked fit's goodness of fit. Seen in the demo (helper scantrust): X(900) -> bg,
-  80 events in T4/bg, window 876-934 GeV (2 bins, 2 w(m)); bins 934-963 and 848-876 held 5
-  and 4 events on ~1 expected, the masked fits had toy GOF p 0.01-0.04 and no function
-  passed at any AR point; with 876-963 masked p2 passes every check. On background-only
+  a Gaussian) is grown to that width, one neighbouring bin at a time (the one with the
+  larger D - B), inside the fit range; one in between is masked as it is. A mask much wider
+  than a signal lets the refit pull the background down over a whole region and
+  manufacture an excess; a mask of a resonance's core alone (what BumpHunter picks) leaves
+  its tails in the neighbouring bins, where they fail the masked fit's goodness of fit.
+  6 w(m) holds +-1.3 sigma (82 %) of a wide resonance of sigma 2.3 w(m); a narrow
+  resonance's window is at most ~3-4 w(m), so its mask does not change. On background-only
   spectra the mask only matters where the trigger fired (~1 %), and the null rate test
   (tests/core/test_exclusion.py) still holds.
 - The masked refit uses the unmasked fit's function (family member or symbolic
@@ -46,9 +36,10 @@ Rule (PHYSICS.md section 5, the statistics issue 11 item 3):
   mask (`core.spectrum`, rule step 2). A function that then passes every check is the
   background, fitted with the mask; no agreement test runs: the unmasked fit it would be
   compared with failed its checks, and a real signal is what pulls it away from the masked
-  one (the demo's T3/jm: 4.3 sigma apart, the unmasked p2 at fit p 6e-20). A
-  spectrum where the masked choice fails too has no accepted background, never an excess
-  against a failed fit.
+  one. A spectrum where the masked choice fails too has no accepted background, never an
+  excess against a failed fit.
+
+The cases behind these numbers: docs/physics-notes.md.
 """
 
 from __future__ import annotations
@@ -211,6 +202,27 @@ def window_prediction(
     return nominal, float(np.std(finite))
 
 
+def _bump_mask(
+    edges: FloatArray,
+    counts: FloatArray,
+    fit: FitResult,
+    bump: BumpHuntResult,
+    max_resolutions: float,
+) -> tuple[int, int, float]:
+    """`masked_window` of the bump found against `fit` (its bins are relative to the range)."""
+    background = np.zeros_like(counts)
+    background[fit.first_bin : fit.stop_bin] = fit.expected
+    return masked_window(
+        edges,
+        counts,
+        background,
+        fit.first_bin + bump.first_bin,
+        fit.first_bin + bump.stop_bin,
+        max_resolutions=max_resolutions,
+        within=(fit.first_bin, fit.stop_bin),
+    )
+
+
 def window_exclusion(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -230,17 +242,7 @@ def window_exclusion(
     """
     e = np.asarray(edges, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
-    background = np.zeros_like(n)
-    background[fit.first_bin : fit.stop_bin] = fit.expected
-    first, stop, limit = masked_window(
-        e,
-        n,
-        background,
-        fit.first_bin + bump.first_bin,
-        fit.first_bin + bump.stop_bin,
-        max_resolutions=max_resolutions,
-        within=(fit.first_bin, fit.stop_bin),
-    )
+    first, stop, limit = _bump_mask(e, n, fit, bump, max_resolutions)
     window = (float(e[first]), float(e[stop]))
     data = float(np.sum(n[first:stop]))
     draws_seed = np.random.default_rng(seed)

@@ -14,59 +14,7 @@ accurate. The least-squares start of such a shape moves only those directions to
 exact redundancy stays where the start put it at every step. ln p1 and its covariance
 follow from N_hat and the integral of the shape.
 
-Fit range (`fit_range`, PHYSICS.md 5, issue 11). The range is set by the spectrum's
-physics, never by where its last event happens to fall:
-
-- it starts at the larger of the stream's start (PHYSICS.md 3) and the first bin past the
-  turn-on of the selected spectrum (`_turn_on_peak`). The turn-on is the rise of the
-  density n_i / w_i (events per GeV) from the stream's start, a property of the low-mass
-  sculpting, so the search for its top stops where the spectrum has already turned down:
-  windows of `TURN_ON_WINDOW` = 3 bins (about 3 mass resolutions) are walked upward from
-  the start keeping the densest window seen so far, and the search ends at the first
-  window, wholly past that one, whose density lies more than `TURN_ON_FALL_Z` = 3 Poisson
-  sigma below it, and in any case at the bin below which half of the range's events lie
-  (`TURN_ON_QUANTILE`). The turn-on top is the densest bin before that end; when it is
-  not the first bin, exceeds the first window's density by more than `TURN_ON_Z` = 2
-  sigma, and the bins between the first window and the top's left neighbour are denser
-  than the first window (a turn-on rises on its way up, a falling stretch before a peak
-  does not), the fit starts one bin past it (the top bin still sits on the rounded top of
-  the turn-on); otherwise at the stream's start. A peak after a falling stretch, or above
-  the events' median, is therefore never a turn-on.
-  Before (issue 11 review) the start was one bin past the densest bin anywhere in the
-  range: a small T3/jm spectrum in an anomaly region (175 events, ~30 of an X(1500) in the
-  1484-1524 GeV bin, a slowly falling background whose first bin holds ~5-10 events)
-  started at 1524 GeV, 169 events fell below the start and the signal's local Z went from
-  9.45 to 0.08. Measured with 200 seeded toys per case (tests/core/test_fit.py; binomial
-  error of a rate r is sqrt(r (1 - r) / 200), 0.7 % at r = 99 %):
-  (a, d) a sculpted spectrum (p3 times a logistic efficiency at 650 GeV, width 40 GeV;
-  density top at 680 GeV) starts from one bin before to three bins past the top in 100 %
-  of toys at 3000 events, 95.5 % at 300, 84.5 % at 100 (the rest one or two bins further
-  from the flat top); it stays at the stream's start in 0 / 200 toys at 300 and 3000
-  events, 1 / 200 at 100. (b) a falling p3 spectrum of 300, 3000 or 1e5 events with a
-  signal of 30 events or more (5 local sigma at 1e5), resolution-wide, log-uniform in
-  400-4000 GeV: the signal's bin is inside in 100 %, the start is the stream's in 100 %;
-  the reviewer's shape (150 background events, first bins ~10 events, a 30-event signal
-  of 8 GeV width from 434 GeV up): inside in 98.5 % (the densest-bin rule: 82.5 %), and
-  with the signal at 1504 GeV as in the review, 100 % (densest-bin rule: 85.5 %).
-  (c) the sculpted spectrum with that signal four bins or more above its top: the
-  signal's bin is inside in 99.5 % at 300 events and 100 % at 3000, the start no earlier
-  than one bin before the top in 98.5 % and 100 %. The limit: a signal within about two
-  windows (6 bins) of the stream's start of a falling low-count spectrum (in the
-  reviewer's shape with masses from 400 GeV every miss was 5-7 bins above it), or on the
-  rising edge of a turn-on, looks like a turn-on to the density and can still set the
-  start.
-- it ends at a fixed upper mass, by default `DEFAULT_UPPER_FRACTION` = 0.65 sqrt_s
-  (8.45 TeV at 13 TeV, snapped to the first bin edge at or above it), empty bins
-  included. The highest-mass pairs recorded by ATLAS and CMS in Run 2 sit near 8 TeV, so
-  the range holds every populated bin of a Standard Model spectrum, and the bins beyond
-  the last event enter with their (tiny) expected counts. Before, the range ended at the
-  last non-empty bin: one isolated event at 11-12 TeV stretched it by ~15 bins that expect
-  ~1e-4 events, and the data, non-empty in that last bin by construction, gained ~27 in
-  deviance that no toy reproduces (1e6-event p4: D 121.5 for 137 ndf and toy p 0.31 with
-  the stretched range, D 94.2 for 122 ndf and toy p 0.91 with the fixed one; see
-  core.robustness for the rest of the goodness-of-fit diagnosis). Events above the range
-  end are counted in the range's reason, not fitted. A function that rises in the empty
-  tail is caught by the falling-background check.
+The bins a fit sees (the fit range, an excluded window) are chosen by `core.fitrange`.
 """
 
 from __future__ import annotations
@@ -87,10 +35,8 @@ from core.fitfunctions import (
     get_function,
     nested_start,
 )
+from core.fitrange import BoolArray, check_counts, fitted_bins
 
-BoolArray = npt.NDArray[np.bool_]
-
-_EDGE_TOLERANCE = 1e-9
 _BAD_NLL = 1e300
 _BAD_RESIDUAL = 1e15
 _EXACT_REDUNDANCY = {True: 1e-14, False: 1e-12}
@@ -145,7 +91,7 @@ class SpectrumFitProblem:
             raise InvalidInputError(
                 f"expected {expected_shape[0]} counts for the fit range, got shape {values.shape}"
             )
-        _check_counts(values)
+        check_counts(values)
         if not np.any(values[self.used] > 0):
             raise InvalidInputError(
                 "all counts in the fit range are zero; a pseudo-experiment needs events"
@@ -153,198 +99,6 @@ class SpectrumFitProblem:
         counts = self.counts.copy()
         counts[self.first_bin : self.stop_bin] = values
         return replace(self, counts=counts)
-
-
-def _check_counts(counts: FloatArray) -> None:
-    if not np.all(np.isfinite(counts)):
-        raise InvalidInputError(
-            f"counts contain {np.count_nonzero(~np.isfinite(counts))} NaN or infinite values; "
-            "fill empty bins with 0"
-        )
-    if np.any(counts < 0):
-        raise InvalidInputError(
-            f"counts must be non-negative; found {np.count_nonzero(counts < 0)} negative bins, "
-            f"the smallest {counts.min()}"
-        )
-
-
-DEFAULT_UPPER_FRACTION = 0.65
-"""Default upper end of a fit range as a fraction of sqrt_s (see the module docstring)."""
-
-TURN_ON_Z = 2.0
-"""Significance (Poisson sigma) of the turn-on top above the first window that moves the start."""
-
-TURN_ON_WINDOW = 3
-"""Bins per density window of the turn-on search (about three mass resolutions)."""
-
-TURN_ON_FALL_Z = 3.0
-"""Significance of a window below the densest one before it that ends the turn-on search."""
-
-TURN_ON_QUANTILE = 0.5
-"""Fraction of the range's events below which the turn-on top must lie."""
-
-
-def default_upper_edge(edges: npt.ArrayLike, sqrt_s: float) -> float:
-    """The fixed upper end (GeV) of a fit range: the first edge at or above 0.65 sqrt_s.
-
-    The last edge of the histogram when it ends below that mass, and never above sqrt_s.
-    """
-    edge_values = np.asarray(edges, dtype=np.float64)
-    target = DEFAULT_UPPER_FRACTION * sqrt_s
-    below_limit = edge_values[edge_values <= sqrt_s * (1 + _EDGE_TOLERANCE)]
-    if below_limit.size == 0:
-        raise InvalidInputError(
-            f"no bin edge lies below sqrt_s = {sqrt_s} GeV; check sqrt_s and the edges"
-        )
-    index = int(np.searchsorted(below_limit, target * (1 - _EDGE_TOLERANCE), side="left"))
-    return float(below_limit[min(index, below_limit.size - 1)])
-
-
-@dataclass(frozen=True)
-class FitRange:
-    """The fit range of one spectrum: bins `first_bin` .. `stop_bin - 1`, [lo_gev, hi_gev].
-
-    `floor_bin` is the first bin the range may start at (the stream's start, or the lower
-    end of an explicit range): checks that move the start (fit-start stability) stay at or
-    above it. `turn_on_bin` is the turn-on top (`_turn_on_peak`) that moved the start,
-    None when the start is the stream's. `n_above` counts events above `hi_gev` (not
-    fitted). `reason` says in a sentence why the range is what it is, for the decision
-    trail.
-    """
-
-    first_bin: int
-    stop_bin: int
-    lo_gev: float
-    hi_gev: float
-    floor_bin: int
-    turn_on_bin: int | None
-    n_above: float
-    reason: str
-
-    @property
-    def bounds(self) -> tuple[float, float]:
-        """(lo, hi) in GeV, the form `prepare_spectrum` and the tools take."""
-        return self.lo_gev, self.hi_gev
-
-
-def _turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
-    """Index of the turn-on top of a range's density, or None (module docstring, TURN_ON_*).
-
-    Walks windows of TURN_ON_WINDOW bins upward, keeping the densest; the search ends at
-    the first window wholly past it that is TURN_ON_FALL_Z sigma less dense, and at the bin
-    below which TURN_ON_QUANTILE of the events lie. The densest bin before that end is the
-    top when it beats the first window by TURN_ON_Z sigma and the bins on its way up are
-    denser than the first window. Errors are Poisson, a count of zero taken as one.
-    """
-    size = min(TURN_ON_WINDOW, counts.size)
-    kernel = np.ones(size)
-    window_counts = np.convolve(counts, kernel, mode="valid")
-    window_widths = np.convolve(widths, kernel, mode="valid")
-    window_density = window_counts / window_widths
-    window_variance = np.maximum(window_counts, 1.0) / window_widths**2
-    events_below = np.cumsum(counts) - counts
-    end = int(np.count_nonzero(events_below < TURN_ON_QUANTILE * counts.sum()))
-    densest = 0
-    for index in range(1, window_density.size):
-        if window_density[index] > window_density[densest]:
-            densest = index
-            continue
-        fall = window_density[densest] - window_density[index]
-        error = np.sqrt(window_variance[densest] + window_variance[index])
-        if index >= densest + size and fall > TURN_ON_FALL_Z * error:
-            end = min(end, index)
-            break
-    if end <= 1:
-        return None
-    density = counts / widths
-    top = int(np.argmax(density[:end]))
-    if top == 0:
-        return None
-    error = np.sqrt(max(counts[top], 1.0) / widths[top] ** 2 + window_variance[0])
-    if (density[top] - window_density[0]) / error <= TURN_ON_Z:
-        return None
-    # a turn-on rises on its way up: the bins between the first window and the top's left
-    # neighbour are denser than the first window (a falling stretch before a peak is not)
-    gap = slice(size, top - 1)
-    if top - 1 > size and counts[gap].sum() / widths[gap].sum() <= window_density[0]:
-        return None
-    return top
-
-
-def fit_range(
-    edges: npt.ArrayLike,
-    counts: npt.ArrayLike,
-    stream_start_gev: float,
-    *,
-    upper_gev: float | None = None,
-    sqrt_s: float = 13000.0,
-    min_bins: int = 8,
-) -> FitRange:
-    """The fit range of a spectrum (edges in GeV) whose stream starts at `stream_start_gev`.
-
-    Starts at the larger of the stream's start and the first bin past the turn-on of the
-    spectrum, ends at `upper_gev` (default: `default_upper_edge`, 0.65 sqrt_s) with empty
-    bins included; the module docstring gives the rules and their reasons. Raises
-    InvalidInputError when the range holds no events or fewer than `min_bins` bins.
-    """
-    edge_values = np.asarray(edges, dtype=np.float64)
-    count_values = np.asarray(counts, dtype=np.float64)
-    high = default_upper_edge(edge_values, sqrt_s) if upper_gev is None else float(upper_gev)
-    # validates the histogram and the requested range in one place
-    requested = prepare_spectrum(edge_values, count_values, (stream_start_gev, high), sqrt_s=sqrt_s)
-    floor_bin, stop_bin = requested.first_bin, requested.stop_bin
-    range_counts = count_values[floor_bin:stop_bin]
-    widths = np.diff(edge_values[floor_bin : stop_bin + 1])
-    peak = _turn_on_peak(range_counts, widths)
-    first_bin = floor_bin if peak is None else floor_bin + peak + 1
-    n_above = float(count_values[stop_bin:].sum())
-    if stop_bin - first_bin < min_bins:
-        raise InvalidInputError(
-            f"the fit range [{edge_values[first_bin]:.0f}, {edge_values[stop_bin]:.0f}] GeV "
-            f"(start past the turn-on at {edge_values[first_bin]:.0f} GeV) holds "
-            f"{stop_bin - first_bin} bins, fewer than {min_bins}; the spectrum is too narrow to "
-            "fit, or give an explicit range"
-        )
-    if not np.any(count_values[first_bin:stop_bin] > 0):
-        raise InvalidInputError(
-            f"the fit range [{edge_values[first_bin]:.0f}, {edge_values[stop_bin]:.0f}] GeV "
-            "holds no events; nothing to fit"
-        )
-    lo, hi = float(edge_values[first_bin]), float(edge_values[stop_bin])
-    if peak is None:
-        start_text = f"starts at the stream's start {lo:.0f} GeV (no turn-on above it)"
-    else:
-        peak_low = float(edge_values[floor_bin + peak])
-        start_text = (
-            f"starts at {lo:.0f} GeV, one bin past the turn-on peak of the density at "
-            f"{peak_low:.0f} GeV (stream start {edge_values[floor_bin]:.0f} GeV)"
-        )
-    end_text = (
-        f"ends at the fixed upper mass {hi:.0f} GeV"
-        + (" (0.65 sqrt_s)" if upper_gev is None else "")
-        + ", empty bins included"
-    )
-    if n_above > 0:
-        end_text += f"; {n_above:.0f} event(s) above it are not fitted"
-    return FitRange(
-        first_bin=first_bin,
-        stop_bin=stop_bin,
-        lo_gev=lo,
-        hi_gev=hi,
-        floor_bin=floor_bin,
-        turn_on_bin=None if peak is None else floor_bin + peak,
-        n_above=n_above,
-        reason=f"fit range {start_text}; {end_text}",
-    )
-
-
-def last_non_empty_edge(edges: npt.ArrayLike, counts: npt.ArrayLike) -> float:
-    """Upper edge (GeV) of the last bin with a positive count."""
-    counts_array = np.asarray(counts, dtype=np.float64)
-    filled = np.flatnonzero(counts_array > 0)
-    if filled.size == 0:
-        raise InvalidInputError("the spectrum is empty: every bin has zero counts")
-    return float(np.asarray(edges, dtype=np.float64)[filled[-1] + 1])
 
 
 def prepare_spectrum(
@@ -356,96 +110,21 @@ def prepare_spectrum(
     exclude: tuple[float, float] | None = None,
     n_points: int = 6,
 ) -> SpectrumFitProblem:
-    """Validate a histogram and select its fit range [lo, hi] GeV.
+    """Validate a histogram and select its fit range [lo, hi] GeV, ready for repeated fits.
 
-    The range holds the bins whose edges lie inside [lo, hi]; hi None (or no range) means the
-    fixed upper mass `default_upper_edge` (0.65 sqrt_s, empty bins included; no longer the
-    last non-empty bin, see the module docstring), and no range starts at the first edge.
-    Events above the range are not fitted. Bins overlapping the `exclude` window [lo, hi]
-    GeV are left out of the likelihood.
+    The bins are those of `core.fitrange.fitted_bins`: hi None (or no range) means the
+    fixed upper mass (0.65 sqrt_s, empty bins included), no range starts at the first edge,
+    events above the range are not fitted, and bins overlapping the `exclude` window
+    [lo, hi] GeV are left out of the likelihood.
     """
-    edge_values = np.asarray(edges, dtype=np.float64)
-    count_values = np.asarray(counts, dtype=np.float64)
-    if edge_values.ndim != 1 or count_values.ndim != 1:
-        raise InvalidInputError(
-            f"edges and counts must be 1-D arrays, got shapes {edge_values.shape} and "
-            f"{count_values.shape}"
-        )
-    if count_values.size == 0:
-        raise InvalidInputError("the spectrum is empty: it has no bins")
-    if edge_values.size != count_values.size + 1:
-        raise InvalidInputError(
-            f"a histogram with {count_values.size} bins needs {count_values.size + 1} edges, "
-            f"got {edge_values.size}"
-        )
-    if not (np.all(np.isfinite(edge_values)) and edge_values[0] > 0):
-        raise InvalidInputError("bin edges must be finite and positive masses in GeV")
-    if np.any(np.diff(edge_values) <= 0):
-        raise InvalidInputError("bin edges must increase strictly")
-    if not (np.isfinite(sqrt_s) and sqrt_s > edge_values[0]):
-        raise InvalidInputError(
-            f"sqrt_s = {sqrt_s} GeV must be finite and above the first bin edge "
-            f"{edge_values[0]} GeV"
-        )
-    _check_counts(count_values)
-    if not np.any(count_values > 0):
-        raise InvalidInputError("the spectrum is empty: every bin has zero counts")
-
-    low, high = (float(edge_values[0]), None) if fit_range is None else fit_range
-    if high is None:
-        high = default_upper_edge(edge_values, sqrt_s)
-    tolerance = _EDGE_TOLERANCE * float(edge_values[-1])
-    if not (np.isfinite(low) and np.isfinite(high) and low < high):
-        raise InvalidInputError(f"fit range must be finite with lo < hi, got [{low}, {high}] GeV")
-    if low < edge_values[0] - tolerance or high > edge_values[-1] + tolerance:
-        raise InvalidInputError(
-            f"fit range [{low}, {high}] GeV lies outside the histogram, which covers "
-            f"[{edge_values[0]}, {edge_values[-1]}] GeV; give a range inside it"
-        )
-    first_bin = int(np.searchsorted(edge_values, low - tolerance, side="left"))
-    stop_bin = int(np.searchsorted(edge_values, high + tolerance, side="right")) - 1
-    below_limit = int(np.searchsorted(edge_values, sqrt_s, side="left"))
-    if np.any(count_values[below_limit:stop_bin] > 0):
-        raise InvalidInputError(
-            f"the fit range has counts in bins starting above sqrt_s = {sqrt_s} GeV, beyond "
-            "the kinematic limit; check sqrt_s or end the range below it"
-        )
-    stop_bin = min(stop_bin, below_limit)
-    if stop_bin <= first_bin:
-        raise InvalidInputError(
-            f"fit range [{low}, {high}] GeV contains no complete bin below sqrt_s; the edges "
-            f"near it are {edge_values[max(first_bin - 1, 0) : first_bin + 2]}"
-        )
-
-    range_edges = edge_values[first_bin : stop_bin + 1]
-    used = np.ones(stop_bin - first_bin, dtype=bool)
-    if exclude is not None:
-        window_low, window_high = exclude
-        if not (np.isfinite(window_low) and np.isfinite(window_high) and window_low < window_high):
-            raise InvalidInputError(
-                f"excluded window must be finite with lo < hi, got {exclude} GeV"
-            )
-        used = ~(
-            (range_edges[1:] > window_low + tolerance)
-            & (range_edges[:-1] < window_high - tolerance)
-        )
-        if used.all():
-            raise InvalidInputError(
-                f"excluded window {exclude} GeV does not overlap the fit range "
-                f"[{range_edges[0]}, {range_edges[-1]}] GeV"
-            )
-    if not np.any(count_values[first_bin:stop_bin][used] > 0):
-        raise InvalidInputError(
-            f"all counts in the fit range [{range_edges[0]}, {range_edges[-1]}] GeV are zero; "
-            "choose a range that contains events"
-        )
-    nodes, weights = gauss_legendre_nodes(range_edges, sqrt_s, n_points)
+    bins = fitted_bins(edges, counts, fit_range, sqrt_s=sqrt_s, exclude=exclude)
+    nodes, weights = gauss_legendre_nodes(bins.range_edges, sqrt_s, n_points)
     return SpectrumFitProblem(
-        edges=edge_values,
-        counts=count_values,
-        first_bin=first_bin,
-        stop_bin=stop_bin,
-        used=used,
+        edges=bins.edges,
+        counts=bins.counts,
+        first_bin=bins.first_bin,
+        stop_bin=bins.stop_bin,
+        used=bins.used,
         sqrt_s=float(sqrt_s),
         nodes=nodes,
         weights=weights,
@@ -1028,29 +707,7 @@ def fit_spectrum(
         raise InvalidInputError(f"max_attempts must be at least 1, got {max_attempts}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     shape = BinnedShape(problem, background)
-
-    candidates: list[tuple[str, FloatArray]] = []
-    for index, start in enumerate(starts or ()):
-        values = np.asarray(start, dtype=np.float64)
-        if values.shape != (n_params,) or not np.all(np.isfinite(values)):
-            raise InvalidInputError(
-                f"start {index} for {background.name} must be {n_params} finite values "
-                f"{background.parameter_names}, got {list(values)}"
-            )
-        candidates.append((f"user start {index}", values[1:]))
-    if lower is not None:
-        embedded = nested_start(lower.function, lower.theta, background)
-        if embedded is not None:
-            candidates.append((f"from {lower.name}", embedded))
-    least_squares = _least_squares_start(
-        problem, background, candidates[0][1] if candidates else None
-    )
-    covariance = None
-    if least_squares is not None:
-        candidates.append(("least squares", least_squares[0]))
-        covariance = least_squares[1]
-    candidates.append(("defaults", np.asarray(background.start, dtype=np.float64)))
-
+    candidates, covariance = _start_candidates(problem, background, starts, lower)
     attempts: list[_Attempt] = []
     best: _Attempt | None = None
     for label, origin in candidates:
@@ -1061,8 +718,68 @@ def fit_spectrum(
         attempt = trail[-1]
         if attempt.valid and attempt.accurate and (best is None or attempt.nll < best.nll):
             best = attempt
+    if best is None:
+        best = _random_restarts(shape, covariance, attempts, rng, max_attempts)
+    if best is None:
+        trail_text = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
+        raise FitDidNotConvergeError(
+            f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
+            f"after {len(attempts)} attempts ({trail_text}); try another function, a "
+            "different fit range or explicit start values"
+        )
+    notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
+    return _full_result(problem, shape, best, notes)
+
+
+def _start_candidates(
+    problem: SpectrumFitProblem,
+    function: BackgroundFunction,
+    starts: Sequence[Sequence[float]] | None,
+    lower: FitResult | None,
+) -> tuple[list[tuple[str, FloatArray]], FloatArray | None]:
+    """The labelled shape starts of `fit_spectrum` in order, and the least-squares covariance.
+
+    User starts, the embedding of the `lower` fit, the weighted least squares (from the
+    first start when there is one), the function's defaults last.
+    """
+    n_params = function.n_params
+    candidates: list[tuple[str, FloatArray]] = []
+    for index, start in enumerate(starts or ()):
+        values = np.asarray(start, dtype=np.float64)
+        if values.shape != (n_params,) or not np.all(np.isfinite(values)):
+            raise InvalidInputError(
+                f"start {index} for {function.name} must be {n_params} finite values "
+                f"{function.parameter_names}, got {list(values)}"
+            )
+        candidates.append((f"user start {index}", values[1:]))
+    if lower is not None:
+        embedded = nested_start(lower.function, lower.theta, function)
+        if embedded is not None:
+            candidates.append((f"from {lower.name}", embedded))
+    least_squares = _least_squares_start(
+        problem, function, candidates[0][1] if candidates else None
+    )
+    covariance = None
+    if least_squares is not None:
+        candidates.append(("least squares", least_squares[0]))
+        covariance = least_squares[1]
+    candidates.append(("defaults", np.asarray(function.start, dtype=np.float64)))
+    return candidates, covariance
+
+
+def _random_restarts(
+    shape: BinnedShape,
+    covariance: FloatArray | None,
+    attempts: list[_Attempt],
+    rng: np.random.Generator,
+    max_attempts: int,
+) -> _Attempt | None:
+    """Restart at random around the best point of `attempts` until a minimum is valid.
+
+    Up to `max_attempts` restarts, each appended to `attempts`; the valid one, or None.
+    """
     retries = 0
-    while best is None and retries < max_attempts:
+    while retries < max_attempts:
         retries += 1
         centre = min(attempts, key=lambda item: item.nll).theta
         label = f"random restart {retries}"
@@ -1076,22 +793,14 @@ def fit_spectrum(
                 directions = shape_directions(shape, centre)
             except FitError as error:
                 attempts.append(_failed_attempt(shape, centre, label, str(error)))
-                break
+                return None
             origin = centre + directions @ rng.normal(scale=2.0, size=directions.shape[1])
             trail = _descend(shape, origin, None, label)
             attempts.extend(trail)
             attempt = trail[-1]
         if attempt.valid and attempt.accurate:
-            best = attempt
-    if best is None:
-        trail_text = "; ".join(f"{item.label}: {item.reason}" for item in attempts)
-        raise FitDidNotConvergeError(
-            f"{background.name} did not converge on the fit range {problem.fit_range} GeV "
-            f"after {len(attempts)} attempts ({trail_text}); try another function, a "
-            "different fit range or explicit start values"
-        )
-    notes = tuple(f"{item.label}: {item.reason}" for item in attempts if item is not best)
-    return _full_result(problem, shape, best, notes)
+            return attempt
+    return None
 
 
 def fit_background(
@@ -1137,22 +846,9 @@ def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 
     derivatives are not finite or the propagated variance is clearly negative (a
     covariance that is not positive semi-definite); it never returns NaN.
     """
-    edge_values = np.asarray(edges, dtype=np.float64)
+    edge_values = _fitted_edges(result, edges)
     first, stop = result.first_bin, result.stop_bin
-    if edge_values.ndim != 1 or edge_values.size < stop + 1:
-        raise InvalidInputError(
-            f"expected_errors needs the histogram's edges (at least {stop + 1}) of the fit over "
-            f"bins [{first}, {stop}), got shape {edge_values.shape}"
-        )
     range_edges = edge_values[first : stop + 1]
-    low, high = result.fit_range
-    scale = max(abs(low), abs(high))
-    if abs(range_edges[0] - low) > 1e-9 * scale or abs(range_edges[-1] - high) > 1e-9 * scale:
-        raise InvalidInputError(
-            f"the edges give the range [{range_edges[0]}, {range_edges[-1]}] GeV for bins "
-            f"[{first}, {stop}) but the fit was made over {result.fit_range} GeV; pass the "
-            "edges of the histogram that was fitted"
-        )
     covariance = np.asarray(result.covariance, dtype=np.float64)
     n_params = result.function.n_params
     if covariance.shape != (n_params, n_params) or not np.all(np.isfinite(covariance)):
@@ -1200,3 +896,24 @@ def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 
     if not np.all(np.isfinite(errors)):
         raise FitError(f"{result.name}: the propagated uncertainty is not finite")
     return errors
+
+
+def _fitted_edges(result: FitResult, edges: npt.ArrayLike) -> FloatArray:
+    """`edges` (GeV) as an array; InvalidInputError unless they are those `result` was fitted on."""
+    edge_values = np.asarray(edges, dtype=np.float64)
+    first, stop = result.first_bin, result.stop_bin
+    if edge_values.ndim != 1 or edge_values.size < stop + 1:
+        raise InvalidInputError(
+            f"expected_errors needs the histogram's edges (at least {stop + 1}) of the fit over "
+            f"bins [{first}, {stop}), got shape {edge_values.shape}"
+        )
+    range_edges = edge_values[first : stop + 1]
+    low, high = result.fit_range
+    scale = max(abs(low), abs(high))
+    if abs(range_edges[0] - low) > 1e-9 * scale or abs(range_edges[-1] - high) > 1e-9 * scale:
+        raise InvalidInputError(
+            f"the edges give the range [{range_edges[0]}, {range_edges[-1]}] GeV for bins "
+            f"[{first}, {stop}) but the fit was made over {result.fit_range} GeV; pass the "
+            "edges of the histogram that was fitted"
+        )
+    return edge_values

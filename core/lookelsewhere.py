@@ -14,11 +14,10 @@ Thinning a Poisson count keeps it Poisson and the added increment is independent
 point's toy is exactly Poisson(B_k) in every bin, whatever the fitted backgrounds do. When
 they are nested (B_k >= B_(k+1)) the binomial keeps all events and this is the nested
 increment sampler (tighter events a subset of looser ones). When a tighter fit's tail
-crosses above a looser one (non-nested fits, 11 089 of 31 864 bins in one demo re-scan),
-the looser toy is thinned instead of being drawn from the envelope max(B): the envelope
-sampler of the previous version gave the looser points more events than their background,
-so T_toy was inflated and the global p piled up at 1 (scan-wide Z 0.0 on a signal sample
-with local Z 5.15; tests/core/test_lookelsewhere.py shows it on non-nested fits).
+crosses above a looser one (non-nested fits, common in a real scan), the looser toy is
+thinned instead of being drawn from the envelope max(B): an envelope sampler gives the
+looser points more events than their background, so T_toy is inflated and the global p
+piles up at 1 (tests/core/test_lookelsewhere.py shows it on non-nested fits).
 
 Different spectra are drawn independently. Spectra of one stream share events and streams
 overlap; every count is a sum of independent Poisson counts of elementary cells and every
@@ -58,7 +57,7 @@ import math
 import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +71,7 @@ from core.bumphunt import (
     ScanWindows,
     best_window,
     check_toy_budget,
+    poisson_tail_statistic,
     significance_from_statistic,
     tabulate_poisson_tails,
     toys_reaching,
@@ -292,7 +292,7 @@ def max_window_statistic(
     cumulative = np.zeros((inside.shape[0], inside.shape[1] + 1), dtype=np.int64)
     np.cumsum(inside, axis=1, out=cumulative[:, 1:])
     floor = floor if floor is not None and floor > 0 else None
-    kernel = _numba_floor_maxima() if floor is not None else None
+    kernel = compiled_floor_maxima() if floor is not None else None
     if kernel is not None:
         table = table if table is not None else floor_table(windows, floor)
         result, beyond, needed = _run_floor_kernel(kernel, table, cumulative)
@@ -412,7 +412,7 @@ def _floor_maxima_loop(
 
 
 @functools.cache
-def _numba_floor_maxima() -> Callable[..., None] | None:
+def compiled_floor_maxima() -> Callable[..., None] | None:
     """`_floor_maxima_loop` compiled by numba (cached on disk), or None without numba."""
     try:
         numba = importlib.import_module("numba")
@@ -446,8 +446,6 @@ def _exact_maxima(windows: ScanWindows, cumulative: npt.NDArray[np.int64]) -> Fl
         values = np.where(reached, flat[index], 0.0)
         beyond = offset >= length
         if np.any(beyond):
-            from core.bumphunt import poisson_tail_statistic
-
             values[beyond] = poisson_tail_statistic(
                 counts[beyond], np.broadcast_to(window_b, counts.shape)[beyond]
             )
@@ -470,7 +468,7 @@ def spectrum_toy_maxima(
     result = np.zeros(n_toys, dtype=np.float64)
     batch = max(1, _ENTRIES_PER_BATCH // max(spectrum.counts.size, 1))
     tables: list[FloorTable | None] = [None] * len(spectrum.windows)
-    if floor is not None and floor > 0 and _numba_floor_maxima() is not None:
+    if floor is not None and floor > 0 and compiled_floor_maxima() is not None:
         tables = [floor_table(windows, floor) for windows in spectrum.windows]
     for start in range(0, n_toys, batch):
         size = min(batch, n_toys - start)
@@ -619,35 +617,11 @@ def scan_significance(
         raise InvalidInputError(f"spectrum names must be unique, found {names}")
     if width_min is not None or width_max is not None:
         spectra = [_with_widths(s, width_min, width_max) for s in spectra]
-    points: list[ScanPointExcess] = []
-    for spectrum in spectra:
-        for point, sigma in enumerate(spectrum.cross_sections_pb):
-            excess = best_window(spectrum.windows[point], spectrum.counts[point], spectrum.edges)
-            points.append(ScanPointExcess(spectrum.name, float(sigma), excess))
-    ranked = tuple(sorted(points, key=lambda p: -p.excess.statistic))
-    best = ranked[0]
-    statistic = best.excess.statistic
-    local_p, local_z = significance_from_statistic(statistic)
-    n_windows = sum(s.n_windows for s in spectra)
-    common = {
-        "best": best,
-        "points": ranked,
-        "statistic": statistic,
-        "local_p": local_p,
-        "local_z": local_z,
-        "n_tests": len(points),
-        "n_windows": n_windows,
-        "background_nesting_violations": sum(s.background_nesting_violations for s in spectra),
-        "method": METHOD,
-        "n_spectra": len(spectra),
-        "merged_points": tuple(
-            (s.name, dropped, kept) for s in spectra for dropped, kept in s.merged
-        ),
-        "data_nesting_violations": sum(s.data_nesting_violations for s in spectra),
-    }
+    common = _observed_excesses(spectra)
+    statistic = common["statistic"]
     if statistic <= 0:
         return ScanSignificance(
-            **common,  # type: ignore[arg-type]
+            **common,
             global_p=1.0,
             global_p_error=0.0,
             global_z=0.0,
@@ -658,12 +632,88 @@ def scan_significance(
             converged=True,
             global_p_method="no excess",
         )
-    rng = np.random.default_rng(seed)
-    generators = rng.spawn(len(spectra))
-    maxima: list[FloatArray] = [np.zeros(0) for _ in spectra]
+    generators = np.random.default_rng(seed).spawn(len(spectra))
+    with ToyPool(workers) as pool:
+        toys = _SpectrumToys(spectra, statistic, sampler, generators, pool)
+        tails, p, error = _adaptive_tails(
+            toys, min_pseudo_scans, max_pseudo_scans, target_rel_error
+        )
+    maxima = toys.maxima
+    n_joint = min(m.size for m in maxima)
+    joint = np.max(np.stack([m[:n_joint] for m in maxima]), axis=0)
+    joint_reaching = int(np.count_nonzero(joint >= statistic * (1 - TIE_TOLERANCE)))
+    global_method, is_limit = _global_method(tails, joint_reaching)
+    global_z = max(float(z_from_log_p(math.log(p))) if p > 0 else math.inf, 0.0)
+    toys_limit = None
+    if joint_reaching == 0:
+        toys_limit = max(float(z_from_log_p(-math.log(n_joint))), 0.0)
+    return ScanSignificance(
+        **common,
+        global_p=p,
+        global_p_error=error,
+        global_z=global_z,
+        global_z_is_lower_limit=is_limit,
+        effective_trials=effective_trials(p, common["local_p"]),
+        n_pseudo_scans=n_joint,
+        n_pseudo_scans_reaching=joint_reaching,
+        converged=bool(p > 0 and error <= target_rel_error * p),
+        global_p_method=global_method,
+        global_z_toys_lower_limit=toys_limit,
+        n_toys_per_spectrum_max=max(m.size for m in maxima),
+        spectrum_tails=tuple((s.name, t.q, t.method) for s, t in zip(spectra, tails, strict=True)),
+    )
 
-    def extend(wanted: dict[int, int]) -> None:
+
+def _observed_excesses(spectra: Sequence[NestedSpectrum]) -> dict[str, Any]:
+    """The fields of a `ScanSignificance` that the data alone set (best excess, counts)."""
+    points: list[ScanPointExcess] = []
+    for spectrum in spectra:
+        for point, sigma in enumerate(spectrum.cross_sections_pb):
+            excess = best_window(spectrum.windows[point], spectrum.counts[point], spectrum.edges)
+            points.append(ScanPointExcess(spectrum.name, float(sigma), excess))
+    ranked = tuple(sorted(points, key=lambda p: -p.excess.statistic))
+    best = ranked[0]
+    statistic = best.excess.statistic
+    local_p, local_z = significance_from_statistic(statistic)
+    return {
+        "best": best,
+        "points": ranked,
+        "statistic": statistic,
+        "local_p": local_p,
+        "local_z": local_z,
+        "n_tests": len(points),
+        "n_windows": sum(s.n_windows for s in spectra),
+        "background_nesting_violations": sum(s.background_nesting_violations for s in spectra),
+        "method": METHOD,
+        "n_spectra": len(spectra),
+        "merged_points": tuple(
+            (s.name, dropped, kept) for s in spectra for dropped, kept in s.merged
+        ),
+        "data_nesting_violations": sum(s.data_nesting_violations for s in spectra),
+    }
+
+
+class _SpectrumToys:
+    """The toy maxima of every spectrum so far, each from its own random stream."""
+
+    def __init__(
+        self,
+        spectra: Sequence[NestedSpectrum],
+        statistic: float,
+        sampler: Sampler,
+        generators: list[np.random.Generator],
+        pool: ToyPool,
+    ) -> None:
+        self.spectra = spectra
+        self.statistic = statistic
+        self.sampler = sampler
+        self.generators = generators
+        self.pool = pool
+        self.maxima: list[FloatArray] = [np.zeros(0) for _ in spectra]
+
+    def extend(self, wanted: dict[int, int]) -> None:
         """Draw pseudo-scans until spectrum `index` has `wanted[index]` toy maxima."""
+        maxima = self.maxima
         tasks = []
         for index, total in wanted.items():
             missing = total - maxima[index].size
@@ -674,92 +724,85 @@ def scan_significance(
             # computed exactly (at least 5 % of all toys, >= 50, stay exact above it).
             floor = None
             if maxima[index].size >= 1_000:
-                level = min(float(np.quantile(maxima[index], 0.95)), statistic)
+                level = min(float(np.quantile(maxima[index], 0.95)), self.statistic)
                 floor = level * (1 - 2 * TIE_TOLERANCE)
-            tasks.append((index, (spectra[index], missing, generators[index], sampler, floor)))
+            task = (self.spectra[index], missing, self.generators[index], self.sampler, floor)
+            tasks.append((index, task))
         for (index, _), (more, generator) in zip(
-            tasks, pool.map([task for _, task in tasks]), strict=True
+            tasks, self.pool.map([task for _, task in tasks]), strict=True
         ):
-            generators[index] = generator
+            self.generators[index] = generator
             maxima[index] = np.concatenate([maxima[index], more])
 
-    def estimates() -> list[TailEstimate]:
+    def estimates(self) -> list[TailEstimate]:
+        """P(T_s >= T_obs) of every spectrum from its toys so far."""
         return [
-            tail_probability(m, statistic, s.n_windows)
-            for m, s in zip(maxima, spectra, strict=True)
+            tail_probability(m, self.statistic, s.n_windows)
+            for m, s in zip(self.maxima, self.spectra, strict=True)
         ]
 
-    with ToyPool(workers) as pool:
-        extend(dict.fromkeys(range(len(spectra)), min_pseudo_scans))
-        tails = estimates()
+
+def _adaptive_tails(
+    toys: _SpectrumToys, min_pseudo_scans: int, max_pseudo_scans: int, target_rel_error: float
+) -> tuple[list[TailEstimate], float, float]:
+    """(tails, p, error) after the adaptive toy budget (module docstring).
+
+    Every spectrum gets `min_pseudo_scans` (at least 10 000 when p < 0.01); then the
+    spectra that dominate p double their toys, the extrapolated ones first, up to
+    `max_pseudo_scans`, until p is known to `target_rel_error`.
+    """
+    n_spectra = len(toys.spectra)
+    maxima = toys.maxima
+    toys.extend(dict.fromkeys(range(n_spectra), min_pseudo_scans))
+    tails = toys.estimates()
+    p, error = _combine(tails)
+    if p < SMALL_P:
+        toys.extend({index: max(MIN_TOYS_SMALL_P, min_pseudo_scans) for index in range(n_spectra)})
+        tails = toys.estimates()
         p, error = _combine(tails)
-        if p < SMALL_P:
-            extend(
-                {index: max(MIN_TOYS_SMALL_P, min_pseudo_scans) for index in range(len(spectra))}
-            )
-            tails = estimates()
-            p, error = _combine(tails)
-        while True:
-            total_q = sum(t.q for t in tails) or 1.0
-            precise = p > 0 and error <= target_rel_error * p
+    while True:
+        total_q = sum(t.q for t in tails) or 1.0
+        precise = p > 0 and error <= target_rel_error * p
+        candidates = [
+            i
+            for i, t in enumerate(tails)
+            if t.method != "toys" and t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
+        ]
+        if not candidates and precise:
+            break
+        if not candidates:
             candidates = [
                 i
                 for i, t in enumerate(tails)
-                if t.method != "toys"
-                and t.q >= 0.05 * total_q
-                and maxima[i].size < max_pseudo_scans
+                if t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
             ]
-            if not candidates and precise:
-                break
             if not candidates:
-                candidates = [
-                    i
-                    for i, t in enumerate(tails)
-                    if t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
-                ]
-                if not candidates:
-                    break
-            extend({index: min(2 * maxima[index].size, max_pseudo_scans) for index in candidates})
-            tails = estimates()
-            p, error = _combine(tails)
-    n_joint = min(m.size for m in maxima)
-    joint = np.max(np.stack([m[:n_joint] for m in maxima]), axis=0)
-    joint_reaching = int(np.count_nonzero(joint >= statistic * (1 - TIE_TOLERANCE)))
+                break
+        toys.extend({index: min(2 * maxima[index].size, max_pseudo_scans) for index in candidates})
+        tails = toys.estimates()
+        p, error = _combine(tails)
+    return tails, p, error
+
+
+def _global_method(tails: Sequence[TailEstimate], joint_reaching: int) -> tuple[str, bool]:
+    """How the global p was measured, and whether it is an upper limit (Z a lower limit).
+
+    p is a limit when no joint pseudo-scan reaches T_obs and Bonferroni bounds carry most of
+    it; a bound below the extrapolation only makes p larger than the truth (conservative).
+    """
     methods = [t.method for t in tails]
     bounded = [m == "bonferroni bound" for m in methods]
     n_extrapolated = methods.count("extrapolated")
-    # p is an upper limit (Z a lower limit) when Bonferroni bounds carry most of it; a
-    # bound below the extrapolation only makes p larger than the truth (conservative).
     bounded_share = sum(t.q for t, b in zip(tails, bounded, strict=True) if b)
     is_limit = joint_reaching == 0 and bounded_share > 0.5 * sum(t.q for t in tails)
     if all(m in ("toys", "no excess") for m in methods):
-        global_method = "toys"
-    elif is_limit:
-        global_method = "bonferroni bound"
-    else:
-        global_method = (
-            f"toys + extrapolated tails in {n_extrapolated} of {len(spectra)} spectra"
-            + (f", bonferroni bound in {sum(bounded)}" if any(bounded) else "")
-        )
-    global_z = max(float(z_from_log_p(math.log(p))) if p > 0 else math.inf, 0.0)
-    toys_limit = None
-    if joint_reaching == 0:
-        toys_limit = max(float(z_from_log_p(-math.log(n_joint))), 0.0)
-    return ScanSignificance(
-        **common,  # type: ignore[arg-type]
-        global_p=p,
-        global_p_error=error,
-        global_z=global_z,
-        global_z_is_lower_limit=is_limit,
-        effective_trials=effective_trials(p, local_p),
-        n_pseudo_scans=n_joint,
-        n_pseudo_scans_reaching=joint_reaching,
-        converged=bool(p > 0 and error <= target_rel_error * p),
-        global_p_method=global_method,
-        global_z_toys_lower_limit=toys_limit,
-        n_toys_per_spectrum_max=max(m.size for m in maxima),
-        spectrum_tails=tuple((s.name, t.q, t.method) for s, t in zip(spectra, tails, strict=True)),
-    )
+        return "toys", is_limit
+    if is_limit:
+        return "bonferroni bound", is_limit
+    return (
+        f"toys + extrapolated tails in {n_extrapolated} of {len(tails)} spectra"
+        + (f", bonferroni bound in {sum(bounded)}" if any(bounded) else "")
+    ), is_limit
 
 
 def _toy_maxima_task(

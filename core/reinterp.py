@@ -58,7 +58,8 @@ from scipy import stats
 
 from core.autoencoder import load_scorer, training_selection
 from core.errors import FitError, InvalidInputError
-from core.events import Selection, iterate_events
+from core.events.reading import iterate_events
+from core.events.selection import ObjectSelection
 from core.fit import BinnedShape, FitResult, prepare_spectrum, shape_directions
 from core.masses import PAIRS, STREAMS, mass_resolution
 from core.rmm import rmm_features, rmm_matrices
@@ -387,7 +388,7 @@ def score_sample(
     output: Path,
     *,
     schema: str = "auto",
-    selection: Selection | None = None,
+    selection: ObjectSelection | None = None,
     tree: str | None = None,
     mapping: str | None = None,
     step_size: int = 100_000,
@@ -406,7 +407,7 @@ def score_sample(
             [str(f) for f in files],
             schema,
             step_size=step_size,
-            selection=selection or Selection(),
+            selection=selection or ObjectSelection(),
             tree=tree,
             mapping=mapping,
         ),

@@ -240,23 +240,16 @@ def _validated_collection(chunk: EventChunk, name: str) -> _Collection:
         )
     owner = np.repeat(np.arange(n, dtype=np.int64), counts)
     pt, eta, phi, mass = (_flat_field(collection, field) for field in OBJECT_FIELDS)
+
+    def refuse(is_bad: npt.NDArray[np.bool_], field: str, values: FloatArray, why: str) -> None:
+        _check(chunk, owner, is_bad, f"{name}.{field}", values, pt, why)
+
     for field, values in zip(OBJECT_FIELDS, (pt, eta, phi, mass), strict=True):
         finite = np.isfinite(values)
-        _check(
-            chunk,
-            owner,
-            ~finite,
-            f"{name}.{field}",
-            values,
-            pt,
-            "expected finite kinematics; drop or repair the event",
-        )
-    _check(
-        chunk,
-        owner,
+        refuse(~finite, field, values, "expected finite kinematics; drop or repair the event")
+    refuse(
         pt <= 0,
-        f"{name}.pt",
-        pt,
+        "pt",
         pt,
         "expected pt > 0 GeV (an object with pt = 0 has no direction); drop the object",
     )
@@ -268,44 +261,27 @@ def _validated_collection(chunk: EventChunk, name: str) -> _Collection:
         p = pt * cosh_eta
         e_squared = p * p + signed_m_squared
         overflow = ~np.isfinite(4.0 * e_squared)
-    _check(
-        chunk,
-        owner,
-        overflow,
-        f"{name}.eta",
-        eta,
-        pt,
-        "the momentum overflows; expected a physical |eta| and pt",
-    )
-    _check(
-        chunk,
-        owner,
+    refuse(overflow, "eta", eta, "the momentum overflows; expected a physical |eta| and pt")
+    refuse(
         e_squared < 0,
-        f"{name}.mass",
+        "mass",
         mass,
-        pt,
         "E^2 = p^2 - mass^2 < 0 (negative energy); expected |mass| < p when mass < 0",
     )
     mt_squared = pt * pt + signed_m_squared
-    _check(
-        chunk,
-        owner,
+    refuse(
         mt_squared <= 0,
-        f"{name}.mass",
+        "mass",
         mass,
-        pt,
         "E <= |pz| so the rapidity is undefined; expected pt^2 + sign(m) m^2 > 0",
     )
     energy = np.sqrt(e_squared)
     transverse_mass = np.sqrt(mt_squared)
     cosh_rapidity = energy / transverse_mass
-    _check(
-        chunk,
-        owner,
+    refuse(
         cosh_rapidity > math.cosh(MAX_ABS_RAPIDITY),
-        f"{name}.eta",
+        "eta",
         eta,
-        pt,
         f"the object's rapidity exceeds |y| = {MAX_ABS_RAPIDITY}; drop or repair the object",
     )
     # e^|y| = (E + |pz|) / m_T has no cancellation; e^(y/2) follows from the sign of pz
@@ -314,12 +290,9 @@ def _validated_collection(chunk: EventChunk, name: str) -> _Collection:
     local = np.arange(len(pt), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
     rising = np.zeros(len(pt), dtype=np.bool_)
     rising[1:] = (pt[1:] > pt[:-1]) & (local[1:] > 0)
-    _check(
-        chunk,
-        owner,
+    refuse(
         rising,
-        f"{name}.pt",
-        pt,
+        "pt",
         pt,
         "the collection is not sorted by decreasing pt; build it with core.objects.make_collection",
     )
@@ -462,7 +435,7 @@ array operations, or "auto" (numba when it can be imported, else numpy). Both gi
 matrices; the validation and the kinematics are shared."""
 
 
-def _fill_cells_per_event(
+def fill_cells_per_event(
     matrices: npt.NDArray[np.float32],
     event_start: IntArray,
     slot: IntArray,
@@ -474,7 +447,7 @@ def _fill_cells_per_event(
     sqrt_s: float,
     rapidity_scale: float,
 ) -> None:
-    """Fill every non-zero cell event by event; compiled by numba (`_numba_fill`).
+    """Fill every non-zero cell event by event; compiled by numba (`compiled_fill_cells`).
 
     Objects of event e are `event_start[e]:event_start[e + 1]` in slot order, `kinematics`
     holds `_KINEMATIC_FIELDS` as rows. The arithmetic is the numpy path's, operation by
@@ -543,21 +516,21 @@ _FillKernel = Callable[
 
 
 @functools.cache
-def _numba_fill() -> _FillKernel | None:
-    """`_fill_cells_per_event` compiled by numba (cached on disk), or None without numba."""
+def compiled_fill_cells() -> _FillKernel | None:
+    """`fill_cells_per_event` compiled by numba (cached on disk), or None without numba."""
     try:
         numba = importlib.import_module("numba")
     except ImportError:
         return None
     kernel: _FillKernel = numba.njit(cache=True, nogil=True, error_model="numpy")(
-        _fill_cells_per_event
+        fill_cells_per_event
     )
     return kernel
 
 
 def numba_available() -> bool:
     """True when numba can be imported, i.e. `rmm_matrices(backend="auto")` uses it."""
-    return _numba_fill() is not None
+    return compiled_fill_cells() is not None
 
 
 def rmm_matrices(
@@ -575,7 +548,7 @@ def rmm_matrices(
     """
     if backend not in ("auto", "numba", "numpy"):
         raise InvalidInputError(f"backend must be 'auto', 'numba' or 'numpy', found {backend!r}")
-    kernel = None if backend == "numpy" else _numba_fill()
+    kernel = None if backend == "numpy" else compiled_fill_cells()
     if backend == "numba" and kernel is None:
         raise InvalidInputError(
             "backend='numba' was asked for but numba can not be imported; "

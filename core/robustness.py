@@ -7,20 +7,15 @@ and the window exclusion (refit with a flagged window masked), plus the falling-
 check. Every check returns a `CheckResult` for the audit log, with status pass, fail or
 not_applicable (a check that cannot run says why and does not fail the fit).
 
-Calibration (issue 11; each rule checked where its null is true, tests/core/test_robustness.py
-and tests/core/test_selection.py):
+Rules (each checked where its null is true, tests/core/test_robustness.py and
+tests/core/test_background.py; the measurements behind them are in docs/physics-notes.md):
 
-- Goodness of fit. The reported "toy p 0.04 where the asymptotic p is 0.72" was not a toy
-  bug: refitted and linearised toys agree (0.307 and 0.325 on the case below). Two things
-  were wrong. (1) Over bins with mu << 1 the deviance has mean < 1 per bin, so chi2(ndf)
-  is too lenient: on a 1e6-event p4 spectrum with one isolated event at 11 TeV and the
-  range ending at the last non-empty bin, D = 121.5 for 137 ndf (asymptotic p 0.83)
-  while toys have mean D = 115.7 (toy p 0.31). (2) That range end is chosen by the data:
-  the last bin holds an event where mu ~ 1e-4, adding ~27 to D, which no toy reproduces.
-  The fixed upper mass (core.fit.fit_range) removes (2): D = 94.2, toy p 0.91. For (1)
-  `auto` uses toys when more than 20 % of bins expect < 5 events, now refitted to first
-  order (`linearised_toy_deviances`: 1000 toys in one array operation instead of 100
-  Minuit refits, mean and 90 % quantile within a few % of refitted toys at 80-1e6 events).
+- Goodness of fit. Over bins with mu << 1 the deviance has mean < 1 per bin, so chi2(ndf)
+  is too lenient; `auto` uses toys when more than 20 % of bins expect < 5 events, refitted
+  to first order (`linearised_toy_deviances`: 1000 toys in one array operation instead of
+  100 Minuit refits, mean and 90 % quantile within a few % of refitted toys at 80-1e6
+  events). The range ends at a fixed upper mass (core.fitrange), never at the last event,
+  whose bin the data choose and no toy reproduces.
 - Fit-start stability moves the start only within the range asked for and where there
   are data (`floor_bin`); the moved fit's goodness of fit is recorded, not required.
 - Spurious signal: only against an alternative that describes the spectrum
@@ -28,9 +23,6 @@ and tests/core/test_selection.py):
   criterion |median S_spur / sigma_S| < 0.5; passes on toys of the tested function itself.
 - Falling background: rejects fits predicting more than one event above their own falling
   envelope (`MAX_RISING_EXCESS`).
-
-Measured with these rules: the generating function (p3, p4 at 1e4/1e5/1e6 events, p5 at
-1e6) is chosen with every check passed in >= 8 of 10 toys at each size, no fallback.
 """
 
 from __future__ import annotations
@@ -239,35 +231,61 @@ def goodness_of_fit(
         )
     rng = _generator(seed)
     if method != "toys":
-        if n_linear_toys < 10:
-            raise InvalidInputError(
-                f"a toy goodness-of-fit test needs >= 10 toys, got n_linear_toys={n_linear_toys}"
-            )
-        deviances = linearised_toy_deviances(problem, fit, n_linear_toys, rng)
-        exceed = int(np.count_nonzero(deviances >= fit.deviance))
-        p_value = (1 + exceed) / (1 + deviances.size)
-        passed = p_value > alpha
-        numbers |= {
-            "p_value": p_value,
-            "n_toys": float(deviances.size),
-            "n_failed_toys": float(n_linear_toys - deviances.size),
-            "toy_deviance_mean": float(deviances.mean()),
-        }
         why = (
             f"{small_fraction:.0%} of the bins expect < {small_count:g} events"
             if method == "auto"
             else "toys requested"
         )
-        return CheckResult(
-            "goodness_of_fit",
-            passed,
-            numbers,
-            f"{fit.name}: deviance {fit.deviance:.1f} against a toy mean of "
-            f"{deviances.mean():.1f} ({why}), toy p = {p_value:.3g} from {deviances.size} "
-            f"pseudo-experiments refitted to first order ({'>' if passed else '<='} {alpha})",
+        return _linearised_toy_gof(problem, fit, n_linear_toys, rng, numbers, alpha, why)
+    return _refitted_toy_gof(problem, fit, n_toys, rng, numbers, alpha)
+
+
+def _linearised_toy_gof(
+    problem: SpectrumFitProblem,
+    fit: FitResult,
+    n_linear_toys: int,
+    rng: np.random.Generator,
+    numbers: dict[str, float],
+    alpha: float,
+    why: str,
+) -> CheckResult:
+    """The toy goodness of fit with toys refitted to first order (`linearised_toy_deviances`)."""
+    if n_linear_toys < 10:
+        raise InvalidInputError(
+            f"a toy goodness-of-fit test needs >= 10 toys, got n_linear_toys={n_linear_toys}"
         )
+    deviances = linearised_toy_deviances(problem, fit, n_linear_toys, rng)
+    exceed = int(np.count_nonzero(deviances >= fit.deviance))
+    p_value = (1 + exceed) / (1 + deviances.size)
+    passed = p_value > alpha
+    numbers |= {
+        "p_value": p_value,
+        "n_toys": float(deviances.size),
+        "n_failed_toys": float(n_linear_toys - deviances.size),
+        "toy_deviance_mean": float(deviances.mean()),
+    }
+    return CheckResult(
+        "goodness_of_fit",
+        passed,
+        numbers,
+        f"{fit.name}: deviance {fit.deviance:.1f} against a toy mean of "
+        f"{deviances.mean():.1f} ({why}), toy p = {p_value:.3g} from {deviances.size} "
+        f"pseudo-experiments refitted to first order ({'>' if passed else '<='} {alpha})",
+    )
+
+
+def _refitted_toy_gof(
+    problem: SpectrumFitProblem,
+    fit: FitResult,
+    n_toys: int,
+    rng: np.random.Generator,
+    numbers: dict[str, float],
+    alpha: float,
+) -> CheckResult:
+    """The toy goodness of fit with every toy refitted by Minuit (the reference)."""
     if n_toys < 10:
         raise InvalidInputError(f"a toy goodness-of-fit test needs >= 10 toys, got {n_toys}")
+    expected = fit.expected[fit.used]
     toy_deviances = []
     failed = 0
     for _ in range(n_toys):
@@ -302,6 +320,20 @@ def goodness_of_fit(
         f"{fit.name}: deviance {fit.deviance:.1f}, toy p = {p_value:.3g} from {converged} "
         f"refitted pseudo-experiments ({'>' if passed else '<='} {alpha}){reason}",
     )
+
+
+def _background_shift(fit: FitResult, moved: FitResult, first: int) -> FloatArray:
+    """|mu_moved - mu| / sqrt(mu) in the bins both fits cover (0 where mu is 0).
+
+    `moved` is the fit whose range starts at bin `first`.
+    """
+    common = max(fit.first_bin, first)
+    nominal = fit.expected[common - fit.first_bin :]
+    shifted = moved.expected[common - first :]
+    size = min(nominal.size, shifted.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pull = np.abs(shifted[:size] - nominal[:size]) / np.sqrt(nominal[:size])
+    return np.asarray(np.where(np.isfinite(pull), pull, 0.0), dtype=np.float64)
 
 
 def fit_start_stability(
@@ -354,13 +386,7 @@ def fit_start_stability(
             numbers[f"converged_{label}"] = 0.0
             continue
         gof = goodness_of_fit(problem, moved, alpha=alpha, seed=rng)
-        common = max(fit.first_bin, first)
-        nominal = fit.expected[common - fit.first_bin :]
-        shifted = moved.expected[common - first :]
-        size = min(nominal.size, shifted.size)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            pull = np.abs(shifted[:size] - nominal[:size]) / np.sqrt(nominal[:size])
-        pull = np.where(np.isfinite(pull), pull, 0.0)
+        pull = _background_shift(fit, moved, first)
         numbers |= {
             f"converged_{label}": 1.0,
             f"fit_start_{label}_gev": float(edge_values[first]),
@@ -591,10 +617,83 @@ def spurious_signal(
     candidates = [get_function(name) if isinstance(name, str) else name for name in names]
     if not candidates:
         raise InvalidInputError("give at least one alternative function")
+    chosen = _describing_alternative(
+        problem, fit, candidates, alpha, max_delta_aic, rng, alternative_cache
+    )
+    if chosen.fit is None:
+        return _spurious_not_applicable(
+            {},
+            "no alternative function describes the spectrum ("
+            + "; ".join(chosen.tried)
+            + f"; needed: goodness of fit p > {alpha} and delta AIC <= {max_delta_aic:g} "
+            f"against {fit.name}), and toys drawn from a shape the data reject would test "
+            "the wrong question",
+        )
+    alternative_fit = chosen.fit
+    tested = _spurious_masses(problem, alternative_fit, masses, width_fraction, n_masses)
+    if tested is None:
+        return _spurious_not_applicable(
+            {"alternative_p_value": chosen.p_value},
+            f"no mass lies three resolutions inside the fit range {problem.fit_range} GeV "
+            "where a bin expects one event or more (the spectrum is too sparse or the range "
+            "too narrow for a spurious-signal test)",
+        )
+    widths = width_fraction * mass_resolution(tested)
+    n_sets = 1 if method == "asimov" else n_toys
+    pulls, signals, signal_errors = _signal_fits(
+        problem, fit, alternative_fit.expected, tested, widths, n_sets, method, rng
+    )
+    numbers: dict[str, float] = {
+        "alternative_p_value": chosen.p_value,
+        "alternative_delta_aic": chosen.delta_aic,
+        "alternative_n_params": float(alternative_fit.function.n_params),
+        "n_toys": float(n_sets if method == "toys" else 0),
+        "width_fraction": width_fraction,
+    }
+    problems = _pull_problems(
+        tested, pulls, signals, signal_errors, n_sets, max_median_pull, numbers
+    )
+    worst = numbers["max_abs_median_pull"]
+    passed = not problems
+    source = f"{alternative_fit.function.name} {'Asimov data' if method == 'asimov' else 'toys'}"
+    message = (
+        f"{fit.name} on {source}: |median pull| <= {worst:.2f} < {max_median_pull} at "
+        f"{tested.size} masses"
+        if passed
+        else f"{fit.name} on {source} fails: " + "; ".join(problems)
+    )
+    return CheckResult("spurious_signal", passed, numbers, message)
+
+
+def _spurious_not_applicable(numbers: dict[str, float], why: str) -> CheckResult:
+    """A spurious-signal check that could not run: it passes, marked not applicable."""
+    return CheckResult("spurious_signal", True, numbers, f"not applicable: {why}", applicable=False)
+
+
+@dataclass(frozen=True, eq=False)
+class _Alternative:
+    """The alternative a spurious-signal test draws from (None: none describes the data)."""
+
+    fit: FitResult | None
+    p_value: float
+    delta_aic: float
+    tried: list[str]
+
+
+def _describing_alternative(
+    problem: SpectrumFitProblem,
+    fit: FitResult,
+    candidates: Sequence[BackgroundFunction],
+    alpha: float,
+    max_delta_aic: float,
+    rng: np.random.Generator,
+    alternative_cache: AlternativeCache | None,
+) -> _Alternative:
+    """The first candidate with goodness of fit p > alpha and delta AIC <= `max_delta_aic`.
+
+    Fits (and their goodness of fit) are taken from and added to `alternative_cache`.
+    """
     tried: list[str] = []
-    alternative_fit: FitResult | None = None
-    alternative_p = 0.0
-    alternative_delta_aic = math.nan
     for candidate in candidates:
         key = (candidate, problem.first_bin, problem.stop_bin, problem.used.tobytes())
         if alternative_cache is not None and key in alternative_cache:
@@ -618,54 +717,54 @@ def spurious_signal(
         )
         tried.append(f"{candidate.name} p = {p_candidate:.3g}, delta AIC = {delta_aic:+.1f}")
         if p_candidate > alpha and delta_aic <= max_delta_aic:
-            alternative_fit, alternative_p = candidate_fit, p_candidate
-            alternative_delta_aic = float(delta_aic)
-            break
-    if alternative_fit is None:
-        return CheckResult(
-            "spurious_signal",
-            True,
-            {},
-            "not applicable: no alternative function describes the spectrum ("
-            + "; ".join(tried)
-            + f"; needed: goodness of fit p > {alpha} and delta AIC <= {max_delta_aic:g} "
-            f"against {fit.name}), and toys drawn from a shape the data reject would test "
-            "the wrong question",
-            applicable=False,
-        )
-    alternative_function = alternative_fit.function
+            return _Alternative(candidate_fit, p_candidate, float(delta_aic), tried)
+    return _Alternative(None, 0.0, math.nan, tried)
+
+
+def _spurious_masses(
+    problem: SpectrumFitProblem,
+    alternative_fit: FitResult,
+    masses: Sequence[float] | None,
+    width_fraction: float,
+    n_masses: int,
+) -> FloatArray | None:
+    """The masses (GeV) to test: `masses` checked, or chosen; None when none can be tested."""
     if masses is None:
-        found = _test_masses(alternative_fit, problem, width_fraction, n_masses)
-        if found is None:
-            return CheckResult(
-                "spurious_signal",
-                True,
-                {"alternative_p_value": alternative_p},
-                f"not applicable: no mass lies three resolutions inside the fit range "
-                f"{problem.fit_range} GeV where a bin expects one event or more (the "
-                "spectrum is too sparse or the range too narrow for a spurious-signal test)",
-                applicable=False,
-            )
-        tested = found
-    else:
-        tested = np.asarray(masses, dtype=np.float64)
-        low, high = problem.fit_range
-        if tested.size == 0 or np.any((tested <= low) | (tested >= high)):
-            raise InvalidInputError(
-                f"spurious-signal masses must lie inside the fit range ({low}, {high}) GeV, "
-                f"got {list(tested)}"
-            )
-    widths = width_fraction * mass_resolution(tested)
-    n_sets = 1 if method == "asimov" else n_toys
+        return _test_masses(alternative_fit, problem, width_fraction, n_masses)
+    tested = np.asarray(masses, dtype=np.float64)
+    low, high = problem.fit_range
+    if tested.size == 0 or np.any((tested <= low) | (tested >= high)):
+        raise InvalidInputError(
+            f"spurious-signal masses must lie inside the fit range ({low}, {high}) GeV, "
+            f"got {list(tested)}"
+        )
+    return tested
+
+
+def _signal_fits(
+    problem: SpectrumFitProblem,
+    fit: FitResult,
+    alternative_expected: FloatArray,
+    tested: FloatArray,
+    widths: FloatArray,
+    n_sets: int,
+    method: SpuriousMethod,
+    rng: np.random.Generator,
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(pull, signal, signal error) per data set and mass: signal + background fits.
+
+    The data sets are Poisson toys of the alternative, or its Asimov data (`asimov`);
+    NaN where a fit did not converge or a toy has no events.
+    """
     pulls = np.full((n_sets, tested.size), np.nan)
     signals = np.full((n_sets, tested.size), np.nan)
     signal_errors = np.full((n_sets, tested.size), np.nan)
     for toy_index in range(n_sets):
         toy = problem.range_counts.copy()
         if method == "asimov":
-            toy[problem.used] = alternative_fit.expected[problem.used]
+            toy[problem.used] = alternative_expected[problem.used]
         else:
-            toy[problem.used] = rng.poisson(alternative_fit.expected[problem.used])
+            toy[problem.used] = rng.poisson(alternative_expected[problem.used])
         if not np.any(toy[problem.used] > 0):
             continue
         toy_problem = problem.with_range_counts(toy)
@@ -675,14 +774,20 @@ def spurious_signal(
                 pulls[toy_index, mass_index] = result.pull
                 signals[toy_index, mass_index] = result.signal
                 signal_errors[toy_index, mass_index] = result.signal_error
+    return pulls, signals, signal_errors
+
+
+def _pull_problems(
+    tested: FloatArray,
+    pulls: FloatArray,
+    signals: FloatArray,
+    signal_errors: FloatArray,
+    n_sets: int,
+    max_median_pull: float,
+    numbers: dict[str, float],
+) -> list[str]:
+    """Why the spurious signal fails at each mass (empty: it passes); medians go to `numbers`."""
     converged = np.sum(np.isfinite(pulls), axis=0)
-    numbers: dict[str, float] = {
-        "alternative_p_value": alternative_p,
-        "alternative_delta_aic": alternative_delta_aic,
-        "alternative_n_params": float(alternative_function.n_params),
-        "n_toys": float(n_sets if method == "toys" else 0),
-        "width_fraction": width_fraction,
-    }
     problems = []
     worst = 0.0
     for index, mass in enumerate(tested):
@@ -702,15 +807,7 @@ def spurious_signal(
         if column.size:
             worst = max(worst, abs(median))
     numbers["max_abs_median_pull"] = worst
-    passed = not problems
-    source = f"{alternative_function.name} {'Asimov data' if method == 'asimov' else 'toys'}"
-    message = (
-        f"{fit.name} on {source}: |median pull| <= {worst:.2f} < {max_median_pull} at "
-        f"{tested.size} masses"
-        if passed
-        else f"{fit.name} on {source} fails: " + "; ".join(problems)
-    )
-    return CheckResult("spurious_signal", passed, numbers, message)
+    return problems
 
 
 def window_exclusion(

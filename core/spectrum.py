@@ -43,7 +43,8 @@ Statuses:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Final, Literal
 
@@ -56,6 +57,7 @@ from core.errors import AnomscanError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
 from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
+from core.symbolic import lift_constants, symbolic_background
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -107,7 +109,7 @@ class SpectrumSearch:
         return self.fit.name
 
 
-def _resolve_function(
+def resolve_background_function(
     function: BackgroundFunction | str, parameters: tuple[float, ...] | None
 ) -> BackgroundFunction:
     """A function by family name, or a symbolic expression with its constants."""
@@ -115,8 +117,6 @@ def _resolve_function(
         return function
     if function in FUNCTIONS:
         return FUNCTIONS[function]
-    from core.symbolic import lift_constants, symbolic_background
-
     text = function.removeprefix("symbolic: ").strip()
     if parameters is not None:
         return symbolic_background(text, parameters[1:])
@@ -171,42 +171,13 @@ def search_spectrum(
             float(masked_window_gev[1]),
         )
     )
-    if isinstance(background, FitResult):
-        fit = background
-        if window is not None:
-            _check_mask(e, n, fit, window)
-    else:
-        if fit_range is None:
-            raise InvalidInputError(
-                "search_spectrum needs a fit_range [lo, hi] GeV when given a function instead "
-                "of a fit"
-            )
-        function = _resolve_function(background, parameters)
-        starts = None if parameters is None else [parameters]
-        fit = fit_background(
-            e, n, function, fit_range, sqrt_s=sqrt_s, starts=starts, exclude=window, seed=seed
-        )
+    fit = _searched_background(e, n, background, fit_range, parameters, window, sqrt_s, seed)
     first, stop = fit.first_bin, fit.stop_bin
     if n.shape != (e.size - 1,) or stop > n.size:
         raise InvalidInputError(
             f"the fit covers bins [{first}, {stop}) but the histogram has {n.size} bins"
         )
-
-    def hunt_against(expected: FloatArray) -> BumpHuntResult:
-        return bump_hunt(
-            n[first:stop],
-            expected,
-            e[first : stop + 1],
-            width_min=hunt.width_min,
-            width_max=hunt.width_max,
-            min_toys=hunt.min_toys,
-            max_toys=hunt.max_toys,
-            target_rel_error=hunt.target_rel_error,
-            min_window_background=hunt.min_window_background,
-            seed=seed,
-        )
-
-    bump = hunt_against(np.asarray(fit.expected, dtype=np.float64))
+    bump = _hunt_against(e, n, (first, stop), fit, hunt, seed)
     masked_name = "masked " if window is not None else ""
     trail = [
         f"bump hunt against the {masked_name}{fit.name}: best window {bump.mass_low:.0f}-"
@@ -228,7 +199,7 @@ def search_spectrum(
         if exclusion.accepted and exclusion.masked is not None:
             final_fit = exclusion.masked
             window, mask_from = exclusion.window_gev, "exclusion"
-            final_bump = hunt_against(np.asarray(final_fit.expected, dtype=np.float64))
+            final_bump = _hunt_against(e, n, (first, stop), final_fit, hunt, seed)
             trail.append(
                 f"bump hunt against the masked {final_fit.name}: local Z {final_bump.local_z:.2f}"
                 f", global p {final_bump.global_p:.3g}"
@@ -250,6 +221,59 @@ def search_spectrum(
         trail=tuple(trail),
         masked_window_gev=window,
         mask_from=mask_from,
+    )
+
+
+def _searched_background(
+    edges: FloatArray,
+    counts: FloatArray,
+    background: FitResult | BackgroundFunction | str,
+    fit_range: tuple[float, float] | None,
+    parameters: tuple[float, ...] | None,
+    window: tuple[float, float] | None,
+    sqrt_s: float,
+    seed: int,
+) -> FitResult:
+    """The background `search_spectrum` hunts against: the fit given, or `background` fitted.
+
+    A fit given with a masked `window` must have left exactly that window out.
+    """
+    if isinstance(background, FitResult):
+        if window is not None:
+            _check_mask(edges, counts, background, window)
+        return background
+    if fit_range is None:
+        raise InvalidInputError(
+            "search_spectrum needs a fit_range [lo, hi] GeV when given a function instead of a fit"
+        )
+    function = resolve_background_function(background, parameters)
+    starts = None if parameters is None else [parameters]
+    return fit_background(
+        edges, counts, function, fit_range, sqrt_s=sqrt_s, starts=starts, exclude=window, seed=seed
+    )
+
+
+def _hunt_against(
+    edges: FloatArray,
+    counts: FloatArray,
+    bins: tuple[int, int],
+    fit: FitResult,
+    hunt: HuntOptions,
+    seed: int,
+) -> BumpHuntResult:
+    """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts."""
+    first, stop = bins
+    return bump_hunt(
+        counts[first:stop],
+        np.asarray(fit.expected, dtype=np.float64),
+        edges[first : stop + 1],
+        width_min=hunt.width_min,
+        width_max=hunt.width_max,
+        min_toys=hunt.min_toys,
+        max_toys=hunt.max_toys,
+        target_rel_error=hunt.target_rel_error,
+        min_window_background=hunt.min_window_background,
+        seed=seed,
     )
 
 
@@ -352,6 +376,47 @@ def flagged_window(
     )
 
 
+def _rule_choice(
+    choose: Callable[..., BackgroundDecision],
+    edges: FloatArray,
+    counts: FloatArray,
+    checks: CheckOptions,
+    hunt: HuntOptions,
+    fallback: Fallback | None,
+    exclusion_trigger_p: float,
+    n_in_range: float,
+    seed: int,
+    notes: list[str],
+) -> tuple[BackgroundDecision, tuple[float, float] | None]:
+    """Rule steps 1-3 (module docstring): (the background decision, the window it masks).
+
+    `choose(options=..., fallback=...)` is `choose_background` on the spectrum; every step
+    taken adds a line to `notes`.
+    """
+    mask: tuple[float, float] | None = None
+    decision = choose(options=checks, fallback=None)
+    if not decision.passed:
+        window, line = flagged_window(
+            edges, counts, decision, hunt=hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
+        )
+        notes.append(line)
+        if window is not None:
+            masked = choose(options=replace(checks, window=window), fallback=None)
+            notes.append(
+                f"with the window masked {masked.chosen} passes every check"
+                if masked.passed
+                else "with the window masked no function passes either"
+            )
+            if masked.passed:
+                decision, mask = masked, window
+    if not decision.passed and fallback is not None:
+        use, why = fallback_applies(_gof_failed(decision), n_in_range)
+        notes.append(("the symbolic fallback runs: " if use else "no fallback: ") + why)
+        if use:
+            decision = choose(options=checks, fallback=fallback)
+    return decision, mask
+
+
 def analyse_spectrum(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -369,7 +434,7 @@ def analyse_spectrum(
     """The rule of the module docstring on one spectrum: choice, masked choice, fallback, search.
 
     `stream_start_gev` is the stream's fit start (PHYSICS.md 3); the range follows
-    `core.fit.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
+    `core.fitrange.fit_range`. `checks` and `hunt` are the scan's settings, given explicitly so
     that a caller states the rule it runs; `fallback` None runs no fallback (a scan whose
     fallback budget is spent); `seed` seeds every step. Errors of the fits become status
     "fit failed" with the reason; bad histograms still raise InvalidInputError.
@@ -391,41 +456,19 @@ def analyse_spectrum(
             "too few events", reason, n_events, n_in_range, None, None, None, (), (reason,)
         )
     notes: list[str] = []
-
-    def choose(options: CheckOptions, with_fallback: Fallback | None) -> BackgroundDecision:
-        return choose_background(
-            e,
-            n,
-            stream_start_gev=stream_start_gev,
-            upper_gev=upper_gev,
-            sqrt_s=sqrt_s,
-            options=options,
-            fallback=with_fallback,
-            seed=seed,
-        )
-
-    mask: tuple[float, float] | None = None
+    choose = functools.partial(
+        choose_background,
+        e,
+        n,
+        stream_start_gev=stream_start_gev,
+        upper_gev=upper_gev,
+        sqrt_s=sqrt_s,
+        seed=seed,
+    )
     try:
-        decision = choose(checks, None)
-        if not decision.passed:
-            window, line = flagged_window(
-                e, n, decision, hunt=hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
-            )
-            notes.append(line)
-            if window is not None:
-                masked = choose(replace(checks, window=window), None)
-                notes.append(
-                    f"with the window masked {masked.chosen} passes every check"
-                    if masked.passed
-                    else "with the window masked no function passes either"
-                )
-                if masked.passed:
-                    decision, mask = masked, window
-        if not decision.passed and fallback is not None:
-            use, why = fallback_applies(_gof_failed(decision), n_in_range)
-            notes.append(("the symbolic fallback runs: " if use else "no fallback: ") + why)
-            if use:
-                decision = choose(checks, fallback)
+        decision, mask = _rule_choice(
+            choose, e, n, checks, hunt, fallback, exclusion_trigger_p, n_in_range, seed, notes
+        )
     except AnomscanError as error:
         reason = f"background choice failed: {error}".splitlines()[0]
         return SpectrumAnalysis(
@@ -439,6 +482,7 @@ def analyse_spectrum(
             + (" (symbolic fallback included)" if fallback is not None else "")
             + f": {len(failed)} failed checks"
         )
+        trail = (*decision.trail, *notes, reason)
         return SpectrumAnalysis(
             "no accepted background",
             reason,
@@ -448,13 +492,36 @@ def analyse_spectrum(
             decision,
             None,
             failed,
-            (*decision.trail, *notes, reason),
+            trail,
         )
+    counted = (n_events, n_in_range)
+    search_options = (hunt, exclusion_trigger_p, seed)
+    return _searched(e, n, decision, decision.fit, mask, search_options, counted, notes)
+
+
+def _searched(
+    edges: FloatArray,
+    counts: FloatArray,
+    decision: BackgroundDecision,
+    fit: FitResult,
+    mask: tuple[float, float] | None,
+    search_options: tuple[HuntOptions, float, int],
+    counted: tuple[float, float],
+    notes: list[str],
+) -> SpectrumAnalysis:
+    """Rule step 4 on an accepted background `fit`: "accepted", or "fit failed" with why.
+
+    `search_options` are the hunt options, the exclusion trigger p and the seed; `counted`
+    the events in the spectrum and above the stream's start.
+    """
+    hunt, exclusion_trigger_p, seed = search_options
+    n_events, n_in_range = counted
+    bounds = None if decision.fit_range is None else decision.fit_range.bounds
     try:
         search = search_spectrum(
-            e,
-            n,
-            decision.fit,
+            edges,
+            counts,
+            fit,
             masked_window_gev=mask,
             hunt=hunt,
             exclusion_trigger_p=exclusion_trigger_p,
@@ -465,7 +532,7 @@ def analyse_spectrum(
         return SpectrumAnalysis(
             "fit failed", reason, n_events, n_in_range, bounds, decision, None, (), (reason,)
         )
-    reason = f"{decision.fit.name} accepted; {search.trail[0]}"
+    reason = f"{fit.name} accepted; {search.trail[0]}"
     return SpectrumAnalysis(
         "accepted",
         reason,

@@ -27,7 +27,7 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
@@ -560,11 +560,9 @@ class SearchOptions:
 FALLBACK_SEARCH: Final = SearchOptions(n_seeds=3, time_budget_s=120.0, max_passing=3)
 """Search options of `symbolic_fallback` by default: up to 3 seeded searches within 120 s,
 stopping once 3 front members (the choice and 2 rivals for the spurious-signal test) pass
-the goodness of fit. Profiled (bench/bench_symbolic.py spectrum, one search): the pyoperon
-search takes 2.6 s, the Poisson refits of its 12 front members 10.7 s (0.9 s each, the
-Levenberg-Marquardt pre-fit with finite-difference Jacobians of a 10-constant expression):
-refitting members from the simplest up and stopping at 3 passing ones, and not starting
-another search then, cuts the fallback from 12-15 s to a few seconds when it succeeds."""
+the goodness of fit. The Poisson refits of the front members, not the search, dominate the
+cost (bench/bench_symbolic.py), so members are refitted from the simplest up and no further
+search starts once 3 pass: a fallback that succeeds takes a few seconds."""
 
 
 def _check_search_options(seed: int, options: SearchOptions) -> None:
@@ -617,37 +615,18 @@ def symbolic_fit_problem(
     """
     settings = options or SearchOptions()
     _check_search_options(seed, settings)
-    alpha, selection, time_budget_s = settings.alpha, settings.selection, settings.time_budget_s
-    used = problem.used
-    counts = problem.range_counts
-    filled = used & (counts > 0)
-    if np.count_nonzero(filled) < _MIN_FILLED_BINS:
-        raise InvalidInputError(
-            f"the fit range has {np.count_nonzero(filled)} non-empty bins in the likelihood; "
-            f"a symbolic fit needs at least {_MIN_FILLED_BINS}; widen the range or use an "
-            "analytic function"
-        )
+    features, target, sigma = _regression_data(problem)
     chosen_backend, message = resolve_backend(settings.backend)
-    range_edges = problem.range_edges
-    lower = range_edges[:-1][filled]
-    upper = np.minimum(range_edges[1:], problem.sqrt_s)[filled]
-    x_centre = 0.5 * (lower + upper) / problem.sqrt_s
-    features = np.column_stack([x_centre, np.log(x_centre), np.log1p(-x_centre)])
-    target = np.log(counts[filled] / (upper - lower))
-    sigma = 1.0 / np.sqrt(counts[filled])
     search = _search_pysr if chosen_backend == "pysr" else _search_pyoperon
     started = time.perf_counter()
     tried: list[int] = []
-    candidates: list[SymbolicCandidate] = []
-    fits: list[FitResult | None] = []
-    seen: set[str] = set()
-    n_passing_so_far = 0
-    enough = settings.max_passing
+    refits = _FrontRefits()
     search_failures: list[str] = []
     for search_seed in search_seeds(seed, settings.n_seeds):
-        if tried and time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+        elapsed = time.perf_counter() - started
+        if tried and settings.time_budget_s is not None and elapsed > settings.time_budget_s:
             break
-        if enough is not None and n_passing_so_far >= enough:
+        if refits.enough(settings.max_passing):
             break
         tried.append(search_seed)
         try:
@@ -663,17 +642,63 @@ def symbolic_fit_problem(
         except FitError as error:
             search_failures.append(str(error))
             continue
+        refits.add_front(problem, front, search_seed, settings)
+    return _search_result(refits, settings, chosen_backend, message, tried, search_failures)
+
+
+def _regression_data(problem: SpectrumFitProblem) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(features x, ln x, ln(1 - x); target ln(n / width); sigma 1 / sqrt(n)) of filled bins."""
+    used = problem.used
+    counts = problem.range_counts
+    filled = used & (counts > 0)
+    if np.count_nonzero(filled) < _MIN_FILLED_BINS:
+        raise InvalidInputError(
+            f"the fit range has {np.count_nonzero(filled)} non-empty bins in the likelihood; "
+            f"a symbolic fit needs at least {_MIN_FILLED_BINS}; widen the range or use an "
+            "analytic function"
+        )
+    range_edges = problem.range_edges
+    lower = range_edges[:-1][filled]
+    upper = np.minimum(range_edges[1:], problem.sqrt_s)[filled]
+    x_centre = 0.5 * (lower + upper) / problem.sqrt_s
+    features = np.column_stack([x_centre, np.log(x_centre), np.log1p(-x_centre)])
+    target = np.log(counts[filled] / (upper - lower))
+    sigma = 1.0 / np.sqrt(counts[filled])
+    return features, target, sigma
+
+
+@dataclass
+class _FrontRefits:
+    """Every distinct front member refitted so far: its row, its fit (None: failed)."""
+
+    candidates: list[SymbolicCandidate] = field(default_factory=list)
+    fits: list[FitResult | None] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    n_passing: int = 0
+
+    def enough(self, max_passing: int | None) -> bool:
+        """True once `max_passing` refits pass the goodness of fit."""
+        return max_passing is not None and self.n_passing >= max_passing
+
+    def add_front(
+        self,
+        problem: SpectrumFitProblem,
+        front: Sequence[_FrontMember],
+        search_seed: int,
+        settings: SearchOptions,
+    ) -> None:
+        """Refit the members of one front from the simplest up (each expression once)."""
         for member in sorted(front, key=lambda item: item.complexity):
-            if enough is not None and n_passing_so_far >= enough:
+            if self.enough(settings.max_passing):
                 break
             try:
                 expression, starts = lift_constants(member.text)
-                if expression.text in seen:
+                if expression.text in self.seen:
                     continue
-                seen.add(expression.text)
+                self.seen.add(expression.text)
                 fit = refit_expression(problem, expression, starts)
             except (FitError, InvalidInputError) as error:
-                candidates.append(
+                self.candidates.append(
                     SymbolicCandidate(
                         member.text,
                         member.complexity,
@@ -686,23 +711,37 @@ def symbolic_fit_problem(
                         search_seed,
                     )
                 )
-                fits.append(None)
+                self.fits.append(None)
                 continue
-            candidates.append(
+            criterion = _criterion(fit.deviance, fit.n_free, problem.n_used, settings.selection)
+            self.candidates.append(
                 SymbolicCandidate(
                     expression.text,
                     member.complexity,
                     fit.n_free,
                     fit.deviance,
                     fit.p_value,
-                    _criterion(fit.deviance, fit.n_free, problem.n_used, selection),
+                    criterion,
                     True,
                     "",
                     search_seed,
                 )
             )
-            fits.append(fit)
-            n_passing_so_far += int(fit.p_value > alpha)
+            self.fits.append(fit)
+            self.n_passing += int(fit.p_value > settings.alpha)
+
+
+def _search_result(
+    refits: _FrontRefits,
+    settings: SearchOptions,
+    chosen_backend: Literal["pyoperon", "pysr"],
+    message: str,
+    tried: list[int],
+    search_failures: list[str],
+) -> SymbolicSearchResult:
+    """The best refit (passing ones first, then by criterion) with its notes and rivals."""
+    alpha, selection = settings.alpha, settings.selection
+    candidates, fits = refits.candidates, refits.fits
     ranked = sorted(
         (index for index, fit in enumerate(fits) if fit is not None),
         key=lambda index: (candidates[index].p_value <= alpha, candidates[index].criterion),

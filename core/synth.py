@@ -557,7 +557,7 @@ def generate_sample(
     )
 
 
-def _spec_record(signal: SignalSpec) -> dict[str, Any]:
+def signal_record(signal: SignalSpec) -> dict[str, Any]:
     """A signal's specification as plain data, without the default lineshape.
 
     Samples written before the option existed so keep their bytes (and their events' keys).
@@ -582,11 +582,11 @@ def _write_sample(
         "lumi_pb": config.lumi_pb,
         "sqrt_s": config.sqrt_s,
         "n_background": config.n_events,
-        "signals": [_spec_record(s) | {"label": s.label()} for s in config.signals],
+        "signals": [signal_record(s) | {"label": s.label()} for s in config.signals],
     }
     truth_signals: list[dict[str, object]] = [
         {
-            "spec": _spec_record(s),
+            "spec": signal_record(s),
             "label": s.label(),
             "process": k + 1,
             "n_events": c,

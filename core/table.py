@@ -25,6 +25,15 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from core.errors import InputFileError, InvalidInputError
 from core.files import atomic_path, write_json
@@ -171,16 +180,6 @@ def _progress_bar(enabled: bool, total: int | None) -> Iterator[Callable[[int], 
     if not enabled:
         yield lambda advance: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     with Progress(
         TextColumn("event table"),
         BarColumn(),

@@ -255,7 +255,7 @@ def _feature_chunks(
     TrainAutoencoderInput,
     TrainAutoencoderOutput,
 )
-def train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
+def train_autoencoder_tool(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
     """Collect the features of the training events, train, export (and quantise)."""
     with exclusive_output(arguments.output, what="autoencoder model"):
         return _train(arguments)
@@ -351,7 +351,7 @@ def _training_mask(model: Path, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.b
     ScoreEventsInput,
     ScoreEventsOutput,
 )
-def score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
+def score_events_tool(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     """Score every event of the source, match them to the table by event id, write back."""
     with exclusive_output(arguments.table, what="event table"):
         return _score_events(arguments)

@@ -128,7 +128,7 @@ def bump_output(result: BumpHuntResult) -> BumpHuntOutput:
     BumpHuntInput,
     BumpHuntOutput,
 )
-def run_bump_hunt(arguments: BumpHuntInput) -> BumpHuntOutput:
+def bump_hunt_tool(arguments: BumpHuntInput) -> BumpHuntOutput:
     """Run `core.bumphunt.bump_hunt` on the tool's histogram."""
     edges, counts, background = _histogram_with_background(arguments.histogram)
     result = bump_hunt(
@@ -182,7 +182,7 @@ class SignalFitOutput(StrictModel):
     SignalFitInput,
     SignalFitOutput,
 )
-def run_signal_fit(arguments: SignalFitInput) -> SignalFitOutput:
+def signal_fit_tool(arguments: SignalFitInput) -> SignalFitOutput:
     """Run `core.significance.signal_fit` on the tool's histogram."""
     edges, counts, background = _histogram_with_background(arguments.histogram)
     width = mass_resolution(arguments.mass) if arguments.width is None else arguments.width
@@ -462,7 +462,7 @@ def _point_output(point: ScanPointExcess) -> ScanPointOutput:
     ScanSignificanceInput,
     ScanSignificanceOutput,
 )
-def run_scan_significance(arguments: ScanSignificanceInput) -> ScanSignificanceOutput:
+def scan_significance_tool(arguments: ScanSignificanceInput) -> ScanSignificanceOutput:
     """Run `core.lookelsewhere.scan_significance` on the tool's spectra."""
     points = list(arguments.points)
     if arguments.points_path is not None:

@@ -21,7 +21,7 @@ from pydantic import (
 
 from core.errors import AnomscanError, InvalidInputError
 from core.events import NON_FINITE_RULE
-from core.files import check_regular_file
+from core.files import atomic_path, check_regular_file, make_parent_folder
 
 
 def _wants_number(annotation: Any) -> bool:
@@ -187,3 +187,17 @@ class HistogramInput(StrictModel):
             np.asarray(self.counts, dtype=np.float64),
             background,
         )
+
+
+def npz_output_path(value: Path) -> Path:
+    """`value` when it names an .npz file (a validator of tool output fields)."""
+    if value.suffix != ".npz":
+        raise ValueError(f"the output must be an .npz file, got {str(value)!r}")
+    return value
+
+
+def save_npz(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
+    """Write `arrays` compressed to `path` atomically, creating its folder first."""
+    make_parent_folder(path)
+    with atomic_path(path, what="NPZ output") as partial:
+        np.savez_compressed(partial, **arrays)  # type: ignore[arg-type]

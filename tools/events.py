@@ -1,17 +1,25 @@
-"""Tools over events: `read_events` (what a file holds after selection), `generate_sample`."""
+"""Tools over events: `read_events`, `event_table` (one pass to Parquet), `generate_sample`.
+
+`read_events` summarises what files hold after selection; `generate_sample` writes a
+synthetic NanoAOD-schema sample with injected resonances.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import awkward as ak
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
+from rich.console import Console
+from rich.progress import Progress
 
 from core.events import (
+    ObjectSelection,
     SchemaName,
-    Selection,
     add_counts,
     iterate_events,
     non_finite_note,
@@ -19,8 +27,9 @@ from core.events import (
 )
 from core.files import exclusive_output
 from core.masses import STREAMS, stream_bits
-from core.objects import OBJECT_TYPES
+from core.objects import OBJECT_TYPES, EventChunk
 from core.synth import SampleConfig, SignalSpec, generate_sample
+from core.table import write_event_table
 from tools.common import NonFiniteReport, StrictModel
 from tools.registry import (
     AbsEta,
@@ -57,9 +66,9 @@ class SelectionInput(StrictModel):
     btag_branch: str = Field("auto", min_length=1, max_length=200)
     btag_working_point: float | None = Field(None, ge=-1e3, le=1e3)
 
-    def to_core(self) -> Selection:
+    def to_core(self) -> ObjectSelection:
         """The core selection these fields describe."""
-        return Selection(**self.model_dump())
+        return ObjectSelection(**self.model_dump())
 
 
 class ReadEventsInput(StrictModel):
@@ -109,7 +118,7 @@ class ReadEventsOutput(NonFiniteReport):
     ReadEventsInput,
     ReadEventsOutput,
 )
-def read_events(arguments: ReadEventsInput) -> ReadEventsOutput:
+def read_events_tool(arguments: ReadEventsInput) -> ReadEventsOutput:
     """Read the inputs chunk by chunk and count what the selection keeps."""
     selection = arguments.selection.to_core()
     files = []
@@ -173,6 +182,82 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class EventTableInput(StrictModel):
+    """ROOT files to pass over once, and the Parquet event table to write."""
+
+    inputs: list[PathText] = Field(
+        min_length=1, max_length=100_000, description="ROOT files: paths or URLs"
+    )
+    schema_name: SchemaName = Field("auto", alias="schema")
+    max_events: PositiveEventCount | None = Field(None, description="read at most this many events")
+    output: FilePath = Field(description="event table to write (.parquet)")
+    step_size: ChunkSize = Field(100_000, description="events per chunk (bounds the memory)")
+    progress: bool = Field(False, description="show a progress bar on stderr")
+
+    @field_validator("output")
+    @classmethod
+    def _parquet(cls, value: Path) -> Path:
+        if value.suffix != ".parquet":
+            raise ValueError(f"the output must be a .parquet file, got {str(value)!r}")
+        return value
+
+
+class EventTableOutput(NonFiniteReport):
+    """The table written: events, chunks (row groups) and events per trigger stream."""
+
+    output: Path
+    n_events: int
+    n_chunks: int
+    streams: dict[str, int]
+
+
+@register(
+    "event_table",
+    "Pass once over ROOT files and write the event table (Parquet): event id, run, weight, "
+    "the 7 stream bits and the 9 leading-pair masses of every selected event.",
+    EventTableInput,
+    EventTableOutput,
+)
+def event_table_tool(arguments: EventTableInput) -> EventTableOutput:
+    """Read, select and write the streams and masses of every event, chunk by chunk."""
+    with exclusive_output(arguments.output, what="event table"):
+        return _event_table(arguments)
+
+
+def _event_table(arguments: EventTableInput) -> EventTableOutput:
+    total = sum(plan_read(path, arguments.schema_name).num_entries for path in arguments.inputs)
+    if arguments.max_events is not None:
+        total = min(total, arguments.max_events)
+    chunks = iterate_events(
+        arguments.inputs,
+        arguments.schema_name,
+        step_size=arguments.step_size,
+        max_events=arguments.max_events,
+    )
+    non_finite: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+
+    def counted(chunks: Iterator[EventChunk]) -> Iterator[EventChunk]:
+        for chunk in chunks:
+            add_counts(non_finite, chunk.non_finite)
+            add_counts(dropped, chunk.dropped_non_finite)
+            yield chunk
+
+    summary = write_event_table(
+        counted(chunks), arguments.output, progress=arguments.progress, total_events=total
+    )
+    note = non_finite_note(non_finite, dropped)
+    return EventTableOutput(
+        output=summary.path,
+        n_events=summary.n_events,
+        n_chunks=summary.n_chunks,
+        streams={stream: summary.stream_counts[stream] for stream in STREAMS},
+        non_finite=non_finite,
+        dropped_non_finite=dropped,
+        notes=[note] if note else [],
+    )
+
+
 class SignalInput(StrictModel):
     """An injected resonance X -> pair (mass and width in GeV; n_events or xsec_pb)."""
 
@@ -221,13 +306,13 @@ class GenerateSampleOutput(StrictModel):
     GenerateSampleInput,
     GenerateSampleOutput,
 )
-def generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
+def generate_sample_tool(arguments: GenerateSampleInput) -> GenerateSampleOutput:
     """Generate the sample described by the input (its folder locked while it is written)."""
     with exclusive_output(arguments.output_dir, what="synthetic sample"):
-        return _generate(arguments)
+        return _generate_sample(arguments)
 
 
-def _generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
+def _generate_sample(arguments: GenerateSampleInput) -> GenerateSampleOutput:
     config = SampleConfig(
         n_events=arguments.n_events,
         seed=arguments.seed,
@@ -237,9 +322,6 @@ def _generate(arguments: GenerateSampleInput) -> GenerateSampleOutput:
         events_per_file=arguments.events_per_file,
     )
     if arguments.progress:
-        from rich.console import Console
-        from rich.progress import Progress
-
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("generating events", total=None)
             info = generate_sample(

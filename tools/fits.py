@@ -17,7 +17,8 @@ from core.background import (
     choose_background,
     run_checks,
 )
-from core.fit import FitRange, FitResult, fit_background
+from core.fit import FitResult, fit_background
+from core.fitrange import FitRange
 from core.robustness import CheckResult, RobustnessReport
 from core.symbolic import SearchOptions, fitted_formula
 from core.symbolic import symbolic_fallback as core_symbolic_fallback

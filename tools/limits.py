@@ -189,7 +189,7 @@ def _bands(values: np.ndarray) -> dict[str, list[float]]:
     SetLimitsInput,
     SetLimitsOutput,
 )
-def run_set_limits(arguments: SetLimitsInput) -> SetLimitsOutput:
+def set_limits_tool(arguments: SetLimitsInput) -> SetLimitsOutput:
     """Run `core.limits.spectrum_limits` on the tool's spectra."""
     curves, skipped = spectrum_limits(
         arguments.backgrounds(),

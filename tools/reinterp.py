@@ -30,9 +30,9 @@ from pydantic import Field
 from core.anomaly import stream_anomaly_regions
 from core.autoencoder import ModelCard, read_model_card, training_selection
 from core.errors import InvalidInputError, ModelError
-from core.events import SchemaName, Selection
+from core.events import ObjectSelection, SchemaName
 from core.files import exclusive_output, file_sha256, json_text, write_text
-from core.fit import default_upper_edge
+from core.fitrange import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
 from core.table import EventTable, read_event_table
@@ -54,7 +54,7 @@ class RunInputs:
     model_sha256: str
     card: ModelCard
     table_path: Path
-    selection: Selection
+    selection: ObjectSelection
     results: dict[str, Any]
     config: dict[str, Any]
 
@@ -116,7 +116,7 @@ def read_run(run_dir: Path) -> RunInputs:
         key: (tuple(value) if isinstance(value, list) else value)
         for key, value in plan.get("selection", {}).items()
     }
-    selection = Selection(**selection_fields)
+    selection = ObjectSelection(**selection_fields)
     return RunInputs(
         run_dir=run_dir,
         lumi_pb=float(results["luminosity_pb"]),

@@ -1,4 +1,7 @@
-"""Per-spectrum rule tools: `search_spectrum` (half 2) and `analyse_spectrum` (the whole rule).
+"""Spectrum tools: `spectra` (fill them), `search_spectrum` (rule half 2), `analyse_spectrum`.
+
+`spectra` fills the 63 invariant-mass spectra (7 streams x 9 pairs) of an event table after an
+optional anomaly-score cut. `analyse_spectrum` runs the whole per-spectrum rule.
 
 `search_spectrum` hunts for a bump against an accepted background (a function fitted over a
 given range), runs the window exclusion and returns the final background; its output is
@@ -11,19 +14,23 @@ out and no second exclusion (core.spectrum, rule step 4).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, HuntOptions
+from core.errors import InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion
-from core.masses import STREAM_FIT_FROM_GEV
+from core.files import exclusive_output
+from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
 from core.spectrum import SpectrumSearch, analyse_spectrum, search_spectrum
+from core.table import table_spectra
 from tools.bumps import BumpHuntOutput, bump_output
-from tools.common import HistogramInput, StrictModel
+from tools.common import HistogramInput, StrictModel, npz_output_path, save_npz
 from tools.fits import CheckSettings, FallbackSettings, symbolic_fallback
-from tools.registry import register
+from tools.registry import FilePath, register
 
 StreamName = Literal["T1", "T2", "T3", "T4", "T5", "T6", "T7"]
 
@@ -184,7 +191,7 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
     SearchSpectrumInput,
     SearchSpectrumOutput,
 )
-def run_search_spectrum(arguments: SearchSpectrumInput) -> SearchSpectrumOutput:
+def search_spectrum_tool(arguments: SearchSpectrumInput) -> SearchSpectrumOutput:
     """Run `core.spectrum.search_spectrum` on the tool's histogram."""
     edges, counts, _ = arguments.histogram.arrays()
     search = search_spectrum(
@@ -241,10 +248,8 @@ class AnalyseSpectrumOutput(StrictModel):
     AnalyseSpectrumInput,
     AnalyseSpectrumOutput,
 )
-def run_analyse_spectrum(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOutput:
+def analyse_spectrum_tool(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOutput:
     """Run `core.spectrum.analyse_spectrum` on the tool's histogram."""
-    from core.errors import InvalidInputError
-
     if (arguments.stream is None) == (arguments.stream_start_gev is None):
         raise InvalidInputError("give exactly one of 'stream' and 'stream_start_gev'")
     start = (
@@ -275,4 +280,83 @@ def run_analyse_spectrum(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOutp
         failed_checks=list(analysis.failed_checks),
         search=None if analysis.search is None else search_output(analysis.search),
         trail=list(analysis.trail),
+    )
+
+
+class SpectraInput(StrictModel):
+    """An event table, an optional score cut and the NPZ to write the 63 histograms to."""
+
+    table: FilePath = Field(description="event table (Parquet) written by write_event_table")
+    score_min: float | None = Field(
+        None,
+        ge=-1e6,
+        le=1e6,
+        description="keep events with score > score_min; None keeps every event",
+    )
+    include_training: bool = Field(
+        False,
+        description="keep the events the autoencoder was trained on (left out by default, "
+        "as in anomaly_region and the scan)",
+    )
+    output: FilePath = Field(
+        description="NPZ file to write (.npz): counts (63, n_bins), edges, names"
+    )
+
+    _check_output = field_validator("output")(npz_output_path)
+
+
+class SpectrumSummary(StrictModel):
+    """One spectrum: its name (e.g. "T2/jm") and its number of entries in the binning."""
+
+    name: str
+    entries: int
+
+
+class SpectraOutput(StrictModel):
+    """The NPZ written, the event counts before and after the cut, entries per spectrum."""
+
+    output: Path
+    n_events: int
+    n_selected: int
+    score_min: float | None
+    n_bins: int
+    spectra: list[SpectrumSummary]
+
+
+@register(
+    "spectra",
+    "Fill the 63 invariant-mass spectra (7 streams x 9 pairs) of an event table after an "
+    "optional anomaly-score cut, and write them to an NPZ file.",
+    SpectraInput,
+    SpectraOutput,
+)
+def spectra_tool(arguments: SpectraInput) -> SpectraOutput:
+    """Cut the event table on the score and histogram every stream and pair."""
+    with exclusive_output(arguments.output, what="spectra NPZ"):
+        return _spectra(arguments)
+
+
+def _spectra(arguments: SpectraInput) -> SpectraOutput:
+    result = table_spectra(
+        arguments.table, arguments.score_min, include_training=arguments.include_training
+    )
+    counts = result.spectra.counts
+    save_npz(
+        arguments.output,
+        {
+            "counts": counts,
+            "edges": result.spectra.edges,
+            "names": np.array(SPECTRUM_NAMES, dtype=np.str_),
+        },
+    )
+    return SpectraOutput(
+        output=arguments.output,
+        n_events=result.n_events,
+        n_selected=result.n_selected,
+        score_min=arguments.score_min,
+        n_bins=counts.shape[1],
+        spectra=[
+            SpectrumSummary(name=name, entries=int(row.sum()))
+            for name, row in zip(result.spectra.names, counts, strict=True)
+        ],
     )

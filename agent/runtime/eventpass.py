@@ -38,7 +38,7 @@ from agent.runtime.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from agent.runtime.runlock import run_folder_lock
 from core.autoencoder import load_scorer, read_model_card, training_selection
 from core.errors import AnomscanError, InputFileError, InvalidInputError
-from core.events import DistinctFiles, Selection, add_counts, plan_read, read_entry_range
+from core.events import DistinctFiles, ObjectSelection, add_counts, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
 from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
 from core.goodruns import GoodRunList
@@ -48,7 +48,14 @@ from core.table import PART_GLOB, chunk_columns, commit_table_parts
 
 PART_PATTERN = "part-{index:06d}-{provenance}.parquet"
 _CODE_MODULES = (
-    "core/events.py",
+    "core/events/__init__.py",
+    "core/events/mappings.py",
+    "core/events/nonfinite.py",
+    "core/events/planning.py",
+    "core/events/raw.py",
+    "core/events/reading.py",
+    "core/events/schemas.py",
+    "core/events/selection.py",
     "core/objects.py",
     "core/masses.py",
     "core/rmm.py",
@@ -84,7 +91,7 @@ class PassSpec:
     """How to read and what to compute; travels to every worker."""
 
     schema: str = "auto"
-    selection: Selection = field(default_factory=Selection)
+    selection: ObjectSelection = field(default_factory=ObjectSelection)
     tree: str | None = None
     mapping: str | None = None
     good_runs: GoodRunList | None = None

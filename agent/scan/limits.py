@@ -143,7 +143,7 @@ def accepted_spectra(run_dir: Path, spectrum: str | None = None) -> list[Accepte
 
 def search_luminosity(run_dir: Path, config: ScanConfig, lumi_pb: float) -> float:
     """(1 - f) L: the luminosity of the events in the run's spectra (pb^-1)."""
-    from core.anomaly import search_luminosity as lumi_of
+    from core.anomaly import luminosity_after_training as lumi_of
     from core.autoencoder import read_model_card, training_selection
     from core.table import read_event_table
 

@@ -198,13 +198,13 @@ def test_inverse_and_grid_errors() -> None:
 def test_ar_size_uses_the_search_luminosity() -> None:
     # N = sigma x L_search, L_search = (1 - f) L: 1 pb at L = 1000 pb^-1 with 1 % of the
     # events trained on selects 990 events, not 1000.
-    from core.anomaly import search_luminosity
+    from core.anomaly import luminosity_after_training
 
     rng = np.random.default_rng(1)
     scores = rng.normal(size=5000)
     region = anomaly_region(scores, 1.0, 1000.0, training_fraction=0.01)
     assert region.n_pass == 990
     assert region.lumi_pb == pytest.approx(990.0)
-    assert search_luminosity(1000.0, 0.0) == 1000.0
+    assert luminosity_after_training(1000.0, 0.0) == 1000.0
     with pytest.raises(InvalidInputError, match="training_fraction"):
         anomaly_region(scores, 1.0, 1000.0, training_fraction=1.0)

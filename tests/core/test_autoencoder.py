@@ -23,7 +23,6 @@ from core.autoencoder import (
     card_path,
     events_sha256,
     export_onnx,
-    file_sha256,
     load_scorer,
     quantize_int8,
     read_model_card,
@@ -34,6 +33,7 @@ from core.autoencoder import (
 )
 from core.errors import InputFileError, InvalidInputError, ModelError
 from core.events import iterate_events
+from core.files import file_sha256
 from core.objects import EventChunk
 from core.rmm import BLINDED_CELLS, rmm_features, rmm_matrices
 from core.synth import SampleConfig, SignalSpec, generate_sample, load_truth

@@ -341,7 +341,7 @@ def test_compiled_toy_maxima_equal_the_numpy_path(
     # tail where even they are too short: the 4e6-event spectrum) against numpy alone.
     from core import lookelsewhere
 
-    if lookelsewhere._numba_floor_maxima() is None:
+    if lookelsewhere.compiled_floor_maxima() is None:
         pytest.skip("numba is not installed: only the numpy path runs")
     spectrum = nested_spectrum(
         "T2/jj", EDGES, SIGMAS, np.zeros((3, 24)), _backgrounds(total), hunt=HUNT
@@ -350,7 +350,7 @@ def test_compiled_toy_maxima_equal_the_numpy_path(
         floor: spectrum_toy_maxima(spectrum, 2_000, np.random.default_rng(5), floor=floor)
         for floor in (None, 4.0, 9.0)
     }
-    monkeypatch.setattr(lookelsewhere, "_numba_floor_maxima", lambda: None)
+    monkeypatch.setattr(lookelsewhere, "compiled_floor_maxima", lambda: None)
     for floor, fast in compiled.items():
         plain = spectrum_toy_maxima(spectrum, 2_000, np.random.default_rng(5), floor=floor)
         assert np.count_nonzero(plain) >= 20

@@ -23,7 +23,7 @@ from core.reinterp import (
     window_bins,
     window_expected_z,
 )
-from core.synth import SampleConfig, SignalSpec, _spec_record, generate_sample, load_truth
+from core.synth import SampleConfig, SignalSpec, generate_sample, load_truth, signal_record
 
 EDGES = mass_bin_edges()
 
@@ -102,8 +102,8 @@ def test_signal_width_and_expected_z() -> None:
 def test_default_lineshape_keeps_the_sample_record_unchanged() -> None:
     """Samples written before the lineshape option keep their metadata (and file identity)."""
     old = SignalSpec("jm", 1500.0, 30.0, n_events=10)
-    assert "lineshape" not in _spec_record(old)
-    assert _spec_record(SignalSpec("jm", 1.0, 1.0, n_events=1, lineshape="gaussian"))[
+    assert "lineshape" not in signal_record(old)
+    assert signal_record(SignalSpec("jm", 1.0, 1.0, n_events=1, lineshape="gaussian"))[
         "lineshape"
     ] == ("gaussian")
     with pytest.raises(InvalidInputError, match="lineshape"):

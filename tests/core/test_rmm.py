@@ -379,7 +379,7 @@ def test_backends_agree_on_a_small_layout_that_truncates_every_block(synthetic_c
 
 def test_per_event_loop_matches_numpy_without_compiling(nanoaod_chunk, monkeypatch):
     # the loop that numba compiles, run as plain Python: its logic is tested without numba
-    monkeypatch.setattr(core.rmm, "_numba_fill", lambda: core.rmm._fill_cells_per_event)
+    monkeypatch.setattr(core.rmm, "compiled_fill_cells", lambda: core.rmm.fill_cells_per_event)
     looped = rmm_matrices(nanoaod_chunk, backend="numba")
     vectorised = rmm_matrices(nanoaod_chunk, backend="numpy")
     np.testing.assert_allclose(looped, vectorised, rtol=0, atol=TOLERANCE)
@@ -391,9 +391,9 @@ def test_auto_uses_the_compiled_loop_when_there_is_one_and_numpy_never_does(monk
 
     def recording_kernel(*arguments):
         calls.append(len(arguments[0]))
-        core.rmm._fill_cells_per_event(*arguments)
+        core.rmm.fill_cells_per_event(*arguments)
 
-    monkeypatch.setattr(core.rmm, "_numba_fill", lambda: recording_kernel)
+    monkeypatch.setattr(core.rmm, "compiled_fill_cells", lambda: recording_kernel)
     chunk = single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2)
     rmm_matrices(chunk, backend="numpy")
     assert calls == []
@@ -403,7 +403,7 @@ def test_auto_uses_the_compiled_loop_when_there_is_one_and_numpy_never_does(monk
 
 def test_without_numba_auto_falls_back_to_numpy_and_numba_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba now raises ImportError
-    monkeypatch.setattr(core.rmm, "_numba_fill", core.rmm._numba_fill.__wrapped__)
+    monkeypatch.setattr(core.rmm, "compiled_fill_cells", core.rmm.compiled_fill_cells.__wrapped__)
     assert not numba_available()
     chunk = single(HAND_EVENT, met_pt=50.0, met_phi=math.pi / 2)
     np.testing.assert_allclose(rmm_matrices(chunk)[0], hand_expected(), rtol=0, atol=TOLERANCE)

@@ -167,12 +167,7 @@ def test_an_output_the_tool_built_wrong_is_a_bug_not_the_users_fault():
     def broken(arguments: Empty) -> Finite:
         return Finite(value=float("inf"))
 
-    registry.register("test_broken_output", "a tool that builds an infinite output", Empty, Finite)(
-        broken
-    )
-    try:
-        with pytest.raises(registry.ToolOutputError, match=r"'test_broken_output' built an out"):
-            get_tool("test_broken_output").call({})
-        assert not issubclass(registry.ToolOutputError, ValidationError)
-    finally:
-        del registry._REGISTRY["test_broken_output"]
+    tool = registry.Tool("test_broken_output", "builds an infinite output", Empty, Finite, broken)
+    with pytest.raises(registry.ToolOutputError, match=r"'test_broken_output' built an out"):
+        tool.call({})
+    assert not issubclass(registry.ToolOutputError, ValidationError)

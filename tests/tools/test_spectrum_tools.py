@@ -71,7 +71,7 @@ def _band_histogram(signal: float) -> tuple[dict[str, list[float]], np.ndarray]:
 )
 def test_search_outputs_the_band_of_its_final_background(function: str, signal: float) -> None:
     from core.fit import expected_errors, fit_background
-    from core.spectrum import _resolve_function
+    from core.spectrum import resolve_background_function
 
     histogram, counts = _band_histogram(signal)
     out = get_tool("search_spectrum").call(
@@ -89,7 +89,7 @@ def test_search_outputs_the_band_of_its_final_background(function: str, signal: 
     refit = fit_background(
         EDGES,
         counts,
-        _resolve_function(out["function"], tuple(out["parameters"])),
+        resolve_background_function(out["function"], tuple(out["parameters"])),
         tuple(out["fit_range"]),
         starts=[out["parameters"]],
         exclude=tuple(exclusion["window_gev"]) if masked else None,

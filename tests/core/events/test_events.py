@@ -13,7 +13,7 @@ import uproot
 
 from core.errors import InputFileError, InvalidInputError, SchemaError
 from core.events import (
-    Selection,
+    ObjectSelection,
     iterate_events,
     load_events,
     load_mapping,
@@ -95,7 +95,7 @@ def test_unfilled_tagger_and_flags_are_noticed_not_silently_used(shared_data):
     assert any("Jet_btagDeepFlavB is not filled" in note for note in plan.notes)
     assert any("Muon_tightId" in note for note in plan.notes)
     with pytest.raises(SchemaError, match="not filled"):
-        plan_read(shared_data / NANO, selection=Selection(btag_branch="Jet_btagDeepFlavB"))
+        plan_read(shared_data / NANO, selection=ObjectSelection(btag_branch="Jet_btagDeepFlavB"))
 
 
 def test_chunks_cover_the_file_and_max_events_stops(shared_data):
@@ -182,7 +182,7 @@ def test_overlap_removal_drops_jets_near_leptons():
         np.array([7]),
         np.array([1.0]),
     )
-    chunk = select_objects(raw, Selection(), btag_working_point=0.5)
+    chunk = select_objects(raw, ObjectSelection(), btag_working_point=0.5)
     # jets at dR = 0.3 and 0.05 from the muon are removed; the third survives as a light jet
     assert chunk.jets.pt.to_list() == [[60.0]]
     assert chunk.bjets.pt.to_list() == [[]]

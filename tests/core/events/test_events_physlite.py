@@ -10,7 +10,7 @@ import pytest
 import uproot
 
 from core.errors import SchemaError
-from core.events import Selection, load_events, plan_read
+from core.events import ObjectSelection, load_events, plan_read
 
 PHYSLITE = "atlas_physlite_rntuple_100ev.root"
 
@@ -116,7 +116,7 @@ def test_physlite_met_is_rebuilt_from_objects_and_soft_term(raw, chunk):
 
 
 def test_met_branches_must_be_one_value_per_event(shared_data):
-    selection = Selection(
+    selection = ObjectSelection(
         met_branches=("MET_Core_AnalysisMETAuxDyn:mpx", "MET_Core_AnalysisMETAuxDyn:mpy")
     )
     with pytest.raises(SchemaError, match="not one value per event"):
@@ -126,18 +126,18 @@ def test_met_branches_must_be_one_value_per_event(shared_data):
 def test_user_met_branches_replace_the_schema_met(shared_data):
     path = shared_data / "uproot-HZZ.root"
     default = load_events(path)
-    same = load_events(path, selection=Selection(met_branches=("MET_px", "MET_py")))
-    swapped = load_events(path, selection=Selection(met_branches=("MET_py", "MET_px")))
+    same = load_events(path, selection=ObjectSelection(met_branches=("MET_px", "MET_py")))
+    swapped = load_events(path, selection=ObjectSelection(met_branches=("MET_py", "MET_px")))
     np.testing.assert_allclose(same.met_phi, default.met_phi)
     np.testing.assert_allclose(swapped.met_pt, default.met_pt)
     assert not np.allclose(swapped.met_phi, default.met_phi)
     with pytest.raises(SchemaError, match="MET_missing"):
-        load_events(path, selection=Selection(met_branches=("MET_missing", "MET_py")))
+        load_events(path, selection=ObjectSelection(met_branches=("MET_missing", "MET_py")))
 
 
 def test_custom_working_point_moves_jets_between_types(shared_data, chunk):
     default = chunk
-    loose = load_events(shared_data / PHYSLITE, selection=Selection(btag_working_point=0.0))
+    loose = load_events(shared_data / PHYSLITE, selection=ObjectSelection(btag_working_point=0.0))
     n = lambda c, name: int(ak.sum(ak.num(c.collection(name))))  # noqa: E731
     assert n(loose, "bjets") > n(default, "bjets")
     assert n(loose, "bjets") + n(loose, "jets") == n(default, "bjets") + n(default, "jets")
