@@ -41,6 +41,7 @@ __all__ = [
     "CommandParser",
     "Subcommands",
     "Terminated",
+    "add_run_command",
     "canonical_spectrum",
     "print_json",
     "progress_bar",
@@ -76,6 +77,15 @@ class CommandParser(argparse.ArgumentParser):
 
 Subcommands: TypeAlias = "argparse._SubParsersAction[CommandParser]"
 """The `add_subparsers` group each command group adds its subcommands to."""
+
+
+def add_run_command(
+    commands: Subcommands, name: str, summary: str, *, run_help: str = "run folder"
+) -> CommandParser:
+    """A subcommand that reads a run folder: its parser, with RUN as its first argument."""
+    command: CommandParser = commands.add_parser(name, help=summary)
+    command.add_argument("run", help=run_help)
+    return command
 
 
 def canonical_spectrum(text: str) -> str:

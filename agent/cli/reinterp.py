@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import Subcommands, canonical_spectrum, progress_bar
+from agent.cli.common import Subcommands, add_run_command, canonical_spectrum, progress_bar
 from agent.reinterp.injection import InjectionRequest, run_acceptance, run_injection
 from agent.scan.limits import low_count_text, parse_widths, run_limits
 from core.anomaly import point_text
@@ -57,10 +57,12 @@ def _command_acceptance(arguments: argparse.Namespace) -> int:
 
 def add_acceptance_parser(commands: Subcommands) -> None:
     """The `acceptance` subcommand."""
-    acceptance = commands.add_parser(
-        "acceptance", help="acceptance of a signal sample through a run's autoencoder and ARs"
+    acceptance = add_run_command(
+        commands,
+        "acceptance",
+        "acceptance of a signal sample through a run's autoencoder and ARs",
+        run_help="run folder of a finished scan",
     )
-    acceptance.add_argument("run", help="run folder of a finished scan")
     acceptance.add_argument("files", nargs="+", help="ROOT files of the signal sample")
     acceptance.add_argument("--schema", default="auto", choices=SCHEMA_NAMES)
     acceptance.add_argument("--name", help="output name (RUN/acceptance/NAME.json)")
@@ -128,10 +130,12 @@ def _command_inject(arguments: argparse.Namespace) -> int:
 
 def add_inject_parser(commands: Subcommands) -> None:
     """The `inject` subcommand."""
-    inject = commands.add_parser(
-        "inject", help="inject generated signal into a copy of a run's events and recover it"
+    inject = add_run_command(
+        commands,
+        "inject",
+        "inject generated signal into a copy of a run's events and recover it",
+        run_help="run folder of a finished scan",
     )
-    inject.add_argument("run", help="run folder of a finished scan")
     inject.add_argument("--pair", required=True, help="e.g. jm")
     inject.add_argument("--mass", required=True, type=float, help="GeV")
     inject.add_argument(
@@ -187,11 +191,11 @@ def _command_limits(arguments: argparse.Namespace) -> int:
 
 def add_limits_parser(commands: Subcommands) -> None:
     """The `limits` subcommand."""
-    limits = commands.add_parser(
+    limits = add_run_command(
+        commands,
         "limits",
-        help="95 %% CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)",
+        "95 %% CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)",
     )
-    limits.add_argument("run", help="run folder")
     limits.add_argument("--spectrum", help="only this spectrum, e.g. T2/jm")
     limits.add_argument(
         "--widths", default="0,5,10,15", help="signal widths, percent of the mass (0: resolution)"

@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import Subcommands, canonical_spectrum, progress_bar
+from agent.cli.common import Subcommands, add_run_command, canonical_spectrum, progress_bar
 from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT
 from agent.review.hepdata import export_hepdata
 from agent.review.replay import replay
@@ -262,8 +262,7 @@ def _command_report(arguments: argparse.Namespace) -> int:
 
 def add_report_parser(commands: Subcommands) -> None:
     """The `report` subcommand."""
-    report = commands.add_parser("report", help="static HTML report of a run (RUN/report/)")
-    report.add_argument("run", help="run folder")
+    report = add_run_command(commands, "report", "static HTML report of a run (RUN/report/)")
     report.add_argument("-o", "--output", help="report folder (default RUN/report)")
     report.add_argument(
         "--style",
@@ -287,8 +286,7 @@ def _command_export(arguments: argparse.Namespace) -> int:
 
 def add_export_parser(commands: Subcommands) -> None:
     """The `export` subcommand."""
-    export = commands.add_parser("export", help="export a run (HEPData submission YAML)")
-    export.add_argument("run", help="run folder")
+    export = add_run_command(commands, "export", "export a run (HEPData submission YAML)")
     export.add_argument("--hepdata", required=True, metavar="DIR", help="output folder")
     export.set_defaults(handler=_command_export)
 
@@ -311,9 +309,8 @@ def _command_replay(arguments: argparse.Namespace) -> int:
 
 def add_replay_parser(commands: Subcommands) -> None:
     """The `replay` subcommand."""
-    replay_parser = commands.add_parser(
-        "replay", help="re-run every logged tool call, report differences"
+    replay_parser = add_run_command(
+        commands, "replay", "re-run every logged tool call, report differences"
     )
-    replay_parser.add_argument("run", help="run folder")
     replay_parser.add_argument("--tool", action="append", help="only this tool (repeatable)")
     replay_parser.set_defaults(handler=_command_replay)
