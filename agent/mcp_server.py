@@ -9,6 +9,9 @@ fd 1 at stderr while it serves, so stray prints of a tool cannot corrupt the str
 
 With `root` set, every path in a tool input (histogram NPZ, ROOT inputs, outputs) must lie
 inside that folder: a client can then read and write nothing else through anomscan.
+
+The MCP SDK (`mcp`, `mcp_types`) takes most of a second to import, so it is imported inside
+the functions that serve: every other `anomscan` command imports this module without it.
 """
 
 from __future__ import annotations
@@ -19,19 +22,28 @@ import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-import mcp_types as types
-from mcp.server.context import ServerRequestContext
-from mcp.server.lowlevel import Server
-from mcp.server.stdio import stdio_server
 from pydantic import ValidationError
 
 from agent.runtime.safety import PathConfinementError, confine_paths
 from core.errors import AnomscanError
 from tools.registry import Tool, all_tools
+
+if TYPE_CHECKING:
+    import mcp_types as types
+    from mcp.server.context import ServerRequestContext
+    from mcp.server.lowlevel import Server
+
+__all__ = [
+    "SERVER_NAME",
+    "build_server",
+    "call_registered_tool",
+    "serve_stdio",
+    "tool_descriptions",
+]
 
 logger = logging.getLogger("anomscan.mcp")
 
@@ -40,6 +52,8 @@ SERVER_NAME = "anomscan"
 
 def tool_descriptions() -> list[types.Tool]:
     """The MCP description of every registered tool: name, one line, input and output schema."""
+    import mcp_types as types
+
     return [
         types.Tool(
             name=tool.name,
@@ -52,6 +66,9 @@ def tool_descriptions() -> list[types.Tool]:
 
 
 def _error_result(text: str) -> types.CallToolResult:
+    """A tool result that carries the reason a call failed."""
+    import mcp_types as types
+
     return types.CallToolResult(content=[types.TextContent(text=text)], is_error=True)
 
 
@@ -59,6 +76,8 @@ def call_registered_tool(
     name: str, arguments: dict[str, Any] | None, root: Path | None
 ) -> types.CallToolResult:
     """Validate `arguments`, run tool `name` and wrap its output (or the reason it failed)."""
+    import mcp_types as types
+
     tools: dict[str, Tool] = {tool.name: tool for tool in all_tools()}
     tool = tools.get(name)
     if tool is None:
@@ -93,6 +112,9 @@ def call_registered_tool(
 
 def build_server(root: Path | None = None) -> Server[Any]:
     """The low-level MCP server listing and calling the registered tools."""
+    import mcp_types as types
+    from mcp.server.lowlevel import Server
+
     resolved_root = None if root is None else root.resolve()
 
     async def list_tools(
@@ -123,6 +145,9 @@ def build_server(root: Path | None = None) -> Server[Any]:
 
 
 async def _serve(root: Path | None) -> None:
+    """Serve the tools on stdin/stdout until the client closes the stream."""
+    from mcp.server.stdio import stdio_server
+
     server = build_server(root)
     async with stdio_server() as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())

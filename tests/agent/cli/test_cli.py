@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli.main import main
+from agent.cli.common import canonical_spectrum
+from agent.cli.main import build_parser, main
 
 
 def test_generate_writes_files_and_truth(tmp_path, capsys):
@@ -136,8 +137,6 @@ def _one_line_exit_2(status: int, err: str) -> str:
 
 
 def _help_commands() -> list[list[str]]:
-    from agent.cli.main import build_parser
-
     parser = build_parser()
     names = next(
         action.choices
@@ -309,8 +308,6 @@ def test_why_point_that_is_not_a_number_exits_2(tmp_path, capsys):
 
 
 def test_spectrum_names_are_case_insensitive(tmp_path, capsys):
-    from agent.cli.main import canonical_spectrum
-
     assert canonical_spectrum("t2/JM") == "T2/jm"
     assert canonical_spectrum(" T3/Jm ") == "T3/jm"
     assert canonical_spectrum("T9/xx") == "T9/xx"
