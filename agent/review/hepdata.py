@@ -134,6 +134,7 @@ def _significance_map_table(run: RunRecord) -> Any:
 
 def _write_submission(submission: Any, output: Path) -> None:
     """DIR/*.yaml (stale ones removed) and DIR.tar.gz beside it, validated by hepdata_lib."""
+    output = output.resolve()  # the archive is moved from a scratch working directory
     try:
         output.mkdir(parents=True, exist_ok=True)
         for stale in output.glob("*.yaml"):
@@ -142,7 +143,7 @@ def _write_submission(submission: Any, output: Path) -> None:
         # hepdata_lib writes (and validates) its tarball in the working directory; DIR
         # itself must hold only the YAML files the submission references
         with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
-            submission.create_files(str(output.resolve()), validate=True, remove_old=False)
+            submission.create_files(str(output), validate=True, remove_old=False)
             with atomic_path(archive, what="HEPData archive") as temporary:
                 shutil.move(Path(scratch) / "submission.tar.gz", temporary)
     except OSError as error:

@@ -357,6 +357,17 @@ def test_hepdata_export_is_a_valid_submission(reviewed: ReviewedRun, tmp_path: P
     assert validation.returncode == 0, validation.stdout + validation.stderr
     assert (tmp_path / "hepdata.tar.gz").is_file()
     assert not (ROOT / "submission.tar.gz").exists()
+    relative = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "export", str(reviewed.run_dir), "--hepdata", "rel"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        timeout=300,
+        check=False,
+    )
+    assert relative.returncode == 0, relative.stderr
+    assert (tmp_path / "rel.tar.gz").is_file(), "the archive of a relative DIR was lost"
     documents = list(yaml.safe_load_all((out / "submission.yaml").read_text()))
     names = [d["name"] for d in documents if "name" in d]
     assert "significance map" in names
