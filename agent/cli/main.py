@@ -220,7 +220,7 @@ def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from agent.scan.runner import distinct_excesses
+    from agent.scan import distinct_excesses
 
     console = Console() if sys.stdout.isatty() else Console(width=110)  # a file or pipe
     distinct = distinct_excesses(results["excesses"])
@@ -273,7 +273,7 @@ def _llm_fields(arguments: argparse.Namespace) -> dict[str, Any]:
 
 
 def _scan_config(arguments: argparse.Namespace) -> Any:
-    from agent.scan.runner import ScanConfig
+    from agent.scan import ScanConfig
 
     out = arguments.out or f"runs/scan-{time.strftime('%Y%m%d-%H%M%S')}"
     fields: dict[str, Any] = {
@@ -324,7 +324,7 @@ def _changed_on_resume(arguments: argparse.Namespace) -> list[str]:
 
 
 def _scan(arguments: argparse.Namespace) -> tuple[int, Any]:
-    from agent.scan.runner import read_config, resolve_inputs, run_scan
+    from agent.scan import read_config, resolve_inputs, run_scan
 
     config: Any = None
     try:
@@ -368,7 +368,7 @@ def _new_scan(config: Any, *, show_progress: bool) -> Any:
     """
     import shutil
 
-    from agent.scan.runner import run_scan
+    from agent.scan import run_scan
 
     folder = Path(config.run_dir)
     existed = folder.exists()
@@ -864,7 +864,7 @@ def add_reinterpretation_commands(commands: Any) -> None:
 
 def _command_limits(arguments: argparse.Namespace) -> int:
     """`anomscan limits RUN`: 95 % CL limits on Gaussian signals, RUN/limits.json and .csv."""
-    from agent.scan.limits import low_count_text, parse_widths, run_limits
+    from agent.scan import low_count_text, parse_widths, run_limits
 
     run_dir = Path(arguments.run)
     widths = parse_widths(arguments.widths)

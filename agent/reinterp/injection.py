@@ -72,7 +72,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.runtime.executor import Executor, map_batched
-from agent.scan.runner import ScanContext, cli_step
+from agent.scan import ScanContext, cli_step, scan_checks, spectrum_seed
 from core.anomaly import point_text, stream_anomaly_regions
 from core.background import CheckOptions
 from core.bumphunt import HuntOptions
@@ -392,7 +392,7 @@ class ScanRule:
     """The per-spectrum rule as the run's scan ran it: its settings and its seeds.
 
     `checks` are the robustness-check settings the graph gives `choose_background`
-    (`agent.scan.graph`'s check settings of the run's config), `hunt` those of its
+    (`agent.scan.scan_checks` of the run's config), `hunt` those of its
     `search_spectrum` calls (the tool's defaults, which the graph leaves unset) and
     `min_events` the config's fit threshold; `seed` is the graph's per-spectrum seed, from
     the config's seed. The symbolic fallback is not run (its budget is the scan's).
@@ -405,9 +405,7 @@ class ScanRule:
 
     def seed(self, point_index: int, name: str) -> int:
         """The seed the scan gave spectrum `name` at its AR point number `point_index`."""
-        from agent.scan.graph import _spectrum_seed
-
-        return _spectrum_seed(self.config_seed, point_index, name)
+        return spectrum_seed(self.config_seed, point_index, name)
 
     def analyse(
         self, name: str, edges: FloatArray, counts: FloatArray, seed: int
@@ -427,7 +425,6 @@ class ScanRule:
 
 def scan_rule(ctx: ScanContext) -> ScanRule:
     """The rule of the run whose config `ctx` holds, with the settings its graph used."""
-    from agent.scan.graph import scan_checks
     from tools.fits import CheckSettings
     from tools.spectrum import HuntSettings
 

@@ -1,6 +1,6 @@
 """`anomscan replay RUN`: re-run every logged tool call from its logged input and compare.
 
-Pure tools (agent/scan/runner.py REPLAYABLE_TOOLS) are re-executed; their output's SHA-256 must
+Pure tools (agent/scan/context.py REPLAYABLE_TOOLS) are re-executed; their output's SHA-256 must
 equal the logged one. Files a call reads by path (the look-elsewhere NPZs) are checked
 against their `artifacts` hash first. Tools that write files (sample generation, training)
 are listed as not replayed, with the reason.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_file, sha256_text
-from agent.scan.runner import REPLAYABLE_TOOLS, relocate_paths, run_tool
+from agent.scan import REPLAYABLE_TOOLS, relocate_paths, run_tool
 from core.errors import InvalidInputError
 
 

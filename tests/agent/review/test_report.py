@@ -26,7 +26,7 @@ import pytest
 from agent.figures import plots
 from agent.review.report import SPECTRUM_NAMES, _number, flagged_excesses, load_run, spectrum_slug
 from agent.runtime.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
-from agent.scan.runner import ScanConfig, run_scan
+from agent.scan import ScanConfig, run_scan
 from core.errors import InvalidInputError
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import LUMI_PB, SIGNAL, run_cli
