@@ -5,8 +5,8 @@ robustness checks, symbolic fallback). Half 2 is `search_spectrum`: the bump hun
 the accepted background over the fit range, window exclusion when the spectrum's global p
 is below 0.01 (`core.exclusion`), and the final background.
 
-The rule, in this order (`analyse_spectrum`; agent/scan/graph.py runs the same steps through the
-tools, with the same seed, check options and hunt options):
+The rule, in this order (`analyse_spectrum`; the scan's nodes in agent/scan/nodes/ run the same
+steps through the tools, with the same seed, check options and hunt options):
 
 1. Choose: the nested family with every check, no fallback, nothing masked. A function that
    passes is the background (unmasked); go to 4.

@@ -46,7 +46,9 @@ from core.masses import (
     Spectra,
     StreamRequirements,
     all_spectra,
+    histogram,
     leading_pair_masses,
+    mass_bin_edges,
     stream_bits,
 )
 from core.objects import EventChunk
@@ -66,6 +68,7 @@ __all__ = [
     "event_table_schema",
     "iter_event_table",
     "read_event_table",
+    "region_spectra",
     "table_spectra",
     "write_event_table",
 ]
@@ -265,6 +268,20 @@ class EventTable:
     def spectra(self, mask: BoolArray | None = None) -> Spectra:
         """The 63 spectra of the events in `mask` (all events if None)."""
         return all_spectra(self.masses, self.stream_bits, mask)
+
+
+def region_spectra(table: EventTable, masks: BoolArray) -> tuple[FloatArray, IntArray]:
+    """The 63 spectra of the per-stream anomaly regions `masks` (n, 7): edges (GeV), counts.
+
+    Spectrum STREAM/PAIR (in `SPECTRUM_NAMES` order) counts the events of column k = STREAM
+    of `masks` with the pair's mass on `mass_bin_edges()`; counts has shape (63, n_bins).
+    """
+    counts = [
+        histogram(table.masses, table.stream_bits, stream, pair, masks[:, k])[0]
+        for k, stream in enumerate(STREAMS)
+        for pair in PAIRS
+    ]
+    return mass_bin_edges(), np.array(counts, dtype=np.int64)
 
 
 PART_GLOB: Final = "part-*.parquet"

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from agent.cli.common import Subcommands, add_run_command, canonical_spectrum, progress_bar
 from agent.reinterp import InjectionRequest, run_acceptance, run_injection
-from agent.scan.limits import low_count_text, parse_widths, run_limits
+from agent.scan import low_count_text, parse_widths, run_limits
 from core.anomaly import point_text
 from core.events import SCHEMA_NAMES
 from core.synth import EXTRA_TYPES

@@ -23,7 +23,7 @@ from rich.table import Table
 from agent.cli.common import EXIT_TERMINATED, CommandParser, Subcommands, was_terminated
 from agent.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 from agent.runtime.audit import open_readonly
-from agent.scan.runner import (
+from agent.scan import (
     ScanConfig,
     distinct_excesses,
     read_config,

@@ -1,7 +1,7 @@
 """The deterministic checks every proposal must pass, whatever policy made it.
 
 A refused proposal is replaced by the `rules` policy's proposal, and both are logged
-(agent/scan/graph.py). The gates never look at the policy that proposed: a background is
+(agent/scan/nodes/). The gates never look at the policy that proposed: a background is
 accepted only if it is a candidate that passed every robustness check of its spectrum;
 AR points only inside the scan range, positive, not already scanned or proposed, and
 within the point budget; a fallback only where no candidate passed.

@@ -15,7 +15,7 @@ from typing import Any
 
 from agent.figures.reinterp import acceptance_map
 from agent.reinterp.calls import call_logged
-from agent.scan.runner import cli_step
+from agent.scan import cli_step
 from core.anomaly import point_text
 from core.files import write_bytes
 from tools.reinterp import read_run

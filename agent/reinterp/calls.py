@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.scan.runner import ScanContext
+from agent.scan import ScanContext
 from core.errors import AnomscanError
 from tools.registry import get_tool
 

@@ -57,7 +57,7 @@ from agent.reinterp.run_points import RunPoint, read_run_points, run_accepted_ba
 from agent.reinterp.sensitivity import expected_z_rows, write_sensitivity
 from agent.reinterp.summaries import strength_summaries
 from agent.runtime.executor import Executor, map_batched
-from agent.scan.runner import ScanContext, cli_step
+from agent.scan import ScanContext, cli_step
 from core.anomaly import AnomalyRegion, stream_anomaly_regions
 from core.files import json_text, write_bytes, write_text
 from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram

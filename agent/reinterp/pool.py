@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from agent.reinterp.calls import call_logged
 from agent.reinterp.request import InjectionRequest
-from agent.scan.runner import ScanContext
+from agent.scan import ScanContext
 from core.errors import InvalidInputError
 from core.masses import PAIRS, STREAMS
 from core.reinterp import correctly_paired, score_sample, signal_sigma_gev

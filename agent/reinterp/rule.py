@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from agent.scan.graph import _spectrum_seed, scan_checks
-from agent.scan.runner import ScanContext
+from agent.scan import ScanContext, scan_checks, spectrum_seed
 from core.background import CheckOptions
 from core.bumphunt import HuntOptions
 from core.masses import STREAM_FIT_FROM_GEV
@@ -44,7 +43,7 @@ class ScanRule:
 
     def seed(self, point_index: int, name: str) -> int:
         """The seed the scan gave spectrum `name` at its AR point number `point_index`."""
-        return _spectrum_seed(self.config_seed, point_index, name)
+        return spectrum_seed(self.config_seed, point_index, name)
 
     def analyse(
         self, name: str, edges: FloatArray, counts: FloatArray, seed: int

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime.audit import AUDIT_FILE, canonical_json, open_readonly, sha256_text
-from agent.scan.runner import REPLAYABLE_TOOLS, relocate_paths, run_tool
+from agent.scan import REPLAYABLE_TOOLS, relocate_paths, run_tool
 from core.errors import InvalidInputError
 from core.files import file_sha256
 

@@ -206,15 +206,6 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def head_path(path: Path) -> Path:
     """The head file of the log at `path`: RUN/audit.head.json for RUN/audit.sqlite."""
     return path.with_name(path.stem + HEAD_SUFFIX)

@@ -25,11 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.scan.runner import RESULTS_JSON, ScanConfig, ScanContext, cli_step, read_config
+from agent.figures.plots import encode, limit_curves_plot
+from agent.scan.config import RESULTS_JSON, ScanConfig, read_config
+from agent.scan.context import ScanContext, cli_step
+from core.anomaly import luminosity_after_training
+from core.autoencoder import read_model_card, training_selection
 from core.errors import InvalidInputError
 from core.files import write_bytes, write_json, write_text
 from core.limits import DEFAULT_WIDTHS, LOW_COUNT_BACKGROUND
 from core.masses import SPECTRUM_NAMES
+from core.table import read_event_table
 
 LIMITS_JSON = "limits.json"
 LIMITS_CSV = "limits.csv"
@@ -141,12 +146,8 @@ def accepted_spectra(run_dir: Path, spectrum: str | None = None) -> list[Accepte
     return found
 
 
-def search_luminosity(run_dir: Path, config: ScanConfig, lumi_pb: float) -> float:
+def run_search_luminosity(run_dir: Path, config: ScanConfig, lumi_pb: float) -> float:
     """(1 - f) L: the luminosity of the events in the run's spectra (pb^-1)."""
-    from core.anomaly import luminosity_after_training as lumi_of
-    from core.autoencoder import read_model_card, training_selection
-    from core.table import read_event_table
-
     model = Path(config.model) if config.model else run_dir / "model" / "autoencoder.onnx"
     table_path = run_dir / "events"
     if not model.is_file() or not table_path.is_dir():
@@ -158,7 +159,7 @@ def search_luminosity(run_dir: Path, config: ScanConfig, lumi_pb: float) -> floa
     table = read_event_table(table_path)
     excluded = training_selection(table.keys(), card.fraction, card.seed)
     fraction = float(np.mean(excluded)) if excluded.size else 0.0
-    return float(lumi_of(lumi_pb, fraction))
+    return float(luminosity_after_training(lumi_pb, fraction))
 
 
 def write_points(path: Path, spectra: Sequence[AcceptedSpectrum]) -> None:
@@ -228,13 +229,11 @@ def set_run_limits(
     lumi_pb: float | None = None,
 ) -> LimitsOutcome:
     """The limits step inside an open audit transaction: tool call, files, artifacts, decision."""
-    from agent.figures.plots import limit_curves_plot
-
     run_dir = ctx.run_dir
     spectra = accepted_spectra(run_dir, spectrum)
     results = json.loads((run_dir / RESULTS_JSON).read_text())
     lumi = float(results["luminosity_pb"]) if lumi_pb is None else lumi_pb
-    search_lumi = search_luminosity(run_dir, ctx.config, lumi)
+    search_lumi = run_search_luminosity(run_dir, ctx.config, lumi)
     points_path = run_dir / LIMITS_INPUT.format(step_id=step_id)
     write_points(points_path, spectra)
     ctx.artifact(points_path, "limits input")
@@ -263,22 +262,7 @@ def set_run_limits(
     csv_path = write_text(run_dir / LIMITS_CSV, csv_text(output), what="limits table")
     ctx.artifact(json_path, "limits")
     ctx.artifact(csv_path, "limits")
-    plots = []
-    folder = run_dir / "plots"
-    folder.mkdir(exist_ok=True)
-    by_point: dict[int, float] = {s.point_index: s.point_pb for s in spectra}
-    for index, point in sorted(by_point.items()):
-        curves = [c for c in output["curves"] if math.isclose(c["point_pb"], point)]
-        if not curves:
-            continue
-        from agent.figures.plots import encode
-
-        figure = limit_curves_plot(curves, point, "Simulation")
-        plot = write_bytes(
-            folder / f"limits-point-{index:03d}.png", encode(figure, "png"), what="plot"
-        )
-        ctx.artifact(plot, "limits plot")
-        plots.append(plot)
+    plots = _limit_plots(ctx, spectra, output["curves"])
     ctx.audit.add(
         "decisions",
         f"{step_id}:limits:-",
@@ -310,6 +294,27 @@ def set_run_limits(
         n_low,
         n_counting,
     )
+
+
+def _limit_plots(
+    ctx: ScanContext, spectra: Sequence[AcceptedSpectrum], curves: list[dict[str, Any]]
+) -> list[Path]:
+    """RUN/plots/limits-point-NNN.png: the limit curves of each AR point, logged as artifacts."""
+    plots = []
+    folder = ctx.run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    by_point: dict[int, float] = {s.point_index: s.point_pb for s in spectra}
+    for index, point in sorted(by_point.items()):
+        at_point = [c for c in curves if math.isclose(c["point_pb"], point)]
+        if not at_point:
+            continue
+        figure = limit_curves_plot(at_point, point, "Simulation")
+        plot = write_bytes(
+            folder / f"limits-point-{index:03d}.png", encode(figure, "png"), what="plot"
+        )
+        ctx.artifact(plot, "limits plot")
+        plots.append(plot)
+    return plots
 
 
 def low_count_text(n_low: int, n_counting: int) -> str:

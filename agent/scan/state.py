@@ -34,11 +34,11 @@ class ScanState(TypedDict, total=False):
     started_at: float
     lumi_pb: float
     inputs: dict[str, str]
+    """input file -> SHA-256"""
     n_events: int
     """Events in the event table (after the selection; the scan's real event count)."""
     input_notes: list[str]
     """What the reader says about the inputs (non-finite values read and dropped)."""
-    """input file -> SHA-256"""
     table: str
     table_sha256: str
     model: str

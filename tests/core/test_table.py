@@ -22,6 +22,7 @@ from core.table import (
     event_table_schema,
     iter_event_table,
     read_event_table,
+    region_spectra,
     table_spectra,
     write_event_table,
 )
@@ -228,6 +229,26 @@ def test_table_spectra_equal_a_cut_on_the_arrays(chunks, tmp_path):
     np.testing.assert_array_equal(everything.spectra.counts, all_spectra(masses, bits).counts)
     assert everything.n_selected == 6500
     assert everything.spectra.counts.sum() > result.spectra.counts.sum() > 0
+
+
+def test_region_spectra_cut_each_stream_by_its_own_mask(chunks, tmp_path):
+    """Spectrum STREAM/PAIR counts the events of its stream's mask column only: with every
+    event in T1's region and none in the others', T1's spectra are the unmasked ones."""
+    path = tmp_path / "events.parquet"
+    write_event_table(chunks, path)
+    table = read_event_table(path)
+    masks = np.zeros((len(table), len(STREAMS)), dtype=bool)
+    masks[:, 0] = True
+    masks[::2, 1] = True
+    edges, counts = region_spectra(table, masks)
+    everything = all_spectra(table.masses, table.stream_bits)
+    half = all_spectra(table.masses, table.stream_bits, masks[:, 1])
+    n_pairs = len(PAIRS)
+    assert counts.shape == everything.counts.shape
+    np.testing.assert_array_equal(edges, everything.edges)
+    np.testing.assert_array_equal(counts[:n_pairs], everything.counts[:n_pairs])
+    np.testing.assert_array_equal(counts[n_pairs : 2 * n_pairs], half.counts[n_pairs : 2 * n_pairs])
+    assert counts[2 * n_pairs :].sum() == 0 < counts[:n_pairs].sum()
 
 
 def test_score_cut_needs_a_score_column(chunks, tmp_path):

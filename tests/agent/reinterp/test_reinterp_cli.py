@@ -469,8 +469,7 @@ def test_the_rule_rerun_takes_the_settings_and_seeds_of_the_runs_config(tmp_path
     from types import SimpleNamespace
 
     from agent.reinterp import scan_rule
-    from agent.scan.graph import _spectrum_seed
-    from agent.scan.runner import ScanConfig
+    from agent.scan import ScanConfig, spectrum_seed
     from core.background import CheckOptions
     from core.bumphunt import DEFAULT_HUNT
 
@@ -479,7 +478,7 @@ def test_the_rule_rerun_takes_the_settings_and_seeds_of_the_runs_config(tmp_path
     assert rule.checks == CheckOptions(n_linear_toys=37)
     assert rule.hunt == DEFAULT_HUNT
     assert rule.min_events == 12
-    assert rule.seed(2, "T2/jm") == _spectrum_seed(5, 2, "T2/jm")
+    assert rule.seed(2, "T2/jm") == spectrum_seed(5, 2, "T2/jm")
     assert rule.seed(2, "T2/jm") != rule.seed(3, "T2/jm") != rule.seed(3, "T2/je")
 
 
@@ -511,7 +510,7 @@ def test_the_rule_rerun_on_the_runs_own_spectrum_repeats_the_scan(run_dir: Path)
 
 def test_cli_step_writes_its_rows_only_on_success(run_dir: Path, tmp_path: Path) -> None:
     """The shared step of `limits`, `acceptance` and `inject`: numbering, rows, rollback."""
-    from agent.scan.runner import cli_step
+    from agent.scan import cli_step
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("injection", "events"))

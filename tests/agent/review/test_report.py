@@ -33,7 +33,7 @@ from agent.review import (
     spectrum_slug,
 )
 from agent.runtime.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
-from agent.scan.runner import ScanConfig, run_scan
+from agent.scan import ScanConfig, run_scan
 from core.errors import InvalidInputError
 from core.masses import SPECTRUM_NAMES
 from core.synth import SampleConfig, generate_sample

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from agent.runtime.audit import AuditLog
 from agent.runtime.executor import FanOut
-from agent.scan.graph import build_graph, recursion_limit
-from agent.scan.runner import ScanConfig, ScanContext
+from agent.scan import ScanConfig, ScanContext, build_graph, recursion_limit
 
 
 def test_graph_nodes_edges_and_recursion_limit(tmp_path: Path) -> None:
@@ -43,7 +42,7 @@ def _assess_after(tmp_path: Path, step_seconds: list[float], stopped_s: float) -
     sum ago (the scan was stopped in between), a 1-minute budget and one pending point."""
     import time
 
-    from agent.scan.graph import _assess
+    from agent.scan.nodes import assess_node
 
     tmp_path.mkdir()
     config = ScanConfig(run_dir=str(tmp_path), budget_minutes=1.0)
@@ -57,7 +56,7 @@ def _assess_after(tmp_path: Path, step_seconds: list[float], stopped_s: float) -
         "points": [],
     }
     with FanOut("serial") as fan_out, audit.transaction():
-        update = _assess(ScanContext(config, audit, fan_out))(state, "0009-assess")  # type: ignore[arg-type]
+        update = assess_node(ScanContext(config, audit, fan_out), state, "0009-assess")  # type: ignore[arg-type]
     audit.close()
     return update
 
@@ -78,7 +77,7 @@ def test_a_whole_stream_result_repeated_at_tighter_points_is_listed_once(tmp_pat
     and an AR at 1 pb: two rows, the loosest whole-stream point standing for the others."""
     import json
 
-    from agent.scan.graph import collect_results
+    from agent.scan import collect_results
 
     def bump(local_z: float, data: float) -> dict[str, object]:
         return {
@@ -123,7 +122,7 @@ def test_an_excess_whose_background_failed_its_checks_is_never_ranked(tmp_path: 
     not recorded) is listed as skipped with the reason, never as an excess."""
     import json
 
-    from agent.scan.graph import collect_results
+    from agent.scan import collect_results
 
     row = {
         "spectrum": "T3/jm",
@@ -162,7 +161,7 @@ def test_an_excess_whose_background_failed_its_checks_is_never_ranked(tmp_path: 
 def test_distinct_excesses_merge_overlapping_windows_of_a_spectrum() -> None:
     """The terminal's table: one row per spectrum and window, at its best point, with every
     point where it appears (issue: the demo's top six rows were one T3/jm window)."""
-    from agent.scan.runner import distinct_excesses
+    from agent.scan import distinct_excesses
 
     def excess(spectrum: str, point: float, window: list[float], z: float) -> dict[str, object]:
         return {"spectrum": spectrum, "xsec_pb": point, "window_gev": window, "local_z": z}

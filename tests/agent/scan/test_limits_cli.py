@@ -184,8 +184,8 @@ def test_the_scan_node_records_why_there_are_no_limits(tmp_path: Path) -> None:
     """`scan --limits` on a run without accepted backgrounds: a decision says so, no file."""
     from agent.runtime.audit import AuditLog
     from agent.runtime.executor import FanOut
-    from agent.scan.graph import _limits
-    from agent.scan.runner import ScanConfig, ScanContext
+    from agent.scan import ScanConfig, ScanContext
+    from agent.scan.nodes import limits_node
 
     (tmp_path / "results.json").write_text(json.dumps({"luminosity_pb": 1000.0}))
     (tmp_path / "points").mkdir()
@@ -195,7 +195,7 @@ def test_the_scan_node_records_why_there_are_no_limits(tmp_path: Path) -> None:
     audit = AuditLog(tmp_path / "audit.sqlite")
     with FanOut("serial") as fan_out:
         ctx = ScanContext(ScanConfig(run_dir=str(tmp_path), limits=True), audit, fan_out)
-        update = _limits(ctx)({"lumi_pb": 1000.0}, "0009-limits")  # type: ignore[typeddict-item]
+        update = limits_node(ctx, {"lumi_pb": 1000.0}, "0009-limits")  # type: ignore[typeddict-item]
     rows = [r for r in audit.rows("decisions") if r["kind"] == "limits"]
     audit.close()
     assert update["stage"].startswith("no limits")

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.scan.graph import SPECTRUM_NAMES, _spectrum_seed, scan_checks, scan_fallback_settings
-from agent.scan.runner import ScanConfig
-from core.masses import STREAM_FIT_FROM_GEV
+from agent.scan import ScanConfig, scan_checks, scan_fallback_settings, spectrum_seed
+from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
 from core.spectrum import SpectrumAnalysis, analyse_spectrum
 from tests.agent.conftest import (
     CHEAP,
@@ -65,7 +64,7 @@ def _library(run: Path, index: int) -> dict[str, SpectrumAnalysis]:
             fallback=fallback,
             hunt=hunt,
             min_events=config.min_events,
-            seed=_spectrum_seed(config.seed, index, name),
+            seed=spectrum_seed(config.seed, index, name),
         )
         for k, name in enumerate(SPECTRUM_NAMES)
     }

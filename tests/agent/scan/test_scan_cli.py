@@ -246,7 +246,7 @@ def test_a_non_finite_option_is_refused_and_leaves_no_folder(
 
 
 def test_options_that_would_change_a_resumed_run_are_refused(tmp_path: Path) -> None:
-    from agent.scan.runner import ScanConfig, write_config
+    from agent.scan import ScanConfig, write_config
 
     out = tmp_path / "run"
     write_config(ScanConfig(run_dir=str(out), lumi_pb=1000.0))
@@ -272,9 +272,9 @@ def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) 
     """A spectrum whose fits all fail: the decision says so and results list it as skipped."""
     from agent.runtime.audit import AuditLog
     from agent.runtime.executor import FanOut
-    from agent.scan.graph import SPECTRUM_NAMES, _choose_backgrounds
-    from agent.scan.runner import ScanConfig, ScanContext
-    from core.masses import mass_bin_edges
+    from agent.scan import ScanConfig, ScanContext
+    from agent.scan.nodes import choose_backgrounds_node
+    from core.masses import SPECTRUM_NAMES, mass_bin_edges
 
     edges = mass_bin_edges()
     counts = np.zeros((len(SPECTRUM_NAMES), len(edges) - 1))
@@ -297,7 +297,7 @@ def test_every_fit_failing_in_a_spectrum_is_recorded_as_skipped(tmp_path: Path) 
             "fallbacks_used": 0,
         }
         with audit.transaction():
-            update = _choose_backgrounds(ctx)(state, "0003-choose_backgrounds")  # type: ignore[arg-type]
+            update = choose_backgrounds_node(ctx, state, "0003-choose_backgrounds")  # type: ignore[arg-type]
     backgrounds = json.loads((tmp_path / update["current"]["backgrounds_file"]).read_text())
     entry = backgrounds["backgrounds"][name]
     assert entry["status"] in ("no background", "provisional")
@@ -343,7 +343,7 @@ def test_every_fit_failing_in_a_spectrum_through_the_cli(
 
 
 def test_a_folder_or_its_manifest_gives_files_and_luminosity(tmp_path: Path) -> None:
-    from agent.scan.runner import ScanConfig, resolve_inputs
+    from agent.scan import ScanConfig, resolve_inputs
 
     folder = tmp_path / "data"
     generate_sample(folder, SampleConfig(n_events=2000, seed=2, lumi_pb=250.0))

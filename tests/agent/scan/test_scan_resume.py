@@ -323,7 +323,7 @@ def test_replay_of_a_moved_run_folder(reference: Path, tmp_path: Path) -> None:
 
 
 def test_logged_paths_are_found_in_a_moved_folder(tmp_path: Path) -> None:
-    from agent.scan.runner import locate_path
+    from agent.scan import locate_path
 
     now, then = tmp_path / "now", Path("/somewhere/else/run")
     assert locate_path("lee/points.npz", now, then) == now / "lee" / "points.npz"
