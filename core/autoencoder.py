@@ -84,7 +84,24 @@ class LossCurve:
 
 
 @dataclass(frozen=True)
-class TrainedModel:
+class TrainingSetup:
+    """How an autoencoder was trained: events fitted and validated, selection, optimiser.
+
+    Shared by the trained model and its card (the card's JSON keys are these names).
+    """
+
+    n_fit_events: int
+    n_validation_events: int
+    seed: int
+    fraction: float
+    validation_fraction: float
+    std_floor: float
+    learning_rate: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class TrainedModel(TrainingSetup):
     """A trained autoencoder: the torch module (standardisation included) and its provenance.
 
     `network` maps raw features (n, n_features) to the per-event MSE; `training_event_ids`
@@ -97,14 +114,6 @@ class TrainedModel:
     feature_mean: Float32Array = field(repr=False, compare=False)
     feature_scale: Float32Array = field(repr=False, compare=False)
     training_event_ids: IntArray = field(repr=False, compare=False)
-    n_fit_events: int
-    n_validation_events: int
-    seed: int
-    fraction: float
-    validation_fraction: float
-    std_floor: float
-    learning_rate: float
-    batch_size: int
     loss: LossCurve
 
     @property
@@ -127,7 +136,7 @@ class TrainedModel:
 
 
 @dataclass(frozen=True)
-class ModelCard:
+class ModelCard(TrainingSetup):
     """What a model is and how it was made: written as JSON beside the .onnx file."""
 
     model_file: str
@@ -137,14 +146,6 @@ class ModelCard:
     blinded_cells: tuple[tuple[int, int], ...]
     training_events_sha256: str
     n_training_events: int
-    n_fit_events: int
-    n_validation_events: int
-    seed: int
-    fraction: float
-    validation_fraction: float
-    std_floor: float
-    learning_rate: float
-    batch_size: int
     loss_train: tuple[float, ...]
     loss_validation: tuple[float, ...]
     best_epoch: int

@@ -239,6 +239,29 @@ def tabulate_poisson_tails(
     return np.asarray(table, dtype=np.float64)
 
 
+def tabulated_tail_statistics(counts: npt.NDArray[np.int64], background: FloatArray) -> FloatArray:
+    """Tail statistics t = -ln P(n >= k | B) of window counts k (toys x windows), B per window.
+
+    Counts at or below B give 0. The tails come from one `tabulate_poisson_tails` table of
+    at most `_TABLE_ENTRIES_CAP` entries; counts past its end get the exact tail.
+    """
+    first = np.floor(background).astype(np.int64) + 1
+    offset = counts - first[None, :]
+    longest = int(offset.max()) + 1
+    if longest <= 0:
+        return np.zeros(counts.shape, dtype=np.float64)
+    length = max(1, min(longest, _TABLE_ENTRIES_CAP // background.size))
+    table = tabulate_poisson_tails(background, first, length)
+    index = np.clip(offset, 0, length - 1) + (np.arange(background.size) * length)[None, :]
+    values = np.where(offset >= 0, table.ravel()[index], 0.0)
+    beyond = offset >= length
+    if np.any(beyond):
+        values[beyond] = poisson_tail_statistic(
+            counts[beyond], np.broadcast_to(background, counts.shape)[beyond]
+        )
+    return values
+
+
 # ------------------------------------------------------------------------------- windows
 
 
@@ -461,23 +484,7 @@ def toy_statistics(
         for width, sums, active in zip(
             windows.widths, windows.background_sums, windows.active, strict=True
         ):
-            counts = cumulative[:, width:] - cumulative[:, :-width]
-            first = np.floor(sums).astype(np.int64) + 1
-            offset = counts - first[None, :]
-            longest = int(offset.max()) + 1
-            if longest <= 0:
-                continue
-            length = max(1, min(longest, _TABLE_ENTRIES_CAP // sums.size))
-            table = tabulate_poisson_tails(sums, first, length)
-            inside = (offset >= 0) & (offset < length)
-            values = np.zeros(counts.shape, dtype=np.float64)
-            columns = np.broadcast_to(np.arange(sums.size), counts.shape)
-            values[inside] = table[columns[inside], offset[inside]]
-            outside = offset >= length
-            if np.any(outside):
-                values[outside] = poisson_tail_statistic(
-                    counts[outside], np.broadcast_to(sums, counts.shape)[outside]
-                )
+            values = tabulated_tail_statistics(cumulative[:, width:] - cumulative[:, :-width], sums)
             values[:, ~active] = 0.0
             np.maximum(best, values.max(axis=1), out=best)
         result[start : start + size] = best

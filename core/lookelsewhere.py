@@ -71,9 +71,9 @@ from core.bumphunt import (
     ScanWindows,
     best_window,
     check_toy_budget,
-    poisson_tail_statistic,
     significance_from_statistic,
     tabulate_poisson_tails,
+    tabulated_tail_statistics,
     toys_reaching,
     window_thresholds,
 )
@@ -432,23 +432,7 @@ def _exact_maxima(windows: ScanWindows, cumulative: npt.NDArray[np.int64]) -> Fl
             continue
         columns = np.flatnonzero(active)
         counts = cumulative[:, width + columns] - cumulative[:, columns]
-        window_b = sums[columns]
-        first = np.floor(window_b).astype(np.int64) + 1
-        offset = counts - first[None, :]
-        longest = int(offset.max()) + 1
-        if longest <= 0:
-            continue
-        length = max(1, min(longest, _TABLE_CAP // columns.size))
-        table = tabulate_poisson_tails(window_b, first, length)
-        flat = table.ravel()
-        reached = offset >= 0
-        index = np.clip(offset, 0, length - 1) + (np.arange(columns.size) * length)[None, :]
-        values = np.where(reached, flat[index], 0.0)
-        beyond = offset >= length
-        if np.any(beyond):
-            values[beyond] = poisson_tail_statistic(
-                counts[beyond], np.broadcast_to(window_b, counts.shape)[beyond]
-            )
+        values = tabulated_tail_statistics(counts, sums[columns])
         np.maximum(best, values.max(axis=1), out=best)
     return best
 

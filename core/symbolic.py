@@ -368,15 +368,17 @@ class _FrontMember:
     complexity: int
 
 
+@dataclass(frozen=True)
+class _RegressionData:
+    """Features (x, ln x, ln(1 - x)), target ln(n / width) and sigma 1 / sqrt(n) per bin."""
+
+    features: FloatArray
+    target: FloatArray
+    sigma: FloatArray
+
+
 def _search_pyoperon(
-    features: FloatArray,
-    target: FloatArray,
-    sigma: FloatArray,
-    *,
-    seed: int,
-    population_size: int,
-    generations: int,
-    max_length: int,
+    data: _RegressionData, seed: int, options: SearchOptions
 ) -> list[_FrontMember]:
     """Run pyoperon's NSGA-II on (weighted Gaussian likelihood, length); return its front."""
     try:
@@ -388,17 +390,17 @@ def _search_pyoperon(
     regressor = SymbolicRegressor(
         allowed_symbols=_PYOPERON_SYMBOLS,
         objectives=["gauss", "length"],
-        uncertainty=[float(value) for value in sigma],
-        population_size=population_size,
-        generations=generations,
-        max_length=max_length,
+        uncertainty=[float(value) for value in data.sigma],
+        population_size=options.population_size,
+        generations=options.generations,
+        max_length=options.max_length,
         max_evaluations=10**7,
         optimizer_iterations=10,
         random_state=seed,
         n_threads=1,
     )
     try:
-        regressor.fit(features, target)
+        regressor.fit(data.features, data.target)
     except ValueError as error:
         raise FitError(
             f"the pyoperon search (seed {seed}) failed on this spectrum: {error}; its models "
@@ -416,14 +418,7 @@ def _search_pyoperon(
 
 
 def _search_pysr(  # pragma: no cover - needs a Julia runtime, absent on the CI machines
-    features: FloatArray,
-    target: FloatArray,
-    sigma: FloatArray,
-    *,
-    seed: int,
-    population_size: int,
-    generations: int,
-    max_length: int,
+    data: _RegressionData, seed: int, options: SearchOptions
 ) -> list[_FrontMember]:
     """Run PySR (deterministic, serial) with weights 1 / sigma^2; return its Pareto front."""
     import pysr
@@ -431,16 +426,21 @@ def _search_pysr(  # pragma: no cover - needs a Julia runtime, absent on the CI 
     regressor = pysr.PySRRegressor(
         binary_operators=["+", "-", "*", "/"],
         unary_operators=["exp", "log"],
-        niterations=generations,
-        population_size=population_size,
-        maxsize=max_length,
+        niterations=options.generations,
+        population_size=options.population_size,
+        maxsize=options.max_length,
         random_state=seed,
         deterministic=True,
         parallelism="serial",
         progress=False,
         verbosity=0,
     )
-    regressor.fit(features, target, weights=1.0 / sigma**2, variable_names=list(FEATURE_NAMES))
+    regressor.fit(
+        data.features,
+        data.target,
+        weights=1.0 / data.sigma**2,
+        variable_names=list(FEATURE_NAMES),
+    )
     equations = regressor.equations_
     return [
         _FrontMember(text=str(row["equation"]), complexity=int(row["complexity"]))
@@ -615,7 +615,7 @@ def symbolic_fit_problem(
     """
     settings = options or SearchOptions()
     _check_search_options(seed, settings)
-    features, target, sigma = _regression_data(problem)
+    data = _regression_data(problem)
     chosen_backend, message = resolve_backend(settings.backend)
     search = _search_pysr if chosen_backend == "pysr" else _search_pyoperon
     started = time.perf_counter()
@@ -630,15 +630,7 @@ def symbolic_fit_problem(
             break
         tried.append(search_seed)
         try:
-            front = search(
-                features,
-                target,
-                sigma,
-                seed=search_seed,
-                population_size=settings.population_size,
-                generations=settings.generations,
-                max_length=settings.max_length,
-            )
+            front = search(data, search_seed, settings)
         except FitError as error:
             search_failures.append(str(error))
             continue
@@ -646,8 +638,8 @@ def symbolic_fit_problem(
     return _search_result(refits, settings, chosen_backend, message, tried, search_failures)
 
 
-def _regression_data(problem: SpectrumFitProblem) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """(features x, ln x, ln(1 - x); target ln(n / width); sigma 1 / sqrt(n)) of filled bins."""
+def _regression_data(problem: SpectrumFitProblem) -> _RegressionData:
+    """The regression data of the filled bins in the likelihood (centres x, per GeV)."""
     used = problem.used
     counts = problem.range_counts
     filled = used & (counts > 0)
@@ -664,7 +656,7 @@ def _regression_data(problem: SpectrumFitProblem) -> tuple[FloatArray, FloatArra
     features = np.column_stack([x_centre, np.log(x_centre), np.log1p(-x_centre)])
     target = np.log(counts[filled] / (upper - lower))
     sigma = 1.0 / np.sqrt(counts[filled])
-    return features, target, sigma
+    return _RegressionData(features, target, sigma)
 
 
 @dataclass

@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import Field
 
 from core.background import (
@@ -106,6 +107,29 @@ class FitBackgroundInput(SpectrumInput):
     seed: Seed = 0
 
 
+def _fit_spectrum(
+    arguments: SpectrumInput,
+    function: FunctionName,
+    seed: int,
+    *,
+    starts: list[list[float]] | None = None,
+    exclude: tuple[float, float] | None = None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], FitResult]:
+    """The tool's edges (GeV) and counts, and `function` fitted to them over its range."""
+    edges, counts, _ = arguments.histogram.arrays()
+    result = fit_background(
+        edges,
+        counts,
+        function,
+        arguments.fit_range,
+        sqrt_s=arguments.sqrt_s,
+        starts=starts,
+        exclude=exclude,
+        seed=seed,
+    )
+    return edges, counts, result
+
+
 class FitBackgroundOutput(StrictModel):
     """A converged fit; `expected` and `used` are per bin of the fit range `bins`.
 
@@ -167,16 +191,12 @@ def fit_output(result: FitResult) -> FitBackgroundOutput:
 )
 def fit_background_tool(arguments: FitBackgroundInput) -> FitBackgroundOutput:
     """Fit the requested function and return parameters, quality and expected counts."""
-    edges, counts, _ = arguments.histogram.arrays()
-    result = fit_background(
-        edges,
-        counts,
+    _, _, result = _fit_spectrum(
+        arguments,
         arguments.function,
-        arguments.fit_range,
-        sqrt_s=arguments.sqrt_s,
+        arguments.seed,
         starts=arguments.starts,
         exclude=arguments.exclude,
-        seed=arguments.seed,
     )
     return fit_output(result)
 
@@ -497,14 +517,6 @@ class RobustnessChecksOutput(StrictModel):
 )
 def robustness_checks_tool(arguments: RobustnessChecksInput) -> RobustnessChecksOutput:
     """Fit the function, then run the checks with the requested settings."""
-    edges, counts, _ = arguments.histogram.arrays()
-    result = fit_background(
-        edges,
-        counts,
-        arguments.function,
-        arguments.fit_range,
-        sqrt_s=arguments.sqrt_s,
-        seed=arguments.seed,
-    )
+    edges, counts, result = _fit_spectrum(arguments, arguments.function, arguments.seed)
     report = run_checks(edges, counts, result, arguments.checks.to_core(), seed=arguments.seed)
     return RobustnessChecksOutput(fit=fit_output(result), report=report_output(report))
