@@ -2,65 +2,53 @@
 
 Each command group (tools, scan, review, reinterp) defines its subcommands and their
 functions in its own module; this one only adds them, in the order `anomscan --help` lists
-them. Every outcome, parsing included, goes through `agent.errors.guarded`, so a command
-ends in at most one stderr line and a known exit status, never a traceback.
+them, importing only the module of the command that runs (agent/cli/parser.py says why).
+Every outcome, parsing included, goes through `agent.errors.guarded`, so a command ends in
+at most one stderr line and a known exit status, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from agent.cli.common import SIGTERM_RECEIVED, CommandParser, Subcommands, Terminated
-from agent.cli.reinterp import add_acceptance_parser, add_inject_parser, add_limits_parser
-from agent.cli.review import (
-    add_audit_parser,
-    add_export_parser,
-    add_replay_parser,
-    add_report_parser,
-)
-from agent.cli.scan import add_demo_parser, add_scan_parser
-from agent.cli.tools import (
-    add_datasets_parser,
-    add_generate_parser,
-    add_mcp_parser,
-    add_tool_parser,
-)
+from agent.cli.parser import COMMANDS, CommandParser, Subcommands, add_command
+from agent.cli.signals import SIGTERM_RECEIVED, Terminated
 from agent.errors import guarded
 
 __all__ = ["build_parser", "main", "parse_arguments"]
 
-SUBCOMMANDS: tuple[Callable[[Subcommands], None], ...] = (
-    add_generate_parser,
-    add_tool_parser,
-    add_datasets_parser,
-    add_scan_parser,
-    add_audit_parser,
-    add_report_parser,
-    add_export_parser,
-    add_replay_parser,
-    add_demo_parser,
-    add_acceptance_parser,
-    add_inject_parser,
-    add_limits_parser,
-    add_mcp_parser,
-)
-"""The subcommands in the order `anomscan --help` lists them."""
 
+def build_parser(command: str | None = None) -> CommandParser:
+    """The argument parser of every `anomscan` command, or of `command` alone.
 
-def build_parser() -> CommandParser:
-    """The argument parser of every `anomscan` command."""
+    With `command` named, only its module is imported; every other subcommand is its name
+    and help line (all that `anomscan --help` and a mistyped command show).
+    """
     parser = CommandParser(
         prog="anomscan",
         description="Model-agnostic anomaly search: RMM + autoencoder + bump hunt in 63 spectra.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for add_subcommand in SUBCOMMANDS:
-        add_subcommand(commands)
+    for name, entry in COMMANDS.items():
+        if command in (None, name):
+            add: Callable[[Subcommands], None] = getattr(
+                importlib.import_module(entry.module), entry.adder
+            )
+            add(commands)
+        else:
+            add_command(commands, name)
     return parser
+
+
+def _command_named(words: Sequence[str]) -> str:
+    """The subcommand the command line names ("" when it names none: ``anomscan --help``)."""
+    first = next((word for word in words if not word.startswith("-")), "")
+    return first if first in COMMANDS else ""
 
 
 def _subcommand(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
@@ -74,7 +62,7 @@ def _subcommand(parser: argparse.ArgumentParser, name: str | None) -> argparse.A
 
 def parse_arguments(words: Sequence[str]) -> argparse.Namespace:
     """The parsed command line; an unknown option exits 2 naming the closest one."""
-    parser = build_parser()
+    parser = build_parser(_command_named(words))
     arguments, extras = parser.parse_known_args(words)
     if extras:
         chosen = _subcommand(parser, getattr(arguments, "command", None))

@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import Subcommands, add_run_command, canonical_spectrum, progress_bar
+from agent.cli.common import add_run_command, canonical_spectrum, progress_bar
+from agent.cli.parser import Subcommands
 from agent.reinterp import InjectionRequest, run_acceptance, run_injection
 from agent.scan import low_count_text, parse_widths, run_limits
 from core.anomaly import point_text
@@ -60,7 +61,6 @@ def add_acceptance_parser(commands: Subcommands) -> None:
     acceptance = add_run_command(
         commands,
         "acceptance",
-        "acceptance of a signal sample through a run's autoencoder and ARs",
         run_help="run folder of a finished scan",
     )
     acceptance.add_argument("files", nargs="+", help="ROOT files of the signal sample")
@@ -133,7 +133,6 @@ def add_inject_parser(commands: Subcommands) -> None:
     inject = add_run_command(
         commands,
         "inject",
-        "inject generated signal into a copy of a run's events and recover it",
         run_help="run folder of a finished scan",
     )
     inject.add_argument("--pair", required=True, help="e.g. jm")
@@ -194,7 +193,6 @@ def add_limits_parser(commands: Subcommands) -> None:
     limits = add_run_command(
         commands,
         "limits",
-        "95 %% CL CLs limits on Gaussian signals of a finished scan (RUN/limits.json)",
     )
     limits.add_argument("--spectrum", help="only this spectrum, e.g. T2/jm")
     limits.add_argument(

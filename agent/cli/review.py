@@ -21,7 +21,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import Subcommands, add_run_command, canonical_spectrum, progress_bar
+from agent.cli.common import add_run_command, canonical_spectrum, progress_bar
+from agent.cli.parser import Subcommands, add_command
 from agent.errors import EXIT_FAILURE, EXIT_INVALID_INPUT
 from agent.review import (
     check_spectrum,
@@ -221,11 +222,7 @@ def _command_audit(arguments: argparse.Namespace) -> int:
 
 def add_audit_parser(commands: Subcommands) -> None:
     """The `audit` subcommand (its actions are the first words of its target)."""
-    audit_parser = commands.add_parser(
-        "audit",
-        help="decisions of a run as a table (--why SPECTRUM POINT: one spectrum's story); "
-        "`audit verify RUN`; `audit export RUN`; `audit annotate RUN SEQ --verdict ...`",
-    )
+    audit_parser = add_command(commands, "audit")
     audit_parser.add_argument(
         "target", nargs="+", help="RUN, or verify RUN, or export RUN, or annotate RUN SEQ"
     )
@@ -268,7 +265,7 @@ def _command_report(arguments: argparse.Namespace) -> int:
 
 def add_report_parser(commands: Subcommands) -> None:
     """The `report` subcommand."""
-    report = add_run_command(commands, "report", "static HTML report of a run (RUN/report/)")
+    report = add_run_command(commands, "report")
     report.add_argument("-o", "--output", help="report folder (default RUN/report)")
     report.add_argument(
         "--style",
@@ -292,7 +289,7 @@ def _command_export(arguments: argparse.Namespace) -> int:
 
 def add_export_parser(commands: Subcommands) -> None:
     """The `export` subcommand."""
-    export = add_run_command(commands, "export", "export a run (HEPData submission YAML)")
+    export = add_run_command(commands, "export")
     export.add_argument("--hepdata", required=True, metavar="DIR", help="output folder")
     export.set_defaults(handler=_command_export)
 
@@ -315,8 +312,6 @@ def _command_replay(arguments: argparse.Namespace) -> int:
 
 def add_replay_parser(commands: Subcommands) -> None:
     """The `replay` subcommand."""
-    replay_parser = add_run_command(
-        commands, "replay", "re-run every logged tool call, report differences"
-    )
+    replay_parser = add_run_command(commands, "replay")
     replay_parser.add_argument("--tool", action="append", help="only this tool (repeatable)")
     replay_parser.set_defaults(handler=_command_replay)

@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import EXIT_TERMINATED, CommandParser, Subcommands, was_terminated
+from agent.cli.parser import CommandParser, Subcommands, add_command
+from agent.cli.signals import EXIT_TERMINATED, was_terminated
 from agent.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 from agent.runtime.audit import open_readonly
 from agent.scan import (
@@ -280,7 +281,7 @@ def _command_scan(arguments: argparse.Namespace) -> int:
 
 def add_scan_parser(commands: Subcommands) -> None:
     """The `scan` subcommand."""
-    scan = commands.add_parser("scan", help="the autonomous scan (no DATA: built-in sample)")
+    scan = add_command(commands, "scan")
     scan.add_argument("data", nargs="*", help="ROOT files or globs")
     scan.add_argument("--manifest", help="dataset manifest (TOML) with files and lumi_pb")
     scan.add_argument("--lumi-pb", type=float, help="integrated luminosity, pb^-1")
@@ -365,7 +366,7 @@ def _command_demo(arguments: argparse.Namespace) -> int:
 
 def add_demo_parser(commands: Subcommands) -> None:
     """The `demo` subcommand."""
-    demo = commands.add_parser("demo", help="the scan on a freshly generated synthetic sample")
+    demo = add_command(commands, "demo")
     demo.add_argument("-o", "--output", default="runs/demo", help="run folder")
     demo.add_argument("-n", "--events", type=int, default=100_000)
     demo.add_argument("--seed", type=int, default=7)

@@ -17,7 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli.common import Subcommands, print_json
+from agent.cli.common import print_json
+from agent.cli.parser import Subcommands, add_command
 from agent.mcp_server import serve_stdio
 from core.datasets import load_manifest, validate_dataset
 from core.errors import InvalidInputError
@@ -142,7 +143,7 @@ def _command_tool(arguments: argparse.Namespace) -> int:
 
 def add_tool_parser(commands: Subcommands) -> None:
     """The `tool` subcommand."""
-    tool = commands.add_parser("tool", help="run one tool: JSON in, JSON out ('list' to list)")
+    tool = add_command(commands, "tool")
     tool.add_argument("name", help="tool name, or 'list'")
     tool.add_argument("--json", help="input as a JSON object")
     tool.add_argument("--input", help="input from a JSON file")
@@ -166,9 +167,7 @@ def _command_generate(arguments: argparse.Namespace) -> int:
 
 def add_generate_parser(commands: Subcommands) -> None:
     """The `generate` subcommand."""
-    generate = commands.add_parser(
-        "generate", help="write a synthetic NanoAOD-schema sample with injected signals"
-    )
+    generate = add_command(commands, "generate")
     generate.add_argument("-o", "--output", required=True, type=Path, help="output folder")
     generate.add_argument("-n", "--events", type=int, default=100_000, help="background events")
     generate.add_argument("--seed", type=int, default=1)
@@ -211,7 +210,7 @@ def _command_datasets(arguments: argparse.Namespace) -> int:
 
 def add_datasets_parser(commands: Subcommands) -> None:
     """The `datasets` subcommand."""
-    datasets = commands.add_parser("datasets", help="dataset manifests: validate")
+    datasets = add_command(commands, "datasets")
     datasets.add_argument("action", choices=["validate"])
     datasets.add_argument("manifest", type=Path, help="manifest TOML")
     datasets.set_defaults(handler=_command_datasets)
@@ -224,6 +223,6 @@ def _command_mcp(arguments: argparse.Namespace) -> int:
 
 def add_mcp_parser(commands: Subcommands) -> None:
     """The `mcp` subcommand."""
-    mcp = commands.add_parser("mcp", help="serve the tools over the Model Context Protocol (stdio)")
+    mcp = add_command(commands, "mcp")
     mcp.add_argument("--root", type=Path, help="confine every path in a tool input to this folder")
     mcp.set_defaults(handler=_command_mcp)

@@ -14,6 +14,7 @@ import pytest
 
 from agent.cli.common import canonical_spectrum
 from agent.cli.main import build_parser, main
+from agent.cli.parser import COMMANDS
 
 
 def test_generate_writes_files_and_truth(tmp_path, capsys):
@@ -165,6 +166,41 @@ def test_top_level_help_runs_in_a_real_process():
     assert "Traceback" not in result.stderr
     assert "95 % CL" in result.stdout
     assert "limits" in result.stdout
+
+
+def test_top_level_help_loads_no_command_group():
+    """`anomscan --help` names every command without importing the scan stack (~2 s)."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from agent.cli.main import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('langgraph', 'scipy', 'torch')\n"
+        "         or m.startswith(('agent.scan', 'agent.review', 'agent.cli.scan'))]\n"
+        "print(len(out.getvalue()), heavy)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    length, heavy = result.stdout.split(" ", 1)
+    assert int(length) > 500
+    assert heavy.strip() == "[]"
+
+
+def test_a_named_command_has_the_full_parser_of_its_group():
+    """The lazily assembled parser of one command is the one the full parser holds."""
+
+    def sub_help(parser: argparse.ArgumentParser, name: str) -> str:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return str(action.choices[name].format_help())
+        raise AssertionError(name)
+
+    full = build_parser()
+    for name in COMMANDS:
+        assert sub_help(build_parser(name), name) == sub_help(full, name), name
+    assert build_parser("scan").format_help() == full.format_help()
 
 
 @pytest.mark.parametrize("words", _help_commands(), ids=" ".join)
