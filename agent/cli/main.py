@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 from agent.cli.parser import COMMANDS, CommandParser, Subcommands, add_command
-from agent.cli.signals import SIGTERM_RECEIVED, Terminated
 from agent.errors import guarded
+from agent.stop import clear_stop, on_sigint, on_sigterm
 
 __all__ = ["build_parser", "main", "parse_arguments"]
 
@@ -72,17 +72,13 @@ def parse_arguments(words: Sequence[str]) -> argparse.Namespace:
     return arguments
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM: remember it and stop the command as Ctrl-C does."""
-    SIGTERM_RECEIVED.set()
-    raise Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `anomscan` console script; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
+    clear_stop()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGINT, on_sigint)
 
     def command() -> int:
         # Parsing runs guarded too: a fault of the parser itself (a help text argparse can

@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.cli.parser import CommandParser, Subcommands, add_command
-from agent.cli.signals import EXIT_TERMINATED, was_terminated
 from agent.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 from agent.runtime.audit import open_readonly
 from agent.scan import (
@@ -31,6 +30,7 @@ from agent.scan import (
     resolve_inputs,
     run_scan,
 )
+from agent.stop import EXIT_TERMINATED, was_terminated
 from core.anomaly import point_text
 from core.errors import AnomscanError, InvalidInputError
 from core.synth import load_truth

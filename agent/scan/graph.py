@@ -33,6 +33,7 @@ from agent.scan.nodes import (
     summarise_node,
 )
 from agent.scan.state import ScanState
+from agent.stop import raise_if_stopped
 
 __all__ = ["build_graph", "recursion_limit"]
 
@@ -85,6 +86,7 @@ def _audited_step(
     """Wrap a node body: one audit transaction, a `steps` row, the step counter advanced."""
 
     def run(state: ScanState) -> dict[str, Any]:
+        raise_if_stopped()  # a Ctrl-C a library swallowed stops the scan here
         step = int(state.get("step", 0))
         step_id = f"{step:04d}-{name}"
         ctx.step_id = step_id
