@@ -826,37 +826,24 @@ def fit_background(
     )
 
 
-def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 6) -> FloatArray:
-    """1-sigma uncertainty of the fitted expected counts in every bin of the fit range.
+def background_jacobian(
+    result: FitResult, edges: npt.ArrayLike, *, n_points: int = 6
+) -> FloatArray:
+    """Derivatives d mu_i / d parameters (ln p1, theta) of the fitted counts, bins x parameters.
 
-    Linear error propagation of the fit covariance (parameters ln p1, theta):
-    mu_i = exp(ln p1 + L_i(theta)) with L_i the log of the shape's integral over bin i, so
-    the Jacobian row of bin i is J_i = mu_i (1, dL_i/dtheta) and
-    sigma_i = sqrt(J_i C J_i^T) = mu_i sqrt(a_i C a_i^T), a_i = (1, dL_i/dtheta). The
-    derivatives are exact for the log-linear families and central finite differences for
-    any other shape (symbolic expressions), as in the fit itself (`BinnedShape`). The
-    covariance is the fit's: Hesse on the profiled shape likelihood, ln p1 from the
-    exact normalisation (var N = N), and no variance along exact redundancies (they are
-    not free). Bins of an excluded window get the error of the extrapolated function.
-    `edges` (GeV) are the histogram's edges that the fit was made on (the bins
-    `result.first_bin` .. `result.stop_bin - 1` form the range).
-
-    The error is zero only where mu itself underflows to zero. Raises InvalidInputError
-    when the edges do not match the fit range, FitError when the covariance or the
-    derivatives are not finite or the propagated variance is clearly negative (a
-    covariance that is not positive semi-definite); it never returns NaN.
+    Rows cover the fit range (bins `result.first_bin` .. `result.stop_bin - 1`, masked bins
+    included: there the extrapolated function). mu_i = exp(ln p1 + L_i(theta)) with L_i the
+    log of the shape's integral over bin i, so row i is mu_i (1, dL_i/dtheta). The
+    derivatives are exact for the log-linear families and central finite differences for any
+    other shape (symbolic expressions), as in the fit itself (`BinnedShape`). Together with
+    `result.covariance` it gives the covariance of the expected counts, J C J^T, and the
+    linearised refit of pseudo-data. Rows where mu underflows to zero are zero. Raises
+    InvalidInputError when the edges do not match the fit range, FitError when the counts
+    or their derivatives are not finite.
     """
     edge_values = _fitted_edges(result, edges)
     first, stop = result.first_bin, result.stop_bin
-    range_edges = edge_values[first : stop + 1]
-    covariance = np.asarray(result.covariance, dtype=np.float64)
-    n_params = result.function.n_params
-    if covariance.shape != (n_params, n_params) or not np.all(np.isfinite(covariance)):
-        raise FitError(
-            f"{result.name}: the covariance (shape {covariance.shape}) is not a finite "
-            f"{n_params}x{n_params} matrix; no uncertainty can be propagated"
-        )
-    nodes, weights = gauss_legendre_nodes(range_edges, result.sqrt_s, n_points)
+    nodes, weights = gauss_legendre_nodes(edge_values[first : stop + 1], result.sqrt_s, n_points)
     problem = SpectrumFitProblem(
         edges=edge_values,
         counts=np.zeros(edge_values.size - 1),
@@ -870,32 +857,58 @@ def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 
     log_integrals, gradient = BinnedShape(problem, result.function).log_integrals_and_gradient(
         result.theta
     )
-    log_expected = result.parameters[0] + log_integrals
     with np.errstate(over="ignore", under="ignore"):
-        expected = np.exp(log_expected)
+        expected = np.exp(result.parameters[0] + log_integrals)
     alive = expected > 0
     if not (np.all(np.isfinite(expected)) and np.all(np.isfinite(gradient[alive]))):
         raise FitError(
             f"{result.name}: the expected counts or their derivatives are not finite "
             "somewhere in the fit range; no uncertainty can be propagated"
         )
-    relative_rows = np.column_stack([np.ones(alive.sum()), gradient[alive]])
-    relative_variance = np.einsum("ij,jk,ik->i", relative_rows, covariance, relative_rows)
-    # rounding of a positive semi-definite product: tiny negatives relative to its terms
-    magnitude = np.einsum(
-        "ij,jk,ik->i", np.abs(relative_rows), np.abs(covariance), np.abs(relative_rows)
+    jacobian = np.zeros((expected.size, result.function.n_params))
+    jacobian[alive] = expected[alive, None] * np.column_stack(
+        [np.ones(alive.sum()), gradient[alive]]
     )
-    negative = relative_variance < -1e-10 * magnitude
+    return jacobian
+
+
+def expected_errors(result: FitResult, edges: npt.ArrayLike, *, n_points: int = 6) -> FloatArray:
+    """1-sigma uncertainty of the fitted expected counts in every bin of the fit range.
+
+    Linear error propagation of the fit covariance C (parameters ln p1, theta):
+    sigma_i = sqrt(J_i C J_i^T) with J the `background_jacobian`. The covariance is the
+    fit's: Hesse on the profiled shape likelihood, ln p1 from the exact normalisation
+    (var N = N), and no variance along exact redundancies (they are not free). Bins of an
+    excluded window get the error of the extrapolated function. `edges` (GeV) are the
+    histogram's edges that the fit was made on (the bins `result.first_bin` ..
+    `result.stop_bin - 1` form the range).
+
+    The error is zero only where mu itself underflows to zero. Raises InvalidInputError
+    when the edges do not match the fit range, FitError when the covariance or the
+    derivatives are not finite or the propagated variance is clearly negative (a
+    covariance that is not positive semi-definite); it never returns NaN.
+    """
+    covariance = np.asarray(result.covariance, dtype=np.float64)
+    n_params = result.function.n_params
+    if covariance.shape != (n_params, n_params) or not np.all(np.isfinite(covariance)):
+        raise FitError(
+            f"{result.name}: the covariance (shape {covariance.shape}) is not a finite "
+            f"{n_params}x{n_params} matrix; no uncertainty can be propagated"
+        )
+    jacobian = background_jacobian(result, edges, n_points=n_points)
+    variance = np.einsum("ij,jk,ik->i", jacobian, covariance, jacobian)
+    # rounding of a positive semi-definite product: tiny negatives relative to its terms
+    magnitude = np.einsum("ij,jk,ik->i", np.abs(jacobian), np.abs(covariance), np.abs(jacobian))
+    negative = variance < -1e-10 * magnitude
     if np.any(negative):
         raise FitError(
             f"{result.name}: the propagated variance is negative in {np.count_nonzero(negative)} "
             "bin(s); the covariance is not positive semi-definite"
         )
-    errors = np.zeros(expected.size)
-    errors[alive] = expected[alive] * np.sqrt(np.clip(relative_variance, 0.0, None))
+    errors = np.sqrt(np.clip(variance, 0.0, None))
     if not np.all(np.isfinite(errors)):
         raise FitError(f"{result.name}: the propagated uncertainty is not finite")
-    return errors
+    return np.asarray(errors, dtype=np.float64)
 
 
 def _fitted_edges(result: FitResult, edges: npt.ArrayLike) -> FloatArray:
