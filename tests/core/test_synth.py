@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import awkward as ak
@@ -11,6 +12,7 @@ import uproot
 
 from core.errors import InvalidInputError
 from core.events import load_events
+from core.masses import PAIRS, STREAMS, leading_pair_masses, mass_bin_edges, stream_bits
 from core.synth import (
     SampleConfig,
     SignalSpec,
@@ -18,6 +20,7 @@ from core.synth import (
     load_truth,
     resonance_decays,
     signal_event_count,
+    signal_record,
 )
 
 SIGNAL = SignalSpec("jm", mass=2000.0, width=40.0, n_events=400, extra={"photons": 1})
@@ -144,6 +147,9 @@ def test_cross_section_sets_the_event_count():
             SampleConfig(signals=(SignalSpec("jj", 1e3, 1.0, n_events=1, extra={"taus": 1}),)),
             "extra",
         ),
+        (SampleConfig(fourjet_fraction=0.5), "fourjet_fraction"),
+        (SampleConfig(fourjet_fraction=-0.1), "fourjet_fraction"),
+        (SampleConfig(signals=(SignalSpec("jj", 1e3, 1.0, n_events=1, met_gev=-1.0),)), "met_gev"),
     ],
 )
 def test_bad_generator_configs(tmp_path, config, message):
@@ -153,8 +159,6 @@ def test_bad_generator_configs(tmp_path, config, message):
 
 
 def test_all_streams_and_pair_masses_are_populated(sample):
-    from core.masses import PAIRS, STREAMS, leading_pair_masses, stream_bits
-
     chunk = load_events(sample.files)
     bits = stream_bits(chunk)
     masses = leading_pair_masses(chunk)
@@ -164,3 +168,84 @@ def test_all_streams_and_pair_masses_are_populated(sample):
     assert min(per_pair.values()) > 200, per_pair
     # high-mass tails: every pair reaches 1 TeV somewhere
     assert np.all(np.nanmax(masses, axis=0) > 1000.0)
+
+
+@pytest.fixture(scope="module")
+def t7_density(tmp_path_factory):
+    """fourjet_fraction -> pair -> (bin lower edges, T7 events per GeV), 100k events each."""
+    edges = np.asarray(mass_bin_edges())
+    densities = {}
+    for fraction in (0.0, 0.05):
+        folder = tmp_path_factory.mktemp("fourjet")
+        config = SampleConfig(n_events=100_000, seed=23, fourjet_fraction=fraction)
+        chunk = load_events(generate_sample(folder, config).files)
+        in_t7 = stream_bits(chunk)[:, STREAMS.index("T7")]
+        masses = leading_pair_masses(chunk)[in_t7]
+        densities[fraction] = {
+            pair: np.histogram(masses[:, PAIRS.index(pair)], edges)[0] / np.diff(edges)
+            for pair in ("jj", "jb")
+        }
+    return edges[:-1], densities
+
+
+def _mean_density(t7_density, fraction, pair, low, high):
+    lower_edges, densities = t7_density
+    inside = (lower_edges >= low) & (lower_edges < high)
+    return densities[fraction][pair][inside].mean()
+
+
+@pytest.mark.parametrize("pair", ["jj", "jb"])
+def test_fourjet_trigger_sculpts_a_plateau_past_the_t7_fit_start(t7_density, pair):
+    """With the 4-jet process, T7/jj and T7/jb stay flat from 600 to 900 GeV (T7 fits from
+    600 GeV) and fall above; without it they already fall there. Measured at 100k events
+    (seed 23): 750-900 over 550-700 GeV is 0.8-1.0 with the process, 0.5-0.6 without; each
+    mean holds ~500-1500 events, a statistical error of ~4 %."""
+    plateau = _mean_density(t7_density, 0.05, pair, 750, 900) / _mean_density(
+        t7_density, 0.05, pair, 550, 700
+    )
+    falling = _mean_density(t7_density, 0.05, pair, 1400, 1700) / _mean_density(
+        t7_density, 0.05, pair, 550, 700
+    )
+    without = _mean_density(t7_density, 0.0, pair, 750, 900) / _mean_density(
+        t7_density, 0.0, pair, 550, 700
+    )
+    assert plateau > 0.75, plateau
+    assert falling < 0.5, falling
+    assert without < 0.7, without
+
+
+def test_no_fourjet_share_keeps_the_default_sample(tmp_path):
+    """fourjet_fraction 0 (the default) draws exactly what the generator drew before the
+    process existed (hashes measured on the code of main before it), so old samples, their
+    event keys and the tests built on them are unchanged."""
+    config = SampleConfig(n_events=2_000, seed=5, signals=(SIGNAL,))
+    arrays = _arrays(generate_sample(tmp_path, config).files[0])
+    digests = {
+        name: hashlib.sha256(
+            np.asarray(ak.to_numpy(ak.flatten(arrays[name], axis=None)), np.float32).tobytes()
+        ).hexdigest()[:16]
+        for name in ("Jet_pt", "MET_pt", "Muon_eta")
+    }
+    assert digests == {
+        "Jet_pt": "a8ac0bd7e3ad6511",
+        "MET_pt": "d9c212972eecc835",
+        "Muon_eta": "a162004d8a7488d0",
+    }
+    metadata = json.loads(str(uproot.open(tmp_path / "synthetic_000.root")["anomscan_metadata"]))
+    assert "fourjet_fraction" not in metadata
+    assert "met_gev" not in metadata["signals"][0]
+
+
+def test_signal_met_puts_the_signal_in_the_met_stream(tmp_path):
+    """met_gev = 500: exponential MET of mean 500 GeV, so P(MET > 200 GeV) = exp(-0.4) = 0.67
+    (binomial error 0.015 at 1000 events; tolerance 0.05); the default's mean 15 GeV gives
+    none. The MET stream T1 then holds the signal events with MET > 200."""
+    invisible = SignalSpec("jj", 2000.0, 40.0, n_events=1000, met_gev=500.0)
+    info = generate_sample(tmp_path, SampleConfig(n_events=0, seed=3, signals=(invisible,)))
+    met = ak.to_numpy(_arrays(info.files[0])["MET_pt"])
+    assert abs(np.mean(met > 200.0) - np.exp(-0.4)) < 0.05
+    assert abs(np.mean(met) - 500.0) < 50.0
+    chunk = load_events(info.files)
+    assert np.array_equal(stream_bits(chunk)[:, STREAMS.index("T1")], chunk.met_pt > 200.0)
+    assert signal_record(invisible)["met_gev"] == 500.0
+    assert "met_gev" not in signal_record(SIGNAL)
