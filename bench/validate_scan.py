@@ -337,28 +337,36 @@ def _summarise(run_dir: Path, signals: tuple[SignalSpec, ...]) -> dict[str, Any]
     return summary
 
 
-def _signal_rows(
-    signals: tuple[SignalSpec, ...],
-    distinct: list[dict[str, Any]],
-    run_dir: Path,
-    gains: _GainInputs,
-) -> list[dict[str, Any]]:
-    """Per injected signal: its rank, its best excess, the AE gain there.
+def injected_ranks(
+    signals: tuple[SignalSpec, ...], distinct: list[dict[str, Any]]
+) -> list[tuple[int | None, dict[str, Any] | None]]:
+    """Per injected signal: its rank and its best excess (None, None where not found).
 
-    Ranks count distinct excesses (agent.scan.distinct_excesses) with the excesses of one
-    injected signal counted once (the same X seen in T2/jm and T3/jm is one finding), so
-    "found" means rank <= the number of injected signals: the top excess for one signal, both
-    of the top two for two.
+    Ranks count distinct excesses (agent.scan.distinct_excesses, sorted by local Z) with the
+    excesses of one injected signal counted once (the same X seen in T2/jm and T3/jm is one
+    finding), so "found" means rank <= the number of injected signals: the top excess for
+    one signal, both of the top two for two.
     """
     owners = [next((k for k, s in enumerate(signals) if _near(e, s)), None) for e in distinct]
     ranked: list[int | None] = []
     for owner in owners:
         if owner is None or owner not in ranked:
             ranked.append(owner)
+    return [
+        (ranked.index(k) + 1, distinct[owners.index(k)]) if k in ranked else (None, None)
+        for k in range(len(signals))
+    ]
+
+
+def _signal_rows(
+    signals: tuple[SignalSpec, ...],
+    distinct: list[dict[str, Any]],
+    run_dir: Path,
+    gains: _GainInputs,
+) -> list[dict[str, Any]]:
+    """Per injected signal: its rank (`injected_ranks`), its best excess, the AE gain there."""
     rows = []
-    for k, signal in enumerate(signals):
-        rank = ranked.index(k) + 1 if k in ranked else None
-        injected = distinct[owners.index(k)] if k in owners else None
+    for signal, (rank, injected) in zip(signals, injected_ranks(signals, distinct), strict=True):
         rows.append(
             {
                 "label": signal.label(),
@@ -419,7 +427,7 @@ def _whole_stream_points(run_dir: Path) -> dict[str, float]:
     return points
 
 
-def _window_counts(path: Path, spectrum: str, window: list[float]) -> dict[str, Any]:
+def window_counts(path: Path, spectrum: str, window: list[float]) -> dict[str, Any]:
     """Data, fitted background and Poisson local Z in `window` (GeV) of one point's spectrum.
 
     Z = Phi^-1(1 - P(n >= D | B)) with P(n >= D | B) = P(D, B), the regularised lower
@@ -442,17 +450,17 @@ def _window_counts(path: Path, spectrum: str, window: list[float]) -> dict[str, 
 def _ae_gain(run_dir: Path, excess: dict[str, Any], gains: _GainInputs) -> dict[str, Any]:
     """The AE gain of an excess: its window at its best AR point vs at the whole stream.
 
-    dZ = (Z_AR / Z_whole - 1) x 100 % (PHYSICS.md section 6), both Z by `_window_counts` in
+    dZ = (Z_AR / Z_whole - 1) x 100 % (PHYSICS.md section 6), both Z by `window_counts` in
     the same bins. Where the stream is never whole in the scan (more events than the loosest
     point keeps), the loosest point stands in and `reference_is_whole_stream` says so.
     """
     stream = excess["spectrum"].split("/", maxsplit=1)[0]
     whole_pb = gains.whole_stream_pb.get(stream)
     reference_pb = whole_pb if whole_pb is not None else max(float(k) for k in gains.arrays)
-    at_ar = _window_counts(
+    at_ar = window_counts(
         gains.arrays[_pb_key(excess["xsec_pb"])], excess["spectrum"], excess["window_gev"]
     )
-    at_whole = _window_counts(
+    at_whole = window_counts(
         gains.arrays[_pb_key(reference_pb)], excess["spectrum"], excess["window_gev"]
     )
     z_ar, z_whole = at_ar["z"], at_whole["z"]
