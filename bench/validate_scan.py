@@ -40,6 +40,8 @@ validation.md (RESULTS: --results, default bench/results).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
@@ -74,6 +76,7 @@ from core.synth import SampleConfig, SignalSpec, generate_sample, load_truth, si
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+PACKAGES = ("core", "tools", "agent")
 SCAN = "anomscan scan (graph, rules policy)"
 """The `implementation` of every sample this script records."""
 
@@ -157,8 +160,10 @@ def _settings(
 ) -> dict[str, Any]:
     """What a cached sample must share to be reused: scan settings, the sample, the generator.
 
-    The generator enters by the hash of core/synth.py, so any change to it reruns every
-    sample; the sample by its seed, 4-jet share and signal specifications.
+    The generator enters by the hash of core/synth.py and the scan by that of every module
+    of core/, tools/ and agent/ (`_code_sha256`), so a sample scanned before a physics fix
+    is rerun, never reported as the fixed code's; the sample by its seed, 4-jet share and
+    signal specifications.
     """
     return {
         "n_events": arguments.events,
@@ -169,7 +174,17 @@ def _settings(
         "fourjet_fraction": FOURJET_FRACTION,
         "signals": [signal_record(s) for s in signals],
         "generator_sha256": file_sha256(ROOT / "core" / "synth.py"),
+        "code_sha256": _code_sha256(),
     }
+
+
+@functools.cache
+def _code_sha256() -> str:
+    """SHA-256 over the paths and bytes of the Python modules of core/, tools/ and agent/."""
+    digest = hashlib.sha256()
+    for path in sorted(p for package in PACKAGES for p in (ROOT / package).rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _sample_config(events: int, signals: tuple[SignalSpec, ...], seed: int) -> SampleConfig:
