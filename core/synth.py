@@ -337,16 +337,20 @@ class _Objects:
 def _add_background(
     rng: np.random.Generator,
     n: int,
+    offset: int,
     collections: dict[str, _Objects],
     processes: tuple[_Process, ...] = BACKGROUND,
 ) -> tuple[FloatArray, FloatArray]:
-    """Draw `n` background events of the mix `processes` at indices 0..n-1; return MET pt, phi."""
+    """Draw `n` background events of the mix `processes` from event index `offset`.
+
+    Returns MET pt and phi.
+    """
     process = rng.choice(len(processes), n, p=[p.fraction for p in processes])
     hardness = _power_law(rng, n, 1.0, HARDNESS_POWER)
     met_pt = np.empty(n)
     for k, spec in enumerate(processes):
         index = np.flatnonzero(process == k)
-        events = index
+        events = index + offset
         scale = hardness[index]
         fixed, mean, jet_min, jet_power = spec.jets
         n_jets = int(fixed) + rng.poisson(mean, len(index))
@@ -502,7 +506,7 @@ def generate_events(
     slots = rng.permutation(n_total)
     background_events = slots[:n_background]
     met_bkg, phi_bkg = _add_background(
-        rng, n_background, collections, background_processes(fourjet_fraction)
+        rng, n_background, 0, collections, background_processes(fourjet_fraction)
     )
     # background was drawn at indices 0..n_background-1: remap owners to their shuffled slots
     for objects in collections.values():
