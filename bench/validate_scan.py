@@ -556,13 +556,20 @@ def null_miss_rates(n_samples: int) -> dict[str, float]:
     return {key: float(1 - ok.mean()) for key, ok in _goal_verdicts(uniform).items()}
 
 
+def _binomial_interval(k: int, n: int) -> list[float]:
+    """The central 68.3 % Clopper-Pearson interval of a rate k / n (exact at small n)."""
+    interval = stats.binomtest(k, n).proportion_ci(confidence_level=0.683, method="exact")
+    return [float(interval.low), float(interval.high)]
+
+
 def background_summary(global_p: list[float], global_z: list[float]) -> dict[str, Any]:
     """The scan-global p of background-only samples against uniform, and the goals' verdicts.
 
-    KS test against U(0, 1) (scipy.stats.kstest), the median, P(p < 0.05) with its binomial
-    error, the largest Z, and per goal the rate at which a calibrated p would miss it with as
-    many samples (`null_miss_rates`). A p capped by the pseudo-scan count (a lower-limit Z)
-    enters as recorded: the KS test then sees a slightly conservative p.
+    KS test against U(0, 1) (scipy.stats.kstest), the median, P(p < 0.05) with its 68 %
+    Clopper-Pearson interval, the largest Z, and per goal the rate at which a calibrated p
+    would miss it with as many samples (`null_miss_rates`). A p capped by the pseudo-scan
+    count (a lower-limit Z) enters as recorded: the KS test then sees a slightly
+    conservative p.
     """
     if not global_p:
         return {"n": 0}
@@ -576,7 +583,7 @@ def background_summary(global_p: list[float], global_z: list[float]) -> dict[str
         "ks_p_value": float(ks.pvalue),
         "median_p": float(np.median(global_p)),
         "fraction_p_below_0_05": below,
-        "fraction_p_below_0_05_error": math.sqrt(max(below * (1 - below), 1 / n) / n),
+        "fraction_p_below_0_05_interval": _binomial_interval(round(below * n), n),
         "max_scan_global_z": max(global_z) if global_z else None,
         "n_above_z3": sum(z > GOAL_MAX_Z for z in global_z),
         "goals": {
@@ -630,6 +637,7 @@ def _background_lines(summary: dict[str, Any]) -> list[str]:
         return ["No background-only sample completed."]
     verdict = {True: "goal met", False: "GOAL MISSED"}
     miss = summary["calibrated_miss_rates"]
+    below_low, below_high = summary["fraction_p_below_0_05_interval"]
     return [
         f"Background-only samples: {summary['n']}. Scan-global p against uniform: KS D = "
         f"{summary['ks_statistic']:.3f}, KS p = {summary['ks_p_value']:.3g}. In brackets: how"
@@ -637,8 +645,8 @@ def _background_lines(summary: dict[str, Any]) -> list[str]:
         "",
         f"- median p {summary['median_p']:.3f} (goal 0.35-0.65: "
         f"{verdict[summary['median_ok']]} [{miss['median_ok']:.0%}])",
-        f"- P(p < 0.05) = {summary['fraction_p_below_0_05']:.3f} +- "
-        f"{summary['fraction_p_below_0_05_error']:.3f} (goal <= 0.10: "
+        f"- P(p < 0.05) = {summary['fraction_p_below_0_05']:.3f} (68 % interval "
+        f"{below_low:.3f}-{below_high:.3f}; goal <= 0.10: "
         f"{verdict[summary['fraction_below_0_05_ok']]} [{miss['fraction_below_0_05_ok']:.0%}])",
         f"- largest scan-global Z {_number(summary['max_scan_global_z'], '.2f')}, "
         f"{summary['n_above_z3']} above 3 (goal none: {verdict[summary['max_z_ok']]} "

@@ -112,3 +112,17 @@ def test_window_z_is_the_poisson_tail_of_the_window(tmp_path, data, background):
     expected[k, first] = np.nan
     np.savez(path, edges=edges, counts=counts, background=expected)
     assert validate_scan.window_counts(path, "T2/jm", window)["z"] is None
+
+
+def test_rate_interval_covers_the_rate_at_small_counts():
+    """0 of 10 below 0.05 still allows a rate up to ~16 % (68 % Clopper-Pearson), 1 of 2
+    anything from ~8 % to ~92 %: no symmetric +- that goes below 0 or says nothing."""
+    summary = validate_scan.background_summary([0.5] * 10, [0.0] * 10)
+    low, high = summary["fraction_p_below_0_05_interval"]
+    assert low == 0.0
+    assert 0.15 < high < 0.17
+    low, high = validate_scan.background_summary([0.01, 0.9], [2.3, 0.0])[
+        "fraction_p_below_0_05_interval"
+    ]
+    assert 0.07 < low < 0.09
+    assert 0.91 < high < 0.93
