@@ -24,6 +24,7 @@ continues from them; the summary goes to bench/results/validate_checks.json and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -73,11 +74,15 @@ def bump_density(mass: float) -> float:
 
 def expected_counts(edges: np.ndarray, n_events: float, shape: str) -> np.ndarray:
     """Exact bin integrals (quad) of the truth, n_events in [FIT_FROM_GEV, UPPER_GEV]."""
-    truth = np.array([integrate.quad(p4_density, lo, hi)[0] for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
+    truth = np.array(
+        [integrate.quad(p4_density, lo, hi)[0] for lo, hi in itertools.pairwise(edges)]
+    )
     inside = (edges[:-1] >= FIT_FROM_GEV - 1e-9) & (edges[1:] <= UPPER_GEV + 1e-9)
     truth *= n_events / truth[inside].sum()
     if shape == "bump":
-        bump = np.array([integrate.quad(bump_density, lo, hi)[0] for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
+        bump = np.array(
+            [integrate.quad(bump_density, lo, hi)[0] for lo, hi in itertools.pairwise(edges)]
+        )
         truth = truth + BUMP[2] * n_events * bump
     return truth
 
@@ -109,8 +114,7 @@ def one_toy(edges: np.ndarray, counts: np.ndarray, seed: int) -> dict[str, Any]:
             for t in decision.selection.tests
         ],
         "candidates": {
-            c.name: None if c.report is None else _report_row(c.report)
-            for c in decision.candidates
+            c.name: None if c.report is None else _report_row(c.report) for c in decision.candidates
         },
         "fit_range": None if decision.fit_range is None else list(decision.fit_range.bounds),
     }
@@ -134,14 +138,24 @@ def one_toy(edges: np.ndarray, counts: np.ndarray, seed: int) -> dict[str, Any]:
 
 def _binomial(k: int, n: int) -> dict[str, float]:
     rate = k / n if n else math.nan
-    return {"k": k, "n": n, "rate": rate, "error": math.sqrt(rate * (1 - rate) / n) if n else math.nan}
+    return {
+        "k": k,
+        "n": n,
+        "rate": rate,
+        "error": math.sqrt(rate * (1 - rate) / n) if n else math.nan,
+    }
 
 
 def summarise(rows: list[dict[str, Any]], shape: str) -> dict[str, Any]:
     """Per check the rejection rate of the p4 fit; the choice's outcomes."""
     n = len(rows)
     truth_like = {"p4", "p5", "p6"} if shape == "p4" else set()
-    check_names = ("goodness_of_fit", "fit_start_stability", "spurious_signal", "falling_background")
+    check_names = (
+        "goodness_of_fit",
+        "fit_start_stability",
+        "spurious_signal",
+        "falling_background",
+    )
     checked = [row["p4_checks"] for row in rows if "checks" in row.get("p4_checks", {})]
     rejection = {
         name: _binomial(sum(1 for c in checked if c["checks"].get(name) == "fail"), len(checked))
@@ -188,8 +202,15 @@ def run(sizes: list[float], n_toys: int, shape: str, cache: Path, seed: int) -> 
             counts = rng.poisson(mu).astype(np.float64)
             rows.append(one_toy(edges, counts, seed=index))
             cache.write_text(json.dumps(stored))
-            print(f"{shape} {key} toy {index}: {rows[-1]['chosen']} ({rows[-1]['seconds']:.1f} s)", flush=True)
-    return {key: summarise(rows[:n_toys], shape) for key, rows in stored.items() if key in {f"{s:g}" for s in sizes}}
+            print(
+                f"{shape} {key} toy {index}: {rows[-1]['chosen']} ({rows[-1]['seconds']:.1f} s)",
+                flush=True,
+            )
+    return {
+        key: summarise(rows[:n_toys], shape)
+        for key, rows in stored.items()
+        if key in {f"{s:g}" for s in sizes}
+    }
 
 
 def main() -> None:
