@@ -676,16 +676,16 @@ def spurious_signal(
     )
     converged = all(numbers[f"converged_{mass:.0f}_gev"] >= 0.8 * n_sets for mass in tested)
     if problems and converged:
-        null = _null_max_pulls(problem, fit, alternative_fit, tested, widths, alpha, rng)
+        null = _null_max_pulls(problem, fit, alternative_fit, tested, widths, alpha, rng, worst)
         null_max = float(null.max()) if null.size else math.nan
         numbers |= {"n_null_toys": float(null.size), "null_max_abs_pull": null_max}
         if null.size and worst <= null_max:
             problems = []
             message = (
                 f"{fit.name} on {source}: |median pull| {worst:.2f} >= {max_median_pull}, "
-                f"but within the pulls of the same test on {null.size} toys of {fit.name} "
-                f"itself (up to {null_max:.2f}): the alternative differs from {fit.name} by a "
-                "shape the data cannot resolve, no evidence against it"
+                f"but the same test on toys of {fit.name} itself reached {null_max:.2f} "
+                f"(toy {null.size}): the alternative differs from {fit.name} by a shape the "
+                "data cannot resolve, no evidence against it"
             )
         else:
             problems.append(
@@ -705,13 +705,16 @@ def _null_max_pulls(
     widths: FloatArray,
     alpha: float,
     rng: np.random.Generator,
+    observed: float,
 ) -> FloatArray:
     """Largest |pull| of the Asimov spurious-signal test on toys where `fit` is the truth.
 
-    round(1 / alpha) - 1 Poisson toys of `fit` (19 at alpha 0.05), the alternative refitted
-    to each, `fit`'s function plus signal fitted to that refit's Asimov data at `tested`
-    masses: the test's statistic when the tested function is the truth (its null
-    distribution). Toys whose alternative fit fails are left out.
+    Up to round(1 / alpha) - 1 Poisson toys of `fit` (19 at alpha 0.05), the alternative
+    refitted to each, `fit`'s function plus signal fitted to that refit's Asimov data at
+    `tested` masses: the test's statistic when the tested function is the truth (its null
+    distribution). The observed statistic fails at rank 1 in 20 (size alpha) only when it
+    exceeds every toy, so the toys stop at the first that reaches `observed` (~3 toys on
+    the null instead of 19). Toys whose alternative fit fails are left out.
     """
     n_toys = max(round(1.0 / alpha) - 1, 1)
     used = problem.used
@@ -735,6 +738,8 @@ def _null_max_pulls(
         )
         if np.all(np.isfinite(pulls)):
             statistics.append(float(np.max(np.abs(pulls))))
+            if statistics[-1] >= observed:
+                break
     return np.asarray(statistics, dtype=np.float64)
 
 
