@@ -229,7 +229,46 @@ def main() -> None:
     everything = json.loads(out.read_text()) if out.exists() else {}
     everything[f"{args.shape}{args.tag}"] = summary
     out.write_text(json.dumps(everything, indent=1))
-    print(json.dumps(summary, indent=1))
+    out.with_suffix(".md").write_text(markdown(everything))
+    print(markdown({f"{args.shape}{args.tag}": summary}))
+
+
+def _rate(entry: dict[str, float]) -> str:
+    return f"{entry['k']}/{entry['n']} ({100 * entry['rate']:.1f} +- {100 * entry['error']:.1f} %)"
+
+
+def markdown(everything: dict[str, Any]) -> str:
+    """A table per campaign: rejection of the p4 fit per check, and the choice's outcome."""
+    lines = [
+        "# Background checks on toys independent of the fit code",
+        "",
+        "bench/validate_checks.py: p4 truth (or p4 + a broad bump, `bump`) integrated with",
+        "scipy quad on the scan's binning, fit from 300 GeV to 0.65 sqrt_s, `choose_background`",
+        "with the scan's defaults. `_old` is the code before issue 23 part 4, `_new` after.",
+        "Rejection of p4 = the checks run on the p4 fit of every toy (whatever was chosen).",
+        "",
+    ]
+    checks = ("goodness_of_fit", "fit_start_stability", "spurious_signal", "falling_background")
+    for tag, sizes in everything.items():
+        lines += [f"## {tag}", ""]
+        lines.append(
+            "| events | " + " | ".join(checks) + " | any | spurious n/a | chosen | accepted p4+ "
+            "| accepted any |"
+        )
+        lines.append("|" + " --- |" * (len(checks) + 6))
+        for size, row in sizes.items():
+            rejected = row["p4_rejected_by"]
+            cells = [_rate(rejected[name]) for name in (*checks, "any")]
+            chosen = ", ".join(f"{k} {v}" for k, v in sorted(row["chosen"].items()))
+            accepted = _rate(row["accepted_truth_or_nesting"])
+            accepted_any = _rate(row["accepted_any"])
+            skipped = row["p4_not_applicable"]["spurious_signal"]
+            lines.append(
+                f"| {size} | " + " | ".join(cells) + f" | {skipped} | {chosen} | {accepted} "
+                f"| {accepted_any} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
