@@ -172,6 +172,9 @@ def test_spurious_signal_passes_the_true_model_and_fails_a_deliberately_wrong_on
     assert not wrong.passed
     assert wrong.numbers["max_abs_median_pull"] > 0.5
     assert "median pull" in wrong.message
+    # calibrated on its null: the pull exceeds that of each of 19 toys of the p3 fit itself
+    assert wrong.numbers["n_null_toys"] == 19
+    assert wrong.numbers["null_max_abs_pull"] < wrong.numbers["max_abs_median_pull"]
 
 
 def test_spurious_signal_toys_agree_with_the_asimov_shortcut():
