@@ -17,7 +17,7 @@ where the truth is not in the family.
     nice -n 10 env PYTHONPATH=$PWD .venv/bin/python bench/validate_checks.py \
         [--sizes 1e4 1e5 1e6] [--toys 100] [--shape p4|bump] [--cache FILE]
 
-Per-toy results are cached (bench/results/validate_checks_toys_<shape>.json) and a rerun
+Per-toy results are cached (runs/validate_checks/validate_checks_toys_<shape>.json) and a rerun
 continues from them; the summary goes to bench/results/validate_checks.json and .md.
 """
 
@@ -40,6 +40,8 @@ from core.fit import fit_spectrum, prepare_spectrum
 from core.fitfunctions import get_function
 
 RESULTS = Path(__file__).parent / "results"
+CACHE = Path(__file__).parents[1] / "runs" / "validate_checks"
+"""Per-toy results (not committed: runs/ is ignored), read back by a rerun."""
 SQRT_S = 13000.0
 FIT_FROM_GEV = 300.0
 UPPER_GEV = 0.65 * SQRT_S
@@ -223,7 +225,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
-    cache = args.cache or RESULTS / f"validate_checks_toys_{args.shape}{args.tag}.json"
+    cache = args.cache or CACHE / f"validate_checks_toys_{args.shape}{args.tag}.json"
     summary = run(args.sizes, args.toys, args.shape, cache, args.seed)
     out = RESULTS / "validate_checks.json"
     everything = json.loads(out.read_text()) if out.exists() else {}
