@@ -192,6 +192,7 @@ def summarise(rows: list[dict[str, Any]], shape: str) -> dict[str, Any]:
 def run(sizes: list[float], n_toys: int, shape: str, cache: Path, seed: int) -> dict[str, Any]:
     """Toys in order, each cached as soon as it is done; the summary per size."""
     edges = resolution_edges()
+    cache.parent.mkdir(parents=True, exist_ok=True)
     stored: dict[str, list[dict[str, Any]]] = (
         json.loads(cache.read_text()) if cache.exists() else {}
     )
