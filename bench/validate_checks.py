@@ -249,6 +249,8 @@ def markdown(everything: dict[str, Any]) -> str:
         "scipy quad on the scan's binning, fit from 300 GeV to 0.65 sqrt_s, `choose_background`",
         "with the scan's defaults. `_old` is the code before issue 23 part 4, `_new` after.",
         "Rejection of p4 = the checks run on the p4 fit of every toy (whatever was chosen).",
+        "`bump`: no function of the family is the truth (accepted p4+ is 0 by definition);",
+        "its columns measure power: how often the checks reject, how often a function passes.",
         "",
     ]
     checks = ("goodness_of_fit", "fit_start_stability", "spurious_signal", "falling_background")
