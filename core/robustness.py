@@ -24,7 +24,7 @@ tests/core/test_background.py; the measurements behind them are in docs/physics-
   only when it also exceeds the pulls of the same test on 19 toys of the tested fit
   (`_null_max_pulls`). An alternative admitted by delta AIC <= 4 may differ from the truth
   by a signal-like shape the data cannot resolve, so the bare 0.5 rule failed the true p4
-  in 16.5 % of independent 1e5- and 1e6-event toys; the calibrated rule in ~5 %.
+  in 16.5 % of independent 1e5- and 1e6-event toys; the calibrated rule in 2.5 %.
 - Falling background: rejects fits predicting more than one event above their own falling
   envelope (`MAX_RISING_EXCESS`).
 
