@@ -360,7 +360,7 @@ def test_spurious_signal_rejects_the_true_p4_at_most_at_its_nominal_rate() -> No
     in at most 4 (P(>= 5) = 1.6 % at the nominal 5 %); measured: 2. The uncalibrated
     |pull| < 0.5 rule failed it in 8: a UA2 that describes the data (delta AIC <= 4)
     differs from p4 by a signal-like shape whatever the toy (pulls ~0.5 at ~1 TeV,
-    bench/validate_checks.py), so the pull alone is no evidence against p4. ~35 s."""
+    bench/validate_checks.py), so the pull alone is no evidence against p4. 6-30 s."""
     mu = independent_p4_counts(1.0e5)
     rng = np.random.default_rng(2323)
     failures = 0
