@@ -20,9 +20,20 @@ tests/core/test_background.py; the measurements behind them are in docs/physics-
   are data (`floor_bin`); the moved fit's goodness of fit is recorded, not required.
 - Spurious signal: only against an alternative that describes the spectrum
   (`MAX_ALTERNATIVE_DELTA_AIC`), masses 3 widths inside the range (`EDGE_WIDTHS`),
-  criterion |median S_spur / sigma_S| < 0.5; passes on toys of the tested function itself.
+  criterion |median S_spur / sigma_S| < 0.5, calibrated on its null: a larger pull fails
+  only when it also exceeds the pulls of the same test on 19 toys of the tested fit
+  (`_null_max_pulls`). An alternative admitted by delta AIC <= 4 may differ from the truth
+  by a signal-like shape the data cannot resolve, so the bare 0.5 rule failed the true p4
+  in 16.5 % of independent 1e5- and 1e6-event toys; the calibrated rule in 2.5 %.
 - Falling background: rejects fits predicting more than one event above their own falling
   envelope (`MAX_RISING_EXCESS`).
+
+Null rates by design (the tested function is the truth): goodness of fit alpha = 5 %;
+spurious signal alpha = 5 % (1 / (1 + 19) by rank); fit-start stability ~0 (a true
+background moves by far less than 1 sqrt(mu) when the start moves by a bin); falling
+background 0 (a falling truth never predicts an event above its falling envelope); window
+exclusion alpha (its goodness of fit). bench/validate_checks.py measures them on toys
+made without the project's fit code.
 """
 
 from __future__ import annotations
@@ -585,6 +596,7 @@ def spurious_signal(
     max_delta_aic: float = MAX_ALTERNATIVE_DELTA_AIC,
     seed: int | np.random.Generator = 0,
     alternative_cache: AlternativeCache | None = None,
+    calibrate: bool = True,
 ) -> CheckResult:
     """Spurious-signal test of `fit`'s function on toys drawn from an alternative function.
 
@@ -603,8 +615,15 @@ def spurious_signal(
     without toy noise (the median of 50 toy pulls scatters by about 0.18). The criterion
     is the analyses' one: the spurious signal S_spur (median fitted yield) against the
     statistical uncertainty sigma_S of the fitted signal, |median S/sigma_S| < 0.5; both
-    medians are recorded per mass. On toys drawn from the tested function itself the
-    check passes (tests/core/test_robustness.py).
+    medians are recorded per mass. A pull past 0.5 fails only when the largest |pull|
+    also exceeds that of the same Asimov test on each of round(1 / alpha) - 1 toys drawn
+    from `fit` (`_null_max_pulls`): the test is then rejected at rate alpha when `fit` is
+    the truth, whereas the bare 0.5 rule fails a true p4 whenever the admitted UA2 differs
+    from it by a signal-like shape the data cannot resolve (module docstring).
+    `calibrate` False keeps the bare 0.5 rule: `robustness_checks` passes it for a fit whose
+    goodness of fit failed, which is no candidate truth and fails anyway (the null toys,
+    19 alternative fits and 6 x 19 signal fits, would only cost time there). On toys
+    drawn from the tested function itself the check passes (tests/core/test_robustness.py).
     """
     if n_toys < 1 or n_masses < 1:
         raise InvalidInputError(
@@ -654,15 +673,78 @@ def spurious_signal(
         tested, pulls, signals, signal_errors, n_sets, max_median_pull, numbers
     )
     worst = numbers["max_abs_median_pull"]
-    passed = not problems
     source = f"{alternative_fit.function.name} {'Asimov data' if method == 'asimov' else 'toys'}"
     message = (
         f"{fit.name} on {source}: |median pull| <= {worst:.2f} < {max_median_pull} at "
         f"{tested.size} masses"
-        if passed
-        else f"{fit.name} on {source} fails: " + "; ".join(problems)
     )
+    converged = all(numbers[f"converged_{mass:.0f}_gev"] >= 0.8 * n_sets for mass in tested)
+    if problems and converged and calibrate:
+        null = _null_max_pulls(problem, fit, alternative_fit, tested, widths, alpha, rng, worst)
+        null_max = float(null.max()) if null.size else math.nan
+        numbers |= {"n_null_toys": float(null.size), "null_max_abs_pull": null_max}
+        if null.size and worst <= null_max:
+            problems = []
+            message = (
+                f"{fit.name} on {source}: |median pull| {worst:.2f} >= {max_median_pull}, "
+                f"but the same test on toys of {fit.name} itself reached {null_max:.2f} "
+                f"(toy {null.size}): the alternative differs from {fit.name} by a shape the "
+                "data cannot resolve, no evidence against it"
+            )
+        else:
+            problems.append(
+                f"larger than on each of {null.size} toys of {fit.name} (up to {null_max:.2f})"
+            )
+    passed = not problems
+    if not passed:
+        message = f"{fit.name} on {source} fails: " + "; ".join(problems)
     return CheckResult("spurious_signal", passed, numbers, message)
+
+
+def _null_max_pulls(
+    problem: SpectrumFitProblem,
+    fit: FitResult,
+    alternative_fit: FitResult,
+    tested: FloatArray,
+    widths: FloatArray,
+    alpha: float,
+    rng: np.random.Generator,
+    observed: float,
+) -> FloatArray:
+    """Largest |pull| of the Asimov spurious-signal test on toys where `fit` is the truth.
+
+    Up to round(1 / alpha) - 1 Poisson toys of `fit` (19 at alpha 0.05), the alternative
+    refitted to each, `fit`'s function plus signal fitted to that refit's Asimov data at
+    `tested` masses: the test's statistic when the tested function is the truth (its null
+    distribution). The observed statistic fails at rank 1 in 20 (size alpha) only when it
+    exceeds every toy, so the toys stop at the first that reaches `observed` (~3 toys on
+    the null instead of 19). Toys whose alternative fit fails are left out.
+    """
+    n_toys = max(round(1.0 / alpha) - 1, 1)
+    used = problem.used
+    statistics = []
+    for _ in range(n_toys):
+        toy = problem.range_counts.copy()
+        toy[used] = rng.poisson(fit.expected[used])
+        toy_problem = problem.with_range_counts(toy)
+        try:
+            toy_alternative = fit_spectrum(
+                toy_problem,
+                alternative_fit.function,
+                starts=[alternative_fit.parameters],
+                seed=rng,
+                max_attempts=2,
+            )
+        except FitError:
+            continue
+        pulls, _, _ = _signal_fits(
+            toy_problem, fit, toy_alternative.expected, tested, widths, 1, "asimov", rng
+        )
+        if np.all(np.isfinite(pulls)):
+            statistics.append(float(np.max(np.abs(pulls))))
+            if statistics[-1] >= observed:
+                break
+    return np.asarray(statistics, dtype=np.float64)
 
 
 def _spurious_not_applicable(numbers: dict[str, float], why: str) -> CheckResult:
@@ -889,20 +971,22 @@ def robustness_checks(
     """Run every robustness check on `fit` (window exclusion only when a window is given).
 
     Order: goodness of fit, fit-start stability (never below `floor_bin`), spurious
-    signal, window exclusion (with a window), falling background.
+    signal (null-calibrated only when the goodness of fit passed), window exclusion (with
+    a window), falling background.
     """
     gof_seed, stability_seed, spurious_seed, window_seed = np.random.SeedSequence(seed).spawn(4)
     problem = _problem_for(edges, counts, fit, exclude=_excluded(edges, fit))
+    gof = goodness_of_fit(
+        problem,
+        fit,
+        method=gof_method,
+        n_toys=n_gof_toys,
+        n_linear_toys=n_linear_toys,
+        alpha=alpha,
+        seed=np.random.default_rng(gof_seed),
+    )
     checks = [
-        goodness_of_fit(
-            problem,
-            fit,
-            method=gof_method,
-            n_toys=n_gof_toys,
-            n_linear_toys=n_linear_toys,
-            alpha=alpha,
-            seed=np.random.default_rng(gof_seed),
-        ),
+        gof,
         fit_start_stability(
             edges,
             counts,
@@ -922,6 +1006,7 @@ def robustness_checks(
             width_fraction=width_fraction,
             seed=np.random.default_rng(spurious_seed),
             alternative_cache=alternative_cache,
+            calibrate=gof.passed,
         ),
     ]
     if window is not None:

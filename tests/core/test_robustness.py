@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 import pytest
+from scipy import integrate
 
 from core.errors import InvalidInputError
 from core.fit import fit_spectrum, prepare_spectrum
@@ -170,6 +172,9 @@ def test_spurious_signal_passes_the_true_model_and_fails_a_deliberately_wrong_on
     assert not wrong.passed
     assert wrong.numbers["max_abs_median_pull"] > 0.5
     assert "median pull" in wrong.message
+    # calibrated on its null: the pull exceeds that of each of 19 toys of the p3 fit itself
+    assert wrong.numbers["n_null_toys"] == 19
+    assert wrong.numbers["null_max_abs_pull"] < wrong.numbers["max_abs_median_pull"]
 
 
 def test_spurious_signal_toys_agree_with_the_asimov_shortcut():
@@ -326,3 +331,42 @@ def test_a_rising_fit_is_rejected():
     check = falling_background(problem, rising)
     assert not check.passed and "rises with mass" in check.message
     assert check.numbers["first_rising_gev"] > 300.0
+
+
+P4_TRUTH = (10.0, -4.0, -0.3)
+"""(p2, p3, p4) of the independent p4 truth below (tests/spectra.py SHAPES["p4"])."""
+
+
+def independent_p4_counts(n_events: float) -> np.ndarray:
+    """Expected counts of p4 on EDGES by quad, n_events in [300 GeV, 0.65 sqrt_s].
+
+    Written here from the formula, sharing nothing with core.fitfunctions, so that a
+    mistake in the fit code's integrals cannot hide in the toys.
+    """
+    p2, p3, p4 = P4_TRUTH
+
+    def density(mass: float) -> float:
+        x = mass / 13000.0
+        return float((1.0 - x) ** p2 * x ** (p3 + p4 * math.log(x)))
+
+    mu = np.array([integrate.quad(density, lo, hi)[0] for lo, hi in itertools.pairwise(EDGES)])
+    inside = (EDGES[:-1] >= 300.0 - 1e-9) & (EDGES[1:] <= 0.65 * 13000.0 + 1e-9)
+    return np.asarray(mu * n_events / mu[inside].sum(), dtype=np.float64)
+
+
+@pytest.mark.slow
+def test_spurious_signal_rejects_the_true_p4_at_most_at_its_nominal_rate() -> None:
+    """On 30 independent p4 toys of 1e5 events the truth fails the Asimov spurious signal
+    in at most 4 (P(>= 5) = 1.6 % at the nominal 5 %); measured: 2. The uncalibrated
+    |pull| < 0.5 rule failed it in 8: a UA2 that describes the data (delta AIC <= 4)
+    differs from p4 by a signal-like shape whatever the toy (pulls ~0.5 at ~1 TeV,
+    bench/validate_checks.py), so the pull alone is no evidence against p4. 6-30 s."""
+    mu = independent_p4_counts(1.0e5)
+    rng = np.random.default_rng(2323)
+    failures = 0
+    for index in range(30):
+        problem = prepare_spectrum(EDGES, rng.poisson(mu).astype(float), (300.0, 8450.0))
+        fit = fit_spectrum(problem, "p4")
+        check = spurious_signal(problem, fit, method="asimov", seed=index)
+        failures += check.status == "fail"
+    assert failures <= 4
