@@ -804,7 +804,9 @@ class HuntOptions:
     One object for the per-spectrum hunt and the scan-wide look-elsewhere test, so that both
     scan the same windows: widths `width_min`..`width_max` (None: half the scan range),
     windows expecting fewer than `min_window_background` events left out, windows with
-    fewer than `min_window_count` observed events not candidates.
+    fewer than `min_window_count` observed events not candidates. With
+    `fold_background_uncertainty` the hunt of a fitted background folds the fit's
+    uncertainty into the local p (callers pass the fit's jacobian and covariance).
     """
 
     width_min: int = 1
@@ -814,6 +816,7 @@ class HuntOptions:
     max_toys: int = 100_000
     target_rel_error: float = 0.1
     min_window_count: int = MIN_WINDOW_COUNT
+    fold_background_uncertainty: bool = True
 
     def windows(
         self,

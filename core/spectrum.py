@@ -53,9 +53,15 @@ import numpy.typing as npt
 
 from core.background import BackgroundDecision, CheckOptions, Fallback, choose_background
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
-from core.errors import AnomscanError, InvalidInputError
+from core.errors import AnomscanError, FitError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
-from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
+from core.fit import (
+    FitResult,
+    background_jacobian,
+    expected_errors,
+    fit_background,
+    prepare_spectrum,
+)
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
 from core.symbolic import lift_constants, symbolic_background
 
@@ -261,8 +267,14 @@ def _hunt_against(
     hunt: HuntOptions,
     seed: int,
 ) -> BumpHuntResult:
-    """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts."""
+    """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts.
+
+    The fit's uncertainty is folded into the windows' tails (`core.bumphunt`) when the hunt
+    asks for it and the derivatives are finite; the result says whether it was.
+    """
     first, stop = bins
+    uncertainty = fit_uncertainty(fit, edges) if hunt.fold_background_uncertainty else None
+    jacobian, covariance = uncertainty or (None, None)
     return bump_hunt(
         counts[first:stop],
         np.asarray(fit.expected, dtype=np.float64),
@@ -273,8 +285,26 @@ def _hunt_against(
         max_toys=hunt.max_toys,
         target_rel_error=hunt.target_rel_error,
         min_window_background=hunt.min_window_background,
+        min_window_count=hunt.min_window_count,
+        jacobian=jacobian,
+        covariance=covariance,
         seed=seed,
     )
+
+
+def fit_uncertainty(fit: FitResult, edges: FloatArray) -> tuple[FloatArray, FloatArray] | None:
+    """(d mu / d parameters over the fit range, covariance) of `fit`, None where not finite.
+
+    Without finite derivatives no uncertainty can be propagated: the hunt then takes the
+    background as exact (Poisson tails) and says so (`background_uncertainty`).
+    """
+    if not (fit.accurate_covariance and np.all(np.isfinite(fit.covariance))):
+        return None
+    try:
+        jacobian = background_jacobian(fit, edges)
+    except FitError:
+        return None
+    return jacobian, np.asarray(fit.covariance, dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)
