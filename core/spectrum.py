@@ -91,7 +91,9 @@ class SpectrumSearch:
     `bump_unmasked` the hunt against the unmasked one (the same object without exclusion).
     `masked_window_gev` is the window the final fit leaves out (None: none), `mask_from` says
     whether the background was chosen with it ("choice", no exclusion ran) or the window
-    exclusion's agreement test accepted it ("exclusion").
+    exclusion's agreement test accepted it ("exclusion"). `background_jacobian` (d mu / d
+    parameters, bins [first_bin, stop_bin)) and `background_covariance` are the final fit's,
+    folded into the hunt's windows (None when the hunt took the background as exact).
     """
 
     fit: FitResult
@@ -108,6 +110,8 @@ class SpectrumSearch:
     trail: tuple[str, ...]
     masked_window_gev: tuple[float, float] | None = None
     mask_from: MaskSource | None = None
+    background_jacobian: FloatArray | None = field(default=None, repr=False)
+    background_covariance: FloatArray | None = field(default=None, repr=False)
 
     @property
     def function(self) -> str:
@@ -212,6 +216,7 @@ def search_spectrum(
             )
     else:
         trail.append(f"no window exclusion: global p {bump.global_p:.3g} >= {exclusion_trigger_p}")
+    uncertainty = fit_uncertainty(final_fit, e) if final_bump.background_uncertainty else None
     return SpectrumSearch(
         fit=final_fit,
         first_bin=first,
@@ -227,6 +232,8 @@ def search_spectrum(
         trail=tuple(trail),
         masked_window_gev=window,
         mask_from=mask_from,
+        background_jacobian=None if uncertainty is None else uncertainty[0],
+        background_covariance=None if uncertainty is None else uncertainty[1],
     )
 
 

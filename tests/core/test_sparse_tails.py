@@ -7,6 +7,7 @@ over the Gamma prior, mpmath), the toy p on pseudo-data drawn from a density wri
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -88,17 +89,15 @@ def test_deep_tails_tables_and_thresholds_agree_with_exact_tails() -> None:
         assert float(tail_statistic(count, background, relative_sd)) == pytest.approx(
             exact, rel=1e-9
         )
-    background = np.array([0.02, 0.7, 12.0, 900.0])
-    relative_sd = np.array([1.0, 0.5, 0.3, 0.05])
-    first = np.floor(background) + 1.0
-    table = tabulate_poisson_tails(background, first, 300, relative_sd)
-    direct = tail_statistic(
-        first[:, None] + np.arange(300), background[:, None], relative_sd[:, None]
-    )
+    sums = np.array([0.02, 0.7, 12.0, 900.0])
+    spread = np.array([1.0, 0.5, 0.3, 0.05])
+    first = np.floor(sums) + 1.0
+    table = tabulate_poisson_tails(sums, first, 300, spread)
+    direct = tail_statistic(first[:, None] + np.arange(300), sums[:, None], spread[:, None])
     assert np.allclose(table, direct, rtol=1e-9, atol=1e-12)
-    thresholds = tail_thresholds(background, 14.0, relative_sd)
-    assert np.all(tail_statistic(thresholds, background, relative_sd) >= 14.0)
-    assert np.all(tail_statistic(thresholds - 1, background, relative_sd) < 14.0)
+    thresholds = tail_thresholds(sums, 14.0, spread)
+    assert np.all(tail_statistic(thresholds, sums, spread) >= 14.0)
+    assert np.all(tail_statistic(thresholds - 1, sums, spread) < 14.0)
 
 
 def _falling_spectrum_with_signal() -> tuple[np.ndarray, float, float]:
@@ -154,13 +153,12 @@ NULL_JACOBIAN_SLOPE = np.log(0.5 * (NULL_EDGES[1:] + NULL_EDGES[:-1]) / 1000.0)
 def _null_background(n_events: float) -> np.ndarray:
     """Bin integrals (quad) of the density m^-6 (GeV), n_events over NULL_EDGES."""
     integrals = np.array(
-        [integrate.quad(lambda m: m**-6.0, lo, hi)[0] for lo, hi in pairwise(NULL_EDGES)]
+        [
+            integrate.quad(lambda m: m**-6.0, lo, hi)[0]
+            for lo, hi in itertools.pairwise(NULL_EDGES.tolist())
+        ]
     )
     return np.asarray(n_events * integrals / integrals.sum())
-
-
-def pairwise(values: np.ndarray) -> list[tuple[float, float]]:
-    return [(float(a), float(b)) for a, b in zip(values[:-1], values[1:], strict=True)]
 
 
 def test_toy_p_is_uniform_on_background_only_data_with_empty_tails() -> None:
