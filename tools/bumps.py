@@ -100,6 +100,9 @@ class ExcessOutput(StrictModel):
     statistic: float = Field(description="t = -ln(local p)")
     local_p: float
     local_z: float
+    background_error: float = Field(
+        description="fit uncertainty of the window's background (events); 0 if not folded"
+    )
 
 
 class BumpHuntOutput(ExcessOutput):
@@ -128,9 +131,6 @@ class BumpHuntOutput(ExcessOutput):
     background_uncertainty: bool = Field(
         description="the background's fit uncertainty was folded into the local p "
         "(negative binomial tails); false: Poisson tails of an exact background"
-    )
-    background_error: float = Field(
-        description="fit uncertainty of the best window's background (events); 0 if not folded"
     )
 
 
