@@ -7,43 +7,70 @@ Method (PHYSICS.md section 6):
   B > 0 (pyBumpHunter trims empty background bins the same way).
 - In a window with data D and background B (both summed over its bins) the excess-only
   local p-value is p = P(n >= D | B) = P(D, B), the regularised lower incomplete gamma
-  function, when D > B > 0, and p = 1 otherwise (a deficit is not a bump).
+  function, when D > B > 0 and D >= `MIN_WINDOW_COUNT`, and p = 1 otherwise (a deficit is
+  not a bump). With the fitted background's uncertainty (below) the tail is negative
+  binomial instead.
 - The test statistic is t = -ln(min p) over all windows; the best window is the first
   minimum, scanning widths from small to large and positions from low to high mass.
 - The global p-value is the fraction of background-only Poisson pseudo-experiments with
   t_toy >= t_obs; Z = Phi^-1(1 - p) (`core.significance`), clipped at 0 when p >= 0.5.
-- Sparse tails (PHYSICS.md 6): a window whose summed background is below
-  `MIN_WINDOW_BACKGROUND` = 1 expected event is not scanned, for the data and every toy
-  alike (its t is 0), so the window set is the same and the global p stays exact. The
-  fitted tail, extrapolated over empty bins, is uncertain by orders of magnitude, so 1-2
-  events there must claim nothing: with B >= 1 a window needs 4 events for p = 0.019
-  (Z 2.1), 6 for p = 6e-4 (Z 3.2) and 9 for Z 4.7 (P(n >= 2 | 1) = 0.26), while a real
-  narrow resonance of 10-25 events is still found in the window widened to B >= 1. A
-  minimum expected count keeps the toys exact and cheap (thresholds as below) and needs no
-  covariance, which is itself unreliable far outside the data (integrating B over its fit
-  uncertainty would).
+- Sparse tails (PHYSICS.md 6, issue 23), both ways. Every window with B > 0 is scanned
+  (`MIN_WINDOW_BACKGROUND` = 0; a user may still set a minimum expected count), so 8-10
+  events where the fit predicts 0.05 are a discovery candidate (before, windows expecting
+  < 1 event were not scanned and such a signal was only seen diluted in a window widened to
+  B >= 1, at the wrong mass). Two rules keep a tiny B from claiming a discovery on 1-2
+  events, identically for the data, every per-spectrum toy and every scan-wide pseudo-scan
+  (so the global p stays exact):
+  1. A window with fewer than `MIN_WINDOW_COUNT` = 5 observed events is not a candidate
+     (t = 0). Why 5: the fitted tail, extrapolated over empty bins, can be low by an order
+     of magnitude. If the truth is 10x the fitted B = 0.01, a window reaches the local Z
+     ~5 of 3 events with P(n >= 3 | 0.1) = 1.5e-4, and a scan has ~1e4 such tail windows
+     (63 spectra x AR points x widths): about one false 5-sigma window per scan. With 5
+     events P(n >= 5 | 0.1) = 7.7e-8 (8e-4 per scan), even 30x low gives 1.6e-5, while a
+     real signal of mean 8 (10) still passes with 90 % (97 %).
+  2. The background's fit uncertainty is folded into the local p. B_w is uncertain by
+     sigma_w = sqrt(j_w C j_w^T), j_w the sum over the window's bins of the rows of
+     `core.fit.background_jacobian` (d mu_i / d parameters), C the fit covariance. With
+     B' ~ Gamma(mean B_w, relative sd r_w = sigma_w / B_w) the count is negative binomial:
+     P(n >= D) = I_q(D, 1/r^2), q = B r^2 / (1 + B r^2) (regularised incomplete beta,
+     continuous in non-integer D for weighted data), which tends to P(D, B) as r -> 0
+     (t differs by ~B r^2 t; the Poisson tail is used where B r^2 < 1e-12). Without a
+     Jacobian (a tool given only a background array) the Poisson tail applies, and the
+     result says which (`background_uncertainty`). The toys are still drawn from
+     Poisson(B): the global p is exact for the fitted B; the folding only makes the
+     statistic less eager where B is poorly known.
+  Local Z of D events (rates, Poisson / r = 50 % / r = 100 %):
+  B = 0.01: D = 3: 5.10 / 4.99 / 4.76, D = 5: 7.06 / 6.80 / 6.37, D = 8: 9.41 / 8.91 /
+  8.23, D = 10: 10.76 / 10.10 / 9.27; B = 0.1: D = 3: 3.61 / 3.46 / 3.17, D = 5: 5.25 /
+  4.91 / 4.37, D = 8: 7.24 / 6.61 / 5.74, D = 10: 8.39 / 7.56 / 6.51; B = 1: D = 3:
+  1.40 / 1.29 / 1.15, D = 5: 2.68 / 2.31 / 1.86, D = 8: 4.26 / 3.50 / 2.66, D = 10: 5.18 /
+  4.16 / 3.10. D = 3 is below the minimum count (not a candidate).
 - Bonferroni bound: each window's p is super-uniform, so P(max t >= t_obs) <= n_windows
   e^-t_obs. When that is below 1 / max(max_toys, 10 000) no toy budget could resolve the
   global p; the bound is then quoted as an upper limit on p (Z a lower limit) and no toy
-  is drawn.
+  is drawn. With the uncertainty folded in the bound still holds where it is used: the
+  negative binomial p is at least the Poisson p at every count where it is below 0.2
+  (B 1e-3..1e5, r 0.001..2; docs/physics-notes.md), and the minimum count only sets t = 0.
 - Bounded work: totals above `core.significance.MAX_TOTAL_COUNT` (1e15) are refused, toy
   budgets above `MAX_TOYS` (1e7) too, and the threshold search stops where float steps
   exceed 1 (a bin content of 1e20 used to loop forever).
 
-Speed. B is the same for every toy, so the Poisson tail of each window is inverted once:
-K_w = the smallest integer k with -ln P(n >= k | B_w) >= t_obs. A toy has t_toy >= t_obs
-exactly when its count D_w >= K_w in some window, so a toy costs one integer comparison per
-window, with window counts from cumulative sums over a batch of toys. The full
-distribution of t_toy (`toy_statistics`) looks the tails up in a table per window,
--ln P(n >= k | B_w) for k from the first excess count up to the largest count the toys
-need (`tabulate_poisson_tails`).
+Speed. B (and r) is the same for every toy, so the tail of each window is inverted once:
+K_w = max(the smallest integer k with -ln P(n >= k | B_w, r_w) >= t_obs, MIN_WINDOW_COUNT).
+A toy has t_toy >= t_obs exactly when its count D_w >= K_w in some window, so a toy costs
+one integer comparison per window, with window counts from cumulative sums over a batch of
+toys. The full distribution of t_toy (`toy_statistics`) looks the tails up in a table per
+window, -ln P(n >= k) for k from the first candidate count up to the largest count the toys
+need (`tabulate_poisson_tails`: the Poisson pmf recurrence p(k+1) = p(k) B / (k + 1), or
+the negative binomial one p(k+1) = p(k) q (k + 1/r^2) / (k + 1)).
 
 Adaptive toys: batches are drawn until the relative error sqrt((1 - p) / k) of p = k / n
 falls below a target, with at least `min_toys`, at least 10 000 when p < 0.01 (even above
 `max_toys`), and at most `max_toys` otherwise. When no toy reaches t_obs the global p is
 reported as 0 with `global_z_is_lower_limit` and Z = Phi^-1(1 - 1/n) (pyBumpHunter's rule).
 
-Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1):
+Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1),
+with no background uncertainty and windows of at least 5 events:
 the same windows, the same p (`gammainc(D, B)` if D > B and B > 0, else 1), the same t and
 tie-breaking and the same global p (>=). pyBumpHunter's Z = `norm.ppf(1 - p)` loses all
 precision below p ~ 1e-16; ours is `-ndtri(p)`, equal above, exact below, and clipped at 0.

@@ -43,9 +43,12 @@ first n toys of every spectrum give `n_pseudo_scans_reaching`; when none reaches
 `global_z_toys_lower_limit` is the toys-only lower limit Z(1/n).
 
 Effective trials factor N_eff = ln(1 - p_global) / ln(1 - p_local), reported when
-0 < p_global < 1. Not modelled: the statistical uncertainty of the fitted backgrounds (the
-minimum expected count per window, `core.bumphunt`, keeps sparse tails from claiming
-significance) and the fixed event count of an AR (multinomial, not Poisson, counts).
+0 < p_global < 1. Each window's t is the per-spectrum hunt's (`core.bumphunt`): at least
+`MIN_WINDOW_COUNT` events, and the fit uncertainty folded into the tail when the point
+carries its fit's Jacobian and covariance (`ScanPoint.jacobian`, `.covariance`); the
+thresholds, floor tables and compiled kernel use that same tail. Not modelled: the
+refit of the backgrounds on each pseudo-scan (the toys are drawn from the fitted B) and
+the fixed event count of an AR (multinomial, not Poisson, counts).
 """
 
 from __future__ import annotations
@@ -366,10 +369,11 @@ FLOOR_TABLE_LENGTH: Final = 64
 class FloorTable:
     """t = -ln P(n >= k | B_w) for k = first[w] .. first[w] + length - 1, every window w.
 
-    `first[w]` is the smallest count with t >= the floor (`core.bumphunt.tail_thresholds`),
-    or with t > 0 (floor(B_w) + 1) without a floor; saturated for windows that are not
-    scanned. Windows are flattened width by width, those of width `widths[i]` at
-    offsets[i] .. offsets[i + 1] - 1.
+    `first[w]` is the smallest count with t >= the floor (`core.bumphunt.window_thresholds`),
+    or with t > 0 (max(floor(B_w) + 1, min_count)) without a floor; saturated for windows
+    that are not scanned. The tails are the windows' own (negative binomial where they
+    carry a relative background uncertainty). Windows are flattened width by width, those
+    of width `widths[i]` at offsets[i] .. offsets[i + 1] - 1.
     """
 
     widths: npt.NDArray[np.int64]
