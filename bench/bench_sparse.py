@@ -2,7 +2,7 @@
 
 Run: PYTHONPATH=. .venv/bin/python bench/bench_sparse.py [--toys 10000] [--repeats 3]
 
-One fitted spectrum (p4 over 0.3-6 TeV, 2e4 events, empty above ~4.4 TeV, 133 bins in
+One fitted spectrum (p4 over 0.3-6 TeV, 2e4 events, empty above ~4.4 TeV, 107 bins in
 range) and one 3-point nested spectrum of it. Three settings, in the same process:
 - "before": windows expecting < 1 event not scanned, no minimum count, Poisson tails
   (the old rule, `min_window_background=1, min_window_count=0`);
