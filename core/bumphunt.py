@@ -7,43 +7,70 @@ Method (PHYSICS.md section 6):
   B > 0 (pyBumpHunter trims empty background bins the same way).
 - In a window with data D and background B (both summed over its bins) the excess-only
   local p-value is p = P(n >= D | B) = P(D, B), the regularised lower incomplete gamma
-  function, when D > B > 0, and p = 1 otherwise (a deficit is not a bump).
+  function, when D > B > 0 and D >= `MIN_WINDOW_COUNT`, and p = 1 otherwise (a deficit is
+  not a bump). With the fitted background's uncertainty (below) the tail is negative
+  binomial instead.
 - The test statistic is t = -ln(min p) over all windows; the best window is the first
   minimum, scanning widths from small to large and positions from low to high mass.
 - The global p-value is the fraction of background-only Poisson pseudo-experiments with
   t_toy >= t_obs; Z = Phi^-1(1 - p) (`core.significance`), clipped at 0 when p >= 0.5.
-- Sparse tails (PHYSICS.md 6): a window whose summed background is below
-  `MIN_WINDOW_BACKGROUND` = 1 expected event is not scanned, for the data and every toy
-  alike (its t is 0), so the window set is the same and the global p stays exact. The
-  fitted tail, extrapolated over empty bins, is uncertain by orders of magnitude, so 1-2
-  events there must claim nothing: with B >= 1 a window needs 4 events for p = 0.019
-  (Z 2.1), 6 for p = 6e-4 (Z 3.2) and 9 for Z 4.7 (P(n >= 2 | 1) = 0.26), while a real
-  narrow resonance of 10-25 events is still found in the window widened to B >= 1. A
-  minimum expected count keeps the toys exact and cheap (thresholds as below) and needs no
-  covariance, which is itself unreliable far outside the data (integrating B over its fit
-  uncertainty would).
+- Sparse tails (PHYSICS.md 6, issue 23), both ways. Every window with B > 0 is scanned
+  (`MIN_WINDOW_BACKGROUND` = 0; a user may still set a minimum expected count), so 8-10
+  events where the fit predicts 0.05 are a discovery candidate (before, windows expecting
+  < 1 event were not scanned and such a signal was only seen diluted in a window widened to
+  B >= 1, at the wrong mass). Two rules keep a tiny B from claiming a discovery on 1-2
+  events, identically for the data, every per-spectrum toy and every scan-wide pseudo-scan
+  (so the global p stays exact):
+  1. A window with fewer than `MIN_WINDOW_COUNT` = 5 observed events is not a candidate
+     (t = 0). Why 5: the fitted tail, extrapolated over empty bins, can be low by an order
+     of magnitude. If the truth is 10x the fitted B = 0.01, a window reaches the local Z
+     ~5 of 3 events with P(n >= 3 | 0.1) = 1.5e-4, and a scan has ~1e4 such tail windows
+     (63 spectra x AR points x widths): about one false 5-sigma window per scan. With 5
+     events P(n >= 5 | 0.1) = 7.7e-8 (8e-4 per scan), even 30x low gives 1.6e-5, while a
+     real signal of mean 8 (10) still passes with 90 % (97 %).
+  2. The background's fit uncertainty is folded into the local p. B_w is uncertain by
+     sigma_w = sqrt(j_w C j_w^T), j_w the sum over the window's bins of the rows of
+     `core.fit.background_jacobian` (d mu_i / d parameters), C the fit covariance. With
+     B' ~ Gamma(mean B_w, relative sd r_w = sigma_w / B_w) the count is negative binomial:
+     P(n >= D) = I_q(D, 1/r^2), q = B r^2 / (1 + B r^2) (regularised incomplete beta,
+     continuous in non-integer D for weighted data), which tends to P(D, B) as r -> 0
+     (t differs by ~B r^2 t; the Poisson tail is used where B r^2 < 1e-12). Without a
+     Jacobian (a tool given only a background array) the Poisson tail applies, and the
+     result says which (`background_uncertainty`). The toys are still drawn from
+     Poisson(B): the global p is exact for the fitted B; the folding only makes the
+     statistic less eager where B is poorly known.
+  Local Z of D events (rates, Poisson / r = 50 % / r = 100 %):
+  B = 0.01: D = 3: 5.10 / 4.99 / 4.76, D = 5: 7.06 / 6.80 / 6.37, D = 8: 9.41 / 8.91 /
+  8.23, D = 10: 10.76 / 10.10 / 9.27; B = 0.1: D = 3: 3.61 / 3.46 / 3.17, D = 5: 5.25 /
+  4.91 / 4.37, D = 8: 7.24 / 6.61 / 5.74, D = 10: 8.39 / 7.56 / 6.51; B = 1: D = 3:
+  1.40 / 1.29 / 1.15, D = 5: 2.68 / 2.31 / 1.86, D = 8: 4.26 / 3.50 / 2.66, D = 10: 5.18 /
+  4.16 / 3.10. D = 3 is below the minimum count (not a candidate).
 - Bonferroni bound: each window's p is super-uniform, so P(max t >= t_obs) <= n_windows
   e^-t_obs. When that is below 1 / max(max_toys, 10 000) no toy budget could resolve the
   global p; the bound is then quoted as an upper limit on p (Z a lower limit) and no toy
-  is drawn.
+  is drawn. With the uncertainty folded in the bound still holds where it is used: the
+  negative binomial p is at least the Poisson p at every count where it is below 0.2
+  (B 1e-3..1e5, r 0.001..2; docs/physics-notes.md), and the minimum count only sets t = 0.
 - Bounded work: totals above `core.significance.MAX_TOTAL_COUNT` (1e15) are refused, toy
   budgets above `MAX_TOYS` (1e7) too, and the threshold search stops where float steps
   exceed 1 (a bin content of 1e20 used to loop forever).
 
-Speed. B is the same for every toy, so the Poisson tail of each window is inverted once:
-K_w = the smallest integer k with -ln P(n >= k | B_w) >= t_obs. A toy has t_toy >= t_obs
-exactly when its count D_w >= K_w in some window, so a toy costs one integer comparison per
-window, with window counts from cumulative sums over a batch of toys. The full
-distribution of t_toy (`toy_statistics`) looks the tails up in a table per window,
--ln P(n >= k | B_w) for k from the first excess count up to the largest count the toys
-need (`tabulate_poisson_tails`).
+Speed. B (and r) is the same for every toy, so the tail of each window is inverted once:
+K_w = max(the smallest integer k with -ln P(n >= k | B_w, r_w) >= t_obs, MIN_WINDOW_COUNT).
+A toy has t_toy >= t_obs exactly when its count D_w >= K_w in some window, so a toy costs
+one integer comparison per window, with window counts from cumulative sums over a batch of
+toys. The full distribution of t_toy (`toy_statistics`) looks the tails up in a table per
+window, -ln P(n >= k) for k from the first candidate count up to the largest count the toys
+need (`tabulate_poisson_tails`: the Poisson pmf recurrence p(k+1) = p(k) B / (k + 1), or
+the negative binomial one p(k+1) = p(k) q (k + 1/r^2) / (k + 1)).
 
 Adaptive toys: batches are drawn until the relative error sqrt((1 - p) / k) of p = k / n
 falls below a target, with at least `min_toys`, at least 10 000 when p < 0.01 (even above
 `max_toys`), and at most `max_toys` otherwise. When no toy reaches t_obs the global p is
 reported as 0 with `global_z_is_lower_limit` and Z = Phi^-1(1 - 1/n) (pyBumpHunter's rule).
 
-Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1):
+Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1),
+with no background uncertainty and windows of at least 5 events:
 the same windows, the same p (`gammainc(D, B)` if D > B and B > 0, else 1), the same t and
 tie-breaking and the same global p (>=). pyBumpHunter's Z = `norm.ppf(1 - p)` loses all
 precision below p ~ 1e-16; ours is `-ndtri(p)`, equal above, exact below, and clipped at 0.
@@ -59,7 +86,7 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from scipy.special import gammainc, gammaln
+from scipy.special import betainc, betaln, gammainc, gammaln
 
 from core.errors import InvalidInputError
 from core.significance import validate_spectrum, z_from_log_p, z_from_p
@@ -67,8 +94,14 @@ from core.significance import validate_spectrum, z_from_log_p, z_from_p
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
-MIN_WINDOW_BACKGROUND: Final = 1.0
-"""Windows expecting fewer background events than this are not scanned (sparse tails)."""
+MIN_WINDOW_BACKGROUND: Final = 0.0
+"""Default minimum expected background of a scanned window: 0, every window with B > 0."""
+
+MIN_WINDOW_COUNT: Final = 5
+"""A window with fewer observed events is not a candidate (t = 0), data and toys alike."""
+
+_POISSON_LIMIT: Final = 1e-12
+"""Where B r^2 (the extra variance over Poisson, relative) is below this the tail is Poisson."""
 
 MAX_TOYS: Final = 10_000_000
 """Upper bound on any toy budget: beyond it a request is refused, not run for hours."""
@@ -147,21 +180,113 @@ def poisson_tail_statistic(k: npt.ArrayLike, background: npt.ArrayLike) -> Float
     return statistic
 
 
-def tail_thresholds(background: npt.ArrayLike, t_min: float) -> IntArray:
-    """Smallest integer count k with -ln P(n >= k | B) >= t_min (> 0), for each B >= 0.
+def _negative_binomial_parameters(
+    background: FloatArray, relative_sd: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(shape a = 1/r^2, ln q, ln(1 - q)) of the Gamma-Poisson count, q = B r^2 / (1 + B r^2)."""
+    extra = background * relative_sd * relative_sd
+    shape = 1.0 / (relative_sd * relative_sd)
+    return shape, np.log(extra) - np.log1p(extra), -np.log1p(extra)
+
+
+def _log_negative_binomial_pmf(
+    k: FloatArray, shape: FloatArray, log_q: FloatArray, log_1mq: FloatArray
+) -> FloatArray:
+    """Ln P(n = k) = ln[Gamma(k + a) / (Gamma(k + 1) Gamma(a)) q^k (1 - q)^a], k > 0 real."""
+    return np.asarray(-np.log(k) - betaln(k, shape) + k * log_q + shape * log_1mq, dtype=np.float64)
+
+
+def _log_negative_binomial_series(
+    k: FloatArray, shape: FloatArray, log_q: FloatArray, log_1mq: FloatArray
+) -> FloatArray:
+    """Ln of P(n >= k) summed term by term in log space (where betainc underflows).
+
+    Term ratios are q (m + a) / (m + 1), which tend to q < 1; after `_SERIES_BLOCKS` blocks
+    the rest is bounded by a geometric series of the larger of the current ratio and q.
+    """
+    running = np.zeros_like(k)
+    total = np.ones_like(k)
+    active = np.ones(k.shape, dtype=bool)
+    block = np.arange(1, 257, dtype=np.float64)
+    offset = 0.0
+    for _ in range(_SERIES_BLOCKS):
+        if not np.any(active):
+            break
+        idx = np.flatnonzero(active)
+        m = k[idx, None] + offset + block[None, :]
+        steps = log_q[idx, None] + np.log(m - 1.0 + shape[idx, None]) - np.log(m)
+        log_terms = running[idx, None] + np.cumsum(steps, axis=1)
+        total[idx] += np.sum(np.exp(log_terms), axis=1)
+        running[idx] = log_terms[:, -1]
+        active[idx] = np.exp(running[idx]) > 1e-17 * total[idx]
+        offset += block.size
+    if np.any(active):
+        idx = np.flatnonzero(active)
+        m = k[idx] + offset
+        ratio = np.exp(log_q[idx]) * (m + shape[idx]) / (m + 1.0)
+        ratio = np.minimum(np.maximum(ratio, np.exp(log_q[idx])), 1.0 - 1e-12)
+        total[idx] += np.exp(running[idx]) * ratio / (1.0 - ratio)
+    first = _log_negative_binomial_pmf(k, shape, log_q, log_1mq)
+    return np.asarray(first + np.log(total), dtype=np.float64)
+
+
+def tail_statistic(
+    k: npt.ArrayLike, background: npt.ArrayLike, relative_sd: npt.ArrayLike | None = None
+) -> FloatArray:
+    """T = -ln P(n >= k) for an excess k > B > 0, else 0, with B uncertain by r B (broadcast).
+
+    n ~ Poisson(B'), B' ~ Gamma(mean B, relative sd r): n is negative binomial and
+    P(n >= k) = I_q(k, 1/r^2), q = B r^2 / (1 + B r^2) (regularised incomplete beta,
+    continuous in real k). As r -> 0 it tends to the Poisson tail P(k, B), which is used
+    where B r^2 < 1e-12 and when `relative_sd` is None. Underflowing tails are summed in
+    log space, so t stays finite.
+    """
+    counts = np.asarray(k, dtype=np.float64)
+    expected = np.asarray(background, dtype=np.float64)
+    if relative_sd is None:
+        return poisson_tail_statistic(counts, expected)
+    counts, expected, sd = np.broadcast_arrays(
+        counts, expected, np.asarray(relative_sd, dtype=np.float64)
+    )
+    mixed = (counts > expected) & (expected > 0) & (expected * sd * sd >= _POISSON_LIMIT)
+    statistic = np.zeros(counts.shape, dtype=np.float64)
+    statistic[~mixed] = poisson_tail_statistic(counts[~mixed], expected[~mixed])
+    if np.any(mixed):
+        a = counts[mixed]
+        shape, log_q, log_1mq = _negative_binomial_parameters(expected[mixed], sd[mixed])
+        p = betainc(a, shape, np.exp(log_q))
+        values = np.empty_like(p)
+        regular = p > _LOG_TAIL_BELOW
+        values[regular] = -np.log(p[regular])
+        if not np.all(regular):
+            low = ~regular
+            values[low] = -_log_negative_binomial_series(
+                a[low], shape[low], log_q[low], log_1mq[low]
+            )
+        statistic[mixed] = values
+    return statistic
+
+
+def tail_thresholds(
+    background: npt.ArrayLike, t_min: float, relative_sd: npt.ArrayLike | None = None
+) -> IntArray:
+    """Smallest integer count k with t(k) >= t_min (> 0), for each B >= 0 (`tail_statistic`).
 
     A galloping search from a Cornish-Fisher guess, then bisection, all on the exact tail
-    `poisson_tail_statistic`, so the comparison D >= k equals t(D) >= t_min exactly.
+    `tail_statistic` (relative background uncertainty `relative_sd`, None: Poisson), so the
+    comparison D >= k equals t(D) >= t_min exactly.
     """
     if not (math.isfinite(t_min) and t_min > 0):
         raise InvalidInputError(f"tail_thresholds needs a finite t_min > 0, found {t_min}")
     b = np.atleast_1d(np.asarray(background, dtype=np.float64))
+    sd = None if relative_sd is None else np.broadcast_to(np.asarray(relative_sd, float), b.shape)
+    spread = b if sd is None else b + (b * sd) ** 2
     z = float(z_from_log_p(-t_min))
-    guess = np.ceil(b + z * np.sqrt(b) + (z * z - 1.0) / 6.0)
+    guess = np.ceil(b + z * np.sqrt(spread) + (z * z - 1.0) / 6.0)
     guess = np.maximum(guess, np.floor(b) + 1.0)
 
     def reaches(k: FloatArray, rows: IntArray) -> npt.NDArray[np.bool_]:
-        return np.asarray(poisson_tail_statistic(k, b[rows]) >= t_min)
+        return np.asarray(tail_statistic(k, b[rows], None if sd is None else sd[rows]) >= t_min)
 
     all_rows = np.arange(b.size)
     ok = reaches(guess, all_rows)
@@ -206,14 +331,47 @@ def tail_thresholds(background: npt.ArrayLike, t_min: float) -> IntArray:
     return np.minimum(upper, 2.0**62).astype(np.int64)
 
 
+def _log_pmf_table(
+    b: FloatArray, k_first: FloatArray, n_counts: int, relative_sd: FloatArray | None
+) -> tuple[FloatArray, FloatArray]:
+    """Ln pmf at k_first + j (rows x n_counts) and the tail beyond the last, per row.
+
+    Poisson rows by p(k+1) = p(k) B / (k + 1); rows with B r^2 >= 1e-12 negative binomial
+    by p(k+1) = p(k) q (k + a) / (k + 1).
+    """
+    counts = k_first[:, None] + np.arange(n_counts, dtype=np.float64)[None, :]
+    safe_b = np.where(b > 0, b, 1.0)
+    log_b = np.log(safe_b)[:, None]
+    log_first = k_first[:, None] * log_b - safe_b[:, None] - gammaln(k_first[:, None] + 1.0)
+    steps = log_b - np.log(counts[:, 1:])
+    beyond = np.asarray(gammainc(k_first + n_counts, safe_b), dtype=np.float64)
+    if relative_sd is not None:
+        mixed = safe_b * relative_sd * relative_sd >= _POISSON_LIMIT
+        if np.any(mixed):
+            shape, log_q, log_1mq = _negative_binomial_parameters(safe_b[mixed], relative_sd[mixed])
+            k0 = np.maximum(k_first[mixed], 1e-300)
+            log_first[mixed, 0] = _log_negative_binomial_pmf(k0, shape, log_q, log_1mq)
+            steps[mixed] = (
+                log_q[:, None]
+                + np.log(counts[mixed, :-1] + shape[:, None])
+                - np.log(counts[mixed, 1:])
+            )
+            beyond[mixed] = betainc(k_first[mixed] + n_counts, shape, np.exp(log_q))
+    log_pmf = np.concatenate([log_first, log_first + np.cumsum(steps, axis=1)], axis=1)
+    return log_pmf, beyond
+
+
 def tabulate_poisson_tails(
-    background: npt.ArrayLike, first_count: npt.ArrayLike, n_counts: int
+    background: npt.ArrayLike,
+    first_count: npt.ArrayLike,
+    n_counts: int,
+    relative_sd: npt.ArrayLike | None = None,
 ) -> FloatArray:
     """Table T[i, j] = -ln P(n >= first_count[i] + j | background[i]), j < n_counts.
 
-    Built by the Poisson pmf recurrence p(k+1) = p(k) B / (k+1) and a reverse cumulative
-    sum closed by one gammainc per row; entries whose tail underflows use the exact tail.
-    Counts at or below B give 0.
+    Poisson, or negative binomial where `relative_sd` r > 0 (`tail_statistic`): built by the
+    pmf recurrence and a reverse cumulative sum closed by one gammainc (betainc) per row;
+    entries whose tail underflows use the exact tail. Counts at or below B give 0.
     """
     b = np.asarray(background, dtype=np.float64)
     k_first = np.asarray(first_count, dtype=np.float64)
@@ -222,42 +380,54 @@ def tabulate_poisson_tails(
             f"tabulate_poisson_tails needs 1D background and first_count of equal length "
             f"and n_counts >= 1; found shapes {b.shape}, {k_first.shape}, n_counts={n_counts}"
         )
+    sd = None if relative_sd is None else np.broadcast_to(np.asarray(relative_sd, float), b.shape)
     counts = k_first[:, None] + np.arange(n_counts, dtype=np.float64)[None, :]
-    safe_b = np.where(b > 0, b, 1.0)[:, None]
-    log_b = np.log(safe_b)
-    log_pmf_first = k_first[:, None] * log_b - safe_b - gammaln(k_first[:, None] + 1.0)
-    steps = log_b - np.log(counts[:, 1:])
-    log_pmf = np.concatenate([log_pmf_first, log_pmf_first + np.cumsum(steps, axis=1)], axis=1)
-    beyond = gammainc(k_first + n_counts, safe_b[:, 0])
+    log_pmf, beyond = _log_pmf_table(b, k_first, n_counts, sd)
     tail = beyond[:, None] + np.cumsum(np.exp(log_pmf)[:, ::-1], axis=1)[:, ::-1]
     with np.errstate(divide="ignore"):
         table = -np.log(tail)
     unreliable = (tail < 1e-280) | (counts <= b[:, None]) | (b[:, None] <= 0)
     if np.any(unreliable):
         rows, cols = np.nonzero(unreliable)
-        table[rows, cols] = poisson_tail_statistic(counts[rows, cols], b[rows])
+        table[rows, cols] = tail_statistic(
+            counts[rows, cols], b[rows], None if sd is None else sd[rows]
+        )
     return np.asarray(table, dtype=np.float64)
 
 
-def tabulated_tail_statistics(counts: npt.NDArray[np.int64], background: FloatArray) -> FloatArray:
-    """Tail statistics t = -ln P(n >= k | B) of window counts k (toys x windows), B per window.
+def first_candidate_count(background: FloatArray, min_count: float) -> IntArray:
+    """Smallest integer count with t > 0: an excess (> B) of at least `min_count` events."""
+    return np.maximum(np.floor(background) + 1.0, math.ceil(min_count)).astype(np.int64)
 
-    Counts at or below B give 0. The tails come from one `tabulate_poisson_tails` table of
-    at most `_TABLE_ENTRIES_CAP` entries; counts past its end get the exact tail.
+
+def tabulated_tail_statistics(
+    counts: npt.NDArray[np.int64],
+    background: FloatArray,
+    relative_sd: FloatArray | None = None,
+    min_count: float = 0.0,
+) -> FloatArray:
+    """Tail statistics t of window counts k (toys x windows), B (and r) per window.
+
+    Counts at or below B, or below `min_count`, give 0. The tails come from one
+    `tabulate_poisson_tails` table of at most `_TABLE_ENTRIES_CAP` entries; counts past its
+    end get the exact tail.
     """
-    first = np.floor(background).astype(np.int64) + 1
+    first = first_candidate_count(background, min_count)
     offset = counts - first[None, :]
     longest = int(offset.max()) + 1
     if longest <= 0:
         return np.zeros(counts.shape, dtype=np.float64)
     length = max(1, min(longest, _TABLE_ENTRIES_CAP // background.size))
-    table = tabulate_poisson_tails(background, first, length)
+    table = tabulate_poisson_tails(background, first, length, relative_sd)
     index = np.clip(offset, 0, length - 1) + (np.arange(background.size) * length)[None, :]
     values = np.where(offset >= 0, table.ravel()[index], 0.0)
     beyond = offset >= length
     if np.any(beyond):
-        values[beyond] = poisson_tail_statistic(
-            counts[beyond], np.broadcast_to(background, counts.shape)[beyond]
+        columns = np.nonzero(beyond)[1]
+        values[beyond] = tail_statistic(
+            counts[beyond],
+            background[columns],
+            None if relative_sd is None else relative_sd[columns],
         )
     return values
 
@@ -270,7 +440,10 @@ class ScanWindows:
     """Every window of a spectrum's scan range with its background (counts), by width.
 
     Windows of width `widths[i]` start at bins `first_bin + j`, j < len(background_sums[i]);
-    `background_bins` is B in the scan range [first_bin, stop_bin).
+    `background_bins` is B in the scan range [first_bin, stop_bin). `relative_sd` (per
+    width, like `background_sums`) is each window's relative background uncertainty
+    sigma_w / B_w, None when the background is taken as exact (Poisson tails); a window is
+    a candidate only with at least `min_count` observed events.
     """
 
     first_bin: int
@@ -280,11 +453,27 @@ class ScanWindows:
     background_bins: FloatArray
     active: tuple[npt.NDArray[np.bool_], ...]
     min_background: float
+    min_count: int = MIN_WINDOW_COUNT
+    relative_sd: tuple[FloatArray, ...] | None = None
 
     @property
     def n_windows(self) -> int:
         """Total number of windows scanned (those expecting >= `min_background` events)."""
         return int(sum(np.count_nonzero(a) for a in self.active))
+
+    @property
+    def background_uncertainty(self) -> bool:
+        """Whether the background's fit uncertainty is folded into the local p."""
+        return self.relative_sd is not None
+
+    def width_relative_sd(self, index: int) -> FloatArray | None:
+        """Relative background uncertainty of the windows of width `widths[index]` (or None)."""
+        return None if self.relative_sd is None else self.relative_sd[index]
+
+    @property
+    def flat_relative_sd(self) -> FloatArray | None:
+        """`relative_sd` flattened width by width, like np.concatenate(background_sums)."""
+        return None if self.relative_sd is None else np.concatenate(self.relative_sd)
 
 
 def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[int, int]:
@@ -303,21 +492,72 @@ def _check_widths(n_bins: int, width_min: int, width_max: int | None) -> tuple[i
     return width_min, upper
 
 
+def window_relative_sd(
+    widths: tuple[int, ...],
+    background_sums: tuple[FloatArray, ...],
+    jacobian: FloatArray,
+    covariance: FloatArray,
+) -> tuple[FloatArray, ...]:
+    """sigma_w / B_w per window, sigma_w^2 = j_w C j_w^T with j_w the window's summed rows.
+
+    `jacobian` (scan-range bins x parameters) is d mu_i / d parameters, `covariance` C.
+    """
+    cumulative = np.zeros((jacobian.shape[0] + 1, jacobian.shape[1]))
+    np.cumsum(jacobian, axis=0, out=cumulative[1:])
+    result = []
+    for width, sums in zip(widths, background_sums, strict=True):
+        rows = cumulative[width:] - cumulative[:-width]
+        variance = np.maximum(np.einsum("ip,pq,iq->i", rows, covariance, rows), 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            result.append(np.where(sums > 0, np.sqrt(variance) / sums, 0.0))
+    return tuple(result)
+
+
+def _check_uncertainty(
+    n_bins: int, jacobian: npt.ArrayLike | None, covariance: npt.ArrayLike | None
+) -> tuple[FloatArray, FloatArray] | None:
+    """(jacobian, covariance) as arrays after checking shapes and values, or None."""
+    if jacobian is None and covariance is None:
+        return None
+    if jacobian is None or covariance is None:
+        raise InvalidInputError(
+            "give both the background's jacobian and its fit covariance, or neither"
+        )
+    j = np.asarray(jacobian, dtype=np.float64)
+    c = np.asarray(covariance, dtype=np.float64)
+    if j.ndim != 2 or j.shape[0] != n_bins or c.shape != (j.shape[1], j.shape[1]):
+        raise InvalidInputError(
+            f"expected a jacobian of shape ({n_bins}, n_parameters) (one row per background "
+            f"bin) and a square covariance of n_parameters; found {j.shape} and {c.shape}"
+        )
+    if not (np.all(np.isfinite(j)) and np.all(np.isfinite(c))):
+        raise InvalidInputError("the background's jacobian and covariance must be finite")
+    return j, c
+
+
 def scan_windows(
     background: npt.ArrayLike,
     width_min: int = 1,
     width_max: int | None = None,
     min_background: float = MIN_WINDOW_BACKGROUND,
+    *,
+    min_count: int = MIN_WINDOW_COUNT,
+    jacobian: npt.ArrayLike | None = None,
+    covariance: npt.ArrayLike | None = None,
 ) -> ScanWindows:
     """All windows (widths in bins; default 1..N/2) of the bins with background > 0.
 
     Windows whose summed background is below `min_background` events are kept in the
     arrays but inactive: their statistic is 0 for data and toys alike (module docstring).
+    With the background's `jacobian` (one row per background bin, d mu / d parameters) and
+    fit `covariance`, each window's relative uncertainty is folded into its tail.
     """
     if not (math.isfinite(min_background) and min_background >= 0):
         raise InvalidInputError(
             f"min_background must be a finite number of events >= 0, found {min_background}"
         )
+    if not 0 <= min_count <= 1_000_000:
+        raise InvalidInputError(f"min_count must be in 0..1e6 events, found {min_count}")
     b = np.asarray(background, dtype=np.float64)
     if b.ndim != 1 or b.size == 0 or not np.all(np.isfinite(b)) or np.any(b < 0):
         raise InvalidInputError("scan_windows needs a 1D background of finite expected counts >= 0")
@@ -336,19 +576,33 @@ def scan_windows(
     widths = tuple(w for w in range(low, high + 1) if w <= bins.size)
     sums = tuple(cumulative[w:] - cumulative[:-w] for w in widths)
     active = tuple(np.asarray(s >= min_background * (1.0 - 1e-12)) for s in sums)
-    return ScanWindows(first, stop, widths, sums, bins, active, float(min_background))
+    uncertainty = _check_uncertainty(b.size, jacobian, covariance)
+    relative = (
+        None
+        if uncertainty is None
+        else window_relative_sd(widths, sums, uncertainty[0][first:stop], uncertainty[1])
+    )
+    return ScanWindows(
+        first, stop, widths, sums, bins, active, float(min_background), int(min_count), relative
+    )
 
 
 def window_statistics(windows: ScanWindows, counts: npt.ArrayLike) -> tuple[FloatArray, ...]:
-    """Statistic t = -ln p of every window (per width, as in `windows`) for data `counts`."""
+    """Statistic t = -ln p of every window (per width, as in `windows`) for data `counts`.
+
+    0 for windows that are not scanned and for counts below `windows.min_count`.
+    """
     n = np.asarray(counts, dtype=np.float64)[windows.first_bin : windows.stop_bin]
     cumulative = np.concatenate([[0.0], np.cumsum(n)])
-    return tuple(
-        np.where(active, poisson_tail_statistic(cumulative[w:] - cumulative[:-w], sums), 0.0)
-        for w, sums, active in zip(
-            windows.widths, windows.background_sums, windows.active, strict=True
-        )
-    )
+    result = []
+    for index, (w, sums, active) in enumerate(
+        zip(windows.widths, windows.background_sums, windows.active, strict=True)
+    ):
+        data = cumulative[w:] - cumulative[:-w]
+        candidate = active & (data >= windows.min_count)
+        values = tail_statistic(data, sums, windows.width_relative_sd(index))
+        result.append(np.where(candidate, values, 0.0))
+    return tuple(result)
 
 
 @dataclass(frozen=True)
@@ -364,6 +618,7 @@ class LocalExcess:
     statistic: float
     local_p: float
     local_z: float
+    background_error: float = 0.0
 
 
 def significance_from_statistic(statistic: float) -> tuple[float, float]:
@@ -393,26 +648,30 @@ def best_window(windows: ScanWindows, counts: npt.ArrayLike, edges: npt.ArrayLik
     n = np.asarray(counts, dtype=np.float64)
     e = np.asarray(edges, dtype=np.float64)
     statistics = window_statistics(windows, n)
-    best_t, best_width, best_start = -1.0, windows.widths[0], 0
-    for width, values in zip(windows.widths, statistics, strict=True):
+    best_t, best_index, best_start = -1.0, 0, 0
+    for index, values in enumerate(statistics):
         start = int(np.argmax(values))
         if values[start] > best_t:
-            best_t, best_width, best_start = float(values[start]), width, start
+            best_t, best_index, best_start = float(values[start]), index, start
     first = windows.first_bin + best_start
-    stop = first + best_width
+    stop = first + windows.widths[best_index]
     local_p, local_z = significance_from_statistic(best_t)
+    relative = windows.width_relative_sd(best_index)
+    window_sum = float(windows.background_sums[best_index][best_start])
+    background = float(
+        np.sum(windows.background_bins[first - windows.first_bin : stop - windows.first_bin])
+    )
     return LocalExcess(
         first_bin=first,
         stop_bin=stop,
         mass_low=float(e[first]),
         mass_high=float(e[stop]),
         data=float(np.sum(n[first:stop])),
-        background=float(
-            np.sum(windows.background_bins[first - windows.first_bin : stop - windows.first_bin])
-        ),
+        background=background,
         statistic=best_t,
         local_p=local_p,
         local_z=local_z,
+        background_error=0.0 if relative is None else float(relative[best_start]) * window_sum,
     )
 
 
@@ -456,7 +715,8 @@ def window_thresholds(
     In the integer type of `toy_cumulative_counts`, saturated at its largest value.
     """
     dtype = _count_dtype(windows)
-    flat = tail_thresholds(np.concatenate(windows.background_sums), t_min)
+    flat = tail_thresholds(np.concatenate(windows.background_sums), t_min, windows.flat_relative_sd)
+    flat = np.maximum(flat, math.ceil(windows.min_count))
     flat = np.minimum(flat, np.iinfo(dtype).max)
     flat[~np.concatenate(windows.active)] = np.iinfo(dtype).max
     flat = flat.astype(dtype)
@@ -481,10 +741,15 @@ def toy_statistics(
         size = min(batch, n_toys - start)
         cumulative = toy_cumulative_counts(windows, size, rng).astype(np.int64)
         best = np.zeros(size, dtype=np.float64)
-        for width, sums, active in zip(
-            windows.widths, windows.background_sums, windows.active, strict=True
+        for index, (width, sums, active) in enumerate(
+            zip(windows.widths, windows.background_sums, windows.active, strict=True)
         ):
-            values = tabulated_tail_statistics(cumulative[:, width:] - cumulative[:, :-width], sums)
+            values = tabulated_tail_statistics(
+                cumulative[:, width:] - cumulative[:, :-width],
+                sums,
+                windows.width_relative_sd(index),
+                windows.min_count,
+            )
             values[:, ~active] = 0.0
             np.maximum(best, values.max(axis=1), out=best)
         result[start : start + size] = best
@@ -565,7 +830,10 @@ class HuntOptions:
 
     One object for the per-spectrum hunt and the scan-wide look-elsewhere test, so that both
     scan the same windows: widths `width_min`..`width_max` (None: half the scan range),
-    windows expecting fewer than `min_window_background` events left out.
+    windows expecting fewer than `min_window_background` events left out, windows with
+    fewer than `min_window_count` observed events not candidates. With
+    `fold_background_uncertainty` the hunt of a fitted background folds the fit's
+    uncertainty into the local p (callers pass the fit's jacobian and covariance).
     """
 
     width_min: int = 1
@@ -574,14 +842,33 @@ class HuntOptions:
     min_toys: int = 1_000
     max_toys: int = 100_000
     target_rel_error: float = 0.1
+    min_window_count: int = MIN_WINDOW_COUNT
+    fold_background_uncertainty: bool = True
 
-    def windows(self, background: npt.ArrayLike) -> ScanWindows:
-        """The windows of a background (expected counts per bin) under these options."""
-        return scan_windows(background, self.width_min, self.width_max, self.min_window_background)
+    def windows(
+        self,
+        background: npt.ArrayLike,
+        jacobian: npt.ArrayLike | None = None,
+        covariance: npt.ArrayLike | None = None,
+    ) -> ScanWindows:
+        """The windows of a background (expected counts per bin) under these options.
+
+        With the background's `jacobian` (rows = its bins) and fit `covariance` the
+        background uncertainty is folded into each window's tail (`scan_windows`).
+        """
+        return scan_windows(
+            background,
+            self.width_min,
+            self.width_max,
+            self.min_window_background,
+            min_count=self.min_window_count,
+            jacobian=jacobian,
+            covariance=covariance,
+        )
 
 
 DEFAULT_HUNT: Final = HuntOptions()
-"""The window set of the scan: widths 1..N/2, windows with at least one expected event."""
+"""The window set of the scan: widths 1..N/2, every window with B > 0, candidates >= 5 events."""
 
 
 @dataclass(frozen=True)
@@ -590,7 +877,10 @@ class BumpHuntResult:
 
     `global_p_method` is "toys" (the fraction of toys), "bonferroni bound" (no toy could
     resolve it: p <= n_windows x local p, quoted as an upper limit with
-    `global_z_is_lower_limit`) or "no excess" (t = 0, p = 1).
+    `global_z_is_lower_limit`) or "no excess" (t = 0, p = 1). `background_uncertainty` says
+    whether the fit uncertainty of the background was folded into the local p
+    (`background_error` is then the best window's sigma_w, events); windows with fewer than
+    `min_window_count` events are not candidates.
     """
 
     mass_low: float
@@ -614,6 +904,9 @@ class BumpHuntResult:
     n_windows: int
     min_window_background: float = MIN_WINDOW_BACKGROUND
     global_p_method: str = "toys"
+    min_window_count: int = MIN_WINDOW_COUNT
+    background_uncertainty: bool = False
+    background_error: float = 0.0
 
 
 def bump_hunt(
@@ -627,6 +920,9 @@ def bump_hunt(
     max_toys: int = 100_000,
     target_rel_error: float = 0.1,
     min_window_background: float = MIN_WINDOW_BACKGROUND,
+    min_window_count: int = MIN_WINDOW_COUNT,
+    jacobian: npt.ArrayLike | None = None,
+    covariance: npt.ArrayLike | None = None,
     seed: int | np.random.Generator = 0,
 ) -> BumpHuntResult:
     """BumpHunter of data `counts` against expected `background` counts, bins `edges` (GeV).
@@ -635,12 +931,22 @@ def bump_hunt(
     from `seed` (see the module docstring); with no excess anywhere (t = 0) it is 1 and no
     toy is drawn. When the Bonferroni bound n_windows x local p is below 1 / max(`max_toys`,
     10 000), no toy budget could resolve the global p: the bound is quoted (an upper limit on p, a
-    lower limit on Z) and no toy is drawn.
+    lower limit on Z) and no toy is drawn. With the background's `jacobian` (d mu / d
+    parameters, rows = background bins) and fit `covariance`, its uncertainty is folded
+    into every window's local p, for the data and the toys alike.
     """
     check_toy_budget(min_toys, max_toys, target_rel_error)
     n, b = validate_spectrum(counts, background, edges)
     e = np.asarray(edges, dtype=np.float64)
-    windows = scan_windows(b, width_min, width_max, min_window_background)
+    windows = scan_windows(
+        b,
+        width_min,
+        width_max,
+        min_window_background,
+        min_count=min_window_count,
+        jacobian=jacobian,
+        covariance=covariance,
+    )
     best = best_window(windows, n, e)
     bound = bonferroni_bound(best.statistic, windows.n_windows)
     if best.statistic > 0 and bound * max(max_toys, MIN_TOYS_SMALL_P) < 1.0:
@@ -683,6 +989,9 @@ def bump_hunt(
         n_windows=windows.n_windows,
         min_window_background=windows.min_background,
         global_p_method=method,
+        min_window_count=windows.min_count,
+        background_uncertainty=windows.background_uncertainty,
+        background_error=best.background_error,
     )
 
 

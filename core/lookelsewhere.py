@@ -43,9 +43,12 @@ first n toys of every spectrum give `n_pseudo_scans_reaching`; when none reaches
 `global_z_toys_lower_limit` is the toys-only lower limit Z(1/n).
 
 Effective trials factor N_eff = ln(1 - p_global) / ln(1 - p_local), reported when
-0 < p_global < 1. Not modelled: the statistical uncertainty of the fitted backgrounds (the
-minimum expected count per window, `core.bumphunt`, keeps sparse tails from claiming
-significance) and the fixed event count of an AR (multinomial, not Poisson, counts).
+0 < p_global < 1. Each window's t is the per-spectrum hunt's (`core.bumphunt`): at least
+`MIN_WINDOW_COUNT` events, and the fit uncertainty folded into the tail when the point
+carries its fit's Jacobian and covariance (`ScanPoint.jacobian`, `.covariance`); the
+thresholds, floor tables and compiled kernel use that same tail. Not modelled: the
+refit of the backgrounds on each pseudo-scan (the toys are drawn from the fitted B) and
+the fixed event count of an AR (multinomial, not Poisson, counts).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ from core.bumphunt import (
     ScanWindows,
     best_window,
     check_toy_budget,
+    first_candidate_count,
     significance_from_statistic,
     tabulate_poisson_tails,
     tabulated_tail_statistics,
@@ -118,6 +122,8 @@ class NestedSpectrum:
     they repeat another point's events and background (a whole-stream AR at several
     cross-sections). `background_nesting_violations` counts bins where a looser point's
     background is below a tighter one's; `data_nesting_violations` where its data are.
+    `uncertainties` holds per point (as in `counts`) its background's (jacobian,
+    covariance), rows = all bins, or None; empty when no point has one.
     """
 
     name: str
@@ -129,6 +135,7 @@ class NestedSpectrum:
     merged: tuple[tuple[float, float], ...]
     background_nesting_violations: int
     data_nesting_violations: int
+    uncertainties: tuple[tuple[FloatArray, FloatArray] | None, ...] = ()
 
     @property
     def nesting_violations(self) -> int:
@@ -154,10 +161,13 @@ def nested_spectrum(
     background: npt.ArrayLike,
     *,
     hunt: HuntOptions | Sequence[HuntOptions] = DEFAULT_HUNT,
+    uncertainties: Sequence[tuple[FloatArray, FloatArray] | None] | None = None,
 ) -> NestedSpectrum:
     """Validate and order one spectrum's AR points (any order in; loosest first out).
 
-    `hunt` gives the window set (one for all points, or one per point in input order).
+    `hunt` gives the window set (one for all points, or one per point in input order);
+    `uncertainties`, per point in input order, its background's (jacobian, covariance)
+    (rows = all bins, zero outside its fit range) or None, folded into its windows' tails.
     Points with identical counts and background are entered once (the loosest is kept).
     Raises InvalidInputError for bad histograms.
     """
@@ -198,6 +208,8 @@ def nested_spectrum(
     order = np.argsort(-sigma, kind="stable")
     sigma, n, b = sigma[order], n[order], b[order]
     hunts = [hunts[i] for i in order]
+    errors = _point_uncertainties(name, uncertainties, sigma.size)
+    errors = [errors[i] for i in order]
     keep: list[int] = []
     merged: list[tuple[float, float]] = []
     for point in range(sigma.size):
@@ -208,6 +220,7 @@ def nested_spectrum(
                 if np.array_equal(n[kept], n[point])
                 and np.allclose(b[kept], b[point], rtol=1e-9, atol=0.0)
                 and hunts[kept] == hunts[point]
+                and _same_uncertainty(errors[kept], errors[point])
             ),
             None,
         )
@@ -216,18 +229,52 @@ def nested_spectrum(
         else:
             merged.append((float(sigma[point]), float(sigma[twin])))
     sigma, n, b = sigma[keep], n[keep], b[keep]
+    errors = [errors[i] for i in keep]
     windows = []
     for point, options in zip(range(sigma.size), (hunts[i] for i in keep), strict=True):
         try:
-            windows.append(options.windows(b[point]))
+            windows.append(options.windows(b[point], *(errors[point] or (None, None))))
         except InvalidInputError as error:
             raise InvalidInputError(f"spectrum {name!r} at {sigma[point]:g} pb: {error}") from error
     both = (b[1:] > 0) & (b[:-1] > 0)
     background_violations = int(np.count_nonzero(both & (b[:-1] < b[1:] * (1.0 - 1e-12))))
     data_violations = int(np.count_nonzero(n[1:] > n[:-1] + 1e-9))
     return NestedSpectrum(
-        name, e, sigma, n, b, tuple(windows), tuple(merged), background_violations, data_violations
+        name,
+        e,
+        sigma,
+        n,
+        b,
+        tuple(windows),
+        tuple(merged),
+        background_violations,
+        data_violations,
+        tuple(errors) if any(x is not None for x in errors) else (),
     )
+
+
+def _point_uncertainties(
+    name: str,
+    uncertainties: Sequence[tuple[FloatArray, FloatArray] | None] | None,
+    n_points: int,
+) -> list[tuple[FloatArray, FloatArray] | None]:
+    """One (jacobian, covariance) or None per point (input order)."""
+    if uncertainties is None:
+        return [None] * n_points
+    if len(uncertainties) != n_points:
+        raise InvalidInputError(
+            f"spectrum {name!r}: {len(uncertainties)} background uncertainties for "
+            f"{n_points} AR points"
+        )
+    return list(uncertainties)
+
+
+def _same_uncertainty(
+    first: tuple[FloatArray, FloatArray] | None, second: tuple[FloatArray, FloatArray] | None
+) -> bool:
+    if first is None or second is None:
+        return first is second
+    return all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def nested_pseudo_counts(
@@ -322,10 +369,11 @@ FLOOR_TABLE_LENGTH: Final = 64
 class FloorTable:
     """t = -ln P(n >= k | B_w) for k = first[w] .. first[w] + length - 1, every window w.
 
-    `first[w]` is the smallest count with t >= the floor (`core.bumphunt.tail_thresholds`),
-    or with t > 0 (floor(B_w) + 1) without a floor; saturated for windows that are not
-    scanned. Windows are flattened width by width, those of width `widths[i]` at
-    offsets[i] .. offsets[i + 1] - 1.
+    `first[w]` is the smallest count with t >= the floor (`core.bumphunt.window_thresholds`),
+    or with t > 0 (max(floor(B_w) + 1, min_count)) without a floor; saturated for windows
+    that are not scanned. The tails are the windows' own (negative binomial where they
+    carry a relative background uncertainty). Windows are flattened width by width, those
+    of width `widths[i]` at offsets[i] .. offsets[i + 1] - 1.
     """
 
     widths: npt.NDArray[np.int64]
@@ -341,8 +389,9 @@ def floor_table(
     """The look-up table of `windows` above `floor` (see `FloorTable`)."""
     sums = np.concatenate(windows.background_sums)
     active = np.concatenate(windows.active)
+    relative = windows.flat_relative_sd
     if floor is None:
-        first = np.floor(sums).astype(np.int64) + 1
+        first = first_candidate_count(sums, windows.min_count)
         first[~active] = np.iinfo(np.int64).max
     else:
         first = np.concatenate(window_thresholds(windows, floor)).astype(np.int64)
@@ -351,7 +400,9 @@ def floor_table(
     np.cumsum([s.size for s in windows.background_sums], out=offsets[1:])
     values = np.zeros((sums.size, length), dtype=np.float64)
     if np.any(active):
-        values[active] = tabulate_poisson_tails(sums[active], first[active], length)
+        values[active] = tabulate_poisson_tails(
+            sums[active], first[active], length, None if relative is None else relative[active]
+        )
     widths = np.asarray(windows.widths, dtype=np.int64)
     return FloorTable(widths, offsets, first, values.ravel(), length)
 
@@ -423,16 +474,22 @@ def compiled_floor_maxima() -> Callable[..., None] | None:
 
 
 def _exact_maxima(windows: ScanWindows, cumulative: npt.NDArray[np.int64]) -> FloatArray:
-    """Exact max t per row of cumulative window counts, from tabulated Poisson tails."""
+    """Exact max t per row of cumulative window counts, from tabulated tails."""
     best = np.zeros(cumulative.shape[0], dtype=np.float64)
-    for width, sums, active in zip(
-        windows.widths, windows.background_sums, windows.active, strict=True
+    for index, (width, sums, active) in enumerate(
+        zip(windows.widths, windows.background_sums, windows.active, strict=True)
     ):
         if not np.any(active):
             continue
         columns = np.flatnonzero(active)
         counts = cumulative[:, width + columns] - cumulative[:, columns]
-        values = tabulated_tail_statistics(counts, sums[columns])
+        relative = windows.width_relative_sd(index)
+        values = tabulated_tail_statistics(
+            counts,
+            sums[columns],
+            None if relative is None else relative[columns],
+            windows.min_count,
+        )
         np.maximum(best, values.max(axis=1), out=best)
     return best
 
@@ -839,13 +896,17 @@ def _with_widths(
     spectrum: NestedSpectrum, width_min: int | None, width_max: int | None
 ) -> NestedSpectrum:
     windows = []
+    errors = spectrum.uncertainties or (None,) * len(spectrum.windows)
     for point, current in enumerate(spectrum.windows):
         options = HuntOptions(
             width_min=current.widths[0] if width_min is None else width_min,
             width_max=width_max,
             min_window_background=current.min_background,
+            min_window_count=current.min_count,
         )
-        windows.append(options.windows(spectrum.background[point]))
+        windows.append(
+            options.windows(spectrum.background[point], *(errors[point] or (None, None)))
+        )
     return NestedSpectrum(
         spectrum.name,
         spectrum.edges,
@@ -856,6 +917,7 @@ def _with_widths(
         spectrum.merged,
         spectrum.background_nesting_violations,
         spectrum.data_nesting_violations,
+        spectrum.uncertainties,
     )
 
 
@@ -865,7 +927,10 @@ class ScanPoint:
 
     `edges` (GeV, n + 1) and `counts`, `background` (n) cover histogram bins
     [first_bin, first_bin + n) of the spectrum's common binning; `hunt` is the window set
-    the per-spectrum hunt used, so the scan-wide test scans the same windows.
+    the per-spectrum hunt used, so the scan-wide test scans the same windows. `jacobian`
+    (rows = the point's n bins, zero outside its fit range; d mu / d parameters) and
+    `covariance` (the fit's) fold the background uncertainty into the windows' tails, as
+    the per-spectrum hunt did; None: exact background.
     """
 
     spectrum: str
@@ -875,6 +940,8 @@ class ScanPoint:
     counts: FloatArray
     background: FloatArray
     hunt: HuntOptions = DEFAULT_HUNT
+    jacobian: FloatArray | None = None
+    covariance: FloatArray | None = None
 
 
 def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
@@ -892,6 +959,7 @@ def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
         edges = np.full(stop - first + 1, np.nan)
         counts = np.zeros((len(members), stop - first))
         background = np.zeros((len(members), stop - first))
+        errors: list[tuple[FloatArray, FloatArray] | None] = []
         for index, point in enumerate(members):
             size = point.counts.size
             if point.edges.shape != (size + 1,) or point.background.shape != (size,):
@@ -911,6 +979,7 @@ def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
             edges[start : start + size + 1] = point.edges
             counts[index, start : start + size] = point.counts
             background[index, start : start + size] = point.background
+            errors.append(_padded_uncertainty(point, start, stop - first))
         if not np.all(np.isfinite(edges)):
             raise InvalidInputError(
                 f"spectrum {name!r}: the points' ranges leave a gap in the binning; give "
@@ -924,6 +993,29 @@ def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
                 counts,
                 background,
                 hunt=[p.hunt for p in members],
+                uncertainties=errors,
             )
         )
     return spectra
+
+
+def _padded_uncertainty(
+    point: ScanPoint, start: int, n_bins: int
+) -> tuple[FloatArray, FloatArray] | None:
+    """The point's (jacobian, covariance) with jacobian rows over the spectrum's n_bins."""
+    if point.jacobian is None and point.covariance is None:
+        return None
+    if point.jacobian is None or point.covariance is None:
+        raise InvalidInputError(
+            f"spectrum {point.spectrum!r} at {point.cross_section_pb:g} pb: give both the "
+            "background's jacobian and covariance, or neither"
+        )
+    size = point.counts.size
+    if point.jacobian.ndim != 2 or point.jacobian.shape[0] != size:
+        raise InvalidInputError(
+            f"spectrum {point.spectrum!r} at {point.cross_section_pb:g} pb: expected a "
+            f"jacobian with {size} rows (one per bin), found shape {point.jacobian.shape}"
+        )
+    rows = np.zeros((n_bins, point.jacobian.shape[1]))
+    rows[start : start + size] = point.jacobian
+    return rows, np.asarray(point.covariance, dtype=np.float64)

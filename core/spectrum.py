@@ -53,9 +53,15 @@ import numpy.typing as npt
 
 from core.background import BackgroundDecision, CheckOptions, Fallback, choose_background
 from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
-from core.errors import AnomscanError, InvalidInputError
+from core.errors import AnomscanError, FitError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
-from core.fit import FitResult, expected_errors, fit_background, prepare_spectrum
+from core.fit import (
+    FitResult,
+    background_jacobian,
+    expected_errors,
+    fit_background,
+    prepare_spectrum,
+)
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
 from core.symbolic import lift_constants, symbolic_background
 
@@ -85,7 +91,9 @@ class SpectrumSearch:
     `bump_unmasked` the hunt against the unmasked one (the same object without exclusion).
     `masked_window_gev` is the window the final fit leaves out (None: none), `mask_from` says
     whether the background was chosen with it ("choice", no exclusion ran) or the window
-    exclusion's agreement test accepted it ("exclusion").
+    exclusion's agreement test accepted it ("exclusion"). `background_jacobian` (d mu / d
+    parameters, bins [first_bin, stop_bin)) and `background_covariance` are the final fit's,
+    folded into the hunt's windows (None when the hunt took the background as exact).
     """
 
     fit: FitResult
@@ -102,6 +110,8 @@ class SpectrumSearch:
     trail: tuple[str, ...]
     masked_window_gev: tuple[float, float] | None = None
     mask_from: MaskSource | None = None
+    background_jacobian: FloatArray | None = field(default=None, repr=False)
+    background_covariance: FloatArray | None = field(default=None, repr=False)
 
     @property
     def function(self) -> str:
@@ -206,6 +216,7 @@ def search_spectrum(
             )
     else:
         trail.append(f"no window exclusion: global p {bump.global_p:.3g} >= {exclusion_trigger_p}")
+    uncertainty = fit_uncertainty(final_fit, e) if final_bump.background_uncertainty else None
     return SpectrumSearch(
         fit=final_fit,
         first_bin=first,
@@ -221,6 +232,8 @@ def search_spectrum(
         trail=tuple(trail),
         masked_window_gev=window,
         mask_from=mask_from,
+        background_jacobian=None if uncertainty is None else uncertainty[0],
+        background_covariance=None if uncertainty is None else uncertainty[1],
     )
 
 
@@ -261,8 +274,14 @@ def _hunt_against(
     hunt: HuntOptions,
     seed: int,
 ) -> BumpHuntResult:
-    """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts."""
+    """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts.
+
+    The fit's uncertainty is folded into the windows' tails (`core.bumphunt`) when the hunt
+    asks for it and the derivatives are finite; the result says whether it was.
+    """
     first, stop = bins
+    uncertainty = fit_uncertainty(fit, edges) if hunt.fold_background_uncertainty else None
+    jacobian, covariance = uncertainty or (None, None)
     return bump_hunt(
         counts[first:stop],
         np.asarray(fit.expected, dtype=np.float64),
@@ -273,8 +292,26 @@ def _hunt_against(
         max_toys=hunt.max_toys,
         target_rel_error=hunt.target_rel_error,
         min_window_background=hunt.min_window_background,
+        min_window_count=hunt.min_window_count,
+        jacobian=jacobian,
+        covariance=covariance,
         seed=seed,
     )
+
+
+def fit_uncertainty(fit: FitResult, edges: FloatArray) -> tuple[FloatArray, FloatArray] | None:
+    """(d mu / d parameters over the fit range, covariance) of `fit`, None where not finite.
+
+    Without finite derivatives no uncertainty can be propagated: the hunt then takes the
+    background as exact (Poisson tails) and says so (`background_uncertainty`).
+    """
+    if not (fit.accurate_covariance and np.all(np.isfinite(fit.covariance))):
+        return None
+    try:
+        jacobian = background_jacobian(fit, edges)
+    except FitError:
+        return None
+    return jacobian, np.asarray(fit.covariance, dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)

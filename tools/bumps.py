@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from core.bumphunt import (
     MAX_TOYS,
     MIN_WINDOW_BACKGROUND,
+    MIN_WINDOW_COUNT,
     BumpHuntResult,
     HuntOptions,
     LocalExcess,
@@ -80,6 +81,12 @@ class BumpHuntInput(StrictModel):
         le=1e6,
         description="windows expecting fewer background events are not scanned",
     )
+    min_window_count: int = Field(
+        MIN_WINDOW_COUNT,
+        ge=0,
+        le=1_000_000,
+        description="windows with fewer observed events are not candidates",
+    )
     seed: int = Field(0, ge=0, le=2**63 - 1)
 
 
@@ -93,6 +100,9 @@ class ExcessOutput(StrictModel):
     statistic: float = Field(description="t = -ln(local p)")
     local_p: float
     local_z: float
+    background_error: float = Field(
+        description="fit uncertainty of the window's background (events); 0 if not folded"
+    )
 
 
 class BumpHuntOutput(ExcessOutput):
@@ -114,6 +124,13 @@ class BumpHuntOutput(ExcessOutput):
     global_p_method: str = Field(
         description="toys | bonferroni bound (p <= n_windows x local p, Z a lower limit) | "
         "no excess"
+    )
+    min_window_count: int = Field(
+        description="windows with fewer observed events were not candidates"
+    )
+    background_uncertainty: bool = Field(
+        description="the background's fit uncertainty was folded into the local p "
+        "(negative binomial tails); false: Poisson tails of an exact background"
     )
 
 
@@ -141,6 +158,7 @@ def bump_hunt_tool(arguments: BumpHuntInput) -> BumpHuntOutput:
         max_toys=max(arguments.max_toys, arguments.n_toys),
         target_rel_error=arguments.target_rel_error,
         min_window_background=arguments.min_window_background,
+        min_window_count=arguments.min_window_count,
         seed=arguments.seed,
     )
     return bump_output(result)
@@ -271,8 +289,10 @@ class ScanPointInput(StrictModel):
 
     `edges`, `counts`, `background` cover histogram bins [first_bin, stop_bin); the window
     set is the hunt's (`bump.width_min`, `bump.width_max`, `bump.min_window_background`, or
-    the fields given here). Points whose `status` is not "accepted" are left out and listed
-    in the output with their `reason`.
+    the fields given here). `background_jacobian` (d mu / d parameters, one row per bin) and
+    `background_covariance` fold the fit uncertainty into the windows as the hunt did.
+    Points whose `status` is not "accepted" are left out and listed in the output with
+    their `reason`.
     """
 
     spectrum: str
@@ -285,6 +305,9 @@ class ScanPointInput(StrictModel):
     width_min: int | None = Field(None, ge=1, le=1000)
     width_max: int | None = Field(None, ge=1, le=1000)
     min_window_background: float | None = Field(None, ge=0, le=1e6)
+    min_window_count: int | None = Field(None, ge=0, le=1_000_000)
+    background_jacobian: list[list[float]] | None = None
+    background_covariance: list[list[float]] | None = None
     bump: dict[str, object] | None = Field(
         None, description="the search_spectrum `bump` (its window fields are used)"
     )
@@ -301,14 +324,16 @@ class ScanPointInput(StrictModel):
         width_min = pick("width_min", self.width_min, 1)
         width_max = pick("width_max", self.width_max, None)
         minimum = pick("min_window_background", self.min_window_background, MIN_WINDOW_BACKGROUND)
+        min_count = pick("min_window_count", self.min_window_count, MIN_WINDOW_COUNT)
         if not isinstance(width_min, int) or not (width_max is None or isinstance(width_max, int)):
             raise InvalidInputError(
                 f"point {self.spectrum!r} at {self.cross_section_pb:g} pb: window widths must "
                 "be integers (bins)"
             )
-        if not isinstance(minimum, int | float):
+        if not isinstance(minimum, int | float) or not isinstance(min_count, int):
             raise InvalidInputError(
-                f"point {self.spectrum!r}: min_window_background must be a number of events"
+                f"point {self.spectrum!r}: min_window_background must be a number of events "
+                "and min_window_count an integer"
             )
         if self.stop_bin is not None and self.stop_bin - self.first_bin != len(self.counts):
             raise InvalidInputError(
@@ -323,17 +348,26 @@ class ScanPointInput(StrictModel):
             np.asarray(self.counts, dtype=np.float64),
             np.asarray(self.background, dtype=np.float64),
             HuntOptions(
-                width_min=width_min, width_max=width_max, min_window_background=float(minimum)
+                width_min=width_min,
+                width_max=width_max,
+                min_window_background=float(minimum),
+                min_window_count=min_count,
             ),
+            _optional_array(self.background_jacobian),
+            _optional_array(self.background_covariance),
         )
+
+
+def _optional_array(rows: list[list[float]] | None) -> FloatArray | None:
+    return None if rows is None else np.asarray(rows, dtype=np.float64)
 
 
 def _points_from_npz(path: Path) -> list[ScanPointInput]:
     """Scan points from an NPZ file, one row per point.
 
     Arrays `spectrum` (names), `cross_section_pb`, `first_bin`, `width_min`, `width_max`
-    (0 = none), `min_window_background`, and per point i `edges_i`, `counts_i`,
-    `background_i`.
+    (0 = none), `min_window_background`, optionally `min_window_count`, and per point i
+    `edges_i`, `counts_i`, `background_i`, optionally `jacobian_i` and `covariance_i`.
     """
     require_file(path, "points file")
     try:
@@ -353,6 +387,13 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
                         width_min=int(data["width_min"][index]),
                         width_max=width_max or None,
                         min_window_background=float(data["min_window_background"][index]),
+                        min_window_count=(
+                            int(data["min_window_count"][index])
+                            if "min_window_count" in data
+                            else None
+                        ),
+                        background_jacobian=_npz_rows(data, f"jacobian_{index}"),
+                        background_covariance=_npz_rows(data, f"covariance_{index}"),
                     )
                 )
     except (KeyError, ValueError, OSError) as error:
@@ -360,6 +401,10 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
             f"points file {path} is not a scan-points NPZ ({error}); see the tool's schema"
         ) from error
     return rows
+
+
+def _npz_rows(data: np.lib.npyio.NpzFile, key: str) -> list[list[float]] | None:
+    return np.asarray(data[key], dtype=np.float64).tolist() if key in data else None
 
 
 class ScanSignificanceInput(StrictModel):

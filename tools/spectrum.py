@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, HuntOptions
+from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, MIN_WINDOW_COUNT, HuntOptions
 from core.errors import InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion
 from core.files import exclusive_output
@@ -48,6 +48,15 @@ class HuntSettings(StrictModel):
         le=1e6,
         description="windows expecting fewer background events are not scanned",
     )
+    min_window_count: int = Field(
+        MIN_WINDOW_COUNT,
+        ge=0,
+        le=1_000_000,
+        description="windows with fewer observed events are not candidates",
+    )
+    fold_background_uncertainty: bool = Field(
+        True, description="fold the fit's uncertainty into each window's local p"
+    )
     n_toys: int = Field(1_000, ge=1, le=MAX_TOYS, description="minimum number of toys")
     max_toys: int = Field(
         100_000, ge=1, le=MAX_TOYS, description="toy budget (raised to 10 000 when p < 0.01)"
@@ -62,6 +71,8 @@ class HuntSettings(StrictModel):
             min_window_background=self.min_window_background,
             min_toys=self.n_toys,
             max_toys=max(self.max_toys, self.n_toys),
+            min_window_count=self.min_window_count,
+            fold_background_uncertainty=self.fold_background_uncertainty,
         )
 
 
@@ -150,6 +161,12 @@ class SearchSpectrumOutput(StrictModel):
     background_error: list[float] = Field(
         description="1-sigma fit uncertainty of `background` per bin (covariance propagated)"
     )
+    background_jacobian: list[list[float]] | None = Field(
+        None, description="d background / d fit parameters per bin in range; null: not folded"
+    )
+    background_covariance: list[list[float]] | None = Field(
+        None, description="the fit's parameter covariance (with background_jacobian)"
+    )
     bump: BumpHuntOutput = Field(description="hunt against the final background")
     bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
     window_exclusion: WindowExclusionOutput | None
@@ -176,6 +193,8 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         counts=np.asarray(search.counts, dtype=float).tolist(),
         background=np.asarray(search.background, dtype=float).tolist(),
         background_error=np.asarray(search.background_error, dtype=float).tolist(),
+        background_jacobian=_rows(search.background_jacobian),
+        background_covariance=_rows(search.background_covariance),
         bump=bump_output(search.bump),
         bump_unmasked=bump_output(search.bump_unmasked),
         window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),
@@ -183,6 +202,10 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         mask_from=search.mask_from,
         trail=list(search.trail),
     )
+
+
+def _rows(array: np.ndarray | None) -> list[list[float]] | None:
+    return None if array is None else np.asarray(array, dtype=float).tolist()
 
 
 @register(

@@ -12,6 +12,7 @@ from scipy.special import gammainc
 from scipy.stats import kstest, norm
 
 from core.bumphunt import (
+    MIN_WINDOW_COUNT,
     adaptive_toy_p_value,
     bump_hunt,
     most_significant_window,
@@ -375,19 +376,23 @@ def test_scan_windows_rejects_bad_background() -> None:
 
 
 def test_sparse_tail_windows_can_not_claim_a_discovery() -> None:
-    # Issue 11: 1 event on B = 3e-7 gave local Z 5.0. Windows expecting < 1 event are not
-    # scanned (data and toys alike), so the best window must expect >= 1 event, where 1-2
-    # events are unremarkable (P(n >= 2 | 1) = 0.26).
+    # Issue 11: 1 event on B = 3e-7 gave local Z 5.0. Every window with B > 0 is scanned,
+    # but a window is a candidate only with >= MIN_WINDOW_COUNT = 5 events (data and toys
+    # alike), so 1-2 events on a tiny B claim nothing.
     edges = np.linspace(1000.0, 2000.0, 21)
     background = np.geomspace(50.0, 3e-7, 20)
     data = np.round(background)
     data[-1] = 1.0
     data[-4] = 2.0
-    unprotected = bump_hunt(data, background, edges, min_window_background=0.0, seed=1)
+    unprotected = bump_hunt(data, background, edges, min_window_count=0, seed=1)
     assert unprotected.local_z > 4.5
     result = bump_hunt(data, background, edges, seed=1)
-    assert result.background >= 1.0
+    assert result.min_window_count == MIN_WINDOW_COUNT
+    assert result.data >= MIN_WINDOW_COUNT
     assert result.local_z < 1.5
     assert result.global_p > 0.1
-    windows = scan_windows(background)
+    assert scan_windows(background).n_windows == sum(
+        s.size for s in scan_windows(background).background_sums
+    )
+    windows = scan_windows(background, min_background=1.0)
     assert windows.n_windows < sum(s.size for s in windows.background_sums)

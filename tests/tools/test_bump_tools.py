@@ -210,6 +210,8 @@ def test_scan_significance_takes_search_spectrum_points() -> None:
             "edges": out["edges"],
             "counts": out["counts"],
             "background": out["background"],
+            "background_jacobian": out["background_jacobian"],
+            "background_covariance": out["background_covariance"],
             "bump": out["bump"],
         }
         for xsec, out in ((10.0, outputs[0]), (1.0, outputs[1]), (100.0, outputs[0]))
@@ -235,3 +237,7 @@ def test_scan_significance_takes_search_spectrum_points() -> None:
     assert result["excluded"][0]["status"] == "no accepted background"
     assert result["best"]["window"][0] >= EDGES[1]
     assert 0.0 < result["global_p"] <= 1.0
+    # the scan-wide statistic is the hunts' own (the fit uncertainty folded in the same way)
+    assert all(out["bump"]["background_uncertainty"] for out in outputs)
+    hunts = max(out["bump"]["statistic"] for out in outputs)
+    assert result["statistic"] == pytest.approx(hunts, rel=1e-12)

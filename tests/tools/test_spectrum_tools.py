@@ -38,7 +38,9 @@ def test_analyse_then_search_round_trip() -> None:
             "seed": 4,
         }
     )
-    assert again["bump"]["local_z"] == pytest.approx(search["bump"]["local_z"], rel=1e-5)
+    assert again["bump"]["local_z"] == pytest.approx(
+        search["bump"]["local_z"], rel=1e-4
+    )  # refit covariance folded in
     assert again["window_exclusion"] is None or "accepted" in again["window_exclusion"]
 
 

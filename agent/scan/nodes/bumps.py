@@ -36,6 +36,10 @@ _EXCLUSION_NUMBERS = (
 )
 
 
+_HUNT_KEYS = ("width_min", "width_max", "min_window_background", "min_window_count")
+"""The hunt's window set, recorded per spectrum for the scan-wide test."""
+
+
 @dataclass
 class _PointHunt:
     """What the hunt of one AR point found: per-spectrum rows, outcomes, final backgrounds."""
@@ -46,6 +50,7 @@ class _PointHunt:
     background: np.ndarray
     background_error: np.ndarray
     spectra: list[dict[str, Any]] = field(default_factory=list)
+    uncertainties: dict[str, np.ndarray] = field(default_factory=dict)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def whole(self, name: str) -> bool:
@@ -89,6 +94,7 @@ def hunt_bumps_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict[st
         counts=counts,
         background=hunt.background,
         background_error=hunt.background_error,
+        **hunt.uncertainties,
     )
     results_path = write_text(
         folder / f"point-{index:03d}.json",
@@ -177,6 +183,9 @@ def _hunt_spectrum(
     first, stop = out["first_bin"], out["stop_bin"]
     hunt.background[k, first:stop] = out["background"]
     hunt.background_error[k, first:stop] = out["background_error"]
+    if out.get("background_jacobian") is not None:
+        hunt.uncertainties[f"jacobian_{k}"] = np.asarray(out["background_jacobian"])
+        hunt.uncertainties[f"covariance_{k}"] = np.asarray(out["background_covariance"])
     bump = out["bump"]
     hunt.outcomes[name] = {
         "status": "excess",
@@ -258,7 +267,7 @@ def _excess_row(
         "gof_p_value": entry["gof_p_value"],
         "gof_passed": entry["gof_passed"],
         "background_choice": entry["choice"],
-        "hunt": {key: bump[key] for key in ("width_min", "width_max", "min_window_background")},
+        "hunt": {key: bump[key] for key in _HUNT_KEYS},
         "masked_window_gev": out["masked_window_gev"],
         "mask_from": out["mask_from"],
     }

@@ -18,6 +18,7 @@ import numpy as np
 from agent.scan.context import ScanContext
 from agent.scan.nodes.common import record_decision, write_npz
 from agent.scan.state import ScanState
+from core.bumphunt import MIN_WINDOW_COUNT
 from core.errors import AnomscanError
 from core.masses import SPECTRUM_NAMES
 
@@ -88,8 +89,9 @@ def look_elsewhere_node(ctx: ScanContext, state: ScanState, step_id: str) -> dic
 def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dict[str, Any]]:
     """The spectrum of every accepted (spectrum, AR point) and the columns of RUN/lee/points.npz.
 
-    Per point i: its cross section, first bin, the hunt's window widths and least window
-    background, and `edges_i`, `counts_i`, `background_i` over its fit range.
+    Per point i: its cross section, first bin, the hunt's window widths, least window
+    background and least window count, and `edges_i`, `counts_i`, `background_i` over its
+    fit range, with `jacobian_i`, `covariance_i` where the hunt folded the fit uncertainty.
     """
     arrays: dict[str, Any] = {}
     names: list[str] = []
@@ -99,11 +101,15 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
         "width_min": [],
         "width_max": [],
         "min_window_background": [],
+        "min_window_count": [],
     }
     for record in state["points"]:
         results = json.loads(ctx.at(record["results_file"]).read_text())
         with np.load(ctx.at(record["results_file"]).with_name(results["arrays"])) as data:
             edges, counts, background = data["edges"], data["counts"], data["background"]
+            uncertainties = {
+                key: data[key] for key in data.files if key.startswith(("jacobian_", "covariance_"))
+            }
         for spectrum in results["spectra"]:
             if spectrum["status"] != "excess":
                 continue
@@ -116,9 +122,13 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
             rows["width_min"].append(spectrum["hunt"]["width_min"])
             rows["width_max"].append(spectrum["hunt"]["width_max"] or 0)
             rows["min_window_background"].append(spectrum["hunt"]["min_window_background"])
+            rows["min_window_count"].append(
+                spectrum["hunt"].get("min_window_count", MIN_WINDOW_COUNT)
+            )
             arrays[f"edges_{i}"] = edges[first : stop + 1]
             arrays[f"counts_{i}"] = counts[k, first:stop]
             arrays[f"background_{i}"] = background[k, first:stop]
+            arrays.update(_point_uncertainty(uncertainties, k, i))
     columns = {
         "spectrum": np.array(names),
         "cross_section_pb": np.array(rows["cross_section_pb"], dtype=float),
@@ -126,9 +136,22 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
         "width_min": np.array(rows["width_min"], dtype=np.int64),
         "width_max": np.array(rows["width_max"], dtype=np.int64),
         "min_window_background": np.array(rows["min_window_background"], dtype=float),
+        "min_window_count": np.array(rows["min_window_count"], dtype=np.int64),
         **arrays,
     }
     return names, columns
+
+
+def _point_uncertainty(
+    uncertainties: dict[str, np.ndarray], spectrum: int, point: int
+) -> dict[str, np.ndarray]:
+    """Spectrum `spectrum`'s (jacobian, covariance) renamed for point `point`, if stored."""
+    if f"jacobian_{spectrum}" not in uncertainties:
+        return {}
+    return {
+        f"jacobian_{point}": uncertainties[f"jacobian_{spectrum}"],
+        f"covariance_{point}": uncertainties[f"covariance_{spectrum}"],
+    }
 
 
 def _scan_significance(ctx: ScanContext, step_id: str, path: Path) -> dict[str, Any]:

@@ -139,6 +139,19 @@ def test_local_z_at_the_best_ar_point_is_above_the_whole_stream(signal_run: Path
 
 
 @pytest.mark.slow
+def test_the_scan_wide_test_uses_the_hunts_background_uncertainty(signal_run: Path) -> None:
+    """Issue 23: the look-elsewhere input carries each point's minimum window count and its
+    fit's Jacobian (one row per bin of the point) and covariance, as the hunt used them."""
+    with np.load(signal_run / "lee" / "points.npz") as data:
+        assert "min_window_count" in data.files
+        assert np.all(data["min_window_count"] == 5)
+        for index in range(data["spectrum"].size):
+            jacobian = data[f"jacobian_{index}"]
+            assert jacobian.shape[0] == data[f"counts_{index}"].size
+            assert data[f"covariance_{index}"].shape == (jacobian.shape[1],) * 2
+
+
+@pytest.mark.slow
 def test_background_only_scan_stays_below_three_sigma(
     background_sample: Sample, tmp_path: Path
 ) -> None:
