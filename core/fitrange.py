@@ -57,6 +57,12 @@ TURN_ON_FALL_Z = 3.0
 TURN_ON_QUANTILE = 0.5
 """Fraction of the range's events below which the turn-on top must lie."""
 
+KNEE_FACTOR = 0.75
+"""A plateau ends at a knee: the fall per window steepens by more than this factor."""
+
+KNEE_QUANTILE = 0.8
+"""Fraction of the range's events below which a plateau's knee must lie."""
+
 
 def default_upper_edge(edges: npt.ArrayLike, sqrt_s: float) -> float:
     """The fixed upper end (GeV) of a fit range: the first edge at or above 0.65 sqrt_s.
@@ -145,6 +151,33 @@ def turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
     return top
 
 
+def plateau_knee(counts: FloatArray, first: int) -> int | None:
+    """The last knee at or above bin `first`, where a plateau ends, or None (module docstring).
+
+    Windows of TURN_ON_WINDOW bins, four in a row A, B, C, D with C starting at bin k: the
+    spectrum falls by B / A per window before k and by D / C after it. k is a knee when the
+    fall steepens by more than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by
+    TURN_ON_FALL_Z Poisson sigma, and the spectrum does not rise into it (B and C no more
+    than TURN_ON_FALL_Z sigma above the window before: a peak is not a plateau), with k
+    below the bin under which KNEE_QUANTILE of the events lie. Returns the last knee.
+    """
+    size = min(TURN_ON_WINDOW, counts.size)
+    window = np.convolve(counts, np.ones(size), mode="valid")
+    events_below = np.cumsum(counts) - counts
+    limit = int(np.count_nonzero(events_below < KNEE_QUANTILE * counts.sum()))
+    knees = np.arange(first + 2 * size, min(limit, window.size - size))
+    if knees.size == 0:
+        return None
+    a, b, c, d = (window[knees + shift * size] for shift in (-2, -1, 0, 1))
+    filled = np.minimum(np.minimum(a, b), np.minimum(c, d)) > 0
+    a, b, c, d = (np.maximum(values, 1.0) for values in (a, b, c, d))
+    steepening = np.log(b / a) - np.log(d / c) + np.log(KNEE_FACTOR)
+    error = np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
+    no_rise = (b - a <= TURN_ON_Z * np.sqrt(a + b)) & (c - b <= TURN_ON_Z * np.sqrt(b + c))
+    found = knees[filled & no_rise & (steepening > TURN_ON_FALL_Z * error)]
+    return None if found.size == 0 else int(found[-1])
+
+
 def fit_range(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -171,6 +204,10 @@ def fit_range(
     widths = np.diff(edge_values[floor_bin : stop_bin + 1])
     peak = turn_on_peak(range_counts, widths)
     first_bin = floor_bin if peak is None else floor_bin + peak + 1
+    turn_on_start = first_bin
+    knee = plateau_knee(range_counts, first_bin - floor_bin)
+    if knee is not None:
+        first_bin = floor_bin + knee
     n_above = float(count_values[stop_bin:].sum())
     if stop_bin - first_bin < min_bins:
         raise InvalidInputError(
@@ -185,14 +222,7 @@ def fit_range(
             "holds no events; nothing to fit"
         )
     lo, hi = float(edge_values[first_bin]), float(edge_values[stop_bin])
-    if peak is None:
-        start_text = f"starts at the stream's start {lo:.0f} GeV (no turn-on above it)"
-    else:
-        peak_low = float(edge_values[floor_bin + peak])
-        start_text = (
-            f"starts at {lo:.0f} GeV, one bin past the turn-on peak of the density at "
-            f"{peak_low:.0f} GeV (stream start {edge_values[floor_bin]:.0f} GeV)"
-        )
+    start_text = _start_text(edge_values, floor_bin, peak, turn_on_start, first_bin)
     end_text = (
         f"ends at the fixed upper mass {hi:.0f} GeV"
         + (" (0.65 sqrt_s)" if upper_gev is None else "")
@@ -209,6 +239,27 @@ def fit_range(
         turn_on_bin=None if peak is None else floor_bin + peak,
         n_above=n_above,
         reason=f"fit range {start_text}; {end_text}",
+    )
+
+
+def _start_text(
+    edges: FloatArray, floor_bin: int, peak: int | None, turn_on_start: int, first_bin: int
+) -> str:
+    """Why the range starts where it does: the stream's start, the turn-on, the plateau."""
+    start = float(edges[turn_on_start])
+    if peak is None:
+        text = f"starts at the stream's start {start:.0f} GeV (no turn-on above it)"
+    else:
+        text = (
+            f"starts at {start:.0f} GeV, one bin past the turn-on peak of the density at "
+            f"{edges[floor_bin + peak]:.0f} GeV (stream start {edges[floor_bin]:.0f} GeV)"
+        )
+    if first_bin == turn_on_start:
+        return text
+    return (
+        text.replace("starts at", "would start at", 1)
+        + f", but the spectrum is not yet falling there: plateau from {start:.0f} up to "
+        f"{edges[first_bin]:.0f} GeV (its knee), fit starts at {edges[first_bin]:.0f} GeV"
     )
 
 
