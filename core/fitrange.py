@@ -151,15 +151,15 @@ def turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
     return top
 
 
-def plateau_knee(counts: FloatArray, first: int) -> int | None:
+def plateau_knee(counts: FloatArray, first: int, z: float = TURN_ON_FALL_Z) -> int | None:
     """The last knee at or above bin `first`, where a plateau ends, or None (module docstring).
 
     Windows of TURN_ON_WINDOW bins, four in a row A, B, C, D with C starting at bin k: the
     spectrum falls by B / A per window before k and by D / C after it. k is a knee when the
-    fall steepens by more than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by
-    TURN_ON_FALL_Z Poisson sigma, and the spectrum does not rise into it (B and C no more
-    than TURN_ON_FALL_Z sigma above the window before: a peak is not a plateau), with k
-    below the bin under which KNEE_QUANTILE of the events lie. Returns the last knee.
+    fall steepens by more than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z`
+    Poisson sigma (TURN_ON_FALL_Z for the fit start), and the spectrum does not rise into it
+    (B and C no more than TURN_ON_Z sigma above the window before: a peak is not a plateau),
+    with k below the bin under which KNEE_QUANTILE of the events lie.
     """
     size = min(TURN_ON_WINDOW, counts.size)
     window = np.convolve(counts, np.ones(size), mode="valid")
@@ -174,7 +174,7 @@ def plateau_knee(counts: FloatArray, first: int) -> int | None:
     steepening = np.log(b / a) - np.log(d / c) + np.log(KNEE_FACTOR)
     error = np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
     no_rise = (b - a <= TURN_ON_Z * np.sqrt(a + b)) & (c - b <= TURN_ON_Z * np.sqrt(b + c))
-    found = knees[filled & no_rise & (steepening > TURN_ON_FALL_Z * error)]
+    found = knees[filled & no_rise & (steepening > z * error)]
     return None if found.size == 0 else int(found[-1])
 
 
