@@ -60,7 +60,10 @@ TURN_ON_QUANTILE = 0.5
 KNEE_FACTOR = 0.75
 """A plateau ends at a knee: the fall per window steepens by more than this factor."""
 
-KNEE_QUANTILE = 0.8
+PLATEAU_FALL = 0.7
+"""A plateau falls by less than 30 % per window (a dijet-like spectrum: 40-45 %)."""
+
+KNEE_QUANTILE = 0.9
 """Fraction of the range's events below which a plateau's knee must lie."""
 
 
@@ -154,27 +157,38 @@ def turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
 def plateau_knee(counts: FloatArray, first: int, z: float = TURN_ON_FALL_Z) -> int | None:
     """The last knee at or above bin `first`, where a plateau ends, or None (module docstring).
 
-    Windows of TURN_ON_WINDOW bins, four in a row A, B, C, D with C starting at bin k: the
-    spectrum falls by B / A per window before k and by D / C after it. k is a knee when the
-    fall steepens by more than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z`
-    Poisson sigma (TURN_ON_FALL_Z for the fit start), and the spectrum does not rise into it
-    (B and C no more than TURN_ON_Z sigma above the window before: a peak is not a plateau),
-    with k below the bin under which KNEE_QUANTILE of the events lie.
+    Windows of TURN_ON_WINDOW bins, five in a row P, A, B, C, D with C starting at bin k.
+    k is a knee when the spectrum before it is a plateau, A / P and B / A (its fall per
+    window) more than TURN_ON_Z sigma above PLATEAU_FALL, and its fall then steepens by more than
+    KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z` Poisson sigma (TURN_ON_FALL_Z
+    for the fit start). The plateau must not rise (B, C no more than TURN_ON_Z sigma above
+    the window before) nor turn up into the knee (ln(B / A) - ln(A / P) and
+    ln(C / B) - ln(B / A) no more than TURN_ON_Z sigma above zero): the rising edge of a
+    signal, even on a steep fall, is an upturn, and its falling edge no knee. k lies below
+    the bin under which KNEE_QUANTILE of the events lie.
     """
     size = min(TURN_ON_WINDOW, counts.size)
     window = np.convolve(counts, np.ones(size), mode="valid")
     events_below = np.cumsum(counts) - counts
     limit = int(np.count_nonzero(events_below < KNEE_QUANTILE * counts.sum()))
-    knees = np.arange(first + 2 * size, min(limit, window.size - size))
+    knees = np.arange(first + 3 * size, min(limit, window.size - size))
     if knees.size == 0:
         return None
-    a, b, c, d = (window[knees + shift * size] for shift in (-2, -1, 0, 1))
-    filled = np.minimum(np.minimum(a, b), np.minimum(c, d)) > 0
-    a, b, c, d = (np.maximum(values, 1.0) for values in (a, b, c, d))
-    steepening = np.log(b / a) - np.log(d / c) + np.log(KNEE_FACTOR)
-    error = np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
+    p, a, b, c, d = (window[knees + shift * size] for shift in (-3, -2, -1, 0, 1))
+    filled = np.min([p, a, b, c, d], axis=0) > 0
+    p, a, b, c, d = (np.maximum(values, 1.0) for values in (p, a, b, c, d))
+    ln_fall = np.log([a / p, b / a, c / b, d / c])
+    flat = np.all(
+        ln_fall[:2] - np.log(PLATEAU_FALL) > TURN_ON_Z * np.sqrt([1 / a + 1 / p, 1 / b + 1 / a]),
+        axis=0,
+    )
     no_rise = (b - a <= TURN_ON_Z * np.sqrt(a + b)) & (c - b <= TURN_ON_Z * np.sqrt(b + c))
-    found = knees[filled & no_rise & (steepening > z * error)]
+    no_upturn = (ln_fall[1] - ln_fall[0] <= TURN_ON_Z * np.sqrt(1 / p + 4 / a + 1 / b)) & (
+        ln_fall[2] - ln_fall[1] <= TURN_ON_Z * np.sqrt(1 / a + 4 / b + 1 / c)
+    )
+    steepening = ln_fall[1] - ln_fall[3] + np.log(KNEE_FACTOR)
+    error = np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
+    found = knees[filled & flat & no_rise & no_upturn & (steepening > z * error)]
     return None if found.size == 0 else int(found[-1])
 
 
