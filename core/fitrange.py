@@ -15,6 +15,21 @@ The range is set by the spectrum's physics, never by where its last event happen
   stretch, or above the events' median, is never a turn-on: a narrow signal must not move
   the start past itself. The limit: a signal within about two windows of the start of a
   falling low-count spectrum, or on the rising edge of a turn-on, can still set the start.
+- Plateau (issue 23): multi-jet thresholds sculpt a plateau, counts about flat per bin (the
+  bins are about one resolution wide) with dips, that only starts to fall hundreds of GeV
+  above the stream's start; a fit begun inside it fails, and its knee became a false excess.
+  The start is then the plateau's knee (`plateau_knee`): on windows of 3 bins, the last bin
+  k, past the turn-on start and below the bin under which `KNEE_QUANTILE` = 90 % of the
+  events lie, before which the spectrum is a plateau (it falls by less than `PLATEAU_FALL`
+  = 0.7 per window, by `TURN_ON_Z` = 2 sigma; a dijet-like spectrum falls by 0.5-0.6) and
+  after which its fall steepens by more than 1 / `KNEE_FACTOR` = 1 / 0.75 (3 sigma). No
+  rise and no upturn (2 sigma) may lead into k: the edges of a narrow signal, even on a
+  steep fall, are an upturn and a steepening, never a plateau's knee. A dip in the plateau
+  is no knee (the fall does not steepen past it), so the start is past the last knee, not
+  at the first dip. Smoothly falling spectra (p3-p5, UA2) steepen by a few % over 12 bins
+  and never have a knee. The limits: at a few hundred events per window a plateau is not
+  significantly flat and the start stays (rule step 2 of core.spectrum then refuses a rescue
+  mask on a 2 sigma knee); a plateau holding more than 90 % of the events keeps its start.
 - End: a fixed upper mass, by default `DEFAULT_UPPER_FRACTION` = 0.65 sqrt_s (8.45 TeV at
   13 TeV, snapped to the first bin edge at or above it), empty bins included. The
   highest-mass pairs of Run 2 sit near 8 TeV, so the range holds every populated bin of a

@@ -16,7 +16,13 @@ steps through the tools, with the same seed, check options and hunt options):
    with the mask left out of every fit. A function that passes every check is the background,
    chosen with the mask. A strong resonance makes every smooth function fail its goodness of
    fit (the demo's T3/jm: every unmasked fit at p ~ 1e-20), so its masked fit, not a failed
-   unmasked one, is what it is measured against.
+   unmasked one, is what it is measured against. The mask is refused (`knee_refusal`) when
+   the spectrum has a knee (`core.fitrange.plateau_knee`, at 2 sigma instead of the 3 that
+   move the fit start) above the mask's lower edge minus its width: the mask must lie wholly
+   above the fall start by at least its own width. Functions that all fail on a plateau's
+   knee fail for its shape; masking the knee made a background-only plateau (issue 23, T7/jb)
+   report Z 5.3 locally. Such a spectrum has no accepted background; the refusal is in the
+   trail and, in the scan, a `provisional` decision row.
 3. Symbolic fallback, when still none passed and `fallback_applies` (every nested function
    failed the goodness of fit, at least `FALLBACK_MIN_EVENTS` = 1000 events above the
    stream's start: a shape the family can not describe, with events enough to learn one).

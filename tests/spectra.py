@@ -62,7 +62,7 @@ def plateau_density(mass: float) -> float:
     turn_on = 0.5 * (1.0 + math.erf((mass - 480.0) / 30.0))
     plateau = (mass / 500.0) ** -0.8 / (1.0 + (mass / 960.0) ** 14)
     dip = 1.0 - 0.2 * math.exp(-0.5 * ((mass - 780.0) / 12.0) ** 2)
-    return turn_on * plateau * dip * (1.0 - x) ** 10
+    return float(turn_on * plateau * dip * (1.0 - x) ** 10)
 
 
 def plateau_expected(n_events: float) -> np.ndarray:
@@ -74,4 +74,4 @@ def plateau_expected(n_events: float) -> np.ndarray:
     for index, (low, high) in enumerate(itertools.pairwise(EDGES)):
         if low >= 300.0 and high <= 8500.0:
             mu[index] = integrate.quad(plateau_density, low, high)[0]
-    return mu * n_events / mu.sum()
+    return mu * (n_events / float(mu.sum()))
