@@ -20,9 +20,10 @@ The range is set by the spectrum's physics, never by where its last event happen
   above the stream's start; a fit begun inside it fails, and its knee became a false excess.
   The start is then the plateau's knee (`plateau_knee`): on windows of 3 bins, the last bin
   k, past the turn-on start and below the bin under which `KNEE_QUANTILE` = 90 % of the
-  events lie, before which the spectrum is a plateau (it falls by less than `PLATEAU_FALL`
-  = 0.7 per window, by `TURN_ON_Z` = 2 sigma; a dijet-like spectrum falls by 0.5-0.6) and
-  after which its fall steepens by more than 1 / `KNEE_FACTOR` = 1 / 0.75 (3 sigma). No
+  events lie, before which the spectrum is a plateau over at least three windows (each of
+  the last two holds more than `PLATEAU_FALL` = 0.7 of the one before, by `TURN_ON_Z` = 2
+  sigma; a dijet-like spectrum keeps 0.5-0.6) and after which its fall steepens: the ratio
+  of consecutive windows drops by more than a factor `KNEE_FACTOR` = 0.75 (3 sigma). No
   rise and no upturn (2 sigma) may lead into k: the edges of a narrow signal, even on a
   steep fall, are an upturn and a steepening, never a plateau's knee. A dip in the plateau
   is no knee (the fall does not steepen past it), so the start is past the last knee, not
@@ -105,9 +106,10 @@ class FitRange:
     `floor_bin` is the first bin the range may start at (the stream's start, or the lower
     end of an explicit range): checks that move the start (fit-start stability) stay at or
     above it. `turn_on_bin` is the turn-on top (`turn_on_peak`) that moved the start,
-    None when the start is the stream's. `n_above` counts events above `hi_gev` (not
-    fitted). `reason` says in a sentence why the range is what it is, for the decision
-    trail.
+    None when there is none; a plateau's knee (`plateau_knee`) can move it further, which
+    `reason` says ("plateau from X up to Y GeV (its knee), fit starts at Y GeV").
+    `n_above` counts events above `hi_gev` (not fitted). `reason` says in a sentence why the
+    range is what it is, for the decision trail.
     """
 
     first_bin: int
@@ -174,13 +176,14 @@ def plateau_knee(counts: FloatArray, first: int, z: float = TURN_ON_FALL_Z) -> i
 
     Windows of TURN_ON_WINDOW bins, five in a row P, A, B, C, D with C starting at bin k.
     k is a knee when the spectrum before it is a plateau, A / P and B / A (its fall per
-    window) more than TURN_ON_Z sigma above PLATEAU_FALL, and its fall then steepens by more than
-    KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z` Poisson sigma (TURN_ON_FALL_Z
-    for the fit start). The plateau must not rise (B, C no more than TURN_ON_Z sigma above
-    the window before) nor turn up into the knee (ln(B / A) - ln(A / P) and
-    ln(C / B) - ln(B / A) no more than TURN_ON_Z sigma above zero): the rising edge of a
-    signal, even on a steep fall, is an upturn, and its falling edge no knee. k lies below
-    the bin under which KNEE_QUANTILE of the events lie.
+    window) more than TURN_ON_Z sigma above PLATEAU_FALL, and its fall then steepens by more
+    than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z` Poisson sigma
+    (TURN_ON_FALL_Z for the fit start, TURN_ON_Z for `core.spectrum.knee_refusal`). The
+    plateau must not rise (B, C no more than TURN_ON_Z sigma above the window before) nor
+    turn up into the knee (ln(B / A) - ln(A / P) and ln(C / B) - ln(B / A) no more than
+    TURN_ON_Z sigma above zero): the rising edge of a signal, even on a steep fall, is an
+    upturn, and its falling edge no knee. k lies below the bin under which KNEE_QUANTILE of
+    the events lie.
     """
     size = min(TURN_ON_WINDOW, counts.size)
     window = np.convolve(counts, np.ones(size), mode="valid")
