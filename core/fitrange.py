@@ -15,6 +15,22 @@ The range is set by the spectrum's physics, never by where its last event happen
   stretch, or above the events' median, is never a turn-on: a narrow signal must not move
   the start past itself. The limit: a signal within about two windows of the start of a
   falling low-count spectrum, or on the rising edge of a turn-on, can still set the start.
+- Plateau (issue 23): multi-jet thresholds sculpt a plateau, counts about flat per bin (the
+  bins are about one resolution wide) with dips, that only starts to fall hundreds of GeV
+  above the stream's start; a fit begun inside it fails, and its knee became a false excess.
+  The start is then the plateau's knee (`plateau_knee`): on windows of 3 bins, the last bin
+  k, past the turn-on start and below the bin under which `KNEE_QUANTILE` = 90 % of the
+  events lie, before which the spectrum is a plateau over at least three windows (each of
+  the last two holds more than `PLATEAU_FALL` = 0.7 of the one before, by `TURN_ON_Z` = 2
+  sigma; a dijet-like spectrum keeps 0.5-0.6) and after which its fall steepens: the ratio
+  of consecutive windows drops by more than a factor `KNEE_FACTOR` = 0.75 (3 sigma). No
+  rise and no upturn (2 sigma) may lead into k: the edges of a narrow signal, even on a
+  steep fall, are an upturn and a steepening, never a plateau's knee. A dip in the plateau
+  is no knee (the fall does not steepen past it), so the start is past the last knee, not
+  at the first dip. Smoothly falling spectra (p3-p5, UA2) steepen by a few % over 12 bins
+  and never have a knee. The limits: at a few hundred events per window a plateau is not
+  significantly flat and the start stays (rule step 2 of core.spectrum then refuses a rescue
+  mask on a 2 sigma knee); a plateau holding more than 90 % of the events keeps its start.
 - End: a fixed upper mass, by default `DEFAULT_UPPER_FRACTION` = 0.65 sqrt_s (8.45 TeV at
   13 TeV, snapped to the first bin edge at or above it), empty bins included. The
   highest-mass pairs of Run 2 sit near 8 TeV, so the range holds every populated bin of a
@@ -57,6 +73,15 @@ TURN_ON_FALL_Z = 3.0
 TURN_ON_QUANTILE = 0.5
 """Fraction of the range's events below which the turn-on top must lie."""
 
+KNEE_FACTOR = 0.75
+"""A plateau ends at a knee: the fall per window steepens by more than this factor."""
+
+PLATEAU_FALL = 0.7
+"""A plateau falls by less than 30 % per window (a dijet-like spectrum: 40-45 %)."""
+
+KNEE_QUANTILE = 0.9
+"""Fraction of the range's events below which a plateau's knee must lie."""
+
 
 def default_upper_edge(edges: npt.ArrayLike, sqrt_s: float) -> float:
     """The fixed upper end (GeV) of a fit range: the first edge at or above 0.65 sqrt_s.
@@ -81,9 +106,10 @@ class FitRange:
     `floor_bin` is the first bin the range may start at (the stream's start, or the lower
     end of an explicit range): checks that move the start (fit-start stability) stay at or
     above it. `turn_on_bin` is the turn-on top (`turn_on_peak`) that moved the start,
-    None when the start is the stream's. `n_above` counts events above `hi_gev` (not
-    fitted). `reason` says in a sentence why the range is what it is, for the decision
-    trail.
+    None when there is none; a plateau's knee (`plateau_knee`) can move it further, which
+    `reason` says ("plateau from X up to Y GeV (its knee), fit starts at Y GeV").
+    `n_above` counts events above `hi_gev` (not fitted). `reason` says in a sentence why the
+    range is what it is, for the decision trail.
     """
 
     first_bin: int
@@ -145,6 +171,45 @@ def turn_on_peak(counts: FloatArray, widths: FloatArray) -> int | None:
     return top
 
 
+def plateau_knee(counts: FloatArray, first: int, z: float = TURN_ON_FALL_Z) -> int | None:
+    """The last knee at or above bin `first`, where a plateau ends, or None (module docstring).
+
+    Windows of TURN_ON_WINDOW bins, five in a row P, A, B, C, D with C starting at bin k.
+    k is a knee when the spectrum before it is a plateau, A / P and B / A (its fall per
+    window) more than TURN_ON_Z sigma above PLATEAU_FALL, and its fall then steepens by more
+    than KNEE_FACTOR, ln(B / A) - ln(D / C) > -ln KNEE_FACTOR by `z` Poisson sigma
+    (TURN_ON_FALL_Z for the fit start, TURN_ON_Z for `core.spectrum.knee_refusal`). The
+    plateau must not rise (B, C no more than TURN_ON_Z sigma above the window before) nor
+    turn up into the knee (ln(B / A) - ln(A / P) and ln(C / B) - ln(B / A) no more than
+    TURN_ON_Z sigma above zero): the rising edge of a signal, even on a steep fall, is an
+    upturn, and its falling edge no knee. k lies below the bin under which KNEE_QUANTILE of
+    the events lie.
+    """
+    size = min(TURN_ON_WINDOW, counts.size)
+    window = np.convolve(counts, np.ones(size), mode="valid")
+    events_below = np.cumsum(counts) - counts
+    limit = int(np.count_nonzero(events_below < KNEE_QUANTILE * counts.sum()))
+    knees = np.arange(first + 3 * size, min(limit, window.size - size))
+    if knees.size == 0:
+        return None
+    p, a, b, c, d = (window[knees + shift * size] for shift in (-3, -2, -1, 0, 1))
+    filled = np.min([p, a, b, c, d], axis=0) > 0
+    p, a, b, c, d = (np.maximum(values, 1.0) for values in (p, a, b, c, d))
+    ln_fall = np.log([a / p, b / a, c / b, d / c])
+    flat = np.all(
+        ln_fall[:2] - np.log(PLATEAU_FALL) > TURN_ON_Z * np.sqrt([1 / a + 1 / p, 1 / b + 1 / a]),
+        axis=0,
+    )
+    no_rise = (b - a <= TURN_ON_Z * np.sqrt(a + b)) & (c - b <= TURN_ON_Z * np.sqrt(b + c))
+    no_upturn = (ln_fall[1] - ln_fall[0] <= TURN_ON_Z * np.sqrt(1 / p + 4 / a + 1 / b)) & (
+        ln_fall[2] - ln_fall[1] <= TURN_ON_Z * np.sqrt(1 / a + 4 / b + 1 / c)
+    )
+    steepening = ln_fall[1] - ln_fall[3] + np.log(KNEE_FACTOR)
+    error = np.sqrt(1 / a + 1 / b + 1 / c + 1 / d)
+    found = knees[filled & flat & no_rise & no_upturn & (steepening > z * error)]
+    return None if found.size == 0 else int(found[-1])
+
+
 def fit_range(
     edges: npt.ArrayLike,
     counts: npt.ArrayLike,
@@ -171,6 +236,10 @@ def fit_range(
     widths = np.diff(edge_values[floor_bin : stop_bin + 1])
     peak = turn_on_peak(range_counts, widths)
     first_bin = floor_bin if peak is None else floor_bin + peak + 1
+    turn_on_start = first_bin
+    knee = plateau_knee(range_counts, first_bin - floor_bin)
+    if knee is not None:
+        first_bin = floor_bin + knee
     n_above = float(count_values[stop_bin:].sum())
     if stop_bin - first_bin < min_bins:
         raise InvalidInputError(
@@ -185,14 +254,7 @@ def fit_range(
             "holds no events; nothing to fit"
         )
     lo, hi = float(edge_values[first_bin]), float(edge_values[stop_bin])
-    if peak is None:
-        start_text = f"starts at the stream's start {lo:.0f} GeV (no turn-on above it)"
-    else:
-        peak_low = float(edge_values[floor_bin + peak])
-        start_text = (
-            f"starts at {lo:.0f} GeV, one bin past the turn-on peak of the density at "
-            f"{peak_low:.0f} GeV (stream start {edge_values[floor_bin]:.0f} GeV)"
-        )
+    start_text = _start_text(edge_values, floor_bin, peak, turn_on_start, first_bin)
     end_text = (
         f"ends at the fixed upper mass {hi:.0f} GeV"
         + (" (0.65 sqrt_s)" if upper_gev is None else "")
@@ -209,6 +271,27 @@ def fit_range(
         turn_on_bin=None if peak is None else floor_bin + peak,
         n_above=n_above,
         reason=f"fit range {start_text}; {end_text}",
+    )
+
+
+def _start_text(
+    edges: FloatArray, floor_bin: int, peak: int | None, turn_on_start: int, first_bin: int
+) -> str:
+    """Why the range starts where it does: the stream's start, the turn-on, the plateau."""
+    start = float(edges[turn_on_start])
+    if peak is None:
+        text = f"starts at the stream's start {start:.0f} GeV (no turn-on above it)"
+    else:
+        text = (
+            f"starts at {start:.0f} GeV, one bin past the turn-on peak of the density at "
+            f"{edges[floor_bin + peak]:.0f} GeV (stream start {edges[floor_bin]:.0f} GeV)"
+        )
+    if first_bin == turn_on_start:
+        return text
+    return (
+        text.replace("starts at", "would start at", 1)
+        + f", but the spectrum is not yet falling there: plateau from {start:.0f} up to "
+        f"{edges[first_bin]:.0f} GeV (its knee), fit starts at {edges[first_bin]:.0f} GeV"
     )
 
 

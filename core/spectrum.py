@@ -16,7 +16,13 @@ steps through the tools, with the same seed, check options and hunt options):
    with the mask left out of every fit. A function that passes every check is the background,
    chosen with the mask. A strong resonance makes every smooth function fail its goodness of
    fit (the demo's T3/jm: every unmasked fit at p ~ 1e-20), so its masked fit, not a failed
-   unmasked one, is what it is measured against.
+   unmasked one, is what it is measured against. The mask is refused (`knee_refusal`) when
+   the spectrum has a knee (`core.fitrange.plateau_knee`, at 2 sigma instead of the 3 that
+   move the fit start) above the mask's lower edge minus its width: the mask must lie wholly
+   above the fall start by at least its own width. Functions that all fail on a plateau's
+   knee fail for its shape; masking the knee made a background-only plateau (issue 23, T7/jb)
+   report Z 5.3 locally. Such a spectrum has no accepted background; the refusal is in the
+   trail and, in the scan, a `provisional` decision row.
 3. Symbolic fallback, when still none passed and `fallback_applies` (every nested function
    failed the goodness of fit, at least `FALLBACK_MIN_EVENTS` = 1000 events above the
    stream's start: a shape the family can not describe, with events enough to learn one).
@@ -63,6 +69,7 @@ from core.fit import (
     prepare_spectrum,
 )
 from core.fitfunctions import FUNCTIONS, BackgroundFunction
+from core.fitrange import TURN_ON_Z, plateau_knee
 from core.symbolic import lift_constants, symbolic_background
 
 FloatArray = npt.NDArray[np.float64]
@@ -378,6 +385,35 @@ def _gof_failed(decision: BackgroundDecision) -> list[bool]:
     ]
 
 
+def knee_refusal(
+    edges: FloatArray,
+    counts: FloatArray,
+    fit_range: tuple[float, float],
+    window: tuple[float, float],
+) -> str | None:
+    """Why rule step 2 refuses the mask `window` (GeV) on a fit over `fit_range`, or None.
+
+    The mask must lie wholly above the fall start by at least its own width: a knee of the
+    spectrum (`core.fitrange.plateau_knee`, searched from the fit start at TURN_ON_Z = 2
+    sigma, looser than the 3 sigma that moves the start) at or above `low - width` puts the
+    window on the misfit of a plateau or turn-on, a shape no function of the family has, not
+    on a signal (no rise into a knee). Such a spectrum has no accepted background.
+    """
+    e = np.asarray(edges, dtype=np.float64)
+    first = int(np.searchsorted(e, fit_range[0] * (1 - 1e-9), side="left"))
+    stop = int(np.searchsorted(e, fit_range[1] * (1 + 1e-9), side="right")) - 1
+    knee = plateau_knee(np.asarray(counts, dtype=np.float64)[first:stop], 0, z=TURN_ON_Z)
+    low, high = window
+    if knee is None or e[first + knee] < low - (high - low):
+        return None
+    return (
+        f"mask {low:.0f}-{high:.0f} GeV refused: the spectrum has a knee at "
+        f"{e[first + knee]:.0f} GeV ({TURN_ON_Z:.0f} sigma), less than the mask's width "
+        f"{high - low:.0f} GeV below it; the misfit is the shape of a plateau or turn-on, "
+        "not an excess"
+    )
+
+
 def flagged_window(
     edges: FloatArray,
     counts: FloatArray,
@@ -406,6 +442,13 @@ def flagged_window(
             f"the rejected {fit.name}"
         )
     low, high = probe.exclusion.window_gev
+    refusal = knee_refusal(edges, counts, fit.fit_range, (low, high))
+    if refusal is not None:
+        return None, (
+            f"no function passed; the hunt against the rejected {fit.name} flags "
+            f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p:.3g}), "
+            + refusal
+        )
     return (low, high), (
         f"no function passed; the hunt against the rejected {fit.name} flags "
         f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p:.3g}): "

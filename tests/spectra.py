@@ -6,9 +6,11 @@ so that the tests compare core against the formula rather than against itself.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
+from scipy import integrate
 
 from core.fit import prepare_spectrum
 from core.fitfunctions import bin_integrals, get_function
@@ -43,3 +45,33 @@ def expected_counts(name: str, n_events: float) -> np.ndarray:
     mu = bin_integrals(function, params, EDGES)
     problem = prepare_spectrum(EDGES, np.ones(EDGES.size - 1), FIT_RANGE)
     return mu * n_events / mu[problem.first_bin : problem.stop_bin].sum()
+
+
+PLATEAU_STREAM_START = 600.0
+"""Stream start (GeV) of the plateau spectrum: T7's, inside the plateau as in issue 23."""
+
+
+def plateau_density(mass: float) -> float:
+    """A multi-jet pair mass sculpted by 4-jet thresholds (issue 23, T7/jb), per GeV.
+
+    A turn-on near 480 GeV, then a plateau of about flat counts per bin up to a knee near
+    900 GeV with a 20 % dip at 780 GeV, then a dijet-like fall. Written here, independently
+    of core.fitfunctions and core.fitrange, so that a shared mistake cannot hide.
+    """
+    x = mass / SQRT_S
+    turn_on = 0.5 * (1.0 + math.erf((mass - 480.0) / 30.0))
+    plateau = (mass / 500.0) ** -0.8 / (1.0 + (mass / 960.0) ** 14)
+    dip = 1.0 - 0.2 * math.exp(-0.5 * ((mass - 780.0) / 12.0) ** 2)
+    return float(turn_on * plateau * dip * (1.0 - x) ** 10)
+
+
+def plateau_expected(n_events: float) -> np.ndarray:
+    """Expected counts per bin of EDGES of `plateau_density` (exact integrals), n_events in all.
+
+    Bins outside 300-8500 GeV are empty.
+    """
+    mu = np.zeros(EDGES.size - 1)
+    for index, (low, high) in enumerate(itertools.pairwise(EDGES)):
+        if low >= 300.0 and high <= 8500.0:
+            mu[index] = integrate.quad(plateau_density, low, high)[0]
+    return mu * (n_events / float(mu.sum()))

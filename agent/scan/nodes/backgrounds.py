@@ -2,7 +2,8 @@
 
 1. `choose_background` unmasked, accepted through the policy and the gates; 2. where none
 passed, the masked choice: the hunt against the provisional (the F-test's, rejected)
-function flags a window, which is masked and the background chosen again; 3. where still
+function flags a window, which is masked and the background chosen again (unless it sits
+on a knee of the spectrum: `core.spectrum.knee_refusal`); 3. where still
 none passed, the symbolic fallback when the policy asks for it (the rules:
 `core.spectrum.fallback_applies`) and the scan's budget allows (at most `fallback_budget`
 per scan). A refused proposal is replaced by the rules' answer, never by nothing; every
@@ -34,6 +35,7 @@ from core.anomaly import point_text
 from core.exclusion import EXCLUSION_TRIGGER_P
 from core.files import write_text
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
+from core.spectrum import knee_refusal
 
 __all__ = ["choose_backgrounds_node"]
 
@@ -347,10 +349,46 @@ def _flag_windows(
             )
             continue
         window = [float(v) for v in exclusion["window_gev"]]
+        refusal = knee_refusal(
+            at.edges,
+            at.counts[SPECTRUM_NAMES.index(name)],
+            (entry["fit_range"][0], entry["fit_range"][1]),
+            (window[0], window[1]),
+        )
+        if refusal is not None:
+            entry["rescue"] = refusal
+            _record_refused_window(ctx, at, name, entry, bump, refusal)
+            continue
         entry["window"] = window
         _record_flagged_window(ctx, at, name, entry, bump, window)
         masked_calls.append((name, _choice_input(ctx, at.edges, at.counts, at.index, name, window)))
     return masked_calls
+
+
+def _record_refused_window(
+    ctx: ScanContext,
+    at: _Point,
+    name: str,
+    entry: dict[str, Any],
+    bump: dict[str, Any],
+    refusal: str,
+) -> None:
+    """The `provisional` decision when the flagged window sits on a knee: no mask, no rescue."""
+    record_decision(
+        ctx,
+        at.step_id,
+        "provisional",
+        spectrum=name,
+        point_pb=at.point_pb,
+        chosen=None,
+        policy="rules",
+        rationale=(
+            f"no function passed its checks; against the F-test's {entry['name']} the best "
+            f"window {bump['window'][0]:.0f}-{bump['window'][1]:.0f} GeV has global p "
+            f"{bump['global_p']:.3g}, but the {refusal}"
+        ),
+        numbers={"trigger_global_p": bump["global_p"], "unmasked_function": entry["name"]},
+    )
 
 
 def _record_flagged_window(
