@@ -288,6 +288,14 @@ class ScanPointInput(StrictModel):
     bump: dict[str, object] | None = Field(
         None, description="the search_spectrum `bump` (its window fields are used)"
     )
+    jacobian: list[list[float]] = Field(
+        default_factory=list,
+        description="d background / d fit parameters per bin (empty: toys not refitted)",
+    )
+    covariance: list[list[float]] = Field(default_factory=list)
+    fitted: list[bool] = Field(
+        default_factory=list, description="bins the fit's likelihood used (with `jacobian`)"
+    )
     status: str = "accepted"
     reason: str = ""
 
@@ -325,6 +333,9 @@ class ScanPointInput(StrictModel):
             HuntOptions(
                 width_min=width_min, width_max=width_max, min_window_background=float(minimum)
             ),
+            jacobian=np.asarray(self.jacobian, dtype=np.float64) if self.jacobian else None,
+            covariance=np.asarray(self.covariance, dtype=np.float64) if self.covariance else None,
+            fitted=np.asarray(self.fitted, dtype=bool) if self.fitted else None,
         )
 
 
@@ -333,7 +344,7 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
 
     Arrays `spectrum` (names), `cross_section_pb`, `first_bin`, `width_min`, `width_max`
     (0 = none), `min_window_background`, and per point i `edges_i`, `counts_i`,
-    `background_i`.
+    `background_i` and, optionally, the fit's `jacobian_i`, `covariance_i` and `fitted_i`.
     """
     require_file(path, "points file")
     try:
@@ -353,6 +364,11 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
                         width_min=int(data["width_min"][index]),
                         width_max=width_max or None,
                         min_window_background=float(data["min_window_background"][index]),
+                        **{
+                            what: data[f"{what}_{index}"].tolist()
+                            for what in ("jacobian", "covariance", "fitted")
+                            if f"{what}_{index}" in data.files
+                        },
                     )
                 )
     except (KeyError, ValueError, OSError) as error:

@@ -7,7 +7,10 @@ optional anomaly-score cut. `analyse_spectrum` runs the whole per-spectrum rule.
 given range), runs the window exclusion and returns the final background; its output is
 also a point of `scan_significance` (fields `first_bin`, `stop_bin`, `edges`, `counts`,
 `background`, `bump.width_min/width_max/min_window_background`); `background_error` is the
-1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`). A background
+1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`); `jacobian`,
+`covariance` and `fitted` describe the final fit (d background / d parameters, the
+parameters' covariance, the bins its likelihood used), for the linearised refit of the
+scan's pseudo-scans (`core.pseudodata`). A background
 chosen with a window masked is searched with `masked_window_gev`: fitted with the window left
 out and no second exclusion (core.spectrum, rule step 4).
 """
@@ -18,12 +21,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import Field, field_validator
 
 from core.bumphunt import MAX_TOYS, MIN_WINDOW_BACKGROUND, HuntOptions
 from core.errors import InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion
 from core.files import exclusive_output
+from core.fit import background_jacobian
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
 from core.spectrum import SpectrumSearch, analyse_spectrum, search_spectrum
 from core.table import table_spectra
@@ -150,6 +155,16 @@ class SearchSpectrumOutput(StrictModel):
     background_error: list[float] = Field(
         description="1-sigma fit uncertainty of `background` per bin (covariance propagated)"
     )
+    jacobian: list[list[float]] = Field(
+        default_factory=list,
+        description="d background / d parameters per bin in range (bins x parameters)",
+    )
+    covariance: list[list[float]] = Field(
+        default_factory=list, description="the final fit's parameter covariance"
+    )
+    fitted: list[bool] = Field(
+        default_factory=list, description="bins in range that the final fit's likelihood used"
+    )
     bump: BumpHuntOutput = Field(description="hunt against the final background")
     bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
     window_exclusion: WindowExclusionOutput | None
@@ -163,8 +178,8 @@ class SearchSpectrumOutput(StrictModel):
     trail: list[str]
 
 
-def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
-    """The JSON form of a core search."""
+def search_output(search: SpectrumSearch, edges: npt.ArrayLike) -> SearchSpectrumOutput:
+    """The JSON form of a core search on the histogram of `edges` (GeV)."""
     return SearchSpectrumOutput(
         function=search.fit.name,
         parameters=list(search.fit.parameters),
@@ -176,6 +191,9 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         counts=np.asarray(search.counts, dtype=float).tolist(),
         background=np.asarray(search.background, dtype=float).tolist(),
         background_error=np.asarray(search.background_error, dtype=float).tolist(),
+        jacobian=background_jacobian(search.fit, edges).tolist(),
+        covariance=np.asarray(search.fit.covariance, dtype=float).tolist(),
+        fitted=np.asarray(search.fit.used, dtype=bool).tolist(),
         bump=bump_output(search.bump),
         bump_unmasked=bump_output(search.bump_unmasked),
         window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),
@@ -206,7 +224,7 @@ def search_spectrum_tool(arguments: SearchSpectrumInput) -> SearchSpectrumOutput
         exclusion_trigger_p=arguments.exclusion_trigger_p,
         seed=arguments.seed,
     )
-    return search_output(search)
+    return search_output(search, edges)
 
 
 class AnalyseSpectrumInput(HuntSettings):
@@ -278,7 +296,7 @@ def analyse_spectrum_tool(arguments: AnalyseSpectrumInput) -> AnalyseSpectrumOut
         fit_range=analysis.fit_range,
         chosen=None if analysis.decision is None else analysis.decision.chosen,
         failed_checks=list(analysis.failed_checks),
-        search=None if analysis.search is None else search_output(analysis.search),
+        search=None if analysis.search is None else search_output(analysis.search, edges),
         trail=list(analysis.trail),
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import sparse, stats
 
 from core.fit import background_jacobian, fit_background
 from core.lookelsewhere import (
@@ -60,10 +60,11 @@ def _experiment(rng: np.random.Generator, sampler: tuple[np.ndarray, np.ndarray]
         bins = np.clip(np.digitize(mass, EDGES) - 1, 0, EDGES.size - 2)
         per_point = []
         for sigma in POINTS_PB:  # loosest first, the order of the scan's spectra
-            selected = selections[sigma]
-            onehot = np.zeros((n, EDGES.size - 1))
-            onehot[np.flatnonzero(selected), bins[selected]] = 1.0
-            counts = onehot.sum(axis=0)
+            selected = np.flatnonzero(selections[sigma])
+            onehot = sparse.csr_array(
+                (np.ones(selected.size), (selected, bins[selected])), shape=(n, EDGES.size - 1)
+            )
+            counts = np.bincount(bins[selected], minlength=EDGES.size - 1).astype(np.float64)
             fit = fit_background(EDGES, counts, "p3", (EDGES[0], EDGES[-1]))
             common = (name, sigma, 0, EDGES, counts, fit.expected)
             refitted.append(

@@ -23,6 +23,9 @@ from core.masses import SPECTRUM_NAMES
 
 __all__ = ["look_elsewhere_node"]
 
+_FIT_ARRAYS = ("jacobian", "covariance", "fitted")
+"""Per-spectrum fit arrays of a point NPZ that the look-elsewhere input carries along."""
+
 _LEE_KEYS = (
     "local_p",
     "local_z",
@@ -33,6 +36,7 @@ _LEE_KEYS = (
     "n_tests",
     "n_pseudo_scans",
     "method",
+    "global_p_method",
 )
 
 
@@ -89,7 +93,9 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
     """The spectrum of every accepted (spectrum, AR point) and the columns of RUN/lee/points.npz.
 
     Per point i: its cross section, first bin, the hunt's window widths and least window
-    background, and `edges_i`, `counts_i`, `background_i` over its fit range.
+    background, and `edges_i`, `counts_i`, `background_i` over its fit range; where the point
+    NPZ has them, the fit's `jacobian_i`, `covariance_i` and `fitted_i` (the pseudo-scans
+    are then refitted, `core.pseudodata`).
     """
     arrays: dict[str, Any] = {}
     names: list[str] = []
@@ -104,6 +110,7 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
         results = json.loads(ctx.at(record["results_file"]).read_text())
         with np.load(ctx.at(record["results_file"]).with_name(results["arrays"])) as data:
             edges, counts, background = data["edges"], data["counts"], data["background"]
+            fits = {key: data[key] for key in data.files if key.split("_")[0] in _FIT_ARRAYS}
         for spectrum in results["spectra"]:
             if spectrum["status"] != "excess":
                 continue
@@ -119,6 +126,9 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
             arrays[f"edges_{i}"] = edges[first : stop + 1]
             arrays[f"counts_{i}"] = counts[k, first:stop]
             arrays[f"background_{i}"] = background[k, first:stop]
+            for what in _FIT_ARRAYS:
+                if f"{what}_{k}" in fits:
+                    arrays[f"{what}_{i}"] = fits[f"{what}_{k}"]
     columns = {
         "spectrum": np.array(names),
         "cross_section_pb": np.array(rows["cross_section_pb"], dtype=float),
