@@ -19,17 +19,42 @@ thinned instead of being drawn from the envelope max(B): an envelope sampler giv
 looser points more events than their background, so T_toy is inflated and the global p
 piles up at 1 (tests/core/test_lookelsewhere.py shows it on non-nested fits).
 
-Different spectra are drawn independently. Spectra of one stream share events and streams
-overlap; every count is a sum of independent Poisson counts of elementary cells and every
-spectrum's max t increases with them, so the per-spectrum maxima are associated
-(Harris-FKG): P(all T_s < t) >= prod_s P(T_s < t). Independent spectra over-estimate
-P(T >= t): conservative.
+Pseudo-scans refitted. The data's backgrounds are fits to the data: each absorbs part of
+the data's fluctuations (all of the total count, the broad part of any excess). Toys
+scanned against the fixed fitted backgrounds keep those fluctuations, so T_toy is
+stochastically larger than the data's T under the null and p piles up towards 1 (measured
+in docs/physics-notes.md: median p 0.79 over 100 background-only experiments). Each
+point's toy is therefore scanned against its own linearised refit, B' = B + J (J^T W J)^+
+J^T W (n - B) over the bins the fit used (`core.pseudodata`), with the data's window set
+and the exact tail t = -ln P(n >= D | B'_w) (`refitted_window_maxima`). Assumptions: the
+likelihood is quadratic in the parameters within the toys' spread (first order in
+(n - B) / B; measured against the minimiser's refit in tests/core/test_pseudodata.py:
+< 1 % of sqrt(B) per bin), and the function choice, the fit range and the window exclusion
+are those of the data (not redone per toy: a toy that would have chosen p4 over p3 is
+scanned against the refitted p3). Points without a fit jacobian (`ScanPoint.jacobian`,
+`fitted`) keep the fixed-background toys and `method` says so.
 
-Estimation, spectrum by spectrum. With independent spectra
-p = 1 - prod_s (1 - q_s), q_s = P(T_s >= T_obs), so each q_s is estimated from its own toys
-(exact T_s per toy from tabulated Poisson tails). Where >= `DIRECT_MIN_REACHING` toys reach
-T_obs, q_s = k / n (binomial error). Where fewer do, the tail is extrapolated from the
-level t_ref that `EXTRAPOLATION_REFERENCE` toys reach (q_ref = k_ref / n) with the
+Spectra sharing events. Spectra of one stream share events and streams overlap (one event
+enters several pair masses and streams), so the per-spectrum maxima T_s are positively
+associated (Harris-FKG): independent spectra over-estimate p. Given a correlation matrix R
+of the spectra (`scan_significance(correlation=...)`), the tails q_s are combined through
+a Gaussian copula, p = P(any Z_s > Phi^-1(1 - q_s)), Z ~ N(0, R) (`GaussianCopula`:
+sampled where p is resolvable, else the union sum_s q_s, exact to first order in small q).
+R is measured from Poisson-bootstrap replicas of the selected events
+(`bootstrap_correlation`: every event weighted by one Poisson(1) draw per replica, the
+same in every spectrum and AR point it enters; each replica scanned as a toy; the normal
+scores of the replica maxima correlated). Assumptions and limits: the dependence of the
+T_s is that of a Gaussian copula with the normal-score correlation (no extra tail
+dependence: for p far below 1/COPULA_SAMPLES the union sum, which ignores the overlap, is
+used and is an upper bound); the replicas fluctuate around the data, not around B, which
+changes the correlation only at second order. Without R the spectra are taken as
+independent, p = 1 - prod_s (1 - q_s) (conservative), and `global_p_method` says so.
+
+Estimation, spectrum by spectrum. p is a function of the q_s = P(T_s >= T_obs) (and R),
+so each q_s is estimated from its own toys (exact T_s per toy: tabulated Poisson tails
+against fixed backgrounds, the direct tail against refitted ones). Where
+>= `DIRECT_MIN_REACHING` toys reach T_obs, q_s = k / n (binomial error). Where fewer do,
+the tail is extrapolated from the level t_ref that `EXTRAPOLATION_REFERENCE` toys reach (q_ref = k_ref / n) with the
 Gross-Vitells up-crossing law for one degree of freedom,
 q_s(t) = q_ref exp(-(Z(t)^2 - Z(t_ref)^2) / 2), Z(t) = Phi^-1(1 - e^-t) (arXiv:1005.1891),
 capped by the Bonferroni bound n_windows e^-t (each window's p-value is super-uniform, so
@@ -39,13 +64,14 @@ p and are extrapolated double their toys up to `max_pseudo_scans`. A scan-global
 (p = 3e-5) over 60 spectra needs q_s ~ 5e-7: direct toys would need ~1e8 per spectrum, so
 it is measured by the extrapolation, said in `global_p_method`, and validated in
 tests/core/test_lookelsewhere.py against direct toys. The joint pseudo-scans formed by the
-first n toys of every spectrum give `n_pseudo_scans_reaching`; when none reaches T_obs,
+first n toys of every spectrum give `n_pseudo_scans_reaching` (the spectra's toys are
+drawn independently, so this count ignores R); when none reaches T_obs,
 `global_z_toys_lower_limit` is the toys-only lower limit Z(1/n).
 
 Effective trials factor N_eff = ln(1 - p_global) / ln(1 - p_local), reported when
-0 < p_global < 1. Not modelled: the statistical uncertainty of the fitted backgrounds (the
-minimum expected count per window, `core.bumphunt`, keeps sparse tails from claiming
-significance) and the fixed event count of an AR (multinomial, not Poisson, counts).
+0 < p_global < 1. The refit carries the fit's own fluctuation into the toys (the data's
+background is as uncertain as a toy's refit); not modelled: the fixed event count of an
+AR (multinomial, not Poisson, counts; the refit's free normalisation absorbs most of it).
 """
 
 from __future__ import annotations

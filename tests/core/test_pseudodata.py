@@ -25,7 +25,7 @@ def _bin_counts(total: float, a: float, b: float) -> np.ndarray:
     integrals = np.array(
         [integrate.quad(density, lo, hi)[0] for lo, hi in itertools.pairwise(EDGES)]
     )
-    return total * integrals / integrals.sum()
+    return np.asarray(total * integrals / integrals.sum(), dtype=np.float64)
 
 
 def test_linearised_refit_matches_the_real_refit_of_a_shifted_truth() -> None:
