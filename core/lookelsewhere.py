@@ -54,8 +54,8 @@ Estimation, spectrum by spectrum. p is a function of the q_s = P(T_s >= T_obs) (
 so each q_s is estimated from its own toys (exact T_s per toy: tabulated Poisson tails
 against fixed backgrounds, the direct tail against refitted ones). Where
 >= `DIRECT_MIN_REACHING` toys reach T_obs, q_s = k / n (binomial error). Where fewer do,
-the tail is extrapolated from the level t_ref that `EXTRAPOLATION_REFERENCE` toys reach (q_ref = k_ref / n) with the
-Gross-Vitells up-crossing law for one degree of freedom,
+the tail is extrapolated from the level t_ref that `EXTRAPOLATION_REFERENCE` toys reach
+(q_ref = k_ref / n) with the Gross-Vitells up-crossing law for one degree of freedom,
 q_s(t) = q_ref exp(-(Z(t)^2 - Z(t_ref)^2) / 2), Z(t) = Phi^-1(1 - e^-t) (arXiv:1005.1891),
 capped by the Bonferroni bound n_windows e^-t (each window's p-value is super-uniform, so
 P(T_s >= t) <= n_windows e^-t holds exactly). The toy budget is adaptive: every spectrum
