@@ -1149,7 +1149,9 @@ class ScanPoint:
     background_jacobian`), `covariance` (the fit's, n_params x n_params) and `fitted` (n,
     the bins the likelihood used) describe the fit; with `jacobian` and `fitted` the
     pseudo-scans refit each toy to first order (`core.pseudodata`), without them they are
-    scanned against the fixed background (and the result's method says so).
+    scanned against the fixed background (and the result's method says so). `replicas`
+    (n_replicas, n) are Poisson-bootstrap replicas of the point's counts
+    (`core.bootstrap`), for the spectra's correlation (`correlation_from_points`).
     """
 
     spectrum: str
@@ -1162,6 +1164,7 @@ class ScanPoint:
     jacobian: FloatArray | None = None
     covariance: FloatArray | None = None
     fitted: BoolArray | None = None
+    replicas: FloatArray | None = None
 
     def refit(self) -> RefitProjection | None:
         """The point's linearised refit of pseudo-data, or None without a jacobian."""
@@ -1240,3 +1243,31 @@ def _padded_refit(point: ScanPoint, first: int, stop: int) -> RefitProjection | 
     matrix = np.zeros((stop - first, refit.matrix.shape[1]))
     matrix[start : start + size] = refit.matrix
     return RefitProjection(fitted, matrix)
+
+
+def correlation_from_points(
+    spectra: Sequence[NestedSpectrum], points: Sequence[ScanPoint]
+) -> FloatArray | None:
+    """`bootstrap_correlation` of `spectra` (from `spectra_from_points(points)`), or None.
+
+    None when a point kept in the spectra has no `replicas` or the replica counts differ.
+    """
+    by_key = {(p.spectrum, p.cross_section_pb): p for p in points}
+    sets = []
+    for spectrum in spectra:
+        first = min(p.first_bin for p in points if p.spectrum == spectrum.name)
+        stacked = np.zeros((0, *spectrum.counts.shape))
+        for index, sigma in enumerate(spectrum.cross_sections_pb):
+            point = by_key[(spectrum.name, float(sigma))]
+            if point.replicas is None or point.replicas.shape[1:] != point.counts.shape:
+                return None
+            if index == 0:
+                stacked = np.zeros((point.replicas.shape[0], *spectrum.counts.shape))
+            if point.replicas.shape[0] != stacked.shape[0]:
+                return None
+            start = point.first_bin - first
+            stacked[:, index, start : start + point.counts.size] = point.replicas
+        sets.append(stacked)
+    if len({s.shape[0] for s in sets}) != 1:
+        return None
+    return bootstrap_correlation(spectra, sets)

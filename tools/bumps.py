@@ -22,6 +22,7 @@ from core.lookelsewhere import (
     NestedSpectrum,
     ScanPoint,
     ScanPointExcess,
+    correlation_from_points,
     nested_spectrum,
     scan_significance,
     spectra_from_points,
@@ -296,6 +297,11 @@ class ScanPointInput(StrictModel):
     fitted: list[bool] = Field(
         default_factory=list, description="bins the fit's likelihood used (with `jacobian`)"
     )
+    replicas: list[list[float]] = Field(
+        default_factory=list,
+        description="Poisson-bootstrap replica counts (replicas x bins) for the spectra's "
+        "correlation (empty: spectra taken as independent)",
+    )
     status: str = "accepted"
     reason: str = ""
 
@@ -336,6 +342,7 @@ class ScanPointInput(StrictModel):
             jacobian=np.asarray(self.jacobian, dtype=np.float64) if self.jacobian else None,
             covariance=np.asarray(self.covariance, dtype=np.float64) if self.covariance else None,
             fitted=np.asarray(self.fitted, dtype=bool) if self.fitted else None,
+            replicas=np.asarray(self.replicas, dtype=np.float64) if self.replicas else None,
         )
 
 
@@ -344,7 +351,8 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
 
     Arrays `spectrum` (names), `cross_section_pb`, `first_bin`, `width_min`, `width_max`
     (0 = none), `min_window_background`, and per point i `edges_i`, `counts_i`,
-    `background_i` and, optionally, the fit's `jacobian_i`, `covariance_i` and `fitted_i`.
+    `background_i` and, optionally, the fit's `jacobian_i`, `covariance_i` and `fitted_i` and
+    the bootstrap `replicas_i`.
     """
     require_file(path, "points file")
     try:
@@ -366,7 +374,7 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
                         min_window_background=float(data["min_window_background"][index]),
                         **{
                             what: data[f"{what}_{index}"].tolist()
-                            for what in ("jacobian", "covariance", "fitted")
+                            for what in ("jacobian", "covariance", "fitted", "replicas")
                             if f"{what}_{index}" in data.files
                         },
                     )
@@ -495,7 +503,12 @@ def scan_significance_tool(arguments: ScanSignificanceInput) -> ScanSignificance
         if point.status != "accepted"
     ]
     spectra = [spectrum.to_core() for spectrum in arguments.spectra]
-    spectra += spectra_from_points([point.to_core() for point in accepted])
+    core_points = [point.to_core() for point in accepted]
+    from_points = spectra_from_points(core_points)
+    spectra += from_points
+    correlation = None
+    if from_points and not arguments.spectra:
+        correlation = correlation_from_points(from_points, core_points)
     if not spectra:
         raise InvalidInputError(
             "no accepted point to test: every point given has a status other than 'accepted'"
@@ -509,6 +522,7 @@ def scan_significance_tool(arguments: ScanSignificanceInput) -> ScanSignificance
         target_rel_error=arguments.target_rel_error,
         seed=arguments.seed,
         workers=arguments.workers,
+        correlation=correlation,
     )
     return _output(
         ScanSignificanceOutput,

@@ -1,7 +1,9 @@
 """The `look_elsewhere` node: `scan_significance` over every accepted (spectrum, AR point).
 
-Each point enters with its own fit range and window set (those of its bump hunt), from one
-NPZ of points in RUN/lee (an artifact, so the tool call replays). The scan-global p counts
+Each point enters with its own fit range and window set (those of its bump hunt), its fit's
+jacobian (the pseudo-scans are refitted) and Poisson-bootstrap replicas of its counts (the
+spectra's correlation), from one NPZ of points in RUN/lee (an artifact, so the tool call
+replays). The scan-global p counts
 every test the scan made, refinements included; the pseudo-scans run on the spectra in
 parallel when the executor is not serial (the result does not depend on it).
 """
@@ -16,15 +18,22 @@ from typing import Any
 import numpy as np
 
 from agent.scan.context import ScanContext
-from agent.scan.nodes.common import record_decision, write_npz
+from agent.scan.nodes.common import point_regions, record_decision, write_npz
 from agent.scan.state import ScanState
+from core.bootstrap import SpectrumSelection, bootstrap_spectra
 from core.errors import AnomscanError
-from core.masses import SPECTRUM_NAMES
+from core.masses import SPECTRUM_NAMES, STREAMS
 
 __all__ = ["look_elsewhere_node"]
 
 _FIT_ARRAYS = ("jacobian", "covariance", "fitted")
 """Per-spectrum fit arrays of a point NPZ that the look-elsewhere input carries along."""
+
+N_BOOTSTRAP_REPLICAS = 200
+"""Replicas for the spectra's correlation (its normal-score estimate has error ~ 0.07)."""
+
+_BOOTSTRAP_STREAM = 0x1EE
+"""Mixed into the scan's seed for the bootstrap weights (one stream for every AR point)."""
 
 _LEE_KEYS = (
     "local_p",
@@ -50,6 +59,7 @@ def look_elsewhere_node(ctx: ScanContext, state: ScanState, step_id: str) -> dic
         points_planned=len(state["points"]),
     )
     names, columns = _accepted_points(ctx, state)
+    columns.update(_bootstrap_replicas(ctx, state, columns))
     if not names:
         record_decision(
             ctx,
@@ -139,6 +149,36 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
         **arrays,
     }
     return names, columns
+
+
+def _bootstrap_replicas(
+    ctx: ScanContext, state: ScanState, columns: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """`replicas_i` of every accepted point: Poisson-bootstrap replicas of its counts.
+
+    Every event gets the same Poisson(1) weight per replica at every AR point and in every
+    spectrum (one seed, events in table order: `core.bootstrap`), so the replicas carry the
+    spectra's shared events into the scan-wide test's correlation.
+    """
+    replicas: dict[str, np.ndarray] = {}
+    sigmas = columns["cross_section_pb"]
+    for sigma in np.unique(sigmas):
+        table, masks, _ = point_regions(ctx, state, float(sigma))
+        indices = np.flatnonzero(sigmas == sigma)
+        selections = []
+        for i in indices:
+            name = str(columns["spectrum"][i])
+            first = int(columns["first_bin"][i])
+            stream = STREAMS.index(name.split("/", maxsplit=1)[0])
+            stop = first + columns[f"counts_{i}"].size
+            selections.append(SpectrumSelection(name, masks[:, stream], first, stop))
+        rng = np.random.default_rng([ctx.config.seed, _BOOTSTRAP_STREAM])
+        counts = bootstrap_spectra(
+            table.masses, table.stream_bits, selections, N_BOOTSTRAP_REPLICAS, rng
+        )
+        for i, values in zip(indices, counts, strict=True):
+            replicas[f"replicas_{i}"] = values
+    return replicas
 
 
 def _scan_significance(ctx: ScanContext, step_id: str, path: Path) -> dict[str, Any]:
