@@ -31,7 +31,7 @@ def _events(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def test_unit_weights_give_the_histograms_of_the_spectra() -> None:
     """With every weight 1 a replica is the spectrum's histogram over its bin range."""
     masses, bits = _events(50_000, np.random.default_rng(0))
-    mask = np.random.default_rng(1).random(masses.shape[0]) < 0.6
+    mask = np.asarray(np.random.default_rng(1).random(masses.shape[0]) < 0.6, dtype=bool)
     n_bins = mass_bin_edges().size - 1
     selections = [
         SpectrumSelection("T2/jm", mask, 3, 30),
