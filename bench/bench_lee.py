@@ -74,9 +74,11 @@ def _refitted(spectra: list[NestedSpectrum]) -> list[NestedSpectrum]:
     return out
 
 
-def _run(spectra: list[NestedSpectrum], workers: int) -> tuple[float, float]:
+def _run(spectra: list[NestedSpectrum], workers: int, max_toys: int) -> tuple[float, float]:
     start = time.perf_counter()
-    result = lookelsewhere.scan_significance(spectra, seed=1, workers=workers)
+    result = lookelsewhere.scan_significance(
+        spectra, seed=1, workers=workers, max_pseudo_scans=max_toys
+    )
     return time.perf_counter() - start, result.global_p
 
 
@@ -85,35 +87,40 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--spectra", type=int, default=12)
     parser.add_argument("--points", type=int, default=16)
+    parser.add_argument("--max-toys", type=int, default=100_000, help="per spectrum")
     arguments = parser.parse_args()
     spectra = _spectra(arguments.spectra, arguments.points)
-    _run(spectra[:1], 1)  # compile (or load) the numba kernel outside the timings
+    _run(
+        spectra[:1], 1, arguments.max_toys
+    )  # compile (or load) the numba kernel outside the timings
     kernel = lookelsewhere.compiled_floor_maxima
     times: dict[str, list[float]] = {"numpy": [], "numba": [], "numba_2_workers": []}
     values: dict[str, float] = {}
     for _ in range(2):  # interleaved, best of two: the machine's load changes
         lookelsewhere.compiled_floor_maxima = lambda: None  # type: ignore[assignment]
         try:
-            seconds, values["numpy"] = _run(spectra, 1)
+            seconds, values["numpy"] = _run(spectra, 1, arguments.max_toys)
         finally:
             lookelsewhere.compiled_floor_maxima = kernel
         times["numpy"].append(seconds)
-        seconds, values["numba"] = _run(spectra, 1)
+        seconds, values["numba"] = _run(spectra, 1, arguments.max_toys)
         times["numba"].append(seconds)
-        seconds, values["numba_2_workers"] = _run(spectra, 2)
+        seconds, values["numba_2_workers"] = _run(spectra, 2, arguments.max_toys)
         times["numba_2_workers"].append(seconds)
     refitted = _refitted(spectra)
     times["numba_refit"] = []
     for _ in range(2):
-        seconds, values["numba_refit"] = _run(refitted, 1)
+        seconds, values["numba_refit"] = _run(refitted, 1, arguments.max_toys)
         times["numba_refit"].append(seconds)
     numpy_s, compiled_s, parallel_s, refit_s = (min(times[k]) for k in times)
     result = {
         "command": "nice -n 10 .venv/bin/python bench/bench_lee.py "
-        f"--spectra {arguments.spectra} --points {arguments.points}",
+        f"--spectra {arguments.spectra} --points {arguments.points} "
+        f"--max-toys {arguments.max_toys}",
         "spectra": arguments.spectra,
         "points": arguments.points,
         "bins": 126,
+        "max_toys": arguments.max_toys,
         "numpy_s": round(numpy_s, 1),
         "numba_s": round(compiled_s, 1),
         "numba_2_workers_s": round(parallel_s, 1),
