@@ -14,12 +14,15 @@ from core.lookelsewhere import (
     GaussianCopula,
     NestedSpectrum,
     Sampler,
+    ScanPoint,
     TailEstimate,
     bootstrap_correlation,
+    correlation_from_points,
     effective_trials,
     nested_pseudo_counts,
     nested_spectrum,
     scan_significance,
+    spectra_from_points,
     spectrum_toy_maxima,
     tail_probability,
 )
@@ -405,3 +408,21 @@ def test_bootstrap_correlation_of_spectra_sharing_their_events() -> None:
     assert abs(correlation[0, 2]) < 0.2
     with pytest.raises(InvalidInputError, match="replicas of 'T1/jj' must have shape"):
         bootstrap_correlation(spectra, [shared[:, :, :5], shared, other])
+
+
+def test_correlation_from_points_aligns_replicas_with_the_kept_points() -> None:
+    """Replicas enter by (spectrum, cross-section) over each spectrum's union of bins; a point
+    without replicas leaves the spectra independent (None)."""
+    background = _backgrounds(1000.0)
+    rng = np.random.default_rng(6)
+    shared = rng.poisson(background[0], size=(300, background.shape[1])).astype(float)
+    points = [
+        ScanPoint(name, float(SIGMAS[0]), 0, EDGES, background[0], background[0], replicas=shared)
+        for name in ("T1/jj", "T2/jj")
+    ]
+    spectra = spectra_from_points(points)
+    correlation = correlation_from_points(spectra, points)
+    assert correlation is not None
+    assert correlation[0, 1] == pytest.approx(1.0)
+    bare = [points[0], ScanPoint("T2/jj", float(SIGMAS[0]), 0, EDGES, background[0], background[0])]
+    assert correlation_from_points(spectra_from_points(bare), bare) is None
