@@ -547,18 +547,15 @@ def refitted_window_maxima(
 ) -> FloatArray:
     """Max t over `windows` of each toy (rows of bin counts) against its refitted background.
 
-    Each toy is scanned against B' = B + its linearised refit shift (`core.pseudodata`), with
+    Each toy is scanned against its linearised refit B' (`core.pseudodata`), with
     the windows (and the active ones) of the data's background B, and the exact tail
     t = -ln P(n >= D | B'_w). Exact where the result is >= `floor`; 0 below. With a floor,
     a window is evaluated only where D reaches the threshold of the smallest B'_w of the
     batch (t falls with B', so no window that reaches the floor is skipped).
     """
     counts = np.asarray(toys, dtype=np.float64)
-    refitted = background + refit.shifts(counts, background)
     span = slice(windows.first_bin, windows.stop_bin)
-    # A refit never makes a bin's background vanish where the fit expects events: clip at a
-    # millionth of B (the linear step can overshoot only far beyond the fit's reach).
-    scanned = np.maximum(refitted[:, span], 1e-6 * background[span])
+    scanned = refit.refitted(counts, background)[:, span]
     cumulative_counts = _row_cumsum(counts[:, span])
     cumulative_background = _row_cumsum(scanned)
     floor = floor if floor is not None and floor > 0 else None
