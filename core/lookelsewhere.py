@@ -19,18 +19,43 @@ thinned instead of being drawn from the envelope max(B): an envelope sampler giv
 looser points more events than their background, so T_toy is inflated and the global p
 piles up at 1 (tests/core/test_lookelsewhere.py shows it on non-nested fits).
 
-Different spectra are drawn independently. Spectra of one stream share events and streams
-overlap; every count is a sum of independent Poisson counts of elementary cells and every
-spectrum's max t increases with them, so the per-spectrum maxima are associated
-(Harris-FKG): P(all T_s < t) >= prod_s P(T_s < t). Independent spectra over-estimate
-P(T >= t): conservative.
+Pseudo-scans refitted. The data's backgrounds are fits to the data: each absorbs part of
+the data's fluctuations (all of the total count, the broad part of any excess). Toys
+scanned against the fixed fitted backgrounds keep those fluctuations, so T_toy is
+stochastically larger than the data's T under the null and p piles up towards 1 (measured
+in docs/physics-notes.md: median p 0.79 over 100 background-only experiments). Each
+point's toy is therefore scanned against its own linearised refit, B' = B + J (J^T W J)^+
+J^T W (n - B) over the bins the fit used (`core.pseudodata`), with the data's window set
+and the exact tail t = -ln P(n >= D | B'_w) (`refitted_window_maxima`). Assumptions: the
+likelihood is quadratic in the parameters within the toys' spread (first order in
+(n - B) / B; measured against the minimiser's refit in tests/core/test_pseudodata.py:
+< 1 % of sqrt(B) per bin), and the function choice, the fit range and the window exclusion
+are those of the data (not redone per toy: a toy that would have chosen p4 over p3 is
+scanned against the refitted p3). Points without a fit jacobian (`ScanPoint.jacobian`,
+`fitted`) keep the fixed-background toys and `method` says so.
 
-Estimation, spectrum by spectrum. With independent spectra
-p = 1 - prod_s (1 - q_s), q_s = P(T_s >= T_obs), so each q_s is estimated from its own toys
-(exact T_s per toy from tabulated Poisson tails). Where >= `DIRECT_MIN_REACHING` toys reach
-T_obs, q_s = k / n (binomial error). Where fewer do, the tail is extrapolated from the
-level t_ref that `EXTRAPOLATION_REFERENCE` toys reach (q_ref = k_ref / n) with the
-Gross-Vitells up-crossing law for one degree of freedom,
+Spectra sharing events. Spectra of one stream share events and streams overlap (one event
+enters several pair masses and streams), so the per-spectrum maxima T_s are positively
+associated (Harris-FKG): independent spectra over-estimate p. Given a correlation matrix R
+of the spectra (`scan_significance(correlation=...)`), the tails q_s are combined through
+a Gaussian copula, p = P(any Z_s > Phi^-1(1 - q_s)), Z ~ N(0, R) (`GaussianCopula`:
+sampled where p is resolvable, else the union sum_s q_s, exact to first order in small q).
+R is measured from Poisson-bootstrap replicas of the selected events
+(`bootstrap_correlation`: every event weighted by one Poisson(1) draw per replica, the
+same in every spectrum and AR point it enters; each replica scanned as a toy; the normal
+scores of the replica maxima correlated). Assumptions and limits: the dependence of the
+T_s is that of a Gaussian copula with the normal-score correlation (no extra tail
+dependence: for p far below 1/COPULA_SAMPLES the union sum, which ignores the overlap, is
+used and is an upper bound); the replicas fluctuate around the data, not around B, which
+changes the correlation only at second order. Without R the spectra are taken as
+independent, p = 1 - prod_s (1 - q_s) (conservative), and `global_p_method` says so.
+
+Estimation, spectrum by spectrum. p is a function of the q_s = P(T_s >= T_obs) (and R),
+so each q_s is estimated from its own toys (exact T_s per toy: tabulated Poisson tails
+against fixed backgrounds, the direct tail against refitted ones). Where
+>= `DIRECT_MIN_REACHING` toys reach T_obs, q_s = k / n (binomial error). Where fewer do,
+the tail is extrapolated from the level t_ref that `EXTRAPOLATION_REFERENCE` toys reach
+(q_ref = k_ref / n) with the Gross-Vitells up-crossing law for one degree of freedom,
 q_s(t) = q_ref exp(-(Z(t)^2 - Z(t_ref)^2) / 2), Z(t) = Phi^-1(1 - e^-t) (arXiv:1005.1891),
 capped by the Bonferroni bound n_windows e^-t (each window's p-value is super-uniform, so
 P(T_s >= t) <= n_windows e^-t holds exactly). The toy budget is adaptive: every spectrum
@@ -39,16 +64,18 @@ p and are extrapolated double their toys up to `max_pseudo_scans`. A scan-global
 (p = 3e-5) over 60 spectra needs q_s ~ 5e-7: direct toys would need ~1e8 per spectrum, so
 it is measured by the extrapolation, said in `global_p_method`, and validated in
 tests/core/test_lookelsewhere.py against direct toys. The joint pseudo-scans formed by the
-first n toys of every spectrum give `n_pseudo_scans_reaching`; when none reaches T_obs,
+first n toys of every spectrum give `n_pseudo_scans_reaching` (the spectra's toys are
+drawn independently, so this count ignores R); when none reaches T_obs,
 `global_z_toys_lower_limit` is the toys-only lower limit Z(1/n).
 
 Effective trials factor N_eff = ln(1 - p_global) / ln(1 - p_local), reported when
 0 < p_global < 1. Each window's t is the per-spectrum hunt's (`core.bumphunt`): at least
 `MIN_WINDOW_COUNT` events, and the fit uncertainty folded into the tail when the point
 carries its fit's Jacobian and covariance (`ScanPoint.jacobian`, `.covariance`); the
-thresholds, floor tables and compiled kernel use that same tail. Not modelled: the
-refit of the backgrounds on each pseudo-scan (the toys are drawn from the fitted B) and
-the fixed event count of an AR (multinomial, not Poisson, counts).
+thresholds, floor tables, compiled kernel and the refitted toys use that same tail. The
+refit carries the fit's own fluctuation into the toys (the data's background is as
+uncertain as a toy's refit); not modelled: the fixed event count of an AR (multinomial,
+not Poisson, counts; the refit's free normalisation absorbs most of it).
 """
 
 from __future__ import annotations
@@ -64,6 +91,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy import special, stats
 
 from core.bumphunt import (
     DEFAULT_HUNT,
@@ -78,23 +106,42 @@ from core.bumphunt import (
     significance_from_statistic,
     tabulate_poisson_tails,
     tabulated_tail_statistics,
+    tail_statistic,
+    tail_thresholds,
     toys_reaching,
     window_thresholds,
 )
 from core.errors import InvalidInputError
+from core.pseudodata import RefitProjection, refit_projection
 from core.significance import validate_spectrum, z_from_log_p
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 Sampler = Literal["chained", "envelope"]
 
 METHOD: Final = (
     "background-only pseudo-scans; per spectrum, AR points chained from the tightest "
     "outwards with exact Poisson(B) marginals (binomial thinning where a looser fit is "
-    "lower, Poisson increments where higher); spectra independent (conservative), "
-    "p = 1 - prod_s (1 - q_s); q_s from toys, extrapolated beyond them with the "
-    "Gross-Vitells 1-dof law capped by the Bonferroni bound; N_eff = ln(1 - p_global) / "
-    "ln(1 - p_local)"
+    "lower, Poisson increments where higher); {refit}; spectra combined by {combination}; "
+    "q_s from toys, extrapolated beyond them with the Gross-Vitells 1-dof law capped by the "
+    "Bonferroni bound; N_eff = ln(1 - p_global) / ln(1 - p_local)"
 )
+"""The method of `ScanSignificance.method`, filled by `_method`."""
+
+REFIT_METHOD: Final = "each toy refitted to first order around the accepted fit"
+NO_REFIT_METHOD: Final = (
+    "toys scanned against the fixed fitted backgrounds, not refitted (no fit jacobians "
+    "given: p biased towards 1)"
+)
+
+REFIT_PILOT_TOYS: Final = 200
+"""Exact (unfloored) refitted toys per spectrum before a floor at their 80 % quantile."""
+
+COPULA_SAMPLES: Final = 200_000
+"""Correlated normal vectors drawn for the Gaussian-copula combination of the spectra."""
+
+COPULA_MIN_HITS: Final = 100
+"""Below this many copula samples beyond a threshold, p is the union sum of q_s."""
 
 DIRECT_MIN_REACHING: Final = 10
 """A spectrum's q_s is the toy fraction when at least this many toys reach T_obs."""
@@ -136,6 +183,12 @@ class NestedSpectrum:
     background_nesting_violations: int
     data_nesting_violations: int
     uncertainties: tuple[tuple[FloatArray, FloatArray] | None, ...] = ()
+    refits: tuple[RefitProjection | None, ...] = ()
+
+    @property
+    def refitted(self) -> bool:
+        """Whether every point's pseudo-data are refitted (`core.pseudodata`)."""
+        return bool(self.refits) and all(r is not None for r in self.refits)
 
     @property
     def nesting_violations(self) -> int:
@@ -162,12 +215,14 @@ def nested_spectrum(
     *,
     hunt: HuntOptions | Sequence[HuntOptions] = DEFAULT_HUNT,
     uncertainties: Sequence[tuple[FloatArray, FloatArray] | None] | None = None,
+    refits: Sequence[RefitProjection | None] | None = None,
 ) -> NestedSpectrum:
     """Validate and order one spectrum's AR points (any order in; loosest first out).
 
     `hunt` gives the window set (one for all points, or one per point in input order);
     `uncertainties`, per point in input order, its background's (jacobian, covariance)
     (rows = all bins, zero outside its fit range) or None, folded into its windows' tails.
+    `refits` the points' linearised refits of pseudo-data (input order; None: no refit).
     Points with identical counts and background are entered once (the loosest is kept).
     Raises InvalidInputError for bad histograms.
     """
@@ -200,6 +255,10 @@ def nested_spectrum(
         raise InvalidInputError(
             f"spectrum {name!r}: {len(hunts)} hunt options for {sigma.size} AR points"
         )
+    if refits is not None and len(refits) != sigma.size:
+        raise InvalidInputError(
+            f"spectrum {name!r}: {len(refits)} refit projections for {sigma.size} AR points"
+        )
     for point in range(sigma.size):
         try:
             validate_spectrum(n[point], b[point], e)
@@ -210,6 +269,7 @@ def nested_spectrum(
     hunts = [hunts[i] for i in order]
     errors = _point_uncertainties(name, uncertainties, sigma.size)
     errors = [errors[i] for i in order]
+    projections = [None] * sigma.size if refits is None else [refits[i] for i in order]
     keep: list[int] = []
     merged: list[tuple[float, float]] = []
     for point in range(sigma.size):
@@ -250,6 +310,7 @@ def nested_spectrum(
         background_violations,
         data_violations,
         tuple(errors) if any(x is not None for x in errors) else (),
+        tuple(projections[i] for i in keep),
     )
 
 
@@ -516,10 +577,69 @@ def spectrum_toy_maxima(
         toys = nested_pseudo_counts(spectrum, size, rng, sampler=sampler)
         best = np.zeros(size, dtype=np.float64)
         for point, windows in enumerate(spectrum.windows):
-            statistic = max_window_statistic(windows, toys[point], floor, table=tables[point])
+            refit = spectrum.refits[point] if spectrum.refits else None
+            if refit is None:
+                statistic = max_window_statistic(windows, toys[point], floor, table=tables[point])
+            else:
+                background = spectrum.background[point]
+                statistic = refitted_window_maxima(windows, toys[point], background, refit, floor)
             np.maximum(best, statistic, out=best)
         result[start : start + size] = best
     return result
+
+
+def refitted_window_maxima(
+    windows: ScanWindows,
+    toys: npt.ArrayLike,
+    background: FloatArray,
+    refit: RefitProjection,
+    floor: float | None = None,
+) -> FloatArray:
+    """Max t over `windows` of each toy (rows of bin counts) against its refitted background.
+
+    Each toy is scanned against its linearised refit B' (`core.pseudodata`), with
+    the windows (and the active ones) of the data's background B and the hunt's statistic
+    (`core.bumphunt.tail_statistic`): at least `windows.min_count` events, and the data
+    fit's relative uncertainty r_w of each window folded into the tail around B'_w. Exact
+    where the result is >= `floor`; 0 below. With a floor, a window is evaluated only where
+    D reaches the Poisson threshold of the smallest B'_w of the batch (t falls with B' and
+    with r, so no window that reaches the floor is skipped).
+    """
+    counts = np.asarray(toys, dtype=np.float64)
+    span = slice(windows.first_bin, windows.stop_bin)
+    scanned = refit.refitted(counts, background)[:, span]
+    cumulative_counts = _row_cumsum(counts[:, span])
+    cumulative_background = _row_cumsum(scanned)
+    floor = floor if floor is not None and floor > 0 else None
+    best = np.zeros(counts.shape[0], dtype=np.float64)
+    for index, (width, active) in enumerate(zip(windows.widths, windows.active, strict=True)):
+        columns = np.flatnonzero(active)
+        if columns.size == 0:
+            continue
+        data = cumulative_counts[:, width + columns] - cumulative_counts[:, columns]
+        expected = cumulative_background[:, width + columns] - cumulative_background[:, columns]
+        candidates = (data > expected) & (data >= windows.min_count)
+        if floor is not None:
+            candidates &= data >= tail_thresholds(expected.min(axis=0), floor)[None, :]
+        rows, cols = np.nonzero(candidates)
+        if rows.size:
+            relative = windows.width_relative_sd(index)
+            values = tail_statistic(
+                data[rows, cols],
+                expected[rows, cols],
+                None if relative is None else relative[columns][cols],
+            )
+            np.maximum.at(best, rows, values)
+    if floor is not None:
+        best[best < floor] = 0.0
+    return best
+
+
+def _row_cumsum(values: FloatArray) -> FloatArray:
+    """Cumulative sums along each row with a leading zero column."""
+    cumulative = np.zeros((values.shape[0], values.shape[1] + 1), dtype=np.float64)
+    np.cumsum(values, axis=1, out=cumulative[:, 1:])
+    return cumulative
 
 
 @dataclass(frozen=True)
@@ -637,12 +757,17 @@ def scan_significance(
     seed: int | np.random.Generator = 0,
     sampler: Sampler = "chained",
     workers: int = 1,
+    correlation: npt.ArrayLike | None = None,
 ) -> ScanSignificance:
     """Global significance of the largest excess over all spectra and AR points of a scan.
 
     Each spectrum's points carry their window sets (`nested_spectrum`); `width_min` and
     `width_max`, when given, replace the widths of every point (the other options stay).
     `seed` fixes the pseudo-scans. See the module docstring for the method.
+
+    `correlation` (spectra x spectra, in the order of `spectra`, e.g. from
+    `bootstrap_correlation`) combines the spectra's tail probabilities through a Gaussian
+    copula; without it the spectra are taken as independent (module docstring).
 
     `workers` > 1 draws the pseudo-scans of different spectra in that many processes. Each
     spectrum has its own random stream, handed to the process and back, so the result is
@@ -659,6 +784,11 @@ def scan_significance(
     if width_min is not None or width_max is not None:
         spectra = [_with_widths(s, width_min, width_max) for s in spectra]
     common = _observed_excesses(spectra)
+    common["method"] = common["method"].format(
+        combination="a Gaussian copula with the given correlation"
+        if correlation is not None
+        else "independence, p = 1 - prod_s (1 - q_s)"
+    )
     statistic = common["statistic"]
     if statistic <= 0:
         return ScanSignificance(
@@ -673,17 +803,22 @@ def scan_significance(
             converged=True,
             global_p_method="no excess",
         )
-    generators = np.random.default_rng(seed).spawn(len(spectra))
+    generators = np.random.default_rng(seed).spawn(len(spectra) + 1)
+    copula_stream = generators.pop()
+    combine: Callable[[Sequence[TailEstimate]], tuple[float, float]] = _combine
+    if correlation is not None:
+        combine = GaussianCopula(correlation, len(spectra), copula_stream)
     with ToyPool(workers) as pool:
         toys = _SpectrumToys(spectra, statistic, sampler, generators, pool)
         tails, p, error = _adaptive_tails(
-            toys, min_pseudo_scans, max_pseudo_scans, target_rel_error
+            toys, min_pseudo_scans, max_pseudo_scans, target_rel_error, combine
         )
     maxima = toys.maxima
     n_joint = min(m.size for m in maxima)
     joint = np.max(np.stack([m[:n_joint] for m in maxima]), axis=0)
     joint_reaching = int(np.count_nonzero(joint >= statistic * (1 - TIE_TOLERANCE)))
     global_method, is_limit = _global_method(tails, joint_reaching)
+    global_method += "; " + _combination_method(combine)
     global_z = max(float(z_from_log_p(math.log(p))) if p > 0 else math.inf, 0.0)
     toys_limit = None
     if joint_reaching == 0:
@@ -703,6 +838,144 @@ def scan_significance(
         n_toys_per_spectrum_max=max(m.size for m in maxima),
         spectrum_tails=tuple((s.name, t.q, t.method) for s, t in zip(spectra, tails, strict=True)),
     )
+
+
+class GaussianCopula:
+    """p = P(any T_s >= T_obs) from the spectra's tails q_s and their correlation (callable).
+
+    The spectra's maxima are joined by a Gaussian copula: Z ~ N(0, R) and T_s >= T_obs
+    where Z_s > Phi^-1(1 - q_s). p is the fraction of `COPULA_SAMPLES` correlated normal
+    vectors (drawn once, so successive calls compare alike) with any component beyond its
+    threshold; where fewer than `COPULA_MIN_HITS` are, p is the union sum_s q_s, exact to
+    first order in q (a Gaussian copula with |R_st| < 1 has no joint tail) and an upper
+    bound. The error adds the sampling error and the q_s errors (to first order).
+    """
+
+    def __init__(self, correlation: npt.ArrayLike, n_spectra: int, rng: np.random.Generator):
+        matrix = nearest_correlation(correlation, n_spectra)
+        factor = np.linalg.cholesky(matrix + 1e-12 * np.eye(n_spectra))
+        normals = rng.standard_normal((COPULA_SAMPLES, n_spectra))
+        # einsum for a few spectra: a BLAS product of a thin matrix spins up its threads for
+        # longer than the product takes (0.09 s against 0.02 s for 3 spectra)
+        self.normals = (
+            np.einsum("ij,kj->ik", normals, factor) if n_spectra <= 8 else normals @ factor.T
+        )
+        self.method = "Gaussian copula of the spectra (bootstrap correlation)"
+
+    def __call__(self, tails: Sequence[TailEstimate]) -> tuple[float, float]:
+        """(p, error) for these tails."""
+        q = np.array([t.q for t in tails], dtype=np.float64)
+        q_error = math.sqrt(sum(t.error**2 for t in tails))
+        if np.any(q >= 1.0):
+            return 1.0, 0.0
+        thresholds = -special.ndtri(q)
+        hits = int(np.count_nonzero(np.any(self.normals > thresholds, axis=1)))
+        if hits >= COPULA_MIN_HITS:
+            self.method = "Gaussian copula of the spectra (bootstrap correlation), sampled"
+            p = hits / COPULA_SAMPLES
+            return p, math.hypot(math.sqrt(p * (1 - p) / COPULA_SAMPLES), q_error)
+        self.method = (
+            "Gaussian copula of the spectra (bootstrap correlation), union sum of q_s "
+            "(first order in small q)"
+        )
+        return min(float(q.sum()), 1.0), q_error
+
+
+def nearest_correlation(correlation: npt.ArrayLike, n_spectra: int) -> FloatArray:
+    """A valid correlation matrix near `correlation`: symmetrised, eigenvalues clipped >= 0.
+
+    Raises InvalidInputError unless it is a finite (n_spectra, n_spectra) matrix.
+    """
+    matrix = np.asarray(correlation, dtype=np.float64)
+    if matrix.shape != (n_spectra, n_spectra) or not np.all(np.isfinite(matrix)):
+        raise InvalidInputError(
+            f"correlation: expected a finite {n_spectra} x {n_spectra} matrix (one row per "
+            f"spectrum), found shape {matrix.shape}"
+        )
+    matrix = 0.5 * (matrix + matrix.T)
+    values, vectors = np.linalg.eigh(matrix)
+    matrix = (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    scale = np.sqrt(np.clip(np.diag(matrix), 1e-300, None))
+    matrix = matrix / np.outer(scale, scale)
+    np.fill_diagonal(matrix, 1.0)
+    return np.asarray(matrix, dtype=np.float64)
+
+
+def bootstrap_correlation(
+    spectra: Sequence[NestedSpectrum], replicas: Sequence[npt.ArrayLike]
+) -> FloatArray:
+    """Correlation of the spectra's maximum statistics, from Poisson-bootstrap replicas.
+
+    `replicas[s]` has shape (n_replicas, n_points, n_bins) over spectrum s's points and
+    bins: the data's selected events, each weighted by one Poisson(1) draw per replica (the
+    same draw for an event in every spectrum it enters). Each replica's T_s is scanned as a
+    toy is (refitted where the spectrum has refits); the van der Waerden normal scores of
+    the T_s are correlated across spectra (their Pearson correlation estimates the Gaussian
+    copula's). A spectrum whose T_s never varies is uncorrelated with the others.
+    """
+    if len(replicas) != len(spectra):
+        raise InvalidInputError(
+            f"bootstrap_correlation: {len(replicas)} replica sets for {len(spectra)} spectra"
+        )
+    scores = []
+    sizes = set()
+    for spectrum, replica in zip(spectra, replicas, strict=True):
+        counts = np.asarray(replica)
+        if counts.ndim != 3 or counts.shape[1:] != spectrum.counts.shape:
+            raise InvalidInputError(
+                f"bootstrap_correlation: replicas of {spectrum.name!r} must have shape "
+                f"(n_replicas, {spectrum.counts.shape[0]}, {spectrum.counts.shape[1]}), "
+                f"found {counts.shape}"
+            )
+        sizes.add(counts.shape[0])
+        maxima = _replica_maxima(spectrum, np.rint(counts).astype(np.int64))
+        ranks = stats.rankdata(maxima)
+        scores.append(special.ndtri(ranks / (maxima.size + 1.0)))
+    if len(sizes) != 1 or sizes.pop() < 3:
+        raise InvalidInputError(
+            "bootstrap_correlation: every spectrum needs the same number (>= 3) of replicas"
+        )
+    matrix = np.eye(len(spectra))
+    stacked = np.stack(scores)
+    varying = np.std(stacked, axis=1) > 0
+    if np.count_nonzero(varying) > 1:
+        matrix[np.ix_(varying, varying)] = np.corrcoef(stacked[varying])
+    return nearest_correlation(matrix, len(spectra))
+
+
+def _replica_maxima(spectrum: NestedSpectrum, counts: npt.NDArray[np.int64]) -> FloatArray:
+    """Max t over points and windows of each replica (rows of counts), as for a toy."""
+    best = np.zeros(counts.shape[0], dtype=np.float64)
+    for point, windows in enumerate(spectrum.windows):
+        refit = spectrum.refits[point] if spectrum.refits else None
+        rows = counts[:, point]
+        if refit is None:
+            statistic = max_window_statistic(windows, rows)
+        else:
+            statistic = refitted_window_maxima(windows, rows, spectrum.background[point], refit)
+        np.maximum(best, statistic, out=best)
+    return best
+
+
+def _method(spectra: Sequence[NestedSpectrum]) -> str:
+    """`METHOD` for these spectra (refitted pseudo-data or not; the combination added later)."""
+    refitted = [s.refitted for s in spectra]
+    if all(refitted):
+        refit = REFIT_METHOD
+    elif any(refitted):
+        refit = f"{REFIT_METHOD} in {sum(refitted)} of {len(spectra)} spectra, the others " + (
+            NO_REFIT_METHOD.removeprefix("toys ")
+        )
+    else:
+        refit = NO_REFIT_METHOD
+    return METHOD.format(refit=refit, combination="{combination}")
+
+
+def _combination_method(combine: Callable[[Sequence[TailEstimate]], tuple[float, float]]) -> str:
+    """How the spectra's tail probabilities were combined."""
+    if isinstance(combine, GaussianCopula):
+        return combine.method
+    return "spectra independent, p = 1 - prod_s (1 - q_s) (conservative for shared events)"
 
 
 def _observed_excesses(spectra: Sequence[NestedSpectrum]) -> dict[str, Any]:
@@ -725,7 +998,7 @@ def _observed_excesses(spectra: Sequence[NestedSpectrum]) -> dict[str, Any]:
         "n_tests": len(points),
         "n_windows": sum(s.n_windows for s in spectra),
         "background_nesting_violations": sum(s.background_nesting_violations for s in spectra),
-        "method": METHOD,
+        "method": _method(spectra),
         "n_spectra": len(spectra),
         "merged_points": tuple(
             (s.name, dropped, kept) for s in spectra for dropped, kept in s.merged
@@ -755,6 +1028,15 @@ class _SpectrumToys:
     def extend(self, wanted: dict[int, int]) -> None:
         """Draw pseudo-scans until spectrum `index` has `wanted[index]` toy maxima."""
         maxima = self.maxima
+        pilots = {
+            index: REFIT_PILOT_TOYS
+            for index, total in wanted.items()
+            if self.spectra[index].refitted
+            and maxima[index].size == 0
+            and total > 2 * REFIT_PILOT_TOYS
+        }
+        if pilots:
+            self.extend(pilots)
         tasks = []
         for index, total in wanted.items():
             missing = total - maxima[index].size
@@ -763,9 +1045,11 @@ class _SpectrumToys:
             # Only the upper tail of T_s is ever used (T_obs and the level of the 20th
             # largest toy): beyond the first toys, values below the 95 % quantile are not
             # computed exactly (at least 5 % of all toys, >= 50, stay exact above it).
+            # Refitted toys, ~5x dearer, start below the 80 % quantile of exact pilot toys.
             floor = None
-            if maxima[index].size >= 1_000:
-                level = min(float(np.quantile(maxima[index], 0.95)), self.statistic)
+            if maxima[index].size >= 1_000 or index in pilots:
+                quantile = 0.95 if maxima[index].size >= 1_000 else 0.8
+                level = min(float(np.quantile(maxima[index], quantile)), self.statistic)
                 floor = level * (1 - 2 * TIE_TOLERANCE)
             task = (self.spectra[index], missing, self.generators[index], self.sampler, floor)
             tasks.append((index, task))
@@ -784,7 +1068,11 @@ class _SpectrumToys:
 
 
 def _adaptive_tails(
-    toys: _SpectrumToys, min_pseudo_scans: int, max_pseudo_scans: int, target_rel_error: float
+    toys: _SpectrumToys,
+    min_pseudo_scans: int,
+    max_pseudo_scans: int,
+    target_rel_error: float,
+    combine: Callable[[Sequence[TailEstimate]], tuple[float, float]],
 ) -> tuple[list[TailEstimate], float, float]:
     """(tails, p, error) after the adaptive toy budget (module docstring).
 
@@ -796,11 +1084,11 @@ def _adaptive_tails(
     maxima = toys.maxima
     toys.extend(dict.fromkeys(range(n_spectra), min_pseudo_scans))
     tails = toys.estimates()
-    p, error = _combine(tails)
+    p, error = combine(tails)
     if p < SMALL_P:
         toys.extend({index: max(MIN_TOYS_SMALL_P, min_pseudo_scans) for index in range(n_spectra)})
         tails = toys.estimates()
-        p, error = _combine(tails)
+        p, error = combine(tails)
     while True:
         total_q = sum(t.q for t in tails) or 1.0
         precise = p > 0 and error <= target_rel_error * p
@@ -821,7 +1109,7 @@ def _adaptive_tails(
                 break
         toys.extend({index: min(2 * maxima[index].size, max_pseudo_scans) for index in candidates})
         tails = toys.estimates()
-        p, error = _combine(tails)
+        p, error = combine(tails)
     return tails, p, error
 
 
@@ -918,6 +1206,7 @@ def _with_widths(
         spectrum.background_nesting_violations,
         spectrum.data_nesting_violations,
         spectrum.uncertainties,
+        spectrum.refits,
     )
 
 
@@ -928,9 +1217,15 @@ class ScanPoint:
     `edges` (GeV, n + 1) and `counts`, `background` (n) cover histogram bins
     [first_bin, first_bin + n) of the spectrum's common binning; `hunt` is the window set
     the per-spectrum hunt used, so the scan-wide test scans the same windows. `jacobian`
-    (rows = the point's n bins, zero outside its fit range; d mu / d parameters) and
-    `covariance` (the fit's) fold the background uncertainty into the windows' tails, as
-    the per-spectrum hunt did; None: exact background.
+    (n, n_params: d mu / d parameters, zero outside the fit range, `core.fit.
+    background_jacobian`), `covariance` (the fit's, n_params x n_params) and `fitted` (n,
+    the bins the likelihood used) describe the fit: `jacobian` and `covariance` fold the
+    background uncertainty into the windows' tails as the per-spectrum hunt did (None:
+    exact background); with `jacobian` and `fitted` the pseudo-scans refit each toy to
+    first order (`core.pseudodata`), without them they are scanned against the fixed
+    background (and the result's method says so). `replicas` (n_replicas, n) are
+    Poisson-bootstrap replicas of the point's counts (`core.bootstrap`), for the spectra's
+    correlation (`correlation_from_points`).
     """
 
     spectrum: str
@@ -942,6 +1237,19 @@ class ScanPoint:
     hunt: HuntOptions = DEFAULT_HUNT
     jacobian: FloatArray | None = None
     covariance: FloatArray | None = None
+    fitted: BoolArray | None = None
+    replicas: FloatArray | None = None
+
+    def refit(self) -> RefitProjection | None:
+        """The point's linearised refit of pseudo-data, or None without a jacobian."""
+        if self.jacobian is None or self.fitted is None:
+            return None
+        try:
+            return refit_projection(self.jacobian, self.background, self.fitted)
+        except InvalidInputError as error:
+            raise InvalidInputError(
+                f"spectrum {self.spectrum!r} at {self.cross_section_pb:g} pb: {error}"
+            ) from error
 
 
 def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
@@ -994,6 +1302,7 @@ def spectra_from_points(points: Sequence[ScanPoint]) -> list[NestedSpectrum]:
                 background,
                 hunt=[p.hunt for p in members],
                 uncertainties=errors,
+                refits=[_padded_refit(p, first, stop) for p in members],
             )
         )
     return spectra
@@ -1019,3 +1328,45 @@ def _padded_uncertainty(
     rows = np.zeros((n_bins, point.jacobian.shape[1]))
     rows[start : start + size] = point.jacobian
     return rows, np.asarray(point.covariance, dtype=np.float64)
+
+
+def _padded_refit(point: ScanPoint, first: int, stop: int) -> RefitProjection | None:
+    """The point's refit projection over the spectrum's union of bins [first, stop)."""
+    refit = point.refit()
+    if refit is None:
+        return None
+    start = point.first_bin - first
+    size = point.counts.size
+    fitted = np.zeros(stop - first, dtype=bool)
+    fitted[start : start + size] = refit.fitted
+    matrix = np.zeros((stop - first, refit.matrix.shape[1]))
+    matrix[start : start + size] = refit.matrix
+    return RefitProjection(fitted, matrix)
+
+
+def correlation_from_points(
+    spectra: Sequence[NestedSpectrum], points: Sequence[ScanPoint]
+) -> FloatArray | None:
+    """`bootstrap_correlation` of `spectra` (from `spectra_from_points(points)`), or None.
+
+    None when a point kept in the spectra has no `replicas` or the replica counts differ.
+    """
+    by_key = {(p.spectrum, p.cross_section_pb): p for p in points}
+    sets = []
+    for spectrum in spectra:
+        first = min(p.first_bin for p in points if p.spectrum == spectrum.name)
+        stacked = np.zeros((0, *spectrum.counts.shape))
+        for index, sigma in enumerate(spectrum.cross_sections_pb):
+            point = by_key[(spectrum.name, float(sigma))]
+            if point.replicas is None or point.replicas.shape[1:] != point.counts.shape:
+                return None
+            if index == 0:
+                stacked = np.zeros((point.replicas.shape[0], *spectrum.counts.shape))
+            if point.replicas.shape[0] != stacked.shape[0]:
+                return None
+            start = point.first_bin - first
+            stacked[:, index, start : start + point.counts.size] = point.replicas
+        sets.append(stacked)
+    if len({s.shape[0] for s in sets}) != 1:
+        return None
+    return bootstrap_correlation(spectra, sets)

@@ -23,6 +23,7 @@ from core.lookelsewhere import (
     NestedSpectrum,
     ScanPoint,
     ScanPointExcess,
+    correlation_from_points,
     nested_spectrum,
     scan_significance,
     spectra_from_points,
@@ -289,8 +290,9 @@ class ScanPointInput(StrictModel):
 
     `edges`, `counts`, `background` cover histogram bins [first_bin, stop_bin); the window
     set is the hunt's (`bump.width_min`, `bump.width_max`, `bump.min_window_background`, or
-    the fields given here). `background_jacobian` (d mu / d parameters, one row per bin) and
-    `background_covariance` fold the fit uncertainty into the windows as the hunt did.
+    the fields given here). `jacobian` (d mu / d parameters, one row per bin) and
+    `covariance` fold the fit uncertainty into the windows as the hunt did; with `fitted`
+    the pseudo-scans refit each toy; `replicas` give the spectra's correlation.
     Points whose `status` is not "accepted" are left out and listed in the output with
     their `reason`.
     """
@@ -306,10 +308,21 @@ class ScanPointInput(StrictModel):
     width_max: int | None = Field(None, ge=1, le=1000)
     min_window_background: float | None = Field(None, ge=0, le=1e6)
     min_window_count: int | None = Field(None, ge=0, le=1_000_000)
-    background_jacobian: list[list[float]] | None = None
-    background_covariance: list[list[float]] | None = None
     bump: dict[str, object] | None = Field(
         None, description="the search_spectrum `bump` (its window fields are used)"
+    )
+    jacobian: list[list[float]] = Field(
+        default_factory=list,
+        description="d background / d fit parameters per bin (empty: toys not refitted)",
+    )
+    covariance: list[list[float]] = Field(default_factory=list)
+    fitted: list[bool] = Field(
+        default_factory=list, description="bins the fit's likelihood used (with `jacobian`)"
+    )
+    replicas: list[list[float]] = Field(
+        default_factory=list,
+        description="Poisson-bootstrap replica counts (replicas x bins) for the spectra's "
+        "correlation (empty: spectra taken as independent)",
     )
     status: str = "accepted"
     reason: str = ""
@@ -353,13 +366,11 @@ class ScanPointInput(StrictModel):
                 min_window_background=float(minimum),
                 min_window_count=min_count,
             ),
-            _optional_array(self.background_jacobian),
-            _optional_array(self.background_covariance),
+            jacobian=np.asarray(self.jacobian, dtype=np.float64) if self.jacobian else None,
+            covariance=np.asarray(self.covariance, dtype=np.float64) if self.covariance else None,
+            fitted=np.asarray(self.fitted, dtype=bool) if self.fitted else None,
+            replicas=np.asarray(self.replicas, dtype=np.float64) if self.replicas else None,
         )
-
-
-def _optional_array(rows: list[list[float]] | None) -> FloatArray | None:
-    return None if rows is None else np.asarray(rows, dtype=np.float64)
 
 
 def _points_from_npz(path: Path) -> list[ScanPointInput]:
@@ -367,7 +378,8 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
 
     Arrays `spectrum` (names), `cross_section_pb`, `first_bin`, `width_min`, `width_max`
     (0 = none), `min_window_background`, optionally `min_window_count`, and per point i
-    `edges_i`, `counts_i`, `background_i`, optionally `jacobian_i` and `covariance_i`.
+    `edges_i`, `counts_i`, `background_i` and, optionally, the fit's `jacobian_i`,
+    `covariance_i` and `fitted_i` and the bootstrap `replicas_i`.
     """
     require_file(path, "points file")
     try:
@@ -392,8 +404,11 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
                             if "min_window_count" in data
                             else None
                         ),
-                        background_jacobian=_npz_rows(data, f"jacobian_{index}"),
-                        background_covariance=_npz_rows(data, f"covariance_{index}"),
+                        **{
+                            what: data[f"{what}_{index}"].tolist()
+                            for what in ("jacobian", "covariance", "fitted", "replicas")
+                            if f"{what}_{index}" in data.files
+                        },
                     )
                 )
     except (KeyError, ValueError, OSError) as error:
@@ -401,10 +416,6 @@ def _points_from_npz(path: Path) -> list[ScanPointInput]:
             f"points file {path} is not a scan-points NPZ ({error}); see the tool's schema"
         ) from error
     return rows
-
-
-def _npz_rows(data: np.lib.npyio.NpzFile, key: str) -> list[list[float]] | None:
-    return np.asarray(data[key], dtype=np.float64).tolist() if key in data else None
 
 
 class ScanSignificanceInput(StrictModel):
@@ -524,7 +535,12 @@ def scan_significance_tool(arguments: ScanSignificanceInput) -> ScanSignificance
         if point.status != "accepted"
     ]
     spectra = [spectrum.to_core() for spectrum in arguments.spectra]
-    spectra += spectra_from_points([point.to_core() for point in accepted])
+    core_points = [point.to_core() for point in accepted]
+    from_points = spectra_from_points(core_points)
+    spectra += from_points
+    correlation = None
+    if from_points and not arguments.spectra:
+        correlation = correlation_from_points(from_points, core_points)
     if not spectra:
         raise InvalidInputError(
             "no accepted point to test: every point given has a status other than 'accepted'"
@@ -538,6 +554,7 @@ def scan_significance_tool(arguments: ScanSignificanceInput) -> ScanSignificance
         target_rel_error=arguments.target_rel_error,
         seed=arguments.seed,
         workers=arguments.workers,
+        correlation=correlation,
     )
     return _output(
         ScanSignificanceOutput,

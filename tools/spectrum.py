@@ -7,7 +7,10 @@ optional anomaly-score cut. `analyse_spectrum` runs the whole per-spectrum rule.
 given range), runs the window exclusion and returns the final background; its output is
 also a point of `scan_significance` (fields `first_bin`, `stop_bin`, `edges`, `counts`,
 `background`, `bump.width_min/width_max/min_window_background`); `background_error` is the
-1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`). A background
+1-sigma fit uncertainty of `background` per bin (`core.fit.expected_errors`); `jacobian`,
+`covariance` and `fitted` describe the final fit (d background / d parameters, the
+parameters' covariance, the bins its likelihood used), for the linearised refit of the
+scan's pseudo-scans (`core.pseudodata`). A background
 chosen with a window masked is searched with `masked_window_gev`: fitted with the window left
 out and no second exclusion (core.spectrum, rule step 4).
 """
@@ -161,11 +164,16 @@ class SearchSpectrumOutput(StrictModel):
     background_error: list[float] = Field(
         description="1-sigma fit uncertainty of `background` per bin (covariance propagated)"
     )
-    background_jacobian: list[list[float]] | None = Field(
-        None, description="d background / d fit parameters per bin in range; null: not folded"
+    jacobian: list[list[float]] = Field(
+        default_factory=list,
+        description="d background / d parameters per bin in range (bins x parameters); empty: "
+        "the fit's uncertainty was not folded into the hunt and pseudo-scans are not refitted",
     )
-    background_covariance: list[list[float]] | None = Field(
-        None, description="the fit's parameter covariance (with background_jacobian)"
+    covariance: list[list[float]] = Field(
+        default_factory=list, description="the final fit's parameter covariance (with jacobian)"
+    )
+    fitted: list[bool] = Field(
+        default_factory=list, description="bins in range that the final fit's likelihood used"
     )
     bump: BumpHuntOutput = Field(description="hunt against the final background")
     bump_unmasked: BumpHuntOutput = Field(description="hunt against the unmasked background")
@@ -193,8 +201,9 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
         counts=np.asarray(search.counts, dtype=float).tolist(),
         background=np.asarray(search.background, dtype=float).tolist(),
         background_error=np.asarray(search.background_error, dtype=float).tolist(),
-        background_jacobian=_rows(search.background_jacobian),
-        background_covariance=_rows(search.background_covariance),
+        jacobian=_rows(search.background_jacobian),
+        covariance=_rows(search.background_covariance),
+        fitted=[] if search.background_jacobian is None else [bool(u) for u in search.fit.used],
         bump=bump_output(search.bump),
         bump_unmasked=bump_output(search.bump_unmasked),
         window_exclusion=None if search.exclusion is None else exclusion_output(search.exclusion),
@@ -204,8 +213,8 @@ def search_output(search: SpectrumSearch) -> SearchSpectrumOutput:
     )
 
 
-def _rows(array: np.ndarray | None) -> list[list[float]] | None:
-    return None if array is None else np.asarray(array, dtype=float).tolist()
+def _rows(array: np.ndarray | None) -> list[list[float]]:
+    return [] if array is None else np.asarray(array, dtype=float).tolist()
 
 
 @register(

@@ -11,12 +11,18 @@ from scipy.stats import kstest
 from core.bumphunt import HuntOptions, bump_hunt
 from core.errors import InvalidInputError
 from core.lookelsewhere import (
+    GaussianCopula,
     NestedSpectrum,
     Sampler,
+    ScanPoint,
+    TailEstimate,
+    bootstrap_correlation,
+    correlation_from_points,
     effective_trials,
     nested_pseudo_counts,
     nested_spectrum,
     scan_significance,
+    spectra_from_points,
     spectrum_toy_maxima,
     tail_probability,
 )
@@ -372,3 +378,51 @@ def test_the_global_p_does_not_depend_on_the_number_of_workers() -> None:
     assert two.spectrum_tails == one.spectrum_tails
     with pytest.raises(InvalidInputError, match="workers"):
         scan_significance(spectra, seed=4, workers=0)
+
+
+def test_gaussian_copula_joins_identical_spectra_once_and_independent_ones_as_a_product() -> None:
+    """Two spectra with q = 0.1 each: p = 0.1 when they are the same (correlation 1), and
+    1 - 0.9^2 = 0.19 when independent; the union sum where the sampling cannot resolve p."""
+    tails = [TailEstimate(0.1, 0.0, 1000, 100, "toys", None)] * 2
+    same = GaussianCopula(np.ones((2, 2)), 2, np.random.default_rng(1))
+    apart = GaussianCopula(np.eye(2), 2, np.random.default_rng(1))
+    assert same(tails)[0] == pytest.approx(0.1, abs=0.003)
+    assert apart(tails)[0] == pytest.approx(0.19, abs=0.003)
+    tiny = [TailEstimate(1e-6, 1e-7, 1000, 0, "extrapolated", 1.0)] * 2
+    assert same(tiny)[0] == pytest.approx(2e-6)
+    assert "union" in same.method
+
+
+def test_bootstrap_correlation_of_spectra_sharing_their_events() -> None:
+    """Replicas of one event list entering two spectra correlate fully; of two lists, not."""
+    background = _backgrounds(1000.0)
+    spectra = [
+        nested_spectrum(name, EDGES, SIGMAS[:1], background[:1], background[:1])
+        for name in ("T1/jj", "T2/jj", "T3/jj")
+    ]
+    rng = np.random.default_rng(4)
+    shared = rng.poisson(background[:1], size=(400, 1, background.shape[1]))
+    other = rng.poisson(background[:1], size=(400, 1, background.shape[1]))
+    correlation = bootstrap_correlation(spectra, [shared, shared, other])
+    assert correlation[0, 1] == pytest.approx(1.0)
+    assert abs(correlation[0, 2]) < 0.2
+    with pytest.raises(InvalidInputError, match="replicas of 'T1/jj' must have shape"):
+        bootstrap_correlation(spectra, [shared[:, :, :5], shared, other])
+
+
+def test_correlation_from_points_aligns_replicas_with_the_kept_points() -> None:
+    """Replicas enter by (spectrum, cross-section) over each spectrum's union of bins; a point
+    without replicas leaves the spectra independent (None)."""
+    background = _backgrounds(1000.0)
+    rng = np.random.default_rng(6)
+    shared = rng.poisson(background[0], size=(300, background.shape[1])).astype(float)
+    points = [
+        ScanPoint(name, float(SIGMAS[0]), 0, EDGES, background[0], background[0], replicas=shared)
+        for name in ("T1/jj", "T2/jj")
+    ]
+    spectra = spectra_from_points(points)
+    correlation = correlation_from_points(spectra, points)
+    assert correlation is not None
+    assert correlation[0, 1] == pytest.approx(1.0)
+    bare = [points[0], ScanPoint("T2/jj", float(SIGMAS[0]), 0, EDGES, background[0], background[0])]
+    assert correlation_from_points(spectra_from_points(bare), bare) is None

@@ -210,8 +210,8 @@ def test_scan_significance_takes_search_spectrum_points() -> None:
             "edges": out["edges"],
             "counts": out["counts"],
             "background": out["background"],
-            "background_jacobian": out["background_jacobian"],
-            "background_covariance": out["background_covariance"],
+            "jacobian": out["jacobian"],
+            "covariance": out["covariance"],
             "bump": out["bump"],
         }
         for xsec, out in ((10.0, outputs[0]), (1.0, outputs[1]), (100.0, outputs[0]))

@@ -5,7 +5,10 @@ unmasked goes through the window exclusion. The hunt's result counts only when i
 the background that passed its checks, with the mask it was chosen with: anything else is
 "no background", never an excess. Each spectrum's row in points/point-NNN.json records the
 background the hunt used (function, final fit p, its checks, mask); the arrays (data, the
-final background and its 1-sigma error per bin) go to points/point-NNN.npz.
+final background and its 1-sigma error per bin; per spectrum k with an excess row, its fit's
+`jacobian_k` (bins in range x parameters), `covariance_k` and `fitted_k`, the bins its
+likelihood used, for the refitted pseudo-scans of the look-elsewhere test) go to
+points/point-NNN.npz.
 """
 
 from __future__ import annotations
@@ -49,8 +52,8 @@ class _PointHunt:
     whole_stream: dict[str, bool]
     background: np.ndarray
     background_error: np.ndarray
+    fits: dict[str, np.ndarray] = field(default_factory=dict)
     spectra: list[dict[str, Any]] = field(default_factory=list)
-    uncertainties: dict[str, np.ndarray] = field(default_factory=dict)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def whole(self, name: str) -> bool:
@@ -94,7 +97,7 @@ def hunt_bumps_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict[st
         counts=counts,
         background=hunt.background,
         background_error=hunt.background_error,
-        **hunt.uncertainties,
+        **hunt.fits,
     )
     results_path = write_text(
         folder / f"point-{index:03d}.json",
@@ -183,9 +186,10 @@ def _hunt_spectrum(
     first, stop = out["first_bin"], out["stop_bin"]
     hunt.background[k, first:stop] = out["background"]
     hunt.background_error[k, first:stop] = out["background_error"]
-    if out.get("background_jacobian") is not None:
-        hunt.uncertainties[f"jacobian_{k}"] = np.asarray(out["background_jacobian"])
-        hunt.uncertainties[f"covariance_{k}"] = np.asarray(out["background_covariance"])
+    if out.get("jacobian"):
+        hunt.fits[f"jacobian_{k}"] = np.asarray(out["jacobian"], dtype=float)
+        hunt.fits[f"covariance_{k}"] = np.asarray(out["covariance"], dtype=float)
+        hunt.fits[f"fitted_{k}"] = np.asarray(out["fitted"], dtype=bool)
     bump = out["bump"]
     hunt.outcomes[name] = {
         "status": "excess",

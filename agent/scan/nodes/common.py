@@ -18,12 +18,16 @@ import numpy as np
 from agent.scan.config import ScanConfig
 from agent.scan.context import ScanContext
 from agent.scan.state import ScanState
+from core.anomaly import stream_regions
+from core.autoencoder import read_model_card, training_selection
 from core.files import atomic_path
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
+from core.table import EventTable, read_event_table
 
 __all__ = [
     "NodeBody",
     "events_in_fit_range",
+    "point_regions",
     "read_point_spectra",
     "record_decision",
     "scan_checks",
@@ -148,3 +152,19 @@ def search_calls(
         )
         for name in names
     ]
+
+
+def point_regions(
+    ctx: ScanContext, state: ScanState, point_pb: float
+) -> tuple[EventTable, np.ndarray, list[bool]]:
+    """The event table (cached), the AR point's region masks (n, 7), whole-stream flags.
+
+    The autoencoder's training events are left out (as in every region of the scan).
+    """
+    table: EventTable = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
+    card = read_model_card(ctx.at(state["model"]))
+    exclude = ctx.cached(
+        "exclude", lambda: training_selection(table.keys(), card.fraction, card.seed)
+    )
+    masks, whole = stream_regions(table, point_pb, state["lumi_pb"], exclude)
+    return table, masks, whole

@@ -1,7 +1,9 @@
 """The `look_elsewhere` node: `scan_significance` over every accepted (spectrum, AR point).
 
-Each point enters with its own fit range and window set (those of its bump hunt), from one
-NPZ of points in RUN/lee (an artifact, so the tool call replays). The scan-global p counts
+Each point enters with its own fit range and window set (those of its bump hunt), its fit's
+jacobian (the pseudo-scans are refitted) and Poisson-bootstrap replicas of its counts (the
+spectra's correlation), from one NPZ of points in RUN/lee (an artifact, so the tool call
+replays). The scan-global p counts
 every test the scan made, refinements included; the pseudo-scans run on the spectra in
 parallel when the executor is not serial (the result does not depend on it).
 """
@@ -16,13 +18,23 @@ from typing import Any
 import numpy as np
 
 from agent.scan.context import ScanContext
-from agent.scan.nodes.common import record_decision, write_npz
+from agent.scan.nodes.common import point_regions, record_decision, write_npz
 from agent.scan.state import ScanState
+from core.bootstrap import SpectrumSelection, bootstrap_spectra
 from core.bumphunt import MIN_WINDOW_COUNT
 from core.errors import AnomscanError
-from core.masses import SPECTRUM_NAMES
+from core.masses import SPECTRUM_NAMES, STREAMS
 
 __all__ = ["look_elsewhere_node"]
+
+_FIT_ARRAYS = ("jacobian", "covariance", "fitted")
+"""Per-spectrum fit arrays of a point NPZ that the look-elsewhere input carries along."""
+
+N_BOOTSTRAP_REPLICAS = 200
+"""Replicas for the spectra's correlation (its normal-score estimate has error ~ 0.07)."""
+
+_BOOTSTRAP_STREAM = 0x1EE
+"""Mixed into the scan's seed for the bootstrap weights (one stream for every AR point)."""
 
 _LEE_KEYS = (
     "local_p",
@@ -34,6 +46,7 @@ _LEE_KEYS = (
     "n_tests",
     "n_pseudo_scans",
     "method",
+    "global_p_method",
 )
 
 
@@ -47,6 +60,7 @@ def look_elsewhere_node(ctx: ScanContext, state: ScanState, step_id: str) -> dic
         points_planned=len(state["points"]),
     )
     names, columns = _accepted_points(ctx, state)
+    columns.update(_bootstrap_replicas(ctx, state, columns))
     if not names:
         record_decision(
             ctx,
@@ -91,7 +105,9 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
 
     Per point i: its cross section, first bin, the hunt's window widths, least window
     background and least window count, and `edges_i`, `counts_i`, `background_i` over its
-    fit range, with `jacobian_i`, `covariance_i` where the hunt folded the fit uncertainty.
+    fit range; where the point NPZ has them, the fit's `jacobian_i`, `covariance_i` and
+    `fitted_i` (the windows then fold the fit uncertainty as the hunt did, and the
+    pseudo-scans are refitted, `core.pseudodata`).
     """
     arrays: dict[str, Any] = {}
     names: list[str] = []
@@ -107,9 +123,7 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
         results = json.loads(ctx.at(record["results_file"]).read_text())
         with np.load(ctx.at(record["results_file"]).with_name(results["arrays"])) as data:
             edges, counts, background = data["edges"], data["counts"], data["background"]
-            uncertainties = {
-                key: data[key] for key in data.files if key.startswith(("jacobian_", "covariance_"))
-            }
+            fits = {key: data[key] for key in data.files if key.split("_")[0] in _FIT_ARRAYS}
         for spectrum in results["spectra"]:
             if spectrum["status"] != "excess":
                 continue
@@ -128,7 +142,9 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
             arrays[f"edges_{i}"] = edges[first : stop + 1]
             arrays[f"counts_{i}"] = counts[k, first:stop]
             arrays[f"background_{i}"] = background[k, first:stop]
-            arrays.update(_point_uncertainty(uncertainties, k, i))
+            for what in _FIT_ARRAYS:
+                if f"{what}_{k}" in fits:
+                    arrays[f"{what}_{i}"] = fits[f"{what}_{k}"]
     columns = {
         "spectrum": np.array(names),
         "cross_section_pb": np.array(rows["cross_section_pb"], dtype=float),
@@ -142,16 +158,34 @@ def _accepted_points(ctx: ScanContext, state: ScanState) -> tuple[list[str], dic
     return names, columns
 
 
-def _point_uncertainty(
-    uncertainties: dict[str, np.ndarray], spectrum: int, point: int
+def _bootstrap_replicas(
+    ctx: ScanContext, state: ScanState, columns: dict[str, Any]
 ) -> dict[str, np.ndarray]:
-    """Spectrum `spectrum`'s (jacobian, covariance) renamed for point `point`, if stored."""
-    if f"jacobian_{spectrum}" not in uncertainties:
-        return {}
-    return {
-        f"jacobian_{point}": uncertainties[f"jacobian_{spectrum}"],
-        f"covariance_{point}": uncertainties[f"covariance_{spectrum}"],
-    }
+    """`replicas_i` of every accepted point: Poisson-bootstrap replicas of its counts.
+
+    Every event gets the same Poisson(1) weight per replica at every AR point and in every
+    spectrum (one seed, events in table order: `core.bootstrap`), so the replicas carry the
+    spectra's shared events into the scan-wide test's correlation.
+    """
+    replicas: dict[str, np.ndarray] = {}
+    sigmas = columns["cross_section_pb"]
+    for sigma in np.unique(sigmas):
+        table, masks, _ = point_regions(ctx, state, float(sigma))
+        indices = np.flatnonzero(sigmas == sigma)
+        selections = []
+        for i in indices:
+            name = str(columns["spectrum"][i])
+            first = int(columns["first_bin"][i])
+            stream = STREAMS.index(name.split("/", maxsplit=1)[0])
+            stop = first + columns[f"counts_{i}"].size
+            selections.append(SpectrumSelection(name, masks[:, stream], first, stop))
+        rng = np.random.default_rng([ctx.config.seed, _BOOTSTRAP_STREAM])
+        counts = bootstrap_spectra(
+            table.masses, table.stream_bits, selections, N_BOOTSTRAP_REPLICAS, rng
+        )
+        for i, values in zip(indices, counts, strict=True):
+            replicas[f"replicas_{i}"] = values
+    return replicas
 
 
 def _scan_significance(ctx: ScanContext, step_id: str, path: Path) -> dict[str, Any]:

@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from agent.scan.context import ScanContext
-from agent.scan.nodes.common import events_in_fit_range, record_decision, write_npz
+from agent.scan.nodes.common import (
+    events_in_fit_range,
+    point_regions,
+    record_decision,
+    write_npz,
+)
 from agent.scan.state import ScanState
-from core.anomaly import point_text, stream_regions
-from core.autoencoder import read_model_card, training_selection
+from core.anomaly import point_text
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV, STREAMS
-from core.table import read_event_table, region_spectra
+from core.table import region_spectra
 
 __all__ = ["build_spectra_node"]
 
@@ -37,12 +41,7 @@ def build_spectra_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict
         spectra_done=0,
         spectra_total=0,
     )
-    table = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
-    card = read_model_card(ctx.at(state["model"]))
-    exclude = ctx.cached(
-        "exclude", lambda: training_selection(table.keys(), card.fraction, card.seed)
-    )
-    masks, whole = stream_regions(table, point, state["lumi_pb"], exclude)
+    table, masks, whole = point_regions(ctx, state, point)
     edges, counts = region_spectra(table, masks)
     skipped = _sparse_spectra(edges, counts, ctx.config.min_events)
     ctx.progress.update(spectra_total=len(SPECTRUM_NAMES) - len(skipped))

@@ -161,6 +161,14 @@ def test_background_only_scan_stays_below_three_sigma(
     results = json.loads((out / "results.json").read_text())
     assert results["scan_global_z"] is not None
     assert results["scan_global_z"] < 3.0, results["look_elsewhere"]
+    # the pseudo-scans are refitted and the spectra joined by their bootstrap correlation
+    lee = results["look_elsewhere"]
+    assert "refitted to first order" in lee["method"], lee["method"]
+    assert "Gaussian copula" in lee["global_p_method"], lee["global_p_method"]
+    with np.load(out / "lee" / "points.npz") as points:
+        for i in range(points["spectrum"].size):
+            assert points[f"jacobian_{i}"].shape[0] == points[f"counts_{i}"].size
+            assert points[f"replicas_{i}"].shape == (200, points[f"counts_{i}"].size)
 
 
 def _one_line_exit_2(done: object) -> str:
