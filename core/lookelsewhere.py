@@ -59,7 +59,8 @@ the tail is extrapolated from the level t_ref that `EXTRAPOLATION_REFERENCE` toy
 q_s(t) = q_ref exp(-(Z(t)^2 - Z(t_ref)^2) / 2), Z(t) = Phi^-1(1 - e^-t) (arXiv:1005.1891),
 capped by the Bonferroni bound n_windows e^-t (each window's p-value is super-uniform, so
 P(T_s >= t) <= n_windows e^-t holds exactly). The toy budget is adaptive: every spectrum
-starts with `min_pseudo_scans`; at least 10 000 when p < 0.01; then spectra that dominate
+starts with `min_pseudo_scans`; at least 10 000 when p < 0.01 (refitted spectra: those
+holding >= 5 % of sum q_s); then spectra that dominate
 p and are extrapolated double their toys up to `max_pseudo_scans`. A scan-global Z of 4
 (p = 3e-5) over 60 spectra needs q_s ~ 5e-7: direct toys would need ~1e8 per spectrum, so
 it is measured by the extrapolation, said in `global_p_method`, and validated in
@@ -1067,6 +1068,11 @@ class _SpectrumToys:
         ]
 
 
+def _is_refitted(spectrum: NestedSpectrum) -> bool:
+    """Whether any of the spectrum's points refits its pseudo-data (`core.pseudodata`)."""
+    return any(refit is not None for refit in spectrum.refits)
+
+
 def _adaptive_tails(
     toys: _SpectrumToys,
     min_pseudo_scans: int,
@@ -1076,8 +1082,10 @@ def _adaptive_tails(
 ) -> tuple[list[TailEstimate], float, float]:
     """(tails, p, error) after the adaptive toy budget (module docstring).
 
-    Every spectrum gets `min_pseudo_scans` (at least 10 000 when p < 0.01); then the
-    spectra that dominate p double their toys, the extrapolated ones first, up to
+    Every spectrum gets `min_pseudo_scans`; when p < 0.01 at least 10 000, except a
+    refitted spectrum (toys ~5x dearer) that holds under 5 % of the sum of q_s, whose
+    share of p is known well enough from its first toys and the Gross-Vitells tail; then
+    the spectra that dominate p double their toys, the extrapolated ones first, up to
     `max_pseudo_scans`, until p is known to `target_rel_error`.
     """
     n_spectra = len(toys.spectra)
@@ -1086,7 +1094,14 @@ def _adaptive_tails(
     tails = toys.estimates()
     p, error = combine(tails)
     if p < SMALL_P:
-        toys.extend({index: max(MIN_TOYS_SMALL_P, min_pseudo_scans) for index in range(n_spectra)})
+        total_q = sum(t.q for t in tails) or 1.0
+        toys.extend(
+            {
+                index: max(MIN_TOYS_SMALL_P, min_pseudo_scans)
+                for index in range(n_spectra)
+                if not _is_refitted(toys.spectra[index]) or tails[index].q >= 0.05 * total_q
+            }
+        )
         tails = toys.estimates()
         p, error = combine(tails)
     while True:
