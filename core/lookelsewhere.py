@@ -60,8 +60,12 @@ q_s(t) = q_ref exp(-(Z(t)^2 - Z(t_ref)^2) / 2), Z(t) = Phi^-1(1 - e^-t) (arXiv:1
 capped by the Bonferroni bound n_windows e^-t (each window's p-value is super-uniform, so
 P(T_s >= t) <= n_windows e^-t holds exactly). The toy budget is adaptive: every spectrum
 starts with `min_pseudo_scans`; at least 10 000 when p < 0.01 (refitted spectra: those
-holding >= 5 % of sum q_s); then spectra that dominate
-p and are extrapolated double their toys up to `max_pseudo_scans`. A scan-global Z of 4
+holding >= 5 % of sum q_s whose tail the budget can count); then spectra that dominate p
+double their toys up to `max_pseudo_scans`, the extrapolated ones first, while the budget
+can count their tail (q_s * max_pseudo_scans >= `DIRECT_MIN_REACHING`): beyond that, more
+toys move the reference level of the extrapolation but not its error
+(q_s / sqrt(`EXTRAPOLATION_REFERENCE`)), so a strong excess costs `min_pseudo_scans` per
+refitted spectrum. A scan-global Z of 4
 (p = 3e-5) over 60 spectra needs q_s ~ 5e-7: direct toys would need ~1e8 per spectrum, so
 it is measured by the extrapolation, said in `global_p_method`, and validated in
 tests/core/test_lookelsewhere.py against direct toys. The joint pseudo-scans formed by the
@@ -108,7 +112,7 @@ from core.bumphunt import (
     tabulate_poisson_tails,
     tabulated_tail_statistics,
     tail_statistic,
-    tail_thresholds,
+    tail_statistic_bound,
     toys_reaching,
     window_thresholds,
 )
@@ -602,38 +606,88 @@ def refitted_window_maxima(
     the windows (and the active ones) of the data's background B and the hunt's statistic
     (`core.bumphunt.tail_statistic`): at least `windows.min_count` events, and the data
     fit's relative uncertainty r_w of each window folded into the tail around B'_w. Exact
-    where the result is >= `floor`; 0 below. With a floor, a window is evaluated only where
-    D reaches the Poisson threshold of the smallest B'_w of the batch (t falls with B' and
-    with r, so no window that reaches the floor is skipped).
+    where the result is >= `floor`; 0 below. The exact tail (an incomplete beta or gamma
+    function) is evaluated only where it can matter: at each toy's window of largest
+    cheap upper bound (`core.bumphunt.tail_statistic_bound`), then wherever the bound
+    reaches the larger of the floor and that toy's best so far.
     """
     counts = np.asarray(toys, dtype=np.float64)
     span = slice(windows.first_bin, windows.stop_bin)
     scanned = refit.refitted(counts, background)[:, span]
     cumulative_counts = _row_cumsum(counts[:, span])
     cumulative_background = _row_cumsum(scanned)
-    floor = floor if floor is not None and floor > 0 else None
-    best = np.zeros(counts.shape[0], dtype=np.float64)
+    floor = floor if floor is not None and floor > 0 else 0.0
+    candidates = []
     for index, (width, active) in enumerate(zip(windows.widths, windows.active, strict=True)):
         columns = np.flatnonzero(active)
         if columns.size == 0:
             continue
         data = cumulative_counts[:, width + columns] - cumulative_counts[:, columns]
         expected = cumulative_background[:, width + columns] - cumulative_background[:, columns]
-        candidates = (data > expected) & (data >= windows.min_count)
-        if floor is not None:
-            candidates &= data >= tail_thresholds(expected.min(axis=0), floor)[None, :]
-        rows, cols = np.nonzero(candidates)
-        if rows.size:
-            relative = windows.width_relative_sd(index)
-            values = tail_statistic(
-                data[rows, cols],
-                expected[rows, cols],
-                None if relative is None else relative[columns][cols],
-            )
-            np.maximum.at(best, rows, values)
-    if floor is not None:
-        best[best < floor] = 0.0
+        rows, cols = np.nonzero((data > expected) & (data >= windows.min_count))
+        relative = windows.width_relative_sd(index)
+        window = _Candidates(
+            rows,
+            data[rows, cols],
+            expected[rows, cols],
+            None if relative is None else relative[columns][cols],
+        )
+        keep = window.bound >= floor
+        if not np.all(keep):
+            window = window.select(keep)
+        if window.rows.size:
+            candidates.append(window)
+    best = np.zeros(counts.shape[0], dtype=np.float64)
+    if not candidates:
+        return best
+    lead = np.full(counts.shape[0], -np.inf)
+    for window in candidates:
+        np.maximum.at(lead, window.rows, window.bound)
+    for window in candidates:
+        window.evaluate(window.bound >= lead[window.rows], best)
+    for window in candidates:
+        window.evaluate(~window.done & (window.bound >= np.maximum(best[window.rows], floor)), best)
+    best[best < floor] = 0.0
     return best
+
+
+class _Candidates:
+    """The (toy, window) pairs of one width that may carry a toy's largest t."""
+
+    def __init__(
+        self,
+        rows: npt.NDArray[np.intp],
+        data: FloatArray,
+        expected: FloatArray,
+        relative: FloatArray | None,
+    ) -> None:
+        self.rows = rows
+        self.data = data
+        self.expected = expected
+        self.relative = relative
+        self.bound = tail_statistic_bound(data, expected, relative)
+        self.done = np.zeros(rows.size, dtype=np.bool_)
+
+    def select(self, keep: BoolArray) -> _Candidates:
+        """The pairs where `keep` holds."""
+        return _Candidates(
+            self.rows[keep],
+            self.data[keep],
+            self.expected[keep],
+            None if self.relative is None else self.relative[keep],
+        )
+
+    def evaluate(self, chosen: BoolArray, best: FloatArray) -> None:
+        """Exact t of the `chosen` pairs into the toys' `best`; they are then done."""
+        if not np.any(chosen):
+            return
+        values = tail_statistic(
+            self.data[chosen],
+            self.expected[chosen],
+            None if self.relative is None else self.relative[chosen],
+        )
+        np.maximum.at(best, self.rows[chosen], values)
+        self.done |= chosen
 
 
 def _row_cumsum(values: FloatArray) -> FloatArray:
@@ -1083,45 +1137,46 @@ def _adaptive_tails(
     """(tails, p, error) after the adaptive toy budget (module docstring).
 
     Every spectrum gets `min_pseudo_scans`; when p < 0.01 at least 10 000, except a
-    refitted spectrum (toys ~5x dearer) that holds under 5 % of the sum of q_s, whose
-    share of p is known well enough from its first toys and the Gross-Vitells tail; then
-    the spectra that dominate p double their toys, the extrapolated ones first, up to
-    `max_pseudo_scans`, until p is known to `target_rel_error`.
+    refitted spectrum (toys ~5x dearer) that holds under 5 % of the sum of q_s or whose
+    tail the budget cannot count; then, until p is known to `target_rel_error`, the
+    spectra that dominate p double their toys, the extrapolated ones first, up to
+    `max_pseudo_scans`. A spectrum whose q_s the budget cannot count
+    (q_s * `max_pseudo_scans` < `DIRECT_MIN_REACHING`) stays extrapolated whatever its toys:
+    more of them only move the reference level, not the error, so it gets none.
     """
     n_spectra = len(toys.spectra)
     maxima = toys.maxima
     toys.extend(dict.fromkeys(range(n_spectra), min_pseudo_scans))
     tails = toys.estimates()
     p, error = combine(tails)
+
+    def dominant(index: int) -> bool:
+        return tails[index].q >= 0.05 * (sum(t.q for t in tails) or 1.0)
+
+    def countable(index: int) -> bool:
+        return tails[index].q * max_pseudo_scans >= DIRECT_MIN_REACHING
+
     if p < SMALL_P:
-        total_q = sum(t.q for t in tails) or 1.0
         toys.extend(
             {
                 index: max(MIN_TOYS_SMALL_P, min_pseudo_scans)
                 for index in range(n_spectra)
-                if not _is_refitted(toys.spectra[index]) or tails[index].q >= 0.05 * total_q
+                if not _is_refitted(toys.spectra[index]) or (dominant(index) and countable(index))
             }
         )
         tails = toys.estimates()
         p, error = combine(tails)
     while True:
-        total_q = sum(t.q for t in tails) or 1.0
-        precise = p > 0 and error <= target_rel_error * p
-        candidates = [
+        growing = [
             i
             for i, t in enumerate(tails)
-            if t.method != "toys" and t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
+            if dominant(i) and countable(i) and maxima[i].size < max_pseudo_scans
         ]
-        if not candidates and precise:
-            break
+        candidates = [i for i in growing if tails[i].method != "toys"]
+        if not candidates and not (p > 0 and error <= target_rel_error * p):
+            candidates = growing
         if not candidates:
-            candidates = [
-                i
-                for i, t in enumerate(tails)
-                if t.q >= 0.05 * total_q and maxima[i].size < max_pseudo_scans
-            ]
-            if not candidates:
-                break
+            break
         toys.extend({index: min(2 * maxima[index].size, max_pseudo_scans) for index in candidates})
         tails = toys.estimates()
         p, error = combine(tails)

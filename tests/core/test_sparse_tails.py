@@ -22,6 +22,7 @@ from core.bumphunt import (
     scan_windows,
     tabulate_poisson_tails,
     tail_statistic,
+    tail_statistic_bound,
     tail_thresholds,
     toy_statistics,
     window_statistics,
@@ -29,9 +30,11 @@ from core.bumphunt import (
 from core.lookelsewhere import (
     ScanPoint,
     max_window_statistic,
+    refitted_window_maxima,
     scan_significance,
     spectra_from_points,
 )
+from core.pseudodata import refit_projection
 from core.spectrum import search_spectrum
 from tests.spectra import EDGES, FIT_RANGE, expected_counts
 
@@ -216,4 +219,50 @@ def test_scan_wide_test_uses_the_same_statistic_as_the_hunt() -> None:
         maxima = max_window_statistic(windows, toys, floor)
         reached = exact >= (floor or 0.0)
         assert np.allclose(maxima[reached], exact[reached], rtol=1e-9, atol=1e-12)
+        assert np.all(maxima[~reached] == 0.0)
+
+
+@pytest.mark.parametrize("relative_sd", [None, 1e-4, 0.05, 0.5, 1.0, 3.0])
+def test_the_cheap_bound_is_never_below_the_exact_tail(relative_sd: float | None) -> None:
+    # The refitted pseudo-scans skip a window whose bound cannot beat a toy's best: the bound
+    # must hold everywhere (k just above B, where a wide prior makes the tail thinner than
+    # Poisson, and the deep tail), and be close enough to prune (within 3 far out).
+    counts, background = np.meshgrid(
+        np.unique(np.geomspace(1.0, 3000.0, 400).round()), np.geomspace(1e-3, 2000.0, 60)
+    )
+    excess = counts > background
+    k, b = counts[excess], background[excess]
+    sd = None if relative_sd is None else np.full(k.size, relative_sd)
+    exact = tail_statistic(k, b, sd)
+    bound = tail_statistic_bound(k, b, sd)
+    assert np.all(bound >= exact)
+    far = (k > b + 5.0 * np.sqrt(b) + 5.0) & np.isfinite(exact)
+    assert np.all(bound[far] - exact[far] < 3.0)
+
+
+def test_refitted_pseudo_scans_give_the_exact_maxima() -> None:
+    # The pruned scan of refitted toys equals the brute-force maximum of the exact tail over
+    # every window (with a floor: equal where it is reached, 0 below).
+    background = _null_background(2500.0)
+    jacobian = np.column_stack([background, background * NULL_JACOBIAN_SLOPE])
+    covariance = np.diag([0.05**2, 0.3**2])
+    windows = HuntOptions(width_max=8).windows(background, jacobian, covariance)
+    projection = refit_projection(jacobian, background, np.ones(background.size, dtype=bool))
+    toys = np.random.default_rng(4).poisson(background, size=(400, background.size))
+    refitted = projection.refitted(toys, background)
+    brute = np.zeros(toys.shape[0])
+    relative = windows.relative_sd
+    assert relative is not None
+    for width, active, sd in zip(windows.widths, windows.active, relative, strict=True):
+        for start in np.flatnonzero(active):
+            data = toys[:, start : start + width].sum(axis=1).astype(float)
+            expected = refitted[:, start : start + width].sum(axis=1)
+            values = tail_statistic(data, expected, np.full(data.size, sd[start]))
+            values[data < windows.min_count] = 0.0
+            brute = np.maximum(brute, values)
+    assert np.count_nonzero(brute) > 300
+    for floor in (None, float(np.median(brute))):
+        maxima = refitted_window_maxima(windows, toys, background, projection, floor)
+        reached = brute >= (floor or 0.0)
+        np.testing.assert_allclose(maxima[reached], brute[reached], rtol=1e-12, atol=0)
         assert np.all(maxima[~reached] == 0.0)
