@@ -26,13 +26,14 @@ stochastically larger than the data's T under the null and p piles up towards 1 
 in docs/physics-notes.md: median p 0.79 over 100 background-only experiments). Each
 point's toy is therefore scanned against its own linearised refit, B' = B + J (J^T W J)^+
 J^T W (n - B) over the bins the fit used (`core.pseudodata`), with the data's window set
-and the exact tail t = -ln P(n >= D | B'_w) (`refitted_window_maxima`). Assumptions: the
-likelihood is quadratic in the parameters within the toys' spread (first order in
-(n - B) / B; measured against the minimiser's refit in tests/core/test_pseudodata.py:
-< 1 % of sqrt(B) per bin), and the function choice, the fit range and the window exclusion
-are those of the data (not redone per toy: a toy that would have chosen p4 over p3 is
-scanned against the refitted p3). Points without a fit jacobian (`ScanPoint.jacobian`,
-`fitted`) keep the fixed-background toys and `method` says so.
+and the exact tail t = -ln P(n >= D | B'_w) (`core.bumphunt.refitted_window_maxima`, shared
+with the per-spectrum hunt's global p). Assumptions: the likelihood is quadratic in the
+parameters within the toys' spread (first order in (n - B) / B; measured against the
+minimiser's refit in tests/core/test_pseudodata.py: < 1 % of sqrt(B) per bin), and the
+function choice, the fit range and the window exclusion are those of the data (not redone
+per toy: a toy that would have chosen p4 over p3 is scanned against the refitted p3).
+Points without a fit jacobian (`ScanPoint.jacobian`, `fitted`) keep the fixed-background
+toys and `method` says so.
 
 Spectra sharing events. Spectra of one stream share events and streams overlap (one event
 enters several pair masses and streams), so the per-spectrum maxima T_s are positively
@@ -103,11 +104,10 @@ from core.bumphunt import (
     best_window,
     check_toy_budget,
     first_candidate_count,
+    refitted_window_maxima,
     significance_from_statistic,
     tabulate_poisson_tails,
     tabulated_tail_statistics,
-    tail_statistic,
-    tail_thresholds,
     toys_reaching,
     window_thresholds,
 )
@@ -586,60 +586,6 @@ def spectrum_toy_maxima(
             np.maximum(best, statistic, out=best)
         result[start : start + size] = best
     return result
-
-
-def refitted_window_maxima(
-    windows: ScanWindows,
-    toys: npt.ArrayLike,
-    background: FloatArray,
-    refit: RefitProjection,
-    floor: float | None = None,
-) -> FloatArray:
-    """Max t over `windows` of each toy (rows of bin counts) against its refitted background.
-
-    Each toy is scanned against its linearised refit B' (`core.pseudodata`), with
-    the windows (and the active ones) of the data's background B and the hunt's statistic
-    (`core.bumphunt.tail_statistic`): at least `windows.min_count` events, and the data
-    fit's relative uncertainty r_w of each window folded into the tail around B'_w. Exact
-    where the result is >= `floor`; 0 below. With a floor, a window is evaluated only where
-    D reaches the Poisson threshold of the smallest B'_w of the batch (t falls with B' and
-    with r, so no window that reaches the floor is skipped).
-    """
-    counts = np.asarray(toys, dtype=np.float64)
-    span = slice(windows.first_bin, windows.stop_bin)
-    scanned = refit.refitted(counts, background)[:, span]
-    cumulative_counts = _row_cumsum(counts[:, span])
-    cumulative_background = _row_cumsum(scanned)
-    floor = floor if floor is not None and floor > 0 else None
-    best = np.zeros(counts.shape[0], dtype=np.float64)
-    for index, (width, active) in enumerate(zip(windows.widths, windows.active, strict=True)):
-        columns = np.flatnonzero(active)
-        if columns.size == 0:
-            continue
-        data = cumulative_counts[:, width + columns] - cumulative_counts[:, columns]
-        expected = cumulative_background[:, width + columns] - cumulative_background[:, columns]
-        candidates = (data > expected) & (data >= windows.min_count)
-        if floor is not None:
-            candidates &= data >= tail_thresholds(expected.min(axis=0), floor)[None, :]
-        rows, cols = np.nonzero(candidates)
-        if rows.size:
-            relative = windows.width_relative_sd(index)
-            values = tail_statistic(
-                data[rows, cols],
-                expected[rows, cols],
-                None if relative is None else relative[columns][cols],
-            )
-            np.maximum.at(best, rows, values)
-    if floor is not None:
-        best[best < floor] = 0.0
-    return best
-
-
-def _row_cumsum(values: FloatArray) -> FloatArray:
-    """Cumulative sums along each row with a leading zero column."""
-    cumulative = np.zeros((values.shape[0], values.shape[1] + 1), dtype=np.float64)
-    np.cumsum(values, axis=1, out=cumulative[:, 1:])
-    return cumulative
 
 
 @dataclass(frozen=True)
