@@ -26,13 +26,14 @@ stochastically larger than the data's T under the null and p piles up towards 1 
 in docs/physics-notes.md: median p 0.79 over 100 background-only experiments). Each
 point's toy is therefore scanned against its own linearised refit, B' = B + J (J^T W J)^+
 J^T W (n - B) over the bins the fit used (`core.pseudodata`), with the data's window set
-and the exact tail t = -ln P(n >= D | B'_w) (`refitted_window_maxima`). Assumptions: the
-likelihood is quadratic in the parameters within the toys' spread (first order in
-(n - B) / B; measured against the minimiser's refit in tests/core/test_pseudodata.py:
-< 1 % of sqrt(B) per bin), and the function choice, the fit range and the window exclusion
-are those of the data (not redone per toy: a toy that would have chosen p4 over p3 is
-scanned against the refitted p3). Points without a fit jacobian (`ScanPoint.jacobian`,
-`fitted`) keep the fixed-background toys and `method` says so.
+and the exact tail t = -ln P(n >= D | B'_w) (`core.bumphunt.refitted_window_maxima`, shared
+with the per-spectrum hunt's global p). Assumptions: the likelihood is quadratic in the
+parameters within the toys' spread (first order in (n - B) / B; measured against the
+minimiser's refit in tests/core/test_pseudodata.py: < 1 % of sqrt(B) per bin), and the
+function choice, the fit range and the window exclusion are those of the data (not redone
+per toy: a toy that would have chosen p4 over p3 is scanned against the refitted p3).
+Points without a fit jacobian (`ScanPoint.jacobian`, `fitted`) keep the fixed-background
+toys and `method` says so.
 
 Spectra sharing events. Spectra of one stream share events and streams overlap (one event
 enters several pair masses and streams), so the per-spectrum maxima T_s are positively
@@ -108,11 +109,10 @@ from core.bumphunt import (
     best_window,
     check_toy_budget,
     first_candidate_count,
+    refitted_window_maxima,
     significance_from_statistic,
     tabulate_poisson_tails,
     tabulated_tail_statistics,
-    tail_statistic,
-    tail_statistic_bound,
     toys_reaching,
     window_thresholds,
 )
@@ -591,110 +591,6 @@ def spectrum_toy_maxima(
             np.maximum(best, statistic, out=best)
         result[start : start + size] = best
     return result
-
-
-def refitted_window_maxima(
-    windows: ScanWindows,
-    toys: npt.ArrayLike,
-    background: FloatArray,
-    refit: RefitProjection,
-    floor: float | None = None,
-) -> FloatArray:
-    """Max t over `windows` of each toy (rows of bin counts) against its refitted background.
-
-    Each toy is scanned against its linearised refit B' (`core.pseudodata`), with
-    the windows (and the active ones) of the data's background B and the hunt's statistic
-    (`core.bumphunt.tail_statistic`): at least `windows.min_count` events, and the data
-    fit's relative uncertainty r_w of each window folded into the tail around B'_w. Exact
-    where the result is >= `floor`; 0 below. The exact tail (an incomplete beta or gamma
-    function) is evaluated only where it can matter: at each toy's window of largest
-    cheap upper bound (`core.bumphunt.tail_statistic_bound`), then wherever the bound
-    reaches the larger of the floor and that toy's best so far.
-    """
-    counts = np.asarray(toys, dtype=np.float64)
-    span = slice(windows.first_bin, windows.stop_bin)
-    scanned = refit.refitted(counts, background)[:, span]
-    cumulative_counts = _row_cumsum(counts[:, span])
-    cumulative_background = _row_cumsum(scanned)
-    floor = floor if floor is not None and floor > 0 else 0.0
-    candidates = []
-    for index, (width, active) in enumerate(zip(windows.widths, windows.active, strict=True)):
-        columns = np.flatnonzero(active)
-        if columns.size == 0:
-            continue
-        data = cumulative_counts[:, width + columns] - cumulative_counts[:, columns]
-        expected = cumulative_background[:, width + columns] - cumulative_background[:, columns]
-        rows, cols = np.nonzero((data > expected) & (data >= windows.min_count))
-        relative = windows.width_relative_sd(index)
-        window = _Candidates(
-            rows,
-            data[rows, cols],
-            expected[rows, cols],
-            None if relative is None else relative[columns][cols],
-        )
-        keep = window.bound >= floor
-        if not np.all(keep):
-            window = window.select(keep)
-        if window.rows.size:
-            candidates.append(window)
-    best = np.zeros(counts.shape[0], dtype=np.float64)
-    if not candidates:
-        return best
-    lead = np.full(counts.shape[0], -np.inf)
-    for window in candidates:
-        np.maximum.at(lead, window.rows, window.bound)
-    for window in candidates:
-        window.evaluate(window.bound >= lead[window.rows], best)
-    for window in candidates:
-        window.evaluate(~window.done & (window.bound >= np.maximum(best[window.rows], floor)), best)
-    best[best < floor] = 0.0
-    return best
-
-
-class _Candidates:
-    """The (toy, window) pairs of one width that may carry a toy's largest t."""
-
-    def __init__(
-        self,
-        rows: npt.NDArray[np.intp],
-        data: FloatArray,
-        expected: FloatArray,
-        relative: FloatArray | None,
-    ) -> None:
-        self.rows = rows
-        self.data = data
-        self.expected = expected
-        self.relative = relative
-        self.bound = tail_statistic_bound(data, expected, relative)
-        self.done = np.zeros(rows.size, dtype=np.bool_)
-
-    def select(self, keep: BoolArray) -> _Candidates:
-        """The pairs where `keep` holds."""
-        return _Candidates(
-            self.rows[keep],
-            self.data[keep],
-            self.expected[keep],
-            None if self.relative is None else self.relative[keep],
-        )
-
-    def evaluate(self, chosen: BoolArray, best: FloatArray) -> None:
-        """Exact t of the `chosen` pairs into the toys' `best`; they are then done."""
-        if not np.any(chosen):
-            return
-        values = tail_statistic(
-            self.data[chosen],
-            self.expected[chosen],
-            None if self.relative is None else self.relative[chosen],
-        )
-        np.maximum.at(best, self.rows[chosen], values)
-        self.done |= chosen
-
-
-def _row_cumsum(values: FloatArray) -> FloatArray:
-    """Cumulative sums along each row with a leading zero column."""
-    cumulative = np.zeros((values.shape[0], values.shape[1] + 1), dtype=np.float64)
-    np.cumsum(values, axis=1, out=cumulative[:, 1:])
-    return cumulative
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ class RefitProjection:
         ratio = np.divide(shift, background, out=np.zeros_like(shift), where=positive)
         # 1 + r, continued below r = -1/2 by 0.5 exp(2 r + 1) (value and slope match): never 0
         factor = np.where(
-            ratio >= -0.5, 1.0 + ratio, 0.5 * np.exp(2.0 * np.maximum(ratio, -350.0) + 1.0)
+            ratio >= -0.5, 1.0 + ratio, 0.5 * np.exp(2.0 * np.clip(ratio, -350.0, -0.5) + 1.0)
         )
         refitted = background * factor
         # the fit's normalisation is profiled exactly: B' sums to the toy's fitted count

@@ -284,11 +284,14 @@ def _hunt_against(
     """The bump hunt over the histogram's bins [first, stop) against `fit`'s expected counts.
 
     The fit's uncertainty is folded into the windows' tails (`core.bumphunt`) when the hunt
-    asks for it and the derivatives are finite; the result says whether it was.
+    asks for it and the derivatives are finite; with them each toy of the global p is also
+    refitted to first order over the bins the fit used (`fit.used`), as the data were.
+    The result says both (`background_uncertainty`, `global_p_method`).
     """
     first, stop = bins
     uncertainty = fit_uncertainty(fit, edges) if hunt.fold_background_uncertainty else None
     jacobian, covariance = uncertainty or (None, None)
+    fitted = None if uncertainty is None else np.asarray(fit.used, dtype=bool)
     return bump_hunt(
         counts[first:stop],
         np.asarray(fit.expected, dtype=np.float64),
@@ -302,6 +305,7 @@ def _hunt_against(
         min_window_count=hunt.min_window_count,
         jacobian=jacobian,
         covariance=covariance,
+        fitted=fitted,
         seed=seed,
     )
 

@@ -123,8 +123,9 @@ class BumpHuntOutput(ExcessOutput):
         description="windows expecting fewer background events were not scanned"
     )
     global_p_method: str = Field(
-        description="toys | bonferroni bound (p <= n_windows x local p, Z a lower limit) | "
-        "no excess"
+        description="toys (refitted: each toy refitted to first order, as the data were) | "
+        "toys (against the fixed background) | bonferroni bound (p <= n_windows x local p, "
+        "Z a lower limit) | no excess"
     )
     min_window_count: int = Field(
         description="windows with fewer observed events were not candidates"
