@@ -357,71 +357,62 @@ def _flag_windows(
         )
         if refusal is not None:
             entry["rescue"] = refusal
-            _record_refused_window(ctx, at, name, entry, bump, refusal)
+            _record_provisional(ctx, at, name, entry, bump, None, refusal)
             continue
         entry["window"] = window
-        _record_flagged_window(ctx, at, name, entry, bump, window)
+        _record_provisional(ctx, at, name, entry, bump, window)
         masked_calls.append((name, _choice_input(ctx, at.edges, at.counts, at.index, name, window)))
     return masked_calls
 
 
-def _record_refused_window(
+def _record_provisional(
     ctx: ScanContext,
     at: _Point,
     name: str,
     entry: dict[str, Any],
     bump: dict[str, Any],
-    refusal: str,
+    window: list[float] | None,
+    refusal: str | None = None,
 ) -> None:
-    """The `provisional` decision when the flagged window sits on a knee: no mask, no rescue."""
-    record_decision(
-        ctx,
-        at.step_id,
-        "provisional",
-        spectrum=name,
-        point_pb=at.point_pb,
-        chosen=None,
-        policy="rules",
-        rationale=(
+    """The `provisional` decision on the window flagged against the rejected function.
+
+    Masked (`window`) and the background chosen again; or, when the window sits on a knee
+    (`refusal`), no mask and no rescue.
+    """
+    found = f"{bump['window'][0]:.0f}-{bump['window'][1]:.0f} GeV"
+    if window is None:
+        chosen = None
+        rationale = (
             f"no function passed its checks; against the F-test's {entry['name']} the best "
-            f"window {bump['window'][0]:.0f}-{bump['window'][1]:.0f} GeV has global p "
-            f"{bump['global_p']:.3g}, but the {refusal}"
-        ),
-        numbers={"trigger_global_p": bump["global_p"], "unmasked_function": entry["name"]},
-    )
-
-
-def _record_flagged_window(
-    ctx: ScanContext,
-    at: _Point,
-    name: str,
-    entry: dict[str, Any],
-    bump: dict[str, Any],
-    window: list[float],
-) -> None:
-    """The `provisional` decision: the window flagged against the rejected function, masked."""
-    record_decision(
-        ctx,
-        at.step_id,
-        "provisional",
-        spectrum=name,
-        point_pb=at.point_pb,
-        chosen={"mask_gev": window},
-        policy="rules",
-        rationale=(
+            f"window {found} has global p {bump['global_p']:.3g}, but the {refusal}"
+        )
+        numbers = {"trigger_global_p": bump["global_p"], "unmasked_function": entry["name"]}
+    else:
+        chosen = {"mask_gev": window}
+        rationale = (
             f"no function passed its checks; against the F-test's {entry['name']} (fit p "
             f"{entry['fit_p_value']:.3g}, failed {', '.join(entry['failed_checks'])}; kept "
-            f"only to find a window) the best window {bump['window'][0]:.0f}-"
-            f"{bump['window'][1]:.0f} GeV has global p {bump['global_p']:.3g} < "
-            f"{EXCLUSION_TRIGGER_P}: masked and the background chosen again"
-        ),
-        numbers={
+            f"only to find a window) the best window {found} has global p "
+            f"{bump['global_p']:.3g} < {EXCLUSION_TRIGGER_P}: masked and the background "
+            "chosen again"
+        )
+        numbers = {
             "unmasked_function": entry["name"],
             "unmasked_fit_p_value": entry["fit_p_value"],
             "unmasked_failed_checks": entry["failed_checks"],
             "trigger_global_p": bump["global_p"],
             "window_gev": window,
-        },
+        }
+    record_decision(
+        ctx,
+        at.step_id,
+        "provisional",
+        spectrum=name,
+        point_pb=at.point_pb,
+        chosen=chosen,
+        policy="rules",
+        rationale=rationale,
+        numbers=numbers,
     )
 
 
