@@ -130,7 +130,7 @@ _LOG_TAIL_BELOW: Final = 1e-290
 """Below this P(n >= k | B) from gammainc the tail is summed in log space instead."""
 
 _SERIES_BLOCKS: Final = 64
-"""Blocks of 256 series terms summed exactly in `_log_lower_gamma_series`; then bounded."""
+"""Blocks of 256 series terms summed exactly in `_log_series`; then bounded."""
 
 _TOY_ENTRIES_PER_BATCH: Final = 2_000_000
 """Toy bins drawn per batch: bounds the memory (a few tens of MB)."""
@@ -145,32 +145,49 @@ _TABLE_ENTRIES_CAP: Final = 4_000_000
 # --------------------------------------------------------------------------- Poisson tails
 
 
-def _log_lower_gamma_series(a: FloatArray, x: FloatArray) -> FloatArray:
-    """Log of P(a, x) from its series x^a e^-x / Gamma(a+1) sum_j x^j / ((a+1)...(a+j)), x < a."""
-    log_sum = np.zeros_like(a)
-    running = np.zeros_like(a)
-    total = np.ones_like(a)
-    active = np.ones(a.shape, dtype=bool)
+def _log_series(
+    log_step: Callable[[IntArray, FloatArray], FloatArray],
+    final_ratio: Callable[[IntArray, float], FloatArray],
+    size: int,
+) -> FloatArray:
+    """Ln(1 + rho_1 + rho_1 rho_2 + ...) of `size` series, summed term by term in log space.
+
+    `log_step(rows, j)` is ln rho_j of the series `rows` at the term numbers j (a column of
+    256). After `_SERIES_BLOCKS` blocks the rest is bounded by the geometric series of
+    `final_ratio(rows, j)` (< 1, at least every later ratio): the loop stays bounded even
+    for huge counts, where ln of the sum moves by far less than 1 and t > 667 anyway.
+    """
+    running = np.zeros(size)
+    total = np.ones(size)
+    active = np.ones(size, dtype=bool)
     block = np.arange(1, 257, dtype=np.float64)
     offset = 0.0
     for _ in range(_SERIES_BLOCKS):
         if not np.any(active):
             break
         idx = np.flatnonzero(active)
-        steps = np.log(x[idx, None]) - np.log(a[idx, None] + offset + block[None, :])
-        log_terms = running[idx, None] + np.cumsum(steps, axis=1)
+        log_terms = running[idx, None] + np.cumsum(log_step(idx, offset + block[None, :]), axis=1)
         total[idx] += np.sum(np.exp(log_terms), axis=1)
         running[idx] = log_terms[:, -1]
         active[idx] = np.exp(running[idx]) > 1e-17 * total[idx]
         offset += block.size
     if np.any(active):
-        # Huge counts (a ~ 1e12 and more): bound the remainder by the geometric series of the
-        # current term ratio r = x / (a + j), which only falls; ln S changes by far less than 1
-        # where t > 667 anyway, and the loop stays bounded.
         idx = np.flatnonzero(active)
-        ratio = x[idx] / (a[idx] + offset + 1.0)
+        ratio = final_ratio(idx, offset)
         total[idx] += np.exp(running[idx]) * ratio / (1.0 - ratio)
-    log_sum = np.log(total)
+    return np.log(total)
+
+
+def _log_lower_gamma_series(a: FloatArray, x: FloatArray) -> FloatArray:
+    """Log of P(a, x) from its series x^a e^-x / Gamma(a+1) sum_j x^j / ((a+1)...(a+j)), x < a.
+
+    Term ratios x / (a + j) only fall.
+    """
+    log_sum = _log_series(
+        lambda rows, j: np.log(x[rows, None]) - np.log(a[rows, None] + j),
+        lambda rows, j: x[rows] / (a[rows] + j + 1.0),
+        a.size,
+    )
     return np.asarray(a * np.log(x) - x - gammaln(a + 1.0) + log_sum, dtype=np.float64)
 
 
@@ -219,33 +236,26 @@ def _log_negative_binomial_series(
 ) -> FloatArray:
     """Ln of P(n >= k) summed term by term in log space (where betainc underflows).
 
-    Term ratios are q (m + a) / (m + 1), which tend to q < 1; after `_SERIES_BLOCKS` blocks
-    the rest is bounded by a geometric series of the larger of the current ratio and q.
+    Term ratios are q (m + a) / (m + 1), which tend to q < 1; the rest is bounded by a
+    geometric series of the larger of the current ratio and q.
     """
-    running = np.zeros_like(k)
-    total = np.ones_like(k)
-    active = np.ones(k.shape, dtype=bool)
-    block = np.arange(1, 257, dtype=np.float64)
-    offset = 0.0
-    for _ in range(_SERIES_BLOCKS):
-        if not np.any(active):
-            break
-        idx = np.flatnonzero(active)
-        m = k[idx, None] + offset + block[None, :]
-        steps = log_q[idx, None] + np.log(m - 1.0 + shape[idx, None]) - np.log(m)
-        log_terms = running[idx, None] + np.cumsum(steps, axis=1)
-        total[idx] += np.sum(np.exp(log_terms), axis=1)
-        running[idx] = log_terms[:, -1]
-        active[idx] = np.exp(running[idx]) > 1e-17 * total[idx]
-        offset += block.size
-    if np.any(active):
-        idx = np.flatnonzero(active)
-        m = k[idx] + offset
-        ratio = np.exp(log_q[idx]) * (m + shape[idx]) / (m + 1.0)
-        ratio = np.minimum(np.maximum(ratio, np.exp(log_q[idx])), 1.0 - 1e-12)
-        total[idx] += np.exp(running[idx]) * ratio / (1.0 - ratio)
+
+    def final_ratio(rows: IntArray, j: float) -> FloatArray:
+        m = k[rows] + j
+        ratio = np.exp(log_q[rows]) * (m + shape[rows]) / (m + 1.0)
+        return np.minimum(np.maximum(ratio, np.exp(log_q[rows])), 1.0 - 1e-12)
+
+    log_sum = _log_series(
+        lambda rows, j: (
+            log_q[rows, None]
+            + np.log(k[rows, None] + j - 1.0 + shape[rows, None])
+            - np.log(k[rows, None] + j)
+        ),
+        final_ratio,
+        k.size,
+    )
     first = _log_negative_binomial_pmf(k, shape, log_q, log_1mq)
-    return np.asarray(first + np.log(total), dtype=np.float64)
+    return np.asarray(first + log_sum, dtype=np.float64)
 
 
 def tail_statistic(
