@@ -296,12 +296,15 @@ def tail_statistic(
 
 
 def tail_statistic_bounds(
-    k: npt.ArrayLike, background: npt.ArrayLike, relative_sd: npt.ArrayLike | None = None
+    k: npt.ArrayLike,
+    background: npt.ArrayLike,
+    relative_sd: npt.ArrayLike | None = None,
+    terms: int = 2,
 ) -> tuple[FloatArray, FloatArray]:
     """(lower, upper) bounds on `tail_statistic` for integer k > B > 0, cheap.
 
-    No incomplete function: the pmf at k and the ratios of the following terms
-    (`core.refitkernels`). They let the refitted toys (`refitted_window_maxima`) evaluate
+    No incomplete function: the pmf at k and the first `terms` terms of the series that
+    follows it (`core.refitkernels`). They let the refitted toys (`refitted_window_maxima`) evaluate
     the exact tail only in windows that can decide a toy's maximum.
     """
     sd = 0.0 if relative_sd is None else relative_sd
@@ -313,9 +316,9 @@ def tail_statistic_bounds(
     shapes, log_gamma_shapes = _gamma_shapes(sd.ravel())
     lower = np.empty(counts.size, dtype=np.float64)
     upper = np.empty(counts.size, dtype=np.float64)
-    refit_kernels().bounds_of(
-        counts.ravel(), expected.ravel(), shapes, log_gamma_shapes, lower, upper
-    )
+    kernels = refit_kernels()
+    flat = (counts.ravel(), expected.ravel(), shapes, log_gamma_shapes)
+    kernels.bounds_of(*flat, terms, lower, upper)
     return lower.reshape(counts.shape), upper.reshape(counts.shape)
 
 

@@ -1,21 +1,24 @@
 """Compiled loops of the refitted pseudo-scans (`core.bumphunt.refitted_window_maxima`).
 
 Each toy has its own refitted background B', so no table of tails can be shared between
-toys; these loops run over toys and windows, bracket each window's t between two cheap
-bounds (`window_bounds`: the pmf at D and the ratios of the following terms) and list the
-few (toy, window) pairs whose exact tail must be evaluated. Windows are flat arrays: start
-and stop columns in the cumulative sums, shape a = 1/r^2 of the background's Gamma prior
-(inf: Poisson) and ln Gamma(a).
+toys; these loops run over toys and windows, bracket each window's t between two bounds
+that need no incomplete function (`window_bounds`) and list the few (toy, window) pairs
+whose exact tail must still be evaluated. Windows are flat arrays: start and stop columns
+in the cumulative sums, shape a = 1/r^2 of the background's Gamma prior (inf: Poisson) and
+ln Gamma(a).
 
-The bounds. ln Gamma enters through Stirling's series with Binet's bounds,
-ln Gamma(x) in [S(x), S(x) + 1/(12 x)], S(x) = (x - 1/2) ln x - x + ln(2 pi) / 2 (x > 0).
-P(n >= k) = P(k) (1 + rho_k + rho_k rho_(k+1) + ...), rho_m = P(m + 1) / P(m).
-Poisson: rho_m = B / (m + 1) falls, so 1 + rho_k <= sum <= 1 / (1 - rho_k). Negative
-binomial (where `core.bumphunt.tail_statistic` uses it, B r^2 >= `POISSON_LIMIT`):
-rho_m = q (m + a) / (m + 1) moves monotonically towards q, so it stays between
-q min(1, (k + a) / (k + 1)) and q max(1, (k + a) / (k + 1)) and the sum between the
-geometric series of the two (no upper bound where the larger ratio is >= 1). Both bounds
-are widened by a relative 1e-9 against rounding.
+The bounds. t = -ln P(k) - ln S, S = 1 + rho_k + rho_k rho_(k+1) + ..., with
+rho_m = P(m + 1) / P(m): B / (m + 1) (Poisson, falling) or, where
+`core.bumphunt.tail_statistic` uses the negative binomial (B r^2 >= `POISSON_LIMIT`),
+q (m + a) / (m + 1), which moves monotonically towards q. After the first J terms of S the
+rest lies between the last term times rho / (1 - rho) for the smallest and for the largest
+later ratio (Poisson: 0 and the next one; negative binomial: the smaller and the larger of
+the next one and q; no upper bound where the largest is >= 1, and the lower bound on t is
+then 0). ln Gamma enters through
+Stirling's series with Binet's bounds: ln Gamma(x) - S(x) lies in (0, 1/(12 x)),
+S(x) = (x - 1/2) ln x - x + ln(2 pi) / 2; for a >= 10 the difference ln Gamma(k + a) -
+ln Gamma(a) is taken from S(k + a) - S(a) written without cancellation. Both bounds are
+widened by a relative 1e-9 against rounding.
 """
 
 from __future__ import annotations
@@ -31,40 +34,73 @@ from core.bumphunt import POISSON_LIMIT
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
+CHEAP_TERMS = 2
+"""Terms of S summed for the first bracket of every window."""
+
+REFINED_TERMS = 64
+"""Terms of S at most for the bracket of a window that may matter."""
+
+_REST_SHARE = 0.005
+"""The series stops once its rest is below this share of the sum so far (t to ~0.005)."""
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @numba.njit(cache=True, nogil=True)
 def _stirling(x: float) -> float:
-    """(x - 1/2) ln x - x + ln(2 pi) / 2: ln Gamma(x) lies in [this, this + 1/(12 x)], x > 0."""
+    """(x - 1/2) ln x - x + ln(2 pi) / 2: ln Gamma(x) lies in (this, this + 1/(12 x)), x > 0."""
     return (x - 0.5) * math.log(x) - x + _HALF_LOG_TWO_PI
 
 
 @numba.njit(cache=True, nogil=True)
+def _log_rising(count: float, shape: float, log_gamma_shape: float) -> tuple[float, float]:
+    """Bounds on ln Gamma(count + shape) - ln Gamma(shape)."""
+    upper_error = 1.0 / (12.0 * (count + shape))
+    if shape >= 10.0:
+        middle = (shape - 0.5) * math.log1p(count / shape) + count * math.log(count + shape) - count
+        return middle - 1.0 / (12.0 * shape), middle + upper_error
+    middle = _stirling(count + shape) - log_gamma_shape
+    return middle, middle + upper_error
+
+
+@numba.njit(cache=True, nogil=True)
 def window_bounds(
-    count: float, expected: float, shape: float, log_gamma_shape: float
+    count: float, expected: float, shape: float, log_gamma_shape: float, terms: int
 ) -> tuple[float, float]:
-    """(lower, upper) bounds on t = -ln P(n >= count), count > expected > 0 (module doc)."""
+    """(lower, upper) bounds on t = -ln P(n >= count), count > expected > 0.
+
+    Up to `terms` terms of the series (module docstring).
+    """
     extra = expected / shape
-    if extra >= POISSON_LIMIT:
-        log_q = math.log(extra) - math.log1p(extra)
-        # -ln P(k) = ln Gamma(k + 1) - ln Gamma(k + a) + ln Gamma(a) - k ln q - a ln(1 - q)
-        rest = log_gamma_shape - count * log_q + shape * math.log1p(extra)
-        low_pmf = _stirling(count + 1.0) - _stirling(count + shape) - 1.0 / (12.0 * (count + shape))
-        high_pmf = _stirling(count + 1.0) + 1.0 / (12.0 * (count + 1.0)) - _stirling(count + shape)
-        q = math.exp(log_q)
-        step = (count + shape) / (count + 1.0)
-        upper = high_pmf + rest + math.log1p(-q * min(1.0, step))
-        largest = q * max(1.0, step)
-        lower = low_pmf + rest + math.log1p(-largest) if largest < 1.0 else 0.0
+    negative_binomial = extra >= POISSON_LIMIT
+    factorial = _stirling(count + 1.0)
+    if negative_binomial:
+        q = extra / (1.0 + extra)
+        rising_low, rising_high = _log_rising(count, shape, log_gamma_shape)
+        rest = -count * (math.log(extra) - math.log1p(extra)) + shape * math.log1p(extra)
+        pmf_low = factorial - rising_high + rest
+        pmf_high = factorial + 1.0 / (12.0 * (count + 1.0)) - rising_low + rest
     else:
-        rest = expected - count * math.log(expected) + _stirling(count + 1.0)
-        ratio = expected / (count + 1.0)
-        upper = rest + 1.0 / (12.0 * (count + 1.0)) - math.log1p(ratio)
-        lower = rest + math.log1p(-ratio)
+        q = 0.0
+        pmf_low = expected - count * math.log(expected) + factorial
+        pmf_high = pmf_low + 1.0 / (12.0 * (count + 1.0))
+    total = 1.0
+    term = 1.0
+    rest_low, rest_high = 0.0, math.inf
+    for j in range(terms):
+        m = count + j
+        ratio = q * (m + shape) / (m + 1.0) if negative_binomial else expected / (m + 1.0)
+        smallest, largest = min(ratio, q), max(ratio, q)
+        rest_low = term * smallest / (1.0 - smallest)
+        rest_high = term * largest / (1.0 - largest) if largest < 1.0 else math.inf
+        if j == terms - 1 or rest_high - rest_low <= _REST_SHARE * total:
+            break
+        term *= ratio
+        total += term
+    upper = pmf_high - math.log(total + rest_low)
+    lower = pmf_low - math.log(total + rest_high) if rest_high < math.inf else 0.0
     margin = 1e-9 * (1.0 + abs(upper))
-    return lower - margin, upper + margin
+    return max(lower - margin, 0.0), upper + margin
 
 
 @numba.njit(cache=True, nogil=True)
@@ -73,13 +109,14 @@ def bounds_of(
     expected: FloatArray,
     shapes: FloatArray,
     log_gamma_shapes: FloatArray,
+    terms: int,
     lower: FloatArray,
     upper: FloatArray,
 ) -> None:
     """`window_bounds` of each element into `lower` and `upper`."""
     for index in range(counts.size):
         lower[index], upper[index] = window_bounds(
-            counts[index], expected[index], shapes[index], log_gamma_shapes[index]
+            counts[index], expected[index], shapes[index], log_gamma_shapes[index], terms
         )
 
 
@@ -100,41 +137,54 @@ def open_windows(
 ) -> int:
     """The (toy, window) pairs whose exact t can still decide the toy's value.
 
-    Per toy: level = max(floor, the largest lower bound of its candidate windows); the
-    pairs whose upper bound reaches the level are open (the window of the toy's maximum is
-    among them). With `count_only`, a toy whose largest lower bound reaches the floor is
-    decided: best[toy] gets that bound (a value >= floor) and no pair is opened. Pairs are
-    written to rows/columns while they have room and counted always.
+    Per toy, the level is the floor raised to the largest lower bound of its windows. A
+    first pass brackets every candidate window cheaply (`CHEAP_TERMS`); a second one
+    refines the bracket (`REFINED_TERMS`) where the cheap upper bound reaches the level,
+    and opens the window if the refined one still does: the window of the toy's maximum
+    is always among the opened ones. With `count_only` a toy is decided as soon as the
+    level exceeds the floor: best[toy] gets the level (a value >= floor, not the maximum)
+    and none of its pairs stays open. Pairs are written to rows/columns while they have
+    room and counted always.
     """
     found = 0
+    decide = count_only and floor > 0.0
     for toy in range(cumulative_counts.shape[0]):
         level = floor
         highest = -math.inf
         for window in range(starts.size):
-            count = cumulative_counts[toy, stops[window]] - cumulative_counts[toy, starts[window]]
-            expected = (
-                cumulative_background[toy, stops[window]]
-                - cumulative_background[toy, starts[window]]
-            )
+            low, high = starts[window], stops[window]
+            count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
+            expected = cumulative_background[toy, high] - cumulative_background[toy, low]
             if count < min_count or count <= expected:
                 continue
-            lower, upper = window_bounds(count, expected, shapes[window], log_gamma_shapes[window])
+            lower, upper = window_bounds(
+                count, expected, shapes[window], log_gamma_shapes[window], CHEAP_TERMS
+            )
             level = max(level, lower)
             highest = max(highest, upper)
-        if highest < level:
-            continue
-        if count_only and floor > 0.0 and level > floor:
+            if decide and level > floor:
+                break
+        if decide and level > floor:
             best[toy] = level
             continue
+        if highest < level:
+            continue
+        first = found
         for window in range(starts.size):
-            count = cumulative_counts[toy, stops[window]] - cumulative_counts[toy, starts[window]]
-            expected = (
-                cumulative_background[toy, stops[window]]
-                - cumulative_background[toy, starts[window]]
-            )
+            low, high = starts[window], stops[window]
+            count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
+            expected = cumulative_background[toy, high] - cumulative_background[toy, low]
             if count < min_count or count <= expected:
                 continue
-            _, upper = window_bounds(count, expected, shapes[window], log_gamma_shapes[window])
+            shape, log_gamma_shape = shapes[window], log_gamma_shapes[window]
+            if window_bounds(count, expected, shape, log_gamma_shape, CHEAP_TERMS)[1] < level:
+                continue
+            lower, upper = window_bounds(count, expected, shape, log_gamma_shape, REFINED_TERMS)
+            level = max(level, lower)
+            if decide and level > floor:
+                found = first
+                best[toy] = level
+                break
             if upper >= level:
                 if found < rows.size:
                     rows[found] = toy

@@ -222,12 +222,13 @@ def test_scan_wide_test_uses_the_same_statistic_as_the_hunt() -> None:
         assert np.all(maxima[~reached] == 0.0)
 
 
-@pytest.mark.parametrize("relative_sd", [None, 1e-4, 0.05, 0.5, 1.0, 3.0])
+@pytest.mark.parametrize("relative_sd", [None, 1e-7, 1e-4, 0.05, 0.5, 1.0, 3.0])
 def test_the_cheap_bounds_bracket_the_exact_tail(relative_sd: float | None) -> None:
     # The refitted pseudo-scans skip a window whose upper bound cannot reach a toy's largest
     # lower bound: both must hold everywhere (k just above B, where a wide prior makes the
-    # tail thinner than Poisson, and the deep tail), and be close enough to prune (within 3
-    # far out).
+    # tail thinner than Poisson; the deep tail; r = 1e-7, where ln Gamma(k + 1/r^2) -
+    # ln Gamma(1/r^2) cancels), and be close enough to prune 5 sd out: within 3 with two
+    # terms of the series, within 0.5 with up to 64.
     counts, background = np.meshgrid(
         np.unique(np.geomspace(1.0, 3000.0, 400).round()), np.geomspace(1e-3, 2000.0, 60)
     )
@@ -235,11 +236,13 @@ def test_the_cheap_bounds_bracket_the_exact_tail(relative_sd: float | None) -> N
     k, b = counts[excess], background[excess]
     sd = None if relative_sd is None else np.full(k.size, relative_sd)
     exact = tail_statistic(k, b, sd)
-    lower, upper = tail_statistic_bounds(k, b, sd)
-    assert np.all(lower <= exact)
-    assert np.all(upper >= exact)
-    far = (k > b + 5.0 * np.sqrt(b) + 5.0) & np.isfinite(exact)
-    assert np.all(upper[far] - lower[far] < 3.0)
+    spread = b if relative_sd is None else b + (relative_sd * b) ** 2
+    far = (k > b + 5.0 * np.sqrt(spread) + 5.0) & np.isfinite(exact)
+    for terms, width in ((2, 3.0), (64, 0.5)):
+        lower, upper = tail_statistic_bounds(k, b, sd, terms)
+        assert np.all(lower <= exact)
+        assert np.all(upper >= exact)
+        assert np.all(upper[far] - lower[far] < width)
 
 
 def test_refitted_pseudo_scans_give_the_exact_maxima() -> None:
