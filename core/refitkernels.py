@@ -121,6 +121,24 @@ def bounds_of(
 
 
 @numba.njit(cache=True, nogil=True)
+def _toy_window_bounds(
+    arrays: tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray, FloatArray],
+    min_count: float,
+    toy: int,
+    window: int,
+    terms: int,
+) -> tuple[float, float]:
+    """`window_bounds` of one toy's window, (-inf, -inf) where it is no candidate (t = 0)."""
+    cumulative_counts, cumulative_background, starts, stops, shapes, log_gamma_shapes = arrays
+    low, high = starts[window], stops[window]
+    count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
+    expected = cumulative_background[toy, high] - cumulative_background[toy, low]
+    if count < min_count or count <= expected:
+        return -math.inf, -math.inf
+    return window_bounds(count, expected, shapes[window], log_gamma_shapes[window], terms)
+
+
+@numba.njit(cache=True, nogil=True)
 def open_windows(
     cumulative_counts: FloatArray,
     cumulative_background: FloatArray,
@@ -148,18 +166,12 @@ def open_windows(
     """
     found = 0
     decide = count_only and floor > 0.0
+    arrays = (cumulative_counts, cumulative_background, starts, stops, shapes, log_gamma_shapes)
     for toy in range(cumulative_counts.shape[0]):
         level = floor
         highest = -math.inf
         for window in range(starts.size):
-            low, high = starts[window], stops[window]
-            count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
-            expected = cumulative_background[toy, high] - cumulative_background[toy, low]
-            if count < min_count or count <= expected:
-                continue
-            lower, upper = window_bounds(
-                count, expected, shapes[window], log_gamma_shapes[window], CHEAP_TERMS
-            )
+            lower, upper = _toy_window_bounds(arrays, min_count, toy, window, CHEAP_TERMS)
             level = max(level, lower)
             highest = max(highest, upper)
             if decide and level > floor:
@@ -171,15 +183,9 @@ def open_windows(
             continue
         first = found
         for window in range(starts.size):
-            low, high = starts[window], stops[window]
-            count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
-            expected = cumulative_background[toy, high] - cumulative_background[toy, low]
-            if count < min_count or count <= expected:
+            if _toy_window_bounds(arrays, min_count, toy, window, CHEAP_TERMS)[1] < level:
                 continue
-            shape, log_gamma_shape = shapes[window], log_gamma_shapes[window]
-            if window_bounds(count, expected, shape, log_gamma_shape, CHEAP_TERMS)[1] < level:
-                continue
-            lower, upper = window_bounds(count, expected, shape, log_gamma_shape, REFINED_TERMS)
+            lower, upper = _toy_window_bounds(arrays, min_count, toy, window, REFINED_TERMS)
             level = max(level, lower)
             if decide and level > floor:
                 found = first
