@@ -851,10 +851,11 @@ def refitted_window_maxima(
     stops = starts + widths
     shapes, log_gamma_shapes = _gamma_shapes(relative)
     floor = floor if floor is not None and floor > 0 else 0.0
+    screen = _count_screen(cumulative_background, starts, stops, relative, floor, windows.min_count)
     best = np.zeros(counts.shape[0], dtype=np.float64)
     arguments = (
         *(cumulative_counts, cumulative_background, starts, stops, shapes, log_gamma_shapes),
-        *(float(windows.min_count), floor, count_only, best),
+        *(screen, floor, count_only, best),
     )
     rows = np.empty(4 * counts.shape[0], dtype=np.int64)
     columns = np.empty_like(rows)
@@ -873,6 +874,41 @@ def refitted_window_maxima(
         np.maximum.at(best, rows, values)
     best[best < floor] = 0.0
     return best
+
+
+_SCREEN_LEVELS: Final = 8
+"""Backgrounds per window, evenly spaced over the toys' range, where the floor's count is found."""
+
+
+def _count_screen(
+    cumulative_background: FloatArray,
+    starts: IntArray,
+    stops: IntArray,
+    relative: FloatArray,
+    floor: float,
+    min_count: int,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Per window: (lowest B'_w, 1 / level step, levels, the count needed at each level).
+
+    t falls as the background grows (fixed count and r), so below the count that reaches
+    the floor at a level at or below a toy's own B'_w, its t cannot reach the floor.
+    `_SCREEN_LEVELS` levels from the smallest to the largest B'_w of the batch; at each,
+    that count (`tail_thresholds`), at least `min_count`. Without a floor, one level and
+    `min_count`.
+    """
+    n_windows = starts.size
+    if floor <= 0 or n_windows == 0:
+        flat = np.zeros(n_windows)
+        return flat, flat, np.zeros((n_windows, 1)), np.full((n_windows, 1), float(min_count))
+    lowest, highest = np.empty(n_windows), np.empty(n_windows)
+    refit_kernels().background_ranges(cumulative_background, starts, stops, lowest, highest)
+    step = (highest - lowest) / (_SCREEN_LEVELS - 1)
+    inverse = np.divide(1.0, step, out=np.zeros(n_windows), where=step > 0)
+    levels = lowest[:, None] + np.arange(_SCREEN_LEVELS)[None, :] * step[:, None]
+    spread = np.broadcast_to(relative[:, None], levels.shape).ravel()
+    counts = tail_thresholds(np.maximum(levels, 0.0).ravel(), floor, spread)
+    minimum = np.maximum(counts.reshape(levels.shape).astype(np.float64), float(min_count))
+    return lowest, inverse, levels, minimum
 
 
 def _flat_windows(windows: ScanWindows) -> tuple[IntArray, IntArray, FloatArray]:

@@ -121,21 +121,24 @@ def bounds_of(
 
 
 @numba.njit(cache=True, nogil=True)
-def _toy_window_bounds(
-    arrays: tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray, FloatArray],
-    min_count: float,
-    toy: int,
-    window: int,
-    terms: int,
-) -> tuple[float, float]:
-    """`window_bounds` of one toy's window, (-inf, -inf) where it is no candidate (t = 0)."""
-    cumulative_counts, cumulative_background, starts, stops, shapes, log_gamma_shapes = arrays
-    low, high = starts[window], stops[window]
-    count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
-    expected = cumulative_background[toy, high] - cumulative_background[toy, low]
-    if count < min_count or count <= expected:
-        return -math.inf, -math.inf
-    return window_bounds(count, expected, shapes[window], log_gamma_shapes[window], terms)
+def background_ranges(
+    cumulative_background: FloatArray,
+    starts: IntArray,
+    stops: IntArray,
+    lowest: FloatArray,
+    highest: FloatArray,
+) -> None:
+    """The smallest and the largest background of each window over the toys (rows)."""
+    lowest[:] = math.inf
+    highest[:] = -math.inf
+    for toy in range(cumulative_background.shape[0]):
+        for window in range(starts.size):
+            expected = (
+                cumulative_background[toy, stops[window]]
+                - cumulative_background[toy, starts[window]]
+            )
+            lowest[window] = min(lowest[window], expected)
+            highest[window] = max(highest[window], expected)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -146,7 +149,7 @@ def open_windows(
     stops: IntArray,
     shapes: FloatArray,
     log_gamma_shapes: FloatArray,
-    min_count: float,
+    screen: tuple[FloatArray, FloatArray, FloatArray, FloatArray],
     floor: float,
     count_only: bool,
     best: FloatArray,
@@ -155,37 +158,65 @@ def open_windows(
 ) -> int:
     """The (toy, window) pairs whose exact t can still decide the toy's value.
 
-    Per toy, the level is the floor raised to the largest lower bound of its windows. A
-    first pass brackets every candidate window cheaply (`CHEAP_TERMS`); a second one
-    refines the bracket (`REFINED_TERMS`) where the cheap upper bound reaches the level,
-    and opens the window if the refined one still does: the window of the toy's maximum
-    is always among the opened ones. With `count_only` a toy is decided as soon as the
-    level exceeds the floor: best[toy] gets the level (a value >= floor, not the maximum)
-    and none of its pairs stays open. Pairs are written to rows/columns while they have
-    room and counted always.
+    `screen` (per window: lowest background, 1 / level step, levels and the count needed
+    at each; `core.bumphunt`) drops with one comparison a window whose count cannot reach
+    the floor, or is below the hunt's minimum, at the highest level at or below its
+    background. Per toy, the level is the floor raised to the largest lower bound of its
+    windows. A first pass brackets every screened window cheaply (`CHEAP_TERMS`); a
+    second one refines the bracket (`REFINED_TERMS`) where the cheap upper bound reaches
+    the level, and opens the window if the refined one still does: the window of the
+    toy's maximum is always among the opened ones. With `count_only` a toy is decided as
+    soon as the level exceeds the floor: best[toy] gets the level (a value >= floor, not
+    the maximum) and none of its pairs stays open. Pairs are written to rows/columns while
+    they have room and counted always.
     """
+    lowest, inverse_step, levels, minimum = screen
+    top = levels.shape[1] - 1
+    passed = np.empty(starts.size, dtype=np.int64)
+    passed_counts = np.empty(starts.size)
+    passed_expected = np.empty(starts.size)
     found = 0
     decide = count_only and floor > 0.0
-    arrays = (cumulative_counts, cumulative_background, starts, stops, shapes, log_gamma_shapes)
     for toy in range(cumulative_counts.shape[0]):
+        n_passed = 0
         level = floor
         highest = -math.inf
         for window in range(starts.size):
-            lower, upper = _toy_window_bounds(arrays, min_count, toy, window, CHEAP_TERMS)
+            low, high = starts[window], stops[window]
+            count = cumulative_counts[toy, high] - cumulative_counts[toy, low]
+            expected = cumulative_background[toy, high] - cumulative_background[toy, low]
+            if count <= expected or count < minimum[window, 0]:
+                continue
+            step = min(int((expected - lowest[window]) * inverse_step[window]), top)
+            while step > 0 and levels[window, step] > expected:
+                step -= 1
+            if count < minimum[window, step]:
+                continue
+            lower, upper = window_bounds(
+                count, expected, shapes[window], log_gamma_shapes[window], CHEAP_TERMS
+            )
             level = max(level, lower)
-            highest = max(highest, upper)
             if decide and level > floor:
                 break
+            highest = max(highest, upper)
+            if upper >= floor:
+                passed[n_passed] = window
+                passed_counts[n_passed] = count
+                passed_expected[n_passed] = expected
+                n_passed += 1
         if decide and level > floor:
             best[toy] = level
             continue
         if highest < level:
             continue
         first = found
-        for window in range(starts.size):
-            if _toy_window_bounds(arrays, min_count, toy, window, CHEAP_TERMS)[1] < level:
+        for index in range(n_passed):
+            window = passed[index]
+            count, expected = passed_counts[index], passed_expected[index]
+            shape, log_gamma_shape = shapes[window], log_gamma_shapes[window]
+            if window_bounds(count, expected, shape, log_gamma_shape, CHEAP_TERMS)[1] < level:
                 continue
-            lower, upper = _toy_window_bounds(arrays, min_count, toy, window, REFINED_TERMS)
+            lower, upper = window_bounds(count, expected, shape, log_gamma_shape, REFINED_TERMS)
             level = max(level, lower)
             if decide and level > floor:
                 found = first
