@@ -94,7 +94,7 @@ import functools
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Final
 
@@ -104,7 +104,7 @@ from scipy.special import betainc, betaln, gammainc, gammaln
 
 from core.errors import InvalidInputError
 from core.pseudodata import RefitProjection, refit_projection
-from core.significance import validate_spectrum, z_from_log_p, z_from_p
+from core.significance import format_p, p_from_z, validate_spectrum, z_from_log_p, z_from_p
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -1067,7 +1067,9 @@ class BumpHuntResult:
     order and scanned against its own background), "toys" (the same against the fixed
     background: biased towards 1 for a fitted one), "bonferroni bound" (no toy could
     resolve it: p <= n_windows x local p, quoted as an upper limit with
-    `global_z_is_lower_limit`) or "no excess" (t = 0, p = 1). `background_uncertainty` says
+    `global_z_is_lower_limit`) or "no excess" (t = 0, p = 1). When no toy reaches t_obs,
+    `global_p` is an upper limit too (the smaller of 1/n_toys and the Bonferroni bound)
+    and `global_z_is_lower_limit` is set. `background_uncertainty` says
     whether the fit uncertainty of the background was folded into the local p
     (`background_error` is then the best window's sigma_w, events); windows with fewer than
     `min_window_count` events are not candidates.
@@ -1097,6 +1099,11 @@ class BumpHuntResult:
     min_window_count: int = MIN_WINDOW_COUNT
     background_uncertainty: bool = False
     background_error: float = 0.0
+
+    @property
+    def global_p_text(self) -> str:
+        """The global p for a sentence ("< 5.4e-06" when it is an upper limit)."""
+        return format_p(self.global_p, self.global_z_is_lower_limit)
 
 
 def bump_hunt(
@@ -1167,7 +1174,10 @@ def bump_hunt(
         )
         global_z, lower_limit = global_significance(toy_p)
         if lower_limit:
+            # no toy reached t_obs: p is below both 1/n and the Bonferroni bound, quoted
+            # as that upper limit (the p of the lower limit on Z), never as 0
             global_z = max(global_z, float(z_from_log_p(_log_bound(best.statistic, windows))))
+            toy_p = replace(toy_p, p_value=float(p_from_z(global_z)))
         toys = "toys" if refit is None else "toys (refitted)"
         method = toys if best.statistic > 0 else "no excess"
     return BumpHuntResult(

@@ -495,3 +495,8 @@ def signal_fit(
         signal_fraction_in_range=fraction_in_range,
         n_bins_fitted=int(n.size),
     )
+
+
+def format_p(p: float, upper_limit: bool = False) -> str:
+    """A p-value for a sentence: "< 5.4e-06" when it is an upper limit, else 3 digits."""
+    return f"< {p:.2g}" if upper_limit else f"{p:.3g}"

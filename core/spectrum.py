@@ -199,7 +199,7 @@ def search_spectrum(
     trail = [
         f"bump hunt against the {masked_name}{fit.name}: best window {bump.mass_low:.0f}-"
         f"{bump.mass_high:.0f} GeV, {bump.data:.0f} events on {bump.background:.1f}, local Z "
-        f"{bump.local_z:.2f}, global p {bump.global_p:.3g} ({bump.n_toys} toys, "
+        f"{bump.local_z:.2f}, global p {bump.global_p_text} ({bump.n_toys} toys, "
         f"{bump.global_p_method})"
     ]
     exclusion = None
@@ -219,10 +219,10 @@ def search_spectrum(
             final_bump = _hunt_against(e, n, (first, stop), final_fit, hunt, seed)
             trail.append(
                 f"bump hunt against the masked {final_fit.name}: local Z {final_bump.local_z:.2f}"
-                f", global p {final_bump.global_p:.3g}"
+                f", global p {final_bump.global_p_text}"
             )
     else:
-        trail.append(f"no window exclusion: global p {bump.global_p:.3g} >= {exclusion_trigger_p}")
+        trail.append(f"no window exclusion: global p {bump.global_p_text} >= {exclusion_trigger_p}")
     uncertainty = fit_uncertainty(final_fit, e) if final_bump.background_uncertainty else None
     return SpectrumSearch(
         fit=final_fit,
@@ -442,7 +442,7 @@ def flagged_window(
     bump = probe.bump_unmasked
     if probe.exclusion is None:
         return None, (
-            f"no window to mask: global p {bump.global_p:.3g} >= {exclusion_trigger_p} against "
+            f"no window to mask: global p {bump.global_p_text} >= {exclusion_trigger_p} against "
             f"the rejected {fit.name}"
         )
     low, high = probe.exclusion.window_gev
@@ -450,12 +450,12 @@ def flagged_window(
     if refusal is not None:
         return None, (
             f"no function passed; the hunt against the rejected {fit.name} flags "
-            f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p:.3g}), "
+            f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p_text}), "
             + refusal
         )
     return (low, high), (
         f"no function passed; the hunt against the rejected {fit.name} flags "
-        f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p:.3g}): "
+        f"{bump.mass_low:.0f}-{bump.mass_high:.0f} GeV (global p {bump.global_p_text}): "
         f"choosing again with {low:.0f}-{high:.0f} GeV masked"
     )
 

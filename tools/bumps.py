@@ -109,7 +109,10 @@ class ExcessOutput(StrictModel):
 class BumpHuntOutput(ExcessOutput):
     """The most significant window and its local and global significance."""
 
-    global_p: float
+    global_p: float = Field(
+        description="fraction of toys reaching t_obs; an upper limit (never 0) when "
+        "global_z_is_lower_limit"
+    )
     global_p_error: float
     global_z: float
     global_z_is_lower_limit: bool

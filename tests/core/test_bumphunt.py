@@ -23,7 +23,7 @@ from core.bumphunt import (
     toy_statistics,
 )
 from core.errors import InvalidInputError
-from core.significance import z_from_log_p
+from core.significance import p_from_z, z_from_log_p
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -245,6 +245,9 @@ def test_no_toy_reaching_at_a_moderate_excess_gives_the_toy_lower_limit() -> Non
     assert result.global_z_is_lower_limit
     assert result.global_z >= 3.719 - 1e-3  # Phi^-1(1 - 1e-4) at least
     assert not result.converged
+    # p is the matching upper limit (below 1 / n_toys), never a "p = 0"
+    assert 0.0 < result.global_p <= 1.0 / result.n_toys
+    assert result.global_p == pytest.approx(float(p_from_z(result.global_z)), rel=1e-9)
 
 
 def test_huge_bin_contents_and_toy_budgets_are_bounded() -> None:

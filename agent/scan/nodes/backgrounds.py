@@ -35,6 +35,7 @@ from core.anomaly import point_text
 from core.exclusion import EXCLUSION_TRIGGER_P
 from core.files import write_text
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
+from core.significance import format_p
 from core.spectrum import knee_refusal
 
 __all__ = ["choose_backgrounds_node"]
@@ -343,8 +344,9 @@ def _flag_windows(
         bump = probe.output["bump_unmasked"]
         exclusion = probe.output["window_exclusion"]
         if exclusion is None:
+            p_text = format_p(bump["global_p"], bump["global_z_is_lower_limit"])
             entry["rescue"] = (
-                f"no window to mask: global p {bump['global_p']:.3g} >= {EXCLUSION_TRIGGER_P} "
+                f"no window to mask: global p {p_text} >= {EXCLUSION_TRIGGER_P} "
                 f"against the provisional {entry['name']}"
             )
             continue
@@ -380,11 +382,12 @@ def _record_provisional(
     (`refusal`), no mask and no rescue.
     """
     found = f"{bump['window'][0]:.0f}-{bump['window'][1]:.0f} GeV"
+    p_text = format_p(bump["global_p"], bump["global_z_is_lower_limit"])
     if window is None:
         chosen = None
         rationale = (
             f"no function passed its checks; against the F-test's {entry['name']} the best "
-            f"window {found} has global p {bump['global_p']:.3g}, but the {refusal}"
+            f"window {found} has global p {p_text}, but the {refusal}"
         )
         numbers = {"trigger_global_p": bump["global_p"], "unmasked_function": entry["name"]}
     else:
@@ -393,7 +396,7 @@ def _record_provisional(
             f"no function passed its checks; against the F-test's {entry['name']} (fit p "
             f"{entry['fit_p_value']:.3g}, failed {', '.join(entry['failed_checks'])}; kept "
             f"only to find a window) the best window {found} has global p "
-            f"{bump['global_p']:.3g} < {EXCLUSION_TRIGGER_P}: masked and the background "
+            f"{p_text} < {EXCLUSION_TRIGGER_P}: masked and the background "
             "chosen again"
         )
         numbers = {
