@@ -58,7 +58,13 @@ import numpy as np
 import numpy.typing as npt
 
 from core.background import BackgroundDecision, CheckOptions, Fallback, choose_background
-from core.bumphunt import DEFAULT_HUNT, BumpHuntResult, HuntOptions, bump_hunt
+from core.bumphunt import (
+    DEFAULT_HUNT,
+    MIN_TOYS_SMALL_P,
+    BumpHuntResult,
+    HuntOptions,
+    bump_hunt,
+)
 from core.errors import AnomscanError, FitError, InvalidInputError
 from core.exclusion import EXCLUSION_TRIGGER_P, WindowExclusion, window_exclusion
 from core.fit import (
@@ -76,6 +82,11 @@ FloatArray = npt.NDArray[np.float64]
 
 SpectrumStatus = Literal["accepted", "no accepted background", "too few events", "fit failed"]
 STATUSES: Final = ("accepted", "no accepted background", "too few events", "fit failed")
+
+PROBE_MAX_TOYS: Final = MIN_TOYS_SMALL_P
+"""Toys at most of the rescue probe (`flagged_window`): it only decides whether the global p
+is below the exclusion trigger (0.01), which 10 000 toys settle; a precise p of a window
+that is then masked, or of a spectrum left without a background, is never reported."""
 
 MIN_EVENTS_IN_FIT_RANGE: Final = 40
 """Spectra with fewer events above the stream's start are recorded, not fitted."""
@@ -430,14 +441,17 @@ def flagged_window(
     """Rule step 2's window: the mask to choose again with, or None, and a line for the trail.
 
     The hunt against the F-test's rejected function (`search_spectrum`, the agent's probe
-    too) flags a window when its global p is below `exclusion_trigger_p`; the mask is the
+    too, both with at most `PROBE_MAX_TOYS` toys) flags a window when its global p is below
+    `exclusion_trigger_p`; the mask is the
     window exclusion's (signal width, `core.exclusion.masked_window`).
     """
     fit = decision.selection.fit
     if fit is None:
         return None, "no function converged: no window to mask"
+    toys = min(hunt.max_toys, PROBE_MAX_TOYS)
+    probe_hunt = replace(hunt, min_toys=min(hunt.min_toys, toys), max_toys=toys)
     probe = search_spectrum(
-        edges, counts, fit, hunt=hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
+        edges, counts, fit, hunt=probe_hunt, exclusion_trigger_p=exclusion_trigger_p, seed=seed
     )
     bump = probe.bump_unmasked
     if probe.exclusion is None:

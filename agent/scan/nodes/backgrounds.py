@@ -36,7 +36,7 @@ from core.exclusion import EXCLUSION_TRIGGER_P
 from core.files import write_text
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
 from core.significance import format_p
-from core.spectrum import knee_refusal
+from core.spectrum import PROBE_MAX_TOYS, knee_refusal
 
 __all__ = ["choose_backgrounds_node"]
 
@@ -327,13 +327,19 @@ def _flag_windows(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Hunt against each provisional background; the masked `choose_background` inputs.
 
-    A spectrum whose hunt flags no window (or fails) gets its `rescue` reason instead.
+    A spectrum whose hunt flags no window (or fails) gets its `rescue` reason instead. The
+    hunts stop at `PROBE_MAX_TOYS` toys, as the library's `flagged_window` does.
     """
     ctx.progress.update(stage=f"flagged windows ({len(provisional)} spectra)")
     probes = ctx.call_tools(
         at.step_id,
         "search_spectrum",
-        search_calls(ctx, at.edges, at.counts, backgrounds, at.index, provisional),
+        [
+            (name, payload | {"max_toys": PROBE_MAX_TOYS})
+            for name, payload in search_calls(
+                ctx, at.edges, at.counts, backgrounds, at.index, provisional
+            )
+        ],
     )
     masked_calls = []
     for name, probe in zip(provisional, probes, strict=True):
