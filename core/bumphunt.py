@@ -136,7 +136,7 @@ _TOY_ENTRIES_PER_BATCH: Final = 2_000_000
 """Toy bins drawn per batch: bounds the memory (a few tens of MB)."""
 
 _REFIT_ENTRIES_PER_BATCH: Final = 500_000
-"""Toy bins per batch of refitted toys: each window holds float counts and B' per toy."""
+"""Toy bins per batch of refitted toys: counts, refitted B' and both cumulative sums, in float."""
 
 _TABLE_ENTRIES_CAP: Final = 4_000_000
 """Largest tail table built for one window width; beyond it the tail is computed directly."""

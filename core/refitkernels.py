@@ -14,11 +14,10 @@ q (m + a) / (m + 1), which moves monotonically towards q. After the first J term
 rest lies between the last term times rho / (1 - rho) for the smallest and for the largest
 later ratio (Poisson: 0 and the next one; negative binomial: the smaller and the larger of
 the next one and q; no upper bound where the largest is >= 1, and the lower bound on t is
-then 0). ln Gamma enters through
-Stirling's series with Binet's bounds: ln Gamma(x) - S(x) lies in (0, 1/(12 x)),
-S(x) = (x - 1/2) ln x - x + ln(2 pi) / 2; for a >= 10 the difference ln Gamma(k + a) -
-ln Gamma(a) is taken from S(k + a) - S(a) written without cancellation. Both bounds are
-widened by a relative 1e-9 against rounding.
+then 0). ln Gamma enters through Stirling's series with Binet's bounds: ln Gamma(x) - S(x)
+lies in (0, 1/(12 x)), S(x) = (x - 1/2) ln x - x + ln(2 pi) / 2; for a >= 10 the difference
+ln Gamma(k + a) - ln Gamma(a) is taken from S(k + a) - S(a) written without cancellation.
+Both bounds are widened by a relative 1e-9 against rounding.
 """
 
 from __future__ import annotations
@@ -175,6 +174,7 @@ def open_windows(
     passed = np.empty(starts.size, dtype=np.int64)
     passed_counts = np.empty(starts.size)
     passed_expected = np.empty(starts.size)
+    passed_upper = np.empty(starts.size)
     found = 0
     decide = count_only and floor > 0.0
     for toy in range(cumulative_counts.shape[0]):
@@ -203,6 +203,7 @@ def open_windows(
                 passed[n_passed] = window
                 passed_counts[n_passed] = count
                 passed_expected[n_passed] = expected
+                passed_upper[n_passed] = upper
                 n_passed += 1
         if decide and level > floor:
             best[toy] = level
@@ -211,12 +212,16 @@ def open_windows(
             continue
         first = found
         for index in range(n_passed):
-            window = passed[index]
-            count, expected = passed_counts[index], passed_expected[index]
-            shape, log_gamma_shape = shapes[window], log_gamma_shapes[window]
-            if window_bounds(count, expected, shape, log_gamma_shape, CHEAP_TERMS)[1] < level:
+            if passed_upper[index] < level:
                 continue
-            lower, upper = window_bounds(count, expected, shape, log_gamma_shape, REFINED_TERMS)
+            window = passed[index]
+            lower, upper = window_bounds(
+                passed_counts[index],
+                passed_expected[index],
+                shapes[window],
+                log_gamma_shapes[window],
+                REFINED_TERMS,
+            )
             level = max(level, lower)
             if decide and level > floor:
                 found = first

@@ -442,8 +442,8 @@ def flagged_window(
 
     The hunt against the F-test's rejected function (`search_spectrum`, the agent's probe
     too, both with at most `PROBE_MAX_TOYS` toys) flags a window when its global p is below
-    `exclusion_trigger_p`; the mask is the
-    window exclusion's (signal width, `core.exclusion.masked_window`).
+    `exclusion_trigger_p`; the mask is the window exclusion's (signal width,
+    `core.exclusion.masked_window`).
     """
     fit = decision.selection.fit
     if fit is None:
