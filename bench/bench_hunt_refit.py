@@ -14,7 +14,6 @@ bench/results/hunt_refit.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import time
@@ -22,25 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import integrate
 
 from core.bumphunt import bump_hunt
 from core.fit import fit_background
 from core.spectrum import fit_uncertainty
+from tests.spectra import FIFTY_GEV_EDGES as EDGES
+from tests.spectra import dijet_truth
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hunt_refit.json"
-EDGES = np.linspace(1000.0, 4000.0, 61)
-
-
-def _truth(total: float) -> np.ndarray:
-    def density(m: float) -> float:
-        x = m / 13000.0
-        return float((1.0 - x) ** 10.0 * x**-4.0)
-
-    integrals = np.array(
-        [integrate.quad(density, lo, hi)[0] for lo, hi in itertools.pairwise(EDGES)]
-    )
-    return np.asarray(total * integrals / integrals.sum(), dtype=np.float64)
 
 
 def _best_time(call: Any, repeats: int) -> tuple[float, Any]:
@@ -59,7 +47,7 @@ def main() -> None:
     parser.add_argument("--spectra", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    truth = _truth(10_000.0)
+    truth = dijet_truth(10_000.0)
     rng = np.random.default_rng(0)
     cases = []
     for index in range(args.spectra):

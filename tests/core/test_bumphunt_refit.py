@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
-from scipy import integrate, stats
+from scipy import stats
 
 from core.bumphunt import bump_hunt, refitted_window_maxima, scan_windows
 from core.errors import InvalidInputError
 from core.fit import fit_background
 from core.pseudodata import refit_projection
 from core.spectrum import fit_uncertainty
-
-EDGES = np.linspace(1000.0, 4000.0, 61)
-"""60 bins of 50 GeV: a typical fitted spectrum."""
-
-
-def _truth(total: float) -> np.ndarray:
-    """Exact bin integrals of total x f(m), f ~ (1 - m/13 TeV)^10 (m/13 TeV)^-4 (GeV)."""
-
-    def density(m: float) -> float:
-        x = m / 13000.0
-        return float((1.0 - x) ** 10.0 * x**-4.0)
-
-    integrals = np.array(
-        [integrate.quad(density, lo, hi)[0] for lo, hi in itertools.pairwise(EDGES)]
-    )
-    return np.asarray(total * integrals / integrals.sum(), dtype=np.float64)
+from tests.spectra import FIFTY_GEV_EDGES as EDGES
+from tests.spectra import dijet_truth
 
 
 @pytest.mark.slow
@@ -37,7 +21,7 @@ def test_refitted_global_p_is_uniform_and_the_fixed_one_piles_towards_one() -> N
     the refitted global p is uniform (KS p > 0.01; measured 0.42, mean 0.52), the fixed one
     is not (KS p < 0.01, mean > 0.54; measured 1e-4, mean 0.58, 63 % above 0.5): its toys
     keep the fluctuations the data's fit absorbed. ~30 s."""
-    truth = _truth(10_000.0)
+    truth = dijet_truth(10_000.0)
     rng = np.random.default_rng(1)
     fixed, refitted = [], []
     for experiment in range(200):
@@ -67,7 +51,7 @@ def test_refitted_global_p_is_uniform_and_the_fixed_one_piles_towards_one() -> N
 
 def test_refitted_hunt_says_so_and_keeps_the_observed_window() -> None:
     """The refit changes only the global p: the best window and local p are the data's."""
-    truth = _truth(10_000.0)
+    truth = dijet_truth(10_000.0)
     counts = np.random.default_rng(3).poisson(truth).astype(np.float64)
     fit = fit_background(EDGES, counts, "p3", (EDGES[0], EDGES[-1]))
     uncertainty = fit_uncertainty(fit, EDGES)
@@ -84,7 +68,7 @@ def test_refitted_hunt_says_so_and_keeps_the_observed_window() -> None:
 
 def test_the_floor_screen_is_exact_above_t_obs() -> None:
     """With floor = t the refitted maxima equal the unscreened ones wherever they reach t."""
-    truth = _truth(10_000.0)
+    truth = dijet_truth(10_000.0)
     fit = fit_background(EDGES, truth, "p3", (EDGES[0], EDGES[-1]))
     uncertainty = fit_uncertainty(fit, EDGES)
     assert uncertainty is not None
@@ -102,6 +86,6 @@ def test_the_floor_screen_is_exact_above_t_obs() -> None:
 
 def test_a_fitted_mask_without_a_jacobian_is_refused() -> None:
     """The toys can only be refitted with the jacobian: a mask alone is an error, not ignored."""
-    truth = _truth(10_000.0)
+    truth = dijet_truth(10_000.0)
     with pytest.raises(InvalidInputError, match="without its jacobian"):
         bump_hunt(truth, truth, EDGES, fitted=np.ones(truth.size, dtype=bool))
