@@ -5,28 +5,36 @@ replicas, and the same in every spectrum and anomaly-region point the event ente
 replicas of two spectra fluctuate together exactly as far as they share events (one event
 enters several pair masses and streams; AR points are nested), which is what the scan-wide
 look-elsewhere test needs to know about the spectra's correlation
-(`core.lookelsewhere.bootstrap_correlation`). Weights are drawn event chunk by event chunk
-from one generator, so the replicas depend only on the seed and the event order.
+(`core.lookelsewhere.bootstrap_correlation`).
+
+The weights are counter-based: w_er is a function of (key, e, r) alone, the inverse
+Poisson(1) distribution function at a uniform number hashed from them (SplitMix64's
+finaliser, Steele, Lea and Flood 2014). Nothing is drawn for an event no selection holds,
+and every call, AR point and spectrum sees the same weight for the same event without
+holding a table of weights.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import numba
 import numpy as np
 import numpy.typing as npt
-from scipy import sparse
 
 from core.errors import InvalidInputError
 from core.masses import PAIRS, STREAMS, mass_bin_edges
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
 
-EVENTS_PER_CHUNK: Final = 20_000
-"""Events whose replica weights are held at once (n_replicas x this many)."""
+_GOLDEN: Final = np.uint64(0x9E3779B97F4A7C15)
+_POISSON_ONE_CDF: Final = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(19)])
+"""P(w <= k) for w ~ Poisson(1), k = 0..18; beyond 18 the rest (< 1e-17) is cut."""
 
 
 @dataclass(frozen=True)
@@ -39,39 +47,73 @@ class SpectrumSelection:
     stop_bin: int
 
 
+def replica_key(*seed: int) -> int:
+    """The 64-bit key of the weights for a seed (e.g. the scan's seed and a stream number)."""
+    return int(np.random.SeedSequence(list(seed)).generate_state(1, np.uint64)[0])
+
+
 def bootstrap_spectra(
     masses: FloatArray,
     stream_bits: BoolArray,
     selections: Sequence[SpectrumSelection],
     n_replicas: int,
-    rng: np.random.Generator,
+    key: int,
 ) -> list[npt.NDArray[np.int32]]:
     """Replica counts (n_replicas, stop - first) of every selection, on `mass_bin_edges()`.
 
-    `masses` (n, 9) GeV and `stream_bits` (n, 7) as in the event table. Raises
+    `masses` (n, 9) GeV and `stream_bits` (n, 7) as in the event table; event e of the
+    table has the weights `replica_weights(key, [e], n_replicas)`. Raises
     InvalidInputError on a bad spectrum name, mask shape or bin range, or n_replicas < 3.
     """
-    n_events = masses.shape[0]
     if n_replicas < 3:
         raise InvalidInputError(f"bootstrap_spectra needs n_replicas >= 3, found {n_replicas}")
     edges = mass_bin_edges()
-    columns = [_bins_of(masses, stream_bits, edges, selection) for selection in selections]
-    totals = [
-        np.zeros((n_replicas, s.stop_bin - s.first_bin), dtype=np.float64) for s in selections
-    ]
-    for start in range(0, n_events, EVENTS_PER_CHUNK):
-        stop = min(start + EVENTS_PER_CHUNK, n_events)
-        weights = rng.poisson(1.0, size=(n_replicas, stop - start)).astype(np.float64)
-        for total, (events, bins), selection in zip(totals, columns, selections, strict=True):
-            lo, hi = np.searchsorted(events, [start, stop])
-            if hi == lo:
-                continue
-            onehot = sparse.csr_array(
-                (np.ones(hi - lo), (events[lo:hi] - start, bins[lo:hi] - selection.first_bin)),
-                shape=(stop - start, total.shape[1]),
-            )
-            np.add(total, (onehot.T @ weights.T).T, out=total)
-    return [np.rint(total).astype(np.int32) for total in totals]
+    replicas = []
+    for selection in selections:
+        events, bins = _bins_of(masses, stream_bits, edges, selection)
+        totals = np.zeros((selection.stop_bin - selection.first_bin, n_replicas), np.int32)
+        _add_weights(events, bins - selection.first_bin, np.uint64(key), _POISSON_ONE_CDF, totals)
+        replicas.append(np.ascontiguousarray(totals.T))
+    return replicas
+
+
+def replica_weights(key: int, events: IntArray, n_replicas: int) -> npt.NDArray[np.int32]:
+    """The Poisson(1) weights (len(events), n_replicas) of the given table rows."""
+    weights = np.zeros((len(events), n_replicas), np.int32)
+    rows = np.arange(len(events), dtype=np.int64)
+    _add_weights(np.asarray(events, np.int64), rows, np.uint64(key), _POISSON_ONE_CDF, weights)
+    return weights
+
+
+@numba.njit(cache=True, nogil=True)
+def _mix(z: np.uint64) -> np.uint64:
+    """SplitMix64's finaliser: a bijection of 64-bit words that scrambles every bit."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_weights(
+    events: IntArray,
+    rows: IntArray,
+    key: np.uint64,
+    cdf: FloatArray,
+    totals: npt.NDArray[np.int32],
+) -> None:
+    """totals[rows[i], r] += w(key, events[i], r) for every i and replica r."""
+    n_replicas = totals.shape[1]
+    last = cdf.size - 1
+    scale = 2.0**-53
+    for i in range(events.size):
+        base = _mix(key + np.uint64(events[i]) * _GOLDEN)
+        row = rows[i]
+        for r in range(n_replicas):
+            uniform = float(_mix(base + np.uint64(r + 1) * _GOLDEN) >> np.uint64(11)) * scale
+            weight = 0
+            while weight < last and uniform >= cdf[weight]:
+                weight += 1
+            totals[row, r] += weight
 
 
 def _bins_of(

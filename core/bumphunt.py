@@ -77,8 +77,12 @@ bound that reaches it decides a toy without the exact tail (bench/results/hunt_r
 
 Adaptive toys: batches are drawn until the relative error sqrt((1 - p) / k) of p = k / n
 falls below a target, with at least `min_toys`, at least 10 000 when p < 0.01 (even above
-`max_toys`), and at most `max_toys` otherwise. When no toy reaches t_obs the global p is
-reported as 0 with `global_z_is_lower_limit` and Z = Phi^-1(1 - 1/n) (pyBumpHunter's rule).
+`max_toys`), and at most `max_toys` otherwise; from 10 000 toys on they stop as soon as
+the target is out of `max_toys`' reach at the current p (none reaching, or fewer than
+1 / target^2 expected by `max_toys`), so a p near 1e-5 costs 10 000 toys, not 100 000,
+and is quoted with its larger error or as a limit. When no toy reaches t_obs the global p
+is the upper limit min(1/n, Bonferroni bound) with `global_z_is_lower_limit`, and Z its
+lower limit (never a p of 0).
 
 Conventions compared with pyBumpHunter 0.5 (`BumpHunter1D`, mode "excess", scan_step 1),
 with no background uncertainty and windows of at least 5 events:
@@ -978,7 +982,10 @@ def adaptive_toy_p_value(
 
     Stops when the relative error sqrt((1 - p)/k) < `target_rel_error` after `min_toys`;
     never before 10 000 toys while p < 0.01 (even above `max_toys`); otherwise at
-    `max_toys`. The error is binomial; with k = 0 it is the 68 % upper limit 1 - 0.32^(1/n).
+    `max_toys`, or from 10 000 toys on as soon as the target is out of reach (`max_toys`
+    would not hold the (1 - p) / (p target^2) toys it needs at the current p): the toys
+    between could not make p precise, only cost. The error is binomial; with k = 0 it is
+    the 68 % upper limit 1 - 0.32^(1/n).
     """
     check_toy_budget(min_toys, max_toys, target_rel_error)
     n_toys, reaching = 0, 0
@@ -991,7 +998,7 @@ def adaptive_toy_p_value(
             if precise and (p >= SMALL_P or n_toys >= MIN_TOYS_SMALL_P):
                 converged = True
                 break
-            if n_toys >= limit:
+            if n_toys >= limit or _out_of_reach(n_toys, reaching, max_toys, target_rel_error):
                 break
         if n_toys < min_toys:
             wanted = min_toys
@@ -1007,6 +1014,16 @@ def adaptive_toy_p_value(
     p = reaching / n_toys
     error = math.sqrt(p * (1.0 - p) / n_toys) if reaching else 1.0 - 0.32 ** (1.0 / n_toys)
     return ToyPValue(p, error, n_toys, reaching, converged)
+
+
+def _out_of_reach(n_toys: int, reaching: int, max_toys: int, target_rel_error: float) -> bool:
+    """True from `MIN_TOYS_SMALL_P` toys on when `max_toys` cannot bring p to the target."""
+    if n_toys < MIN_TOYS_SMALL_P:
+        return False
+    if reaching == 0:
+        return True
+    p = reaching / n_toys
+    return (1.0 - p) / (p * target_rel_error**2) > max_toys
 
 
 # ----------------------------------------------------------------------------- bump hunt

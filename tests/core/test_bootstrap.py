@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from core.bootstrap import SpectrumSelection, bootstrap_spectra
+from core.bootstrap import SpectrumSelection, bootstrap_spectra, replica_key, replica_weights
 from core.errors import InvalidInputError
-from core.masses import PAIRS, histogram, mass_bin_edges
-
-
-class _UnitWeights:
-    """A generator whose Poisson draws are all 1: every replica is the data itself."""
-
-    def poisson(self, lam: float, size: tuple[int, int]) -> np.ndarray:
-        return np.ones(size, dtype=np.int64)
+from core.masses import PAIRS, STREAMS, mass_bin_edges
 
 
 def _events(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -28,21 +22,54 @@ def _events(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return masses, bits
 
 
-def test_unit_weights_give_the_histograms_of_the_spectra() -> None:
-    """With every weight 1 a replica is the spectrum's histogram over its bin range."""
-    masses, bits = _events(50_000, np.random.default_rng(0))
+def test_replicas_are_the_histograms_weighted_by_each_events_weights() -> None:
+    """Replica r of a selection is np.histogram of its events weighted by their r-th weight."""
+    masses, bits = _events(20_000, np.random.default_rng(0))
     mask = np.asarray(np.random.default_rng(1).random(masses.shape[0]) < 0.6, dtype=bool)
-    n_bins = mass_bin_edges().size - 1
+    edges = mass_bin_edges()
     selections = [
         SpectrumSelection("T2/jm", mask, 3, 30),
-        SpectrumSelection("T1/jj", np.ones_like(mask), 0, n_bins),
+        SpectrumSelection("T1/jj", np.ones_like(mask), 0, edges.size - 1),
     ]
-    unit: Any = _UnitWeights()
-    replicas = bootstrap_spectra(masses, bits, selections, 3, unit)
-    expected = [histogram(masses, bits, "T2", "jm", mask)[0][3:30]]
-    expected.append(histogram(masses, bits, "T1", "jj", None)[0])
-    for replica, counts in zip(replicas, expected, strict=True):
-        np.testing.assert_array_equal(replica, np.broadcast_to(counts, replica.shape))
+    key = replica_key(7, 1)
+    replicas = bootstrap_spectra(masses, bits, selections, 5, key)
+    for replica, selection in zip(replicas, selections, strict=True):
+        stream, _, pair = selection.spectrum.partition("/")
+        values = masses[:, PAIRS.index(pair)]
+        rows = np.flatnonzero(selection.mask & bits[:, STREAMS.index(stream)] & np.isfinite(values))
+        weights = replica_weights(key, rows, 5)
+        for r in range(5):
+            expected = np.histogram(values[rows], edges, weights=weights[:, r])[0]
+            np.testing.assert_array_equal(
+                replica[r], expected[selection.first_bin : selection.stop_bin]
+            )
+
+
+def test_an_events_weights_depend_on_the_key_and_its_row_alone() -> None:
+    """The same row has the same weights whatever else is asked; another key changes them."""
+    key = replica_key(3, 0x1EE)
+    together = replica_weights(key, np.array([4, 17, 90_000]), 50)
+    np.testing.assert_array_equal(together[1], replica_weights(key, np.array([17]), 50)[0])
+    np.testing.assert_array_equal(
+        together[:, :20], replica_weights(key, np.array([4, 17, 90_000]), 20)
+    )
+    assert not np.array_equal(
+        together, replica_weights(replica_key(4, 0x1EE), np.array([4, 17, 90_000]), 50)
+    )
+
+
+def test_the_weights_are_independent_poisson_ones() -> None:
+    """Frequencies of 0..5+ match Poisson(1) (chi2 p > 1e-3); rows and replicas uncorrelated."""
+    weights = replica_weights(replica_key(11), np.arange(5_000), 200).astype(np.float64)
+    frequencies = np.bincount(np.minimum(weights.ravel(), 5).astype(int), minlength=6)
+    probabilities = [math.exp(-1) / math.factorial(k) for k in range(5)]
+    expected = weights.size * np.append(probabilities, 1 - sum(probabilities))
+    assert stats.chisquare(frequencies, expected).pvalue > 1e-3
+    centred = weights - 1.0
+    # neighbouring rows and neighbouring replicas: correlation within 5 sd of 0
+    limit = 5 / math.sqrt(centred.size)
+    assert abs(np.mean(centred[1:] * centred[:-1])) < limit
+    assert abs(np.mean(centred[:, 1:] * centred[:, :-1])) < limit
 
 
 def test_replicas_share_the_weights_of_shared_events() -> None:
@@ -50,17 +77,17 @@ def test_replicas_share_the_weights_of_shared_events() -> None:
     masses, bits = _events(30_000, np.random.default_rng(2))
     mask = np.ones(masses.shape[0], dtype=bool)
     same = SpectrumSelection("T3/bb", mask, 0, 40)
-    one, two = bootstrap_spectra(masses, bits, [same, same], 400, np.random.default_rng(3))
+    one, two = bootstrap_spectra(masses, bits, [same, same], 400, replica_key(3))
     np.testing.assert_array_equal(one, two)
-    data = histogram(masses, bits, "T3", "bb", mask)[0][:40]
+    data = np.histogram(masses[bits[:, 2], PAIRS.index("bb")], mass_bin_edges())[0][:40]
     error = np.sqrt(np.maximum(data, 1) / 400)
     assert np.all(np.abs(one.mean(axis=0) - data) < 5 * error)
 
 
 def test_a_bad_selection_is_refused() -> None:
     masses, bits = _events(10, np.random.default_rng(4))
-    rng = np.random.default_rng(5)
+    key = replica_key(5)
     with pytest.raises(InvalidInputError, match="unknown spectrum"):
-        bootstrap_spectra(masses, bits, [SpectrumSelection("T9/jj", bits[:, 0], 0, 5)], 3, rng)
+        bootstrap_spectra(masses, bits, [SpectrumSelection("T9/jj", bits[:, 0], 0, 5)], 3, key)
     with pytest.raises(InvalidInputError, match="not a range"):
-        bootstrap_spectra(masses, bits, [SpectrumSelection("T1/jj", bits[:, 0], 5, 5)], 3, rng)
+        bootstrap_spectra(masses, bits, [SpectrumSelection("T1/jj", bits[:, 0], 5, 5)], 3, key)

@@ -295,6 +295,29 @@ def test_adaptive_needs_ten_thousand_toys_below_one_percent() -> None:
     assert result.p_value < 0.01
 
 
+@pytest.mark.parametrize(("p_true", "stops_at"), [(0.0, 10_000), (2e-4, 10_000), (0.02, None)])
+def test_adaptive_stops_when_the_target_is_out_of_reach(
+    p_true: float, stops_at: int | None
+) -> None:
+    # max_toys 1e5 holds 1/0.1^2 = 100 reaching toys only for p >= 1e-3: below, the 10 000
+    # toys that decide p < 0.01 are all; above, the target is met as before.
+    rng = np.random.default_rng(14)
+    result = adaptive_toy_p_value(
+        lambda n: int(np.count_nonzero(rng.random(n) < p_true)),
+        min_toys=1000,
+        max_toys=100_000,
+        target_rel_error=0.1,
+        batch_cap=10**6,
+    )
+    if stops_at is None:
+        assert result.converged
+        assert result.p_value == pytest.approx(p_true, rel=0.35)
+    else:
+        assert result.n_toys == stops_at
+        assert not result.converged
+        assert result.p_value < 1e-3
+
+
 def test_fixed_number_of_toys() -> None:
     rng = np.random.default_rng(13)
     data = rng.poisson(BACKGROUND).astype(float)

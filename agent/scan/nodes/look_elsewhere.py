@@ -20,7 +20,7 @@ import numpy as np
 from agent.scan.context import ScanContext
 from agent.scan.nodes.common import point_regions, record_decision, write_npz
 from agent.scan.state import ScanState
-from core.bootstrap import SpectrumSelection, bootstrap_spectra
+from core.bootstrap import SpectrumSelection, bootstrap_spectra, replica_key
 from core.bumphunt import MIN_WINDOW_COUNT
 from core.errors import AnomscanError
 from core.masses import SPECTRUM_NAMES, STREAMS
@@ -164,10 +164,12 @@ def _bootstrap_replicas(
     """`replicas_i` of every accepted point: Poisson-bootstrap replicas of its counts.
 
     Every event gets the same Poisson(1) weight per replica at every AR point and in every
-    spectrum (one seed, events in table order: `core.bootstrap`), so the replicas carry the
+    spectrum (one key from the seed, events by table row: `core.bootstrap`), so the replicas
+    carry the
     spectra's shared events into the scan-wide test's correlation.
     """
     replicas: dict[str, np.ndarray] = {}
+    key = replica_key(ctx.config.seed, _BOOTSTRAP_STREAM)
     sigmas = columns["cross_section_pb"]
     for sigma in np.unique(sigmas):
         table, masks, _ = point_regions(ctx, state, float(sigma))
@@ -179,9 +181,8 @@ def _bootstrap_replicas(
             stream = STREAMS.index(name.split("/", maxsplit=1)[0])
             stop = first + columns[f"counts_{i}"].size
             selections.append(SpectrumSelection(name, masks[:, stream], first, stop))
-        rng = np.random.default_rng([ctx.config.seed, _BOOTSTRAP_STREAM])
         counts = bootstrap_spectra(
-            table.masses, table.stream_bits, selections, N_BOOTSTRAP_REPLICAS, rng
+            table.masses, table.stream_bits, selections, N_BOOTSTRAP_REPLICAS, key
         )
         for i, values in zip(indices, counts, strict=True):
             replicas[f"replicas_{i}"] = values
