@@ -32,6 +32,7 @@ from agent.review import (
     spectrum_story,
     why_text,
     write_report,
+    write_spectrum_page,
 )
 from agent.runtime import audit
 from agent.runtime.runlock import run_folder_lock
@@ -58,8 +59,8 @@ AUDIT_ROWS_SHOWN = 200
 """Rows `anomscan audit RUN` prints without --all (after its summary)."""
 
 
-def _ar_point(text: str) -> str:
-    """An AR point as given to --why: a positive cross-section in pb or #INDEX."""
+def _ar_point(text: str, option: str = "--why POINT") -> str:
+    """An AR point as given to `option`: a positive cross-section in pb or #INDEX."""
     if text.startswith("#") and text[1:].isdigit():
         return text
     try:
@@ -68,7 +69,7 @@ def _ar_point(text: str) -> str:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise InvalidInputError(
-            f"--why POINT {text!r}: give the AR point as a cross-section in pb (e.g. 0.3) or "
+            f"{option} {text!r}: give the AR point as a cross-section in pb (e.g. 0.3) or "
             "as #INDEX (e.g. #0)"
         )
     return text
@@ -249,14 +250,36 @@ def add_audit_parser(commands: Subcommands) -> None:
 
 
 def _command_report(arguments: argparse.Namespace) -> int:
-    """`anomscan report RUN`: RUN/report/index.html with its spectrum pages and plots."""
-    with progress_bar("writing the report's spectrum pages") as advance:
-        outcome = write_report(
+    """`anomscan report RUN`: RUN/report/index.html with its spectrum pages and plots.
+
+    With --spectrum and --point only that page, drawn.
+    """
+    output = None if arguments.output is None else Path(arguments.output)
+    if (arguments.spectrum is None) != (arguments.point is None):
+        raise InvalidInputError(
+            "anomscan report: --spectrum and --point go together (e.g. --spectrum T2/jm "
+            "--point 0.3); give both, or neither for the whole report"
+        )
+    if arguments.spectrum is not None:
+        path = write_spectrum_page(
             Path(arguments.run),
-            None if arguments.output is None else Path(arguments.output),
+            canonical_spectrum(arguments.spectrum),
+            _ar_point(arguments.point, "--point"),
+            output,
             style=arguments.style,
             fmt=arguments.format,
             placement=arguments.plots,
+        )
+        print(f"page: {path}")
+        return 0
+    with progress_bar("writing the report's spectrum pages") as advance:
+        outcome = write_report(
+            Path(arguments.run),
+            output,
+            style=arguments.style,
+            fmt=arguments.format,
+            placement=arguments.plots,
+            pages="all" if arguments.all_pages else "needed",
             progress=advance,
         )
     print(f"report: {outcome.index} ({outcome.pages} pages)")
@@ -276,6 +299,14 @@ def add_report_parser(commands: Subcommands) -> None:
     report.add_argument("--format", choices=["png", "svg"], default="png")
     report.add_argument(
         "--plots", choices=["embedded", "beside"], default="embedded", help="data URIs or files"
+    )
+    report.add_argument("--spectrum", help="draw only this spectrum's page (with --point)")
+    report.add_argument("--point", help="its AR point: a cross section in pb, or #INDEX")
+    report.add_argument(
+        "--all-pages",
+        action="store_true",
+        help="draw every spectrum page (default: those with a top excess, a rescue, a "
+        "fallback, no background or a refusal; the others say how to draw them)",
     )
     report.set_defaults(handler=_command_report)
 

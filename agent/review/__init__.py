@@ -5,7 +5,13 @@ from agent.review.markup import Figures, PlotPlacement
 from agent.review.pages import spectrum_page, tool_calls_page
 from agent.review.reinterp_sections import reinterpretation_contents, reinterpretation_section
 from agent.review.replay import ReplayReport, replay
-from agent.review.report import ReportOutcome, write_report
+from agent.review.report import (
+    ReportOutcome,
+    drawn_pages,
+    map_order,
+    write_report,
+    write_spectrum_page,
+)
 from agent.review.run import RunRecord, flagged_excesses, load_run, spectrum_slug
 from agent.review.why import check_spectrum, number_text, spectrum_story, why_text
 
@@ -17,10 +23,12 @@ __all__ = [
     "ReportOutcome",
     "RunRecord",
     "check_spectrum",
+    "drawn_pages",
     "export_hepdata",
     "flagged_excesses",
     "garwood_errors",
     "load_run",
+    "map_order",
     "number_text",
     "reinterpretation_contents",
     "reinterpretation_section",
@@ -31,4 +39,5 @@ __all__ = [
     "tool_calls_page",
     "why_text",
     "write_report",
+    "write_spectrum_page",
 ]

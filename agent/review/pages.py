@@ -8,6 +8,7 @@ searches and the `--why` text; the tool-call page every logged input and output.
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 from agent.figures import plots
@@ -223,9 +224,18 @@ def _fits_markup(fits: list[dict[str, Any]]) -> str:
 
 
 def spectrum_page(
-    run: RunRecord, spectrum: str, index: int, figures: Figures, style: PlotStyle
+    run: RunRecord,
+    spectrum: str,
+    index: int,
+    figures: Figures,
+    style: PlotStyle,
+    *,
+    figure: bool = True,
 ) -> str:
-    """The page of `spectrum` at AR point number `index`: its story in HTML, and its figure."""
+    """The page of `spectrum` at AR point number `index`: its story in HTML, and its figure.
+
+    Without `figure` the page says how to draw it (`anomscan report RUN --spectrum ...`).
+    """
     story = spectrum_story(run, spectrum, index)
     point = run.points[index]
     title = f"{spectrum} at {story['point_pb']:.4g} pb"
@@ -236,7 +246,18 @@ def spectrum_page(
         + "</p>"
     )
     if "counts" in point and story["status"] != "skipped":
-        parts.append(_spectrum_figure(story, point, title, figures, style))
+        if figure:
+            parts.append(_spectrum_figure(story, point, title, figures, style))
+        else:
+            command = shlex.join(
+                ["anomscan", "report", str(run.run_dir), "--spectrum", spectrum, "--point",
+                 f"{story['point_pb']:.6g}"]
+            )  # fmt: skip
+            parts.append(
+                '<p class="note" id="not-drawn">Not drawn with the report (no top excess, '
+                "rescue, fallback, missing background or refusal here); draw it with "
+                f'<span class="mono">{escape(command)}</span></p>'
+            )
     if story["excess"] is not None:
         parts.append(_excess_markup(story["excess"]))
     parts.append("<h2>Decisions</h2>")

@@ -3,9 +3,13 @@
 The index page (headline, significance map, ranked excesses, look-elsewhere, limits, the
 decision timeline, LLM messages, the run's configuration and hashes, the autoencoder, the
 reinterpretation section), a page per spectrum x AR point (agent/review/pages.py) and the
-tool-call page. Every number comes from the run folder as the scan wrote it
-(agent/review/run.py); the only quantity computed here is the display residual
-(n - B)/sqrt(B) of the spectrum plots.
+tool-call page. Every spectrum page carries its whole story, but only the pages a reviewer
+must look at are drawn (`drawn_pages`: the top excesses, rescues, fallbacks, spectra
+without a background, policy refusals); the others say how to draw them
+(`anomscan report RUN --spectrum S --point P`, `write_spectrum_page`), since the plots
+are what costs (a 27-point scan has 1701 pages). Every number comes from the run folder
+as the scan wrote it (agent/review/run.py); the only quantity computed here is the display
+residual (n - B)/sqrt(B) of the spectrum plots.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import numpy as np
 
@@ -42,7 +46,8 @@ from agent.review.run import (
     same_value,
     spectrum_slug,
 )
-from agent.review.why import number_text
+from agent.review.why import check_spectrum, number_text
+from agent.scan.results import distinct_excesses
 from core.anomaly import point_text
 from core.autoencoder import read_model_card, training_warnings
 from core.errors import InvalidInputError, ModelError
@@ -62,8 +67,66 @@ def _cell_mark(status: str | None, function: str | None, fallback_used: bool) ->
     return ""
 
 
-def _map_arrays(run: RunRecord) -> tuple[np.ndarray, list[list[str]], list[list[str | None]]]:
-    points = run.points
+TOP_DRAWN: Final = 20
+"""The distinct excesses (largest local Z first) whose pages are drawn at their best point."""
+
+_DRAWN_KINDS: Final = frozenset(
+    {"provisional", "window_exclusion", "masked_background", "background_masked", "fallback"}
+)
+"""Decisions that make a spectrum page worth drawing: a rescue, a mask, a fallback."""
+
+Pages = Literal["needed", "all"]
+
+
+def drawn_pages(run: RunRecord) -> set[tuple[str, int]]:
+    """(spectrum, point index) of the pages drawn with the report.
+
+    The best point of each of the `TOP_DRAWN` largest distinct excesses, every flagged
+    excess, every spectrum without an accepted background, and every spectrum-point with a
+    rescue, mask or fallback decision or a policy refusal.
+    """
+    points = [float(p) for p in run.results["points_pb"]]
+
+    def index_of(point_pb: Any) -> int | None:
+        return next((i for i, p in enumerate(points) if same_value(p, point_pb)), None)
+
+    wanted = [(e["spectrum"], e["xsec_pb"]) for e in distinct_excesses(run.results["excesses"])][
+        :TOP_DRAWN
+    ]
+    wanted += [(e["spectrum"], e["xsec_pb"]) for e in flagged_excesses(run)]
+    wanted += [
+        (row["spectrum"], row["point_pb"])
+        for row in run.decisions
+        if row["spectrum"]
+        and (row["kind"] in _DRAWN_KINDS or str(row["gate"] or "").startswith("refused"))
+    ]
+    drawn = {(s, i) for s, p in wanted if (i := index_of(p)) is not None}
+    for i, point in enumerate(run.points):
+        summary = point["summary"] or {"spectra": []}
+        drawn |= {(e["spectrum"], i) for e in summary["spectra"] if e["status"] == "no background"}
+    return drawn
+
+
+def map_order(points: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """The map's rows: point indices by cross section, and the points where all was skipped.
+
+    A point where every spectrum was skipped (too few events) gets no row; the report lists
+    it under the map instead.
+    """
+    order = sorted(range(len(points)), key=lambda i: float(points[i]["point_pb"]))
+
+    def all_skipped(i: int) -> bool:
+        spectra = (points[i]["summary"] or {"spectra": []})["spectra"]
+        return bool(spectra) and all(entry["status"] == "skipped" for entry in spectra)
+
+    return [i for i in order if not all_skipped(i)], [i for i in order if all_skipped(i)]
+
+
+def _map_arrays(
+    run: RunRecord, order: Sequence[int]
+) -> tuple[np.ndarray, list[list[str]], list[list[str | None]]]:
+    """Local Z, marks and statuses of the map's rows (the points of `order`) x 63 spectra."""
+    points = [run.points[i] for i in order]
     local_z = np.full((len(points), len(SPECTRUM_NAMES)), np.nan)
     marks = [["" for _ in SPECTRUM_NAMES] for _ in points]
     statuses: list[list[str | None]] = [[None for _ in SPECTRUM_NAMES] for _ in points]
@@ -86,7 +149,9 @@ def _map_arrays(run: RunRecord) -> tuple[np.ndarray, list[list[str]], list[list[
     return local_z, marks, statuses
 
 
-def _map_table(run: RunRecord, local_z: np.ndarray, marks: list[list[str]]) -> str:
+def _map_table(
+    run: RunRecord, order: Sequence[int], local_z: np.ndarray, marks: list[list[str]]
+) -> str:
     import matplotlib as mpl
 
     colour_map = mpl.colormaps["viridis"]
@@ -96,17 +161,18 @@ def _map_table(run: RunRecord, local_z: np.ndarray, marks: list[list[str]]) -> s
         f'<th title="{escape(n)}">{escape(n.replace("/", " "))}</th>' for n in SPECTRUM_NAMES
     )
     rows = []
-    for i, point in enumerate(run.points):
+    for row, i in enumerate(order):
+        point = run.points[i]
         cells = [f"<th>{point['point_pb']:.3g} pb</th>"]
         for j, name in enumerate(SPECTRUM_NAMES):
-            z = local_z[i, j]
+            z = local_z[row, j]
             colour = (
                 mpl.colors.to_hex(colour_map(min(1.0, max(0.0, z / top))))
                 if np.isfinite(z)
                 else "#fff"
             )
             text_colour = "#fff" if np.isfinite(z) and z / top < 0.6 else "#000"
-            label = f"{z:.1f}" if np.isfinite(z) else marks[i][j]
+            label = f"{z:.1f}" if np.isfinite(z) else marks[row][j]
             title = f"{name} at {point_text(point['point_pb'])} pb: " + (
                 f"local Z {z:.2f}" if np.isfinite(z) else "no excess test"
             )
@@ -124,11 +190,21 @@ def _map_table(run: RunRecord, local_z: np.ndarray, marks: list[list[str]]) -> s
     )
 
 
+def _points_text(points_pb: Sequence[float]) -> str:
+    """The AR points where an excess appears: "0.3" or "0.237 - 4.87 (9 points)"."""
+    if len(points_pb) == 1:
+        return number_text(points_pb[0])
+    low, high = number_text(min(points_pb)), number_text(max(points_pb))
+    return f"{low} - {high} ({len(points_pb)} points)"
+
+
 def _excess_table(run: RunRecord) -> str:
+    """One row per distinct excess (a spectrum's overlapping windows), at its best point."""
     header = (
         "# (flagged: window exclusion triggered or scan-wide best)",
         "spectrum",
         "AR point (pb)",
+        "seen at AR points (pb)",
         "window (GeV)",
         "data",
         "background",
@@ -141,8 +217,14 @@ def _excess_table(run: RunRecord) -> str:
         "masked window (GeV)",
     )
     rows = []
-    flagged = {id(e) for e in flagged_excesses(run)}
-    for rank, excess in enumerate(run.results["excesses"], start=1):
+    flagged = [(e["spectrum"], e["window_gev"]) for e in flagged_excesses(run)]
+    for rank, excess in enumerate(distinct_excesses(run.results["excesses"]), start=1):
+        is_flagged = any(
+            spectrum == excess["spectrum"]
+            and window[0] < excess["window_gev"][1]
+            and excess["window_gev"][0] < window[1]
+            for spectrum, window in flagged
+        )
         index = run.point_index(excess["xsec_pb"])
         slug = spectrum_slug(excess["spectrum"], index)
         low, high = excess["window_gev"]
@@ -152,12 +234,13 @@ def _excess_table(run: RunRecord) -> str:
             global_text = "> " + global_text
         rows.append(
             [
-                td(f"{rank} flagged" if id(excess) in flagged else rank),
+                td(f"{rank} flagged" if is_flagged else rank),
                 raw_td(
                     f'<a href="spectra/{slug}.html" data-field="spectrum">'
                     f"{escape(excess['spectrum'])}</a>"
                 ),
                 td(number_text(excess["xsec_pb"]), value=excess["xsec_pb"], cls="num"),
+                td(_points_text(excess["points_pb"]), cls="num"),
                 td(f"{low:.1f} - {high:.1f}", value=excess["window_gev"], cls="num"),
                 td(number_text(excess["data"]), value=excess["data"], cls="num"),
                 td(number_text(excess["background"]), value=excess["background"], cls="num"),
@@ -471,11 +554,20 @@ def _contents(run_dir: Path) -> list[tuple[str, str]]:
 def _index_page(run: RunRecord, folder: Path, figures: Figures, style: PlotStyle) -> str:
     """The index page: headline, contents, then every section (figures in page order)."""
     results = run.results
-    local_z, marks, _ = _map_arrays(run)
+    order, all_skipped = map_order(run.points)
+    local_z, marks, _ = _map_arrays(run, order)
+    rows_pb = [run.points[i]["point_pb"] for i in order]
     map_image = figures.img(
-        plots.significance_map(local_z, marks, results["points_pb"], SPECTRUM_NAMES, style),
+        plots.significance_map(local_z, marks, rows_pb, SPECTRUM_NAMES, style),
         "significance-map",
         "significance map: AR points x 63 spectra, colour = local Z",
+    )
+    skipped_note = (
+        '<p class="note">Not on the map, every spectrum skipped (too few events): '
+        + ", ".join(f"{point_text(run.points[i]['point_pb'])} pb" for i in all_skipped)
+        + ".</p>"
+        if all_skipped
+        else ""
     )
     contents = _contents(run.run_dir)
     body = [
@@ -488,13 +580,17 @@ def _index_page(run: RunRecord, folder: Path, figures: Figures, style: PlotStyle
         + "</p>",
         '<h2 id="map">Significance map</h2>',
         map_image,
-        '<p class="note">Each cell links to its spectrum page: data, background, window, '
-        "function choice and every decision.</p>",
-        _map_table(run, local_z, marks),
+        '<p class="note">AR points by cross section, refinements in place. Each cell links '
+        "to its spectrum page: data, background, window, function choice and every "
+        "decision.</p>",
+        skipped_note,
+        _map_table(run, order, local_z, marks),
         '<h2 id="excess-table">Ranked excesses</h2>',
-        '<p class="note">From results.json; local Z of the BumpHunter window, spectrum-global '
-        "Z from its toys (&gt;: lower limit from the toy count), scan-global Z on the largest "
-        "excess only.</p>",
+        '<p class="note">From results.json, one row per distinct excess (a spectrum\'s '
+        "overlapping windows) at the AR point of its largest local Z, with every point where "
+        "it appears; local Z of the BumpHunter window, spectrum-global Z from its toys "
+        "(&gt;: lower limit from the toy count), scan-global Z on the largest excess only. "
+        "Every row of every point: results.csv.</p>",
         _excess_table(run),
         '<h2 id="lee">Scan-wide look-elsewhere</h2>',
         _lee_section(run),
@@ -519,13 +615,59 @@ def write_report(
     style: PlotStyle = "Simulation",
     fmt: PlotFormat = "png",
     placement: PlotPlacement = "embedded",
+    pages: Pages = "needed",
     progress: Callable[[int, int], None] | None = None,
 ) -> ReportOutcome:
     """Write RUN/report/index.html, a page per spectrum x point and the tool-call page.
 
-    `progress(pages_done, pages_total)` is called after each spectrum page.
+    With `pages` "needed" only the pages of `drawn_pages` get their figure; "all" draws
+    every one. `progress(pages_done, pages_total)` is called after each spectrum page.
     """
     run = load_run(run_dir)
+    folder = _report_folder(run_dir, output)
+    figures = Figures(folder, fmt, placement)
+    write_text(folder / "index.html", _index_page(run, folder, figures, style), what="report")
+    drawn = drawn_pages(run)
+    count = 1
+    total = len(run.points) * len(SPECTRUM_NAMES)
+    for index in range(len(run.points)):
+        for spectrum in SPECTRUM_NAMES:
+            figure = pages == "all" or (spectrum, index) in drawn
+            page = spectrum_page(run, spectrum, index, figures, style, figure=figure)
+            path = folder / "spectra" / f"{spectrum_slug(spectrum, index)}.html"
+            write_text(path, page, what="report page")
+            count += 1
+            if progress is not None:
+                progress(count - 1, total)
+    write_text(folder / "tool_calls.html", tool_calls_page(run), what="report page")
+    return ReportOutcome(folder / "index.html", count + 1, tuple(figures.written))
+
+
+def write_spectrum_page(
+    run_dir: Path,
+    spectrum: str,
+    point: float | str,
+    output: Path | None = None,
+    *,
+    style: PlotStyle = "Simulation",
+    fmt: PlotFormat = "png",
+    placement: PlotPlacement = "embedded",
+) -> Path:
+    """Draw one spectrum page (`point` in pb or "#INDEX") into the report folder; its path.
+
+    Raises InvalidInputError for a spectrum or point the run does not have.
+    """
+    check_spectrum(spectrum)
+    run = load_run(run_dir)
+    index = run.point_index(point)
+    folder = _report_folder(run_dir, output)
+    page = spectrum_page(run, spectrum, index, Figures(folder, fmt, placement), style)
+    path = folder / "spectra" / f"{spectrum_slug(spectrum, index)}.html"
+    return write_text(path, page, what="report page")
+
+
+def _report_folder(run_dir: Path, output: Path | None) -> Path:
+    """The report folder (default RUN/report) with its spectra/ folder made."""
     folder = output or run_dir / "report"
     try:
         (folder / "spectra").mkdir(parents=True, exist_ok=True)
@@ -533,17 +675,4 @@ def write_report(
         raise InvalidInputError(
             f"cannot write the report folder {folder}: {error.strerror}; give a writable -o"
         ) from error
-    figures = Figures(folder, fmt, placement)
-    write_text(folder / "index.html", _index_page(run, folder, figures, style), what="report")
-    pages = 1
-    total = len(run.points) * len(SPECTRUM_NAMES)
-    for index in range(len(run.points)):
-        for spectrum in SPECTRUM_NAMES:
-            page = spectrum_page(run, spectrum, index, figures, style)
-            path = folder / "spectra" / f"{spectrum_slug(spectrum, index)}.html"
-            write_text(path, page, what="report page")
-            pages += 1
-            if progress is not None:
-                progress(pages - 1, total)
-    write_text(folder / "tool_calls.html", tool_calls_page(run), what="report page")
-    return ReportOutcome(folder / "index.html", pages + 1, tuple(figures.written))
+    return folder

@@ -26,14 +26,16 @@ import pytest
 from agent.figures import plots
 from agent.review import (
     Figures,
+    drawn_pages,
     flagged_excesses,
     load_run,
+    map_order,
     number_text,
     spectrum_page,
     spectrum_slug,
 )
 from agent.runtime.audit import CHAIN_COLUMNS, TABLE_COLUMNS, AuditLog
-from agent.scan import ScanConfig, run_scan
+from agent.scan import ScanConfig, distinct_excesses, run_scan
 from core.errors import InvalidInputError
 from core.masses import SPECTRUM_NAMES
 from core.synth import SampleConfig, generate_sample
@@ -182,7 +184,9 @@ window.addEventListener('load', function () {
   var requests = performance.getEntriesByType('resource').map(function (r) { return r.name; });
   document.body.setAttribute('data-probe', JSON.stringify({images: images, requests: requests,
     map: !!document.getElementById('map-table'), excesses: !!document.getElementById('excesses'),
-    rows: document.querySelectorAll('#excesses tbody tr').length}));
+    rows: document.querySelectorAll('#excesses tbody tr').length,
+    axis: Array.prototype.map.call(document.querySelectorAll('#map-table tbody th'),
+      function (t) { return t.textContent; })}));
 });
 </script>"""
 
@@ -201,7 +205,9 @@ def test_report_renders_in_headless_chromium(reviewed: ReviewedRun, tmp_path: Pa
     raw = dumped.stdout.split(marker, 1)[1].split('"', 1)[0]
     probe = json.loads(raw.replace("&quot;", '"').replace("&amp;", "&"))
     assert probe["map"] and probe["excesses"]
-    assert probe["rows"] == len(reviewed.results["excesses"])
+    assert probe["rows"] == len(distinct_excesses(reviewed.results["excesses"]))
+    axis = [float(text.removesuffix(" pb")) for text in probe["axis"]]
+    assert axis == sorted(axis) and len(axis) == len(set(axis)) >= 1, axis
     names = [name for name, _, _ in probe["images"]]
     assert {"significance-map", "loss", "scores"} <= set(names)
     broken = [image for image in probe["images"] if not image[1] or image[2] <= 0]
@@ -239,13 +245,65 @@ def test_report_has_no_reference_outside_the_folder(reviewed: ReviewedRun) -> No
         assert "<script" not in page.read_text()
 
 
+def test_report_draws_the_pages_a_reviewer_needs_and_says_how_to_draw_the_others(
+    reviewed: ReviewedRun,
+) -> None:
+    """Drawn: the top excess and what `drawn_pages` lists; the rest carry the command,
+    which draws the page when run."""
+    run = load_run(reviewed.run_dir)
+    drawn = drawn_pages(run)
+    top = reviewed.results["excesses"][0]
+    assert (top["spectrum"], run.point_index(top["xsec_pb"])) in drawn
+    spectra = reviewed.run_dir / "report" / "spectra"
+    not_drawn = []
+    for index, point in enumerate(run.points):
+        for entry in point["summary"]["spectra"]:
+            page = (spectra / f"{spectrum_slug(entry['spectrum'], index)}.html").read_text()
+            if (entry["spectrum"], index) in drawn:
+                assert "<img" in page and "not-drawn" not in page
+            elif entry["status"] != "skipped":
+                assert "<img" not in page and 'id="not-drawn"' in page
+                assert "Decisions" in page and "In the terminal" in page  # the whole story
+                not_drawn.append((entry["spectrum"], index, page))
+    assert not_drawn, "the tiny scan has spectra without an excess worth drawing"
+    spectrum, index, page = not_drawn[0]
+    command = html.unescape(page.split('<span class="mono">', 1)[1].split("</span>", 1)[0])
+    words = command.split()
+    assert words[:3] == ["anomscan", "report", str(reviewed.run_dir)]
+    copy = reviewed.run_dir.parent / "report-page"
+    done = run_cli(*words[1:], "-o", str(copy))
+    assert done.returncode == 0, done.stderr
+    drawn_page = copy / "spectra" / f"{spectrum_slug(spectrum, index)}.html"
+    assert done.stdout.strip() == f"page: {drawn_page}"
+    assert "<img" in drawn_page.read_text()
+    bad = run_cli("report", str(reviewed.run_dir), "--spectrum", spectrum, "--point", "77")
+    assert bad.returncode == 2 and "points" in bad.stderr and "Traceback" not in bad.stderr
+    half = run_cli("report", str(reviewed.run_dir), "--spectrum", spectrum)
+    assert half.returncode == 2 and "go together" in half.stderr
+
+
+def test_the_map_sorts_the_points_and_leaves_out_the_all_skipped_ones() -> None:
+    def point(pb: float, statuses: list[str] | None) -> dict[str, Any]:
+        spectra = [{"spectrum": "T1/jj", "status": s} for s in statuses or []]
+        return {"point_pb": pb, "summary": None if statuses is None else {"spectra": spectra}}
+
+    points = [
+        point(1.0, ["excess", "skipped"]),
+        point(10.0, ["excess"]),
+        point(0.001, ["skipped", "skipped"]),  # every spectrum skipped: off the map
+        point(0.237, ["no background"]),  # a refinement, scanned after the grid
+        point(0.42, None),  # no summary: kept, not claimed all-skipped
+    ]
+    assert map_order(points) == ([3, 4, 0, 1], [2])
+
+
 @pytest.mark.slow
 def test_every_number_of_the_excess_table_is_the_one_in_results_json(
     reviewed: ReviewedRun,
 ) -> None:
     table = _parse(reviewed.run_dir / "report" / "index.html")
     rows = [row for row in table.rows if row]
-    excesses = reviewed.results["excesses"]
+    excesses = distinct_excesses(reviewed.results["excesses"])
     assert len(rows) == len(excesses)
     keys = (
         "xsec_pb", "window_gev", "data", "background", "local_p", "local_z", "global_z",
@@ -253,6 +311,9 @@ def test_every_number_of_the_excess_table_is_the_one_in_results_json(
     )  # fmt: skip
     for row, excess in zip(rows, excesses, strict=True):
         assert row[1][1] == excess["spectrum"]
+        seen = excess["points_pb"]
+        expected = number_text(seen[0]) if len(seen) == 1 else f"({len(seen)} points)"
+        assert expected in row[3][1], (row[3][1], seen)
         valued = [cell for cell in row if "data-value" in cell[0]]
         assert len(valued) == len(keys)
         for (attributes, text), key in zip(valued, keys, strict=True):
