@@ -34,6 +34,7 @@ from agent.review import (
     write_report,
     write_spectrum_page,
 )
+from agent.review.plan import compare_plans, plan_text
 from agent.runtime import audit
 from agent.runtime.runlock import run_folder_lock
 from core.anomaly import point_text
@@ -51,8 +52,8 @@ __all__ = [
 
 AUDIT_USAGE = (
     "usage: anomscan audit RUN [--why SPECTRUM POINT] | anomscan audit verify RUN | "
-    "anomscan audit export RUN | anomscan audit annotate RUN DECISION_SEQ --verdict "
-    "agree|question|reject --note TEXT --by NAME"
+    "anomscan audit export RUN | anomscan audit plan RUN [OTHER_RUN] | anomscan audit "
+    "annotate RUN DECISION_SEQ --verdict agree|question|reject --note TEXT --by NAME"
 )
 
 AUDIT_ROWS_SHOWN = 200
@@ -202,12 +203,25 @@ def _command_decisions(arguments: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def _command_plan(run_dir: Path, other: Path | None = None) -> int:
+    """`anomscan audit plan RUN [OTHER]`: the plan and data of a run, or two runs compared."""
+    with _audit_log_read(run_dir / audit.AUDIT_FILE):
+        print(plan_text(run_dir))
+    if other is not None:
+        with _audit_log_read(other / audit.AUDIT_FILE):
+            print(compare_plans(run_dir, other))
+    return 0
+
+
 def _command_audit(arguments: argparse.Namespace) -> int:
     """`anomscan audit [verify|export|annotate] RUN ...`: dispatch on the first word."""
     words = list(arguments.target)
-    action = words.pop(0) if words and words[0] in ("verify", "export", "annotate") else "table"
+    actions = ("verify", "export", "annotate", "plan")
+    action = words.pop(0) if words and words[0] in actions else "table"
     if action == "annotate":
         return _command_annotate(arguments, words)
+    if action == "plan" and len(words) in (1, 2):
+        return _command_plan(*(Path(word) for word in words))
     if len(words) != 1:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
@@ -225,7 +239,9 @@ def add_audit_parser(commands: Subcommands) -> None:
     """The `audit` subcommand (its actions are the first words of its target)."""
     audit_parser = add_command(commands, "audit")
     audit_parser.add_argument(
-        "target", nargs="+", help="RUN, or verify RUN, or export RUN, or annotate RUN SEQ"
+        "target",
+        nargs="+",
+        help="RUN, or verify RUN, or export RUN, or plan RUN [OTHER_RUN], or annotate RUN SEQ",
     )
     audit_parser.add_argument("--step", help="step id or node name (substring)")
     audit_parser.add_argument("--spectrum", help="e.g. T2/jm")

@@ -357,6 +357,17 @@ def _config_section(run: RunRecord) -> str:
             td(""),
         ]
     )
+    plan = next((r for r in run.runs if r["event"] == "plan"), None)
+    if plan is not None:
+        # the plan committed before the data were read (`anomscan audit plan RUN`)
+        hashes = (
+            ("plan", f"audit seq {plan['seq']}", plan["config"]["plan_sha256"]),
+            ("code", "core/ tools/ agent/", plan["config"]["code_sha256"]),
+            ("data", "the inputs, paths aside", plan["inputs"]["data_sha256"]),
+        )
+        rows += [
+            [td(kind), td(what), td(digest, cls="mono"), td("")] for kind, what, digest in hashes
+        ]
     parts.append(html_table(("kind", "path", "sha256", "bytes"), rows, 'id="hashes"'))
     events = [r for r in run.runs if r["event"] in ("resume", "failed")]
     if events:
