@@ -37,6 +37,7 @@ from agent.review import (
 from agent.review.plan import compare_plans, plan_text
 from agent.runtime import audit
 from agent.runtime.runlock import run_folder_lock
+from agent.scan.blinding import check_unblinded, unblind
 from core.anomaly import point_text
 from core.errors import InvalidInputError
 from core.files import atomic_path
@@ -48,6 +49,7 @@ __all__ = [
     "add_export_parser",
     "add_replay_parser",
     "add_report_parser",
+    "add_unblind_parser",
 ]
 
 AUDIT_USAGE = (
@@ -225,6 +227,8 @@ def _command_audit(arguments: argparse.Namespace) -> int:
     if len(words) != 1:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
+    if action != "verify":  # the decisions and tool calls hold the data in the windows
+        check_unblinded(Path(words[0]), f"`anomscan audit {' '.join(arguments.target)}`")
     if arguments.why is not None:
         return _command_why(Path(words[0]), *arguments.why)
     path = Path(words[0]) / audit.AUDIT_FILE
@@ -329,9 +333,30 @@ def add_report_parser(commands: Subcommands) -> None:
 
 def _command_export(arguments: argparse.Namespace) -> int:
     """`anomscan export RUN --hepdata DIR`: HEPData submission YAML of the run."""
+    check_unblinded(Path(arguments.run), "the HEPData export (the observed spectra)")
     outcome = export_hepdata(Path(arguments.run), Path(arguments.hepdata))
     print(f"HEPData submission: {outcome.submission} ({outcome.n_tables} tables)")
     return 0
+
+
+def _command_unblind(arguments: argparse.Namespace) -> int:
+    """`anomscan unblind RUN --by NAME [--note TEXT]`: release a blinded run's results."""
+    run_dir = Path(arguments.run)
+    record = unblind(run_dir, arguments.by or "", arguments.note or "")
+    print(
+        f"unblinded by {record['by']} at {record['at']}: {run_dir / 'results.json'} holds the "
+        f"results sealed by the scan (sha256 {record['sealed']['results.json']}); "
+        f"`anomscan report {run_dir}` shows them"
+    )
+    return 0
+
+
+def add_unblind_parser(commands: Subcommands) -> None:
+    """The `unblind` subcommand."""
+    unblind_parser = add_run_command(commands, "unblind")
+    unblind_parser.add_argument("--by", required=True, help="who unblinds (on record)")
+    unblind_parser.add_argument("--note", help="why now, under which approval")
+    unblind_parser.set_defaults(handler=_command_unblind)
 
 
 def add_export_parser(commands: Subcommands) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.review import number_text
 from agent.runtime.audit import TABLE_COLUMNS
 from tests.agent.conftest import (
     CHEAP,
@@ -300,6 +302,78 @@ def test_the_plan_is_the_first_row_of_the_chain_and_holds_the_procedure_and_data
     assert f"runs row seq {seq} (key 'run:plan:0'): its content does not match" in report.stdout
     old = run_cli("audit", "plan", str(tmp_path))
     assert old.returncode == 2 and "no audit log" in old.stderr
+
+
+def _reference_arguments(signal_sample: Sample, out: Path, *extra: str) -> list[str]:
+    """The reference scan's command line (the generated folder, its luminosity) + extra."""
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial", *extra)
+    for file in signal_sample.files:
+        arguments.remove(file)
+    lumi = arguments.index("--lumi-pb")
+    del arguments[lumi : lumi + 2]
+    return [arguments[0], str(Path(signal_sample.files[0]).parent), *arguments[1:]]
+
+
+def _shown_text(run_dir: Path) -> str:
+    """Everything a blinded scan shows: results.json/csv and every file of its report."""
+    files = [run_dir / "results.json", run_dir / "results.csv"]
+    files += sorted(p for p in (run_dir / "report").rglob("*") if p.is_file())
+    return "\n".join(p.read_text(errors="replace") for p in files)
+
+
+def test_a_blinded_scan_shows_no_window_and_unblinds_to_the_same_results(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """Nothing a blinded scan shows holds a number of a search window known from the
+    unblinded reference; `unblind` releases exactly the reference's results, on record."""
+    out = tmp_path / "run"
+    done = run_cli(*_reference_arguments(signal_sample, out, "--blind"))
+    assert done.returncode == 0, done.stderr
+    assert "blinded scan:" in done.stdout and "unblind" in done.stdout
+    assert run_cli("report", str(out)).returncode == 0
+    shown = done.stdout + _shown_text(out)
+    known = json.loads((reference / "results.json").read_text())
+    assert known["excesses"], "the reference scan must have excesses to hide"
+    for excess in known["excesses"][:5]:
+        for key in ("local_z", "local_p", "background", "global_z"):
+            value = excess[key]
+            for text in (repr(value), json.dumps(value), number_text(value), f"{value:.2f}"):
+                # the number alone, not inside a longer one
+                assert not re.search(rf"(?<![\d.]){re.escape(text)}(?![\d])", shown), (key, text)
+    blinded = json.loads((out / "results.json").read_text())
+    assert blinded["excesses"] == [] and blinded["scan_global_z"] is None
+    assert len(blinded["backgrounds"]) == len(known["excesses"])
+    assert "window_gev" not in json.dumps(blinded) and "local_z" not in json.dumps(blinded)
+    assert (out / "results.csv").read_text().count("\n") == 1  # the header only
+    for refused in (
+        ("export", str(out), "--hepdata", str(tmp_path / "hepdata")),
+        ("audit", str(out)),
+        ("limits", str(out)),
+    ):
+        denied = run_cli(*refused)
+        assert denied.returncode == 2 and "blinded scan" in denied.stderr, refused
+    assert not (tmp_path / "hepdata").exists()
+    compared = run_cli("audit", "plan", str(reference), str(out))
+    assert "the same data, different plans:\n  blind: false -> true\n" in compared.stdout
+
+    released = run_cli("unblind", str(out), "--by", "reviewer B", "--note", "approved")
+    assert released.returncode == 0, released.stderr
+    assert results_of(out) == results_of(reference)
+    assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+    assert run_cli("report", str(out)).returncode == 0
+    index = (out / "report" / "index.html").read_text()
+    assert "unblinded by reviewer B" in index and "no change after unblinding" in index
+    again = run_cli("unblind", str(out), "--by", "someone")
+    assert again.returncode == 2 and "unblinded by reviewer B" in again.stderr
+    verified = run_cli("audit", "verify", str(out))
+    assert verified.returncode == 0, verified.stdout
+    # a change after unblinding is listed with its rows
+    assert (
+        run_cli("limits", str(out), "--spectrum", known["excesses"][0]["spectrum"]).returncode == 0
+    )
+    assert run_cli("report", str(out)).returncode == 0
+    index = (out / "report" / "index.html").read_text()
+    assert "rows were added after unblinding" in index and "limits" in index
 
 
 def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
