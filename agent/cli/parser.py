@@ -77,12 +77,17 @@ COMMANDS: dict[str, Command] = {
     ),
     "audit": Command(
         "decisions of a run as a table (--why SPECTRUM POINT: one spectrum's story); "
-        "`audit verify RUN`; `audit export RUN`; `audit annotate RUN SEQ --verdict ...`",
+        "`audit verify RUN`; `audit export RUN`; `audit plan RUN`; `audit annotate RUN SEQ ...`",
         "agent.cli.review",
         "add_audit_parser",
     ),
     "report": Command(
         "static HTML report of a run (RUN/report/)", "agent.cli.review", "add_report_parser"
+    ),
+    "unblind": Command(
+        "release a blinded scan's sealed results, on record (--by NAME)",
+        "agent.cli.review",
+        "add_unblind_parser",
     ),
     "export": Command(
         "export a run (HEPData submission YAML)", "agent.cli.review", "add_export_parser"

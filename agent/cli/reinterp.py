@@ -16,6 +16,7 @@ from agent.cli.common import add_run_command, canonical_spectrum, progress_bar
 from agent.cli.parser import Subcommands
 from agent.reinterp import InjectionRequest, run_acceptance, run_injection
 from agent.scan import low_count_text, parse_widths, run_limits
+from agent.scan.blinding import check_unblinded
 from core.anomaly import point_text
 from core.events import SCHEMA_NAMES
 from core.synth import EXTRA_TYPES
@@ -97,6 +98,7 @@ def _parse_extra(text: str) -> dict[str, int]:
 
 def _command_inject(arguments: argparse.Namespace) -> int:
     """`anomscan inject RUN --pair P --mass M --width W --xsec X,...`: injection and recovery."""
+    check_unblinded(Path(arguments.run), "an injection (its recovery sees the data)")
     request = InjectionRequest(
         pair=arguments.pair,
         mass=arguments.mass,
@@ -171,6 +173,7 @@ def add_inject_parser(commands: Subcommands) -> None:
 def _command_limits(arguments: argparse.Namespace) -> int:
     """`anomscan limits RUN`: 95 % CL limits on Gaussian signals, RUN/limits.json and .csv."""
     run_dir = Path(arguments.run)
+    check_unblinded(run_dir, "the observed limits")
     widths = parse_widths(arguments.widths)
     with progress_bar("setting limits (every accepted spectrum and point, one pass)"):
         outcome = run_limits(

@@ -34,8 +34,10 @@ from agent.review import (
     write_report,
     write_spectrum_page,
 )
+from agent.review.plan import compare_plans, plan_text
 from agent.runtime import audit
 from agent.runtime.runlock import run_folder_lock
+from agent.scan.blinding import check_unblinded, unblind
 from core.anomaly import point_text
 from core.errors import InvalidInputError
 from core.files import atomic_path
@@ -47,12 +49,13 @@ __all__ = [
     "add_export_parser",
     "add_replay_parser",
     "add_report_parser",
+    "add_unblind_parser",
 ]
 
 AUDIT_USAGE = (
     "usage: anomscan audit RUN [--why SPECTRUM POINT] | anomscan audit verify RUN | "
-    "anomscan audit export RUN | anomscan audit annotate RUN DECISION_SEQ --verdict "
-    "agree|question|reject --note TEXT --by NAME"
+    "anomscan audit export RUN | anomscan audit plan RUN [OTHER_RUN] | anomscan audit "
+    "annotate RUN DECISION_SEQ --verdict agree|question|reject --note TEXT --by NAME"
 )
 
 AUDIT_ROWS_SHOWN = 200
@@ -202,15 +205,30 @@ def _command_decisions(arguments: argparse.Namespace, path: Path) -> int:
     return 0
 
 
+def _command_plan(run_dir: Path, other: Path | None = None) -> int:
+    """`anomscan audit plan RUN [OTHER]`: the plan and data of a run, or two runs compared."""
+    with _audit_log_read(run_dir / audit.AUDIT_FILE):
+        print(plan_text(run_dir))
+    if other is not None:
+        with _audit_log_read(other / audit.AUDIT_FILE):
+            print(compare_plans(run_dir, other))
+    return 0
+
+
 def _command_audit(arguments: argparse.Namespace) -> int:
     """`anomscan audit [verify|export|annotate] RUN ...`: dispatch on the first word."""
     words = list(arguments.target)
-    action = words.pop(0) if words and words[0] in ("verify", "export", "annotate") else "table"
+    actions = ("verify", "export", "annotate", "plan")
+    action = words.pop(0) if words and words[0] in actions else "table"
     if action == "annotate":
         return _command_annotate(arguments, words)
+    if action == "plan" and len(words) in (1, 2):
+        return _command_plan(*(Path(word) for word in words))
     if len(words) != 1:
         print(AUDIT_USAGE, file=sys.stderr)
         return EXIT_INVALID_INPUT
+    if action != "verify":  # the decisions and tool calls hold the data in the windows
+        check_unblinded(Path(words[0]), f"`anomscan audit {' '.join(arguments.target)}`")
     if arguments.why is not None:
         return _command_why(Path(words[0]), *arguments.why)
     path = Path(words[0]) / audit.AUDIT_FILE
@@ -225,7 +243,9 @@ def add_audit_parser(commands: Subcommands) -> None:
     """The `audit` subcommand (its actions are the first words of its target)."""
     audit_parser = add_command(commands, "audit")
     audit_parser.add_argument(
-        "target", nargs="+", help="RUN, or verify RUN, or export RUN, or annotate RUN SEQ"
+        "target",
+        nargs="+",
+        help="RUN, or verify RUN, or export RUN, or plan RUN [OTHER_RUN], or annotate RUN SEQ",
     )
     audit_parser.add_argument("--step", help="step id or node name (substring)")
     audit_parser.add_argument("--spectrum", help="e.g. T2/jm")
@@ -313,9 +333,30 @@ def add_report_parser(commands: Subcommands) -> None:
 
 def _command_export(arguments: argparse.Namespace) -> int:
     """`anomscan export RUN --hepdata DIR`: HEPData submission YAML of the run."""
+    check_unblinded(Path(arguments.run), "the HEPData export (the observed spectra)")
     outcome = export_hepdata(Path(arguments.run), Path(arguments.hepdata))
     print(f"HEPData submission: {outcome.submission} ({outcome.n_tables} tables)")
     return 0
+
+
+def _command_unblind(arguments: argparse.Namespace) -> int:
+    """`anomscan unblind RUN --by NAME [--note TEXT]`: release a blinded run's results."""
+    run_dir = Path(arguments.run)
+    record = unblind(run_dir, arguments.by or "", arguments.note or "")
+    print(
+        f"unblinded by {record['by']} at {record['at']}: {run_dir / 'results.json'} holds the "
+        f"results sealed by the scan (sha256 {record['sealed']['results.json']}); "
+        f"`anomscan report {run_dir}` shows them"
+    )
+    return 0
+
+
+def add_unblind_parser(commands: Subcommands) -> None:
+    """The `unblind` subcommand."""
+    unblind_parser = add_run_command(commands, "unblind")
+    unblind_parser.add_argument("--by", required=True, help="who unblinds (on record)")
+    unblind_parser.add_argument("--note", help="why now, under which approval")
+    unblind_parser.set_defaults(handler=_command_unblind)
 
 
 def add_export_parser(commands: Subcommands) -> None:

@@ -103,6 +103,16 @@ def _excess_table(distinct: list[dict[str, Any]]) -> Table:
 def _print_excesses(results: dict[str, Any], top: int = 10) -> None:
     """The `top` distinct excesses of a scan's results, its scan-wide Z and its counts."""
     console = Console() if sys.stdout.isatty() else Console(width=110)  # a file or pipe
+    if results.get("blinded"):
+        lee = results["look_elsewhere"] or {}
+        console.print(
+            f"blinded scan: {len(results['points_pb'])} AR points, "
+            f"{len(results['backgrounds'])} (spectrum, point) backgrounds accepted, "
+            f"{len(results['skipped'])} skipped, {lee.get('n_tests', 0)} tests in the "
+            "scan-wide look-elsewhere; the excesses are sealed in "
+            f"{results['blinded']['sealed']} until `anomscan unblind RUN --by NAME`"
+        )
+        return
     distinct = distinct_excesses(results["excesses"])
     console.print(_excess_table(distinct[:top]))
     if results["scan_global_z"] is not None:
@@ -148,6 +158,7 @@ def _scan_config(arguments: argparse.Namespace) -> ScanConfig:
         "epochs": arguments.epochs,
         "gof_toys": arguments.gof_toys,
         **({"limits": True} if getattr(arguments, "limits", False) else {}),
+        **({"blind": True} if getattr(arguments, "blind", False) else {}),
         **_llm_fields(arguments),
     }
     if arguments.xsec_range is not None:
@@ -156,10 +167,11 @@ def _scan_config(arguments: argparse.Namespace) -> ScanConfig:
         return ScanConfig.model_validate(fields)
     except ValidationError as error:
         problem = error.errors()[0]
+        names = [str(p) for p in problem["loc"] if not isinstance(p, int)]
+        if not names:  # a rule between options: its message names them
+            raise InvalidInputError(str(problem["msg"]).removeprefix("Value error, ")) from error
         raise InvalidInputError(
-            f"--{'-'.join(str(p) for p in problem['loc'] if not isinstance(p, int))}".replace(
-                "_", "-"
-            )
+            f"--{'-'.join(names)}".replace("_", "-")
             + f": {problem['msg']} (given {problem.get('input')!r})"
         ) from error
 
@@ -301,6 +313,12 @@ def add_scan_parser(commands: Subcommands) -> None:
     )
     scan.add_argument("--quiet", action="store_true", help="no progress display")
     scan.add_argument("--limits", action="store_true", help="set 95 %% CL limits as the last step")
+    scan.add_argument(
+        "--blind",
+        action="store_true",
+        help="withhold what reveals the data in the search windows (counts, Z, excesses) "
+        "from results.json, the terminal and the report until `anomscan unblind RUN --by ME`",
+    )
     scan.add_argument("--policy", choices=["rules", "llm"], default="rules")
     scan.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (ANOMSCAN_LLM_BASE_URL)")
     scan.add_argument("--llm-model", help="chat model (ANOMSCAN_LLM_MODEL)")

@@ -16,6 +16,7 @@ from agent.figures.common import PlotStyle
 from agent.review.markup import Figures, annotation_list, escape, html_page, html_table, raw_td, td
 from agent.review.run import RunRecord, spectrum_slug
 from agent.review.why import BACKGROUND_KINDS, number_text, spectrum_story, why_text
+from agent.scan.blinding import VISIBLE_KINDS
 from core.masses import SPECTRUM_NAMES
 
 
@@ -231,10 +232,12 @@ def spectrum_page(
     style: PlotStyle,
     *,
     figure: bool = True,
+    blinded: bool = False,
 ) -> str:
     """The page of `spectrum` at AR point number `index`: its story in HTML, and its figure.
 
     Without `figure` the page says how to draw it (`anomscan report RUN --spectrum ...`).
+    A `blinded` page shows the background decisions only (`agent.scan.blinding`).
     """
     story = spectrum_story(run, spectrum, index)
     point = run.points[index]
@@ -245,6 +248,16 @@ def spectrum_page(
         + (f" ({escape(story['reason'])})" if story["reason"] else "")
         + "</p>"
     )
+    if blinded:
+        parts.append(
+            '<p class="note" id="blinded">Blinded scan: the data, the search windows and '
+            "the decisions taken on them are sealed until `anomscan unblind RUN --by "
+            "NAME`.</p><h2>Decisions</h2>"
+        )
+        parts.extend(
+            _decision_markup(row) for row in story["decisions"] if row["kind"] in VISIBLE_KINDS
+        )
+        return html_page(title, "".join(parts))
     if "counts" in point and story["status"] != "skipped":
         if figure:
             parts.append(_spectrum_figure(story, point, title, figures, style))
@@ -273,9 +286,18 @@ def spectrum_page(
     return html_page(title, "".join(parts))
 
 
-def tool_calls_page(run: RunRecord) -> str:
-    """Every logged tool call, grouped by step: hashes, input and output (truncated)."""
+def tool_calls_page(run: RunRecord, *, blinded: bool = False) -> str:
+    """Every logged tool call, grouped by step: hashes, input and output (truncated).
+
+    A blinded scan's page lists no call: their outputs hold the data in the windows.
+    """
     parts = ['<p><a href="index.html">report</a></p><h1>Tool calls</h1>']
+    if blinded:
+        parts.append(
+            '<p class="note" id="blinded">Blinded scan: the tool calls (their outputs hold '
+            "the data in the search windows) are shown after `anomscan unblind`.</p>"
+        )
+        return html_page("tool calls", "".join(parts))
     step = None
     for call in run.tool_calls:
         if call["step_id"] != step:

@@ -47,6 +47,7 @@ from agent.review.run import (
     spectrum_slug,
 )
 from agent.review.why import check_spectrum, number_text
+from agent.scan.blinding import VISIBLE_KINDS, changes_after, check_unblinded, unblinding
 from agent.scan.results import distinct_excesses
 from core.anomaly import point_text
 from core.autoencoder import read_model_card, training_warnings
@@ -140,7 +141,7 @@ def _map_arrays(
         for entry in summary["spectra"]:
             j = SPECTRUM_NAMES.index(entry["spectrum"])
             statuses[i][j] = entry["status"]
-            if entry["status"] == "excess":
+            if entry["status"] == "excess" and not run.results.get("blinded"):
                 local_z[i, j] = entry["local_z"]
             fallback_used = any(
                 s == entry["spectrum"] and same_value(p, point["point_pb"]) for s, p in fallbacks
@@ -265,8 +266,9 @@ def _timeline(run: RunRecord) -> str:
               "tool calls", "annotations")  # fmt: skip
     points = run.results["points_pb"]
     rows = []
+    blinded = bool(run.results.get("blinded"))
     for row in run.decisions:
-        if row["kind"] == "skip":
+        if row["kind"] == "skip" or (blinded and row["kind"] not in VISIBLE_KINDS):
             continue
         spectrum = row["spectrum"] or ""
         link = ""
@@ -357,6 +359,17 @@ def _config_section(run: RunRecord) -> str:
             td(""),
         ]
     )
+    plan = next((r for r in run.runs if r["event"] == "plan"), None)
+    if plan is not None:
+        # the plan committed before the data were read (`anomscan audit plan RUN`)
+        hashes = (
+            ("plan", f"audit seq {plan['seq']}", plan["config"]["plan_sha256"]),
+            ("code", "core/ tools/ agent/", plan["config"]["code_sha256"]),
+            ("data", "the inputs, paths aside", plan["inputs"]["data_sha256"]),
+        )
+        rows += [
+            [td(kind), td(what), td(digest, cls="mono"), td("")] for kind, what, digest in hashes
+        ]
     parts.append(html_table(("kind", "path", "sha256", "bytes"), rows, 'id="hashes"'))
     events = [r for r in run.runs if r["event"] in ("resume", "failed")]
     if events:
@@ -520,8 +533,52 @@ class ReportOutcome:
     plots_written: tuple[Path, ...]
 
 
+def _blinded_note(what: str) -> str:
+    return (
+        f'<p class="note" id="blinded-{what}">Blinded scan: the {what} are sealed until '
+        "`anomscan unblind RUN --by NAME`.</p>"
+    )
+
+
+def _blinded_lee_section(run: RunRecord) -> str:
+    """The look-elsewhere test of a blinded scan: its method and size, not its result."""
+    lee = run.results.get("look_elsewhere") or {}
+    rows = [[td(key.replace("_", " ")), td(value)] for key, value in lee.items()]
+    return html_table(("quantity", "value"), rows, 'id="look-elsewhere"') + _blinded_note(
+        "look-elsewhere result and the scan-global Z"
+    )
+
+
+def _unblinding_note(run_dir: Path) -> str:
+    """For an unblinded scan: who unblinded it, when, and what changed since (rows)."""
+    row = unblinding(run_dir)
+    if row is None:
+        return ""
+    record = row["config"]
+    text = (
+        f"Blinded plan (sha256 {record['plan_sha256']}), unblinded by {record['by']} at "
+        f"{record['at']} (audit seq {row['seq']})"
+        + (f": {record['note']}" if record["note"] else "")
+    )
+    changes = changes_after(run_dir, int(row["seq"]))
+    if not changes:
+        return f'<p id="unblinding">{escape(text)}; no change after unblinding.</p>'
+    listed = "; ".join(f"{table} seq {seq} ({key})" for table, seq, key in changes)
+    return (
+        f'<p id="unblinding" class="warning">{escape(text)}; {len(changes)} rows were '
+        f"added after unblinding: {escape(listed)}</p>"
+    )
+
+
 def _headline(results: dict[str, Any]) -> str:
     """Points, excess tests, skipped spectra and the scan-global Z of the largest excess."""
+    if results.get("blinded"):
+        return (
+            f"Blinded scan: {len(results['points_pb'])} AR points, "
+            f"{len(results['backgrounds'])} accepted backgrounds, {len(results['skipped'])} "
+            f"skipped; the excesses and the look-elsewhere result are sealed in "
+            f"{results['blinded']['sealed']} until `{results['blinded']['unblind']}`"
+        )
     lee = results.get("look_elsewhere")
     return (
         f"{len(results['points_pb'])} AR points, {len(results['excesses'])} (spectrum, point) "
@@ -570,11 +627,14 @@ def _index_page(run: RunRecord, folder: Path, figures: Figures, style: PlotStyle
         else ""
     )
     contents = _contents(run.run_dir)
+    blinded = bool(results.get("blinded"))
+    # why the sweep ended may name the excesses it followed: not in a blinded report
+    ended = "" if blinded else f" Sweep ended: {escape(_stop_text(results['stop_reason']))}"
     body = [
         f"<h1>anomscan report: {escape(results['run_id'])}</h1>",
         f'<p id="headline">{escape(_headline(results))}. Luminosity '
-        f"{results['luminosity_pb']:g} pb^-1. "
-        f"Sweep ended: {escape(_stop_text(results['stop_reason']))}</p>",
+        f"{results['luminosity_pb']:g} pb^-1.{ended}</p>",
+        _unblinding_note(run.run_dir),
         '<p id="contents">'
         + " | ".join(f'<a href="{escape(href)}">{escape(label)}</a>' for href, label in contents)
         + "</p>",
@@ -591,14 +651,14 @@ def _index_page(run: RunRecord, folder: Path, figures: Figures, style: PlotStyle
         "it appears; local Z of the BumpHunter window, spectrum-global Z from its toys "
         "(&gt;: lower limit from the toy count), scan-global Z on the largest excess only. "
         "Every row of every point: results.csv.</p>",
-        _excess_table(run),
+        _blinded_note("excesses") if blinded else _excess_table(run),
         '<h2 id="lee">Scan-wide look-elsewhere</h2>',
-        _lee_section(run),
+        _blinded_lee_section(run) if blinded else _lee_section(run),
         *_limits_section(run.run_dir, folder, figures, style),
         '<h2 id="timeline-section">Decision timeline</h2>',
         _timeline(run),
         "<h3>LLM messages</h3>",
-        _llm_section(run),
+        _blinded_note("LLM messages") if results.get("blinded") else _llm_section(run),
         '<h2 id="run">Run configuration</h2>',
         _config_section(run),
         '<h2 id="ae">Autoencoder</h2>',
@@ -627,19 +687,23 @@ def write_report(
     folder = _report_folder(run_dir, output)
     figures = Figures(folder, fmt, placement)
     write_text(folder / "index.html", _index_page(run, folder, figures, style), what="report")
-    drawn = drawn_pages(run)
+    blinded = bool(run.results.get("blinded"))
+    drawn = set() if blinded else drawn_pages(run)
     count = 1
     total = len(run.points) * len(SPECTRUM_NAMES)
     for index in range(len(run.points)):
         for spectrum in SPECTRUM_NAMES:
             figure = pages == "all" or (spectrum, index) in drawn
-            page = spectrum_page(run, spectrum, index, figures, style, figure=figure)
+            page = spectrum_page(
+                run, spectrum, index, figures, style, figure=figure, blinded=blinded
+            )
             path = folder / "spectra" / f"{spectrum_slug(spectrum, index)}.html"
             write_text(path, page, what="report page")
             count += 1
             if progress is not None:
                 progress(count - 1, total)
-    write_text(folder / "tool_calls.html", tool_calls_page(run), what="report page")
+    calls = tool_calls_page(run, blinded=blinded)
+    write_text(folder / "tool_calls.html", calls, what="report page")
     return ReportOutcome(folder / "index.html", count + 1, tuple(figures.written))
 
 
@@ -658,6 +722,7 @@ def write_spectrum_page(
     Raises InvalidInputError for a spectrum or point the run does not have.
     """
     check_spectrum(spectrum)
+    check_unblinded(run_dir, "a drawn spectrum page")
     run = load_run(run_dir)
     index = run.point_index(point)
     folder = _report_folder(run_dir, output)

@@ -19,7 +19,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agent.runtime.executor import Executor
 from core.anomaly import log_uniform_xsec_grid
@@ -94,6 +101,11 @@ class ScanConfig(BaseModel):
     n_pseudo_scans: int = Field(1000, ge=1)
     max_pseudo_scans: int = Field(20_000, ge=1)
     limits: bool = Field(False, description="set 95 % CL limits as the last node")
+    blind: bool = Field(
+        False,
+        description="withhold what reveals the data in the search windows until "
+        "`anomscan unblind` (agent.scan.blinding)",
+    )
 
     @field_validator("xsec_range")
     @classmethod
@@ -102,6 +114,15 @@ class ScanConfig(BaseModel):
         if not 0 < low < high:
             raise ValueError(f"expected 0 < LO < HI pb, found {low:g} {high:g}")
         return value
+
+    @model_validator(mode="after")
+    def _blind_without_observed_limits(self) -> ScanConfig:
+        if self.blind and self.limits:
+            raise ValueError(
+                "--limits with --blind: the observed limits would reveal the data in the "
+                "search windows; run `anomscan limits RUN` after `anomscan unblind RUN`"
+            )
+        return self
 
     def grid_size(self) -> int:
         """Points of the initial log-uniform grid."""

@@ -76,9 +76,9 @@ def distinct_excesses(excesses: Sequence[dict[str, Any]]) -> list[dict[str, Any]
     return rows
 
 
-def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
-    """RUN/results.json (everything) and RUN/results.csv (one row per excess)."""
-    json_path = write_text(run_dir / RESULTS_JSON, json.dumps(results, indent=1), what="results")
+def write_results(folder: Path, results: dict[str, Any]) -> tuple[Path, Path]:
+    """FOLDER/results.json (everything) and FOLDER/results.csv (one row per excess)."""
+    json_path = write_text(folder / RESULTS_JSON, json.dumps(results, indent=1), what="results")
     rows = []
     for excess in results["excesses"]:
         row = {key: excess.get(key) for key in RESULT_COLUMNS}
@@ -89,7 +89,7 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> tuple[Path, Path]:
     writer = csv.DictWriter(table, fieldnames=RESULT_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    csv_path = write_text(run_dir / RESULTS_CSV, table.getvalue(), what="results table")
+    csv_path = write_text(folder / RESULTS_CSV, table.getvalue(), what="results table")
     return json_path, csv_path
 
 

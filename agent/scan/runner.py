@@ -42,6 +42,7 @@ from agent.scan.config import (
 )
 from agent.scan.context import ScanContext
 from agent.scan.graph import build_graph, recursion_limit
+from agent.scan.plan import PLAN_EVENT, data_record, plan_record
 from agent.scan.progress import Progress, ProgressLine
 from agent.scan.state import ScanState
 from core.errors import AnomscanError, OutputError, StorageError
@@ -159,6 +160,19 @@ def _run_locked(config: ScanConfig, *, resume: bool, show_progress: bool) -> Sca
         fan_out.on_event = ctx.executor_event
         attempt = len(list(audit.rows("runs")))
         event = "resume" if resume else "start"
+        # the procedure and the data, before anything is read (agent.scan.plan)
+        audit.add(
+            "runs",
+            f"run:{PLAN_EVENT}:{attempt}",
+            run_id=run_id,
+            event=PLAN_EVENT,
+            config=plan_record(config, policy.prompts_sha256()),
+            versions=package_versions(),
+            inputs=data_record(config),
+            model_sha256=None,
+            seed=config.seed,
+            prompts=policy.prompts_sha256(),
+        )
         audit.add(
             "runs",
             f"run:{event}:{attempt}",

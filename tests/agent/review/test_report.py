@@ -326,6 +326,9 @@ def test_every_number_of_the_excess_table_is_the_one_in_results_json(
                 assert text == prefix + number_text(excess[key])
     index = (reviewed.run_dir / "report" / "index.html").read_text()
     assert html.escape(reviewed.results["look_elsewhere"]["method"]) in index
+    with sqlite3.connect(reviewed.run_dir / "audit.sqlite") as connection:
+        (plan,) = connection.execute("select config from runs where event = 'plan'").fetchone()
+    assert json.loads(plan)["plan_sha256"] in index  # the plan committed before the data
     stop = reviewed.results["stop_reason"].removeprefix("stop:").strip()
     assert f"Sweep ended: {html.escape(stop)}</p>" in index and "stop: stop" not in index
 

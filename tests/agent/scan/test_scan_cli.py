@@ -243,7 +243,7 @@ def test_an_autoencoder_that_fails_to_load_then_the_same_command(
     assert json.loads((out / "results.json").read_text())["points_pb"]
     with sqlite3.connect(out / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
-    assert events == ["start", "finish"]
+    assert events == ["plan", "start", "finish"]
     assert run_cli("audit", "verify", str(out)).returncode == 0
 
 

@@ -5,8 +5,11 @@ caught row by row, and replay finds no difference."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.review import number_text
+from agent.runtime.audit import TABLE_COLUMNS
 from tests.agent.conftest import (
     CHEAP,
     LUMI_PB,
@@ -68,14 +73,36 @@ def _decision_keys(run_dir: Path) -> list[str]:
         return [row[0] for row in rows]
 
 
-@pytest.mark.parametrize("executor", ["process", "ray"])
+@pytest.mark.parametrize(
+    ("executor", "extra", "plans"),
+    [
+        # a time budget the scan never reaches: the same results under another plan
+        (
+            "process",
+            ("--budget-minutes", "999"),
+            "different plans:\n  budget_minutes: null -> 999\n",
+        ),
+        ("ray", (), "the same plan"),
+    ],
+)
 def test_every_executor_gives_the_serial_results(
-    executor: str, reference: Path, signal_sample: Sample, tmp_path: Path
+    executor: str,
+    extra: tuple[str, ...],
+    plans: str,
+    reference: Path,
+    signal_sample: Sample,
+    tmp_path: Path,
 ) -> None:
+    """The same results; and `audit plan` says the data are the same (the reference read
+    them as a folder, this scan as files) and whether the plan is (the executor is not
+    part of it)."""
     out = tmp_path / "run"
-    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", executor))
+    done = run_cli(*scan_arguments(signal_sample, out, *CHEAP, "--executor", executor, *extra))
     assert done.returncode == 0, done.stderr
     assert results_of(out) == results_of(reference)
+    compared = run_cli("audit", "plan", str(reference), str(out))
+    assert compared.returncode == 0, compared.stderr
+    assert f"{reference} and {out}: the same data, {plans}" in compared.stdout
     with sqlite3.connect(out / "audit.sqlite") as db:
         workers = {row[0] for row in db.execute("select worker from tool_calls")}
     assert len(workers) > 1, f"{executor} ran every tool call in one process: {workers}"
@@ -137,7 +164,13 @@ def test_sigkill_during_the_fits_then_resume_matches_an_uninterrupted_scan(
     assert not out.exists(), "the resume wrote into the folder's old place"
     with sqlite3.connect(moved / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
-    assert events == ["start", "resume", "finish"], "the refused resume left a runs row"
+    assert events == ["plan", "start", "plan", "resume", "finish"], (
+        "the refused resume left a runs row"
+    )
+    # the resume kept the plan and the data (the folder was moved: paths are not hashed)
+    shown = run_cli("audit", "plan", str(moved))
+    assert shown.returncode == 0 and "resume (audit seq" in shown.stdout, shown.stderr
+    assert shown.stdout.rstrip().endswith("same plan and data"), shown.stdout
 
 
 @pytest.mark.parametrize(
@@ -224,6 +257,125 @@ def _middle_decision(reference: Path) -> tuple[int, str]:
 
 
 @pytest.mark.tampers_audit
+def test_the_plan_is_the_first_row_of_the_chain_and_holds_the_procedure_and_data(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    with sqlite3.connect(reference / "audit.sqlite") as db:
+        first = min(
+            db.execute(f"select min(seq) from [{table}]").fetchone()[0] or math.inf
+            for table in TABLE_COLUMNS
+        )
+        seq, plan, data = db.execute(
+            "select seq, config, inputs from runs where event = 'plan'"
+        ).fetchone()
+        later = db.execute("select min(seq) from runs where event = 'start'").fetchone()[0]
+    assert seq == first < later
+    plan, data = json.loads(plan), json.loads(data)
+    config = json.loads((reference / "config.json").read_text())
+    procedure = ("run_dir", "data", "manifest", "executor")
+    # the luminosity in effect, read from the generated folder's manifest (config: null)
+    assert plan["settings"] == {k: v for k, v in config.items() if k not in procedure} | {
+        "lumi_pb": LUMI_PB
+    }
+    hashes = sorted(hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in signal_sample.files)
+    assert sorted(f["sha256"] for f in data["files"]) == hashes
+    shown = run_cli("audit", "plan", str(reference))
+    assert shown.returncode == 0, shown.stderr
+    assert plan["plan_sha256"] in shown.stdout and data["data_sha256"] in shown.stdout
+    assert "resume" not in shown.stdout
+    # the plan row is in the hash chain: edited, the log no longer verifies
+    edited = _tampered_copy(
+        reference,
+        tmp_path / "plan",
+        "update runs set config = replace(config, '\"seed\":5', '\"seed\":6') where event = 'plan'",
+    )
+    assert (
+        json.loads(
+            sqlite3.connect(edited / "audit.sqlite")
+            .execute("select config from runs where event = 'plan'")
+            .fetchone()[0]
+        )["settings"]["seed"]
+        == 6
+    )
+    report = run_cli("audit", "verify", str(edited))
+    assert report.returncode == 1
+    assert f"runs row seq {seq} (key 'run:plan:0'): its content does not match" in report.stdout
+    old = run_cli("audit", "plan", str(tmp_path))
+    assert old.returncode == 2 and "no audit log" in old.stderr
+
+
+def _reference_arguments(signal_sample: Sample, out: Path, *extra: str) -> list[str]:
+    """The reference scan's command line (the generated folder, its luminosity) + extra."""
+    arguments = scan_arguments(signal_sample, out, *CHEAP, "--executor", "serial", *extra)
+    for file in signal_sample.files:
+        arguments.remove(file)
+    lumi = arguments.index("--lumi-pb")
+    del arguments[lumi : lumi + 2]
+    return [arguments[0], str(Path(signal_sample.files[0]).parent), *arguments[1:]]
+
+
+def _shown_text(run_dir: Path) -> str:
+    """Everything a blinded scan shows: results.json/csv and every file of its report."""
+    files = [run_dir / "results.json", run_dir / "results.csv"]
+    files += sorted(p for p in (run_dir / "report").rglob("*") if p.is_file())
+    return "\n".join(p.read_text(errors="replace") for p in files)
+
+
+def test_a_blinded_scan_shows_no_window_and_unblinds_to_the_same_results(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """Nothing a blinded scan shows holds a number of a search window known from the
+    unblinded reference; `unblind` releases exactly the reference's results, on record."""
+    out = tmp_path / "run"
+    done = run_cli(*_reference_arguments(signal_sample, out, "--blind"))
+    assert done.returncode == 0, done.stderr
+    assert "blinded scan:" in done.stdout and "unblind" in done.stdout
+    assert run_cli("report", str(out)).returncode == 0
+    shown = done.stdout + _shown_text(out)
+    known = json.loads((reference / "results.json").read_text())
+    assert known["excesses"], "the reference scan must have excesses to hide"
+    for excess in known["excesses"][:5]:
+        for key in ("local_z", "local_p", "background", "global_z"):
+            value = excess[key]
+            for text in (repr(value), json.dumps(value), number_text(value), f"{value:.2f}"):
+                # the number alone, not inside a longer one
+                assert not re.search(rf"(?<![\d.]){re.escape(text)}(?![\d])", shown), (key, text)
+    blinded = json.loads((out / "results.json").read_text())
+    assert blinded["excesses"] == [] and blinded["scan_global_z"] is None
+    assert len(blinded["backgrounds"]) == len(known["excesses"])
+    assert "window_gev" not in json.dumps(blinded) and "local_z" not in json.dumps(blinded)
+    assert (out / "results.csv").read_text().count("\n") == 1  # the header only
+    for refused in (
+        ("export", str(out), "--hepdata", str(tmp_path / "hepdata")),
+        ("audit", str(out)),
+        ("limits", str(out)),
+    ):
+        denied = run_cli(*refused)
+        assert denied.returncode == 2 and "blinded scan" in denied.stderr, refused
+    assert not (tmp_path / "hepdata").exists()
+    compared = run_cli("audit", "plan", str(reference), str(out))
+    assert "the same data, different plans:\n  blind: false -> true\n" in compared.stdout
+
+    released = run_cli("unblind", str(out), "--by", "reviewer B", "--note", "approved")
+    assert released.returncode == 0, released.stderr
+    assert results_of(out) == results_of(reference)
+    assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+    assert run_cli("report", str(out)).returncode == 0
+    index = (out / "report" / "index.html").read_text()
+    assert "unblinded by reviewer B" in index and "no change after unblinding" in index
+    again = run_cli("unblind", str(out), "--by", "someone")
+    assert again.returncode == 2 and "unblinded by reviewer B" in again.stderr
+    verified = run_cli("audit", "verify", str(out))
+    assert verified.returncode == 0, verified.stdout
+    # a change after unblinding is listed with its rows
+    assert (
+        run_cli("limits", str(out), "--spectrum", known["excesses"][0]["spectrum"]).returncode == 0
+    )
+    assert run_cli("report", str(out)).returncode == 0
+    index = (out / "report" / "index.html").read_text()
+    assert "rows were added after unblinding" in index and "limits" in index
+
+
 def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
     reference: Path, tmp_path: Path
 ) -> None:
@@ -412,7 +564,7 @@ def _resume_completes_like(reference: Path, out: Path) -> None:
     assert keys == _decision_keys(reference), "decisions lost or different after the resume"
     with sqlite3.connect(out / "audit.sqlite") as db:
         events = [row[0] for row in db.execute("select event from runs order by seq")]
-    assert events[0] == "start" and events[-2:] == ["resume", "finish"], events
+    assert events[:2] == ["plan", "start"] and events[-3:] == ["plan", "resume", "finish"], events
     assert run_cli("audit", "verify", str(out)).returncode == 0
 
 
