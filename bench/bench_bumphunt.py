@@ -7,9 +7,11 @@ Three cases, widths 2..50 bins, 10 000 toys:
   background events on a falling exponential, a Gaussian bump of 400 or 1500 events;
 - "example-like, 5000 events": pyBumpHunter's own example (example/example.py: 60 bins on
   [0, 20], an exponential of slope 2, a Gaussian bump at 5.5 of sigma 0.35) with 5000
-  background events and a bump of 40 (the example's 150 over 1e5 events scaled to about
-  the same local significance). Here the tool's adaptive budget (target 10 % on p) runs
-  ~84 000 toys where pyBumpHunter runs 10 000: the tool's speed-up prices that precision.
+  background events and a bump of 40 (the example has 150 over 1e5): local Z 4.3, global
+  p ~ 1e-3, where the tool's adaptive budget (10 % on p) draws 84 213 toys to
+  pyBumpHunter's 10 000, so the tool's speed-up includes that precision. The toys there
+  used to cost 0.44 s (16-19x); compared bins x toys in 16-bit integers, 0.18 s (~40x),
+  most of it numpy's Poisson draws, which must stay the same for the same global p.
 Both tools scan the same data counts against the same background in the same process:
 - local p and window must be equal (relative difference reported; 1e-6 required);
 - global p must agree within toy noise (difference in combined binomial sigmas);
