@@ -67,12 +67,15 @@ window is inverted once:
 K_w = max(the smallest integer k with -ln P(n >= k | B_w, r_w) >= t_obs, MIN_WINDOW_COUNT).
 A toy has t_toy >= t_obs exactly when its count D_w >= K_w in some window, so a toy costs
 one integer comparison per window, with window counts from cumulative sums over a batch of
-toys. The full distribution of t_toy (`toy_statistics`) looks the tails up in a table per
-window, -ln P(n >= k) for k from the first candidate count up to the largest count the toys
-need (`tabulate_poisson_tails`: the Poisson pmf recurrence p(k+1) = p(k) B / (k + 1), or
-the negative binomial one p(k+1) = p(k) q (k + 1/r^2) / (k + 1)). Refitted toys each
-have their own B', so t_toy is evaluated only where it can reach t_obs: a cheap upper bound
-on each window's t (`tail_statistic_bounds`) drops the windows that cannot, and a lower
+toys (`fixed_toys_reaching`: bins x toys, a few thousand toys at a time, in the narrowest
+integer type that holds their counts, 16-bit for a few thousand events, so each width is a
+few passes of contiguous vector operations). The full distribution of t_toy
+(`toy_statistics`) looks the tails up in a table per window, -ln P(n >= k) for k from the
+first candidate count up to the largest count the toys need (`tabulate_poisson_tails`: the
+Poisson pmf recurrence p(k+1) = p(k) B / (k + 1), or the negative binomial one
+p(k+1) = p(k) q (k + 1/r^2) / (k + 1)). Refitted toys each have their own B', so t_toy is
+evaluated only where it can reach t_obs: a cheap upper bound on each window's t
+(`tail_statistic_bounds`) drops the windows that cannot, and a lower
 bound that reaches it decides a toy without the exact tail (bench/results/hunt_refit.json).
 
 Adaptive toys: batches are drawn until the relative error sqrt((1 - p) / k) of p = k / n
@@ -144,6 +147,9 @@ _REFIT_ENTRIES_PER_BATCH: Final = 500_000
 
 _TABLE_ENTRIES_CAP: Final = 4_000_000
 """Largest tail table built for one window width; beyond it the tail is computed directly."""
+
+_REACH_CHUNK: Final = 4096
+"""Toys compared with the thresholds together (`fixed_toys_reaching`): sums stay in cache."""
 
 
 # --------------------------------------------------------------------------- Poisson tails
@@ -776,14 +782,54 @@ def toys_reaching(
     return reached
 
 
+def fixed_toys_reaching(
+    windows: ScanWindows,
+    thresholds: tuple[npt.NDArray[np.signedinteger], ...],
+    toys: npt.NDArray[np.int64],
+) -> npt.NDArray[np.bool_]:
+    """Which toys (rows of scan-range bin counts) have a window with D_w >= K_w.
+
+    The answer of `toys_reaching` on their cumulative sums, faster: the sums are built
+    bins x toys, `_REACH_CHUNK` toys at a time, so each width is one contiguous
+    subtraction and comparison per window start, in the narrowest integer type that holds
+    the sum of the bins' largest counts (a bound on every window count). Thresholds above
+    that type's range (unreachable) are saturated at its largest value, which no count
+    reaches.
+    """
+    n_toys, n_bins = toys.shape
+    reached = np.zeros(n_toys, dtype=bool)
+    if n_toys == 0:
+        return reached
+    largest = int(np.max(toys, axis=0).sum())
+    dtype: type[np.signedinteger] = np.int64
+    for narrow in (np.int16, np.int32):
+        if largest < np.iinfo(narrow).max:
+            dtype = narrow
+            break
+    ceiling = np.iinfo(dtype).max
+    limits = [np.minimum(limit, ceiling).astype(dtype)[:, None] for limit in thresholds]
+    cumulative = np.zeros((n_bins + 1, min(n_toys, _REACH_CHUNK)), dtype=dtype)
+    for start in range(0, n_toys, _REACH_CHUNK):
+        part = toys[start : start + _REACH_CHUNK]
+        sums = cumulative[:, : part.shape[0]]
+        sums[1:] = part.T
+        for row in range(1, n_bins):  # row by row: numpy's cumsum along axis 0 is slower
+            np.add(sums[row], sums[row + 1], out=sums[row + 1])
+        hit = reached[start : start + part.shape[0]]
+        for width, limit in zip(windows.widths, limits, strict=True):
+            hit |= np.logical_or.reduce(sums[width:] - sums[:-width] >= limit, axis=0)
+    return reached
+
+
 def window_thresholds(
-    windows: ScanWindows, t_min: float
+    windows: ScanWindows, t_min: float, dtype: type[np.signedinteger] | None = None
 ) -> tuple[npt.NDArray[np.signedinteger], ...]:
     """Per width, the smallest window count with t >= t_min (see `tail_thresholds`).
 
-    In the integer type of `toy_cumulative_counts`, saturated at its largest value.
+    In `dtype` (default: the integer type of `toy_cumulative_counts`), saturated at its
+    largest value.
     """
-    dtype = _count_dtype(windows)
+    dtype = _count_dtype(windows) if dtype is None else dtype
     flat = tail_thresholds(np.concatenate(windows.background_sums), t_min, windows.flat_relative_sd)
     flat = np.maximum(flat, math.ceil(windows.min_count))
     flat = np.minimum(flat, np.iinfo(dtype).max)
@@ -1282,12 +1328,13 @@ def _global_p_value(
             target_rel_error=target_rel_error,
             batch_cap=cap,
         )
-    thresholds = window_thresholds(windows, statistic)
-    batch_cap = max(1, _TOY_ENTRIES_PER_BATCH // windows.background_bins.size)
+    thresholds = window_thresholds(windows, statistic, np.int64)
+    bins = windows.background_bins
+    batch_cap = max(1, _TOY_ENTRIES_PER_BATCH // bins.size)
 
     def count_batch(size: int) -> int:
-        cumulative = toy_cumulative_counts(windows, size, rng)
-        return int(np.count_nonzero(toys_reaching(windows, thresholds, cumulative)))
+        toys = rng.poisson(bins, size=(size, bins.size))
+        return int(np.count_nonzero(fixed_toys_reaching(windows, thresholds, toys)))
 
     return adaptive_toy_p_value(
         count_batch,

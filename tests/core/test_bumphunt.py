@@ -15,12 +15,16 @@ from core.bumphunt import (
     MIN_WINDOW_COUNT,
     adaptive_toy_p_value,
     bump_hunt,
+    fixed_toys_reaching,
     most_significant_window,
     poisson_tail_statistic,
     scan_windows,
     tabulate_poisson_tails,
     tail_thresholds,
+    toy_cumulative_counts,
     toy_statistics,
+    toys_reaching,
+    window_thresholds,
 )
 from core.errors import InvalidInputError
 from core.significance import p_from_z, z_from_log_p
@@ -185,6 +189,31 @@ def test_toy_table_statistics_agree_with_threshold_counting() -> None:
     assert result.n_toys == 3000
     assert int(np.count_nonzero(statistics >= result.statistic)) == result.n_toys_reaching
     assert np.all(statistics >= 0)
+
+
+@pytest.mark.parametrize(
+    ("total", "width_min", "width_max", "min_background", "t_min"),
+    [
+        (3000.0, 2, 30, 0.0, 6.0),  # 16-bit sums
+        (3000.0, 1, None, 50.0, 4.0),  # inactive windows: saturated thresholds
+        (1e5, 1, 50, 0.0, 8.0),  # 32-bit sums
+        (1e5, 3, 20, 0.0, 1e4),  # thresholds beyond the 16/32-bit range of the counts
+    ],
+)
+def test_fixed_toys_reaching_equals_toys_reaching(
+    total: float, width_min: int, width_max: int | None, min_background: float, t_min: float
+) -> None:
+    # The bins x toys comparison in the narrowest integer type flags exactly the toys that
+    # `toys_reaching` flags on the same draws (int64 thresholds, several chunks of toys).
+    background = total * SHAPE / SHAPE.sum()
+    windows = scan_windows(background, width_min, width_max, min_background)
+    thresholds = window_thresholds(windows, t_min, np.int64)
+    toys = np.random.default_rng(11).poisson(background, size=(9000, background.size))
+    cumulative = toy_cumulative_counts(windows, 9000, np.random.default_rng(11))
+    expected = toys_reaching(windows, window_thresholds(windows, t_min), cumulative)
+    found = fixed_toys_reaching(windows, thresholds, toys)
+    np.testing.assert_array_equal(found, expected)
+    assert 0 < np.count_nonzero(found) < found.size or t_min > 100
 
 
 def test_global_p_of_background_only_data_is_uniform() -> None:
