@@ -173,7 +173,6 @@ def add_inject_parser(commands: Subcommands) -> None:
 def _command_limits(arguments: argparse.Namespace) -> int:
     """`anomscan limits RUN`: 95 % CL limits on Gaussian signals, RUN/limits.json and .csv."""
     run_dir = Path(arguments.run)
-    check_unblinded(run_dir, "the observed limits")
     widths = parse_widths(arguments.widths)
     with progress_bar("setting limits (every accepted spectrum and point, one pass)"):
         outcome = run_limits(

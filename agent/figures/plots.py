@@ -265,6 +265,9 @@ def limit_curves_plot(
             ax.fill_between(masses, band["-2"], band["+2"], color=colour, alpha=0.12, linewidth=0)
             ax.fill_between(masses, band["-1"], band["+1"], color=colour, alpha=0.25, linewidth=0)
             ax.plot(masses, band["0"], color=colour, linestyle="--", linewidth=1)
+            if curve["observed_pb"] is None:  # a blinded run: the expected limits alone
+                ax.plot([], [], color=colour, linestyle="--", label=label)
+                continue
             ax.plot(masses, curve["observed_pb"], color=colour, linewidth=1.5, label=label)
             counted = np.asarray(curve.get("counting", [False] * masses.size), dtype=bool)
             if counted.any():  # the exact CLs of a window count: marked, the method changes

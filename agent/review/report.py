@@ -505,8 +505,9 @@ def _limits_section(run_dir: Path, folder: Path, figures: Figures, style: PlotSt
         f'<p class="note">{limits["n_limits"]} limits ({escape(limits["method"])} CLs, '
         f"{escape(limits['test_statistic'])}; background uncertainty: "
         f"{escape(limits['nuisance'])}), "
-        f"search luminosity {limits['search_luminosity_pb']:.6g} pb^-1; solid: observed, "
-        "dashed: expected median, shaded: +-1 and +-2 sigma. "
+        f"search luminosity {limits['search_luminosity_pb']:.6g} pb^-1; solid: observed"
+        + (" (sealed until unblinding)" if "observed" in limits else "")
+        + ", dashed: expected median, shaded: +-1 and +-2 sigma. "
         f"{_counting_note(limits)} Numbers: "
         f'<a href="{escape(link)}">limits.json</a>, '
         f'<a href="{escape(csv_link)}">limits.csv</a>.</p>',

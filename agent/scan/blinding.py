@@ -38,6 +38,7 @@ __all__ = [
     "SEALED_DIR",
     "SEALED_KIND",
     "VISIBLE_KINDS",
+    "blinded_limits",
     "blinded_results",
     "changes_after",
     "check_unblinded",
@@ -94,6 +95,12 @@ def blinded_results(results: dict[str, Any]) -> dict[str, Any]:
         if lee is None
         else {k: lee[k] for k in ("method", "n_tests", "n_pseudo_scans") if k in lee},
     }
+
+
+def blinded_limits(output: dict[str, Any]) -> dict[str, Any]:
+    """The limits of a blinded run: every curve's expected band, no observed limit."""
+    curves = [curve | {"observed_pb": None, "observed_events": None} for curve in output["curves"]]
+    return output | {"curves": curves, "observed": "sealed until `anomscan unblind`"}
 
 
 def is_blinded(run_dir: Path) -> bool:
@@ -155,7 +162,8 @@ def _sealed_hashes(run_dir: Path) -> dict[str, str]:
     """The logged SHA-256 of each sealed file (path relative to the run folder)."""
     db = open_readonly(run_dir / AUDIT_FILE)
     try:
-        query = "select path, sha256 from artifacts where kind = ?"
+        # a file sealed again (a second limits step) holds what its last row says
+        query = "select path, sha256 from artifacts where kind = ? order by seq"
         return {str(r["path"]): str(r["sha256"]) for r in db.query(query, [SEALED_KIND])}
     finally:
         db.close()
@@ -182,7 +190,8 @@ def unblind(run_dir: Path, by: str, note: str = "") -> dict[str, Any]:
         )
     with run_folder_lock(run_dir, "anomscan unblind"):
         hashes = _sealed_hashes(run_dir)
-        for name in (RESULTS_JSON, RESULTS_CSV):
+        names = sorted({Path(relative).name for relative in hashes} | {RESULTS_JSON, RESULTS_CSV})
+        for name in names:
             relative = f"{SEALED_DIR}/{name}"
             path = run_dir / relative
             if not path.is_file() or file_sha256(path) != hashes.get(relative):
@@ -196,9 +205,7 @@ def unblind(run_dir: Path, by: str, note: str = "") -> dict[str, Any]:
             "note": note,
             "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "plan_sha256": json.loads(plans[0]["config"])["plan_sha256"] if plans else None,
-            "sealed": {
-                name: hashes[f"{SEALED_DIR}/{name}"] for name in (RESULTS_JSON, RESULTS_CSV)
-            },
+            "sealed": {name: hashes[f"{SEALED_DIR}/{name}"] for name in names},
         }
         log = AuditLog(run_dir / AUDIT_FILE)
         try:
@@ -206,7 +213,7 @@ def unblind(run_dir: Path, by: str, note: str = "") -> dict[str, Any]:
                     event=UNBLIND_EVENT, config=record)  # fmt: skip
         finally:
             log.close()
-        for name in (RESULTS_JSON, RESULTS_CSV):
+        for name in names:
             with atomic_path(run_dir / name, what="results") as partial:
                 shutil.copyfile(run_dir / SEALED_DIR / name, partial)
     return record

@@ -19,14 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.runtime.executor import Executor
 from core.anomaly import log_uniform_xsec_grid
@@ -114,15 +107,6 @@ class ScanConfig(BaseModel):
         if not 0 < low < high:
             raise ValueError(f"expected 0 < LO < HI pb, found {low:g} {high:g}")
         return value
-
-    @model_validator(mode="after")
-    def _blind_without_observed_limits(self) -> ScanConfig:
-        if self.blind and self.limits:
-            raise ValueError(
-                "--limits with --blind: the observed limits would reveal the data in the "
-                "search windows; run `anomscan limits RUN` after `anomscan unblind RUN`"
-            )
-        return self
 
     def grid_size(self) -> int:
         """Points of the initial log-uniform grid."""

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from agent.figures.plots import encode, limit_curves_plot
+from agent.scan.blinding import SEALED_DIR, SEALED_KIND, blinded_limits, is_blinded
 from agent.scan.config import RESULTS_JSON, ScanConfig, read_config
 from agent.scan.context import ScanContext, cli_step
 from core.anomaly import luminosity_after_training
@@ -193,15 +194,20 @@ def csv_text(output: dict[str, Any]) -> str:
                     repr(curve["width"]),
                     repr(mass),
                     repr(curve["sigma_gev"][k]),
-                    repr(curve["observed_pb"][k]),
+                    _observed(curve["observed_pb"], k),
                     *(repr(curve["expected_pb"][band][k]) for band in BAND_KEYS),
-                    repr(curve["observed_events"][k]),
+                    _observed(curve["observed_events"], k),
                     repr(curve["expected_events"]["0"][k]),
                     repr(curve["window_background"][k]),
                     str(curve["counting"][k]).lower(),
                 ]
             )
     return stream.getvalue()
+
+
+def _observed(values: list[float] | None, k: int) -> str:
+    """An observed column's entry: empty in a blinded run's table."""
+    return "" if values is None else repr(values[k])
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,15 @@ def set_run_limits(
         "widths": list(widths),
         **output,
     }
+    if is_blinded(run_dir):
+        # the observed limits sealed, their hashes in the chain; the expected ones shown
+        sealed = run_dir / SEALED_DIR
+        sealed.mkdir(exist_ok=True)
+        ctx.artifact(write_json(sealed / LIMITS_JSON, document, what="limits"), SEALED_KIND)
+        sealed_csv = write_text(sealed / LIMITS_CSV, csv_text(output), what="limits table")
+        ctx.artifact(sealed_csv, SEALED_KIND)
+        output = blinded_limits(output)
+        document |= output
     json_path = write_json(run_dir / LIMITS_JSON, document, what="limits")
     csv_path = write_text(run_dir / LIMITS_CSV, csv_text(output), what="limits table")
     ctx.artifact(json_path, "limits")

@@ -348,18 +348,34 @@ def test_a_blinded_scan_shows_no_window_and_unblinds_to_the_same_results(
     for refused in (
         ("export", str(out), "--hepdata", str(tmp_path / "hepdata")),
         ("audit", str(out)),
-        ("limits", str(out)),
     ):
         denied = run_cli(*refused)
         assert denied.returncode == 2 and "blinded scan" in denied.stderr, refused
     assert not (tmp_path / "hepdata").exists()
     compared = run_cli("audit", "plan", str(reference), str(out))
     assert "the same data, different plans:\n  blind: false -> true\n" in compared.stdout
+    # the limits of a blinded run: the expected bands shown, the observed sealed
+    spectrum = known["excesses"][0]["spectrum"]
+    assert run_cli("limits", str(out), "--spectrum", spectrum).returncode == 0
+    shown_limits = json.loads((out / "limits.json").read_text())
+    limits_text = (out / "limits.json").read_text() + (out / "limits.csv").read_text()
+    assert all(c["observed_pb"] is None for c in shown_limits["curves"])
+    assert run_cli("report", str(out)).returncode == 0
+    assert "sealed until unblinding" in (out / "report" / "index.html").read_text()
 
     released = run_cli("unblind", str(out), "--by", "reviewer B", "--note", "approved")
     assert released.returncode == 0, released.stderr
     assert results_of(out) == results_of(reference)
     assert (out / "results.csv").read_text() == (reference / "results.csv").read_text()
+    released = json.loads((out / "limits.json").read_text())
+    observed = [x for c in released["curves"] for x in c["observed_pb"]]
+    assert observed and all(x > 0 for x in observed)
+    assert [c["expected_pb"] for c in released["curves"]] == [
+        c["expected_pb"] for c in shown_limits["curves"]
+    ]
+    # an observed count at a band's quantile gives the band's limit: those may show
+    bands = {x for c in released["curves"] for band in c["expected_pb"].values() for x in band}
+    assert not [x for x in observed if x not in bands and repr(x) in limits_text]
     assert run_cli("report", str(out)).returncode == 0
     index = (out / "report" / "index.html").read_text()
     assert "unblinded by reviewer B" in index and "no change after unblinding" in index
