@@ -265,13 +265,7 @@ def set_run_limits(
         **output,
     }
     if is_blinded(run_dir):
-        # the observed limits sealed, their hashes in the chain; the expected ones shown
-        sealed = run_dir / SEALED_DIR
-        sealed.mkdir(exist_ok=True)
-        ctx.artifact(write_json(sealed / LIMITS_JSON, document, what="limits"), SEALED_KIND)
-        sealed_csv = write_text(sealed / LIMITS_CSV, csv_text(output), what="limits table")
-        ctx.artifact(sealed_csv, SEALED_KIND)
-        output = blinded_limits(output)
+        output = _seal_observed(ctx, document, output)
         document |= output
     json_path = write_json(run_dir / LIMITS_JSON, document, what="limits")
     csv_path = write_text(run_dir / LIMITS_CSV, csv_text(output), what="limits table")
@@ -309,6 +303,21 @@ def set_run_limits(
         n_low,
         n_counting,
     )
+
+
+def _seal_observed(
+    ctx: ScanContext, document: dict[str, Any], output: dict[str, Any]
+) -> dict[str, Any]:
+    """A blinded run's limits: the whole of them sealed (hashes in the chain), the shown part.
+
+    The shown part keeps every expected band and no observed limit (`blinded_limits`).
+    """
+    sealed = ctx.run_dir / SEALED_DIR
+    sealed.mkdir(exist_ok=True)
+    ctx.artifact(write_json(sealed / LIMITS_JSON, document, what="limits"), SEALED_KIND)
+    table = write_text(sealed / LIMITS_CSV, csv_text(output), what="limits table")
+    ctx.artifact(table, SEALED_KIND)
+    return blinded_limits(output)
 
 
 def _limit_plots(
