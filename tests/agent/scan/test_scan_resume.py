@@ -392,6 +392,7 @@ def test_a_blinded_scan_shows_no_window_and_unblinds_to_the_same_results(
     assert "rows were added after unblinding" in index and "limits" in index
 
 
+@pytest.mark.tampers_audit
 def test_audit_verify_passes_on_the_scan_and_names_edited_deleted_inserted_rows(
     reference: Path, tmp_path: Path
 ) -> None:
