@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.review.run import parse_json
-from agent.runtime.audit import AUDIT_FILE, open_readonly
+from agent.runtime.audit import AUDIT_FILE, reading
 from agent.scan.plan import PLAN_EVENT
 from core.errors import InvalidInputError
 
@@ -25,15 +25,13 @@ def read_plans(run_dir: Path) -> list[dict[str, Any]]:
 
     Raises InvalidInputError when the log has none (a scan from before plans were kept).
     """
-    db = open_readonly(run_dir / AUDIT_FILE)
-    try:
+    with reading(run_dir / AUDIT_FILE) as db:
         rows = list(
             db.query(
                 "select seq, config, inputs from runs where event = ? order by seq", [PLAN_EVENT]
             )
         )
-    finally:
-        db.close()
+
     if not rows:
         raise InvalidInputError(
             f"{run_dir / AUDIT_FILE} has no plan row: the scan was made before anomscan "

@@ -755,7 +755,7 @@ def _unreadable(path: Path, error: Exception) -> AuditError:
 
 
 @contextlib.contextmanager
-def _reading(path: Path) -> Iterator[sqlite_utils.Database]:
+def reading(path: Path) -> Iterator[sqlite_utils.Database]:
     """The log opened read-only; a damaged file read inside the block is an AuditError."""
     db = open_readonly(path)
     try:
@@ -806,7 +806,7 @@ class _Stored:
 
 
 def _read_log(path: Path) -> _Stored:
-    with _reading(path) as db:
+    with reading(path) as db:
         missing_tables = [
             table
             for table in TABLE_COLUMNS
@@ -989,7 +989,7 @@ def _genuine(
 
 def export_jsonl(path: Path, output: Path) -> int:
     """Write every row as one JSON object per line (with its `table`); returns the count."""
-    with _reading(path) as db:
+    with reading(path) as db:
         rows = all_rows(db)
     with output.open("w") as stream:
         for table, row in rows:
@@ -1009,7 +1009,7 @@ def decisions(
 
     `policy="llm"` gives what the model decided, every proposal refused and every fallback.
     """
-    with _reading(path) as db:
+    with reading(path) as db:
         rows = list(db.query("select * from decisions order by seq"))
     selected = []
     for row in rows:
@@ -1029,7 +1029,7 @@ def decisions(
 
 def tool_calls(path: Path) -> list[dict[str, Any]]:
     """Every logged tool call, in order."""
-    with _reading(path) as db:
+    with reading(path) as db:
         return list(db.query("select * from tool_calls order by seq"))
 
 
@@ -1043,7 +1043,7 @@ def annotate(path: Path, decision_seq: int, verdict: str, note: str, by: str) ->
         raise AuditError(f"verdict {verdict!r}: expected one of {list(VERDICTS)}")
     if not by.strip():
         raise AuditError("an annotation needs the reviewer's name: give --by NAME")
-    with _reading(path) as reader:
+    with reading(path) as reader:
         found = list(reader.query("select seq from decisions where seq = ?", [decision_seq]))
     if not found:
         raise AuditError(

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Final
 
-from agent.runtime.audit import AUDIT_FILE, AuditLog, open_readonly
+from agent.runtime.audit import AUDIT_FILE, AuditLog, reading
 from agent.runtime.runlock import run_folder_lock
 from agent.scan.config import CONFIG_FILE, RESULTS_CSV, RESULTS_JSON
 from agent.scan.plan import PLAN_EVENT
@@ -127,11 +127,8 @@ def check_unblinded(run_dir: Path, what: str) -> None:
 
 
 def _runs_rows(run_dir: Path) -> list[dict[str, Any]]:
-    db = open_readonly(run_dir / AUDIT_FILE)
-    try:
+    with reading(run_dir / AUDIT_FILE) as db:
         return [dict(row) for row in db.query("select * from runs order by seq")]
-    finally:
-        db.close()
 
 
 def unblinding(run_dir: Path) -> dict[str, Any] | None:
@@ -144,8 +141,7 @@ def unblinding(run_dir: Path) -> dict[str, Any] | None:
 
 def changes_after(run_dir: Path, seq: int) -> list[tuple[str, int, str]]:
     """(table, seq, key) of every row written after `seq` but the reviewers' annotations."""
-    db = open_readonly(run_dir / AUDIT_FILE)
-    try:
+    with reading(run_dir / AUDIT_FILE) as db:
         tables = [t for t in db.table_names() if db[t].exists() and "seq" in db[t].columns_dict]
         rows = [
             (table, int(row["seq"]), str(row["key"]))
@@ -153,20 +149,15 @@ def changes_after(run_dir: Path, seq: int) -> list[tuple[str, int, str]]:
             if table != "annotations"
             for row in db.query(f"select seq, key from [{table}] where seq > ?", [seq])
         ]
-    finally:
-        db.close()
     return sorted(rows, key=lambda row: row[1])
 
 
 def _sealed_hashes(run_dir: Path) -> dict[str, str]:
     """The logged SHA-256 of each sealed file (path relative to the run folder)."""
-    db = open_readonly(run_dir / AUDIT_FILE)
-    try:
+    with reading(run_dir / AUDIT_FILE) as db:
         # a file sealed again (a second limits step) holds what its last row says
         query = "select path, sha256 from artifacts where kind = ? order by seq"
         return {str(r["path"]): str(r["sha256"]) for r in db.query(query, [SEALED_KIND])}
-    finally:
-        db.close()
 
 
 def unblind(run_dir: Path, by: str, note: str = "") -> dict[str, Any]:
