@@ -120,7 +120,10 @@ class WindowExclusionOutput(StrictModel):
     background_masked: float | None
     background_masked_error: float | None
     agreement_sigma: float | None
-    accepted: bool
+    agrees: bool = Field(
+        description="the masked and unmasked predictions in the window agree (the window does "
+        "not pull the fit); the background stays the unmasked fit either way"
+    )
     reason: str
 
 
@@ -144,7 +147,7 @@ def exclusion_output(record: WindowExclusion) -> WindowExclusionOutput:
         background_masked=record.background_masked,
         background_masked_error=record.background_masked_error,
         agreement_sigma=record.agreement_sigma,
-        accepted=record.accepted,
+        agrees=record.agrees,
         reason=record.reason,
     )
 
@@ -181,9 +184,9 @@ class SearchSpectrumOutput(StrictModel):
     masked_window_gev: tuple[float, float] | None = Field(
         description="window the final background leaves out (GeV); null = none"
     )
-    mask_from: Literal["choice", "exclusion"] | None = Field(
-        description="choice: the background was chosen with the mask; exclusion: the window "
-        "exclusion's agreement test accepted the masked refit"
+    mask_from: Literal["choice"] | None = Field(
+        description="choice: the background was chosen with the mask (rule step 2); null: "
+        "unmasked (the window exclusion never replaces the background)"
     )
     trail: list[str]
 

@@ -72,7 +72,14 @@ TOP_DRAWN: Final = 20
 """The distinct excesses (largest local Z first) whose pages are drawn at their best point."""
 
 _DRAWN_KINDS: Final = frozenset(
-    {"provisional", "window_exclusion", "masked_background", "background_masked", "fallback"}
+    {
+        "provisional",
+        "window_exclusion",
+        "masked_background",
+        "background_masked",
+        "rescue_refused",
+        "fallback",
+    }
 )
 """Decisions that make a spectrum page worth drawing: a rescue, a mask, a fallback."""
 

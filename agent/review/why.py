@@ -214,8 +214,8 @@ def _search_line(call: dict[str, Any]) -> str:
         + (
             ""
             if not exclusion
-            else f"; window exclusion {exclusion.get('window_gev')} GeV accepted "
-            f"{number_text(exclusion.get('accepted'))}"
+            else f"; window exclusion {exclusion.get('window_gev')} GeV, masked refit agrees "
+            f"{number_text(exclusion.get('agrees', exclusion.get('accepted')))}"
         )
         + (
             ""

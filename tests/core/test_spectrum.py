@@ -3,16 +3,31 @@ an injected resonance is found at its mass, a background-only spectrum stays qui
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
 from scipy.stats import norm
 
 from core.background import CheckOptions
-from core.bumphunt import DEFAULT_HUNT, significance_from_statistic, tail_statistic
+from core.bumphunt import (
+    DEFAULT_HUNT,
+    bonferroni_bound,
+    significance_from_statistic,
+    tail_statistic,
+)
 from core.errors import InvalidInputError
-from core.masses import STREAM_FIT_FROM_GEV
+from core.masses import STREAM_FIT_FROM_GEV, mass_bin_edges
 from core.significance import expected_significance
-from core.spectrum import STATUSES, analyse_spectrum, fallback_applies, search_spectrum
+from core.spectrum import (
+    RESCUE_BOUND,
+    STATUSES,
+    analyse_spectrum,
+    fallback_applies,
+    rescue_refusal,
+    search_spectrum,
+)
 from tests.spectra import (
     EDGES,
     FIT_RANGE,
@@ -163,7 +178,9 @@ def test_a_strong_wide_resonance_is_found_after_the_masked_choice() -> None:
     hunt flags the peak and the choice is made again with it masked. With the mask trimmed
     to 3 w(m) (+-0.66 sigma, half the signal) no function passed in any of these 10 toys
     and the scan reported no excess; with 6 w(m) half of them are accepted, each with the
-    excess at 2 TeV (helper rule: 73 of 100 injection toys of T2/jg, against 9 of 100)."""
+    excess at 2 TeV (helper rule: 73 of 100 injection toys of T2/jg, against 9 of 100). The
+    rescue bound (issue 23: the masked excess must have a Bonferroni bound <= 1e-5) keeps 3
+    of those 4-5; the others end as "no accepted background", never as a weaker excess."""
     mu = expected_counts("p4", 250.0)
     signal = 47.0 * np.diff(norm.cdf(EDGES, 2000.0, 111.5))
     checks = CheckOptions(spurious_method="asimov", n_gof_toys=50)
@@ -186,8 +203,9 @@ def test_a_strong_wide_resonance_is_found_after_the_masked_choice() -> None:
         window = analysis.decision.fit.used if analysis.decision.fit is not None else None
         assert window is not None and not window.all()  # the accepted fit leaves the peak out
         assert analysis.search.mask_from == "choice" and analysis.search.exclusion is None
+        assert bonferroni_bound(bump.statistic, bump.n_windows) <= RESCUE_BOUND
         found += 1
-    assert found >= 4
+    assert found >= 3
 
 
 def test_a_background_chosen_with_a_mask_is_searched_with_it() -> None:
@@ -312,9 +330,11 @@ def test_a_narrow_signal_above_a_turn_on_is_found_at_its_mass() -> None:
     """The old guards hold with the knee rules: a p3-like spectrum (written here) times a
     turn-on at 650 GeV (width 40 GeV), 3000 events from 300 GeV, with 120 events of a
     resolution-wide X(1100): the fit starts below 800 GeV and the hunt (after the masked
-    choice) finds the excess at 1100 GeV with global p < 1e-3 in each of 4 seeds. The edges
+    choice) finds the excess at 1100 GeV with global p < 1e-3 in 3 of 4 seeds. The edges
     of the signal are no plateau knee: a rescue test without significant flatness refused
-    the mask in 2 of these 4 seeds."""
+    the mask in 2 of these 4 seeds. In the fourth the masked excess (79 events on 39.5 in a
+    narrower window, local Z 5.4) is not decisive (issue 23's rescue bound): that spectrum
+    has no accepted background, and the trail says why."""
     centres = 0.5 * (EDGES[:-1] + EDGES[1:])
     x = EDGES / 13000.0
     cumulative = np.where(EDGES >= 300.0, (1 - x) ** 10 * x**-3.5, 0.0)  # falls as x^-4.5
@@ -333,7 +353,66 @@ def test_a_narrow_signal_above_a_turn_on_is_found_at_its_mass() -> None:
             fallback=None,
             seed=seed,
         )
-        assert analysis.search is not None and analysis.fit_range is not None, analysis.trail
-        assert analysis.fit_range[0] < 800.0
+        assert analysis.fit_range is not None and analysis.fit_range[0] < 800.0
+        if analysis.search is None:
+            assert seed == 3 and analysis.reason.startswith("rescue not kept"), analysis.trail
+            continue
         bump = analysis.search.bump
         assert bump.mass_low < 1100.0 < bump.mass_high and bump.global_p < 1e-3, analysis.trail
+
+
+SCULPTED_T7_JB = (
+    "200000000002020130101204341110231201012030425111023213205235720010000120"
+    "11221100111010301010100101000010100010010011003000000010001000011000001"
+)
+"""Background only: T7/jb at the 0.18 pb AR point of the validation's background_3 (core.synth,
+400k events with 5 % 4-jet events, the AE's selection), resolution bins 13-155 of
+`core.masses.mass_bin_edges()`, one digit per bin: a plateau to 1.6 TeV that ends in a cliff,
+132 events."""
+
+
+def _sculpted_t7_jb() -> tuple[np.ndarray, np.ndarray]:
+    edges = mass_bin_edges()
+    counts = np.zeros(edges.size - 1)
+    counts[13 : 13 + len(SCULPTED_T7_JB)] = [int(digit) for digit in SCULPTED_T7_JB]
+    return edges, counts
+
+
+@pytest.mark.parametrize("bound", [RESCUE_BOUND, 1.0])
+def test_a_sculpted_multijet_spectrum_is_not_rescued_into_an_excess(
+    bound: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 23: every function fails its goodness of fit on this background-only spectrum
+    (p2-p4 at p 0.02-0.05), and the hunt against the rejected p2 has its best window at the
+    plateau's cliff, 1368-1565 GeV (global p ~ 1e-4: 0 or 2 of 10 000 toys by seed). Rescued
+    with the old trigger (global p < 0.01: `bound` 1.0 lets any window through), the masked
+    p2 made it 22 events on 5.1, local Z 5.2, the top excess of the scan. The rescue stands
+    only for a decisive masked excess: this one's Bonferroni bound is 5e-4 > 1e-5, so the
+    spectrum has no accepted background, and the trail says why."""
+    monkeypatch.setattr("core.spectrum.RESCUE_BOUND", bound)
+    edges, counts = _sculpted_t7_jb()
+    analysis = analyse_spectrum(
+        edges,
+        counts,
+        STREAM_FIT_FROM_GEV["T7"],
+        checks=CheckOptions(),
+        hunt=DEFAULT_HUNT,
+        fallback=None,
+        seed=0,
+    )
+    if bound == 1.0:
+        assert analysis.search is not None and analysis.search.mask_from == "choice"
+        assert analysis.search.bump.local_z > 5.0
+        return
+    assert analysis.status == "no accepted background", analysis.trail
+    refusal = next(line for line in analysis.trail if line.startswith("rescue not kept"))
+    match = re.search(r"times (\d+) windows is ([0-9.e+-]+) >", refusal)
+    assert match is not None, refusal
+    assert 1e-4 < float(match.group(2)) < 1e-2
+
+
+def test_the_rescue_bound_is_the_bonferroni_bound_of_the_probe() -> None:
+    # t = -ln(local p); n windows; bound n e^-t: 4000 windows at local p 1e-9 give 4e-6
+    assert rescue_refusal(-math.log(1e-9), 4000, "p2") is None
+    refusal = rescue_refusal(-math.log(1e-8), 4000, "p2")
+    assert refusal is not None and "4000 windows is 4e-05 > 1e-05" in refusal

@@ -295,7 +295,9 @@ def _choose_masked(ctx: ScanContext, at: _Point, backgrounds: Backgrounds) -> No
     EXCLUSION_TRIGGER_P; the window exclusion's signal-width mask is then left out of every
     fit of `choose_background`, and a function that passes every check is accepted through
     the policy and the gates, to be searched with that mask. Both fits and the decision are
-    decision rows (`provisional`, `background_masked`).
+    decision rows (`provisional`, `background_masked`). The rescue stands only if the hunt
+    against the masked background is decisive (`core.spectrum.rescue_refusal`, in the
+    hunt_bumps node).
     """
     provisional = [
         n for n in SPECTRUM_NAMES if backgrounds.get(n, {}).get("status") == "provisional"

@@ -23,8 +23,10 @@ from agent.scan.context import ScanContext, ToolResult
 from agent.scan.nodes.common import read_point_spectra, record_decision, search_calls, write_npz
 from agent.scan.state import PointRecord, ScanState
 from core.anomaly import point_text
+from core.bumphunt import bonferroni_bound
 from core.files import write_text
 from core.masses import SPECTRUM_NAMES
+from core.spectrum import RESCUE_BOUND, rescue_refusal
 
 __all__ = ["hunt_bumps_node"]
 
@@ -125,9 +127,8 @@ def hunt_bumps_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict[st
 def _used_background(entry: dict[str, Any], out: dict[str, Any]) -> tuple[bool, str]:
     """Whether the background the hunt used is the one that passed its checks, and why not.
 
-    The hunt must use the accepted function with the mask it was chosen with; a background
-    that passed unmasked may be replaced by its masked refit only through the window
-    exclusion's agreement test (`mask_from` "exclusion").
+    The hunt must use the accepted function with the mask it was chosen with, and a
+    background that passed unmasked stays unmasked (the window exclusion is a diagnostic).
     """
     chosen_mask = entry.get("masked_window_gev")
     used_mask = out.get("masked_window_gev")
@@ -142,9 +143,40 @@ def _used_background(entry: dict[str, Any], out: dict[str, Any]) -> tuple[bool, 
             f"{entry['name']} was chosen with {chosen_mask[0]:.0f}-{chosen_mask[1]:.0f} GeV "
             f"masked but the hunt used the mask {used_mask}"
         )
-    if chosen_mask is None and out.get("mask_from") == "choice":
+    if chosen_mask is None and used_mask is not None:
         return False, f"the hunt masked {used_mask} though {entry['name']} was chosen unmasked"
     return True, ""
+
+
+def _rescue_refused(
+    ctx: ScanContext, hunt: _PointHunt, name: str, entry: dict[str, Any], bump: dict[str, Any]
+) -> bool:
+    """Whether the rescue of rule step 2 does not stand (`core.spectrum.rescue_refusal`).
+
+    A refused rescue is a `rescue_refused` decision row and leaves the spectrum without a
+    background, as the library's rule does.
+    """
+    refusal = rescue_refusal(bump["statistic"], bump["n_windows"], entry["name"])
+    if refusal is None:
+        return False
+    record_decision(
+        ctx,
+        hunt.step_id,
+        "rescue_refused",
+        spectrum=name,
+        point_pb=hunt.point_pb,
+        chosen=None,
+        policy="rules",
+        rationale=refusal,
+        numbers={
+            "local_z": bump["local_z"],
+            "n_windows": bump["n_windows"],
+            "bonferroni_bound": bonferroni_bound(bump["statistic"], bump["n_windows"]),
+            "rescue_bound": RESCUE_BOUND,
+        },
+    )
+    hunt.without_excess(name, "no background", f"no accepted background: {refusal}")
+    return True
 
 
 def _hunt_spectrum(
@@ -168,6 +200,8 @@ def _hunt_spectrum(
     if not passed:
         hunt.without_excess(name, "no background", f"no accepted background: {why}")
         return
+    if out["mask_from"] == "choice" and _rescue_refused(ctx, hunt, name, entry, out["bump"]):
+        return
     exclusion = out["window_exclusion"]
     if exclusion is not None:
         record_decision(
@@ -176,7 +210,9 @@ def _hunt_spectrum(
             "window_exclusion",
             spectrum=name,
             point_pb=hunt.point_pb,
-            chosen="masked background" if exclusion["accepted"] else "unmasked kept",
+            chosen="unmasked kept (masked refit agrees)"
+            if exclusion["agrees"]
+            else "unmasked kept (masked refit disagrees)",
             policy="rules",
             rationale=exclusion["reason"],
             numbers={key: exclusion[key] for key in _EXCLUSION_NUMBERS},
