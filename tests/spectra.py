@@ -14,6 +14,7 @@ from scipy import integrate
 
 from core.fit import prepare_spectrum
 from core.fitfunctions import bin_integrals, get_function
+from core.masses import mass_bin_edges
 
 SQRT_S = 13000.0
 FIT_RANGE = (300.0, 6000.0)
@@ -93,3 +94,21 @@ def dijet_truth(total: float) -> np.ndarray:
         [integrate.quad(density, lo, hi)[0] for lo, hi in itertools.pairwise(FIFTY_GEV_EDGES)]
     )
     return np.asarray(total * integrals / integrals.sum(), dtype=np.float64)
+
+
+SCULPTED_T7_JB = (
+    "200000000002020130101204341110231201012030425111023213205235720010000120"
+    "11221100111010301010100101000010100010010011003000000010001000011000001"
+)
+"""Background only: T7/jb at the 0.18 pb AR point of the validation's background_3 (core.synth,
+400k events with 5 % 4-jet events, the AE's selection), resolution bins 13-155 of
+`core.masses.mass_bin_edges()`, one digit per bin: a plateau to 1.6 TeV that ends in a cliff,
+132 events."""
+
+
+def sculpted_t7_jb() -> tuple[np.ndarray, np.ndarray]:
+    """(edges, counts) of `SCULPTED_T7_JB` over the scan's whole binning."""
+    edges = mass_bin_edges()
+    counts = np.zeros(edges.size - 1)
+    counts[13 : 13 + len(SCULPTED_T7_JB)] = [int(digit) for digit in SCULPTED_T7_JB]
+    return edges, counts

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -54,10 +55,36 @@ def _own_signal_handlers() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _quiet_stderr(quiet: bool) -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null inside the block when `quiet` (restored after).
+
+    Ray's C++ core writes to fd 2 directly while a session stopped mid-task shuts down
+    ("task_manager.cc: Failed to push error to driver ..."): a stopped or failed command
+    must print its own one line, not those (RAY_BACKEND_LOG_LEVEL cannot silence them
+    without an INFO line of its own).
+    """
+    if not quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        sink = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(sink, 2)
+        os.close(sink)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
 def ray_session(workers: int | None = None) -> Iterator[Any]:
     """The `ray` module, connected to a local instance or to the cluster at RAY_ADDRESS.
 
-    A session this call started is shut down on exit; one that was running is kept.
+    A session this call started is shut down on exit; one that was running is kept. When
+    the block ends in an exception (a stop, an error) the shutdown's own messages are
+    silenced: the command reports the exception itself.
     """
     import ray
 
@@ -78,7 +105,8 @@ def ray_session(workers: int | None = None) -> Iterator[Any]:
         yield ray
     finally:
         if started:
-            ray.shutdown()
+            with _quiet_stderr(sys.exc_info()[0] is not None):
+                ray.shutdown()
 
 
 def _run_batch(function: Callable[[Any], Any], batch: Sequence[Any]) -> list[Any]:

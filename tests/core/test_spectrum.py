@@ -18,7 +18,7 @@ from core.bumphunt import (
     tail_statistic,
 )
 from core.errors import InvalidInputError
-from core.masses import STREAM_FIT_FROM_GEV, mass_bin_edges
+from core.masses import STREAM_FIT_FROM_GEV
 from core.significance import expected_significance
 from core.spectrum import (
     RESCUE_BOUND,
@@ -34,6 +34,7 @@ from tests.spectra import (
     PLATEAU_STREAM_START,
     expected_counts,
     plateau_expected,
+    sculpted_t7_jb,
 )
 
 DEFAULTS = CheckOptions()
@@ -361,23 +362,6 @@ def test_a_narrow_signal_above_a_turn_on_is_found_at_its_mass() -> None:
         assert bump.mass_low < 1100.0 < bump.mass_high and bump.global_p < 1e-3, analysis.trail
 
 
-SCULPTED_T7_JB = (
-    "200000000002020130101204341110231201012030425111023213205235720010000120"
-    "11221100111010301010100101000010100010010011003000000010001000011000001"
-)
-"""Background only: T7/jb at the 0.18 pb AR point of the validation's background_3 (core.synth,
-400k events with 5 % 4-jet events, the AE's selection), resolution bins 13-155 of
-`core.masses.mass_bin_edges()`, one digit per bin: a plateau to 1.6 TeV that ends in a cliff,
-132 events."""
-
-
-def _sculpted_t7_jb() -> tuple[np.ndarray, np.ndarray]:
-    edges = mass_bin_edges()
-    counts = np.zeros(edges.size - 1)
-    counts[13 : 13 + len(SCULPTED_T7_JB)] = [int(digit) for digit in SCULPTED_T7_JB]
-    return edges, counts
-
-
 @pytest.mark.parametrize("bound", [RESCUE_BOUND, 1.0])
 def test_a_sculpted_multijet_spectrum_is_not_rescued_into_an_excess(
     bound: float, monkeypatch: pytest.MonkeyPatch
@@ -390,7 +374,7 @@ def test_a_sculpted_multijet_spectrum_is_not_rescued_into_an_excess(
     only for a decisive masked excess: this one's Bonferroni bound is 5e-4 > 1e-5, so the
     spectrum has no accepted background, and the trail says why."""
     monkeypatch.setattr("core.spectrum.RESCUE_BOUND", bound)
-    edges, counts = _sculpted_t7_jb()
+    edges, counts = sculpted_t7_jb()
     analysis = analyse_spectrum(
         edges,
         counts,
