@@ -113,8 +113,8 @@ FALLBACK_MIN_EVENTS: Final = 1000
 MaskSource = Literal["choice"]
 
 RESCUE_BOUND: Final = 1e-5
-"""Rule step 2 masks a window only when the probe's Bonferroni bound n_windows x local p is
-at most this (module docstring)."""
+"""A background rescued by rule step 2 is kept only when the hunt against it has a best
+window whose Bonferroni bound n_windows x local p is at most this (module docstring)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,13 +125,13 @@ class SpectrumSearch:
     `counts`, `background` and `background_error` (the 1-sigma fit uncertainty of the
     background per bin, `core.fit.expected_errors`) cover bins [first_bin, stop_bin) of the
     histogram; `bump` is the hunt against the final background (bins relative to
-    `first_bin`);
-    `bump_unmasked` is the same object (kept for readers of both). `masked_window_gev` is the
-    window the final fit leaves out (None: none), `mask_from` "choice" when the background
-    was chosen with it (rule step 2); the window exclusion (`exclusion`) is a diagnostic and
-    never masks the background. `background_jacobian` (d mu / d
-    parameters, bins [first_bin, stop_bin)) and `background_covariance` are the final fit's,
-    folded into the hunt's windows (None when the hunt took the background as exact).
+    `first_bin`); `bump_unmasked` is the same object (kept for readers of both).
+    `masked_window_gev` is the window the final fit leaves out (None: none), `mask_from`
+    "choice" when the background was chosen with it (rule step 2); the window exclusion
+    (`exclusion`) is a diagnostic and never masks the background. `background_jacobian`
+    (d mu / d parameters, bins [first_bin, stop_bin)) and `background_covariance` are the
+    final fit's, folded into the hunt's windows (None when the hunt took the background as
+    exact).
     """
 
     fit: FitResult
@@ -659,9 +659,12 @@ def _searched(
         return SpectrumAnalysis(
             "fit failed", reason, n_events, n_in_range, bounds, decision, None, (), (reason,)
         )
-    weak = None
-    if search.mask_from == "choice":
-        weak = rescue_refusal(search.bump.statistic, search.bump.n_windows, fit.name)
+    bump = search.bump
+    weak = (
+        rescue_refusal(bump.statistic, bump.n_windows, fit.name)
+        if search.mask_from == "choice"
+        else None
+    )
     if weak is not None:
         trail = (*notes, *decision.trail, *search.trail, weak)
         return SpectrumAnalysis(
