@@ -38,7 +38,7 @@ layers: $(DEV_STAMP)
 	$(BIN)/lint-imports
 
 pytest: $(DEV_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 bench: $(DEV_STAMP)
 	for script in bench/bench_*.py; do $(BIN)/python $$script || exit 1; done

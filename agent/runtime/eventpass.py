@@ -1,15 +1,21 @@
 """The one expensive pass over events: read -> select -> masses (-> RMM -> score) -> table.
 
-The work is cut into file-chunk tasks (a file and an entry range). Each task writes one
-Parquet part ``part-NNNNNN-<provenance>.parquet`` of a partitioned event table, atomically,
-so a pass that stops (a crash, a server that went away, SIGKILL) resumes from the parts
-already written. A part is reused only when its recorded provenance equals the task's
-exactly: the input file (size, modification time and ROOT UUID), the entry range, schema,
-tree, mapping and selection, the good-run list, the model (SHA-256 and card) and the code
-that computes the rows; anything else is recomputed under another name. The table is
-committed by ``table.json`` (the list of parts, written last): the previous table stays
-readable until then, and parts that the current pass does not own are never read (and are
-removed after the commit). One pass writes a folder at a time (`agent.runtime.runlock`).
+The work is cut into file-chunk tasks (a file and an entry range). Each task computes one
+Parquet part ``part-NNNNNN-<provenance>.parquet`` of a partitioned event table, which the
+driver writes atomically as it arrives, so a pass that stops (a crash, a server that went
+away, SIGKILL) resumes from the parts already written. The driver alone touches the table
+folder: a Ray worker gets the model, its card and the column mapping as bytes with the job
+and hands its part back through Ray's object store, so a cluster needs no shared
+filesystem; each worker reads its inputs itself (local paths that exist on its node, or
+root:// and https:// URLs) and an input it cannot read is reported with its node.
+
+A part is reused only when its recorded provenance equals the task's exactly: the input
+file (size, modification time and ROOT UUID), the entry range, schema, tree, mapping and
+selection, the good-run list, the model (SHA-256 and card) and the code that computes the
+rows; anything else is recomputed under another name. The table is committed by
+``table.json`` (the list of parts, written last): the previous table stays readable until
+then, and parts that the current pass does not own are never read (and are removed after
+the commit). One pass writes a folder at a time (`agent.runtime.runlock`).
 Executors: ``serial`` (in this process) or ``ray`` (a local Ray instance, or the cluster
 at RAY_ADDRESS). Ray retries a failing task; a task that still fails is reported by file
 and entry range once every other task has finished, never silently skipped.
@@ -21,23 +27,27 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
 import resource
+import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import Progress
 
 from agent.runtime.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from agent.runtime.runlock import run_folder_lock
-from core.autoencoder import load_scorer, read_model_card, training_selection
-from core.errors import AnomscanError, InputFileError, InvalidInputError
+from core.autoencoder import card_path, load_scorer, read_model_card, training_selection
+from core.errors import AnomscanError, InputFileError, InvalidInputError, SchemaError
 from core.events import DistinctFiles, ObjectSelection, add_counts, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
 from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
@@ -68,6 +78,26 @@ _CODE_MODULES = (
 
 class EventPassError(AnomscanError):
     """One or more chunks failed after their retries; the message names each file and range."""
+
+
+class EventPassInputError(EventPassError, InputFileError):
+    """Every chunk that failed failed on its input (unreadable, changed, wrong schema)."""
+
+
+def _pass_error(
+    failures: Sequence[tuple[ChunkTask, BaseException]], n_tasks: int, n_kept: int, retries: int
+) -> EventPassError:
+    """The error of a pass with failed chunks: its first line names the first of them."""
+    lines = [
+        f"{t.path} entries {t.entry_start}..{t.entry_stop}: {type(e).__name__}: {e}"
+        for t, e in failures
+    ]
+    on_input = all(isinstance(e, (InputFileError, SchemaError)) for _, e in failures)
+    return (EventPassInputError if on_input else EventPassError)(
+        f"{len(failures)} of {n_tasks} chunks failed after {retries} retries ({n_kept} parts "
+        f"written are kept and a rerun resumes from them), the first: {lines[0]}\n  "
+        + "\n  ".join(lines)
+    )
 
 
 @dataclass(frozen=True)
@@ -153,7 +183,8 @@ def plan_chunks(
     tasks: list[ChunkTask] = []
     remaining = max_events
     shared = _pass_provenance(spec)
-    for path in files:
+    for given in files:
+        path = given if "://" in str(given) else Path(given).absolute()  # workers' cwd differ
         plan = plan_read(path, spec.schema, spec.selection, tree=spec.tree, mapping=spec.mapping)
         distinct.check(str(path), None if plan.file_uuid is None else _uuid(plan.file_uuid))
         source = _file_identity(str(path), plan.file_uuid)
@@ -258,14 +289,84 @@ def _score_function(spec: PassSpec) -> Callable[[Any], Any] | None:
     return score
 
 
-def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
-    """Process one task and write its part; reuse a part only of exactly the same provenance."""
+@dataclass(frozen=True)
+class PassJob:
+    """What every Ray task needs besides its chunk: the spec, and the files it names as bytes.
+
+    A worker on another node cannot read the driver's model, model card or column mapping,
+    so their contents travel with the job (through Ray's object store) and each worker
+    process writes them once into a scratch folder of its own.
+    """
+
+    spec: PassSpec
+    files: tuple[tuple[str, str, bytes], ...]
+    """(role, file name, content): role "model", "card" or "mapping"."""
+    driver_host: str
+
+
+def pass_job(spec: PassSpec) -> PassJob:
+    """The job of `spec`, with the contents of the model, its card and a mapping file."""
+    files: list[tuple[str, str, bytes]] = []
+    if spec.model is not None:
+        model = Path(spec.model)
+        files += [
+            ("model", model.name, model.read_bytes()),
+            ("card", card_path(model).name, card_path(model).read_bytes()),
+        ]
+    if spec.mapping is not None and Path(spec.mapping).is_file():
+        files.append(("mapping", Path(spec.mapping).name, Path(spec.mapping).read_bytes()))
+    return PassJob(spec, tuple(files), socket.gethostname())
+
+
+def _worker_spec(job: PassJob) -> PassSpec:
+    """The job's spec with its files written into this node's scratch folder.
+
+    The folder is named by the user and the digest of the files, so every worker process
+    of a node shares one copy per model (each file written atomically once).
+    """
+    if not job.files:
+        return job.spec
+    digest = hashlib.sha256()
+    for role, name, content in job.files:
+        digest.update(f"{role}/{name}/{len(content)}:".encode())
+        digest.update(content)
+    scratch = Path(tempfile.gettempdir()) / f"anomscan-pass-{os.getuid()}-{digest.hexdigest()[:20]}"
+    local = {}
+    for role, name, content in job.files:
+        target = scratch / ("model" if role == "card" else role) / name
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target, what=f"copy of the pass's {role}") as partial:
+                partial.write_bytes(content)
+        local[role] = str(target)
+    return replace(
+        job.spec,
+        model=local.get("model", job.spec.model),
+        mapping=local.get("mapping", job.spec.mapping),
+    )
+
+
+@dataclass(frozen=True)
+class PartBytes:
+    """One computed part: its Parquet file as bytes, and what it holds."""
+
+    index: int
+    data: bytes
+    info: dict[str, Any]
+    seconds: float
+    peak_rss_mb: float
+
+
+def compute_part(task: ChunkTask, spec: PassSpec, driver_host: str | None = None) -> PartBytes:
+    """Read, select and score one task's events into a Parquet file held in memory.
+
+    Nothing is written: the driver alone writes the run folder (`store_part`), so a worker
+    needs to read its inputs and nothing else. `driver_host` is the host that planned the
+    pass (None: this one).
+    """
     start_time = time.perf_counter()
-    target = Path(folder) / PART_PATTERN.format(index=task.index, provenance=task.provenance[:20])
-    reused = _reusable_part(target, task)
-    if reused is not None:
-        return reused
-    _check_unchanged(task)
+    same_host = driver_host is None or driver_host == socket.gethostname()
+    _check_unchanged(task, same_host)
     chunk = read_entry_range(
         task.path,
         task.entry_start,
@@ -277,36 +378,64 @@ def run_chunk(task: ChunkTask, spec: PassSpec, folder: str) -> PartResult:
         good_runs=spec.good_runs,
     )
     rows = chunk_columns(chunk, score=_score_function(spec), training=_training_function(spec))
-    _check_unchanged(task)
-    counts = {s: int(np.count_nonzero(rows[s].to_numpy())) for s in STREAMS}
-    non_finite, dropped = dict(chunk.non_finite), dict(chunk.dropped_non_finite)
+    _check_unchanged(task, same_host)
     info = {
         "path": task.path,
         "entry_start": task.entry_start,
         "entry_stop": task.entry_stop,
         "n_events": len(chunk),
         "n_outside": chunk.n_outside_good_runs,
-        "stream_counts": counts,
-        "non_finite": non_finite,
-        "dropped_non_finite": dropped,
+        "stream_counts": {s: int(np.count_nonzero(rows[s].to_numpy())) for s in STREAMS},
+        "non_finite": dict(chunk.non_finite),
+        "dropped_non_finite": dict(chunk.dropped_non_finite),
         "provenance": task.provenance_record,
     }
     rows = rows.replace_schema_metadata(
         {**(rows.schema.metadata or {}), "anomscan": json.dumps(info)}
     )
+    sink = pa.BufferOutputStream()
+    pq.write_table(rows, sink)
+    return PartBytes(
+        task.index,
+        sink.getvalue().to_pybytes(),
+        info,
+        time.perf_counter() - start_time,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+
+
+def _part_target(folder: Path, task: ChunkTask) -> Path:
+    return folder / PART_PATTERN.format(index=task.index, provenance=task.provenance[:20])
+
+
+def store_part(folder: Path, task: ChunkTask, part: PartBytes) -> PartResult:
+    """Write a computed part into the table folder (atomically) and summarise it."""
+    target = _part_target(folder, task)
     with atomic_path(target, what="event-table part") as partial:
-        pq.write_table(rows, partial)
+        partial.write_bytes(part.data)
+    return _part_result(task, target, part.info, part.seconds, part.peak_rss_mb)
+
+
+def _part_result(
+    task: ChunkTask,
+    target: Path,
+    info: Mapping[str, Any],
+    seconds: float = 0.0,
+    peak_rss_mb: float = 0.0,
+    *,
+    reused: bool = False,
+) -> PartResult:
     return PartResult(
         task.index,
         str(target),
-        len(chunk),
-        chunk.n_outside_good_runs,
-        counts,
-        time.perf_counter() - start_time,
-        False,
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        non_finite,
-        dropped,
+        int(info["n_events"]),
+        int(info["n_outside"]),
+        dict(info["stream_counts"]),
+        seconds,
+        reused,
+        peak_rss_mb,
+        dict(info.get("non_finite", {})),
+        dict(info.get("dropped_non_finite", {})),
     )
 
 
@@ -321,44 +450,71 @@ def _reusable_part(target: Path, task: ChunkTask) -> PartResult | None:
         return None  # unreadable: recompute it
     if info.get("provenance") != task.provenance_record:
         return None
-    return PartResult(
-        task.index,
-        str(target),
-        int(info["n_events"]),
-        int(info["n_outside"]),
-        info["stream_counts"],
-        0.0,
-        True,
-        non_finite=info.get("non_finite", {}),
-        dropped_non_finite=info.get("dropped_non_finite", {}),
-    )
+    return _part_result(task, target, info, reused=True)
 
 
-def _check_unchanged(task: ChunkTask) -> None:
-    """InputFileError when a local input changed since the pass was planned."""
+def _check_unchanged(task: ChunkTask, same_host: bool = True) -> None:
+    """InputFileError when a local input cannot be read here or changed since the planning.
+
+    On the driver's host the size and modification time must be those planned; on another
+    node (its own copy of the file) the size.
+    """
     identity = dict(task.source)
     if "bytes" not in identity:
         return
     try:
         status = Path(task.path).stat()
     except OSError as error:
-        raise InputFileError(f"input file {task.path} went away during the pass") from error
-    if (str(status.st_size), str(status.st_mtime_ns)) != (identity["bytes"], identity["mtime_ns"]):
+        if same_host and isinstance(error, FileNotFoundError):
+            raise InputFileError(f"input file {task.path} went away during the pass") from error
         raise InputFileError(
-            f"input file {task.path} changed during the event pass (size or modification "
-            "time); rerun the pass once the file is final"
+            f"input file {task.path} cannot be read on {_node_name()} ({error.strerror}); "
+            "every worker reads the inputs itself: give paths that every node can read, or "
+            "root:// or https:// URLs"
+        ) from error
+    planned = (identity["bytes"], identity["mtime_ns"] if same_host else str(status.st_mtime_ns))
+    if (str(status.st_size), str(status.st_mtime_ns)) != planned:
+        raise InputFileError(
+            f"input file {task.path} on {_node_name()} is not the file the pass planned "
+            "(size or modification time); rerun the pass once the file is final, and give "
+            "every node the same copy"
         )
 
 
+def _node_name() -> str:
+    """The host of this process, and its Ray node when it runs in one."""
+    host = f"host {socket.gethostname()}"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return f"{host} (Ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    except ImportError:
+        pass
+    return host
+
+
+def _remote_part(task: ChunkTask, job: PassJob) -> PartBytes:
+    """`compute_part` on a Ray worker; an error names the node it happened on."""
+    try:
+        return compute_part(task, _worker_spec(job), job.driver_host)
+    except AnomscanError as error:
+        node = _node_name()
+        if node in str(error):
+            raise
+        raise type(error)(f"{error} (on {node})") from error
+
+
 def _run_serial(
-    tasks: Sequence[ChunkTask], spec: PassSpec, folder: str, progress: Callable[[int], None]
-) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
-    results, failures = [], []
+    tasks: Sequence[ChunkTask], spec: PassSpec, folder: Path, progress: Callable[[int], None]
+) -> tuple[list[PartResult], list[tuple[ChunkTask, BaseException]]]:
+    results: list[PartResult] = []
+    failures: list[tuple[ChunkTask, BaseException]] = []
     for task in tasks:
         try:
-            results.append(run_chunk(task, spec, folder))
+            results.append(store_part(folder, task, compute_part(task, spec)))
         except AnomscanError as error:
-            failures.append((task, f"{type(error).__name__}: {error}"))
+            failures.append((task, error))
         progress(task.entry_stop - task.entry_start)
     return results, failures
 
@@ -366,26 +522,32 @@ def _run_serial(
 def _run_ray(
     tasks: Sequence[ChunkTask],
     spec: PassSpec,
-    folder: str,
+    folder: Path,
     progress: Callable[[int], None],
     workers: int | None,
     retries: int,
-) -> tuple[list[PartResult], list[tuple[ChunkTask, str]]]:
-    results, failures = [], []
+) -> tuple[list[PartResult], list[tuple[ChunkTask, BaseException]]]:
+    """Tasks on Ray; each part comes back as bytes and the driver writes it as it arrives."""
+    results: list[PartResult] = []
+    failures: list[tuple[ChunkTask, BaseException]] = []
     with ray_session(workers) as ray:
-        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(run_chunk)
-        spec_ref = ray.put(spec)
-        pending = {remote.remote(task, spec_ref, folder): task for task in tasks}
+        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_remote_part)
+        job = ray.put(pass_job(spec))
+        pending = {remote.remote(task, job): task for task in tasks}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for reference in done:
                 task = pending.pop(reference)
-                try:
-                    results.append(ray.get(reference))
-                except Exception as error:  # a RayTaskError wraps the worker's exception
-                    cause = getattr(error, "cause", None) or error
-                    failures.append((task, f"{type(cause).__name__}: {cause}"))
                 progress(task.entry_stop - task.entry_start)
+                try:
+                    part = ray.get(reference)
+                except Exception as error:  # a RayTaskError wraps the worker's exception
+                    failures.append((task, getattr(error, "cause", None) or error))
+                    continue
+                try:
+                    results.append(store_part(folder, task, part))
+                except AnomscanError as error:  # the driver's own write
+                    failures.append((task, error))
     return results, failures
 
 
@@ -442,20 +604,20 @@ def _locked_event_pass(
     total = sum(t.entry_stop - t.entry_start for t in tasks)
     if executor == "auto":
         executor = "ray" if total >= SMALL_JOB_EVENTS and len(tasks) > 1 else "serial"
+    if executor not in ("ray", "serial"):
+        raise InvalidInputError(f"executor must be 'serial', 'ray' or 'auto', got {executor!r}")
+    reused = {t.index: _reusable_part(_part_target(folder, t), t) for t in tasks}
+    results = [r for r in reused.values() if r is not None]
+    to_run = [t for t in tasks if reused[t.index] is None]
     with _progress(progress, total) as advance:
-        if executor == "ray":
-            results, failures = _run_ray(tasks, spec, str(folder), advance, workers, retries)
-        elif executor == "serial":
-            results, failures = _run_serial(tasks, spec, str(folder), advance)
+        advance(total - sum(t.entry_stop - t.entry_start for t in to_run))
+        if executor == "ray" and to_run:
+            ran, failures = _run_ray(to_run, spec, folder, advance, workers, retries)
         else:
-            raise InvalidInputError(f"executor must be 'serial', 'ray' or 'auto', got {executor!r}")
+            ran, failures = _run_serial(to_run, spec, folder, advance)
+    results += ran
     if failures:
-        lines = [f"{t.path} entries {t.entry_start}..{t.entry_stop}: {why}" for t, why in failures]
-        raise EventPassError(
-            f"{len(failures)} of {len(tasks)} chunks failed after {retries} retries; the "
-            f"{len(results)} parts written are kept and a rerun resumes from them:\n  "
-            + "\n  ".join(lines)
-        )
+        raise _pass_error(failures, len(tasks), len(results), retries)
     results.sort(key=lambda r: r.index)
     names = [Path(r.path).name for r in results]
     commit_table_parts(

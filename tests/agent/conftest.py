@@ -43,9 +43,12 @@ class Sample:
     model: Path
 
 
-def run_cli(*arguments: str, timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
-    """`python -m agent.cli ARGUMENTS` in a fresh process, with this worktree first on the path."""
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+def run_cli(
+    *arguments: str, timeout: float = 900.0, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m agent.cli ARGUMENTS` in a fresh process, with this worktree first on the path
+    (and the variables of `env` set)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", *arguments],
         capture_output=True,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,53 +98,6 @@ def test_a_failing_chunk_is_named_and_the_rest_is_kept(sample, tmp_path):
     written = list(tmp_path.glob("part-*.parquet"))
     assert 0 < len(written) < len(tasks)
     assert url in str(error.value)
-
-
-@pytest.mark.slow
-def test_two_node_ray_cluster(sample, tmp_path):
-    ray_bin = Path(sys.executable).with_name("ray")
-    # a test cluster on loopback: no usage stats, no token (a token file shared with other
-    # Ray instances on the host can change under the test)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    head = subprocess.run(
-        [ray_bin, "start", "--head", "--port=6391", "--num-cpus=1", "--include-dashboard=false"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    assert head.returncode == 0, head.stderr
-    try:
-        worker = subprocess.run(
-            [ray_bin, "start", "--address=127.0.0.1:6391", "--num-cpus=1"],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        assert worker.returncode == 0, worker.stderr
-        script = (
-            "import ray, json, sys\n"
-            "from agent.runtime.eventpass import event_pass\n"
-            "ray.init()\n"
-            "s = event_pass(sys.argv[1:-1], sys.argv[-1], executor='ray', step_size=5000)\n"
-            "print(json.dumps({'n': s.n_events, 'nodes': len(ray.nodes())}))\n"
-        )
-        run = subprocess.run(
-            [sys.executable, "-c", script, *map(str, sample.files), str(tmp_path / "cluster")],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**env, "RAY_ADDRESS": "127.0.0.1:6391"},
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert '"n": 24500' in run.stdout
-        assert '"nodes": 2' in run.stdout
-        serial = event_pass(sample.files, tmp_path / "serial", step_size=5_000)
-        assert serial.n_events == 24_500
-        _assert_same(_table(tmp_path / "cluster"), _table(tmp_path / "serial"))
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, check=False)
 
 
 def test_partitioned_table_reads_like_a_single_file(sample, tmp_path):

@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from agent.review import number_text
 from agent.runtime.audit import TABLE_COLUMNS
+from core.table import table_parts
 from tests.agent.conftest import (
     CHEAP,
     LUMI_PB,
@@ -31,6 +35,8 @@ from tests.agent.conftest import (
     run_cli,
     scan_arguments,
 )
+from tests.rangeserver import RangeServer
+from tests.raycluster import NOBODY, RAY_ENV, unprivileged_worker_cluster, worker_pids
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +88,6 @@ def _decision_keys(run_dir: Path) -> list[str]:
             ("--budget-minutes", "999"),
             "different plans:\n  budget_minutes: null -> 999\n",
         ),
-        ("ray", (), "the same plan"),
     ],
 )
 def test_every_executor_gives_the_serial_results(
@@ -106,6 +111,55 @@ def test_every_executor_gives_the_serial_results(
     with sqlite3.connect(out / "audit.sqlite") as db:
         workers = {row[0] for row in db.execute("select worker from tool_calls")}
     assert len(workers) > 1, f"{executor} ran every tool call in one process: {workers}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a worker node as another user needs root")
+def test_a_cluster_worker_that_cannot_see_the_run_folder_gives_the_serial_results(
+    reference: Path, signal_sample: Sample, tmp_path: Path
+) -> None:
+    """A 2-node Ray cluster whose only CPU is on a worker node running as `nobody`, who can
+    neither read nor write the run folder, the model or the sample's folder: given local
+    paths the scan stops with one line naming the file and the node; given the same files as
+    URLs it completes with the serial results, and its batched tool calls ran as `nobody`."""
+    local = scan_arguments(signal_sample, tmp_path / "local", *CHEAP, "--executor", "ray")
+    folder = Path(signal_sample.files[0]).parent
+    with unprivileged_worker_cluster() as cluster, RangeServer(folder) as server:
+        ray_env = {**RAY_ENV, "RAY_ADDRESS": cluster.address}
+        refused = run_cli(*local, env=ray_env)
+        urls = [server.url(Path(file).name) for file in signal_sample.files]
+        arguments = [
+            *urls,
+            *scan_arguments(signal_sample, tmp_path / "run", *CHEAP, "--executor", "ray")[1:],
+        ]
+        for file in signal_sample.files:
+            arguments.remove(file)
+        done = run_cli("scan", *arguments, env=ray_env)
+        with sqlite3.connect(tmp_path / "run" / "audit.sqlite") as db:
+            workers = {row[0] for row in db.execute("select worker from tool_calls")}
+        owners = worker_pids(cluster)
+    assert refused.returncode == 2, refused.stderr
+    (line,) = refused.stderr.strip().splitlines()
+    assert "cannot be read on host" in line and "(Ray node" in line
+    assert any(file in line for file in signal_sample.files), line
+    assert done.returncode == 0, done.stderr
+    clustered, serial = results_of(tmp_path / "run"), results_of(reference)
+    # the parts record where their events were read (URLs here, paths there): same rows
+    assert clustered.pop("table_sha256") != serial.pop("table_sha256")
+    assert clustered == serial
+    rows, serial_rows = _event_rows(tmp_path / "run"), _event_rows(reference)
+    assert rows.schema.equals(serial_rows.schema)
+    for name in rows.column_names:  # NaN == NaN (a pair mass that does not exist)
+        np.testing.assert_array_equal(rows[name].to_numpy(), serial_rows[name].to_numpy())
+    # the batched calls ran in Ray workers, all as `nobody`; a lone call runs in the driver
+    pids = {int(worker.rsplit(":", 1)[1]) for worker in workers}
+    assert set(owners.values()) == {NOBODY}, owners
+    assert pids & set(owners) and len(pids - set(owners)) <= 1, (workers, owners)
+
+
+def _event_rows(run_dir: Path) -> pa.Table:
+    """The event table of a run without the parts' metadata."""
+    parts = table_parts(run_dir / "events")
+    return pa.concat_tables(pq.read_table(p).replace_schema_metadata(None) for p in parts)
 
 
 def _steps(run_dir: Path, node: str) -> int:
