@@ -90,7 +90,7 @@ def _pass_error(
     """The error of a pass with failed chunks: its first line names the first of them."""
     lines = [
         f"{t.path} entries {t.entry_start}..{t.entry_stop}: {type(e).__name__}: {e}"
-        for t, e in failures
+        for t, e in sorted(failures, key=lambda failure: failure[0].index)
     ]
     on_input = all(isinstance(e, (InputFileError, SchemaError)) for _, e in failures)
     return (EventPassInputError if on_input else EventPassError)(
@@ -318,11 +318,16 @@ def pass_job(spec: PassSpec) -> PassJob:
     return PassJob(spec, tuple(files), socket.gethostname())
 
 
+_WORKER_SPECS: dict[str, PassSpec] = {}
+"""Per process: the digest of a job's files -> its spec with local paths (checked once)."""
+
+
 def _worker_spec(job: PassJob) -> PassSpec:
     """The job's spec with its files written into this node's scratch folder.
 
-    The folder is named by the user and the digest of the files, so every worker process
-    of a node shares one copy per model (each file written atomically once).
+    The folder (mode 0700, owned by this user, named by the user and the digest of the
+    files) is shared by the worker processes of a node: one copy per model, each file
+    written atomically. A file found there is used only if its bytes are the job's.
     """
     if not job.files:
         return job.spec
@@ -330,20 +335,33 @@ def _worker_spec(job: PassJob) -> PassSpec:
     for role, name, content in job.files:
         digest.update(f"{role}/{name}/{len(content)}:".encode())
         digest.update(content)
-    scratch = Path(tempfile.gettempdir()) / f"anomscan-pass-{os.getuid()}-{digest.hexdigest()[:20]}"
-    local = {}
-    for role, name, content in job.files:
-        target = scratch / ("model" if role == "card" else role) / name
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target, what=f"copy of the pass's {role}") as partial:
-                partial.write_bytes(content)
-        local[role] = str(target)
-    return replace(
-        job.spec,
-        model=local.get("model", job.spec.model),
-        mapping=local.get("mapping", job.spec.mapping),
-    )
+    key = digest.hexdigest()
+    if key not in _WORKER_SPECS:
+        scratch = Path(tempfile.gettempdir()) / f"anomscan-pass-{os.getuid()}-{key[:20]}"
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        if scratch.is_symlink() or scratch.stat().st_uid != os.getuid():
+            raise InvalidInputError(f"{scratch} belongs to another user; remove it")
+        local = {
+            role: str(_local_copy(scratch, role, name, content))
+            for role, name, content in job.files
+        }
+        _WORKER_SPECS[key] = replace(
+            job.spec,
+            model=local.get("model", job.spec.model),
+            mapping=local.get("mapping", job.spec.mapping),
+        )
+    return _WORKER_SPECS[key]
+
+
+def _local_copy(scratch: Path, role: str, name: str, content: bytes) -> Path:
+    """`content` at scratch/ROLE/NAME (the card beside the model), written unless there."""
+    target = scratch / ("model" if role == "card" else role) / name
+    if target.is_file() and target.read_bytes() == content:
+        return target
+    target.parent.mkdir(exist_ok=True)
+    with atomic_path(target, what=f"copy of the pass's {role}") as partial:
+        partial.write_bytes(content)
+    return target
 
 
 @dataclass(frozen=True)
@@ -376,6 +394,7 @@ def compute_part(task: ChunkTask, spec: PassSpec, driver_host: str | None = None
         tree=spec.tree,
         mapping=spec.mapping,
         good_runs=spec.good_runs,
+        file_uuid=dict(task.source).get("uuid") or None,
     )
     rows = chunk_columns(chunk, score=_score_function(spec), training=_training_function(spec))
     _check_unchanged(task, same_host)
@@ -511,11 +530,13 @@ def _run_serial(
     results: list[PartResult] = []
     failures: list[tuple[ChunkTask, BaseException]] = []
     for task in tasks:
+        progress(task.entry_stop - task.entry_start)
         try:
-            results.append(store_part(folder, task, compute_part(task, spec)))
+            part = compute_part(task, spec)
         except AnomscanError as error:
             failures.append((task, error))
-        progress(task.entry_stop - task.entry_start)
+            continue
+        results.append(store_part(folder, task, part))  # an unwritable folder stops the pass
     return results, failures
 
 
@@ -544,10 +565,7 @@ def _run_ray(
                 except Exception as error:  # a RayTaskError wraps the worker's exception
                     failures.append((task, getattr(error, "cause", None) or error))
                     continue
-                try:
-                    results.append(store_part(folder, task, part))
-                except AnomscanError as error:  # the driver's own write
-                    failures.append((task, error))
+                results.append(store_part(folder, task, part))  # unwritable: stops the pass
     return results, failures
 
 

@@ -146,10 +146,21 @@ def read_entry_range(
     tree: str | None = None,
     mapping: str | Path | None = None,
     good_runs: GoodRunList | None = None,
+    file_uuid: str | None = None,
 ) -> EventChunk:
-    """Selected objects of entries [entry_start, entry_stop) of one file (a unit of work)."""
+    """Selected objects of entries [entry_start, entry_stop) of one file (a unit of work).
+
+    With `file_uuid` (the ROOT UUID the work was planned with) the file must be that file
+    and hold the whole range: InputFileError otherwise (another copy, a rewritten file).
+    """
     selection = selection or ObjectSelection()
     plan, chosen, event_tree = plan_file(str(path), schema, selection, tree, mapping, good_runs)
+    if file_uuid is not None and (plan.file_uuid != file_uuid or plan.num_entries < entry_stop):
+        raise InputFileError(
+            f"input file {path} is not the file that was planned (ROOT UUID {plan.file_uuid}, "
+            f"{plan.num_entries} entries; planned {file_uuid}, at least {entry_stop}); give "
+            "every node the same copy"
+        )
     stop = min(entry_stop, plan.num_entries)
     if not 0 <= entry_start < stop:
         raise InvalidInputError(

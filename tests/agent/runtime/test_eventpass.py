@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from agent.runtime.eventpass import EventPassError, PassSpec, event_pass, plan_chunks
+from core.events import read_entry_range
 from core.synth import SampleConfig, SignalSpec, generate_sample
 from core.table import table_parts
 from tests.rangeserver import RangeServer
@@ -138,3 +141,37 @@ def test_non_finite_values_are_counted_through_the_pass_and_its_resume(
     for summary in (first, again):
         assert summary.non_finite == {"Muon_pt": n_nan}
         assert summary.dropped_non_finite == {"muons": n_nan}
+
+
+def test_a_worker_on_another_host_takes_its_own_copy_but_not_another_file(sample, tmp_path):
+    """The driver's host checks size and mtime; another node (its own copy of the input,
+    written later) checks the ROOT UUID and the entries: the copy is read, a file of another
+    sample under the planned name is refused, naming the file."""
+    from dataclasses import replace
+
+    from agent.runtime.eventpass import compute_part
+    from core.errors import InputFileError
+
+    original = Path(sample.files[0])
+    (task,) = plan_chunks([original], 20_000, PassSpec(), max_events=5_000)
+    copy = tmp_path / "copy" / original.name
+    copy.parent.mkdir()
+    shutil.copy(original, copy)  # same bytes, a later modification time
+    os.utime(copy, ns=(0, 0))
+    elsewhere = replace(task, path=str(copy))
+    with pytest.raises(InputFileError, match="not the file the pass planned"):
+        compute_part(elsewhere, PassSpec())  # on the driver's host: the mtime differs
+    read = compute_part(elsewhere, PassSpec(), driver_host="another-host")
+    assert read.info["n_events"] == compute_part(task, PassSpec()).info["n_events"] == 5_000
+    other = generate_sample(
+        tmp_path / "other", SampleConfig(n_events=24_000, seed=10, events_per_file=12_500)
+    )
+    impostor = Path(other.files[0])
+    with pytest.raises(InputFileError, match="is not the file") as error:
+        compute_part(replace(task, path=str(impostor)), PassSpec(), driver_host="another-host")
+    assert str(impostor) in str(error.value)
+    # of the same size it is told by its ROOT UUID
+    planned_uuid = dict(task.source)["uuid"]
+    with pytest.raises(InputFileError, match="is not the file that was planned"):
+        read_entry_range(impostor, 0, 5_000, file_uuid=planned_uuid)
+    assert len(read_entry_range(copy, 0, 5_000, file_uuid=planned_uuid)) == 5_000
