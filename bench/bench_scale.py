@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.bench_scan import audit_verify
 from core.synth import SampleConfig, generate_sample
 from tests.agent.conftest import SIGNAL
 
@@ -128,13 +129,6 @@ def _run_size(n_events: int, work: Path) -> dict[str, object]:
     command += ["--lumi-pb", f"{lumi:g}", "--out", str(run_dir), "--executor", "ray"]
     command += ["--seed", "1", "--quiet"]
     total, samples = _sampled_run(command)
-    verified = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "audit", "verify", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
     results = json.loads((run_dir / "results.json").read_text())
     return {
         "n_events": n_events,
@@ -146,7 +140,7 @@ def _run_size(n_events: int, work: Path) -> dict[str, object]:
         "stages": _stage_figures(run_dir, samples),
         "points": len(results["points_pb"]),
         "scan_global_z": results["scan_global_z"],
-        "audit_verify": {"exit": verified.returncode, "last_line": verified.stdout.strip()[-200:]},
+        "audit_verify": audit_verify(run_dir),
     }
 
 

@@ -47,6 +47,18 @@ def _stages(run_dir: Path) -> dict[str, float]:
     }
 
 
+def audit_verify(run_dir: Path) -> dict[str, object]:
+    """`anomscan audit verify RUN_DIR`: its exit status and the end of its report."""
+    verified = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "audit", "verify", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {"exit": verified.returncode, "last_line": verified.stdout.strip()[-200:]}
+
+
 def _scan(folder: Path, files: list[str], executor: str, model: str | None) -> dict[str, object]:
     command = [sys.executable, "-m", "agent.cli", "scan", *files, "--lumi-pb", "1000"]
     command += ["--out", str(folder), "--executor", executor, "--seed", "1", "--quiet"]
@@ -54,13 +66,6 @@ def _scan(folder: Path, files: list[str], executor: str, model: str | None) -> d
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     total = time.perf_counter() - start
-    verified = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "audit", "verify", str(folder)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
     results = json.loads((folder / "results.json").read_text())
     with sqlite3.connect(folder / "audit.sqlite") as db:
         workers = {row[0] for row in db.execute("select distinct worker from tool_calls")}
@@ -74,7 +79,7 @@ def _scan(folder: Path, files: list[str], executor: str, model: str | None) -> d
         "excesses": len(results["excesses"]),
         "top": None if top is None else {k: top[k] for k in ("spectrum", "xsec_pb", "local_z")},
         "scan_global_z": results["scan_global_z"],
-        "audit_verify": {"exit": verified.returncode, "last_line": verified.stdout.strip()[-200:]},
+        "audit_verify": audit_verify(folder),
     }
 
 

@@ -50,7 +50,7 @@ def _as_nobody(command: list[str], env: dict[str, str], cwd: Path) -> subprocess
 
 def _start_node(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
     """`ray start --block` in a process group of its own; returns once the node runs."""
-    log = cwd.parent / f"node-{len(list(cwd.parent.glob('node-*.log')))}.log"
+    log = cwd.parent / f"{cwd.name}.log"
     with log.open("w") as output:
         node = subprocess.Popen(
             command,

@@ -11,9 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from core.synth import SampleConfig, SignalSpec, generate_sample
+from core.table import table_parts
 from tools.registry import get_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,6 +69,19 @@ def results_of(run_dir: Path) -> dict[str, object]:
     results = json.loads((run_dir / "results.json").read_text())
     results.pop("run_id")
     return results
+
+
+def event_rows(folder: Path) -> pa.Table:
+    """The rows of a partitioned event table (its parts in order), without their metadata."""
+    parts = table_parts(folder)
+    return pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in parts])
+
+
+def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
+    """The same columns and values (NaN equal to NaN: a pair mass that does not exist)."""
+    assert a.schema.equals(b.schema)
+    for name in a.column_names:
+        np.testing.assert_array_equal(a[name].to_numpy(), b[name].to_numpy())
 
 
 def _sample(

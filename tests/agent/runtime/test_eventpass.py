@@ -8,14 +8,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from agent.runtime.eventpass import EventPassError, PassSpec, event_pass, plan_chunks
 from core.events import read_entry_range
 from core.synth import SampleConfig, SignalSpec, generate_sample
-from core.table import table_parts
+from tests.agent.conftest import assert_same_rows, event_rows
 from tests.rangeserver import RangeServer
 
 
@@ -43,17 +41,6 @@ def sample(tmp_path_factory):
     )
 
 
-def _table(folder: Path) -> pa.Table:
-    parts = table_parts(folder)
-    return pa.concat_tables([pq.read_table(p).replace_schema_metadata(None) for p in parts])
-
-
-def _assert_same(a: pa.Table, b: pa.Table) -> None:
-    assert a.schema.equals(b.schema)
-    for name in a.column_names:
-        np.testing.assert_array_equal(a[name].to_numpy(), b[name].to_numpy())  # NaN == NaN
-
-
 def test_tasks_cover_every_entry_once(sample):
     tasks = plan_chunks(sample.files, 5_000, PassSpec())
     covered = {}
@@ -74,17 +61,17 @@ def test_serial_and_ray_write_identical_tables(sample, tmp_path):
     )
     assert serial.n_events == parallel.n_events == 24_500
     assert serial.stream_counts == parallel.stream_counts
-    _assert_same(_table(tmp_path / "serial"), _table(tmp_path / "ray"))
+    assert_same_rows(event_rows(tmp_path / "serial"), event_rows(tmp_path / "ray"))
 
 
 def test_resume_reuses_written_parts(sample, tmp_path):
     first = event_pass(sample.files, tmp_path, step_size=5_000)
-    before = _table(tmp_path)
+    before = event_rows(tmp_path)
     (part,) = tmp_path.glob("part-000002-*.parquet")
     part.unlink()
     again = event_pass(sample.files, tmp_path, step_size=5_000)
     assert again.n_reused == first.n_parts - 1
-    _assert_same(_table(tmp_path), before)
+    assert_same_rows(event_rows(tmp_path), before)
 
 
 def test_a_failing_chunk_is_named_and_the_rest_is_kept(sample, tmp_path):

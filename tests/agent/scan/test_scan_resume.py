@@ -18,19 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from agent.review import number_text
 from agent.runtime.audit import TABLE_COLUMNS
-from core.table import table_parts
 from tests.agent.conftest import (
     CHEAP,
     LUMI_PB,
     ROOT,
     Sample,
+    assert_same_rows,
+    event_rows,
     results_of,
     run_cli,
     scan_arguments,
@@ -146,20 +144,11 @@ def test_a_cluster_worker_that_cannot_see_the_run_folder_gives_the_serial_result
     # the parts record where their events were read (URLs here, paths there): same rows
     assert clustered.pop("table_sha256") != serial.pop("table_sha256")
     assert clustered == serial
-    rows, serial_rows = _event_rows(tmp_path / "run"), _event_rows(reference)
-    assert rows.schema.equals(serial_rows.schema)
-    for name in rows.column_names:  # NaN == NaN (a pair mass that does not exist)
-        np.testing.assert_array_equal(rows[name].to_numpy(), serial_rows[name].to_numpy())
+    assert_same_rows(event_rows(tmp_path / "run" / "events"), event_rows(reference / "events"))
     # the batched calls ran in Ray workers, all as `nobody`; a lone call runs in the driver
     pids = {int(worker.rsplit(":", 1)[1]) for worker in workers}
     assert set(owners.values()) == {NOBODY}, owners
     assert pids & set(owners) and len(pids - set(owners)) <= 1, (workers, owners)
-
-
-def _event_rows(run_dir: Path) -> pa.Table:
-    """The event table of a run without the parts' metadata."""
-    parts = table_parts(run_dir / "events")
-    return pa.concat_tables(pq.read_table(p).replace_schema_metadata(None) for p in parts)
 
 
 def _steps(run_dir: Path, node: str) -> int:
