@@ -327,9 +327,11 @@ def _worker_spec(job: PassJob) -> PassSpec:
 
     The folder (mode 0700, owned by this user, named by the user and the digest of the
     files) is shared by the worker processes of a node: one copy per model, each file
-    written atomically. A file found there is used only if its bytes are the job's.
+    written atomically. A file found there is used only if its bytes are the job's. On the
+    driver's host, where the spec's own files can be read, they are used and nothing is
+    copied.
     """
-    if not job.files:
+    if not job.files or _readable_here(job):
         return job.spec
     digest = hashlib.sha256()
     for role, name, content in job.files:
@@ -351,6 +353,18 @@ def _worker_spec(job: PassJob) -> PassSpec:
             mapping=local.get("mapping", job.spec.mapping),
         )
     return _WORKER_SPECS[key]
+
+
+def _readable_here(job: PassJob) -> bool:
+    """Whether this is the driver's host and the spec's model, card and mapping read here."""
+    if job.driver_host != socket.gethostname():
+        return False
+    paths = []
+    if job.spec.model is not None:
+        paths += [Path(job.spec.model), card_path(Path(job.spec.model))]
+    if job.spec.mapping is not None and any(role == "mapping" for role, _, _ in job.files):
+        paths.append(Path(job.spec.mapping))
+    return all(os.access(path, os.R_OK) for path in paths)
 
 
 def _local_copy(scratch: Path, role: str, name: str, content: bytes) -> Path:
