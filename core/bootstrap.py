@@ -72,9 +72,26 @@ def bootstrap_spectra(
     for selection in selections:
         events, bins = _bins_of(masses, stream_bits, edges, selection)
         totals = np.zeros((selection.stop_bin - selection.first_bin, n_replicas), np.int32)
-        _add_weights(events, bins - selection.first_bin, np.uint64(key), _POISSON_ONE_CDF, totals)
+        add_replica_counts(totals, events, bins - selection.first_bin, key)
         replicas.append(np.ascontiguousarray(totals.T))
     return replicas
+
+
+def add_replica_counts(
+    totals: npt.NDArray[np.int32], events: IntArray, rows: IntArray, key: int
+) -> None:
+    """totals[rows[i], r] += w(key, events[i], r) for every i and replica r (in place).
+
+    `events` are table rows (the weights' identity), `rows` the bins they fall in, counted
+    from the first row of `totals` (n_bins, n_replicas).
+    """
+    _add_weights(
+        np.asarray(events, np.int64),
+        np.asarray(rows, np.int64),
+        np.uint64(key),
+        _POISSON_ONE_CDF,
+        totals,
+    )
 
 
 def replica_weights(key: int, events: IntArray, n_replicas: int) -> npt.NDArray[np.int32]:

@@ -302,13 +302,24 @@ class Spectra:
         return counts
 
 
+def mass_bins(masses: FloatArray, edges: FloatArray) -> tuple[IntArray, BoolArray]:
+    """The bin of every mass on `edges` and whether it is counted (as `np.histogram` does).
+
+    A mass counts when finite and within [edges[0], edges[-1]]; the last edge belongs to
+    the last bin. Returns (bin index, counted), each of the shape of `masses`.
+    """
+    n_bins = len(edges) - 1
+    in_range = np.isfinite(masses) & (masses >= edges[0]) & (masses <= edges[-1])
+    bin_index = np.clip(np.searchsorted(edges, masses, side="right") - 1, 0, n_bins - 1)
+    return bin_index, in_range
+
+
 def all_spectra(masses: FloatArray, bits: BoolArray, mask: BoolArray | None = None) -> Spectra:
     """The 63 spectra (7 streams x 9 pairs) of the events in `mask` (all events if None)."""
     masses, bits, mask = _check_shapes(masses, bits, mask)
     edges = mass_bin_edges()
     n_bins = len(edges) - 1
-    in_range = np.isfinite(masses) & (masses >= edges[0]) & (masses <= edges[-1])
-    bin_index = np.clip(np.searchsorted(edges, masses, side="right") - 1, 0, n_bins - 1)
+    bin_index, in_range = mass_bins(masses, edges)
     if mask is not None:
         bits = bits & mask[:, None]
     counts = np.zeros((len(STREAMS), len(PAIRS), n_bins), dtype=np.int64)

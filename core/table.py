@@ -62,13 +62,17 @@ __all__ = [
     "STREAM_LABELS",
     "EventTable",
     "EventTableSummary",
+    "ScoreHistograms",
     "TableSpectra",
     "add_score_column",
     "chunk_columns",
     "event_table_schema",
     "iter_event_table",
+    "iter_table_columns",
     "read_event_table",
     "region_spectra",
+    "score_histograms",
+    "table_is_scored",
     "table_spectra",
     "write_event_table",
 ]
@@ -420,6 +424,74 @@ def iter_event_table(path: str | Path, batch_size: int = 1_000_000) -> Iterator[
     for parquet in _open(path):
         for batch in parquet.iter_batches(batch_size=batch_size):
             yield _as_event_table(batch)
+
+
+def iter_table_columns(
+    path: str | Path, columns: Sequence[str], batch_size: int = 1_000_000
+) -> Iterator[dict[str, npt.NDArray[Any]]]:
+    """The named columns of an event table in batches of at most `batch_size` rows.
+
+    Reads those columns alone (bounded memory, a few bytes per event and column); a column
+    the table lacks is an InvalidInputError naming it.
+    """
+    if batch_size <= 0:
+        raise InvalidInputError(f"batch_size must be a positive number of rows, got {batch_size}")
+    for parquet, source in zip(_open(path), table_parts(path), strict=True):
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise InvalidInputError(
+                f"event table {source} has no column {missing[0]!r}"
+                + (
+                    " (it is not scored: run the scored event pass)"
+                    if SCORE_COLUMN in missing
+                    else "; rewrite it with write_event_table"
+                )
+            )
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=list(columns)):
+            yield {
+                name: np.asarray(batch.column(name).to_numpy(zero_copy_only=False))
+                for name in columns
+            }
+
+
+@dataclass(frozen=True)
+class ScoreHistograms:
+    """Per stream, the histogram of its events' anomaly scores on common `edges`."""
+
+    edges: FloatArray
+    counts: Mapping[str, IntArray]
+
+
+def table_is_scored(path: str | Path) -> bool:
+    """Whether the event table at `path` has its score column."""
+    return SCORE_COLUMN in _open(path)[0].schema_arrow.names
+
+
+def score_histograms(
+    path: str | Path, n_bins: int = 59, batch_size: int = 1_000_000
+) -> ScoreHistograms:
+    """Histograms of the score per stream, all events; two passes over two columns each.
+
+    The bins are geometric when every score is positive, else linear over the range.
+    """
+    columns = [SCORE_COLUMN, *STREAMS]
+    low, high = math.inf, -math.inf
+    for batch in iter_table_columns(path, [SCORE_COLUMN], batch_size):
+        if batch[SCORE_COLUMN].size:
+            low = min(low, float(batch[SCORE_COLUMN].min()))
+            high = max(high, float(batch[SCORE_COLUMN].max()))
+    if not math.isfinite(low):
+        low, high = 0.0, 1.0
+    edges = (
+        np.geomspace(low, high, n_bins + 1)
+        if low > 0 and high > low
+        else np.linspace(low, high + 1, n_bins + 1)
+    )
+    counts = {stream: np.zeros(n_bins, dtype=np.int64) for stream in STREAMS}
+    for batch in iter_table_columns(path, columns, batch_size):
+        for stream in STREAMS:
+            counts[stream] += np.histogram(batch[SCORE_COLUMN][batch[stream]], bins=edges)[0]
+    return ScoreHistograms(edges, counts)
 
 
 def _rewrite_with_scores(

@@ -17,6 +17,7 @@ import numpy.typing as npt
 from agent.figures.common import PlotFormat, PlotStyle, label_axes, pyplot
 from core.anomaly import point_text
 from core.errors import InvalidInputError
+from core.table import ScoreHistograms
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -55,36 +56,28 @@ def loss_curves(
 
 
 def score_distributions(
-    scores: Mapping[str, npt.NDArray[np.float64]],
+    histograms: ScoreHistograms,
     cuts: Mapping[float, Mapping[str, float | None]],
     style: PlotStyle,
 ) -> Figure:
     """Anomaly-score histogram per stream; a vertical line per AR point at its lowest score."""
     plt = pyplot(style)
-    streams = list(scores)
+    streams = list(histograms.counts)
     columns = 4
     rows = (len(streams) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(13, 3.2 * rows), squeeze=False)
-    finite = [v[np.isfinite(v)] for v in scores.values() if v.size]
-    everything = np.concatenate(finite) if finite else np.array([0.0, 1.0])
-    low = float(everything.min()) if everything.size else 0.0
-    high = float(everything.max()) if everything.size else 1.0
-    positive = low > 0
-    bins = (
-        np.geomspace(low, high, 60) if positive and high > low else np.linspace(low, high + 1, 60)
-    )
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, stream in zip(axes.flat, streams, strict=False):
-        values = scores[stream]
-        ax.hist(values, bins=bins, histtype="step", color="black")
+        counts = histograms.counts[stream]
+        ax.stairs(counts, histograms.edges, color="black")
         for k, (point, per_stream) in enumerate(sorted(cuts.items())):
             cut = per_stream.get(stream)
             if cut is not None:
                 ax.axvline(cut, color=colours[k % len(colours)], label=f"{point_text(point)} pb")
         ax.set_yscale("log")
-        if positive:
+        if histograms.edges[0] > 0:
             ax.set_xscale("log")
-        ax.set_title(f"{stream} ({values.size} events)", fontsize=10)
+        ax.set_title(f"{stream} ({int(counts.sum())} events)", fontsize=10)
         ax.set_xlabel("anomaly score", fontsize=9)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(streams) :]:

@@ -54,8 +54,8 @@ from core.autoencoder import read_model_card, training_warnings
 from core.errors import InvalidInputError, ModelError
 from core.files import write_text
 from core.limits import LOW_COUNT_BACKGROUND
-from core.masses import SPECTRUM_NAMES, STREAMS
-from core.table import read_event_table
+from core.masses import SPECTRUM_NAMES
+from core.table import score_histograms, table_is_scored
 
 
 def _cell_mark(status: str | None, function: str | None, fallback_used: bool) -> str:
@@ -425,31 +425,26 @@ def _autoencoder_section(run: RunRecord, figures: Figures, style: PlotStyle) -> 
         figure = plots.loss_curves(card.loss_train, card.loss_validation, card.best_epoch, style)
         parts.append(figures.img(figure, "loss", "autoencoder loss curves"))
     events = run.run_dir / "events"
-    if events.is_dir():
-        table = read_event_table(events)
-        if table.score is not None:
-            scores = {
-                stream: np.asarray(table.score[table.stream_bits[:, k]], dtype=float)
-                for k, stream in enumerate(STREAMS)
-            }
-            cuts: dict[float, dict[str, float | None]] = {}
-            for row in run.decisions:
-                numbers = row["numbers"]
-                if row["kind"] == "anomaly_region" and isinstance(numbers, dict):
-                    lowest = numbers.get("lowest_score_in_region")
-                    if isinstance(lowest, dict):
-                        cuts[float(row["point_pb"])] = lowest
-            if not cuts:
-                parts.append(
-                    '<p class="note">The AR cuts are not in this audit (a scan from before '
-                    "the anomaly_region decision recorded them).</p>"
-                )
-            figure = plots.score_distributions(scores, cuts, style)
-            parts.append(figures.img(figure, "scores", "anomaly score per stream with the AR cuts"))
+    if events.is_dir() and table_is_scored(events):
+        histograms = score_histograms(events)
+        cuts: dict[float, dict[str, float | None]] = {}
+        for row in run.decisions:
+            numbers = row["numbers"]
+            if row["kind"] == "anomaly_region" and isinstance(numbers, dict):
+                lowest = numbers.get("lowest_score_in_region")
+                if isinstance(lowest, dict):
+                    cuts[float(row["point_pb"])] = lowest
+        if not cuts:
             parts.append(
-                '<p class="note">Lines: the lowest score inside each AR point\'s anomaly region '
-                "(events at or above it pass), from the anomaly_region decisions.</p>"
+                '<p class="note">The AR cuts are not in this audit (a scan from before '
+                "the anomaly_region decision recorded them).</p>"
             )
+        figure = plots.score_distributions(histograms, cuts, style)
+        parts.append(figures.img(figure, "scores", "anomaly score per stream with the AR cuts"))
+        parts.append(
+            '<p class="note">Lines: the lowest score inside each AR point\'s anomaly region '
+            "(events at or above it pass), from the anomaly_region decisions.</p>"
+        )
     return "".join(parts)
 
 

@@ -8,7 +8,7 @@ NPZ is an artifact), and writes RUN/limits.json, RUN/limits.csv and one plot per
 RUN/plots/limits-point-NNN.png, each logged in `artifacts`, with a `limits` decision.
 
 The luminosity of the spectra is the search luminosity (1 - f) L (PHYSICS.md 4): f the
-fraction of the event table the autoencoder trained on (the scan's own `stream_regions`
+fraction of the event table the autoencoder trained on (the scan's own `core.regions`
 rule), L the run's luminosity.
 """
 
@@ -35,7 +35,7 @@ from core.errors import InvalidInputError
 from core.files import write_bytes, write_json, write_text
 from core.limits import DEFAULT_WIDTHS, LOW_COUNT_BACKGROUND
 from core.masses import SPECTRUM_NAMES
-from core.table import read_event_table
+from core.table import iter_table_columns
 
 LIMITS_JSON = "limits.json"
 LIMITS_CSV = "limits.csv"
@@ -157,9 +157,13 @@ def run_search_luminosity(run_dir: Path, config: ScanConfig, lumi_pb: float) -> 
             "search luminosity (1 - f) L needs both"
         )
     card = read_model_card(model)
-    table = read_event_table(table_path)
-    excluded = training_selection(table.keys(), card.fraction, card.seed)
-    fraction = float(np.mean(excluded)) if excluded.size else 0.0
+    n_events = n_excluded = 0
+    for batch in iter_table_columns(table_path, ["key"]):
+        n_events += batch["key"].size
+        n_excluded += int(
+            np.count_nonzero(training_selection(batch["key"], card.fraction, card.seed))
+        )
+    fraction = n_excluded / n_events if n_events else 0.0
     return float(luminosity_after_training(lumi_pb, fraction))
 
 

@@ -21,8 +21,10 @@ from core.table import (
     add_score_column,
     event_table_schema,
     iter_event_table,
+    iter_table_columns,
     read_event_table,
     region_spectra,
+    score_histograms,
     table_spectra,
     write_event_table,
 )
@@ -279,3 +281,21 @@ def test_empty_input_writes_an_empty_table(tmp_path):
     assert summary.n_events == 0
     assert len(read_event_table(path)) == 0
     assert table_spectra(path).spectra.counts.shape == (63, 178)
+
+
+def test_score_histograms_and_columns_read_in_batches_equal_the_whole_table(chunks, tmp_path):
+    path = tmp_path / "events.parquet"
+    write_event_table(chunks, path)
+    scores = np.random.default_rng(8).normal(size=6500)
+    add_score_column(path, scores, _none(6500))
+    table = read_event_table(path)
+    histograms = score_histograms(path, n_bins=20, batch_size=700)
+    assert histograms.edges[0] == scores.min() and histograms.edges[-1] == scores.max() + 1
+    for k, stream in enumerate(STREAMS):
+        expected, _ = np.histogram(scores[table.stream_bits[:, k]], bins=histograms.edges)
+        np.testing.assert_array_equal(histograms.counts[stream], expected)
+    assert sum(int(c.sum()) for c in histograms.counts.values()) > 0
+    keys = np.concatenate([b["key"] for b in iter_table_columns(path, ["key"], batch_size=700)])
+    np.testing.assert_array_equal(keys, table.keys())
+    with pytest.raises(InvalidInputError, match="has no column 'm_xx'"):
+        next(iter_table_columns(path, ["key", "m_xx"]))

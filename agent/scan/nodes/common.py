@@ -11,29 +11,30 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from agent.scan.config import ScanConfig
 from agent.scan.context import ScanContext
 from agent.scan.state import ScanState
-from core.anomaly import stream_regions
+from core.anomaly import requested_count
 from core.autoencoder import read_model_card, training_selection
 from core.files import atomic_path
 from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV
-from core.table import EventTable, read_event_table
+from core.regions import StreamRanking, rank_streams
 
 __all__ = [
     "NodeBody",
     "events_in_fit_range",
-    "point_regions",
     "read_point_spectra",
     "record_decision",
     "scan_checks",
     "scan_fallback_settings",
     "search_calls",
+    "search_exclusion",
     "spectrum_seed",
+    "stream_ranking",
     "write_npz",
 ]
 
@@ -154,17 +155,27 @@ def search_calls(
     ]
 
 
-def point_regions(
-    ctx: ScanContext, state: ScanState, point_pb: float
-) -> tuple[EventTable, np.ndarray, list[bool]]:
-    """The event table (cached), the AR point's region masks (n, 7), whole-stream flags.
+def stream_ranking(ctx: ScanContext, state: ScanState) -> StreamRanking:
+    """The event table's ranking per stream (one pass, cached): deep enough for every point.
 
-    The autoencoder's training events are left out (as in every region of the scan).
+    Its depth is N = sigma L at the top of the scan's cross-section range, which no AR
+    point, refinements included, exceeds; the autoencoder's training events are left out
+    (as in every region of the scan).
     """
-    table: EventTable = ctx.cached("table", lambda: read_event_table(ctx.at(state["table"])))
-    card = read_model_card(ctx.at(state["model"]))
-    exclude = ctx.cached(
-        "exclude", lambda: training_selection(table.keys(), card.fraction, card.seed)
+    return cast(
+        StreamRanking,
+        ctx.cached(
+            "ranking",
+            lambda: rank_streams(
+                ctx.at(state["table"]),
+                requested_count(max(ctx.config.xsec_range), state["lumi_pb"]),
+                search_exclusion(ctx, state),
+            ),
+        ),
     )
-    masks, whole = stream_regions(table, point_pb, state["lumi_pb"], exclude)
-    return table, masks, whole
+
+
+def search_exclusion(ctx: ScanContext, state: ScanState) -> Callable[[np.ndarray], np.ndarray]:
+    """Event keys -> the autoencoder's training events, by the model card's selection."""
+    card = read_model_card(ctx.at(state["model"]))
+    return lambda keys: training_selection(keys, card.fraction, card.seed)

@@ -18,12 +18,18 @@ from typing import Any
 import numpy as np
 
 from agent.scan.context import ScanContext
-from agent.scan.nodes.common import point_regions, record_decision, write_npz
+from agent.scan.nodes.common import (
+    record_decision,
+    search_exclusion,
+    stream_ranking,
+    write_npz,
+)
 from agent.scan.state import ScanState
-from core.bootstrap import SpectrumSelection, bootstrap_spectra, replica_key
+from core.bootstrap import replica_key
 from core.bumphunt import MIN_WINDOW_COUNT
 from core.errors import AnomscanError
-from core.masses import SPECTRUM_NAMES, STREAMS
+from core.masses import SPECTRUM_NAMES
+from core.regions import ReplicaRequest, points_bootstrap
 
 __all__ = ["look_elsewhere_node"]
 
@@ -165,28 +171,32 @@ def _bootstrap_replicas(
 
     Every event gets the same Poisson(1) weight per replica at every AR point and in every
     spectrum (one key from the seed, events by table row: `core.bootstrap`), so the replicas
-    carry the
-    spectra's shared events into the scan-wide test's correlation.
+    carry the spectra's shared events into the scan-wide test's correlation. One pass over
+    the table fills them all (`core.regions.points_bootstrap`).
     """
-    replicas: dict[str, np.ndarray] = {}
-    key = replica_key(ctx.config.seed, _BOOTSTRAP_STREAM)
-    sigmas = columns["cross_section_pb"]
-    for sigma in np.unique(sigmas):
-        table, masks, _ = point_regions(ctx, state, float(sigma))
-        indices = np.flatnonzero(sigmas == sigma)
-        selections = []
-        for i in indices:
-            name = str(columns["spectrum"][i])
-            first = int(columns["first_bin"][i])
-            stream = STREAMS.index(name.split("/", maxsplit=1)[0])
-            stop = first + columns[f"counts_{i}"].size
-            selections.append(SpectrumSelection(name, masks[:, stream], first, stop))
-        counts = bootstrap_spectra(
-            table.masses, table.stream_bits, selections, N_BOOTSTRAP_REPLICAS, key
+    if not columns["spectrum"].size:
+        return {}
+    ranking = stream_ranking(ctx, state)
+    requests = [
+        ReplicaRequest(
+            str(name),
+            ranking.regions(float(sigma), state["lumi_pb"]),
+            int(first),
+            int(first) + columns[f"counts_{i}"].size,
         )
-        for i, values in zip(indices, counts, strict=True):
-            replicas[f"replicas_{i}"] = values
-    return replicas
+        for i, (name, sigma, first) in enumerate(
+            zip(columns["spectrum"], columns["cross_section_pb"], columns["first_bin"], strict=True)
+        )
+    ]
+    replicas = points_bootstrap(
+        ctx.at(state["table"]),
+        ranking,
+        requests,
+        search_exclusion(ctx, state),
+        N_BOOTSTRAP_REPLICAS,
+        replica_key(ctx.config.seed, _BOOTSTRAP_STREAM),
+    )
+    return {f"replicas_{i}": values for i, values in enumerate(replicas)}
 
 
 def _scan_significance(ctx: ScanContext, step_id: str, path: Path) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """The `build_spectra` node: the 63 spectra of the next AR point's anomaly regions.
 
-Per stream the anomaly region holds the N = sigma x L_search highest-score events
-(`core.anomaly.stream_regions`; the autoencoder's training events are left out). The
-spectra go to RUN/spectra/point-NNN.npz (an artifact): arrays never enter the state. A
-spectrum with fewer than `min_events` events above its stream's fit start is skipped with
-a decision row; nothing is fitted on it.
+Per stream the anomaly region holds the N = sigma x L_search highest-score events (the
+autoencoder's training events are left out). The table is never read whole: one pass ranks
+each stream's best events (`core.regions`), and one more fills the spectra of every pending
+point at once (the planned grid, then each round of refinements), kept until their node
+runs. The spectra go to RUN/spectra/point-NNN.npz (an artifact): arrays never enter the
+state. A spectrum with fewer than `min_events` events above its stream's fit start is
+skipped with a decision row; nothing is fitted on it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import numpy as np
 from agent.scan.context import ScanContext
 from agent.scan.nodes.common import (
     events_in_fit_range,
-    point_regions,
     record_decision,
+    search_exclusion,
+    stream_ranking,
     write_npz,
 )
 from agent.scan.state import ScanState
 from core.anomaly import point_text
-from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV, STREAMS
-from core.table import region_spectra
+from core.masses import SPECTRUM_NAMES, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
+from core.regions import PointRegions, points_spectra
 
 __all__ = ["build_spectra_node"]
 
@@ -41,8 +44,8 @@ def build_spectra_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict
         spectra_done=0,
         spectra_total=0,
     )
-    table, masks, whole = point_regions(ctx, state, point)
-    edges, counts = region_spectra(table, masks)
+    region, counts = _point_spectra(ctx, state, point, pending)
+    edges = mass_bin_edges()
     skipped = _sparse_spectra(edges, counts, ctx.config.min_events)
     ctx.progress.update(spectra_total=len(SPECTRUM_NAMES) - len(skipped))
     folder = ctx.run_dir / "spectra"
@@ -71,8 +74,11 @@ def build_spectra_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict
         step_id,
         "anomaly_region",
         point_pb=point,
-        chosen={"whole_stream": dict(zip(STREAMS, whole, strict=True))},
-        numbers=_region_numbers(table.score, masks),
+        chosen={"whole_stream": dict(zip(STREAMS, region.whole_stream, strict=True))},
+        numbers={
+            "n_in_region": dict(zip(STREAMS, region.n_pass, strict=True)),
+            "lowest_score_in_region": dict(zip(STREAMS, region.lowest_score, strict=True)),
+        },
         policy="rules",
         rationale=(
             f"per stream the N = sigma L = {point * state['lumi_pb']:.0f} highest-score "
@@ -88,9 +94,7 @@ def build_spectra_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict
             "spectra_file": ctx.relative(path),
             "spectra_sha256": digest,
             "skipped": skipped,
-            "whole_stream": {
-                stream: bool(flag) for stream, flag in zip(STREAMS, whole, strict=True)
-            },
+            "whole_stream": dict(zip(STREAMS, region.whole_stream, strict=True)),
         },
     }
 
@@ -109,18 +113,20 @@ def _sparse_spectra(edges: np.ndarray, counts: np.ndarray, min_events: int) -> d
     return skipped
 
 
-def _region_numbers(score: np.ndarray | None, masks: np.ndarray) -> dict[str, Any]:
-    """Per stream: events in the anomaly region and the lowest score among them.
+def _point_spectra(
+    ctx: ScanContext, state: ScanState, point: float, pending: list[float]
+) -> tuple[PointRegions, np.ndarray]:
+    """The regions and spectra (63, n_bins) of `point`, filled with those of `pending`.
 
-    The report draws the lowest score as the AR cut on the score distribution.
+    One pass over the table fills every point not filled yet; each is handed out once.
     """
-    lowest: dict[str, float | None] = {}
-    for k, stream in enumerate(STREAMS):
-        selected = masks[:, k]
-        lowest[stream] = (
-            None if score is None or not selected.any() else float(score[selected].min())
+    filled: dict[float, tuple[PointRegions, np.ndarray]] = ctx.cached("point_spectra", dict)
+    if point not in filled:
+        ranking = stream_ranking(ctx, state)
+        wanted = [point, *(p for p in pending if p not in filled and p != point)]
+        regions = [ranking.regions(p, state["lumi_pb"]) for p in wanted]
+        counts = points_spectra(
+            ctx.at(state["table"]), ranking, regions, search_exclusion(ctx, state)
         )
-    return {
-        "n_in_region": {s: int(masks[:, k].sum()) for k, s in enumerate(STREAMS)},
-        "lowest_score_in_region": lowest,
-    }
+        filled.update(zip(wanted, zip(regions, counts, strict=True), strict=True))
+    return filled.pop(point)
