@@ -50,8 +50,9 @@ BoolArray = npt.NDArray[np.bool_]
 ExcludeFunction = Callable[[IntArray], BoolArray]
 """Event keys -> the events left out of every region (the autoencoder's training events)."""
 
-BATCH_ROWS = 1_000_000
-"""Rows read at a time (about 140 MB of table columns)."""
+BATCH_ROWS = 250_000
+"""Rows read at a time: about 100 MB of columns and their bins, few enough calls to cost
+nothing."""
 
 
 @dataclass(frozen=True)

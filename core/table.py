@@ -409,6 +409,20 @@ def refuse_duplicate_events(keys: IntArray, where: str) -> None:
         )
 
 
+def _each_part(path: str | Path) -> Iterator[tuple[pq.ParquetFile, Path]]:
+    """Every part of the table, checked, each opened in turn and closed when done.
+
+    A part is let go once read: a ParquetFile keeps the pages it has read buffered until it
+    is closed, so holding every part open while reading one after another would keep the
+    whole table in memory.
+    """
+    sources = table_parts(path)
+    _open(path)
+    for source in sources:
+        with _open_file(source) as parquet:
+            yield parquet, source
+
+
 def read_event_table(path: str | Path) -> EventTable:
     """Read a whole event table into arrays (about 100 bytes per event)."""
     tables = [part.read().replace_schema_metadata(None) for part in _open(path)]
@@ -421,7 +435,7 @@ def iter_event_table(path: str | Path, batch_size: int = 1_000_000) -> Iterator[
     """Read an event table in batches of at most `batch_size` rows (bounded memory)."""
     if batch_size <= 0:
         raise InvalidInputError(f"batch_size must be a positive number of rows, got {batch_size}")
-    for parquet in _open(path):
+    for parquet, _ in _each_part(path):
         for batch in parquet.iter_batches(batch_size=batch_size):
             yield _as_event_table(batch)
 
@@ -436,7 +450,7 @@ def iter_table_columns(
     """
     if batch_size <= 0:
         raise InvalidInputError(f"batch_size must be a positive number of rows, got {batch_size}")
-    for parquet, source in zip(_open(path), table_parts(path), strict=True):
+    for parquet, source in _each_part(path):
         missing = [c for c in columns if c not in parquet.schema_arrow.names]
         if missing:
             raise InvalidInputError(
@@ -528,9 +542,8 @@ def add_score_column(
     part of a folder) row group by row group into `output` (default: in place, each file
     atomically, the folder's manifest last).
     """
-    parts = _open(path)
     sources = table_parts(path)
-    n_rows = sum(part.metadata.num_rows for part in parts)
+    n_rows = sum(part.metadata.num_rows for part in _open(path))
     values = _checked_scores(scores, n_rows, f"add_score_column({path})")
     flags = np.asarray(training)
     if flags.dtype != np.bool_ or flags.shape != (n_rows,):
@@ -545,7 +558,7 @@ def add_score_column(
     else:
         targets = [target]
     start = 0
-    for part, destination in zip(parts, targets, strict=True):
+    for (part, _), destination in zip(_each_part(path), targets, strict=True):
         stop = start + part.metadata.num_rows
         _rewrite_with_scores(part, values[start:stop], flags[start:stop], destination)
         start = stop
