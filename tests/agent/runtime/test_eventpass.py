@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.runtime.eventpass import EventPassError, PassSpec, event_pass, plan_chunks
+from core.errors import InvalidInputError
 from core.events import read_entry_range
 from core.synth import SampleConfig, SignalSpec, generate_sample
 from tests.agent.conftest import assert_same_rows, event_rows
@@ -162,3 +163,21 @@ def test_a_worker_on_another_host_takes_its_own_copy_but_not_another_file(sample
     with pytest.raises(InputFileError, match="is not the file that was planned"):
         read_entry_range(impostor, 0, 5_000, file_uuid=planned_uuid)
     assert len(read_entry_range(copy, 0, 5_000, file_uuid=planned_uuid)) == 5_000
+
+
+@pytest.mark.parametrize("executor", ["serial", "ray"])
+def test_a_part_the_driver_cannot_write_stops_the_pass_with_its_name(sample, tmp_path, executor):
+    """The driver alone writes the parts: one it cannot write (a folder sits where the
+    file goes) stops the pass at once with one error naming it (exit 2 in the CLI), not a
+    list of failed chunks once every chunk is computed; the parts written before it stay,
+    with no scratch file."""
+    event_pass(sample.files, tmp_path / "names", step_size=4_000)
+    names = sorted(p.name for p in (tmp_path / "names").glob("part-*.parquet"))
+    folder = tmp_path / "events"
+    (folder / names[2]).mkdir(parents=True)
+    with pytest.raises(InvalidInputError, match=f"event-table part to .*{names[2]}: it is a fo"):
+        event_pass(sample.files, folder, step_size=4_000, executor=executor, workers=1)
+    left = {p.name for p in folder.iterdir()} - {".anomscan.lock", "pass.json"}
+    assert names[2] in left and left <= set(names), left
+    if executor == "serial":
+        assert set(names[:3]) == left
