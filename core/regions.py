@@ -154,8 +154,8 @@ def rank_streams(
 class _Best:
     """The `depth` highest (score, key) pairs seen so far, by score then lower key.
 
-    Added pairs are buffered; when the buffer passes 1.25 depth it is cut back to the pairs
-    scoring at least the depth-th highest score (ties kept), so memory stays near depth.
+    Added pairs are buffered; when the buffer passes 1.25 depth it is cut back to the depth
+    best, so memory stays near depth whatever the ties.
     """
 
     def __init__(self, depth: int) -> None:
@@ -172,15 +172,19 @@ class _Best:
             self._cut()
 
     def _cut(self) -> None:
-        scores = np.concatenate(self.scores)
-        keys = np.concatenate(self.keys)
+        """Keep exactly the `depth` best: above the depth-th score, then ties by lower key."""
+        scores = np.concatenate([np.empty(0), *self.scores])
+        keys = np.concatenate([np.empty(0, dtype=np.int64), *self.keys])
         if scores.size > self.depth:
-            if self.depth == 0:
-                scores, keys = scores[:0], keys[:0]
-            else:
+            keep = np.zeros(scores.size, dtype=np.bool_)
+            if self.depth:
                 kth = scores.size - self.depth
-                keep = scores >= np.partition(scores, kth)[kth]
-                scores, keys = scores[keep], keys[keep]
+                threshold = np.partition(scores, kth)[kth]
+                keep = scores > threshold
+                tied = np.flatnonzero(scores == threshold)
+                needed = self.depth - int(np.count_nonzero(keep))
+                keep[tied[np.argsort(keys[tied], kind="stable")[:needed]]] = True
+            scores, keys = scores[keep], keys[keep]
         self.scores, self.keys, self.size = [scores], [keys], scores.size
 
     def ranked(self) -> tuple[FloatArray, IntArray]:

@@ -484,16 +484,18 @@ def table_is_scored(path: str | Path) -> bool:
 def score_histograms(
     path: str | Path, n_bins: int = 59, batch_size: int = 1_000_000
 ) -> ScoreHistograms:
-    """Histograms of the score per stream, all events; two passes over two columns each.
+    """Histograms of the score per stream (training events included); two passes.
 
-    The bins are geometric when every score is positive, else linear over the range.
+    The bins span the scores of the events in some stream: geometric when all are positive,
+    else linear.
     """
     columns = [SCORE_COLUMN, *STREAMS]
     low, high = math.inf, -math.inf
-    for batch in iter_table_columns(path, [SCORE_COLUMN], batch_size):
-        if batch[SCORE_COLUMN].size:
-            low = min(low, float(batch[SCORE_COLUMN].min()))
-            high = max(high, float(batch[SCORE_COLUMN].max()))
+    for batch in iter_table_columns(path, columns, batch_size):
+        in_a_stream = np.logical_or.reduce([batch[stream] for stream in STREAMS])
+        if in_a_stream.any():
+            low = min(low, float(batch[SCORE_COLUMN][in_a_stream].min()))
+            high = max(high, float(batch[SCORE_COLUMN][in_a_stream].max()))
     if not math.isfinite(low):
         low, high = 0.0, 1.0
     edges = (

@@ -138,10 +138,27 @@ def test_bootstrap_replicas_equal_those_of_the_whole_table(table_folder):
         assert values.sum() > 0
 
 
-def test_a_point_deeper_than_the_ranking_is_refused(table_folder):
-    ranking = rank_streams(table_folder, 100, _exclude)
-    assert all(scores.size == 100 for scores in ranking.scores[:4])
-    ranking.regions(0.1, LUMI_PB)  # N = 90
+def test_a_ranking_cut_back_while_reading_keeps_the_best_and_refuses_deeper_points(
+    table_folder,
+):
+    """At depth 100 every stream's buffer is cut back many times (batches of 700 rows,
+    scores tied at every cut): what is kept is the exact head of the full ranking, and the
+    points it can answer have the in-memory spectra."""
+    table = read_event_table(table_folder)
+    exclude = _exclude(table.keys())
+    ranking = rank_streams(table_folder, 100, _exclude, batch_size=700)
+    for k, (scores, keys) in enumerate(zip(ranking.scores, ranking.keys, strict=True)):
+        rows = np.flatnonzero(table.stream_bits[:, k] & ~exclude)
+        head = rows[np.lexsort((table.keys()[rows], -table.score[rows]))][:100]
+        np.testing.assert_array_equal(keys, table.keys()[head], err_msg=STREAMS[k])
+        np.testing.assert_array_equal(scores, table.score[head])
+    assert sum(np.unique(s).size < s.size for s in ranking.scores) >= 4, "ties must be cut"
+    regions = [ranking.regions(point, LUMI_PB) for point in (0.02, 0.1)]
+    for point, counts in zip(
+        (0.02, 0.1), points_spectra(table_folder, ranking, regions, _exclude), strict=True
+    ):
+        _, expected = region_spectra(table, stream_regions(table, point, LUMI_PB, exclude)[0])
+        np.testing.assert_array_equal(counts, expected, err_msg=f"{point} pb")
     with pytest.raises(InvalidInputError, match=r"needs \d+ of stream T1; rank with depth >= \d+"):
         ranking.regions(0.5, LUMI_PB)
     with pytest.raises(InvalidInputError, match="unknown spectrum 'T9/jj'"):
@@ -170,3 +187,14 @@ def test_an_event_counted_twice_is_refused(tmp_path):
     with pytest.raises(InvalidInputError, match="has no column 'score' \\(it is not scored"):
         rank_streams(unscored, 50, _exclude)
     assert len(SPECTRUM_NAMES) == 63
+
+
+def test_an_empty_table_has_empty_regions(tmp_path):
+    path = tmp_path / "events.parquet"
+    empty = {name: [] for name in event_table_schema(with_score=True).names}
+    pq.write_table(pa.Table.from_pydict(empty, event_table_schema(with_score=True)), path)
+    ranking = rank_streams(path, 10, _exclude)
+    region = ranking.regions(1.0, LUMI_PB)
+    assert region.n_pass == (0,) * len(STREAMS) and all(region.whole_stream)
+    (counts,) = points_spectra(path, ranking, [region], _exclude)
+    assert counts.shape == (63, mass_bin_edges().size - 1) and counts.sum() == 0

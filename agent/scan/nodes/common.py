@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from agent.policy.gates import DUPLICATE_TOLERANCE
 from agent.scan.config import ScanConfig
 from agent.scan.context import ScanContext
 from agent.scan.state import ScanState
@@ -158,9 +159,9 @@ def search_calls(
 def stream_ranking(ctx: ScanContext, state: ScanState) -> StreamRanking:
     """The event table's ranking per stream (one pass, cached): deep enough for every point.
 
-    Its depth is N = sigma L at the top of the scan's cross-section range, which no AR
-    point, refinements included, exceeds; the autoencoder's training events are left out
-    (as in every region of the scan).
+    Its depth is N = sigma L at the top of the scan's cross-section range (with the points
+    gate's tolerance), which no AR point, refinements included, exceeds. The autoencoder's
+    training events are left out (as in every region of the scan).
     """
     return cast(
         StreamRanking,
@@ -168,7 +169,9 @@ def stream_ranking(ctx: ScanContext, state: ScanState) -> StreamRanking:
             "ranking",
             lambda: rank_streams(
                 ctx.at(state["table"]),
-                requested_count(max(ctx.config.xsec_range), state["lumi_pb"]),
+                requested_count(
+                    max(ctx.config.xsec_range) * (1 + DUPLICATE_TOLERANCE), state["lumi_pb"]
+                ),
                 search_exclusion(ctx, state),
             ),
         ),
