@@ -129,15 +129,12 @@ def rank_streams(
     kept = [_Best(depth) for _ in STREAMS]
     n_search = [0] * len(STREAMS)
     n_rows = n_excluded = 0
-    for batch in iter_table_columns(path, ["key", SCORE_COLUMN, *STREAMS], batch_size):
-        score, keys = batch[SCORE_COLUMN].astype(np.float64), batch["key"].astype(np.int64)
-        excluded = np.asarray(exclude(keys), dtype=np.bool_)
-        n_rows += keys.size
-        n_excluded += int(np.count_nonzero(excluded))
-        for k, best in enumerate(kept):
-            rows = np.flatnonzero(batch[STREAMS[k]] & ~excluded)
+    for batch in _search_batches(path, exclude, batch_size):
+        n_rows += batch.keys.size
+        n_excluded += batch.n_excluded
+        for k, (best, rows) in enumerate(zip(kept, batch.search_rows, strict=True)):
             n_search[k] += rows.size
-            best.add(score[rows], keys[rows])
+            best.add(batch.score[rows], batch.keys[rows])
     ranked = [best.ranked() for best in kept]
     for (_, keys), stream in zip(ranked, STREAMS, strict=True):
         refuse_duplicate_events(keys, f"event table {path}, stream {stream}")
@@ -297,6 +294,41 @@ def _tightest_first(regions: Sequence[PointRegions]) -> list[int]:
     return sorted(range(len(regions)), key=lambda i: regions[i].xsec_pb)
 
 
+@dataclass(frozen=True)
+class _SearchBatch:
+    """A batch of the table's rows: its columns, scores, keys and per-stream search rows.
+
+    `search_rows[k]` are the rows of stream k that are not excluded, of which there are
+    `n_excluded` in the batch.
+    """
+
+    columns: dict[str, npt.NDArray[np.generic]]
+    score: FloatArray
+    keys: IntArray
+    n_excluded: int
+    search_rows: list[IntArray]
+
+
+def _search_batches(
+    path: str | Path,
+    exclude: ExcludeFunction,
+    batch_size: int,
+    extra_columns: Sequence[str] = (),
+) -> Iterator[_SearchBatch]:
+    """The table in batches of keys, scores, stream bits and `extra_columns`, read alone."""
+    columns = ["key", SCORE_COLUMN, *STREAMS, *extra_columns]
+    for batch in iter_table_columns(path, columns, batch_size):
+        keys = batch["key"].astype(np.int64)
+        excluded = np.asarray(exclude(keys), dtype=np.bool_)
+        yield _SearchBatch(
+            columns=batch,
+            score=batch[SCORE_COLUMN].astype(np.float64),
+            keys=keys,
+            n_excluded=int(np.count_nonzero(excluded)),
+            search_rows=[np.flatnonzero(batch[stream] & ~excluded) for stream in STREAMS],
+        )
+
+
 def _held_events(
     path: str | Path,
     ranking: StreamRanking,
@@ -310,21 +342,17 @@ def _held_events(
     first (of `points`, ordered tightest first) that holds each.
     """
     cuts = [_cuts(ranking, k, points) for k in range(len(STREAMS))]
-    columns = ["key", SCORE_COLUMN, *STREAMS, *MASS_COLUMNS]
     offset = 0
-    for batch in iter_table_columns(path, columns, batch_size):
-        score, keys = batch[SCORE_COLUMN].astype(np.float64), batch["key"].astype(np.int64)
-        excluded = np.asarray(exclude(keys), dtype=np.bool_)
+    for batch in _search_batches(path, exclude, batch_size, MASS_COLUMNS):
         held = []
-        for k, (cut_scores, cut_keys) in enumerate(cuts):
-            rows = np.flatnonzero(batch[STREAMS[k]] & ~excluded)
+        for (cut_scores, cut_keys), rows in zip(cuts, batch.search_rows, strict=True):
             tightest = np.empty(rows.size, dtype=np.int64)
-            _tightest_point(score[rows], keys[rows], cut_scores, cut_keys, tightest)
+            _tightest_point(batch.score[rows], batch.keys[rows], cut_scores, cut_keys, tightest)
             inside = tightest < len(points)
             held.append((rows[inside], tightest[inside]))
-        masses = np.column_stack([batch[c].astype(np.float64) for c in MASS_COLUMNS])
-        yield offset, masses.reshape(keys.size, len(MASS_COLUMNS)), held
-        offset += keys.size
+        masses = np.column_stack([batch.columns[c].astype(np.float64) for c in MASS_COLUMNS])
+        yield offset, masses.reshape(batch.keys.size, len(MASS_COLUMNS)), held
+        offset += batch.keys.size
     if offset != ranking.n_rows:
         raise InvalidInputError(
             f"event table {path} has {offset} rows, not the {ranking.n_rows} it was ranked "
