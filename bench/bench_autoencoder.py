@@ -155,7 +155,7 @@ def main() -> None:
     start = time.perf_counter()
     parts = []
     for chunk in iterate_events(info.files, "nanoaod"):
-        picked = training_selection(np.asarray(chunk.event, dtype=np.int64), 0.01, args.seed)
+        picked = training_selection(chunk.keys(), 0.01, args.seed)
         subset: EventChunk = subset_chunk(chunk, picked)
         parts.append((rmm_features(rmm_matrices(subset)), subset.keys()))
     features = np.concatenate([f for f, _ in parts])
@@ -171,6 +171,12 @@ def main() -> None:
         threads=args.threads,
     )
     train_s = time.perf_counter() - start
+    if model.n_fit_events + model.n_validation_events != len(events):
+        # the bench's pick must be the training's own (by event key), or it trains on 1 % of 1 %
+        raise SystemExit(
+            f"trained on {model.n_fit_events + model.n_validation_events} of the {len(events)} "
+            "events picked: the bench and train_autoencoder pick different events"
+        )
     epochs = len(model.loss.train)
     result["training"] = {
         "training_events": len(events),

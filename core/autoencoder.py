@@ -55,6 +55,8 @@ HIDDEN_SIZES: Final = (800, 400, 200, 400, 800)
 """Widths of the hidden layers of the PRL 132 081801 autoencoder."""
 
 BATCH_SIZE: Final = 100
+_MOMENT_BLOCK: Final = 8192
+"""Rows per block of the training features' mean and std (float64 of one block at a time)."""
 INPUT_NAME: Final = "features"
 OUTPUT_NAME: Final = "mse"
 ONNX_OPSET: Final = 17
@@ -323,8 +325,7 @@ def train_autoencoder(
     )
     n_validation = len(validation_rows)
 
-    mean = values[fit_rows].astype(np.float64).mean(axis=0)
-    scale = np.maximum(values[fit_rows].astype(np.float64).std(axis=0), std_floor)
+    mean, scale = _feature_moments(values, fit_rows, std_floor)
     n_features = values.shape[1]
     sizes = tuple(int(s) for s in hidden_sizes)
 
@@ -337,8 +338,8 @@ def train_autoencoder(
             network = _build_network(n_features, sizes, mean, scale)
             loss = _fit(
                 network,
-                network.standardise(torch.from_numpy(values[fit_rows])),
-                network.standardise(torch.from_numpy(values[validation_rows])),
+                _standardised(network, values, fit_rows),
+                _standardised(network, values, validation_rows),
                 rng=rng,
                 max_epochs=max_epochs,
                 patience=patience,
@@ -388,6 +389,34 @@ def _split_training_rows(
     order = rng.permutation(picked)
     n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
     return order[n_validation:], order[:n_validation]
+
+
+def _feature_moments(
+    values: Float32Array, rows: npt.NDArray[np.int64], std_floor: float
+) -> tuple[FloatArray, FloatArray]:
+    """Mean and standard deviation (floored at `std_floor`) of `values[rows]`, in float64.
+
+    Two passes over blocks of `_MOMENT_BLOCK` rows, so that no float64 copy of the training
+    features is ever held (at 10M events they are 0.5 GB in float32).
+    """
+    blocks = [rows[start : start + _MOMENT_BLOCK] for start in range(0, len(rows), _MOMENT_BLOCK)]
+    total = np.zeros(values.shape[1], dtype=np.float64)
+    for block in blocks:
+        total += values[block].sum(axis=0, dtype=np.float64)
+    mean = total / len(rows)
+    squares = np.zeros(values.shape[1], dtype=np.float64)
+    for block in blocks:
+        deviation = values[block].astype(np.float64) - mean
+        squares += np.einsum("ij,ij->j", deviation, deviation)
+    return mean, np.maximum(np.sqrt(squares / len(rows)), std_floor)
+
+
+def _standardised(network: Any, values: Float32Array, rows: npt.NDArray[np.int64]) -> Any:
+    """`network.standardise(values[rows])` as a tensor, computed in place in one copy."""
+    import torch
+
+    z = torch.from_numpy(values[rows])
+    return z.sub_(network.mean).mul_(network.inverse_scale)
 
 
 def _check_training_options(
@@ -755,8 +784,7 @@ def _fit(
             optimiser.step()
             total += float(loss.detach()) * batch.shape[0]
         network.eval()
-        with torch.no_grad():
-            validation = float(torch.mean((network.layers(validation_z) - validation_z) ** 2))
+        validation = _mean_loss(network, validation_z)
         train_curve.append(total / n_fit)
         validation_curve.append(validation)
         if not (math.isfinite(validation) and math.isfinite(train_curve[-1])):
@@ -772,6 +800,21 @@ def _fit(
     network.load_state_dict(best_state)
     stopped_early = len(train_curve) < max_epochs
     return LossCurve(tuple(train_curve), tuple(validation_curve), best_epoch, stopped_early)
+
+
+def _mean_loss(network: Any, z: Any) -> float:
+    """Mean squared reconstruction error of standardised `z`, `_MOMENT_BLOCK` rows at a time.
+
+    One batch would hold the activations of every row at once (0.3 GB for 20k events).
+    """
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, z.shape[0], _MOMENT_BLOCK):
+            batch = z[start : start + _MOMENT_BLOCK]
+            total += float(torch.sum((network.layers(batch) - batch) ** 2, dtype=torch.float64))
+    return float(total / (z.shape[0] * z.shape[1]))
 
 
 def _check_features(features: npt.ArrayLike, n_features: int | None) -> Float32Array:

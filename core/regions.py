@@ -21,6 +21,7 @@ equal those of the in-memory `core.anomaly.stream_regions`, `core.table.region_s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,26 @@ class StreamRanking:
                 float(self.scores[k][n - 1]) if n else None for k, n in enumerate(n_pass)
             ),
         )
+
+    def cuts(self, xsec_pb: float, lumi_pb: float) -> tuple[float, ...]:
+        """Per stream, the score cut of `core.anomaly.anomaly_region` at `xsec_pb` (pb).
+
+        The highest score of a stream event outside the region, -inf when the region is the
+        whole stream; the ranking must hold one event past the region.
+        """
+        regions = self.regions(xsec_pb, lumi_pb)
+        cuts = []
+        for k, n in enumerate(regions.n_pass):
+            if n == self.n_search[k]:
+                cuts.append(-math.inf)
+            elif n < self.scores[k].size:
+                cuts.append(float(self.scores[k][n]))
+            else:
+                raise InvalidInputError(
+                    f"the ranking keeps {self.depth} events per stream; the cut of stream "
+                    f"{STREAMS[k]} at {xsec_pb:g} pb needs {n + 1}: rank with depth >= {n + 1}"
+                )
+        return tuple(cuts)
 
 
 def rank_streams(

@@ -271,6 +271,7 @@ def _train(arguments: TrainAutoencoderInput) -> TrainAutoencoderOutput:
         )
     features = np.concatenate([f for f, _ in parts])
     events = np.concatenate([e for _, e in parts])
+    del parts  # the chunks' features would double the training's memory
     if features.ndim != 2 or features.shape[1] != N_RMM_FEATURES:
         raise ToolError(
             f"the features have shape {features.shape}, expected (events, {N_RMM_FEATURES}) "

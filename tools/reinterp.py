@@ -27,13 +27,14 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from core.anomaly import stream_anomaly_regions
+from core.anomaly import luminosity_after_training, requested_count
 from core.autoencoder import ModelCard, read_model_card, training_selection
 from core.errors import InvalidInputError, ModelError
 from core.events import ObjectSelection, SchemaName
 from core.files import exclusive_output, file_sha256, json_text, write_text
 from core.fitrange import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
+from core.regions import StreamRanking, rank_streams
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
 from core.table import EventTable, read_event_table
 from tools.common import StrictModel, require_file
@@ -64,11 +65,24 @@ class RunInputs:
 
     def training(self, table: EventTable) -> npt.NDArray[np.bool_]:
         """The rows of the run's table the autoencoder was trained on (left out of ARs)."""
-        return training_selection(table.keys(), self.card.fraction, self.card.seed)
+        return self.training_keys(table.keys())
 
-    def lumi_search_pb(self, table: EventTable) -> float:
-        """L_search = (1 - f) L_int of the run (pb^-1)."""
-        return self.lumi_pb * (1.0 - float(np.mean(self.training(table))))
+    def training_keys(self, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """Which of the event `keys` the autoencoder was trained on."""
+        return training_selection(keys, self.card.fraction, self.card.seed)
+
+    def ranking(self) -> StreamRanking:
+        """Every stream's search events, ranked one past the loosest AR point of the run.
+
+        One pass over the key, score and stream columns of the run's table (never the whole
+        table): the ranking holds each region and the score of the first event outside it.
+        """
+        depth = requested_count(max(self.points_pb), self.lumi_pb) + 1
+        return rank_streams(self.table_path, depth, self.training_keys)
+
+    def lumi_search_pb(self, ranking: StreamRanking) -> float:
+        """L_search = (1 - f) L_int of the run (pb^-1), f from the table's `ranking`."""
+        return luminosity_after_training(self.lumi_pb, ranking.training_fraction)
 
 
 def read_run(run_dir: Path) -> RunInputs:
@@ -137,17 +151,13 @@ def fit_ranges() -> dict[str, tuple[float, float]]:
     return {stream: (STREAM_FIT_FROM_GEV[stream], upper) for stream in STREAMS}
 
 
-def run_region_cuts(
-    run: RunInputs, table: EventTable, points_pb: tuple[float, ...] | None = None
-) -> list[RegionCut]:
+def run_region_cuts(run: RunInputs, ranking: StreamRanking) -> list[RegionCut]:
     """The score cut of every stream at every AR point of the run (its own data set them)."""
-    exclude = run.training(table)
     cuts = []
-    for point in points_pb or run.points_pb:
-        for stream, region in zip(
-            STREAMS, stream_anomaly_regions(table, point, run.lumi_pb, exclude), strict=True
-        ):
-            cuts.append(RegionCut(point, stream, float(region.cut), bool(region.whole_stream)))
+    for point in run.points_pb:
+        whole = ranking.regions(point, run.lumi_pb).whole_stream
+        for k, cut in enumerate(ranking.cuts(point, run.lumi_pb)):
+            cuts.append(RegionCut(point, STREAMS[k], cut, whole[k]))
     return cuts
 
 
@@ -364,9 +374,9 @@ def signal_acceptance_tool(arguments: SignalAcceptanceInput) -> SignalAcceptance
 def _signal_acceptance(
     arguments: SignalAcceptanceInput, run: RunInputs, files: list[str], name: str, folder: Path
 ) -> SignalAcceptanceOutput:
-    table = run.read_table()
-    cuts = run_region_cuts(run, table)
-    lumi_search = run.lumi_search_pb(table)
+    ranking = run.ranking()
+    cuts = run_region_cuts(run, ranking)
+    lumi_search = run.lumi_search_pb(ranking)
     sample = score_sample(
         files,
         run.model,

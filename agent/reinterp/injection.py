@@ -341,11 +341,13 @@ def _shared_inputs(
     folder: Path,
 ) -> tuple[InjectionInputs, list[RegionCut]]:
     """Read the run once and generate the signal pool; the run's AR cuts of every stream."""
+    ranking = run.ranking()
+    cuts = run_region_cuts(run, ranking)
+    lumi_search = run.lumi_search_pb(ranking)
+    training_fraction = ranking.training_fraction
+    # the injected events join the run's rows, so the table is read whole here
     table = run.read_table()
-    lumi_search = run.lumi_search_pb(table)
     exclude = run.training(table)
-    training_fraction = float(np.mean(exclude))
-    cuts = run_region_cuts(run, table)
     pool = generate_signal_pool(ctx, step_id, run, request, folder, lumi_search)
     if request.streams is None:
         streams = reached_streams(pool, request, streams)

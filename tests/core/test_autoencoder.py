@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
+from core import autoencoder
 from core.autoencoder import (
     HIDDEN_SIZES,
     N_RMM_FEATURES,
@@ -155,6 +156,26 @@ def test_training_is_seeded_and_reproducible() -> None:
     assert first.loss.validation != other.loss.validation
     # the loss falls: the network learns the correlated features
     assert first.loss.train[-1] < first.loss.train[0]
+
+
+def test_standardisation_moments_are_float64_over_blocks_of_the_fit_rows() -> None:
+    # far from zero with a small spread, and more rows than one block: a float32 sum or a
+    # block left out would miss the mean or the std
+    rng = np.random.default_rng(4)
+    n_rows = 3 * autoencoder._MOMENT_BLOCK + 17
+    values = (5e4 + rng.normal(0.0, [0.01, 3.0, 0.0], size=(n_rows, 3))).astype(np.float32)
+    rows = rng.permutation(n_rows)[: n_rows - 500]
+    mean, scale = autoencoder._feature_moments(values, rows, std_floor=1e-4)
+    exact = values[rows].astype(np.float64)
+    np.testing.assert_allclose(mean, exact.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(scale[:2], exact.std(axis=0)[:2], rtol=1e-9)
+    assert scale[2] == 1e-4  # a constant column is floored
+
+    network = autoencoder._build_network(3, (2,), mean, scale)
+    np.testing.assert_array_equal(
+        autoencoder._standardised(network, values, rows).numpy(),
+        network.standardise(torch.from_numpy(values[rows])).numpy(),
+    )
 
 
 def test_early_stopping_keeps_the_best_epoch() -> None:

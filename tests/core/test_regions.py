@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.anomaly import anomaly_region, stream_regions
+from core.anomaly import anomaly_region, stream_anomaly_regions, stream_regions
 from core.bootstrap import SpectrumSelection, bootstrap_spectra, replica_key
 from core.errors import InvalidInputError
 from core.masses import SPECTRUM_NAMES, STREAMS, mass_bin_edges
@@ -102,6 +102,8 @@ def test_spectra_of_every_point_equal_the_in_memory_regions(table_folder):
         for k, lowest in enumerate(region.lowest_score):
             selected = table.score[masks[:, k]]
             assert lowest == (float(selected.min()) if selected.size else None)
+        in_memory = stream_anomaly_regions(table, point, LUMI_PB, exclude)
+        assert ranking.cuts(point, LUMI_PB) == tuple(r.cut for r in in_memory), f"{point} pb"
     tied = [
         anomaly_region(
             table.score,
@@ -161,6 +163,10 @@ def test_a_ranking_cut_back_while_reading_keeps_the_best_and_refuses_deeper_poin
         np.testing.assert_array_equal(counts, expected, err_msg=f"{point} pb")
     with pytest.raises(InvalidInputError, match=r"needs \d+ of stream T1; rank with depth >= \d+"):
         ranking.regions(0.5, LUMI_PB)
+    at_depth = 100 / (LUMI_PB * (1 - ranking.training_fraction))
+    assert ranking.regions(at_depth, LUMI_PB).n_pass[0] == 100  # the region fits, its cut not
+    with pytest.raises(InvalidInputError, match=r"cut of stream T1 at .* needs 101"):
+        ranking.cuts(at_depth, LUMI_PB)
     with pytest.raises(InvalidInputError, match="unknown spectrum 'T9/jj'"):
         points_bootstrap(
             table_folder,
