@@ -468,6 +468,15 @@ def iter_table_columns(
             }
 
 
+def read_table_columns(path: str | Path, columns: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+    """The named columns of every row of an event table, and no other column."""
+    batches = list(iter_table_columns(path, columns))
+    if not batches:
+        empty = event_table_schema(with_score=True).empty_table()
+        return {name: np.asarray(empty.column(name).to_numpy()) for name in columns}
+    return {name: np.concatenate([batch[name] for batch in batches]) for name in columns}
+
+
 @dataclass(frozen=True)
 class ScoreHistograms:
     """Per stream, the histogram of its events' anomaly scores on common `edges`."""

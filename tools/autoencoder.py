@@ -38,7 +38,7 @@ from core.errors import InvalidInputError, ToolError
 from core.events import SchemaName, iterate_events, refuse_duplicate_inputs
 from core.files import exclusive_output
 from core.objects import OBJECT_TYPES, EventChunk
-from core.table import STREAMS, add_score_column, read_event_table
+from core.table import add_score_column, read_table_columns, table_is_scored
 from tools.common import StrictModel, npz_integers, npz_numbers, open_npz, require_file
 from tools.events import SelectionInput
 from tools.registry import (
@@ -158,7 +158,11 @@ class ScoreEventsOutput(StrictModel):
 
 
 class AnomalyRegionInput(StrictModel):
-    """An AR: the N = round(xsec_pb * lumi_pb) highest-score events of a stream."""
+    """An AR: the N = round(xsec_pb * L_search) highest-score events of a stream.
+
+    L_search = (1 - f) lumi_pb, f the fraction of the table's events the autoencoder was
+    trained on (f = 0 with `include_training`), as in the scan (PHYSICS.md 4).
+    """
 
     table: FilePath
     xsec_pb: Annotated[CrossSectionPb, Field(gt=0)]
@@ -184,7 +188,8 @@ class AnomalyRegionOutput(StrictModel):
     n_pass_at_cut: int = Field(
         description="events with score == cut that pass by the event-id tie-break (usually 0)"
     )
-    effective_xsec_pb: float
+    lumi_search_pb: float = Field(description="(1 - f) lumi_pb: the luminosity of the AR")
+    effective_xsec_pb: float = Field(description="n_pass / lumi_search_pb")
 
 
 def subset_chunk(chunk: EventChunk, mask: npt.NDArray[np.bool_]) -> EventChunk:
@@ -359,7 +364,7 @@ def score_events_tool(arguments: ScoreEventsInput) -> ScoreEventsOutput:
 
 
 def _score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
-    table_events = read_event_table(arguments.table).keys()
+    table_events = read_table_columns(arguments.table, ["key"])["key"]
     scorer = load_scorer(
         arguments.model, threads=arguments.threads, batch_size=arguments.batch_size
     )
@@ -413,23 +418,22 @@ def _score_events(arguments: ScoreEventsInput) -> ScoreEventsOutput:
     AnomalyRegionOutput,
 )
 def anomaly_region_tool(arguments: AnomalyRegionInput) -> AnomalyRegionOutput:
-    """Cut the table's scores so that exactly round(xsec_pb * lumi_pb) stream events pass."""
-    table = read_event_table(arguments.table)
-    if table.score is None:
+    """Cut the table's scores so that exactly round(xsec_pb * L_search) stream events pass.
+
+    Reads the key, score, training and stream columns alone.
+    """
+    if not table_is_scored(arguments.table):
         raise ToolError(
             f"event table {arguments.table} has no score column; run score_events first"
         )
-    in_stream = (
-        np.ones(len(table), dtype=np.bool_)
-        if arguments.stream == "all"
-        else table.stream_bits[:, STREAMS.index(arguments.stream)]
-    )
-    n_excluded = 0
+    streams = [] if arguments.stream == "all" else [arguments.stream]
+    columns = read_table_columns(arguments.table, ["key", "score", "training", *streams])
+    keys, score, training = columns["key"], columns["score"], columns["training"]
+    in_stream = columns[streams[0]] if streams else np.ones(len(keys), dtype=np.bool_)
+    n_excluded, fraction = 0, 0.0
     if not arguments.include_training:
-        training = table.training
-        assert training is not None  # a scored table always carries it
         if arguments.model is not None and not np.array_equal(
-            training, _training_mask(arguments.model, table.keys())
+            training, _training_mask(arguments.model, keys)
         ):
             raise ToolError(
                 f"event table {arguments.table} was scored by another model than "
@@ -437,13 +441,15 @@ def anomaly_region_tool(arguments: AnomalyRegionInput) -> AnomalyRegionOutput:
                 "the table with this model"
             )
         n_excluded = int(np.count_nonzero(in_stream & training))
-        in_stream = in_stream & table.search_mask()
+        in_stream &= ~training
+        fraction = float(np.mean(training)) if training.size else 0.0
     region = anomaly_region(
-        table.score,
+        score,
         arguments.xsec_pb,
         arguments.lumi_pb,
         in_stream=in_stream,
-        event_ids=table.keys(),
+        event_ids=keys,
+        training_fraction=fraction,
     )
     return AnomalyRegionOutput(
         cut=region.cut if math.isfinite(region.cut) else None,
@@ -453,5 +459,6 @@ def anomaly_region_tool(arguments: AnomalyRegionInput) -> AnomalyRegionOutput:
         n_stream=region.n_stream,
         n_training_excluded=n_excluded,
         n_pass_at_cut=region.n_pass_at_cut,
+        lumi_search_pb=region.lumi_pb,
         effective_xsec_pb=region.effective_xsec_pb,
     )

@@ -23,6 +23,7 @@ from core.table import (
     iter_event_table,
     iter_table_columns,
     read_event_table,
+    read_table_columns,
     region_spectra,
     score_histograms,
     table_spectra,
@@ -302,3 +303,18 @@ def test_score_histograms_and_columns_read_in_batches_equal_the_whole_table(chun
     np.testing.assert_array_equal(keys, table.keys())
     with pytest.raises(InvalidInputError, match="has no column 'm_xx'"):
         next(iter_table_columns(path, ["key", "m_xx"]))
+    columns = read_table_columns(path, ["score", "T3"])
+    np.testing.assert_array_equal(columns["score"], scores)
+    np.testing.assert_array_equal(columns["T3"], table.stream_bits[:, 2])
+
+
+def test_the_columns_of_an_empty_table_are_empty_and_typed(tmp_path):
+    path = tmp_path / "events.parquet"
+    schema = event_table_schema(with_score=True)
+    pq.write_table(pa.Table.from_pydict({name: [] for name in schema.names}, schema), path)
+    columns = read_table_columns(path, ["key", "score", "T1"])
+    assert [(c.size, c.dtype) for c in columns.values()] == [
+        (0, np.int64),
+        (0, np.float64),
+        (0, np.bool_),
+    ]

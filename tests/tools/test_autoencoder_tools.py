@@ -132,7 +132,10 @@ def test_score_then_anomaly_region(pipeline: Pipeline, tmp_path: Path) -> None:
             "model": str(pipeline.model),
         }
     )
-    assert region["n_pass"] == region["n_requested"] == 50
+    # the scan's N: sigma x (1 - f) L, f the fraction of the table's events trained on
+    lumi_search = LUMI_PB * (1 - training.mean())
+    assert region["lumi_search_pb"] == pytest.approx(lumi_search)
+    assert region["n_pass"] == region["n_requested"] == round(0.05 * lumi_search) < 50
     assert region["n_training_excluded"] == int(training.sum())
     assert region["n_stream"] == len(events) - int(training.sum())
     assert not region["whole_stream"]
@@ -153,13 +156,14 @@ def test_score_then_anomaly_region(pipeline: Pipeline, tmp_path: Path) -> None:
     assert whole["whole_stream"] is True
     assert whole["cut"] is None
     assert whole["n_pass"] == whole["n_stream"] == int(in_t2.sum())
-    assert whole["effective_xsec_pb"] == pytest.approx(in_t2.sum() / LUMI_PB)
+    assert whole["effective_xsec_pb"] == pytest.approx(in_t2.sum() / lumi_search)
 
     with_training = tool.call(
         {"table": str(table), "xsec_pb": 0.05, "lumi_pb": LUMI_PB, "include_training": True}
     )
     assert with_training["n_stream"] == len(events)
     assert with_training["n_training_excluded"] == 0
+    assert with_training["n_pass"] == 50 and with_training["lumi_search_pb"] == LUMI_PB
     # the table records its training events, so the model is only a cross-check
     without_model = tool.call({"table": str(table), "xsec_pb": 0.05, "lumi_pb": LUMI_PB})
     assert without_model == region
