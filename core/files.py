@@ -319,6 +319,11 @@ def read_user_text(path: str | Path, what: str) -> str:
         raise InvalidInputError(
             f"{what} {source} is not UTF-8 text (byte {error.start}); save it as UTF-8"
         ) from error
+    except OSError as error:  # not the data file's fault: the reader would call it damaged
+        raise InvalidInputError(
+            f"{what} {source} can not be read ({error.strerror or error}); check that this "
+            "user (and, on a cluster, every worker) may read it"
+        ) from error
 
 
 def file_sha256(path: str | Path, block: int = 1 << 20) -> str:

@@ -181,3 +181,33 @@ def test_a_part_the_driver_cannot_write_stops_the_pass_with_its_name(sample, tmp
     assert names[2] in left and left <= set(names), left
     if executor == "serial":
         assert set(names[:3]) == left
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting a worker node as another user needs root")
+def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(
+    shared_data, tmp_path, monkeypatch
+):
+    """A column mapping in a folder the worker node (running as `nobody`) cannot read travels
+    with the job: the worker reads the flat ntuple by URL with it and the table equals the
+    serial pass's."""
+    from tests.raycluster import RAY_ENV, unprivileged_worker_cluster
+
+    mapping = tmp_path / "private" / "zmumu.toml"
+    mapping.parent.mkdir(mode=0o700)
+    mapping.write_text(
+        'name = "mine"\ntree = "events"\n[ids]\nevent = "Event"\n'
+        '[muons]\npt = ["pt1", "pt2"]\neta = ["eta1", "eta2"]\nphi = ["phi1", "phi2"]\n'
+        "mass = 0.10566\n"
+    )
+    spec = PassSpec(schema="mapping", mapping=str(mapping))
+    name = "uproot-Zmumu.root"
+    serial = event_pass([shared_data / name], tmp_path / "serial", spec)
+    with unprivileged_worker_cluster() as cluster, RangeServer(shared_data) as server:
+        for key, value in {**RAY_ENV, "RAY_ADDRESS": cluster.address}.items():
+            monkeypatch.setenv(key, value)
+        clustered = event_pass([server.url(name)], tmp_path / "ray", spec, executor="ray")
+    assert clustered.n_events == serial.n_events == 2304
+    # the muons come from the mapping: one or two of them put events in T2 and T3
+    assert clustered.stream_counts == serial.stream_counts
+    assert serial.stream_counts["T3"] > 1000 and serial.stream_counts["T2"] > 100
+    assert_same_rows(event_rows(tmp_path / "ray"), event_rows(tmp_path / "serial"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from pathlib import Path
 
 import awkward as ak
 import numpy as np
@@ -248,6 +249,27 @@ def test_bad_mapping_files(tmp_path):
     incomplete.write_text("[muons]\npt = 'pt1'\n")
     with pytest.raises(InvalidInputError, match="needs px, py, pz, energy or pt, eta, phi"):
         load_mapping(incomplete)
+
+
+def test_an_unreadable_mapping_is_named_not_the_data_file(shared_data, tmp_path, monkeypatch):
+    """The reader called the ROOT file damaged when the mapping beside it could not be read
+    (a worker node without the permission); these tests run as root, so the denial is
+    raised for the mapping's path alone."""
+    mapping = tmp_path / "private.toml"
+    mapping.write_text('name = "mine"\n')
+    read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self == mapping:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(
+        InvalidInputError, match=r"private\.toml can not be read \(Permission denied"
+    ) as e:
+        load_events(shared_data / "uproot-Zmumu.root", schema="mapping", mapping=mapping)
+    assert "damaged" not in str(e.value)
 
 
 def test_bad_arguments(shared_data):
