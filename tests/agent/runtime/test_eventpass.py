@@ -189,7 +189,7 @@ def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(
 ):
     """A column mapping in a folder the worker node (running as `nobody`) cannot read travels
     with the job: the worker reads the flat ntuple by URL with it and the table equals the
-    serial pass's."""
+    serial pass's. A rerun after a part is lost reuses the others (the URL plans alike)."""
     from tests.raycluster import RAY_ENV, unprivileged_worker_cluster
 
     mapping = tmp_path / "private" / "zmumu.toml"
@@ -201,11 +201,18 @@ def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(
     )
     spec = PassSpec(schema="mapping", mapping=str(mapping))
     name = "uproot-Zmumu.root"
-    serial = event_pass([shared_data / name], tmp_path / "serial", spec)
+    serial = event_pass([shared_data / name], tmp_path / "serial", spec, step_size=1_000)
     with unprivileged_worker_cluster() as cluster, RangeServer(shared_data) as server:
         for key, value in {**RAY_ENV, "RAY_ADDRESS": cluster.address}.items():
             monkeypatch.setenv(key, value)
-        clustered = event_pass([server.url(name)], tmp_path / "ray", spec, executor="ray")
+        url = server.url(name)
+        first = event_pass([url], tmp_path / "ray", spec, executor="ray", step_size=1_000)
+        # a resume of the cluster-written table: the parts the driver wrote are reused
+        (part,) = (tmp_path / "ray").glob("part-000001-*.parquet")
+        part.unlink()
+        clustered = event_pass([url], tmp_path / "ray", spec, executor="ray", step_size=1_000)
+    assert first.n_parts == clustered.n_parts == 3 and first.n_reused == 0
+    assert clustered.n_reused == 2
     assert clustered.n_events == serial.n_events == 2304
     # the muons come from the mapping: one or two of them put events in T2 and T3
     assert clustered.stream_counts == serial.stream_counts
