@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python bench/bench_scale.py                  (1M, 3M and 10M events)
     BENCH_SIZES=1000000,3000000 nice -n 10 .venv/bin/python bench/bench_scale.py
+    BENCH_KEEP=1 ...                       (keep the samples and run folders)
 
 Each size is a generated sample (seed 11, the X(1500) -> j mu signal of the tests) at a
 luminosity that grows with it (1000 pb^-1 per million events, as real data would), scanned
@@ -35,6 +36,8 @@ from tests.agent.conftest import SIGNAL
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("results") / "scale.json"
 SIZES = [int(n) for n in os.environ.get("BENCH_SIZES", "1000000,3000000,10000000").split(",")]
+KEEP = os.environ.get("BENCH_KEEP") == "1"
+"""BENCH_KEEP=1 keeps each size's sample and run folder (to read its audit log after)."""
 LUMI_PB_PER_EVENT = 1000.0 / 1_000_000
 PAGE = os.sysconf("SC_PAGE_SIZE")
 STAGES = {
@@ -148,8 +151,13 @@ def main() -> int:
     """Scan every size of BENCH_SIZES and merge the figures into bench/results/scale.json."""
     recorded = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"sizes": {}}
     for n_events in SIZES:
-        with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+        if KEEP:
+            folder = tempfile.mkdtemp(prefix="bench-scale-")
             figures = _run_size(n_events, Path(folder))
+            print(f"kept {folder}", flush=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
+                figures = _run_size(n_events, Path(folder))
         figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         recorded["sizes"][str(n_events)] = figures
         recorded.update(
