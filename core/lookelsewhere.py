@@ -868,21 +868,30 @@ def bootstrap_correlation(
         raise InvalidInputError(
             f"bootstrap_correlation: {len(replicas)} replica sets for {len(spectra)} spectra"
         )
-    scores = []
-    sizes = set()
-    for spectrum, replica in zip(spectra, replicas, strict=True):
-        counts = np.asarray(replica)
-        if counts.ndim != 3 or counts.shape[1:] != spectrum.counts.shape:
-            raise InvalidInputError(
-                f"bootstrap_correlation: replicas of {spectrum.name!r} must have shape "
-                f"(n_replicas, {spectrum.counts.shape[0]}, {spectrum.counts.shape[1]}), "
-                f"found {counts.shape}"
-            )
-        sizes.add(counts.shape[0])
-        maxima = _replica_maxima(spectrum, np.rint(counts).astype(np.int64))
-        ranks = stats.rankdata(maxima)
-        scores.append(special.ndtri(ranks / (maxima.size + 1.0)))
-    if len(sizes) != 1 or sizes.pop() < 3:
+    scores = [
+        _replica_scores(spectrum, replica)
+        for spectrum, replica in zip(spectra, replicas, strict=True)
+    ]
+    return _scores_correlation(spectra, scores)
+
+
+def _replica_scores(spectrum: NestedSpectrum, replicas: npt.ArrayLike) -> FloatArray:
+    """Normal scores of the T_s of each replica (n_replicas, n_points, n_bins) of `spectrum`."""
+    counts = np.asarray(replicas)
+    if counts.ndim != 3 or counts.shape[1:] != spectrum.counts.shape:
+        raise InvalidInputError(
+            f"bootstrap_correlation: replicas of {spectrum.name!r} must have shape "
+            f"(n_replicas, {spectrum.counts.shape[0]}, {spectrum.counts.shape[1]}), "
+            f"found {counts.shape}"
+        )
+    maxima = _replica_maxima(spectrum, np.rint(counts).astype(np.int64))
+    ranks = stats.rankdata(maxima)
+    return np.asarray(special.ndtri(ranks / (maxima.size + 1.0)), dtype=np.float64)
+
+
+def _scores_correlation(spectra: Sequence[NestedSpectrum], scores: list[FloatArray]) -> FloatArray:
+    """The nearest correlation matrix to that of the spectra's replica normal `scores`."""
+    if len({s.size for s in scores}) != 1 or scores[0].size < 3:
         raise InvalidInputError(
             "bootstrap_correlation: every spectrum needs the same number (>= 3) of replicas"
         )
@@ -1318,7 +1327,7 @@ def correlation_from_points(
     None when a point kept in the spectra has no `replicas` or the replica counts differ.
     """
     by_key = {(p.spectrum, p.cross_section_pb): p for p in points}
-    sets = []
+    scores: list[FloatArray] = []
     for spectrum in spectra:
         first = min(p.first_bin for p in points if p.spectrum == spectrum.name)
         stacked = np.zeros((0, *spectrum.counts.shape))
@@ -1332,7 +1341,9 @@ def correlation_from_points(
                 return None
             start = point.first_bin - first
             stacked[:, index, start : start + point.counts.size] = point.replicas
-        sets.append(stacked)
-    if len({s.shape[0] for s in sets}) != 1:
-        return None
-    return bootstrap_correlation(spectra, sets)
+        if scores and stacked.shape[0] != scores[0].size:
+            return None
+        # one spectrum's dense replicas at a time (all at once: 0.1 GB at 300k events,
+        # growing with the luminosity)
+        scores.append(_replica_scores(spectrum, stacked))
+    return _scores_correlation(spectra, scores)

@@ -180,7 +180,7 @@ def test_outputs_carry_every_field_of_their_core_results() -> None:
     assert set(SignalFitOutput.model_fields) == names(SignalFitResult)
 
 
-def test_scan_significance_takes_search_spectrum_points() -> None:
+def test_scan_significance_takes_search_spectrum_points(tmp_path: Path) -> None:
     # Two AR points of one spectrum from search_spectrum (different fit ranges), one point
     # of another spectrum left out with its status: the test runs on the accepted points,
     # lists the excluded one, and a whole-stream repeat (same events and background) enters
@@ -241,3 +241,30 @@ def test_scan_significance_takes_search_spectrum_points() -> None:
     assert all(out["bump"]["background_uncertainty"] for out in outputs)
     hunts = max(out["bump"]["statistic"] for out in outputs)
     assert result["statistic"] == pytest.approx(hunts, rel=1e-12)
+
+    # the accepted points as the scan's points NPZ (RUN/lee/points.npz): the same result
+    accepted = points[:3]
+    columns: dict[str, object] = {
+        "spectrum": np.array([p["spectrum"] for p in accepted]),
+        "cross_section_pb": np.array([p["cross_section_pb"] for p in accepted]),
+        "first_bin": np.array([p["first_bin"] for p in accepted]),
+        **{
+            key: np.array([p["bump"][key] or 0 for p in accepted])  # type: ignore[index]
+            for key in ("width_min", "width_max", "min_window_background", "min_window_count")
+        },
+    }
+    for i, point in enumerate(accepted):
+        for key in ("edges", "counts", "background", "jacobian", "covariance"):
+            columns[f"{key}_{i}"] = np.asarray(point[key])
+    path = tmp_path / "points.npz"
+    np.savez(path, **columns)  # type: ignore[arg-type]
+    from_file = get_tool("scan_significance").call(
+        {"points_path": str(path), "n_pseudo_scans": 300, "max_pseudo_scans": 2000}
+    )
+    assert {k: v for k, v in from_file.items() if k != "excluded"} == {
+        k: v for k, v in result.items() if k != "excluded"
+    }
+    columns["cross_section_pb"] = np.array([10.0, -1.0, 100.0])
+    np.savez(path, **columns)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match=r"(?s)not a scan-points NPZ .*cross_section_pb"):
+        get_tool("scan_significance").call({"points_path": str(path)})
