@@ -55,8 +55,9 @@ HIDDEN_SIZES: Final = (800, 400, 200, 400, 800)
 """Widths of the hidden layers of the PRL 132 081801 autoencoder."""
 
 BATCH_SIZE: Final = 100
-_MOMENT_BLOCK: Final = 8192
-"""Rows per block of the training features' mean and std (float64 of one block at a time)."""
+_BLOCK_ROWS: Final = 8192
+"""Rows per block where training works over all its events: the features' mean and std (in
+float64, one block at a time) and the validation loss."""
 INPUT_NAME: Final = "features"
 OUTPUT_NAME: Final = "mse"
 ONNX_OPSET: Final = 17
@@ -396,10 +397,10 @@ def _feature_moments(
 ) -> tuple[FloatArray, FloatArray]:
     """Mean and standard deviation (floored at `std_floor`) of `values[rows]`, in float64.
 
-    Two passes over blocks of `_MOMENT_BLOCK` rows, so that no float64 copy of the training
+    Two passes over blocks of `_BLOCK_ROWS` rows, so that no float64 copy of the training
     features is ever held (at 10M events they are 0.5 GB in float32).
     """
-    blocks = [rows[start : start + _MOMENT_BLOCK] for start in range(0, len(rows), _MOMENT_BLOCK)]
+    blocks = [rows[start : start + _BLOCK_ROWS] for start in range(0, len(rows), _BLOCK_ROWS)]
     total = np.zeros(values.shape[1], dtype=np.float64)
     for block in blocks:
         total += values[block].sum(axis=0, dtype=np.float64)
@@ -803,7 +804,7 @@ def _fit(
 
 
 def _mean_loss(network: Any, z: Any) -> float:
-    """Mean squared reconstruction error of standardised `z`, `_MOMENT_BLOCK` rows at a time.
+    """Mean squared reconstruction error of standardised `z`, `_BLOCK_ROWS` rows at a time.
 
     One batch would hold the activations of every row at once (0.3 GB for 20k events).
     """
@@ -811,8 +812,8 @@ def _mean_loss(network: Any, z: Any) -> float:
 
     total = 0.0
     with torch.no_grad():
-        for start in range(0, z.shape[0], _MOMENT_BLOCK):
-            batch = z[start : start + _MOMENT_BLOCK]
+        for start in range(0, z.shape[0], _BLOCK_ROWS):
+            batch = z[start : start + _BLOCK_ROWS]
             total += float(torch.sum((network.layers(batch) - batch) ** 2, dtype=torch.float64))
     return float(total / (z.shape[0] * z.shape[1]))
 

@@ -77,7 +77,7 @@ class RunInputs:
         One pass over the key, score and stream columns of the run's table (never the whole
         table): the ranking holds each region and the score of the first event outside it.
         """
-        depth = requested_count(max(self.points_pb), self.lumi_pb) + 1
+        depth = requested_count(max(self.points_pb), self.lumi_pb) + 1 if self.points_pb else 0
         return rank_streams(self.table_path, depth, self.training_keys)
 
     def lumi_search_pb(self, ranking: StreamRanking) -> float:

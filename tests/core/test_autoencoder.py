@@ -162,7 +162,7 @@ def test_standardisation_moments_are_float64_over_blocks_of_the_fit_rows() -> No
     # far from zero with a small spread, and more rows than one block: a float32 sum or a
     # block left out would miss the mean or the std
     rng = np.random.default_rng(4)
-    n_rows = 3 * autoencoder._MOMENT_BLOCK + 17
+    n_rows = 3 * autoencoder._BLOCK_ROWS + 17
     values = (5e4 + rng.normal(0.0, [0.01, 3.0, 0.0], size=(n_rows, 3))).astype(np.float32)
     rows = rng.permutation(n_rows)[: n_rows - 500]
     mean, scale = autoencoder._feature_moments(values, rows, std_floor=1e-4)
