@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,12 +187,12 @@ def test_a_part_the_driver_cannot_write_stops_the_pass_with_its_name(sample, tmp
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting a worker node as another user needs root")
-def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(
-    shared_data, tmp_path, monkeypatch
-):
+def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(shared_data, tmp_path):
     """A column mapping in a folder the worker node (running as `nobody`) cannot read travels
     with the job: the worker reads the flat ntuple by URL with it and the table equals the
-    serial pass's. A rerun after a part is lost reuses the others (the URL plans alike)."""
+    serial pass's. A rerun after a part is lost reuses the others (the URL plans alike).
+    The clustered passes run in a driver process of their own, as a user's would (a driver
+    that already ran a local Ray session in this process keeps that session's node)."""
     from tests.raycluster import RAY_ENV, unprivileged_worker_cluster
 
     mapping = tmp_path / "private" / "zmumu.toml"
@@ -203,18 +206,44 @@ def test_a_cluster_worker_reads_a_flat_ntuple_with_the_drivers_mapping(
     name = "uproot-Zmumu.root"
     serial = event_pass([shared_data / name], tmp_path / "serial", spec, step_size=1_000)
     with unprivileged_worker_cluster() as cluster, RangeServer(shared_data) as server:
-        for key, value in {**RAY_ENV, "RAY_ADDRESS": cluster.address}.items():
-            monkeypatch.setenv(key, value)
-        url = server.url(name)
-        first = event_pass([url], tmp_path / "ray", spec, executor="ray", step_size=1_000)
-        # a resume of the cluster-written table: the parts the driver wrote are reused
-        (part,) = (tmp_path / "ray").glob("part-000001-*.parquet")
-        part.unlink()
-        clustered = event_pass([url], tmp_path / "ray", spec, executor="ray", step_size=1_000)
-    assert first.n_parts == clustered.n_parts == 3 and first.n_reused == 0
-    assert clustered.n_reused == 2
-    assert clustered.n_events == serial.n_events == 2304
+        driver = _CLUSTER_DRIVER.format(url=server.url(name), mapping=mapping, out=tmp_path / "ray")
+        done = subprocess.run(
+            [sys.executable, "-c", driver],
+            env={
+                **os.environ,
+                **RAY_ENV,
+                "RAY_ADDRESS": cluster.address,
+                "PYTHONPATH": str(Path(__file__).resolve().parents[3]),
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, clustered = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert first["n_parts"] == clustered["n_parts"] == 3 and first["n_reused"] == 0
+    assert clustered["n_reused"] == 2
+    assert clustered["n_events"] == serial.n_events == 2304
     # the muons come from the mapping: one or two of them put events in T2 and T3
-    assert clustered.stream_counts == serial.stream_counts
+    assert clustered["stream_counts"] == serial.stream_counts
     assert serial.stream_counts["T3"] > 1000 and serial.stream_counts["T2"] > 100
     assert_same_rows(event_rows(tmp_path / "ray"), event_rows(tmp_path / "serial"))
+
+
+_CLUSTER_DRIVER = """
+import json
+from pathlib import Path
+from agent.runtime.eventpass import PassSpec, event_pass
+
+spec = PassSpec(schema="mapping", mapping="{mapping}")
+out = Path("{out}")
+first = event_pass(["{url}"], out, spec, executor="ray", step_size=1_000)
+# a resume of the cluster-written table: the parts the driver wrote are reused
+(part,) = out.glob("part-000001-*.parquet")
+part.unlink()
+again = event_pass(["{url}"], out, spec, executor="ray", step_size=1_000)
+for summary in (first, again):
+    print(json.dumps({{key: getattr(summary, key) for key in (
+        "n_parts", "n_reused", "n_events", "stream_counts")}}))
+"""
