@@ -100,7 +100,7 @@ SIGNAL_SAMPLES: tuple[tuple[SignalSpec, ...], ...] = (
     (_signal("jg", 2500.0, 20, extra={"muons": 1, "electrons": 1}),),
     (_signal("bm", 4000.0, 20, extra={"electrons": 1}),),
     (_signal("jj", 2000.0, 48, met_gev=600.0, extra={"bjets": 2}),),
-    (_signal("jb", 1600.0, 90, extra={"bjets": 2}),),
+    (_signal("bb", 2400.0, 36, extra={"bjets": 2}),),
     (_signal("jm", 5000.0, 8, extra={"electrons": 1}),),
     (_signal("bb", 4500.0, 12, extra={"muons": 1, "electrons": 1}),),
     (_signal("je", 2500.0, 40, width=125.0, extra={"muons": 1}),),

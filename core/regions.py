@@ -43,6 +43,7 @@ __all__ = [
     "points_bootstrap",
     "points_spectra",
     "rank_streams",
+    "ranked_values",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -210,6 +211,38 @@ class _Best:
         scores, keys = self.scores[0], self.keys[0]
         order = np.lexsort((keys, -scores))[: self.depth]
         return scores[order], keys[order]
+
+
+def ranked_values(
+    path: str | Path, ranking: StreamRanking, column: str, *, batch_size: int = BATCH_ROWS
+) -> tuple[FloatArray, ...]:
+    """Per stream, `column` (e.g. "m_jj") of each event `ranking` holds, in its order.
+
+    One pass over the key and `column` of the ranked table, whatever its size: memory
+    follows the ranking's depth. Raises InvalidInputError when a ranked event is not found
+    (the table changed since it was ranked).
+    """
+    orders = [np.argsort(keys, kind="stable") for keys in ranking.keys]
+    sorted_keys = [keys[order] for keys, order in zip(ranking.keys, orders, strict=True)]
+    values = [np.full(keys.size, np.nan) for keys in ranking.keys]
+    found = [np.zeros(keys.size, dtype=np.bool_) for keys in ranking.keys]
+    for batch in iter_table_columns(path, ["key", column], batch_size):
+        keys = batch["key"].astype(np.int64)
+        for k, ranked in enumerate(sorted_keys):
+            if not ranked.size:
+                continue
+            at = np.minimum(np.searchsorted(ranked, keys), ranked.size - 1)
+            hit = ranked[at] == keys
+            rows = orders[k][at[hit]]
+            values[k][rows] = batch[column][hit]
+            found[k][rows] = True
+    for k, seen in enumerate(found):
+        if not seen.all():
+            raise InvalidInputError(
+                f"event table {path} lacks {int(np.count_nonzero(~seen))} events of stream "
+                f"{STREAMS[k]} it was ranked with; it changed since: rerun"
+            )
+    return tuple(values)
 
 
 def points_spectra(

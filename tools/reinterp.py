@@ -34,9 +34,9 @@ from core.events import ObjectSelection, SchemaName
 from core.files import exclusive_output, file_sha256, json_text, write_text
 from core.fitrange import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
-from core.regions import StreamRanking, rank_streams
+from core.regions import BATCH_ROWS, StreamRanking, rank_streams, ranked_values
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
-from core.table import EventTable, read_event_table
+from core.table import MASS_COLUMNS, iter_table_columns
 from tools.common import StrictModel, require_file
 from tools.registry import FilePath, PathText, register
 
@@ -59,14 +59,6 @@ class RunInputs:
     results: dict[str, Any]
     config: dict[str, Any]
 
-    def read_table(self) -> EventTable:
-        """The run's scored event table (read only)."""
-        return read_event_table(self.table_path)
-
-    def training(self, table: EventTable) -> npt.NDArray[np.bool_]:
-        """The rows of the run's table the autoencoder was trained on (left out of ARs)."""
-        return self.training_keys(table.keys())
-
     def training_keys(self, keys: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which of the event `keys` the autoencoder was trained on."""
         return training_selection(keys, self.card.fraction, self.card.seed)
@@ -79,6 +71,26 @@ class RunInputs:
         """
         depth = requested_count(max(self.points_pb), self.lumi_pb) + 1 if self.points_pb else 0
         return rank_streams(self.table_path, depth, self.training_keys)
+
+    def ranked_masses(
+        self, ranking: StreamRanking, pair: str
+    ) -> tuple[npt.NDArray[np.float64], ...]:
+        """Per stream, the `pair` mass (GeV, NaN without the pair) of each ranked event."""
+        return ranked_values(self.table_path, ranking, MASS_COLUMNS[PAIRS.index(pair)])
+
+    def search_spectrum(self, stream: str, pair: str) -> npt.NDArray[np.int64]:
+        """The `pair` spectrum of the whole `stream`'s search events (training left out).
+
+        One pass over the key, stream and mass columns of the run's table.
+        """
+        edges = mass_bin_edges()
+        column = MASS_COLUMNS[PAIRS.index(pair)]
+        counts = np.zeros(edges.size - 1, dtype=np.int64)
+        for batch in iter_table_columns(self.table_path, ["key", stream, column], BATCH_ROWS):
+            search = batch[stream] & ~self.training_keys(batch["key"].astype(np.int64))
+            values = batch[column][search]
+            counts += np.histogram(values[np.isfinite(values)], bins=edges)[0]
+        return counts
 
     def lumi_search_pb(self, ranking: StreamRanking) -> float:
         """L_search = (1 - f) L_int of the run (pb^-1), f from the table's `ranking`."""

@@ -9,10 +9,15 @@ still passes. Definitions and methods: core/reinterp.py.
 Signal events X -> pair of the requested mass and Gaussian width (with the generator's extra
 objects) are generated and scored with the run's model (agent/reinterp/pool.py); per
 injected cross-section and toy a Poisson number of them (mean sigma x L_search) is added to
-an in-memory copy of the run's event table, every AR point's cut is taken again on the
-injected table (N = sigma_AR L_search fixed, so signal displaces data events at the cut),
-and the spectra of the injected pair in the affected streams are analysed again
-(agent/reinterp/recovery.py). The other spectra keep the run's results: they see the
+the run's events, every AR point's cut is taken again on the injected events and the run's
+(N = sigma_AR L_search fixed, so signal displaces data events at the cut), and the spectra
+of the injected pair in the affected streams are analysed again
+(agent/reinterp/recovery.py). The run's table is never held: its regions are prefixes of
+one ranking per stream (`core.regions`, one pass over key, score and stream bits, as deep
+as the loosest AR point), and the injected pair's mass is read for the ranked events alone
+(one more pass over key and that column); a region with injected events holds the
+injected events and the data prefix that the merged ranking (score, then lower key) puts
+in its N. The other spectra keep the run's results: they see the
 injected events only through their non-resonant masses. Toys differ in the number and
 choice of injected events (disjoint blocks of the generated pool) and, with
 `background="fit"` (the default), in the background: the run's data of each re-analysed
@@ -34,6 +39,7 @@ the local Z and the top-excess check on the real data (`observed`, not in the pu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +52,6 @@ from agent.figures.reinterp import linearity_plot
 from agent.reinterp.pool import (
     SignalPool,
     generate_signal_pool,
-    joined_table,
     reached_streams,
     take_rows,
 )
@@ -58,9 +63,10 @@ from agent.reinterp.sensitivity import expected_z_rows, write_sensitivity
 from agent.reinterp.summaries import strength_summaries
 from agent.runtime.executor import Executor, map_batched
 from agent.scan import ScanContext, cli_step
-from core.anomaly import AnomalyRegion, stream_anomaly_regions
+from core.anomaly import requested_count
 from core.files import json_text, write_bytes, write_text
-from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram
+from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram, mass_bin_edges
+from core.regions import StreamRanking
 from core.reinterp import RegionCut, background_toy, region_mask, signal_sigma_gev
 from core.table import EventTable
 from tools.reinterp import RunInputs, read_run, run_region_cuts
@@ -72,7 +78,7 @@ IntArray = npt.NDArray[np.int64]
 
 METHOD = (
     "per injected cross-section and toy: Poisson(sigma x L_search) generated events "
-    "(Gaussian lineshape, scored with the run's model) added to a copy of the run's table; "
+    "(Gaussian lineshape, scored with the run's model) added to the run's events; "
     "AR cuts retaken on it; background of each re-analysed spectrum: {background}; "
     "injected yield = injected events in the spectrum whose pair is the decay's; expected "
     "yield = sigma x L_search x the fraction of the whole pool that enters the spectrum so "
@@ -125,9 +131,10 @@ class InjectionInputs:
     run: RunInputs
     request: InjectionRequest
     streams: list[str]
-    table: EventTable
-    exclude: BoolArray
-    training_fraction: float
+    ranking: StreamRanking
+    """Every stream's search events, ranked one past the loosest AR point."""
+    ranked_masses: tuple[FloatArray, ...]
+    """Per stream, the injected pair's mass of each ranked event (NaN without the pair)."""
     lumi_search: float
     pool: SignalPool
     run_points: dict[float, RunPoint]
@@ -149,22 +156,31 @@ def _realisations(request: InjectionRequest) -> list[Realisation]:
 
 @dataclass(frozen=True)
 class _Injected:
-    """One realisation's injected events, and the run's table with them appended."""
+    """One realisation's injected events."""
 
     rows: IntArray
     """The pool rows injected."""
     events: EventTable
     """The injected events (never training events)."""
-    combined: EventTable
-    """The run's rows, then the injected ones."""
-    combined_exclude: BoolArray
-    """The combined table's training rows (left out of the anomaly regions)."""
     paired: BoolArray
     """The injected events that have the pair and whose pair is the decay's."""
 
 
+@dataclass(frozen=True)
+class _Region:
+    """A stream's anomaly region on the run's events with the injected ones added."""
+
+    n_data: int
+    """The run's events it holds: the first `n_data` of the stream's ranking."""
+    injected: BoolArray
+    """The injected events it holds."""
+    cut: float
+    """The highest score outside it (-inf for the whole stream), as `anomaly_region`'s."""
+    whole_stream: bool
+
+
 def _injected_events(inputs: InjectionInputs, realisation: Realisation) -> _Injected:
-    """Poisson(sigma x L_search) events of the toy's pool block added to the run's table."""
+    """Poisson(sigma x L_search) events of the toy's pool block, never training events."""
     request, pool = inputs.request, inputs.pool
     signal_rng = np.random.default_rng([request.seed, 7, realisation.strength, realisation.toy])
     count = int(signal_rng.poisson(realisation.xsec_pb * inputs.lumi_search))
@@ -173,12 +189,37 @@ def _injected_events(inputs: InjectionInputs, realisation: Realisation) -> _Inje
         take_rows(pool.table, rows), training=np.zeros(len(rows), dtype=np.bool_)
     )
     column = PAIRS.index(request.pair)
-    return _Injected(
-        rows,
-        injected,
-        joined_table(inputs.table, injected),
-        np.concatenate([inputs.exclude, np.zeros(len(rows), dtype=np.bool_)]),
-        pool.paired[rows] & np.isfinite(injected.masses[:, column]),
+    return _Injected(rows, injected, pool.paired[rows] & np.isfinite(injected.masses[:, column]))
+
+
+def _injected_region(
+    ranking: StreamRanking, injected: EventTable, k: int, n_requested: int
+) -> _Region:
+    """Stream k's region of N = `n_requested` events over the run's and `injected` events.
+
+    The order of `core.anomaly.anomaly_region` on the joined events (score, then lower key,
+    then the run's event first): the merge of the stream's ranking, as deep as the region
+    plus one, with the injected events in the stream.
+    """
+    assert injected.score is not None
+    rows = np.flatnonzero(injected.stream_bits[:, k])
+    n_stream = ranking.n_search[k] + rows.size
+    n_pass = min(n_requested, n_stream)
+    depth = min(n_pass + 1, ranking.n_search[k])
+    assert ranking.scores[k].size >= depth, "the run's points are inside its ranking"
+    scores = np.concatenate([ranking.scores[k][:depth], injected.score[rows]])
+    keys = np.concatenate([ranking.keys[k][:depth], injected.keys()[rows]])
+    from_injection = np.arange(scores.size) >= depth
+    order = np.lexsort((from_injection, keys, -scores))
+    held = order[:n_pass]
+    selected = np.zeros(len(injected), dtype=np.bool_)
+    selected[rows[held[held >= depth] - depth]] = True
+    whole_stream = n_requested >= n_stream
+    return _Region(
+        n_data=int(np.count_nonzero(held < depth)),
+        injected=selected,
+        cut=-math.inf if n_pass == n_stream else float(scores[order[n_pass]]),
+        whole_stream=whole_stream,
     )
 
 
@@ -228,34 +269,32 @@ def _spectrum_job(
     realisation: Realisation,
     injected: _Injected,
     p: int,
-    region: AnomalyRegion,
+    region: _Region,
     stream: str,
 ) -> tuple[InjectedSpectrumJob, dict[str, Any]]:
     """The injected spectrum of `stream` at AR point number `p`, with its row's known numbers."""
-    run, request, pool, table = inputs.run, inputs.request, inputs.pool, inputs.table
+    run, request, pool = inputs.run, inputs.request, inputs.pool
     point = run.points_pb[p]
-    n_data = len(table)
     column = PAIRS.index(request.pair)
     sigma = signal_sigma_gev(request.mass, request.width)
     assert pool.table.score is not None
     k = STREAMS.index(stream)
     name = f"{stream}/{request.pair}"
-    mask = region.selected
-    data, edges = histogram(table.masses, table.stream_bits, stream, request.pair, mask[:n_data])
-    signal, _ = histogram(
-        injected.events.masses, injected.events.stream_bits, stream, request.pair, mask[n_data:]
-    )
+    edges = mass_bin_edges()
+    masses = inputs.ranked_masses[k][: region.n_data]
+    data, _ = np.histogram(masses[np.isfinite(masses)], bins=edges)
+    events = injected.events
+    signal, _ = histogram(events.masses, events.stream_bits, stream, request.pair, region.injected)
     run_point = inputs.run_points.get(point)
     expected = None if run_point is None else run_point.accepted_background(name)
     if expected is not None and not np.any(expected > 0):
         expected = None  # nothing predicted: as if no background was accepted
     background, drawn = _toy_background(inputs, realisation, (p, k), data, run_point, expected)
-    in_spectrum = mask[n_data:] & injected.events.stream_bits[:, k]
-    in_spectrum &= np.isfinite(injected.events.masses[:, column])
+    in_spectrum = region.injected & events.stream_bits[:, k] & np.isfinite(events.masses[:, column])
     pool_passes = region_mask(
         pool.table.score,
         pool.table.stream_bits,
-        RegionCut(point, stream, region.cut, bool(region.whole_stream)),
+        RegionCut(point, stream, region.cut, region.whole_stream),
     )
     acceptance = float(np.mean(pool_passes & inputs.pool_paired))
     job = InjectedSpectrumJob(
@@ -267,7 +306,7 @@ def _spectrum_job(
         request.mass,
         sigma,
         inputs.rule,
-        bool(region.whole_stream),
+        region.whole_stream,
         inputs.run_backgrounds.get((point, name)),
         expected,
         realisation.observed or request.rule_toys is None or realisation.toy < request.rule_toys,
@@ -279,7 +318,7 @@ def _spectrum_job(
         "realisation": "observed" if realisation.observed else "toy",
         "spectrum": name,
         "point_pb": point,
-        "whole_stream": bool(region.whole_stream),
+        "whole_stream": region.whole_stream,
         **drawn,
         "n_injected_total": len(injected.rows),
         "n_injected_in_spectrum": int(np.count_nonzero(in_spectrum)),
@@ -295,15 +334,10 @@ def _realisation_jobs(
     injected = _injected_events(inputs, realisation)
     found = []
     for p, point in enumerate(inputs.run.points_pb):
-        regions = stream_anomaly_regions(
-            injected.combined,
-            point,
-            inputs.run.lumi_pb,
-            injected.combined_exclude,
-            inputs.training_fraction,
-        )
+        n_requested = requested_count(point, inputs.lumi_search)
         for stream in inputs.streams:
-            region = regions[STREAMS.index(stream)]
+            k = STREAMS.index(stream)
+            region = _injected_region(inputs.ranking, injected.events, k, n_requested)
             found.append(_spectrum_job(inputs, realisation, injected, p, region, stream))
     return found
 
@@ -344,10 +378,6 @@ def _shared_inputs(
     ranking = run.ranking()
     cuts = run_region_cuts(run, ranking)
     lumi_search = run.lumi_search_pb(ranking)
-    training_fraction = ranking.training_fraction
-    # the injected events join the run's rows, so the table is read whole here
-    table = run.read_table()
-    exclude = run.training(table)
     pool = generate_signal_pool(ctx, step_id, run, request, folder, lumi_search)
     if request.streams is None:
         streams = reached_streams(pool, request, streams)
@@ -356,9 +386,8 @@ def _shared_inputs(
         run,
         request,
         streams,
-        table,
-        exclude,
-        training_fraction,
+        ranking,
+        run.ranked_masses(ranking, request.pair),
         lumi_search,
         pool,
         run_points,
@@ -385,7 +414,6 @@ def _injection_output(
     strengths = strength_summaries(run, request, fits, observed, sigma)
     sensitivity = expected_z_rows(
         run,
-        inputs.table,
         cuts,
         pool,
         request,

@@ -9,7 +9,6 @@ Poisson mean plus five standard deviations.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -144,12 +143,3 @@ def take_rows(table: EventTable, rows: npt.NDArray[np.int64]) -> EventTable:
         key=pick(table.key),
         training=pick(table.training),
     )
-
-
-def joined_table(data: EventTable, signal: EventTable) -> EventTable:
-    """A new table: the run's rows, then the injected ones (no array of `data` is changed)."""
-    values: dict[str, Any] = {}
-    for item in dataclasses.fields(EventTable):
-        a, b = getattr(data, item.name), getattr(signal, item.name)
-        values[item.name] = None if a is None or b is None else np.concatenate([a, b])
-    return EventTable(**values)

@@ -27,7 +27,7 @@ from agent.reinterp.request import InjectionRequest
 from agent.reinterp.rule import ScanRule
 from agent.reinterp.run_points import RunPoint
 from core.files import json_text, write_text
-from core.masses import PAIRS, STREAMS, histogram, mass_bin_edges
+from core.masses import PAIRS, STREAMS, mass_bin_edges
 from core.reinterp import (
     RegionCut,
     ae_gain,
@@ -36,7 +36,6 @@ from core.reinterp import (
     window_bins,
     window_expected_z,
 )
-from core.table import EventTable
 from tools.reinterp import RunInputs
 
 FloatArray = npt.NDArray[np.float64]
@@ -47,7 +46,6 @@ SENSITIVITY_CSV = "sensitivity.csv"
 
 def _whole_stream_background(
     run: RunInputs,
-    table: EventTable,
     stream: str,
     pair: str,
     rule: ScanRule,
@@ -57,8 +55,7 @@ def _whole_stream_background(
     The scan's rule with the seed the scan would give the spectrum at one AR point past its
     last (the whole stream is not one of the run's points here).
     """
-    mask = ~run.training(table)
-    counts, edges = histogram(table.masses, table.stream_bits, stream, pair, mask)
+    counts, edges = run.search_spectrum(stream, pair), mass_bin_edges()
     name = f"{stream}/{pair}"
     result = rule.analyse(name, edges, counts.astype(float), rule.seed(len(run.points_pb), name))
     if result.status != "accepted" or result.search is None:
@@ -70,7 +67,6 @@ def _whole_stream_background(
 
 def _whole_stream_window_background(
     run: RunInputs,
-    table: EventTable,
     cuts: list[RegionCut],
     backgrounds: dict[float, RunPoint],
     stream: str,
@@ -84,12 +80,11 @@ def _whole_stream_window_background(
             whole_b = backgrounds[cut.point_pb].accepted_background(name)
             if whole_b is not None:
                 return whole_b, "run point"
-    return _whole_stream_background(run, table, stream, pair, rule)
+    return _whole_stream_background(run, stream, pair, rule)
 
 
 def expected_z_rows(
     run: RunInputs,
-    table: EventTable,
     cuts: list[RegionCut],
     pool: SignalPool,
     request: InjectionRequest,
@@ -115,7 +110,7 @@ def expected_z_rows(
         whole_bits = signal.stream_bits[:, k] & in_window
         whole_fraction = float(np.count_nonzero(whole_bits)) / n_pool
         whole_b, whole_status = _whole_stream_window_background(
-            run, table, cuts, backgrounds, stream, request.pair, rule
+            run, cuts, backgrounds, stream, request.pair, rule
         )
         b_whole = None if whole_b is None else float(whole_b[first:stop].sum())
         for cut in cuts:

@@ -17,8 +17,11 @@ rows; anything else is recomputed under another name. The table is committed by
 then, and parts that the current pass does not own are never read (and are removed after
 the commit). One pass writes a folder at a time (`agent.runtime.runlock`).
 Executors: ``serial`` (in this process) or ``ray`` (a local Ray instance, or the cluster
-at RAY_ADDRESS). Ray retries a failing task; a task that still fails is reported by file
-and entry range once every other task has finished, never silently skipped.
+at RAY_ADDRESS). Ray retries a task whose worker died, or whose input could not be read
+(`RETRIED_ERRORS`: a network or a file system can fail once); an input of the wrong schema,
+a model that does not load or a bug fails alike every time and is not retried. A task that
+still fails is reported by file and entry range once every other task has finished, never
+silently skipped.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +79,15 @@ _CODE_MODULES = (
 )
 
 
+RETRIED_ERRORS: Final = (InputFileError, OSError)
+"""The errors of a Ray task that are retried: reading an input, which can pass on the next try."""
+
+
+def part_task_options(retries: int) -> dict[str, Any]:
+    """Ray's options of an event-pass task: one core, `retries` retries on RETRIED_ERRORS."""
+    return {"num_cpus": 1, "max_retries": retries, "retry_exceptions": list(RETRIED_ERRORS)}
+
+
 class EventPassError(AnomscanError):
     """One or more chunks failed after their retries; the message names each file and range."""
 
@@ -94,9 +106,9 @@ def _pass_error(
     ]
     on_input = all(isinstance(e, (InputFileError, SchemaError)) for _, e in failures)
     return (EventPassInputError if on_input else EventPassError)(
-        f"{len(failures)} of {n_tasks} chunks failed after {retries} retries ({n_kept} parts "
-        f"written are kept and a rerun resumes from them), the first: {lines[0]}\n  "
-        + "\n  ".join(lines)
+        f"{len(failures)} of {n_tasks} chunks failed ({n_kept} parts written are kept and a "
+        f"rerun resumes from them; on Ray an unreadable input is retried {retries} times), "
+        f"the first: {lines[0]}\n  " + "\n  ".join(lines)
     )
 
 
@@ -566,7 +578,7 @@ def _run_ray(
     results: list[PartResult] = []
     failures: list[tuple[ChunkTask, BaseException]] = []
     with ray_session(workers) as ray:
-        remote = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=True)(_remote_part)
+        remote = ray.remote(**part_task_options(retries))(_remote_part)
         job = ray.put(pass_job(spec))
         pending = {remote.remote(task, job): task for task in tasks}
         while pending:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from core.regions import (
     points_bootstrap,
     points_spectra,
     rank_streams,
+    ranked_values,
 )
 from core.table import (
     MASS_COLUMNS,
@@ -176,6 +178,25 @@ def test_a_ranking_cut_back_while_reading_keeps_the_best_and_refuses_deeper_poin
             3,
             1,
         )
+
+
+def test_ranked_values_are_the_ranked_events_own_in_ranking_order(table_folder):
+    """Per stream, the mass of each ranked event (NaN kept), read by key over two parts in
+    batches that straddle them; a ranked event the table lacks is refused."""
+    table = read_event_table(table_folder)
+    ranking = rank_streams(table_folder, 1200, _exclude, batch_size=700)
+    by_key = {int(key): row for row, key in enumerate(table.keys())}
+    values = ranked_values(table_folder, ranking, "m_jb", batch_size=700)
+    for k, keys in enumerate(ranking.keys):
+        rows = [by_key[int(key)] for key in keys]
+        np.testing.assert_array_equal(values[k], table.masses[rows, 1])  # jb
+    assert sum(int(np.isnan(v).sum()) for v in values) > 0
+    assert all(v.size == min(1200, n) for v, n in zip(values, ranking.n_search, strict=True))
+    missing = dataclasses.replace(
+        ranking, keys=(np.append(ranking.keys[0][:-1], -1), *ranking.keys[1:])
+    )
+    with pytest.raises(InvalidInputError, match="lacks 1 events of stream T1"):
+        ranked_values(table_folder, missing, "m_jb")
 
 
 def test_an_event_counted_twice_is_refused(tmp_path):

@@ -247,3 +247,33 @@ for summary in (first, again):
     print(json.dumps({{key: getattr(summary, key) for key in (
         "n_parts", "n_reused", "n_events", "stream_counts")}}))
 """
+
+
+@pytest.mark.slow
+def test_ray_retries_an_unreadable_input_but_not_an_error_that_would_repeat(tmp_path):
+    """With the event pass's task options, a task failing on its input is tried 1 + 2 times;
+    one failing on a schema, a model or a bug is tried once (each try appends to a file)."""
+    from agent.runtime.eventpass import part_task_options
+    from agent.runtime.executor import ray_session
+    from core.errors import InputFileError, ModelError, SchemaError
+
+    def failing(counter: str, error: type[Exception]) -> None:
+        with Path(counter).open("a") as file:
+            file.write(".")
+        raise error("failed")
+
+    tries = {}
+    with ray_session(1) as ray:
+        remote = ray.remote(**part_task_options(2))(failing)
+        for error in (InputFileError, OSError, SchemaError, ModelError, KeyError):
+            counter = tmp_path / error.__name__
+            with pytest.raises(Exception, match="failed"):
+                ray.get(remote.remote(str(counter), error))
+            tries[error.__name__] = len(counter.read_text())
+    assert tries == {
+        "InputFileError": 3,
+        "OSError": 3,
+        "SchemaError": 1,
+        "ModelError": 1,
+        "KeyError": 1,
+    }
