@@ -46,7 +46,7 @@ from core.anomaly import anomaly_region
 from core.errors import InvalidInputError, ModelError
 from core.files import atomic_path, file_sha256, write_text
 from core.objects import EventChunk
-from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_features, rmm_matrices
+from core.rmm import BLINDED_CELLS, DEFAULT_LAYOUT, rmm_feature_blocks, rmm_feature_rows
 
 N_RMM_FEATURES: Final = DEFAULT_LAYOUT.n_features
 """Width of the AE input: the 36x36 RMM flattened row-major without the 9 blinded cells."""
@@ -241,6 +241,17 @@ class Scorer:
     def score(self, features: npt.ArrayLike) -> FloatArray:
         """Anomaly score ln(MSE) per event."""
         return _log_mse(self.mse(features))
+
+    def score_chunk(self, chunk: EventChunk) -> FloatArray:
+        """ln(MSE) of every event of `chunk`, its RMM features made a batch at a time.
+
+        Equal to `score(rmm_feature_rows(chunk))` (the same batches of `batch_size` events)
+        without holding the chunk's features: a worker of the event pass holds one batch.
+        """
+        mse = np.empty(len(chunk), dtype=np.float64)
+        for first, stop, features in rmm_feature_blocks(chunk, self.batch_size):
+            mse[first:stop] = self.mse(features)
+        return _log_mse(mse)
 
 
 @dataclass(frozen=True)
@@ -641,7 +652,7 @@ def feature_chunks(
         raise InvalidInputError(f"prefetch must be >= 0 chunks, got {prefetch}")
     if prefetch == 0:
         for chunk in chunks:
-            yield chunk, rmm_features(rmm_matrices(chunk))
+            yield chunk, rmm_feature_rows(chunk)
         return
     iterator = iter(chunks)
 
@@ -649,7 +660,7 @@ def feature_chunks(
         chunk = next(iterator, None)
         if chunk is None:
             return None
-        return chunk, rmm_features(rmm_matrices(chunk))
+        return chunk, rmm_feature_rows(chunk)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anomscan-rmm") as pool:
         pending: deque[Future[tuple[EventChunk, Float32Array] | None]] = deque(

@@ -62,7 +62,6 @@ from core.events.reading import iterate_events
 from core.events.selection import ObjectSelection
 from core.fit import BinnedShape, FitResult, prepare_spectrum, shape_directions
 from core.masses import PAIRS, STREAMS, mass_resolution
-from core.rmm import rmm_features, rmm_matrices
 from core.significance import (
     FloatingShape,
     ae_gain_percent,
@@ -412,7 +411,7 @@ def score_sample(
             mapping=mapping,
         ),
         output,
-        score=lambda chunk: scorer.score(rmm_features(rmm_matrices(chunk))),
+        score=scorer.score_chunk,
         training=lambda keys: training_selection(keys, card.fraction, card.seed),
     )
     return read_event_table(output)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import awkward as ak
 import numpy as np
@@ -567,23 +567,111 @@ def rmm_matrices(
         _fill_object_cells(flat, objects, met, chunk.met_phi, layout)
         _fill_pair_cells(flat, objects, layout)
         return matrices
-    is_block_start = np.zeros(size, dtype=np.bool_)
-    is_block_start[list(layout.block_starts.values())] = True
-    event_start = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(objects.per_event, out=event_start[1:])
-    kernel(
-        matrices,
-        event_start,
-        objects.slot,
-        objects.kinematic_rows,
-        met,
-        met * np.cos(chunk.met_phi),
-        met * np.sin(chunk.met_phi),
-        is_block_start,
-        float(layout.sqrt_s),
-        float(layout.rapidity_scale),
-    )
+    _KernelCall(chunk, objects, met, layout).fill(kernel, matrices, 0, n)
     return matrices
+
+
+@dataclass(frozen=True)
+class _KernelCall:
+    """The compiled kernel's inputs for a chunk's events, to fill any block of them."""
+
+    chunk: EventChunk
+    objects: _Objects
+    met: FloatArray
+    layout: RMMLayout
+
+    @functools.cached_property
+    def _arguments(self) -> tuple[Any, ...]:
+        is_block_start = np.zeros(self.layout.size, dtype=np.bool_)
+        is_block_start[list(self.layout.block_starts.values())] = True
+        event_start = np.zeros(len(self.chunk) + 1, dtype=np.int64)
+        np.cumsum(self.objects.per_event, out=event_start[1:])
+        met, phi = self.met, self.chunk.met_phi
+        return event_start, met, met * np.cos(phi), met * np.sin(phi), is_block_start
+
+    def fill(
+        self, kernel: _FillKernel, matrices: npt.NDArray[np.float32], first: int, stop: int
+    ) -> None:
+        """Fill `matrices` (zeros, one per event) with the RMMs of events [first, stop)."""
+        event_start, met, met_x, met_y, is_block_start = self._arguments
+        kernel(
+            matrices,
+            event_start[first : stop + 1],
+            self.objects.slot,
+            self.objects.kinematic_rows,
+            met[first:stop],
+            met_x[first:stop],
+            met_y[first:stop],
+            is_block_start,
+            float(self.layout.sqrt_s),
+            float(self.layout.rapidity_scale),
+        )
+
+
+FEATURE_BLOCK_EVENTS: Final = 2048
+"""Events whose matrices `rmm_feature_rows` holds at a time (10 MB: they stay in cache)."""
+
+
+def rmm_feature_rows(
+    chunk: EventChunk, *, layout: RMMLayout = DEFAULT_LAYOUT
+) -> npt.NDArray[np.float32]:
+    """`rmm_features(rmm_matrices(chunk))` to the bit, without the chunk's matrices.
+
+    The matrices of `FEATURE_BLOCK_EVENTS` events at a time are filled and their features
+    copied out: (n, 1287) floats are held, never (n, 36, 36).
+    """
+    features = np.empty((len(chunk), layout.n_features), dtype=np.float32)
+    for first, stop, matrices in _matrix_blocks(chunk, FEATURE_BLOCK_EVENTS, layout):
+        _copy_features(matrices, layout, features[first:stop])
+    return features
+
+
+def rmm_feature_blocks(
+    chunk: EventChunk, block_events: int, *, layout: RMMLayout = DEFAULT_LAYOUT
+) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
+    """(first, stop, features of events [first, stop)) for consecutive blocks of a chunk.
+
+    The features of `rmm_feature_rows`, `block_events` events at a time, in one buffer that
+    the next block overwrites: a consumer (the scorer) uses each block before asking for the
+    next, and the chunk's features are never held whole.
+    """
+    if block_events < 1:
+        raise InvalidInputError(f"block_events must be >= 1, got {block_events}")
+    buffer = np.empty((min(block_events, len(chunk)), layout.n_features), dtype=np.float32)
+    for first, stop, matrices in _matrix_blocks(chunk, block_events, layout):
+        features = buffer[: stop - first]
+        _copy_features(matrices, layout, features)
+        yield first, stop, features
+
+
+def _matrix_blocks(
+    chunk: EventChunk, block_events: int, layout: RMMLayout
+) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
+    """(first, stop, RMMs of events [first, stop)) in blocks, one buffer overwritten.
+
+    Without numba the chunk's matrices are made at once (the numpy path) and sliced.
+    """
+    kernel = compiled_fill_cells()
+    if kernel is None:
+        matrices = rmm_matrices(chunk, layout=layout)
+        for first in range(0, len(chunk), block_events):
+            yield (
+                first,
+                min(len(chunk), first + block_events),
+                matrices[first : first + block_events],
+            )
+        return
+    collections = _validated_collections(chunk)
+    n, size = len(chunk), layout.size
+    met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
+    call = _KernelCall(chunk, _selected_objects(n, collections, layout), met, layout)
+    buffer = np.empty((min(block_events, n), size, size), dtype=np.float32)
+    for first in range(0, n, block_events):
+        stop = min(n, first + block_events)
+        matrices = buffer[: stop - first]
+        matrices.fill(0.0)
+        call.fill(kernel, matrices, first, stop)
+        yield first, stop, matrices
 
 
 def rmm_features(
@@ -597,13 +685,20 @@ def rmm_features(
             f"rmm_features expects matrices of shape (n, {layout.size}, {layout.size}), "
             f"found {array.shape}; pass the output of rmm_matrices"
         )
-    flat = array.reshape(len(array), layout.size * layout.size)
     features = np.empty((len(array), layout.n_features), dtype=np.float32)
+    _copy_features(array, layout, features)
+    return features
+
+
+def _copy_features(
+    matrices: npt.NDArray[np.floating], layout: RMMLayout, out: npt.NDArray[np.float32]
+) -> None:
+    """Write the feature cells of `matrices` (n, size, size) into `out` (n, n_features)."""
+    flat = matrices.reshape(len(matrices), layout.size * layout.size)
     position = 0
     for start, stop in layout.feature_runs:
-        features[:, position : position + stop - start] = flat[:, start:stop]
+        out[:, position : position + stop - start] = flat[:, start:stop]
         position += stop - start
-    return features
 
 
 ObjectTuple = tuple[float, float, float, float]

@@ -49,14 +49,19 @@ from rich.progress import Progress
 
 from agent.runtime.executor import SMALL_JOB_EVENTS, Executor, ray_session
 from agent.runtime.runlock import run_folder_lock
-from core.autoencoder import card_path, load_scorer, read_model_card, training_selection
+from core.autoencoder import (
+    Scorer,
+    card_path,
+    load_scorer,
+    read_model_card,
+    training_selection,
+)
 from core.errors import AnomscanError, InputFileError, InvalidInputError, SchemaError
 from core.events import DistinctFiles, ObjectSelection, add_counts, plan_read, read_entry_range
 from core.events import refuse_duplicate_inputs as _refuse_duplicate_inputs
 from core.files import atomic_path, file_sha256, remove_dead_temporaries, write_json
 from core.goodruns import GoodRunList
 from core.masses import STREAMS
-from core.rmm import rmm_features, rmm_matrices
 from core.table import PART_GLOB, chunk_columns, commit_table_parts
 
 PART_PATTERN = "part-{index:06d}-{provenance}.parquet"
@@ -293,12 +298,8 @@ def _score_function(spec: PassSpec) -> Callable[[Any], Any] | None:
         return None
     model = Path(spec.model)
     modified_ns = model.stat().st_mtime_ns if model.is_file() else 0
-    scorer = _cached_scorer(spec.model, modified_ns, spec.scoring_threads)
-
-    def score(chunk: Any) -> Any:
-        return scorer.score(rmm_features(rmm_matrices(chunk)))
-
-    return score
+    scorer: Scorer = _cached_scorer(spec.model, modified_ns, spec.scoring_threads)
+    return scorer.score_chunk
 
 
 @dataclass(frozen=True)

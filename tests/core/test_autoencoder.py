@@ -337,6 +337,19 @@ def test_scored_chunks_keep_order_and_match_direct_scoring(
             np.testing.assert_array_equal(scores, direct)
 
 
+def test_a_chunk_scored_a_batch_at_a_time_equals_its_features_scored(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """700 events in batches of 96 (the last one partial): the scores of `score_chunk`, whose
+    features are made a batch at a time, equal those of the whole chunk's features."""
+    info = generate_sample(tmp_path / "sample", SampleConfig(n_events=700, seed=2))
+    (chunk,) = iterate_events(info.files, "nanoaod", step_size=1000)
+    scorer = load_scorer(exported.path, batch_size=96)
+    scores = scorer.score_chunk(chunk)
+    np.testing.assert_array_equal(scores, scorer.score(rmm_features(rmm_matrices(chunk))))
+    assert scores.shape == (700,) and np.unique(scores).size > 600
+
+
 def test_scored_chunks_propagate_read_errors(exported: Exported) -> None:
     def failing() -> Iterator[EventChunk]:
         raise InputFileError("file x.root is truncated at entry 5")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import replace
@@ -25,6 +26,7 @@ from core.rmm import (
     check_kinematics,
     numba_available,
     reference_events,
+    rmm_feature_rows,
     rmm_features,
     rmm_matrices,
     rmm_matrix_reference,
@@ -604,3 +606,19 @@ def test_rapidity_limit_is_inclusive():
     at_limit = jets_with(40.0, MAX_ABS_RAPIDITY - 1e-9, 0.0, 0.0)
     matrices = rmm_matrices(raw_chunk(jets=at_limit))
     assert np.isfinite(matrices).all()
+
+
+@pytest.mark.parametrize("block", [700, core.rmm.FEATURE_BLOCK_EVENTS])
+def test_feature_rows_filled_block_by_block_equal_the_features_of_the_matrices(
+    synthetic_chunk, block, monkeypatch
+):
+    """3200 events in blocks of 700 (the last one partial) or 2048: the features equal those
+    of the whole chunk's matrices to the bit and the plain-Python reference's within float32."""
+    skip_without_numba()
+    monkeypatch.setattr(core.rmm, "FEATURE_BLOCK_EVENTS", block)
+    rows = rmm_feature_rows(synthetic_chunk)
+    np.testing.assert_array_equal(rows, rmm_features(rmm_matrices(synthetic_chunk)))
+    events = itertools.islice(reference_events(synthetic_chunk), 900)
+    reference = rmm_features(np.array([rmm_matrix_reference(event) for event in events]))
+    np.testing.assert_allclose(rows[:900], reference, rtol=0, atol=TOLERANCE)
+    assert rows.shape == (3200, 1287) and np.count_nonzero(rows[2100:]) > 1000
