@@ -360,15 +360,22 @@ def _open_file(source: Path) -> pq.ParquetFile:
 
 def _open(path: str | Path) -> list[pq.ParquetFile]:
     """Every part of the table, checked to be event tables with the same columns."""
-    parts = [_open_file(p) for p in table_parts(path)]
-    first = parts[0].schema_arrow.names
-    for part, source in zip(parts[1:], table_parts(path)[1:], strict=True):
-        if part.schema_arrow.names != first:
-            raise InvalidInputError(
-                f"part {source} of event table {path} has columns {part.schema_arrow.names}, "
-                f"unlike the first part ({first}); rerun the event pass"
-            )
+    sources = table_parts(path)
+    parts = [_open_file(p) for p in sources]
+    for part, source in zip(parts, sources, strict=True):
+        _check_columns(part, parts[0], source, path)
     return parts
+
+
+def _check_columns(
+    part: pq.ParquetFile, first: pq.ParquetFile, source: Path, path: str | Path
+) -> None:
+    """InvalidInputError unless `part` (file `source`) has the columns of the first part."""
+    if part.schema_arrow.names != first.schema_arrow.names:
+        raise InvalidInputError(
+            f"part {source} of event table {path} has columns {part.schema_arrow.names}, "
+            f"unlike the first part ({first.schema_arrow.names}); rerun the event pass"
+        )
 
 
 def _as_event_table(batch: pa.Table | pa.RecordBatch) -> EventTable:
@@ -417,10 +424,11 @@ def _each_part(path: str | Path) -> Iterator[tuple[pq.ParquetFile, Path]]:
     whole table in memory.
     """
     sources = table_parts(path)
-    _open(path)
-    for source in sources:
-        with _open_file(source) as parquet:
-            yield parquet, source
+    with _open_file(sources[0]) as first:
+        for source in sources:
+            with _open_file(source) as parquet:
+                _check_columns(parquet, first, source, path)
+                yield parquet, source
 
 
 def read_event_table(path: str | Path) -> EventTable:

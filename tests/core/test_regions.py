@@ -25,6 +25,7 @@ from core.table import (
     MASS_COLUMNS,
     commit_table_parts,
     event_table_schema,
+    iter_table_columns,
     read_event_table,
     region_spectra,
 )
@@ -225,3 +226,18 @@ def test_an_empty_table_has_empty_regions(tmp_path):
     assert region.n_pass == (0,) * len(STREAMS) and all(region.whole_stream)
     (counts,) = points_spectra(path, ranking, [region], _exclude)
     assert counts.shape == (63, mass_bin_edges().size - 1) and counts.sum() == 0
+
+
+def test_a_part_with_other_columns_is_named(tmp_path):
+    """A table whose second part lacks the score column: reading it whole or in batches
+    names that part."""
+    folder = tmp_path / "events"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    scored = pa.Table.from_pydict(_columns(rng, 50, 0), event_table_schema(with_score=True))
+    pq.write_table(scored, folder / "part-00000.parquet")
+    pq.write_table(scored.drop_columns(["score", "training"]), folder / "part-00001.parquet")
+    commit_table_parts(folder, ["part-00000.parquet", "part-00001.parquet"], {"scored": True})
+    for read in (read_event_table, lambda path: list(iter_table_columns(path, ["key"]))):
+        with pytest.raises(InvalidInputError, match=r"part .*part-00001\.parquet of event table"):
+            read(folder)
