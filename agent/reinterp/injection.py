@@ -116,7 +116,7 @@ BACKGROUND_METHOD = {
 
 @dataclass(frozen=True)
 class Realisation:
-    """One injected event table: toy `toy` of strength `strength` (or the observed one)."""
+    """One injection: toy `toy` of strength `strength` (or the observed one)."""
 
     strength: int
     xsec_pb: float
