@@ -60,7 +60,9 @@ def _writer(args: tuple[str, int]) -> int:
 
 def test_concurrent_writers_never_corrupt(tmp_path):
     target = tmp_path / "shared.npz"
-    with multiprocessing.get_context("fork").Pool(2) as pool:
+    # spawn, not fork: a Ray session earlier in this process leaves gRPC threads behind,
+    # and a child forked from them hung (a worker died holding the pool's queue lock)
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
         assert sorted(pool.map(_writer, [(str(target), 1), (str(target), 2)])) == [1, 2]
     values = np.load(target)["a"]
     assert len(set(values.tolist())) == 1

@@ -28,6 +28,13 @@ __all__ = ["prepare_node"]
 MAX_TRAINING_THREADS = 16
 """Torch threads of the scan's training at most (its 1287-800-... layers gain little beyond)."""
 
+FP32_REASON = (
+    "scored in fp32: an int8 copy of the model scores 2-3x faster here but selects other AR "
+    "events (per-stream overlap with fp32 0.95 at 1 pb, 0.84-0.88 at 3-31 pb; "
+    "bench/results/autoencoder.json), below the 0.99 at every point that int8 would need"
+)
+"""Why the scan scores with the model's float32 weights (the event_pass decision says so)."""
+
 
 def prepare_node(ctx: ScanContext, state: ScanState, step_id: str) -> dict[str, Any]:
     """Resolve the inputs, load or train the autoencoder, and write the scored event table."""
@@ -175,12 +182,15 @@ def _record_event_pass(
             "stream_counts": summary.stream_counts,
             "non_finite": summary.non_finite,
             "dropped_non_finite": summary.dropped_non_finite,
+            "precision": "fp32" if card.quantization == "none" else card.quantization,
         },
         options={"executor": summary.executor, "model": model_source},
         policy="config",
         rationale=(
             f"{summary.n_events} events scored with the autoencoder ({model_source}, card "
             f"seed {card.seed}, trained on {card.fraction:.0%}) in {summary.seconds:.1f} s "
-            f"({summary.executor})" + (f"; {note}" if note else "")
+            f"({summary.executor}); "
+            + (FP32_REASON if card.quantization == "none" else f"{card.quantization} model given")
+            + (f"; {note}" if note else "")
         ),
     )

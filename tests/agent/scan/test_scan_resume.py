@@ -59,8 +59,11 @@ def test_a_generated_folder_gives_its_files_and_luminosity(reference: Path) -> N
     results = json.loads((reference / "results.json").read_text())
     assert results["luminosity_pb"] == LUMI_PB
     with sqlite3.connect(reference / "audit.sqlite") as db:
-        (chosen,) = db.execute("select chosen from decisions where kind = 'event_pass'").fetchone()
+        chosen, rationale = db.execute(
+            "select chosen, rationale from decisions where kind = 'event_pass'"
+        ).fetchone()
     assert results["n_events"] == json.loads(chosen)["n_events"] > 0  # the real event count
+    assert json.loads(chosen)["precision"] == "fp32" and "scored in fp32: an int8" in rationale
     assert results["input_notes"] == []  # the generator writes no NaN
     config = json.loads((reference / "config.json").read_text())
     assert config["lumi_pb"] is None and config["events"] is None  # nothing untrue recorded
