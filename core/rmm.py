@@ -556,29 +556,35 @@ def rmm_matrices(
         )
     if sqrt_s is not None:
         layout = replace(layout, sqrt_s=float(sqrt_s))
-    collections = _validated_collections(chunk)
-    n, size = len(chunk), layout.size
-    matrices = np.zeros((n, size, size), dtype=np.float32)
-    met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
-    objects = _selected_objects(n, collections, layout)
+    events = _PreparedEvents.of(chunk, layout)
+    n = len(chunk)
+    matrices = np.zeros((n, layout.size, layout.size), dtype=np.float32)
     if kernel is None:
         flat = matrices.reshape(-1)
-        matrices[:, 0, 0] = met / layout.sqrt_s
-        _fill_object_cells(flat, objects, met, chunk.met_phi, layout)
-        _fill_pair_cells(flat, objects, layout)
+        matrices[:, 0, 0] = events.met / layout.sqrt_s
+        _fill_object_cells(flat, events.objects, events.met, chunk.met_phi, layout)
+        _fill_pair_cells(flat, events.objects, layout)
         return matrices
-    _KernelCall(chunk, objects, met, layout).fill(kernel, matrices, 0, n)
+    events.fill(kernel, matrices, 0, n)
     return matrices
 
 
 @dataclass(frozen=True)
-class _KernelCall:
-    """The compiled kernel's inputs for a chunk's events, to fill any block of them."""
+class _PreparedEvents:
+    """A chunk's checked kinematics, selected objects and MET: what either path fills from."""
 
     chunk: EventChunk
     objects: _Objects
     met: FloatArray
+    """MET (GeV), 0 below the layout's threshold."""
     layout: RMMLayout
+
+    @classmethod
+    def of(cls, chunk: EventChunk, layout: RMMLayout) -> _PreparedEvents:
+        """Check the chunk (InvalidInputError naming the event and field) and select."""
+        collections = _validated_collections(chunk)
+        met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
+        return cls(chunk, _selected_objects(len(chunk), collections, layout), met, layout)
 
     @functools.cached_property
     def _arguments(self) -> tuple[Any, ...]:
@@ -661,16 +667,14 @@ def _matrix_blocks(
                 matrices[first : first + block_events],
             )
         return
-    collections = _validated_collections(chunk)
-    n, size = len(chunk), layout.size
-    met = np.where(chunk.met_pt < layout.met_threshold_gev, 0.0, chunk.met_pt)
-    call = _KernelCall(chunk, _selected_objects(n, collections, layout), met, layout)
-    buffer = np.empty((min(block_events, n), size, size), dtype=np.float32)
+    events = _PreparedEvents.of(chunk, layout)
+    n = len(chunk)
+    buffer = np.empty((min(block_events, n), layout.size, layout.size), dtype=np.float32)
     for first in range(0, n, block_events):
         stop = min(n, first + block_events)
         matrices = buffer[: stop - first]
         matrices.fill(0.0)
-        call.fill(kernel, matrices, first, stop)
+        events.fill(kernel, matrices, first, stop)
         yield first, stop, matrices
 
 
