@@ -282,10 +282,13 @@ def histogram(
     selected = bits[:, _column_index(stream, STREAMS, "stream")]
     if mask is not None:
         selected = selected & mask
-    edges = mass_bin_edges()
-    values = masses[selected, column]
-    counts, _ = np.histogram(values[np.isfinite(values)], bins=edges)
-    return counts.astype(np.int64), edges
+    return mass_counts(masses[selected, column]), mass_bin_edges()
+
+
+def mass_counts(values: FloatArray) -> IntArray:
+    """Counts per bin of `mass_bin_edges()` of the finite masses in `values` (GeV)."""
+    counts, _ = np.histogram(values[np.isfinite(values)], bins=mass_bin_edges())
+    return counts.astype(np.int64)
 
 
 @dataclass(frozen=True)

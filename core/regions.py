@@ -33,7 +33,7 @@ import numpy.typing as npt
 from core.anomaly import luminosity_after_training, requested_count
 from core.bootstrap import add_replica_counts
 from core.errors import InvalidInputError
-from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, mass_bin_edges, mass_bins
+from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, mass_bin_edges, mass_bins, mass_counts
 from core.table import MASS_COLUMNS, SCORE_COLUMN, iter_table_columns, refuse_duplicate_events
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "points_spectra",
     "rank_streams",
     "ranked_values",
+    "search_spectrum",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -243,6 +244,27 @@ def ranked_values(
                 f"{STREAMS[k]} it was ranked with; it changed since: rerun"
             )
     return tuple(values)
+
+
+def search_spectrum(
+    path: str | Path,
+    stream: str,
+    pair: str,
+    exclude: ExcludeFunction,
+    *,
+    batch_size: int = BATCH_ROWS,
+) -> IntArray:
+    """The `pair` spectrum (on `mass_bin_edges()`) of every search event of `stream`.
+
+    One pass over the table's keys, scores, stream bits and that pair's mass; the events
+    `exclude(keys)` marks (the training events) are left out, as from every region.
+    """
+    k, column = STREAMS.index(stream), MASS_COLUMNS[PAIRS.index(pair)]
+    counts = np.zeros(mass_bin_edges().size - 1, dtype=np.int64)
+    for batch in _search_batches(path, exclude, batch_size, (column,)):
+        values = batch.columns[column].astype(np.float64)
+        counts += mass_counts(values[batch.search_rows[k]])
+    return counts
 
 
 def points_spectra(

@@ -34,9 +34,9 @@ from core.events import ObjectSelection, SchemaName
 from core.files import exclusive_output, file_sha256, json_text, write_text
 from core.fitrange import default_upper_edge
 from core.masses import PAIRS, STREAM_FIT_FROM_GEV, STREAMS, mass_bin_edges
-from core.regions import BATCH_ROWS, StreamRanking, rank_streams, ranked_values
+from core.regions import StreamRanking, rank_streams, ranked_values, search_spectrum
 from core.reinterp import AcceptanceResult, RegionCut, score_sample, signal_acceptance
-from core.table import MASS_COLUMNS, iter_table_columns
+from core.table import MASS_COLUMNS
 from tools.common import StrictModel, require_file
 from tools.registry import FilePath, PathText, register
 
@@ -79,18 +79,8 @@ class RunInputs:
         return ranked_values(self.table_path, ranking, MASS_COLUMNS[PAIRS.index(pair)])
 
     def search_spectrum(self, stream: str, pair: str) -> npt.NDArray[np.int64]:
-        """The `pair` spectrum of the whole `stream`'s search events (training left out).
-
-        One pass over the key, stream and mass columns of the run's table.
-        """
-        edges = mass_bin_edges()
-        column = MASS_COLUMNS[PAIRS.index(pair)]
-        counts = np.zeros(edges.size - 1, dtype=np.int64)
-        for batch in iter_table_columns(self.table_path, ["key", stream, column], BATCH_ROWS):
-            search = batch[stream] & ~self.training_keys(batch["key"].astype(np.int64))
-            values = batch[column][search]
-            counts += np.histogram(values[np.isfinite(values)], bins=edges)[0]
-        return counts
+        """The `pair` spectrum of the whole `stream`'s search events (training left out)."""
+        return search_spectrum(self.table_path, stream, pair, self.training_keys)
 
     def lumi_search_pb(self, ranking: StreamRanking) -> float:
         """L_search = (1 - f) L_int of the run (pb^-1), f from the table's `ranking`."""

@@ -65,7 +65,14 @@ from agent.runtime.executor import Executor, map_batched
 from agent.scan import ScanContext, cli_step
 from core.anomaly import requested_count
 from core.files import json_text, write_bytes, write_text
-from core.masses import PAIRS, SPECTRUM_NAMES, STREAMS, histogram, mass_bin_edges
+from core.masses import (
+    PAIRS,
+    SPECTRUM_NAMES,
+    STREAMS,
+    histogram,
+    mass_bin_edges,
+    mass_counts,
+)
 from core.regions import StreamRanking
 from core.reinterp import RegionCut, background_toy, region_mask, signal_sigma_gev
 from core.table import EventTable
@@ -281,8 +288,7 @@ def _spectrum_job(
     k = STREAMS.index(stream)
     name = f"{stream}/{request.pair}"
     edges = mass_bin_edges()
-    masses = inputs.ranked_masses[k][: region.n_data]
-    data, _ = np.histogram(masses[np.isfinite(masses)], bins=edges)
+    data = mass_counts(inputs.ranked_masses[k][: region.n_data])
     events = injected.events
     signal, _ = histogram(events.masses, events.stream_bits, stream, request.pair, region.injected)
     run_point = inputs.run_points.get(point)

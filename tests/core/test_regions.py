@@ -13,13 +13,14 @@ import pytest
 from core.anomaly import anomaly_region, stream_anomaly_regions, stream_regions
 from core.bootstrap import SpectrumSelection, bootstrap_spectra, replica_key
 from core.errors import InvalidInputError
-from core.masses import SPECTRUM_NAMES, STREAMS, mass_bin_edges
+from core.masses import SPECTRUM_NAMES, STREAMS, histogram, mass_bin_edges
 from core.regions import (
     ReplicaRequest,
     points_bootstrap,
     points_spectra,
     rank_streams,
     ranked_values,
+    search_spectrum,
 )
 from core.table import (
     MASS_COLUMNS,
@@ -198,6 +199,17 @@ def test_ranked_values_are_the_ranked_events_own_in_ranking_order(table_folder):
     )
     with pytest.raises(InvalidInputError, match="lacks 1 events of stream T1"):
         ranked_values(table_folder, missing, "m_jb")
+
+
+def test_a_whole_streams_search_spectrum_equals_the_in_memory_one(table_folder):
+    """Training events left out, NaN masses and masses off the binning not counted."""
+    table = read_event_table(table_folder)
+    exclude = _exclude(table.keys())
+    for stream, pair in (("T1", "jj"), ("T7", "bg")):
+        counts = search_spectrum(table_folder, stream, pair, _exclude, batch_size=700)
+        expected, _ = histogram(table.masses, table.stream_bits, stream, pair, ~exclude)
+        np.testing.assert_array_equal(counts, expected)
+        assert 0 < counts.sum() < histogram(table.masses, table.stream_bits, stream, pair)[0].sum()
 
 
 def test_an_event_counted_twice_is_refused(tmp_path):
